@@ -1,0 +1,499 @@
+"""The lab VM: a patched kernel booted under QEMU by virtme-ng, driven from Python.
+
+A VM is named (``--name``, default ``ksmlens``) and owns a private directory
+``<cache>/vms/<name>/`` (mode 0700) holding:
+
+* ``qmp.sock``      QMP for ksmlens itself (pause/resume, status, quit)
+* ``drgn.sock``     a second QMP socket, free for drgn (``drgn --qemu PATH``)
+* ``agent.sock``    virtio-serial port to the guest agent (runs commands as root)
+* ``console.log``   kernel console and the agent's own output
+* ``state.json``    what ``ksmlens vm status`` reports
+
+virtme-ng builds the QEMU command line (``vng --dry-run --show-command``:
+host root shared read-only over 9p, rw overlays in the guest); ksmlens adds its
+sockets with ``--qemu-opts`` and starts QEMU itself, detached, so the VM
+outlives the command that started it (``vng`` itself needs a terminal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import kbuild
+from .errors import KsmlensError
+from .paths import cache_root, repo_root, vms_root
+from .qmp import QMP, wait_socket
+
+__all__ = ["VM", "RunResult", "probe_accel", "list_vms", "DEFAULT_NAME"]
+
+DEFAULT_NAME = "ksmlens"
+AGENT_PORT = "org.ksmlens.agent"
+BOOT_TIMEOUT = 180.0
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a command run in the guest returned."""
+    argv: list
+    rc: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    def check(self) -> "RunResult":
+        if self.rc != 0:
+            what = "timed out" if self.timed_out else f"exited {self.rc}"
+            err = (self.stderr.strip().splitlines() or [""])[-1]
+            raise KsmlensError(f"guest command {shlex.join(map(str, self.argv))} {what}"
+                               + (f": {err}" if err else ""), "see its stderr above")
+        return self
+
+
+def _venv_bin() -> Path:
+    return Path(sys.executable).parent
+
+
+def _find_vng() -> str:
+    cand = _venv_bin() / "vng"
+    if cand.exists():
+        return str(cand)
+    w = shutil.which("vng")
+    if w:
+        return w
+    raise KsmlensError("virtme-ng (vng) not found",
+                       "run ./setup.sh, or pip install virtme-ng into ksmlens' venv")
+
+
+def _find_qemu() -> str:
+    q = shutil.which("qemu-system-x86_64")
+    if not q:
+        raise KsmlensError("qemu-system-x86_64 not found",
+                           "run ./setup.sh, or apt-get install qemu-system-x86")
+    return q
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"qemu-system" in f.read()
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- accel probe
+
+def probe_accel(kernel: kbuild.Kernel, *, force: bool = False) -> tuple[str, str]:
+    """Return ``("kvm" | "tcg", why)``: KVM only where a guest really boots.
+
+    On some hosts (nested virtualisation) /dev/kvm exists but a KVM guest
+    aborts or hangs before the kernel prints anything; the probe boots the
+    lab kernel briefly under KVM and looks for its first console line. The
+    result is cached per host kernel and QEMU binary.
+    """
+    if not os.path.exists("/dev/kvm"):
+        return "tcg", "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "/dev/kvm is not accessible (add yourself to group kvm)"
+    qemu = _find_qemu()
+    key = f"{os.uname().release} {qemu} {os.stat(qemu).st_mtime_ns}"
+    cache = cache_root() / "accel-probe.json"
+    if not force and cache.exists():
+        c = json.loads(cache.read_text())
+        if c.get("key") == key:
+            return c["accel"], c["why"] + " (cached probe)"
+    log = cache_root() / "accel-probe.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    proc = subprocess.Popen(
+        [qemu, "-accel", "kvm", "-cpu", "host", "-m", "256", "-smp", "1",
+         "-kernel", str(kernel.bzimage), "-append", "console=ttyS0 panic=-1",
+         "-display", "none", "-vga", "none", "-nodefaults", "-no-reboot",
+         "-serial", f"file:{log}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    accel, why = "tcg", "KVM guest printed nothing within 15 s (hangs on this host)"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if b"Linux version" in log.read_bytes():
+            accel, why = "kvm", "KVM guest booted in the probe"
+            break
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            why = "QEMU with KVM failed: " + (err[-1] if err else f"exit {proc.returncode}")
+            break
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    cache.write_text(json.dumps({"key": key, "accel": accel, "why": why}))
+    return accel, why
+
+
+# ---------------------------------------------------------------- the VM
+
+def list_vms() -> list[dict]:
+    out = []
+    root = vms_root()
+    if root.exists():
+        for d in sorted(root.iterdir()):
+            st = d / "state.json"
+            if st.exists():
+                s = json.loads(st.read_text())
+                s["running"] = _pid_alive(s.get("pid", 0))
+                out.append(s)
+    return out
+
+
+class VM:
+    """A running lab VM, found by name. Use :meth:`up` to start one."""
+
+    def __init__(self, name: str = DEFAULT_NAME):
+        self.name = name
+        self.dir = vms_root() / name
+        st = self.dir / "state.json"
+        if not st.exists():
+            raise KsmlensError(f"no VM named {name!r} is up",
+                               f"start one with `ksmlens vm up --name {name}`")
+        self.state = json.loads(st.read_text())
+        self._next_id = 1
+
+    # -------------------------------------------------------- lifecycle
+
+    @classmethod
+    def up(cls, name: str = DEFAULT_NAME, variant: str = kbuild.DEFAULT_VARIANT, *,
+           memory: str = "2G", cpus: int = 2, numa: int = 1, accel: str = "auto",
+           build: bool = True, boot_timeout: float = BOOT_TIMEOUT,
+           quiet: bool = False) -> "VM":
+        """Boot ``variant`` as VM ``name`` and wait until its agent answers."""
+        kbuild.get_variant(variant)
+        qemu = _find_qemu()
+        vng = _find_vng()
+        d = vms_root() / name
+        if (d / "state.json").exists():
+            old = json.loads((d / "state.json").read_text())
+            if _pid_alive(old.get("pid", 0)):
+                raise KsmlensError(f"a VM named {name!r} is already up "
+                                   f"({old.get('variant')}, pid {old.get('pid')})",
+                                   f"`ksmlens vm down --name {name}` or pick another --name")
+        shutil.rmtree(d, ignore_errors=True)
+        kernel = kbuild.find_kernel(variant)
+        if kernel is None:
+            if not build:
+                raise KsmlensError(f"kernel variant {variant!r} is not built",
+                                   f"run `ksmlens vm build --variant {variant}`")
+            kernel = kbuild.build(variant, quiet=quiet)
+        if accel == "auto":
+            accel, why = probe_accel(kernel)
+        elif accel == "kvm":
+            why = "asked for"
+        elif accel == "tcg":
+            why = "asked for"
+        else:
+            raise KsmlensError(f"unknown accelerator {accel!r}", "use auto, kvm or tcg")
+        mem_mb = _parse_mem(memory)
+        if numa < 1 or numa > cpus and numa > 1 and cpus < numa:
+            raise KsmlensError(f"--numa {numa} needs at least {numa} --cpus", "")
+        d.mkdir(parents=True, mode=0o700)
+        os.chmod(d, 0o700)
+        qmp, drgn_qmp, agent = d / "qmp.sock", d / "drgn.sock", d / "agent.sock"
+        extra = [
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+            "-qmp", f"unix:{drgn_qmp},server=on,wait=off",
+            "-device", "vmcoreinfo",
+            "-device", "virtio-serial-pci,id=ksmlens-serial",
+            "-chardev", f"socket,id=ksmlens-agent,path={agent},server=on,wait=off",
+            "-device", f"virtserialport,bus=ksmlens-serial.0,chardev=ksmlens-agent,"
+                       f"name={AGENT_PORT}",
+            "-no-reboot",
+        ]
+        agent_cmd = f"exec {shlex.quote(sys.executable)} " \
+                    f"{shlex.quote(str(repo_root() / 'ksmlens' / 'guest' / 'agent.py'))}"
+        vng_cmd = [vng, "--dry-run", "--verbose", "--run", str(kernel.bzimage),
+                   "--force-9p", "--disable-microvm",
+                   "--memory", f"{mem_mb}M", "--cpus", str(cpus), "--cwd", "/",
+                   "--append", "panic=-1", "--append", "oops=panic",
+                   "--exec", agent_cmd]
+        if accel == "tcg":
+            vng_cmd.append("--disable-kvm")
+        if numa > 1:
+            per = mem_mb // numa
+            sizes = [per] * (numa - 1) + [mem_mb - per * (numa - 1)]
+            cpu_sets = _split_cpus(cpus, numa)
+            for sz, (a, b) in zip(sizes, cpu_sets):
+                vng_cmd += ["--numa", f"{sz}M,cpus={a}-{b}"]
+        vng_cmd.append(f"--qemu-opts={shlex.join(extra)}")
+        env = dict(os.environ)
+        env["PATH"] = f"{_venv_bin()}:{env.get('PATH', '')}"
+        with open(d / "vng-dry-run.txt", "w") as f:
+            r = subprocess.run(vng_cmd, env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=f, text=True, cwd="/")
+        lines = [l for l in r.stdout.splitlines() if "qemu-system" in l]
+        if r.returncode or not lines:
+            err = (d / "vng-dry-run.txt").read_text().strip().splitlines()
+            raise KsmlensError("virtme-ng could not prepare the VM"
+                               + (f": {err[-1]}" if err else ""),
+                               f"see {d / 'vng-dry-run.txt'}")
+        argv = shlex.split(lines[-1])
+        argv[0] = qemu
+        # vng's return-code port points at a temp file it deleted on exit: keep
+        # it in the VM's directory instead of leaving /tmp/virtme_ret* behind.
+        argv = [re.sub(r"(id=ret,path=)[^,]+", rf"\g<1>{d / 'ret'}", a) for a in argv]
+        (d / "qemu-cmdline.txt").write_text(shlex.join(argv) + "\n")
+        console = open(d / "console.log", "wb")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd="/")
+        state = {
+            "name": name, "variant": variant, "kernel_release": kernel.release,
+            "accel": accel, "accel_reason": why, "qmp": str(drgn_qmp),
+            "control_qmp": str(qmp), "agent": str(agent), "vmlinux": str(kernel.vmlinux),
+            "bzimage": str(kernel.bzimage), "pid": proc.pid, "memory_mb": mem_mb,
+            "cpus": cpus, "numa_nodes": numa, "console_log": str(d / "console.log"),
+            "dir": str(d), "started_at": time.time(),
+        }
+        (d / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        vm = cls(name)
+        try:
+            vm._wait_agent(proc, boot_timeout)
+        except BaseException:
+            vm.down(quiet=True)
+            raise
+        vm.state["boot_seconds"] = round(time.monotonic() - t0, 2)
+        ping = vm._request({"op": "ping"}, timeout=10)
+        if ping["release"] != kernel.release:
+            vm.down(quiet=True)
+            raise KsmlensError(f"guest runs {ping['release']}, expected {kernel.release}",
+                               "the bzImage and its build disagree; rebuild with --force")
+        (d / "state.json").write_text(json.dumps(vm.state, indent=2) + "\n")
+        return vm
+
+    def _wait_agent(self, proc: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if not wait_socket(self.state["agent"], 10):
+            self._dead_or("QEMU did not create its sockets")
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._dead_or("unreachable")
+            try:
+                self._request({"op": "ping"}, timeout=min(5.0, deadline - time.monotonic()))
+                return
+            except TimeoutError:
+                continue
+        raise KsmlensError(f"guest never came up within {timeout:.0f} s: "
+                           f"{self._console_tail()}",
+                           f"see {self.state['console_log']}")
+
+    def _console_tail(self) -> str:
+        try:
+            lines = Path(self.state["console_log"]).read_text(errors="replace").splitlines()
+        except OSError:
+            return "no console log"
+        lines = [l.strip() for l in lines if l.strip()]
+        return lines[-1][-160:] if lines else "console is empty"
+
+    def _dead_or(self, what: str):
+        if not self.alive():
+            raise KsmlensError(f"VM {self.name!r} died: {self._console_tail()}",
+                               f"see {self.state['console_log']}; "
+                               f"`ksmlens vm down --name {self.name}` cleans up")
+        raise KsmlensError(f"VM {self.name!r}: {what}", f"see {self.state['console_log']}")
+
+    def alive(self) -> bool:
+        return _pid_alive(self.state["pid"])
+
+    def down(self, *, quiet: bool = False, timeout: float = 15.0) -> None:
+        """Power the guest off and make sure QEMU is gone. Idempotent."""
+        pid = self.state["pid"]
+        if _pid_alive(pid):
+            try:
+                self._request({"op": "poweroff"}, timeout=3)
+            except (KsmlensError, TimeoutError, OSError):
+                pass
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(pid):
+                try:
+                    with QMP(self.state["control_qmp"], timeout=2) as q:
+                        q.command("quit")
+                except (KsmlensError, OSError):
+                    pass
+                time.sleep(0.5)
+            if _pid_alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        try:  # reap if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        log = Path(self.state["console_log"])
+        if log.exists():
+            shutil.copy2(log, vms_root() / f"{self.name}.last-console.log")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -------------------------------------------------------- agent protocol
+
+    def _request(self, req: dict, timeout: float = 60.0) -> dict:
+        """One request/reply with the guest agent (serialised across processes)."""
+        if not self.alive():
+            self._dead_or("")
+        req = dict(req)
+        rid = f"{os.getpid()}-{time.monotonic_ns()}-{self._next_id}"
+        self._next_id += 1
+        req["id"] = rid
+        lock = open(self.dir / "agent.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.state["agent"])
+            except OSError as e:
+                raise KsmlensError(f"cannot reach the guest agent: {e.strerror}",
+                                   f"is VM {self.name!r} up? `ksmlens vm status`") from None
+            s.sendall((json.dumps(req) + "\n").encode())
+            buf = b""
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"guest agent gave no answer to {req['op']} "
+                                       f"within {timeout:.0f} s")
+                s.settimeout(min(left, 1.0))
+                try:
+                    chunk = s.recv(1 << 20)
+                except socket.timeout:
+                    if not self.alive():
+                        self._dead_or("")
+                    continue
+                if not chunk:
+                    self._dead_or("agent socket closed")
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        reply = json.loads(line)
+                    except ValueError:
+                        continue
+                    if reply.get("id") != rid:
+                        continue  # a stale reply to a client that gave up
+                    if not reply.get("ok"):
+                        raise KsmlensError(f"guest agent: {reply.get('error')}", "")
+                    return reply
+        finally:
+            try:
+                s.close()
+            except (NameError, UnboundLocalError):
+                pass
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    def request(self, req: dict, timeout: float = 60.0) -> dict:
+        """Like the agent protocol, but a hung guest becomes a one-line error."""
+        try:
+            return self._request(req, timeout)
+        except TimeoutError as e:
+            raise KsmlensError(f"VM {self.name!r} is hung? {e}",
+                               f"check {self.state['console_log']}; "
+                               f"`ksmlens vm down --name {self.name}`") from None
+
+    # -------------------------------------------------------- conveniences
+
+    def run(self, argv, *, timeout: float = 120.0, stdin: str = "", check: bool = False,
+            env: dict | None = None) -> RunResult:
+        """Run ``argv`` as root in the guest; return its exit code and output."""
+        if isinstance(argv, str):
+            argv = ["/bin/sh", "-c", argv]
+        r = self.request({"op": "run", "argv": list(map(str, argv)), "stdin": stdin,
+                          "timeout": timeout, "env": env or {}}, timeout=timeout + 15)
+        res = RunResult(list(argv), r["rc"], r["stdout"], r["stderr"], r.get("timed_out", False))
+        return res.check() if check else res
+
+    def sh(self, script: str, timeout: float = 120.0) -> str:
+        """Run a shell snippet in the guest, fail loudly, return its stdout."""
+        return self.run(["/bin/sh", "-c", script], timeout=timeout, check=True).stdout
+
+    def spawn(self, argv, *, cgroup: str | None = None, env: dict | None = None) -> dict:
+        return self.request({"op": "spawn", "argv": list(map(str, argv)), "cgroup": cgroup,
+                             "env": env or {}})
+
+    def send(self, handle: int, line: str | None, timeout: float = 60.0) -> dict:
+        return self.request({"op": "send", "handle": handle, "line": line,
+                             "timeout": timeout}, timeout=timeout + 15)
+
+    def kill(self, handle: int) -> dict:
+        return self.request({"op": "kill", "handle": handle}, timeout=30)
+
+    def read_file(self, path: str) -> str:
+        return self.request({"op": "read_file", "path": path})["data"]
+
+    def write_file(self, path: str, data: str) -> None:
+        self.request({"op": "write_file", "path": path, "data": str(data)})
+
+    def qmp(self, timeout: float = 10.0) -> QMP:
+        """A QMP connection to ksmlens' control socket (not drgn's)."""
+        if not self.alive():
+            self._dead_or("")
+        return QMP(self.state["control_qmp"], timeout=timeout)
+
+    def status(self) -> dict:
+        s = dict(self.state)
+        s["running"] = self.alive()
+        if s["running"]:
+            try:
+                with self.qmp(timeout=3) as q:
+                    s["run_state"] = q.status()
+            except KsmlensError:
+                s["run_state"] = "unknown"
+        return s
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.down()
+
+    def __repr__(self):
+        return f"<VM {self.name} {self.state.get('kernel_release')} pid={self.state.get('pid')}>"
+
+
+def _parse_mem(memory: str | int) -> int:
+    if isinstance(memory, int):
+        return memory
+    m = str(memory).strip().upper()
+    try:
+        if m.endswith("G"):
+            return int(float(m[:-1]) * 1024)
+        if m.endswith("M"):
+            return int(m[:-1])
+        return int(m)
+    except ValueError:
+        raise KsmlensError(f"bad memory size {memory!r}", "use e.g. 2G or 1536M") from None
+
+
+def _split_cpus(cpus: int, nodes: int) -> list[tuple[int, int]]:
+    if cpus < nodes:
+        raise KsmlensError(f"--numa {nodes} needs --cpus >= {nodes}", "")
+    per, out, first = cpus // nodes, [], 0
+    for i in range(nodes):
+        n = per + (1 if i < cpus % nodes else 0)
+        out.append((first, first + n - 1))
+        first += n
+    return out
