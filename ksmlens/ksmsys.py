@@ -1,0 +1,150 @@
+"""The kernel's own KSM reports, read in the guest: ground truth for checks.
+
+``/sys/kernel/mm/ksm/*`` (global counters and knobs) and
+``/proc/PID/ksm_stat`` (per process). Every claim ksmlens makes about KSM
+state is compared against these.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .errors import KsmlensError
+
+__all__ = ["KSM_SYSFS", "COUNTERS", "read_counters", "read_ksm_stat", "set_knobs",
+           "wait_full_scans", "wait_until", "read_pages"]
+
+KSM_SYSFS = "/sys/kernel/mm/ksm"
+# Read-only counters (as in Documentation/admin-guide/mm/ksm.rst).
+COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+            "pages_scanned", "pages_skipped", "full_scans", "stable_node_chains",
+            "stable_node_dups", "ksm_zero_pages", "general_profit")
+KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
+         "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode",
+         "stable_node_chains_prune_millisecs")
+
+_READ_ALL = ("cd %s 2>/dev/null || { echo NOKSM; exit 0; }; "
+             "for f in *; do [ -f \"$f\" ] && printf '%%s=%%s\\n' \"$f\" \"$(cat $f)\"; done"
+             % KSM_SYSFS)
+
+
+def _parse_value(v: str):
+    v = v.strip()
+    if v.startswith("[") or " " in v:  # advisor_mode: "[none] scan-time"
+        for w in v.split():
+            if w.startswith("["):
+                return w.strip("[]")
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        return v
+
+
+def read_counters(vm) -> dict:
+    """Every file of /sys/kernel/mm/ksm in the guest, as {name: int|str}."""
+    out = vm.sh(_READ_ALL)
+    if out.strip() == "NOKSM":
+        raise KsmlensError("the guest kernel has no /sys/kernel/mm/ksm (CONFIG_KSM off)",
+                           "boot a ksmlens variant: `ksmlens vm up`")
+    res = {}
+    for line in out.splitlines():
+        k, _, v = line.partition("=")
+        res[k] = _parse_value(v)
+    return res
+
+
+def read_ksm_stat(vm, pids) -> dict:
+    """``/proc/PID/ksm_stat`` of each pid: {pid: {ksm_rmap_items: ..., ...}}."""
+    pids = [int(p) for p in pids]
+    if not pids:
+        return {}
+    script = "; ".join(f"echo @{p}; cat /proc/{p}/ksm_stat 2>/dev/null" for p in pids)
+    out = vm.sh(script)
+    res, cur = {}, None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            cur = int(line[1:])
+            res[cur] = {}
+        elif cur is not None and line.strip():
+            k, v = line.split(None, 1)
+            res[cur][k] = _parse_value(v)
+    return res
+
+
+def read_pages(vm, ranges, names=None) -> list[dict]:
+    """Each page's fate in ``ranges`` [(pid, start, npages)], read in the guest
+    from /proc/PID/pagemap, /proc/kpageflags (KPF_KSM) and /proc/kpagecount."""
+    import json
+    import sys
+    from .paths import repo_root
+    if not ranges:
+        return []
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "pagemap.py")]
+    for pid, start, n in ranges:
+        argv += [str(pid), str(start), str(n)]
+    res = json.loads(vm.run(argv, check=True).stdout)
+    for i, r in enumerate(res):
+        if "error" in r:
+            raise KsmlensError(f"cannot read pagemap of pid {r['pid']}: {r['error']}",
+                               "has the process exited?")
+        if names:
+            r["name"] = names[i]
+    return res
+
+
+def set_knobs(vm, **knobs) -> dict:
+    """Write KSM knobs in the guest, in a safe order; return the old values.
+
+    ``max_page_sharing`` can only change while nothing is merged, so it is
+    written with ``run=2`` (unmerge all) first; ``pages_to_scan`` needs
+    ``advisor_mode=none``.
+    """
+    old = read_counters(vm)
+    saved = {k: old[k] for k in knobs if k in old}
+    order = ["advisor_mode", "max_page_sharing", "merge_across_nodes", "smart_scan",
+             "use_zero_pages", "pages_to_scan", "sleep_millisecs",
+             "stable_node_chains_prune_millisecs", "run"]
+    needs_unmerge = any(k in knobs and knobs[k] != old.get(k)
+                        for k in ("max_page_sharing", "merge_across_nodes"))
+    if needs_unmerge:
+        vm.write_file(f"{KSM_SYSFS}/run", "2")
+    for k in sorted(knobs, key=lambda k: order.index(k) if k in order else 99):
+        if knobs[k] == old.get(k) and not (k == "run" and needs_unmerge):
+            continue
+        try:
+            vm.write_file(f"{KSM_SYSFS}/{k}", str(knobs[k]))
+        except KsmlensError as e:
+            raise KsmlensError(f"cannot set KSM knob {k}={knobs[k]} in the guest: {e.cause}",
+                               "max_page_sharing needs pages_shared == 0; pages_to_scan "
+                               "needs advisor_mode=none") from None
+    if needs_unmerge and "run" not in knobs:
+        vm.write_file(f"{KSM_SYSFS}/run", str(old["run"]))
+    return saved
+
+
+def wait_until(vm, predicate, *, timeout: float, what: str, poll: float = 0.5):
+    """Poll the counters until ``predicate(counters)`` holds; error on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = read_counters(vm)
+        if predicate(c):
+            return c
+        if time.monotonic() > deadline:
+            raise KsmlensError(f"timed out after {timeout:.0f} s waiting for {what} "
+                               f"(run={c.get('run')}, full_scans={c.get('full_scans')}, "
+                               f"pages_shared={c.get('pages_shared')}, "
+                               f"pages_sharing={c.get('pages_sharing')})",
+                               "is ksmd running (run=1)? is the guest too slow?")
+        time.sleep(poll)
+
+
+def wait_full_scans(vm, n: int = 1, *, timeout: float = 120.0) -> dict:
+    """Wait until ksmd has completed ``n`` more full scans."""
+    start = read_counters(vm)
+    if start.get("run") != 1:
+        raise KsmlensError(f"ksmd is not running (run={start.get('run')})",
+                           "set run=1 (a scenario does) before waiting for scans")
+    target = start["full_scans"] + n
+    return wait_until(vm, lambda c: c["full_scans"] >= target, timeout=timeout,
+                      what=f"{n} more full scan(s)")
