@@ -7,6 +7,12 @@
     ksmlens vm down                       power off, leave no QEMU behind
     ksmlens scenario list                 the workloads that shape KSM state
     ksmlens scenario run NAME             run one to its merged state, checked
+    ksmlens demo                          build, boot, run mremap, print counters
+    ksmlens snapshot [-o FILE.json]       walk KSM state with drgn (guest paused)
+    ksmlens check                         prove the walk against the kernel's counters
+    ksmlens report [--snapshot FILE]      stable nodes and processes, as tables
+
+Kernel builds and VM state live in ~/.cache/ksmlens ($KSMLENS_CACHE).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 
 from . import kbuild
 from .errors import KsmlensError
@@ -124,6 +131,105 @@ def cmd_scenario_run(a):
     return 0
 
 
+def cmd_demo(a):
+    """The main job: build + boot the default variant, run the mremap scenario."""
+    from .scenarios import run_scenario
+    from .vm import VM, list_vms
+    t0 = time.monotonic()
+    k = kbuild.build(a.variant)
+    print(f"demo: kernel {k.release} ready ({time.monotonic() - t0:.0f} s)")
+    running = {s["name"]: s for s in list_vms() if s["running"]}
+    started = False
+    if a.name in running and running[a.name]["variant"] == a.variant:
+        vm = VM(a.name)
+        print(f"demo: using VM {a.name!r} that is already up")
+    else:
+        vm = VM.up(a.name, a.variant, numa=2)
+        started = True
+        s = vm.status()
+        print(f"demo: VM {a.name!r} up in {s['boot_seconds']} s under {s['accel'].upper()} "
+              f"({s['accel_reason']})")
+    try:
+        print("demo: scenario mremap (merge, mremap, re-merge); the kernel's KSM counters:")
+        run_scenario(vm, "mremap", out=sys.stdout)
+    finally:
+        if started and not a.keep:
+            vm.down()
+            print(f"demo: VM {a.name!r} is down")
+    if a.keep or not started:
+        print(f"demo: the VM is still up: `ksmlens vm status --name {a.name}`, "
+              f"`ksmlens vm down --name {a.name}`")
+    print(f"demo: done in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def _attach(a):
+    from .attach import attach
+    target = a.target
+    if target is None:
+        target = f"vm:{a.name}"
+    return attach(target, vmlinux=a.vmlinux)
+
+
+def cmd_snapshot(a):
+    from .report import summary
+    from .snapshot import take_snapshot
+    from .attach import dump_vmcore
+    if a.vmcore:
+        from .vm import VM
+        vm = VM(a.name)
+        secs = dump_vmcore(vm, a.vmcore)
+        print(f"vmcore written to {a.vmcore} (guest paused {secs:.2f} s); read it with "
+              f"`ksmlens snapshot --target {a.vmcore} --vmlinux {vm.state['vmlinux']}`",
+              file=sys.stderr)
+        if not a.output:
+            return 0
+    prog = _attach(a)
+    snap = take_snapshot(prog, mode=a.mode)
+    if a.output:
+        snap.save(a.output)
+        print(f"snapshot saved to {a.output}", file=sys.stderr)
+    print(summary(snap))
+    return 0
+
+
+def cmd_check(a):
+    from .check import check_vm, format_rows
+    from .vm import VM
+    prog = _attach(a)
+    vm = prog.cache.get("ksmlens_vm") or VM(a.name)
+    rows, snap, info = check_vm(vm, prog)
+    print(format_rows(rows))
+    bad = [r for r in rows if not r.ok]
+    print(f"check: {len(rows) - len(bad)}/{len(rows)} agree "
+          f"(walk of {len(snap.rmap_items)} rmap_items, guest paused "
+          f"{snap.meta['paused_seconds']:.3f} s, attempt {info['attempts']})")
+    return 1 if bad else 0
+
+
+def cmd_report(a):
+    from .model import Snapshot
+    from .report import process_table, stable_table, summary
+    if a.snapshot:
+        snap = Snapshot.load(a.snapshot)
+    else:
+        from .snapshot import take_snapshot
+        snap = take_snapshot(_attach(a), mode=a.mode)
+    print(summary(snap))
+    print()
+    print(stable_table(snap, limit=None if a.all else 50))
+    print()
+    print(process_table(snap))
+    return 0
+
+
+def _add_target(p):
+    _add_name(p)
+    p.add_argument("--target", metavar="T", help="vm:NAME (default: the --name VM, live over "
+                   "QMP), a vmcore file, or /proc/kcore")
+    p.add_argument("--vmlinux", help="vmlinux with debug info (found for lab VMs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ksmlens", description=__doc__,
@@ -181,6 +287,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_name(d)
     d.add_argument("--all", action="store_true", help="every VM")
     d.set_defaults(fn=cmd_vm_down)
+
+    dm = sub.add_parser("demo", help="the main job: build, boot, run the mremap scenario",
+                        description="Build (or find) the default kernel variant, boot it with "
+                        "two NUMA nodes, run the mremap scenario and print the kernel's KSM "
+                        "counters before and after; then power the VM off.")
+    _add_name(dm)
+    _add_variant(dm)
+    dm.add_argument("--keep", action="store_true", help="leave the VM up afterwards")
+    dm.set_defaults(fn=cmd_demo)
+
+    sn = sub.add_parser("snapshot", help="walk KSM state into a JSON snapshot",
+                        description="Walk the stable tree, chains and dups, rmap_items and mm "
+                        "slots with drgn into plain data (JSON with -o). consistent mode "
+                        "pauses the guest for the walk; live mode does not and counts races.")
+    _add_target(sn)
+    sn.add_argument("-o", "--output", help="write the snapshot JSON here")
+    sn.add_argument("--mode", choices=["consistent", "live"], default="consistent",
+                    help="pause the guest for the walk (default) or not")
+    sn.add_argument("--vmcore", metavar="FILE",
+                    help="instead dump the VM's memory to FILE (QMP dump-guest-memory)")
+    sn.set_defaults(fn=cmd_snapshot)
+
+    ck = sub.add_parser("check", help="prove a walk against the kernel's own counters",
+                        description="Walk (guest paused) and compare with /sys/kernel/mm/ksm/* "
+                        "and /proc/PID/ksm_stat read in the guest: pages_shared, pages_sharing, "
+                        "pages_unshared, rmap_items, chains, dups, per-process counts. Exits 1 "
+                        "on any mismatch.")
+    _add_target(ck)
+    ck.set_defaults(fn=cmd_check)
+
+    rp = sub.add_parser("report", help="readable tables: stable nodes, processes")
+    _add_target(rp)
+    rp.add_argument("--snapshot", "-s", metavar="FILE", help="read a saved snapshot instead")
+    rp.add_argument("--mode", choices=["consistent", "live"], default="consistent")
+    rp.add_argument("--all", action="store_true", help="every stable node, not the first 50")
+    rp.set_defaults(fn=cmd_report)
 
     sc = sub.add_parser("scenario", help="workloads that put KSM in a known state")
     ssub = sc.add_subparsers(dest="scncmd", required=True, metavar="SCENARIOCOMMAND")

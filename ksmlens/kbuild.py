@@ -318,7 +318,7 @@ def build(variant: str = DEFAULT_VARIANT, *, force: bool = False, jobs: int | No
         shutil.rmtree(tmp_out, ignore_errors=True)
         tmp_out.mkdir(parents=True)
         t0 = time.monotonic()
-        with open(tmp_out / "build.log", "w") as logf:
+        with open(tmp_out / "build.log", "w", buffering=1) as logf:
             _apply_patches(src, v, log)
             _configure(src, tree, logf, log)
             counts = tree / ".ksmlens-objcount"

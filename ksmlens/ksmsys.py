@@ -12,7 +12,7 @@ import time
 from .errors import KsmlensError
 
 __all__ = ["KSM_SYSFS", "COUNTERS", "read_counters", "read_ksm_stat", "set_knobs",
-           "wait_full_scans", "wait_until", "read_pages"]
+           "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids"]
 
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 # Read-only counters (as in Documentation/admin-guide/mm/ksm.rst).
@@ -72,6 +72,15 @@ def read_ksm_stat(vm, pids) -> dict:
     return res
 
 
+def ksm_pids(vm) -> list[int]:
+    """Pids (thread-group leaders) whose /proc/PID/ksm_stat shows rmap_items."""
+    out = vm.sh("for f in /proc/[0-9]*/ksm_stat; do p=${f#/proc/}; p=${p%/ksm_stat}; "
+                "[ \"$(cat /proc/$p/status 2>/dev/null | sed -n 's/^Tgid:\t//p')\" = \"$p\" ] || continue; "
+                "n=$(sed -n 's/^ksm_rmap_items //p' $f 2>/dev/null); "
+                "[ -n \"$n\" ] && [ \"$n\" != 0 ] && echo $p; done; true")
+    return [int(x) for x in out.split()]
+
+
 def read_pages(vm, ranges, names=None) -> list[dict]:
     """Each page's fate in ``ranges`` [(pid, start, npages)], read in the guest
     from /proc/PID/pagemap, /proc/kpageflags (KPF_KSM) and /proc/kpagecount."""
@@ -90,6 +99,26 @@ def read_pages(vm, ranges, names=None) -> list[dict]:
                                "has the process exited?")
         if names:
             r["name"] = names[i]
+    return res
+
+
+def migrate_pages(vm, ranges) -> list[dict]:
+    """Make the guest kernel migrate each page of ``ranges`` [(pid, start,
+    npages)] to the other NUMA node (``move_pages(MPOL_MF_MOVE_ALL)``), and
+    report before/target/status/after per page (see :mod:`ksmlens.guest.migrate`).
+
+    Migration unmaps through the kernel's real rmap walk: a KSM page whose
+    walk misses a mapping stays where it is.
+    """
+    import json
+    import sys
+    from .paths import repo_root
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "migrate.py")]
+    for pid, start, n in ranges:
+        argv += [str(pid), str(start), str(n)]
+    res = json.loads(vm.run(argv, check=True, timeout=300).stdout)
+    if isinstance(res, dict) and "error" in res:
+        raise KsmlensError(res["error"].split(":")[0], res["error"].split(":", 1)[-1].strip())
     return res
 
 

@@ -1,0 +1,62 @@
+"""Ask the kernel to migrate user pages to the other NUMA node (runs in the guest).
+
+    python3 migrate.py PID START NPAGES [PID START NPAGES ...]
+
+For each page: its node now (``move_pages(2)`` with nodes=NULL), then a
+``move_pages(..., MPOL_MF_MOVE_ALL)`` to the other node of a two-node guest,
+then its node again. Migration unmaps the page through the kernel's real rmap
+walk (``rmap_walk_ksm()`` for a KSM page): a mapping the walk misses keeps the
+page mapped and the move fails. Prints one JSON line: per range
+``{"pid", "start", "rc", "pages": [{"before", "target", "status", "after"}]}``.
+Standard library (ctypes) only.
+"""
+
+import ctypes
+import json
+import os
+import sys
+
+SYS_move_pages = 279  # x86_64
+MPOL_MF_MOVE_ALL = 1 << 2
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def move_pages(pid, addrs, nodes, flags):
+    n = len(addrs)
+    pages = (ctypes.c_void_p * n)(*addrs)
+    status = (ctypes.c_int * n)(*([-1000] * n))
+    nodes_arr = (ctypes.c_int * n)(*nodes) if nodes is not None else None
+    rc = libc.syscall(ctypes.c_long(SYS_move_pages), ctypes.c_int(pid), ctypes.c_ulong(n),
+                      pages, nodes_arr, status, ctypes.c_int(flags))
+    err = ctypes.get_errno() if rc < 0 else 0
+    return (rc if rc >= 0 else -err), list(status)
+
+
+def nr_nodes():
+    return len([d for d in os.listdir("/sys/devices/system/node") if d.startswith("node")
+                and d[4:].isdigit()])
+
+
+def main(argv):
+    if len(argv) % 3:
+        raise SystemExit("usage: migrate.py PID START NPAGES [PID START NPAGES ...]")
+    if nr_nodes() < 2:
+        print(json.dumps({"error": "the guest has one NUMA node: boot it with --numa 2"}))
+        return
+    out = []
+    for i in range(0, len(argv), 3):
+        pid, start, n = int(argv[i]), int(argv[i + 1]), int(argv[i + 2])
+        addrs = [start + k * PAGE_SIZE for k in range(n)]
+        _, before = move_pages(pid, addrs, None, 0)
+        target = [1 - b if b in (0, 1) else 0 for b in before]
+        rc, status = move_pages(pid, addrs, target, MPOL_MF_MOVE_ALL)
+        _, after = move_pages(pid, addrs, None, 0)
+        out.append({"pid": pid, "start": start, "rc": rc,
+                    "pages": [{"before": b, "target": t, "status": s, "after": a}
+                              for b, t, s, a in zip(before, target, status, after)]})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# ksmlens set-up for a fresh Debian 12 machine (run as root, or with sudo).
+#
+#   ./setup.sh          install everything, then run the main job:
+#                       build + boot the default kernel variant, run the
+#                       mremap scenario, print the kernel's KSM counters
+#   ./setup.sh --deps   install only (what .ci/run uses)
+#
+# Installs Debian packages (kernel source, QEMU, build tools), creates the
+# git-ignored venv .venv/ with ksmlens in editable mode; `ksmlens` is then
+# .venv/bin/ksmlens. Kernel builds are cached in ~/.cache/ksmlens.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PKGS=(
+  linux-source-6.12 qemu-system-x86 qemu-utils
+  build-essential libc6-dev bc flex bison libelf-dev libssl-dev dwarves cpio
+  patch xz-utils kmod rsync util-linux procps python3-venv python3-dev
+)
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "setup: ksmlens is .venv/bin/ksmlens"
+
+if [ "${1:-}" = "--deps" ]; then
+  exit 0
+fi
+exec .venv/bin/ksmlens demo

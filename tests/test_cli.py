@@ -1,0 +1,106 @@
+"""Fast tests (no VM): the command line teaches and fails in one line."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ksmlens import kbuild
+from ksmlens.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ksmlens", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args", [[], ["vm"], ["vm", "build"], ["vm", "up"], ["vm", "run"],
+                                  ["vm", "status"], ["vm", "down"], ["scenario"],
+                                  ["scenario", "run"], ["demo"]])
+def test_help_everywhere(args):
+    r = run_cli(*args, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: ksmlens" in r.stdout
+
+
+def test_help_names_variants_and_default():
+    out = run_cli("vm", "up", "--help").stdout
+    for v in kbuild.VARIANTS:
+        assert v in out
+    assert "default: union" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["vm", "build", "--variant", "v9"], "unknown kernel variant 'v9': choose one of stock, v3, union, v8"),
+    (["vm", "up", "--variant", "nope"], "unknown kernel variant 'nope'"),
+    (["vm", "status", "--name", "no-such-vm"], "no VM named 'no-such-vm' is up"),
+    (["vm", "run", "--name", "no-such-vm", "--", "true"], "no VM named 'no-such-vm' is up"),
+    (["scenario", "run", "bogus", "--name", "no-such-vm"], "unknown scenario 'bogus'"),
+])
+def test_bad_input_one_line(args, needle, tmp_path, monkeypatch):
+    r = subprocess.run([sys.executable, "-m", "ksmlens", *args], capture_output=True,
+                       text=True, cwd=ROOT, env={"KSMLENS_CACHE": str(tmp_path / "c"),
+                                                 "PATH": "/usr/bin:/bin",
+                                                 "HOME": str(tmp_path)})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0]
+    assert lines[0].startswith("ksmlens: ")
+
+
+def test_missing_qemu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    rc = main(["vm", "up", "--name", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == ["ksmlens: qemu-system-x86_64 not found: run ./setup.sh, or apt-get "
+                   "install qemu-system-x86"]
+
+
+def test_missing_kernel_source_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(kbuild, "TARBALL", Path("/nonexistent/linux-source-6.12.tar.xz"))
+    rc = main(["vm", "build", "--variant", "stock"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert "linux-source-6.12 is not installed" in err and "apt-get install" in err
+
+
+def test_scenario_list_names_steps():
+    out = run_cli("scenario", "list").stdout
+    for name in ("merge", "chain", "mremap", "smartscan", "fork", "file-cow"):
+        assert re.search(rf"^{re.escape(name)}\s", out, re.M)
+    assert "steps: merged, mremap, remerged" in out
+
+
+def test_environment_yml_mirrors_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    want = set(py["dependencies"]) | set(py["optional-dependencies"]["test"])
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip() == "- pip:")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    pip = set()
+    for l in lines[start + 1:]:
+        if not l.strip() or l.lstrip().startswith("#"):
+            continue
+        if len(l) - len(l.lstrip()) <= indent:
+            break
+        pip.add(l.strip()[2:].strip())
+    assert pip == want
+
+
+def test_variant_of_release():
+    assert kbuild.variant_of_release("6.12.117-ksmlens-v3") == "v3"
+    assert kbuild.variant_of_release("6.12.117-ksmlens-union") == "union"
+    assert kbuild.variant_of_release("6.18.0-1-amd64") is None
+
+
+def test_patches_touch_only_ksm_c():
+    assert kbuild._all_patched_files() == {"mm/ksm.c"}
