@@ -1,0 +1,171 @@
+"""Plain data between the drgn walk and everything that reads it.
+
+A :class:`Snapshot` holds no drgn objects: analysis, reports, plots and
+notebooks work the same on a live walk and on a file saved with
+``ksmlens snapshot -o FILE.json``. Kernel pointers are kept as hex strings
+(``"0xffff8880..."``): they are ids, and JSON numbers lose them past 2**53.
+
+The JSON contract (extend freely, do not rename): top level ``schema``,
+``kernel`` (``release``, ``variant``, ``has_stored_pgoff``), ``counters``
+(named as in /sys/kernel/mm/ksm), ``stable_nodes``, ``rmap_items``,
+``mm_slots``. See :class:`RmapItem` and :class:`StableNode` for the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import KsmlensError
+
+__all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot"]
+
+SCHEMA = "ksmlens-snapshot/1"
+
+
+@dataclass
+class KernelInfo:
+    release: str
+    variant: str | None          # ksmlens variant from the release, None if not ours
+    has_stored_pgoff: bool       # struct ksm_rmap_item has a pgoff member
+    nr_node_ids: int = 1         # ksm_nr_node_ids: stable/unstable tree roots
+    page_shift: int = 12
+    source: str = ""             # "qmp:PATH", "vmcore:PATH" or "kcore"
+
+
+@dataclass
+class RmapItem:
+    """One ``struct ksm_rmap_item`` (one scanned virtual page of one mm)."""
+    id: str                      # kernel address of the ksm_rmap_item
+    mm: str
+    pid: int | None              # thread-group leader owning mm (None: exited)
+    comm: str | None
+    address: int                 # page-aligned user address
+    flags: int                   # address & ~PAGE_MASK: STABLE/UNSTABLE/seqnr
+    state: str                   # "stable", "unstable" or "none"
+    seqnr: int                   # address & SEQNR_MASK
+    in_unstable_tree: bool       # UNSTABLE and its seqnr is the current pass's
+    stable_node: str | None      # the stable node (a dup or regular node) if stable
+    anon_vma: str | None         # when stable
+    nid: int | None              # unstable tree nid (NUMA) when unstable
+    vma_start: int | None
+    vma_end: int | None
+    vm_pgoff: int | None
+    vma_anon_vma: str | None
+    vma_file: bool | None        # VMA maps a file (MAP_PRIVATE COW pages)
+    addr_pgoff: int              # address >> PAGE_SHIFT (what the v3 walk uses)
+    linear_page_index: int | None  # ((address - vm_start) >> PAGE_SHIFT) + vm_pgoff
+    stored_pgoff: int | None     # rmap_item->pgoff, only on kernels that have it
+    oldchecksum: int
+    age: int
+    remaining_skips: int
+    raw_union: int               # bytes 32..39 as one u64 (pgoff/SmartScan union)
+
+
+@dataclass
+class StableNode:
+    """One ``struct ksm_stable_node``: a regular node, a chain head, or a dup."""
+    id: str
+    kind: str                    # "regular", "chain" or "dup"
+    chain: str | None            # the chain head's id, for a dup
+    kpfn: int | None             # the KSM page's pfn (None for a chain head)
+    nid: int
+    rmap_hlist_len: int          # STABLE_NODE_CHAIN (-1024) for a chain head
+    items: list[str] = field(default_factory=list)   # rmap_item ids (dups for a chain)
+    dups: list[str] = field(default_factory=list)    # for a chain head
+    mapcount: int | None = None  # folio mapcount of kpfn
+    page_is_ksm: bool | None = None   # page->mapping & 3 == PAGE_MAPPING_KSM
+    page_stable_node: str | None = None  # stable node the page points back to
+    migrate_list: bool = False   # on migrate_nodes, not in a tree
+
+
+@dataclass
+class MmSlot:
+    """One ``struct ksm_mm_slot``: an mm registered with KSM."""
+    id: str
+    mm: str
+    pid: int | None
+    comm: str | None
+    rmap_items: int              # walked from the slot's rmap_list
+    mm_ksm_rmap_items: int       # mm->ksm_rmap_items, what /proc/PID/ksm_stat shows
+    mm_ksm_merging_pages: int    # mm->ksm_merging_pages
+    items: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    kernel: KernelInfo
+    counters: dict               # /sys/kernel/mm/ksm names -> values (from the globals)
+    stable_nodes: list[StableNode]
+    rmap_items: list[RmapItem]
+    mm_slots: list[MmSlot]
+    scan: dict = field(default_factory=dict)      # ksm_scan cursor
+    meta: dict = field(default_factory=dict)      # mode, timings, races
+    schema: str = SCHEMA
+
+    # ---------------------------------------------------------------- lookups
+    def item(self, item_id: str) -> RmapItem:
+        return self._items_by_id()[item_id]
+
+    def node(self, node_id: str) -> StableNode:
+        return self._nodes_by_id()[node_id]
+
+    def _items_by_id(self):
+        if not hasattr(self, "_ibid"):
+            self._ibid = {i.id: i for i in self.rmap_items}
+        return self._ibid
+
+    def _nodes_by_id(self):
+        if not hasattr(self, "_nbid"):
+            self._nbid = {n.id: n for n in self.stable_nodes}
+        return self._nbid
+
+    def items_of(self, pid: int) -> list[RmapItem]:
+        return [i for i in self.rmap_items if i.pid == pid]
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = {
+            "schema": self.schema,
+            "kernel": dataclasses.asdict(self.kernel),
+            "counters": self.counters,
+            "scan": self.scan,
+            "meta": self.meta,
+            "stable_nodes": [dataclasses.asdict(n) for n in self.stable_nodes],
+            "rmap_items": [dataclasses.asdict(i) for i in self.rmap_items],
+            "mm_slots": [dataclasses.asdict(m) for m in self.mm_slots],
+        }
+        return d
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Snapshot":
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            raise KsmlensError(f"snapshot schema {schema!r} is not {SCHEMA!r}",
+                               "take the snapshot again with this ksmlens version")
+        try:
+            return cls(
+                kernel=KernelInfo(**d["kernel"]),
+                counters=d["counters"],
+                stable_nodes=[StableNode(**n) for n in d["stable_nodes"]],
+                rmap_items=[RmapItem(**i) for i in d["rmap_items"]],
+                mm_slots=[MmSlot(**m) for m in d["mm_slots"]],
+                scan=d.get("scan", {}), meta=d.get("meta", {}), schema=schema)
+        except (KeyError, TypeError) as e:
+            raise KsmlensError(f"snapshot file is malformed ({e})",
+                               "was it written by ksmlens?") from None
+
+    @classmethod
+    def load(cls, path) -> "Snapshot":
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise KsmlensError(f"no snapshot file {path}", "") from None
+        except ValueError as e:
+            raise KsmlensError(f"{path} is not JSON ({e})", "") from None
+        return cls.from_dict(d)

@@ -1,0 +1,365 @@
+"""drgn helpers for KSM (``mm/ksm.c``), in the style of ``drgn.helpers.linux``.
+
+Generators yield :class:`drgn.Object` values; functions that need no object
+take ``prog`` first. Kernel features are detected by the presence of struct
+members (``struct ksm_rmap_item`` has ``pgoff`` on the ``union`` and ``v8``
+lab kernels), never by version numbers.
+
+``#define``s are not in DWARF; mm/ksm.c's are hard-coded here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from drgn import Object, Program, TypeKind, container_of
+from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
+from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
+
+__all__ = [
+    "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN",
+    "PAGE_MAPPING_ANON", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS",
+    "ksm_has_stored_pgoff", "ksm_stable_tree_roots", "for_each_stable_tree_node",
+    "for_each_stable_node", "is_stable_node_chain", "is_stable_node_dup",
+    "for_each_stable_node_dup", "for_each_stable_node_rmap_item",
+    "for_each_migrate_node", "stable_node_page", "for_each_ksm_mm_slot",
+    "for_each_mm_slot_rmap_item", "for_each_rmap_item", "rmap_item_state",
+    "rmap_item_address", "rmap_item_seqnr", "rmap_item_in_unstable_tree",
+    "rmap_item_stored_pgoff", "rmap_item_addr_pgoff", "linear_page_index",
+    "for_each_unstable_rmap_item", "anon_vma_interval_tree_foreach",
+    "avc_start_pgoff", "avc_last_pgoff", "ksm_settings", "ksm_counters",
+    "folio_stable_node",
+]
+
+# mm/ksm.c
+SEQNR_MASK = 0x0FF       # low bits of unstable tree seqnr
+UNSTABLE_FLAG = 0x100    # is a node of the unstable tree
+STABLE_FLAG = 0x200      # is listed from the stable tree
+STABLE_NODE_CHAIN = -1024
+# include/linux/page-flags.h
+PAGE_MAPPING_ANON = 0x1
+PAGE_MAPPING_MOVABLE = 0x2
+PAGE_MAPPING_KSM = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
+PAGE_MAPPING_FLAGS = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
+
+
+def _page_shift(prog: Program) -> int:
+    return prog["PAGE_SHIFT"].value_()
+
+
+def ksm_has_stored_pgoff(prog: Program) -> bool:
+    """Whether ``struct ksm_rmap_item`` has a ``pgoff`` member (union/v8 kernels)."""
+    return prog.type("struct ksm_rmap_item").has_member("pgoff")
+
+
+# ------------------------------------------------------------------ stable tree
+
+def ksm_stable_tree_roots(prog: Program) -> Iterator[tuple[int, Object]]:
+    """Yield ``(nid, struct rb_root *)`` for every stable tree root.
+
+    There is one root per NUMA node (``ksm_nr_node_ids``) once
+    ``merge_across_nodes`` is 0, else just one.
+    """
+    roots = prog["root_stable_tree"]
+    for nid in range(prog["ksm_nr_node_ids"].value_()):
+        yield nid, roots + nid
+
+
+def for_each_stable_tree_node(prog: Program) -> Iterator[Object]:
+    """Yield every ``struct ksm_stable_node *`` linked in a stable tree.
+
+    These are chain heads and regular nodes; a chain's dups hang off the head
+    (see :func:`for_each_stable_node_dup`).
+    """
+    for _, root in ksm_stable_tree_roots(prog):
+        yield from rbtree_inorder_for_each_entry("struct ksm_stable_node", root, "node")
+
+
+def is_stable_node_chain(node: Object) -> bool:
+    """Whether a ``struct ksm_stable_node *`` is a chain head."""
+    return node.rmap_hlist_len.value_() == STABLE_NODE_CHAIN
+
+
+def _dup_head(prog: Program) -> int:
+    # #define STABLE_NODE_DUP_HEAD ((struct list_head *)&migrate_nodes.prev)
+    return prog["migrate_nodes"].prev.address_
+
+
+def is_stable_node_dup(node: Object) -> bool:
+    """Whether a ``struct ksm_stable_node *`` is a dup of a chain."""
+    return node.head.value_() == _dup_head(node.prog_)
+
+
+def for_each_stable_node_dup(chain: Object) -> Iterator[Object]:
+    """Yield the dups (``struct ksm_stable_node *``) of a chain head."""
+    return hlist_for_each_entry("struct ksm_stable_node", chain.hlist.address_of_(),
+                                "hlist_dup")
+
+
+def for_each_migrate_node(prog: Program) -> Iterator[Object]:
+    """Yield stable nodes parked on ``migrate_nodes`` (their page moved nid)."""
+    return list_for_each_entry("struct ksm_stable_node", prog["migrate_nodes"].address_of_(),
+                               "list")
+
+
+def for_each_stable_node(prog: Program) -> Iterator[Object]:
+    """Yield every stable node that holds a KSM page: regular nodes and dups,
+    in the trees and on ``migrate_nodes`` (chain heads are not yielded)."""
+    for node in for_each_stable_tree_node(prog):
+        if is_stable_node_chain(node):
+            yield from for_each_stable_node_dup(node)
+        else:
+            yield node
+    yield from for_each_migrate_node(prog)
+
+
+def for_each_stable_node_rmap_item(node: Object) -> Iterator[Object]:
+    """Yield the ``struct ksm_rmap_item *`` mapping a (non-chain) stable node's page."""
+    return hlist_for_each_entry("struct ksm_rmap_item", node.hlist.address_of_(), "hlist")
+
+
+def stable_node_page(node: Object) -> Object:
+    """The ``struct page *`` of a stable node's KSM page (from ``kpfn``)."""
+    from drgn.helpers.linux.mm import pfn_to_page
+    return pfn_to_page(node.prog_, node.kpfn)
+
+
+def folio_stable_node(page: Object) -> Optional[Object]:
+    """The ``struct ksm_stable_node *`` a KSM page points to, or None."""
+    mapping = page.mapping.value_()
+    if mapping & PAGE_MAPPING_FLAGS != PAGE_MAPPING_KSM:
+        return None
+    return Object(page.prog_, "struct ksm_stable_node *", mapping & ~PAGE_MAPPING_FLAGS)
+
+
+# ------------------------------------------------------------------ mm slots, items
+
+def for_each_ksm_mm_slot(prog: Program) -> Iterator[Object]:
+    """Yield every ``struct ksm_mm_slot *`` on ``ksm_mm_head`` (the scan list).
+
+    ``ksm_mm_head`` itself is the list head and is not yielded.
+    """
+    head = prog["ksm_mm_head"]
+    for slot in list_for_each_entry("struct mm_slot", head.slot.mm_node.address_of_(),
+                                    "mm_node"):
+        yield container_of(slot, "struct ksm_mm_slot", "slot")
+
+
+def for_each_mm_slot_rmap_item(slot: Object) -> Iterator[Object]:
+    """Yield a ``struct ksm_mm_slot *``'s rmap_items, sorted by address."""
+    item = slot.rmap_list
+    while item:
+        yield item
+        item = item.rmap_list
+
+
+def for_each_rmap_item(prog: Program) -> Iterator[Object]:
+    """Yield every ``struct ksm_rmap_item *`` of every mm slot."""
+    for slot in for_each_ksm_mm_slot(prog):
+        yield from for_each_mm_slot_rmap_item(slot)
+
+
+def rmap_item_address(item: Object) -> int:
+    """The page-aligned user address of a ``struct ksm_rmap_item *``."""
+    return item.address.value_() & ~((1 << _page_shift(item.prog_)) - 1)
+
+
+def rmap_item_seqnr(item: Object) -> int:
+    return item.address.value_() & SEQNR_MASK
+
+
+def rmap_item_state(item: Object) -> str:
+    """``"stable"``, ``"unstable"`` or ``"none"`` from the address flags."""
+    a = item.address.value_()
+    if a & STABLE_FLAG:
+        return "stable"
+    if a & UNSTABLE_FLAG:
+        return "unstable"
+    return "none"
+
+
+def rmap_item_in_unstable_tree(item: Object) -> bool:
+    """Whether an UNSTABLE item is in the *current* unstable tree.
+
+    ``root_unstable_tree`` is reset every pass; an item from the previous
+    pass keeps UNSTABLE_FLAG (and still counts in ``pages_unshared``) but is
+    not in the tree: its seqnr differs from ``ksm_scan.seqnr & SEQNR_MASK``.
+    """
+    a = item.address.value_()
+    if not a & UNSTABLE_FLAG:
+        return False
+    return (a & SEQNR_MASK) == (item.prog_["ksm_scan"].seqnr.value_() & SEQNR_MASK)
+
+
+def rmap_item_stored_pgoff(item: Object) -> Optional[int]:
+    """``rmap_item->pgoff`` where the running kernel has one, else None."""
+    if not item.type_.type.has_member("pgoff"):
+        return None
+    return item.pgoff.value_()
+
+
+def rmap_item_addr_pgoff(item: Object) -> int:
+    """``rmap_item->address >> PAGE_SHIFT``: the pgoff the v3 walk searches."""
+    return item.address.value_() >> _page_shift(item.prog_)
+
+
+def linear_page_index(vma: Object, address: int) -> int:
+    """``linear_page_index(vma, address)`` for an anonymous/private mapping."""
+    shift = _page_shift(vma.prog_)
+    return ((address - vma.vm_start.value_()) >> shift) + vma.vm_pgoff.value_()
+
+
+def for_each_unstable_rmap_item(prog: Program) -> Iterator[Object]:
+    """Yield the ``struct ksm_rmap_item *`` in the current unstable tree(s)."""
+    roots = prog["root_unstable_tree"]
+    for nid in range(prog["ksm_nr_node_ids"].value_()):
+        yield from rbtree_inorder_for_each_entry("struct ksm_rmap_item", roots + nid, "node")
+
+
+# ------------------------------------------------------------------ anon_vma interval tree
+
+def avc_start_pgoff(avc: Object) -> int:
+    """``vma->vm_pgoff`` of an ``struct anon_vma_chain *``'s VMA."""
+    return avc.vma.vm_pgoff.value_()
+
+
+def avc_last_pgoff(avc: Object) -> int:
+    """``vm_pgoff + vma_pages(vma) - 1`` (mm/interval_tree.c)."""
+    vma = avc.vma
+    shift = _page_shift(avc.prog_)
+    return vma.vm_pgoff.value_() + ((vma.vm_end.value_() - vma.vm_start.value_()) >> shift) - 1
+
+
+def _avc(prog: Program, rb) -> Object:
+    return container_of(rb, "struct anon_vma_chain", "rb")
+
+
+def _subtree_search(node: Object, start: int, last: int) -> Optional[Object]:
+    prog = node.prog_
+    while True:
+        left = node.rb.rb_left
+        if left:
+            l = _avc(prog, left)
+            if start <= l.rb_subtree_last.value_():
+                node = l
+                continue
+        if avc_start_pgoff(node) <= last:
+            if start <= avc_last_pgoff(node):
+                return node
+            right = node.rb.rb_right
+            if right:
+                node = _avc(prog, right)
+                if start <= node.rb_subtree_last.value_():
+                    continue
+        return None
+
+
+def _iter_first(root: Object, start: int, last: int) -> Optional[Object]:
+    prog = root.prog_
+    if not root.rb_root.rb_node:
+        return None
+    node = _avc(prog, root.rb_root.rb_node)
+    if node.rb_subtree_last.value_() < start:
+        return None
+    leftmost = _avc(prog, root.rb_leftmost)
+    if avc_start_pgoff(leftmost) > last:
+        return None
+    return _subtree_search(node, start, last)
+
+
+def _iter_next(node: Object, start: int, last: int) -> Optional[Object]:
+    prog = node.prog_
+    rb = node.rb.rb_right
+    while True:
+        if rb:
+            right = _avc(prog, rb)
+            if start <= right.rb_subtree_last.value_():
+                return _subtree_search(right, start, last)
+        while True:  # move up until we come from a node's left child
+            parent = rb_parent(node.rb.address_of_())
+            if not parent:
+                return None
+            prev = node.rb.address_of_().value_()
+            node = _avc(prog, parent)
+            rb = node.rb.rb_right
+            if prev != rb.value_():
+                break
+        if last < avc_start_pgoff(node):
+            return None
+        if start <= avc_last_pgoff(node):
+            return node
+
+
+def anon_vma_interval_tree_foreach(root: Object, start: int, last: int) -> Iterator[Object]:
+    """Yield each ``struct anon_vma_chain *`` whose VMA's pgoff range meets
+    ``[start, last]``, in the kernel's order.
+
+    A faithful port of ``anon_vma_interval_tree_iter_first()`` /
+    ``_iter_next()`` (include/linux/interval_tree_generic.h), pruning with
+    ``rb_subtree_last`` as the kernel does, so a walk over any pgoff range
+    can be replayed on a real tree. ``root`` is a ``struct rb_root_cached *``
+    (``&anon_vma->rb_root``).
+    """
+    node = _iter_first(root, start, last)
+    while node is not None:
+        yield node
+        node = _iter_next(node, start, last)
+
+
+# ------------------------------------------------------------------ globals
+
+_SETTINGS = {
+    "run": "ksm_run",
+    "pages_to_scan": "ksm_thread_pages_to_scan",
+    "sleep_millisecs": "ksm_thread_sleep_millisecs",
+    "max_page_sharing": "ksm_max_page_sharing",
+    "merge_across_nodes": "ksm_merge_across_nodes",
+    "use_zero_pages": "ksm_use_zero_pages",
+    "smart_scan": "ksm_smart_scan",
+    "stable_node_chains_prune_millisecs": "ksm_stable_node_chains_prune_millisecs",
+}
+_COUNTERS = {
+    "pages_shared": "ksm_pages_shared",
+    "pages_sharing": "ksm_pages_sharing",
+    "pages_unshared": "ksm_pages_unshared",
+    "pages_scanned": "ksm_pages_scanned",
+    "pages_skipped": "ksm_pages_skipped",
+    "stable_node_chains": "ksm_stable_node_chains",
+    "stable_node_dups": "ksm_stable_node_dups",
+    "rmap_items": "ksm_rmap_items",
+}
+
+
+def _value(prog: Program, name: str):
+    try:
+        obj = prog[name]
+    except KeyError:
+        return None
+    if obj.type_.unaliased().kind == TypeKind.STRUCT:  # atomic_long_t / atomic_t
+        return obj.counter.value_()
+    v = obj.value_()
+    return int(v) if isinstance(v, bool) else v
+
+
+def ksm_settings(prog: Program) -> dict:
+    """KSM knobs as named in /sys/kernel/mm/ksm, read from the kernel's globals."""
+    return {k: _value(prog, v) for k, v in _SETTINGS.items() if _value(prog, v) is not None}
+
+
+def ksm_counters(prog: Program) -> dict:
+    """KSM counters as named in /sys/kernel/mm/ksm (plus ``rmap_items``), read
+    from the globals exactly as ``mm/ksm.c``'s ``*_show()`` functions do."""
+    c = {k: _value(prog, v) for k, v in _COUNTERS.items()}
+    c["full_scans"] = prog["ksm_scan"].seqnr.value_()
+    zp = _value(prog, "ksm_zero_pages")
+    if zp is not None:
+        c["ksm_zero_pages"] = zp
+    # pages_volatile_show()
+    vol = c["rmap_items"] - c["pages_shared"] - c["pages_sharing"] - c["pages_unshared"]
+    c["pages_volatile"] = max(vol, 0)
+    # general_profit_show()
+    page_size = 1 << _page_shift(prog)
+    item_size = prog.type("struct ksm_rmap_item").size
+    c["general_profit"] = ((c["pages_sharing"] + c.get("ksm_zero_pages", 0)) * page_size
+                           - c["rmap_items"] * item_size)
+    return c
