@@ -12,7 +12,8 @@ import time
 from .errors import KsmlensError
 
 __all__ = ["KSM_SYSFS", "COUNTERS", "read_counters", "read_ksm_stat", "set_knobs",
-           "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids"]
+           "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
+           "read_smaps_ksm"]
 
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 # Read-only counters (as in Documentation/admin-guide/mm/ksm.rst).
@@ -22,11 +23,6 @@ COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
          "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode",
          "stable_node_chains_prune_millisecs")
-
-_READ_ALL = ("cd %s 2>/dev/null || { echo NOKSM; exit 0; }; "
-             "for f in *; do [ -f \"$f\" ] && printf '%%s=%%s\\n' \"$f\" \"$(cat $f)\"; done"
-             % KSM_SYSFS)
-
 
 def _parse_value(v: str):
     v = v.strip()
@@ -43,15 +39,11 @@ def _parse_value(v: str):
 
 def read_counters(vm) -> dict:
     """Every file of /sys/kernel/mm/ksm in the guest, as {name: int|str}."""
-    out = vm.sh(_READ_ALL)
-    if out.strip() == "NOKSM":
+    files = vm.read_files(globs=[f"{KSM_SYSFS}/*"])
+    if not files:
         raise KsmlensError("the guest kernel has no /sys/kernel/mm/ksm (CONFIG_KSM off)",
                            "boot a ksmlens variant: `ksmlens vm up`")
-    res = {}
-    for line in out.splitlines():
-        k, _, v = line.partition("=")
-        res[k] = _parse_value(v)
-    return res
+    return {p.rsplit("/", 1)[1]: _parse_value(v) for p, v in files.items() if v is not None}
 
 
 def read_ksm_stat(vm, pids) -> dict:
@@ -59,26 +51,43 @@ def read_ksm_stat(vm, pids) -> dict:
     pids = [int(p) for p in pids]
     if not pids:
         return {}
-    script = "; ".join(f"echo @{p}; cat /proc/{p}/ksm_stat 2>/dev/null" for p in pids)
-    out = vm.sh(script)
-    res, cur = {}, None
-    for line in out.splitlines():
-        if line.startswith("@"):
-            cur = int(line[1:])
-            res[cur] = {}
-        elif cur is not None and line.strip():
+    files = vm.read_files(paths=[f"/proc/{p}/ksm_stat" for p in pids])
+    return {p: _parse_kv(files.get(f"/proc/{p}/ksm_stat")) for p in pids}
+
+
+def _parse_kv(text) -> dict:
+    res = {}
+    for line in (text or "").splitlines():
+        if line.strip():
             k, v = line.split(None, 1)
-            res[cur][k] = _parse_value(v)
+            res[k.rstrip(":")] = _parse_value(v)
+    return res
+
+
+def read_smaps_ksm(vm, pids) -> dict[int, int]:
+    """KSM pages per process, from the ``KSM:`` line of /proc/PID/smaps_rollup
+    (the kernel counts ``folio_test_ksm()`` pages of each mapping)."""
+    pids = [int(p) for p in pids]
+    if not pids:
+        return {}
+    files = vm.read_files(paths=[f"/proc/{p}/smaps_rollup" for p in pids])
+    res = {}
+    for p in pids:
+        kv = _parse_kv(files.get(f"/proc/{p}/smaps_rollup"))
+        if "KSM" in kv:
+            res[p] = int(str(kv["KSM"]).split()[0]) * 1024 // 4096
     return res
 
 
 def ksm_pids(vm) -> list[int]:
-    """Pids (thread-group leaders) whose /proc/PID/ksm_stat shows rmap_items."""
-    out = vm.sh("for f in /proc/[0-9]*/ksm_stat; do p=${f#/proc/}; p=${p%/ksm_stat}; "
-                "[ \"$(cat /proc/$p/status 2>/dev/null | sed -n 's/^Tgid:\t//p')\" = \"$p\" ] || continue; "
-                "n=$(sed -n 's/^ksm_rmap_items //p' $f 2>/dev/null); "
-                "[ -n \"$n\" ] && [ \"$n\" != 0 ] && echo $p; done; true")
-    return [int(x) for x in out.split()]
+    """Pids whose /proc/PID/ksm_stat shows rmap_items (/proc lists only
+    thread-group leaders)."""
+    files = vm.read_files(globs=["/proc/[0-9]*/ksm_stat"])
+    out = []
+    for path, text in files.items():
+        if _parse_kv(text).get("ksm_rmap_items"):
+            out.append(int(path.split("/")[2]))
+    return sorted(out)
 
 
 def read_pages(vm, ranges, names=None) -> list[dict]:

@@ -33,9 +33,15 @@ class QMP:
             raise KsmlensError(f"{path} does not speak QMP", "")
         self.command("qmp_capabilities")
 
-    def _read(self) -> dict:
+    def _read(self, what: str = "greeting") -> dict:
         while True:
-            line = self.f.readline()
+            try:
+                line = self.f.readline()
+            except (socket.timeout, TimeoutError):
+                raise KsmlensError(f"QMP {what} gave no answer within "
+                                   f"{self.sock.gettimeout():.0f} s on {self.path}",
+                                   "is another client holding the socket, or the VM hung?") \
+                    from None
             if not line:
                 raise KsmlensError(f"QMP socket {self.path} closed", "the VM has gone")
             msg = json.loads(line)
@@ -48,7 +54,7 @@ class QMP:
         if args:
             msg["arguments"] = args
         self.f.write((json.dumps(msg) + "\n").encode())
-        reply = self._read()
+        reply = self._read(name)
         if "error" in reply:
             raise KsmlensError(f"QMP {name} failed: {reply['error'].get('desc')}", "")
         return reply.get("return")

@@ -210,23 +210,24 @@ class ScenarioRun:
 
     # -- waiting on the kernel
     def wait_merging(self, expect: dict[int, int], timeout: float = MERGE_TIMEOUT) -> dict:
-        """Wait until every mergeable page of these pids is a KSM page
-        (KPF_KSM in /proc/kpageflags) and /proc/PID/ksm_stat shows
-        ``ksm_merging_pages >= n`` per pid (a stale count alone is not enough:
-        rmap_items of unmapped pages linger until ksmd passes by)."""
+        """Wait until each pid maps at least ``n`` KSM pages (``KSM:`` of
+        /proc/PID/smaps_rollup) and /proc/PID/ksm_stat shows
+        ``ksm_merging_pages >= n`` (a stale count alone is not enough: the
+        rmap_items of unmapped pages linger until ksmd passes by).
+
+        Not KPF_KSM: 6.12's /proc/kpageflags sets it on every anon page."""
         deadline = time.monotonic() + timeout
         while True:
             stat = ksmsys.read_ksm_stat(self.vm, list(expect))
             got = {p: stat.get(p, {}).get("ksm_merging_pages", 0) for p in expect}
-            ksm = {p: sum(pg["ksm"] for r in self.page_states(p) for pg in r["pages"])
-                   for p in expect}
-            if all(got[p] >= n and ksm[p] >= n for p, n in expect.items()):
+            ksm = ksmsys.read_smaps_ksm(self.vm, list(expect))
+            if all(got[p] >= n and ksm.get(p, 0) >= n for p, n in expect.items()):
                 return got
             if time.monotonic() > deadline:
                 c = ksmsys.read_counters(self.vm)
                 raise KsmlensError(
                     f"{self.scenario.name}: KSM did not merge as expected within "
-                    f"{timeout:.0f} s: ksm_merging_pages {got}, KSM pages (kpageflags) "
+                    f"{timeout:.0f} s: ksm_merging_pages {got}, KSM pages (smaps) "
                     f"{ksm}, wanted {expect} (full_scans={c['full_scans']}, "
                     f"pages_shared={c['pages_shared']})",
                     "is ksmd running? see `ksmlens vm run -- cat /sys/kernel/mm/ksm/*`")
@@ -282,7 +283,7 @@ def _mremap(run: ScenarioRun) -> dict:
     # move_vma() broke the KSM pages of the old range before moving it
     # (ksm_madvise(MADV_UNMERGEABLE) keeps VM_MERGEABLE): at the new address
     # no page is KSM until ksmd merges them again.
-    ksm = sum(pg["ksm"] for reg in run.page_states(pid) for pg in reg["pages"])
+    ksm = ksmsys.read_smaps_ksm(run.vm, [pid])[pid]
     r["ksm_pages_after_move"] = ksm
     _check(ksm < run.pages_of(pid),
            f"mremap: {ksm} of pid {pid}'s moved pages are still KSM pages right after "

@@ -4,7 +4,8 @@ A VM is named (``--name``, default ``ksmlens``) and owns a private directory
 ``<cache>/vms/<name>/`` (mode 0700) holding:
 
 * ``qmp.sock``      QMP for ksmlens itself (pause/resume, status, quit)
-* ``drgn.sock``     a second QMP socket, free for drgn (``drgn --qemu PATH``)
+* ``drgn.sock``     a second QMP socket, left free for your drgn (``drgn --qemu PATH``)
+* ``drgn-N.sock``   more QMP sockets that ksmlens' own drgn Programs take
 * ``agent.sock``    virtio-serial port to the guest agent (runs commands as root)
 * ``console.log``   kernel console and the agent's own output
 * ``state.json``    what ``ksmlens vm status`` reports
@@ -41,6 +42,7 @@ __all__ = ["VM", "RunResult", "probe_accel", "list_vms", "DEFAULT_NAME"]
 DEFAULT_NAME = "ksmlens"
 AGENT_PORT = "org.ksmlens.agent"
 BOOT_TIMEOUT = 180.0
+DRGN_POOL = 3  # extra QMP sockets for ksmlens' own drgn Programs
 
 
 @dataclasses.dataclass
@@ -208,9 +210,13 @@ class VM:
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
         qmp, drgn_qmp, agent = d / "qmp.sock", d / "drgn.sock", d / "agent.sock"
+        # A QMP socket serves one client at a time: drgn.sock is left for the
+        # user's own drgn; ksmlens' attach() takes the first free of the pool.
+        pool = [d / f"drgn-{i}.sock" for i in range(2, 2 + DRGN_POOL)]
         extra = [
             "-qmp", f"unix:{qmp},server=on,wait=off",
             "-qmp", f"unix:{drgn_qmp},server=on,wait=off",
+            *[a for p in pool for a in ("-qmp", f"unix:{p},server=on,wait=off")],
             "-device", "vmcoreinfo",
             "-device", "virtio-serial-pci,id=ksmlens-serial",
             "-chardev", f"socket,id=ksmlens-agent,path={agent},server=on,wait=off",
@@ -259,6 +265,7 @@ class VM:
         state = {
             "name": name, "variant": variant, "kernel_release": kernel.release,
             "accel": accel, "accel_reason": why, "qmp": str(drgn_qmp),
+            "qmp_pool": [str(p) for p in pool],
             "control_qmp": str(qmp), "agent": str(agent), "vmlinux": str(kernel.vmlinux),
             "bzimage": str(kernel.bzimage), "pid": proc.pid, "memory_mb": mem_mb,
             "cpus": cpus, "numa_nodes": numa, "console_log": str(d / "console.log"),
@@ -410,7 +417,18 @@ class VM:
         try:
             return self._request(req, timeout)
         except TimeoutError as e:
-            raise KsmlensError(f"VM {self.name!r} is hung? {e}",
+            state = "unknown"
+            try:
+                with self.qmp(timeout=2) as q:
+                    state = q.status()
+            except KsmlensError:
+                pass
+            if state == "paused":
+                raise KsmlensError(f"VM {self.name!r} is paused (QMP stop), so its agent "
+                                   f"cannot answer {req.get('op')}",
+                                   "resume it: QMP cont on " + self.state["control_qmp"]) \
+                    from None
+            raise KsmlensError(f"VM {self.name!r} is hung? {e} (run state {state})",
                                f"check {self.state['console_log']}; "
                                f"`ksmlens vm down --name {self.name}`") from None
 
@@ -443,6 +461,11 @@ class VM:
 
     def read_file(self, path: str) -> str:
         return self.request({"op": "read_file", "path": path})["data"]
+
+    def read_files(self, paths=(), globs=()) -> dict:
+        """Read many small guest files in one round trip: {path: text or None}."""
+        return self.request({"op": "read_files", "paths": list(paths),
+                             "globs": list(globs)})["files"]
 
     def write_file(self, path: str, data: str) -> None:
         self.request({"op": "write_file", "path": path, "data": str(data)})

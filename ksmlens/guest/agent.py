@@ -171,6 +171,22 @@ class Agent:
         with open(req["path"], "rb") as f:
             return {"data": f.read().decode(errors="replace")}
 
+    def op_read_files(self, req):
+        """Many small files (sysfs, procfs) without a fork each: ``paths`` and
+        ``globs``; unreadable ones come back as None."""
+        import glob
+        paths = list(req.get("paths", []))
+        for g in req.get("globs", []):
+            paths += sorted(glob.glob(g))
+        out = {}
+        for p in paths:
+            try:
+                with open(p, "rb") as f:
+                    out[p] = f.read().decode(errors="replace")
+            except OSError:
+                out[p] = None
+        return {"files": out}
+
     def op_write_file(self, req):
         with open(req["path"], "w") as f:
             f.write(req["data"])

@@ -8,6 +8,8 @@ then its node again. Migration unmaps the page through the kernel's real rmap
 walk (``rmap_walk_ksm()`` for a KSM page): a mapping the walk misses keeps the
 page mapped and the move fails. Prints one JSON line: per range
 ``{"pid", "start", "rc", "pages": [{"before", "target", "status", "after"}]}``.
+``rc`` is move_pages()'s return: 0, the number of pages it could not move,
+or -errno; ``status`` is None where the kernel did not fill it in.
 Standard library (ctypes) only.
 """
 
@@ -52,6 +54,8 @@ def main(argv):
         target = [1 - b if b in (0, 1) else 0 for b in before]
         rc, status = move_pages(pid, addrs, target, MPOL_MF_MOVE_ALL)
         _, after = move_pages(pid, addrs, None, 0)
+        # status the kernel did not fill in (a failed batch) stays None
+        status = [None if s == -1000 else s for s in status]
         out.append({"pid": pid, "start": start, "rc": rc,
                     "pages": [{"before": b, "target": t, "status": s, "after": a}
                               for b, t, s, a in zip(before, target, status, after)]})

@@ -4,8 +4,13 @@
 
 prints one JSON line: a list with, per range, ``{"pid", "start", "pages"}``
 where each page is ``{"present", "swapped", "pfn", "ksm", "mapcount"}`` from
-``/proc/PID/pagemap``, ``/proc/kpageflags`` (KPF_KSM = bit 21) and
-``/proc/kpagecount``. Standard library only.
+``/proc/PID/pagemap``, ``/proc/kpageflags`` and ``/proc/kpagecount``.
+Standard library only.
+
+``kpf_ksm`` is KPF_KSM (bit 21) as the kernel reports it, which 6.12 gets
+wrong: fs/proc/page.c tests ``mapping & PAGE_MAPPING_KSM`` (a mask of both
+low bits), so every anonymous page has it. Use the pfns (KSM sharers map the
+same pfn) or ``KSM:`` in /proc/PID/smaps_rollup instead.
 """
 
 import json
@@ -14,6 +19,7 @@ import struct
 import sys
 
 KPF_KSM = 21
+KPF_ANON = 12
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -31,11 +37,12 @@ def pages(pid, start, npages):
         present = bool(e >> 63 & 1)
         swapped = bool(e >> 62 & 1)
         pfn = e & ((1 << 55) - 1) if present else None
-        page = {"present": present, "swapped": swapped, "pfn": pfn, "ksm": False,
-                "mapcount": None}
+        page = {"present": present, "swapped": swapped, "pfn": pfn, "kpf_ksm": False,
+                "kpf_anon": False, "mapcount": None}
         if present and pfn:
             flags, = _u64s("/proc/kpageflags", pfn, 1)
-            page["ksm"] = bool(flags >> KPF_KSM & 1)
+            page["kpf_ksm"] = bool(flags >> KPF_KSM & 1)
+            page["kpf_anon"] = bool(flags >> KPF_ANON & 1)
             page["mapcount"], = _u64s("/proc/kpagecount", pfn, 1)
         out.append(page)
     return out

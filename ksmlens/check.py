@@ -1,0 +1,133 @@
+"""``ksmlens check``: prove a walk against what the kernel itself reports.
+
+The walk's own counts (stable nodes holding a page, stable and unstable
+rmap_items, chains, dups, items per mm) are compared with the kernel's
+counters: ``/sys/kernel/mm/ksm/*`` and ``/proc/PID/ksm_stat`` read in the
+guest just before and just after a consistent (paused) walk, and the same
+globals read by drgn while the guest was paused. A counter that moved between
+the two sysfs reads makes the check retry: KSM was busy, not wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import KsmlensError
+from .model import Snapshot
+
+__all__ = ["Row", "walk_counts", "compare", "check_vm", "format_rows"]
+
+
+@dataclasses.dataclass
+class Row:
+    what: str
+    walk: int
+    kernel: int | None      # sysfs / ksm_stat as read in the guest
+    globals: int | None     # the kernel's variables, read by drgn during the walk
+
+    @property
+    def ok(self) -> bool:
+        return self.walk == self.kernel and (self.globals is None or self.globals == self.walk)
+
+
+def walk_counts(snap: Snapshot) -> dict:
+    """The kernel's counters, recomputed from the walked structures alone.
+
+    * ``pages_shared``: stable nodes holding a page (regular nodes and dups,
+      in the trees or on ``migrate_nodes``) with at least one rmap_item;
+    * ``pages_sharing``: stable rmap_items beyond the first of each such node;
+    * ``pages_unshared``: rmap_items with UNSTABLE_FLAG, whatever their seqnr:
+      ``remove_rmap_item_from_tree()`` decrements the counter for an item of
+      the previous pass too (age 1), so it still counts;
+    * ``rmap_items``: every rmap_item on every mm slot.
+    """
+    page_nodes = [n for n in snap.stable_nodes if n.kind in ("regular", "dup") and n.items]
+    stable_items = sum(len(n.items) for n in page_nodes)
+    return {
+        "pages_shared": len(page_nodes),
+        "pages_sharing": stable_items - len(page_nodes),
+        "pages_unshared": sum(1 for i in snap.rmap_items if i.state == "unstable"),
+        "rmap_items": len(snap.rmap_items),
+        "stable_node_chains": sum(1 for n in snap.stable_nodes if n.kind == "chain"),
+        "stable_node_dups": sum(1 for n in snap.stable_nodes if n.kind == "dup"),
+    }
+
+
+def per_pid_counts(snap: Snapshot) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for slot in snap.mm_slots:
+        if slot.pid is None:
+            continue
+        items = [snap.item(i) for i in slot.items]
+        out[slot.pid] = {"ksm_rmap_items": len(items),
+                         "ksm_merging_pages": sum(1 for i in items if i.state == "stable")}
+    return out
+
+
+def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict]) -> list[Row]:
+    w = walk_counts(snap)
+    g = snap.counters
+    rows = []
+    for k in ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
+              "stable_node_dups"):
+        rows.append(Row(k, w[k], sysfs.get(k), g.get(k)))
+    # sysfs has no rmap_items; pages_volatile_show() derives from it.
+    vol = sysfs.get("pages_volatile")
+    kern_items = None if vol is None else (vol + sysfs["pages_shared"] + sysfs["pages_sharing"]
+                                           + sysfs["pages_unshared"])
+    rows.append(Row("ksm_rmap_items", w["rmap_items"], kern_items, g.get("rmap_items")))
+    per = per_pid_counts(snap)
+    slots = {s.pid: s for s in snap.mm_slots if s.pid is not None}
+    for pid in sorted(ksm_stat):
+        st = ksm_stat[pid]
+        if not st:
+            continue
+        mine = per.get(pid, {"ksm_rmap_items": 0, "ksm_merging_pages": 0})
+        slot = slots.get(pid)
+        rows.append(Row(f"pid {pid} ksm_rmap_items", mine["ksm_rmap_items"],
+                        st.get("ksm_rmap_items"),
+                        slot.mm_ksm_rmap_items if slot else None))
+        rows.append(Row(f"pid {pid} ksm_merging_pages", mine["ksm_merging_pages"],
+                        st.get("ksm_merging_pages"),
+                        slot.mm_ksm_merging_pages if slot else None))
+    return rows
+
+
+_STABLE_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                "stable_node_chains", "stable_node_dups")
+
+
+def check_vm(vm, prog, *, attempts: int = 8) -> tuple[list[Row], Snapshot, dict]:
+    """Walk ``vm`` (paused) between two reads of its sysfs and ksm_stat.
+
+    Retries while the kernel's counters move between the two reads (ksmd was
+    scanning). Returns (rows, snapshot, info).
+    """
+    from . import ksmsys
+    from .snapshot import take_snapshot
+    last = None
+    for attempt in range(1, attempts + 1):
+        pids = ksmsys.ksm_pids(vm)
+        before = ksmsys.read_counters(vm)
+        stat_before = ksmsys.read_ksm_stat(vm, pids)
+        snap = take_snapshot(prog, mode="consistent", vm=vm)
+        after = ksmsys.read_counters(vm)
+        stat_after = ksmsys.read_ksm_stat(vm, pids)
+        if ([before[k] for k in _STABLE_KEYS] == [after[k] for k in _STABLE_KEYS]
+                and stat_before == stat_after):
+            return compare(snap, before, stat_before), snap, {"attempts": attempt}
+        last = (before, after)
+    changed = [k for k in _STABLE_KEYS if last[0][k] != last[1][k]]
+    raise KsmlensError(f"KSM kept changing during {attempts} attempts "
+                       f"({', '.join(changed) or 'ksm_stat'} moved between reads)",
+                       "slow ksmd down (sleep_millisecs) or stop it (run=0) and check again")
+
+
+def format_rows(rows: list[Row]) -> str:
+    w = max(len(r.what) for r in rows)
+    out = [f"{'counter':{w}}  {'walk':>8}  {'kernel':>8}  {'globals':>8}  ok"]
+    for r in rows:
+        g = "-" if r.globals is None else r.globals
+        k = "-" if r.kernel is None else r.kernel
+        out.append(f"{r.what:{w}}  {r.walk:>8}  {k:>8}  {g:>8}  {'ok' if r.ok else 'MISMATCH'}")
+    return "\n".join(out)
