@@ -97,12 +97,16 @@ _STABLE_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volati
                 "stable_node_chains", "stable_node_dups")
 
 
-def check_vm(vm, prog, *, attempts: int = 8) -> tuple[list[Row], Snapshot, dict]:
+def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict]:
     """Walk ``vm`` (paused) between two reads of its sysfs and ksm_stat.
 
-    Retries while the kernel's counters move between the two reads (ksmd was
-    scanning). Returns (rows, snapshot, info).
+    The comparison only means something if the kernel's state at the pause
+    is the state sysfs showed: retry while the counters differ between the
+    read before, the paused globals and the read after (ksmd was mid-scan).
+    Returns (rows, snapshot, info).
     """
+    import random
+    import time
     from . import ksmsys
     from .snapshot import take_snapshot
     last = None
@@ -113,11 +117,13 @@ def check_vm(vm, prog, *, attempts: int = 8) -> tuple[list[Row], Snapshot, dict]
         snap = take_snapshot(prog, mode="consistent", vm=vm)
         after = ksmsys.read_counters(vm)
         stat_after = ksmsys.read_ksm_stat(vm, pids)
-        if ([before[k] for k in _STABLE_KEYS] == [after[k] for k in _STABLE_KEYS]
+        paused = {k: snap.counters.get(k) for k in _STABLE_KEYS}
+        if (all(before[k] == after[k] == paused[k] for k in _STABLE_KEYS)
                 and stat_before == stat_after):
             return compare(snap, before, stat_before), snap, {"attempts": attempt}
-        last = (before, after)
-    changed = [k for k in _STABLE_KEYS if last[0][k] != last[1][k]]
+        last = (before, after, paused)
+        time.sleep(random.uniform(0, 0.05))
+    changed = [k for k in _STABLE_KEYS if not last[0][k] == last[1][k] == last[2][k]]
     raise KsmlensError(f"KSM kept changing during {attempts} attempts "
                        f"({', '.join(changed) or 'ksm_stat'} moved between reads)",
                        "slow ksmd down (sleep_millisecs) or stop it (run=0) and check again")
