@@ -345,6 +345,9 @@ def build(variant: str = DEFAULT_VARIANT, *, force: bool = False, jobs: int | No
         (tmp_out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp_out.rename(out)
+        for old in out.parent.glob(f"{v.name}-*"):  # superseded builds of this variant
+            if old != out and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
         log(f"built {release} in {meta['build_seconds']}s: {out}")
     k = find_kernel(variant)
     assert k is not None

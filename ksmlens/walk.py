@@ -26,6 +26,7 @@ __all__ = [
     "for_each_mm_slot_rmap_item", "for_each_rmap_item", "rmap_item_state",
     "rmap_item_address", "rmap_item_seqnr", "rmap_item_in_unstable_tree",
     "rmap_item_stored_pgoff", "rmap_item_addr_pgoff", "linear_page_index",
+    "rmap_item_vma", "rmap_item_tasks", "ksm_scan_cursor",
     "for_each_unstable_rmap_item", "anon_vma_interval_tree_foreach",
     "avc_start_pgoff", "avc_last_pgoff", "ksm_settings", "ksm_counters",
     "folio_stable_node",
@@ -191,6 +192,23 @@ def rmap_item_in_unstable_tree(item: Object) -> bool:
     return (a & SEQNR_MASK) == (item.prog_["ksm_scan"].seqnr.value_() & SEQNR_MASK)
 
 
+def rmap_item_vma(item: Object) -> Optional[Object]:
+    """The ``struct vm_area_struct *`` of ``item->mm`` covering its address,
+    or None (the item outlived its mapping and waits for ksmd)."""
+    from drgn.helpers.linux.mm import vma_find
+    vma = vma_find(item.mm, rmap_item_address(item))
+    return vma if vma else None
+
+
+def rmap_item_tasks(item: Object) -> Iterator[Object]:
+    """Yield the thread-group leaders (``struct task_struct *``) using ``item->mm``."""
+    from drgn.helpers.linux.pid import for_each_task
+    mm = item.mm.value_()
+    for task in for_each_task(item.prog_):
+        if task.mm.value_() == mm and task.pid.value_() == task.tgid.value_():
+            yield task
+
+
 def rmap_item_stored_pgoff(item: Object) -> Optional[int]:
     """``rmap_item->pgoff`` where the running kernel has one, else None."""
     if not item.type_.type.has_member("pgoff"):
@@ -207,6 +225,11 @@ def linear_page_index(vma: Object, address: int) -> int:
     """``linear_page_index(vma, address)`` for an anonymous/private mapping."""
     shift = _page_shift(vma.prog_)
     return ((address - vma.vm_start.value_()) >> shift) + vma.vm_pgoff.value_()
+
+
+def ksm_scan_cursor(prog: Program) -> Object:
+    """``ksm_scan`` (``struct ksm_scan``): ksmd's cursor; ``seqnr`` counts full scans."""
+    return prog["ksm_scan"]
 
 
 def for_each_unstable_rmap_item(prog: Program) -> Iterator[Object]:

@@ -109,6 +109,9 @@ def test_mremap_moved_pages_and_the_kernels_rmap_walk(vm):
         pid = moved["pid"]
         (region,) = [r for p, r in run.regions() if p == pid]
         assert region["start"] == moved["new"]
+        # Hold ksmd (its scan takes page references that fail a migration
+        # transiently); the rmap walk does not depend on it.
+        vm.write_file("/sys/kernel/mm/ksm/run", "0")
         res = migrate_pages(vm, [(pid, region["start"], region["pages"])])[0]
     pages = res["pages"]
     assert len(pages) == region["pages"]
@@ -116,7 +119,7 @@ def test_mremap_moved_pages_and_the_kernels_rmap_walk(vm):
     went = [p["after"] == p["target"] for p in pages]
     if variant == "v3":
         assert not any(went), f"v3 migrated {sum(went)} moved KSM pages: {pages[:3]}"
-        assert all(p["after"] == p["before"] for p in pages)
+        assert all(p["after"] == p["before"] and p["tries"] == 4 for p in pages)
         assert res["rc"] > 0        # move_pages(): that many pages were not migrated
     else:
         assert all(went), f"{variant}: {went.count(False)} moved KSM pages did not migrate"

@@ -143,3 +143,44 @@ def test_wrong_vmlinux_is_refused(vm):
         attach("vm:gone")
     with pytest.raises(KsmlensError, match="no such vmcore"):
         attach("/nonexistent.core")
+
+
+def test_helpers_agree_with_the_fast_walk_and_cli(vm):
+    """The drgn-Object helpers and the byte-level snapshot see the same state;
+    `ksmlens check` and `ksmlens report` print it."""
+    from ksmlens import walk
+    with ScenarioRun(vm, "fork") as run:
+        _run_all_steps(run)
+        prog = attach(f"vm:{vm.name}")
+        with vm.qmp() as q:
+            q.stop()
+            try:
+                snap = take_snapshot(prog, mode="live")
+                nodes = {hex(n.value_()): sorted(hex(i.value_()) for i in
+                                                 walk.for_each_stable_node_rmap_item(n))
+                         for n in walk.for_each_stable_node(prog)}
+                items = list(walk.for_each_rmap_item(prog))
+                sample = {}
+                for i in items[:40]:
+                    vma = walk.rmap_item_vma(i)
+                    tasks = [t.pid.value_() for t in walk.rmap_item_tasks(i)]
+                    sample[hex(i.value_())] = (
+                        walk.rmap_item_state(i), walk.rmap_item_address(i),
+                        vma.vm_start.value_() if vma else None,
+                        walk.linear_page_index(vma, walk.rmap_item_address(i)) if vma else None,
+                        tasks[0] if tasks else None)
+            finally:
+                q.cont()
+        assert {n.id: sorted(n.items) for n in snap.stable_nodes if n.kind != "chain"} == nodes
+        assert [i.id for i in snap.rmap_items] == [hex(i.value_()) for i in items]
+        for iid, (state, addr, vstart, lpi, pid) in sample.items():
+            it = snap.item(iid)
+            assert (it.state, it.address, it.vma_start, it.linear_page_index, it.pid) == \
+                (state, addr, vstart, lpi, pid)
+        forked = [p["pid"] for p in run.info["procs"] if p["role"] == "forked"]
+        assert forked and snap.items_of(forked[0])
+    for args, needle in ((["check"], "agree"), (["report"], "sharers")):
+        r = subprocess.run([sys.executable, "-m", "ksmlens", *args, "--name", vm.name],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert needle in r.stdout

@@ -8,7 +8,9 @@ then its node again. Migration unmaps the page through the kernel's real rmap
 walk (``rmap_walk_ksm()`` for a KSM page): a mapping the walk misses keeps the
 page mapped and the move fails. Prints one JSON line: per range
 ``{"pid", "start", "rc", "pages": [{"before", "target", "status", "after"}]}``.
-``rc`` is move_pages()'s return: 0, the number of pages it could not move,
+Pages that did not move are tried again (RETRIES times): a transient extra
+reference also fails a migration, a missed mapping fails every time.
+``rc`` is the last move_pages()'s return: 0, the number of pages it could not move,
 or -errno; ``status`` is None where the kernel did not fill it in.
 Standard library (ctypes) only.
 """
@@ -20,6 +22,7 @@ import sys
 
 SYS_move_pages = 279  # x86_64
 MPOL_MF_MOVE_ALL = 1 << 2
+RETRIES = 3
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -54,11 +57,27 @@ def main(argv):
         target = [1 - b if b in (0, 1) else 0 for b in before]
         rc, status = move_pages(pid, addrs, target, MPOL_MF_MOVE_ALL)
         _, after = move_pages(pid, addrs, None, 0)
+        tries = [1] * n
+        # A transient extra reference (ksmd scanning, LRU isolation) fails a
+        # migration too; a mapping the rmap walk misses fails every time.
+        for _ in range(RETRIES):
+            left = [k for k in range(n) if after[k] != target[k]]
+            if not left:
+                break
+            rc2, st2 = move_pages(pid, [addrs[k] for k in left], [target[k] for k in left],
+                                  MPOL_MF_MOVE_ALL)
+            _, now = move_pages(pid, [addrs[k] for k in left], None, 0)
+            for j, k in enumerate(left):
+                tries[k] += 1
+                after[k] = now[j]
+                if st2[j] != -1000:
+                    status[k] = st2[j]
+            rc = rc2
         # status the kernel did not fill in (a failed batch) stays None
         status = [None if s == -1000 else s for s in status]
         out.append({"pid": pid, "start": start, "rc": rc,
-                    "pages": [{"before": b, "target": t, "status": s, "after": a}
-                              for b, t, s, a in zip(before, target, status, after)]})
+                    "pages": [{"before": b, "target": t, "status": s, "after": a, "tries": k}
+                              for b, t, s, a, k in zip(before, target, status, after, tries)]})
     print(json.dumps(out))
 
 
