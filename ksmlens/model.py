@@ -35,7 +35,7 @@ class KernelInfo:
     source: str = ""             # "qmp:PATH", "vmcore:PATH" or "kcore"
 
 
-@dataclass
+@dataclass(slots=True)
 class RmapItem:
     """One ``struct ksm_rmap_item`` (one scanned virtual page of one mm)."""
     id: str                      # kernel address of the ksm_rmap_item
@@ -62,6 +62,9 @@ class RmapItem:
     age: int
     remaining_skips: int
     raw_union: int               # bytes 32..39 as one u64 (pgoff/SmartScan union)
+    vm_flags: int | None = None
+    pgoff_status: str = ""       # see ksmlens.analysis.pgoff_status
+    pgoff_cause: str | None = None
 
 
 @dataclass

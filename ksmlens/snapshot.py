@@ -23,6 +23,7 @@ from drgn.helpers.linux.pid import for_each_task
 
 from . import kbuild
 from .errors import KsmlensError
+from .analysis import pgoff_status
 from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
                    PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, ksm_counters, ksm_settings)
@@ -84,6 +85,7 @@ class _Walker:
         self.shift = prog["PAGE_SHIFT"].value_()
         self.races: dict[str, int] = {}
         self.reads = 0
+        self.pages: dict[int, bytes] = {}   # slab pages of rmap_items, read once
 
     def race(self, what: str):
         if not self.live:
@@ -98,6 +100,24 @@ class _Walker:
         except FaultError:
             self.race("fault reading kernel memory")
             return None
+
+    def item_bytes(self, addr: int):
+        """(buffer, offset) holding the ksm_rmap_item at ``addr``: items come
+        from a slab cache, so one read of the whole 4 KiB page serves about
+        64 items (the walk's main cost was one read per item)."""
+        size = self.L.item_size
+        page = addr & ~0xFFF
+        off = addr - page
+        if off + size > 0x1000:
+            b = self.read(addr, size)
+            return b, 0
+        buf = self.pages.get(page)
+        if buf is None:
+            buf = self.read(page, 0x1000)
+            if buf is None:
+                return None, 0
+            self.pages[page] = buf
+        return buf, off
 
     def ptr(self, addr: int) -> int | None:
         b = self.read(addr, 8)
@@ -125,7 +145,7 @@ class _Walker:
             for vma in for_each_vma(mmobj):
                 out.append((vma.vm_start.value_(), vma.vm_end.value_(),
                             vma.vm_pgoff.value_(), vma.anon_vma.value_(),
-                            bool(vma.vm_file.value_())))
+                            bool(vma.vm_file.value_()), vma.vm_flags.value_()))
         except FaultError:
             self.race("VMA tree changed during walk")
         out.sort()
@@ -172,6 +192,30 @@ class _Walker:
             "len": struct.unpack_from("<i", b, L.n_len)[0],
             "nid": struct.unpack_from("<i", b, L.n_nid)[0] if L.n_nid is not None else 0,
         }
+
+
+def _item_struct(L: _Layout):
+    """One struct.Struct for the words of ``struct ksm_rmap_item`` the walk
+    needs, laid out from DWARF offsets: rmap_list, anon_vma/nid, mm, address,
+    the 8-byte {oldchecksum, age, remaining_skips} / pgoff union, head,
+    hlist.next."""
+    fields = [L.i_next, L.i_anon_vma, L.i_mm, L.i_address, L.i_oldchecksum, L.i_head,
+              L.i_hlist]
+    if sorted(fields) != fields or any(b - a < 8 for a, b in zip(fields, fields[1:])):
+        raise KsmlensError("struct ksm_rmap_item has an unexpected layout",
+                           "this kernel's ksm.c differs from what ksmlens knows")
+    if not (0 < L.i_age - L.i_oldchecksum < 8 and 0 < L.i_skips - L.i_oldchecksum < 8):
+        raise KsmlensError("ksm_rmap_item age/remaining_skips are not next to oldchecksum",
+                           "this kernel's ksm.c differs from what ksmlens knows")
+    if L.i_pgoff is not None and L.i_pgoff != L.i_oldchecksum:
+        raise KsmlensError("ksm_rmap_item pgoff does not share oldchecksum's bytes",
+                           "this kernel's pgoff patch differs from what ksmlens knows")
+    fmt, pos = "<", 0
+    for off in fields:
+        fmt += "x" * (off - pos) + "Q"
+        pos = off + 8
+    return (struct.Struct(fmt), L.i_nid is not None, L.i_pgoff is not None,
+            (L.i_age - L.i_oldchecksum) * 8, (L.i_skips - L.i_oldchecksum) * 8)
 
 
 def _page_info(w: _Walker, vmemmap: int, pfn: int):
@@ -246,6 +290,18 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
     owners = w.mm_owners()
 
     # ---- mm slots and their rmap_items
+    item_struct, has_nid, has_pgoff, age_shift, skips_shift = _item_struct(L)
+    bisect_right = bisect.bisect_right
+    hex_cache: dict[int, str] = {}
+    page_cache = w.pages
+    item_size = L.item_size
+
+    def node_hex(v: int) -> str:
+        h = hex_cache.get(v)
+        if h is None:
+            h = hex_cache[v] = _hx(v)
+        return h
+
     head = prog["ksm_mm_head"].address_ + L.s_mm_node
     items: dict[int, RmapItem] = {}
     hnext: dict[int, int] = {}   # item -> its hlist.next (stable items)
@@ -270,45 +326,57 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
         starts = [v[0] for v in vmas]
         slot = MmSlot(id=_hx(slot_addr), mm=_hx(mm), pid=pid, comm=comm, rmap_items=0,
                       mm_ksm_rmap_items=mm_items, mm_ksm_merging_pages=mm_merging)
+        slot_items = slot.items
         ip, count = first, 0
+        mm_hex = _hx(mm)
+        sel = seqnr & SEQNR_MASK
+        vma_hex = {}
         while ip:
-            ib = w.read(ip, L.item_size)
-            if ib is None:
-                break
-            addr_raw = _Q.unpack_from(ib, L.i_address)[0]
+            off = ip & 0xFFF
+            ib = page_cache.get(ip - off)
+            if ib is None or off + item_size > 0x1000:
+                ib, off = w.item_bytes(ip)
+                if ib is None:
+                    break
+            (nxt, anon_or_nid, _mm, addr_raw, raw_union, head_ptr,
+             hnext_ptr) = item_struct.unpack_from(ib, off)
             address = addr_raw & page_mask
-            flags = addr_raw & ~page_mask
-            stable = bool(addr_raw & STABLE_FLAG)
-            unstable = bool(addr_raw & UNSTABLE_FLAG)
-            state = "stable" if stable else "unstable" if unstable else "none"
-            vi = bisect.bisect_right(starts, address) - 1
-            vma = vmas[vi] if vi >= 0 and address < vmas[vi][1] else None
-            anon_or_nid = _Q.unpack_from(ib, L.i_anon_vma)[0]
-            raw_union = _Q.unpack_from(ib, L.i_oldchecksum)[0]
+            if addr_raw & STABLE_FLAG:
+                state, stable, unstable = "stable", True, False
+            elif addr_raw & UNSTABLE_FLAG:
+                state, stable, unstable = "unstable", False, True
+            else:
+                state, stable, unstable = "none", False, False
+            vi = bisect_right(starts, address) - 1
+            iid = f"0x{ip:x}"
+            if vi >= 0 and address < vmas[vi][1]:
+                vs, ve, vpg, van, vfile, vflags = vmas[vi]
+                vah = vma_hex.get(van)
+                if vah is None:
+                    vah = vma_hex[van] = _hx(van)
+                lpi = ((address - vs) >> shift) + vpg
+            else:
+                vs = ve = vpg = vah = vfile = vflags = lpi = None
             item = RmapItem(
-                id=_hx(ip), mm=_hx(mm), pid=pid, comm=comm, address=address, flags=flags,
-                state=state, seqnr=addr_raw & SEQNR_MASK,
-                in_unstable_tree=unstable and (addr_raw & SEQNR_MASK) == (seqnr & SEQNR_MASK),
-                stable_node=_hx(_Q.unpack_from(ib, L.i_head)[0]) if stable else None,
-                anon_vma=_hx(anon_or_nid) if stable else None,
-                nid=(anon_or_nid & 0xFFFFFFFF) if unstable and L.i_nid is not None else None,
-                vma_start=vma[0] if vma else None, vma_end=vma[1] if vma else None,
-                vm_pgoff=vma[2] if vma else None, vma_anon_vma=_hx(vma[3]) if vma else None,
-                vma_file=vma[4] if vma else None,
-                addr_pgoff=address >> shift,
-                linear_page_index=((address - vma[0]) >> shift) + vma[2] if vma else None,
-                stored_pgoff=_Q.unpack_from(ib, L.i_pgoff)[0] if L.i_pgoff is not None else None,
-                oldchecksum=struct.unpack_from("<I", ib, L.i_oldchecksum)[0],
-                age=ib[L.i_age], remaining_skips=ib[L.i_skips], raw_union=raw_union)
+                iid, mm_hex, pid, comm, address, addr_raw & ~page_mask, state,
+                addr_raw & SEQNR_MASK, unstable and (addr_raw & SEQNR_MASK) == sel,
+                node_hex(head_ptr) if stable else None,
+                node_hex(anon_or_nid) if stable else None,
+                (anon_or_nid & 0xFFFFFFFF) if unstable and has_nid else None,
+                vs, ve, vpg, vah, vfile, address >> shift, lpi,
+                raw_union if has_pgoff else None,
+                raw_union & 0xFFFFFFFF, (raw_union >> age_shift) & 0xFF,
+                (raw_union >> skips_shift) & 0xFF, raw_union, vflags)
+            item.pgoff_status, item.pgoff_cause = pgoff_status(item, has_pgoff, shift)
             items[ip] = item
             if stable:
-                hnext[ip] = _Q.unpack_from(ib, L.i_hlist)[0]
-            slot.items.append(item.id)
+                hnext[ip] = hnext_ptr
+            slot_items.append(iid)
             count += 1
             if count > _MAX_LIST:
                 w.race("rmap_list did not end")
                 break
-            ip = _Q.unpack_from(ib, L.i_next)[0]
+            ip = nxt
         slot.rmap_items = count
         slots.append(slot)
         pos = _Q.unpack_from(b, L.s_mm_node)[0]

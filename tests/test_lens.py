@@ -57,6 +57,11 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
                 assert pfn_at[(i.pid, i.address)] == snap.node(i.stable_node).kpfn, i
                 checked += 1
         assert checked >= sum(run.pages_of(p) for p in run.pids()) // 2
+        if name == "file-cow":
+            items = [i for p in run.pids() for i in snap.items_of(p) if i.state == "stable"]
+            assert items and {(i.pgoff_status, i.pgoff_cause) for i in items} == \
+                {("moved", "file")}
+            assert all(i.vm_pgoff == 16 for i in items)   # --offset-pages default
         if name == "chain":
             chains = [n for n in snap.stable_nodes if n.kind == "chain"]
             assert chains
@@ -68,8 +73,10 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
             pid = run.history[2]["result"]["pid"]
             moved = [i for i in snap.items_of(pid) if i.state == "stable"]
             assert moved and all(i.addr_pgoff != i.linear_page_index for i in moved)
+            assert {(i.pgoff_status, i.pgoff_cause) for i in moved} == {("moved", "mremap")}
             other = [i for i in snap.rmap_items if i.pid != pid and i.state == "stable"]
             assert other and all(i.addr_pgoff == i.linear_page_index for i in other)
+            assert {i.pgoff_status for i in other} == {"ok"}
             for i in snap.rmap_items:
                 if snap.kernel.has_stored_pgoff and i.state == "stable":
                     # set by try_to_merge_with_ksm_page() from the VMA
