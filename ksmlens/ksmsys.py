@@ -90,18 +90,23 @@ def ksm_pids(vm) -> list[int]:
     return sorted(out)
 
 
-def read_pages(vm, ranges, names=None) -> list[dict]:
-    """Each page's fate in ``ranges`` [(pid, start, npages)], read in the guest
-    from /proc/PID/pagemap, /proc/kpageflags (KPF_KSM) and /proc/kpagecount."""
+def _guest_script(vm, script: str, ranges, timeout: float = 120):
+    """Run ksmlens/guest/SCRIPT PID START NPAGES... in the guest; its JSON."""
     import json
     import sys
     from .paths import repo_root
-    if not ranges:
-        return []
-    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "pagemap.py")]
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / script)]
     for pid, start, n in ranges:
         argv += [str(pid), str(start), str(n)]
-    res = json.loads(vm.run(argv, check=True).stdout)
+    return json.loads(vm.run(argv, check=True, timeout=timeout).stdout)
+
+
+def read_pages(vm, ranges, names=None) -> list[dict]:
+    """Each page's fate in ``ranges`` [(pid, start, npages)], read in the guest
+    from /proc/PID/pagemap, /proc/kpageflags and /proc/kpagecount."""
+    if not ranges:
+        return []
+    res = _guest_script(vm, "pagemap.py", ranges)
     for i, r in enumerate(res):
         if "error" in r:
             raise KsmlensError(f"cannot read pagemap of pid {r['pid']}: {r['error']}",
@@ -119,13 +124,7 @@ def migrate_pages(vm, ranges) -> list[dict]:
     Migration unmaps through the kernel's real rmap walk: a KSM page whose
     walk misses a mapping stays where it is.
     """
-    import json
-    import sys
-    from .paths import repo_root
-    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "migrate.py")]
-    for pid, start, n in ranges:
-        argv += [str(pid), str(start), str(n)]
-    res = json.loads(vm.run(argv, check=True, timeout=300).stdout)
+    res = _guest_script(vm, "migrate.py", ranges, timeout=300)
     if isinstance(res, dict) and "error" in res:
         raise KsmlensError(res["error"].split(":")[0], res["error"].split(":", 1)[-1].strip())
     return res
