@@ -52,10 +52,6 @@ def elf_build_id(path) -> bytes | None:
 
 def _vmcoreinfo_build_id(prog: Program) -> str | None:
     try:
-        info = prog["VMCOREINFO"]
-    except KeyError:
-        info = None
-    try:
         raw = bytes(prog.vmcoreinfo) if hasattr(prog, "vmcoreinfo") else None
     except Exception:
         raw = None

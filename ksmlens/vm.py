@@ -205,8 +205,10 @@ class VM:
         else:
             raise KsmlensError(f"unknown accelerator {accel!r}", "use auto, kvm or tcg")
         mem_mb = _parse_mem(memory)
-        if numa < 1 or numa > cpus and numa > 1 and cpus < numa:
-            raise KsmlensError(f"--numa {numa} needs at least {numa} --cpus", "")
+        if numa < 1:
+            raise KsmlensError(f"--numa {numa}: a guest needs at least one node", "use --numa 1")
+        if numa > 1:
+            _split_cpus(cpus, numa)  # one-line error if --cpus < --numa
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
         qmp, drgn_qmp, agent = d / "qmp.sock", d / "drgn.sock", d / "agent.sock"
