@@ -22,7 +22,7 @@ from .errors import KsmlensError
 
 __all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot"]
 
-SCHEMA = "ksmlens-snapshot/1"
+SCHEMA = "ksmlens-snapshot/2"  # 2: anon_vma trees, walk replay, walk_rule
 
 
 @dataclass
@@ -33,6 +33,8 @@ class KernelInfo:
     nr_node_ids: int = 1         # ksm_nr_node_ids: stable/unstable tree roots
     page_shift: int = 12
     source: str = ""             # "qmp:PATH", "vmcore:PATH" or "kcore"
+    walk_rule: str | None = None  # the rule this kernel's rmap_walk_ksm() uses:
+                                  # "stock", "v3" or "stored" (see ksmlens.analysis.RULES)
 
 
 @dataclass(slots=True)
@@ -65,6 +67,9 @@ class RmapItem:
     vm_flags: int | None = None
     pgoff_status: str = ""       # see ksmlens.analysis.pgoff_status
     pgoff_cause: str | None = None
+    # Walk replay (STABLE items): does each rule find this item's own mapping?
+    # {"stock": bool, "v3": bool, "stored": bool | None (no stored pgoff)}
+    walk: dict | None = None
 
 
 @dataclass
@@ -82,6 +87,13 @@ class StableNode:
     page_is_ksm: bool | None = None   # page->mapping & 3 == PAGE_MAPPING_KSM
     page_stable_node: str | None = None  # stable node the page points back to
     migrate_list: bool = False   # on migrate_nodes, not in a tree
+    # Walk replay: every (mm, address) an rmap_walk_ksm() of this page can
+    # visit, in the kernel's order, each {"mm", "pid", "comm", "address",
+    # "vma_start", "vma_end", "vm_pgoff", "item" (the rmap_item whose
+    # anon_vma led there), "pass" (1, or 2 = search_new_forks), "mapped" (a
+    # PTE of mm maps kpfn there), "found": {rule: bool | None}}
+    mappings: list[dict] = field(default_factory=list)
+    unmappable_under: list[str] = field(default_factory=list)  # rules missing a mapped one
 
 
 @dataclass
@@ -106,6 +118,10 @@ class Snapshot:
     mm_slots: list[MmSlot]
     scan: dict = field(default_factory=dict)      # ksm_scan cursor
     meta: dict = field(default_factory=dict)      # mode, timings, races
+    # anon_vma interval trees the stable rmap_items point at: id -> {"root",
+    # "leftmost", "nodes": {avc id: {"vma", "mm", "vm_start", "vm_end",
+    # "vm_pgoff", "left", "right", "parent", "subtree_last"}}}
+    anon_vmas: dict = field(default_factory=dict)
     schema: str = SCHEMA
 
     # ---------------------------------------------------------------- lookups
@@ -139,6 +155,7 @@ class Snapshot:
             "stable_nodes": [dataclasses.asdict(n) for n in self.stable_nodes],
             "rmap_items": [dataclasses.asdict(i) for i in self.rmap_items],
             "mm_slots": [dataclasses.asdict(m) for m in self.mm_slots],
+            "anon_vmas": self.anon_vmas,
         }
         return d
 
@@ -158,7 +175,8 @@ class Snapshot:
                 stable_nodes=[StableNode(**n) for n in d["stable_nodes"]],
                 rmap_items=[RmapItem(**i) for i in d["rmap_items"]],
                 mm_slots=[MmSlot(**m) for m in d["mm_slots"]],
-                scan=d.get("scan", {}), meta=d.get("meta", {}), schema=schema)
+                scan=d.get("scan", {}), meta=d.get("meta", {}),
+                anon_vmas=d.get("anon_vmas", {}), schema=schema)
         except (KeyError, TypeError) as e:
             raise KsmlensError(f"snapshot file is malformed ({e})",
                                "was it written by ksmlens?") from None
