@@ -19,9 +19,14 @@ for a ``struct ksm_rmap_item`` is right:
 
 from __future__ import annotations
 
-from .model import RmapItem
+from .errors import KsmlensError
+from .itree import ULONG_MAX, interval_tree_foreach
+from .model import RmapItem, Snapshot, StableNode
 
-__all__ = ["pgoff_status", "VM_GROWSDOWN", "STATUSES"]
+__all__ = ["pgoff_status", "VM_GROWSDOWN", "STATUSES", "RULES", "RULE_HELP", "VARIANT_RULE",
+           "kernel_walk_rule", "rule_range", "anon_vma_query", "walk_candidates",
+           "replay_walks", "walk_misses", "skip_age", "smartscan_visit",
+           "smartscan_simulate", "smartscan_next", "union_hazard", "stale_items"]
 
 VM_GROWSDOWN = 0x100  # include/linux/mm.h
 STATUSES = ("ok", "moved", "no_vma", "stored_unset", "stored_stale")
@@ -50,3 +55,354 @@ def _cause(item: RmapItem, page_shift: int) -> str | None:
     if item.vma_start is not None and item.vm_pgoff != item.vma_start >> page_shift:
         return "mremap"
     return None
+
+
+# ------------------------------------------------------------------ rmap walk replay
+
+RULES = ("stock", "v3", "stored")
+RULE_HELP = {
+    "stock": "[0, ULONG_MAX], then the address filter (unmodified 6.12)",
+    "v3": "[address >> PAGE_SHIFT] (the series v1-v3)",
+    "stored": "[rmap_item->pgoff] (the union and v8 kernels)",
+}
+# What each lab variant's rmap_walk_ksm() searches.
+VARIANT_RULE = {"stock": "stock", "v3": "v3", "union": "stored", "v8": "stored"}
+
+
+def kernel_walk_rule(variant: str | None, has_stored_pgoff: bool) -> str | None:
+    """The rule a kernel's ``rmap_walk_ksm()`` uses: from the lab variant, or
+    for another kernel from ``struct ksm_rmap_item`` (a ``pgoff`` member
+    means ``stored``; without one it is ``stock`` or a v3-like patch, which
+    the structures cannot tell apart: None)."""
+    if variant in VARIANT_RULE:
+        return VARIANT_RULE[variant]
+    return "stored" if has_stored_pgoff else None
+
+
+def rule_range(item: RmapItem, rule: str, has_stored_pgoff: bool) -> tuple[int, int] | None:
+    """The pgoff range ``[start, last]`` rule ``rule`` searches for ``item``
+    (a KSM folio is one page), or None if the kernel has no stored pgoff."""
+    if rule == "stock":
+        return 0, ULONG_MAX
+    if rule == "v3":
+        return item.addr_pgoff, item.addr_pgoff
+    if rule == "stored":
+        if not has_stored_pgoff or item.stored_pgoff is None:
+            return None
+        return item.stored_pgoff, item.stored_pgoff
+    raise KsmlensError(f"unknown rmap walk rule {rule!r}", f"choose one of {', '.join(RULES)}")
+
+
+class _RecordedTree:
+    """:class:`ksmlens.itree.Tree` over one anon_vma tree recorded in a snapshot."""
+
+    def __init__(self, rec: dict, shift: int):
+        self.n = rec["nodes"]
+        self.shift = shift
+
+    def left(self, a):
+        return self.n[a]["left"]
+
+    def right(self, a):
+        return self.n[a]["right"]
+
+    def parent(self, a):
+        return self.n[a]["parent"]
+
+    def subtree_last(self, a):
+        return self.n[a]["subtree_last"]
+
+    def start(self, a):
+        return self.n[a]["vm_pgoff"]
+
+    def last(self, a):
+        d = self.n[a]
+        return d["vm_pgoff"] + ((d["vm_end"] - d["vm_start"]) >> self.shift) - 1
+
+
+def anon_vma_query(snap: Snapshot, anon_vma: str, start: int, last: int) -> list[dict]:
+    """The avc records of a recorded anon_vma tree whose VMA's pgoff range
+    meets ``[start, last]``, in the kernel's order (the kernel's
+    ``anon_vma_interval_tree_foreach()``, replayed on the recorded nodes)."""
+    rec = snap.anon_vmas.get(anon_vma)
+    if rec is None:
+        raise KsmlensError(f"anon_vma {anon_vma} is not recorded in this snapshot",
+                           "take the snapshot again (schema 2 records the trees of "
+                           "stable rmap_items)")
+    t = _RecordedTree(rec, snap.kernel.page_shift)
+    return [dict(rec["nodes"][a], id=a)
+            for a in interval_tree_foreach(t, rec["root"], rec["leftmost"], start, last)]
+
+
+def walk_candidates(snap: Snapshot, node: StableNode, rule: str) -> list[dict] | None:
+    """Replay ``rmap_walk_ksm()`` of ``node``'s page under ``rule``: each
+    (mm, address) it would hand to ``rmap_one()``, in order, as
+    ``{"mm", "address", "avc", "vma_start", "vma_end", "vm_pgoff", "item",
+    "pass"}``. Both passes: the rmap_items' own mms, then
+    ``search_new_forks`` (VMAs of other mms, forked since ksmd passed).
+    None when the rule needs a stored pgoff the kernel lacks."""
+    has = snap.kernel.has_stored_pgoff
+    if rule == "stored" and not has:
+        return None
+    out = []
+    items = [snap.item(i) for i in node.items]
+    for search_new_forks in (0, 1):
+        for item in items:
+            rng = rule_range(item, rule, has)
+            if rng is None or item.anon_vma is None:
+                continue
+            for avc in anon_vma_query(snap, item.anon_vma, *rng):
+                addr = item.address
+                if addr < avc["vm_start"] or addr >= avc["vm_end"]:
+                    continue
+                if (item.mm == avc["mm"]) == bool(search_new_forks):
+                    continue
+                out.append({"mm": avc["mm"], "address": addr, "avc": avc["id"],
+                            "vma_start": avc["vm_start"], "vma_end": avc["vm_end"],
+                            "vm_pgoff": avc["vm_pgoff"], "item": item.id,
+                            "pass": 1 + search_new_forks})
+    return out
+
+
+def replay_walks(snap: Snapshot, mapped: dict | None = None) -> Snapshot:
+    """Replay every rule's walk for every stable page node of ``snap`` and
+    fill ``StableNode.mappings`` / ``unmappable_under`` and
+    ``RmapItem.walk`` in place (returns ``snap``).
+
+    The mappings are the stock walk's candidates (the other rules search
+    sub-ranges of the same trees, with the same filters). ``mapped`` maps
+    ``(node id, mm, address)`` to whether a PTE of mm maps the node's page
+    there (the snapshot walk reads the page tables); without it the values
+    already in ``node.mappings`` are kept. A rule is in ``unmappable_under``
+    when it misses a mapping that is mapped: the kernel's walk would leave
+    that PTE in place (no migration, no reclaim of the page).
+    """
+    owners = {s.mm: (s.pid, s.comm) for s in snap.mm_slots}
+    for node in snap.stable_nodes:
+        if node.kind == "chain":
+            continue
+        old = {(m["mm"], m["address"]): m.get("mapped") for m in node.mappings}
+        stock = walk_candidates(snap, node, "stock")
+        found = {r: walk_candidates(snap, node, r) for r in RULES}
+        keys = {r: (None if f is None else {(c["mm"], c["address"]) for c in f})
+                for r, f in found.items()}
+        mappings, seen = [], set()
+        for c in stock:
+            k = (c["mm"], c["address"])
+            if k in seen:
+                continue
+            seen.add(k)
+            pid, comm = owners.get(c["mm"], (None, None))
+            m = dict(c, pid=pid, comm=comm)
+            m["mapped"] = (mapped.get((node.id,) + k) if mapped is not None else old.get(k))
+            m["found"] = {r: (None if keys[r] is None else k in keys[r]) for r in RULES}
+            mappings.append(m)
+        node.mappings = mappings
+        node.unmappable_under = [r for r in RULES if keys[r] is not None and any(
+            m["mapped"] and not m["found"][r] for m in mappings)]
+        for iid in node.items:
+            it = snap.item(iid)
+            k = (it.mm, it.address)
+            it.walk = {r: (None if keys[r] is None else k in keys[r]) for r in RULES}
+    return snap
+
+
+def walk_misses(snap: Snapshot, rule: str | None = None) -> list[dict]:
+    """The mapped mappings that ``rule`` (default: the kernel's own) misses,
+    one row per (stable node, mapping)."""
+    rule = rule or snap.kernel.walk_rule
+    if rule is None:
+        raise KsmlensError("this kernel's rmap walk rule is unknown",
+                           f"name one: {', '.join(RULES)}")
+    if rule == "stored" and not snap.kernel.has_stored_pgoff:
+        raise KsmlensError(f"{snap.kernel.release} has no stored pgoff "
+                           "(struct ksm_rmap_item has no pgoff member)",
+                           "ask for stock or v3, or snapshot a union/v8 kernel")
+    out = []
+    for node in snap.stable_nodes:
+        for m in node.mappings:
+            if m["mapped"] and not m["found"][rule]:
+                out.append(dict(m, node=node.id, kpfn=node.kpfn, rule=rule))
+    return out
+
+
+# ------------------------------------------------------------------ SmartScan
+
+U8_MAX = 255
+
+
+def skip_age(age: int) -> int:
+    """mm/ksm.c ``skip_age()``: how many scans an item of this age skips."""
+    if age <= 3:
+        return 1
+    if age <= 5:
+        return 2
+    if age <= 8:
+        return 4
+    return 8
+
+
+def smartscan_visit(age: int, skips: int) -> tuple[int, int, bool]:
+    """One ``should_skip_rmap_item()`` of a non-KSM page with SmartScan on:
+    ``(age, remaining_skips, skipped)`` after the visit."""
+    a = age
+    if age != U8_MAX:
+        age += 1
+    if a < 3:
+        return age, skips, False
+    if not skips:
+        return age, skip_age(a), False
+    return age, skips - 1, True
+
+
+def _smartscan_reads_stable(snap: Snapshot) -> bool | None:
+    """Does this kernel's ``should_skip_rmap_item()`` read a STABLE item's
+    age/remaining_skips? Every 6.12 kernel does, except v8 (a behaviour,
+    not a structure: known for the lab variants only)."""
+    v = snap.kernel.variant
+    if v in ("stock", "v3", "union"):
+        return True
+    if v == "v8":
+        return False
+    return None
+
+
+def page_is_ksm(snap: Snapshot, item: RmapItem) -> bool:
+    """Is the page mapped at ``item``'s address a KSM page? For a STABLE
+    item: a PTE of its mm maps its stable node's page there (the walk read
+    the page tables); other items map no KSM page (ksmd would have made
+    them STABLE on its last visit)."""
+    if item.state != "stable" or item.stable_node is None:
+        return False
+    try:
+        node = snap.node(item.stable_node)
+    except KeyError:
+        return False
+    for m in node.mappings:
+        if m["mm"] == item.mm and m["address"] == item.address:
+            return bool(m["mapped"])
+    return False
+
+
+def smartscan_next(snap: Snapshot, item: RmapItem, visits: int = 1) -> dict:
+    """What ksmd's next ``visits`` visits do to ``item`` with SmartScan.
+
+    ``{"page_is_ksm", "reads": (age, remaining_skips) the first visit reads,
+    "reads_pgoff": those bytes are the stored pgoff's (the union hazard),
+    "schedule": "P" (processed) / "S" (skipped) per visit, "skipped": count,
+    "age", "remaining_skips": after the visits, "leaves_stable_tree": the
+    visit (1-based) that takes a STABLE item off its stable node, or None}``.
+    A KSM page is never skipped and its item does not age. A STABLE item
+    whose page is not KSM (COW-broken, unmerged) leaves its stable node at
+    its first visit; on kernels with the union, ``age`` / ``remaining_skips``
+    are then bytes 4 and 5 of the stored pgoff (v8 does not read them and
+    resets them to 0 with the pgoff).
+    """
+    ksm = page_is_ksm(snap, item)
+    res = {"page_is_ksm": ksm, "reads": (item.age, item.remaining_skips),
+           "reads_pgoff": False, "schedule": "", "skipped": 0, "age": item.age,
+           "remaining_skips": item.remaining_skips, "leaves_stable_tree": None}
+    if ksm or not snap.counters.get("smart_scan", 1) or visits <= 0:
+        return res
+    age, skips = item.age, item.remaining_skips
+    sched = []
+    first = 0
+    if item.state == "stable":
+        reads = _smartscan_reads_stable(snap)
+        res["leaves_stable_tree"] = 1
+        if reads is False:             # v8: not read; the removal zeroes the union
+            sched.append("P")
+            age, skips = 0, 0
+            res["reads"] = None
+            first = 1
+        else:
+            res["reads_pgoff"] = bool(snap.kernel.has_stored_pgoff)
+    for _ in range(first, visits):
+        age, skips, skipped = smartscan_visit(age, skips)
+        sched.append("S" if skipped else "P")
+    res.update(schedule="".join(sched), skipped=sched.count("S"), age=age,
+               remaining_skips=skips)
+    return res
+
+
+def scan_position(snap: Snapshot, item: RmapItem) -> tuple[int, int]:
+    """Where ``item`` is in ksmd's scan order: (mm slot index, address)."""
+    return _slot_index(snap).get(item.mm, 1 << 30), item.address
+
+
+def _slot_index(snap: Snapshot) -> dict:
+    if not hasattr(snap, "_slot_idx"):
+        snap._slot_idx = {s.mm: k for k, s in enumerate(snap.mm_slots)}
+    return snap._slot_idx
+
+
+def _pending(snap: Snapshot, item: RmapItem) -> int:
+    """1 if ksmd has not yet visited ``item`` in its current pass."""
+    cur = snap.scan.get("mm_slot")
+    if snap.scan.get("at_pass_start") or cur is None:
+        return 1
+    idx = {s.id: k for k, s in enumerate(snap.mm_slots)}
+    if cur not in idx:
+        return 1
+    return int(scan_position(snap, item) >= (idx[cur], snap.scan.get("address", 0)))
+
+
+def visits_between(a: Snapshot, b: Snapshot, item: RmapItem) -> int:
+    """How many times ksmd visited ``item`` between snapshots ``a`` and
+    ``b``: the full scans between them, corrected by where the scan cursor
+    (``ksm_scan``) stood in each. Exact when ksmd was idle at both."""
+    d = b.scan["seqnr"] - a.scan["seqnr"]
+    return d + _pending(a, item) - _pending(b, item)
+
+
+def smartscan_forecast(snap: Snapshot, full_scans: int) -> dict:
+    """Predict, from ``snap`` alone, the ``pages_skipped`` increase over the
+    next ``full_scans`` full scans (per count 0..full_scans) and each
+    item's age / remaining_skips after them. Assumes no page changes its
+    KSM status meanwhile (no new merges, no writes)."""
+    per_n = []
+    for n in range(full_scans + 1):
+        total = 0
+        for it in snap.rmap_items:
+            v = n - 1 + _pending(snap, it) if n else 0
+            total += smartscan_next(snap, it, v)["skipped"] if v > 0 else 0
+        per_n.append(total)
+    items = {}
+    for it in snap.rmap_items:
+        v = full_scans - 1 + _pending(snap, it) if full_scans else 0
+        items[it.id] = smartscan_next(snap, it, v)
+    return {"pages_skipped_delta": per_n, "items": items}
+
+
+def union_hazard(snap: Snapshot) -> list[dict]:
+    """STABLE rmap_items whose page is no longer KSM (COW-broken, unmerged):
+    ksmd's next visit runs ``should_skip_rmap_item()`` on them. On a kernel
+    with the stored pgoff in the union (and SmartScan reading stable items,
+    i.e. not v8), ``age`` / ``remaining_skips`` / ``oldchecksum`` are then
+    read from (and ``age++`` written into) the pgoff's bytes. One row per
+    item: pid, address, stored pgoff, the bytes SmartScan reads, and what
+    the next visit does."""
+    out = []
+    reads = _smartscan_reads_stable(snap)
+    for it in snap.rmap_items:
+        if it.state != "stable" or page_is_ksm(snap, it):
+            continue
+        nxt = smartscan_next(snap, it, 1)
+        out.append({"item": it.id, "pid": it.pid, "comm": it.comm, "address": it.address,
+                    "stable_node": it.stable_node, "stored_pgoff": it.stored_pgoff,
+                    "oldchecksum": it.oldchecksum, "age": it.age,
+                    "remaining_skips": it.remaining_skips,
+                    "hazard": bool(snap.kernel.has_stored_pgoff and reads),
+                    "smartscan_reads_stable": reads,
+                    "next_visit": nxt["schedule"][:1] or None,
+                    "age_after": nxt["age"], "skips_after": nxt["remaining_skips"],
+                    "pgoff_after": (None if not (snap.kernel.has_stored_pgoff and reads)
+                                    else (it.raw_union & ~(0xFFFF << 32))
+                                    | (nxt["age"] << 32) | (nxt["remaining_skips"] << 40))})
+    return out
+
+
+def stale_items(snap: Snapshot) -> list[RmapItem]:
+    """rmap_items whose pgoff an rmap walk would get wrong (pgoff_status
+    other than ``ok``)."""
+    return [i for i in snap.rmap_items if i.pgoff_status not in ("ok", "")]

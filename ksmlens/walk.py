@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-from drgn import Object, Program, TypeKind, container_of
+from drgn import Object, Program, TypeKind, container_of, offsetof
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
+
+from .itree import interval_tree_foreach
 
 __all__ = [
     "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN",
@@ -253,80 +255,56 @@ def avc_last_pgoff(avc: Object) -> int:
     return vma.vm_pgoff.value_() + ((vma.vm_end.value_() - vma.vm_start.value_()) >> shift) - 1
 
 
-def _avc(prog: Program, rb) -> Object:
-    return container_of(rb, "struct anon_vma_chain", "rb")
+class _AvcTree:
+    """:class:`ksmlens.itree.Tree` over live ``struct anon_vma_chain``
+    (handles are the avc addresses)."""
 
+    def __init__(self, prog: Program):
+        self.prog = prog
+        self.shift = _page_shift(prog)
+        self.rb_off = offsetof(prog.type("struct anon_vma_chain"), "rb")
 
-def _subtree_search(node: Object, start: int, last: int) -> Optional[Object]:
-    prog = node.prog_
-    while True:
-        left = node.rb.rb_left
-        if left:
-            l = _avc(prog, left)
-            if start <= l.rb_subtree_last.value_():
-                node = l
-                continue
-        if avc_start_pgoff(node) <= last:
-            if start <= avc_last_pgoff(node):
-                return node
-            right = node.rb.rb_right
-            if right:
-                node = _avc(prog, right)
-                if start <= node.rb_subtree_last.value_():
-                    continue
-        return None
+    def obj(self, a: int) -> Object:
+        return Object(self.prog, "struct anon_vma_chain *", a)
 
+    def _rb(self, rb) -> Optional[int]:
+        v = rb.value_()
+        return v - self.rb_off if v else None
 
-def _iter_first(root: Object, start: int, last: int) -> Optional[Object]:
-    prog = root.prog_
-    if not root.rb_root.rb_node:
-        return None
-    node = _avc(prog, root.rb_root.rb_node)
-    if node.rb_subtree_last.value_() < start:
-        return None
-    leftmost = _avc(prog, root.rb_leftmost)
-    if avc_start_pgoff(leftmost) > last:
-        return None
-    return _subtree_search(node, start, last)
+    def left(self, a):
+        return self._rb(self.obj(a).rb.rb_left)
 
+    def right(self, a):
+        return self._rb(self.obj(a).rb.rb_right)
 
-def _iter_next(node: Object, start: int, last: int) -> Optional[Object]:
-    prog = node.prog_
-    rb = node.rb.rb_right
-    while True:
-        if rb:
-            right = _avc(prog, rb)
-            if start <= right.rb_subtree_last.value_():
-                return _subtree_search(right, start, last)
-        while True:  # move up until we come from a node's left child
-            parent = rb_parent(node.rb.address_of_())
-            if not parent:
-                return None
-            prev = node.rb.address_of_().value_()
-            node = _avc(prog, parent)
-            rb = node.rb.rb_right
-            if prev != rb.value_():
-                break
-        if last < avc_start_pgoff(node):
-            return None
-        if start <= avc_last_pgoff(node):
-            return node
+    def parent(self, a):
+        p = rb_parent(self.obj(a).rb.address_of_())
+        return self._rb(p)
+
+    def subtree_last(self, a):
+        return self.obj(a).rb_subtree_last.value_()
+
+    def start(self, a):
+        return avc_start_pgoff(self.obj(a))
+
+    def last(self, a):
+        return avc_last_pgoff(self.obj(a))
 
 
 def anon_vma_interval_tree_foreach(root: Object, start: int, last: int) -> Iterator[Object]:
     """Yield each ``struct anon_vma_chain *`` whose VMA's pgoff range meets
     ``[start, last]``, in the kernel's order.
 
-    A faithful port of ``anon_vma_interval_tree_iter_first()`` /
-    ``_iter_next()`` (include/linux/interval_tree_generic.h), pruning with
-    ``rb_subtree_last`` as the kernel does, so a walk over any pgoff range
-    can be replayed on a real tree. ``root`` is a ``struct rb_root_cached *``
-    (``&anon_vma->rb_root``).
+    ``anon_vma_interval_tree_iter_first()`` / ``_iter_next()``
+    (include/linux/interval_tree_generic.h), pruning with ``rb_subtree_last``
+    as the kernel does (the one port is :mod:`ksmlens.itree`), so a walk over
+    any pgoff range can be replayed on a real tree. ``root`` is a
+    ``struct rb_root_cached *`` (``&anon_vma->rb_root``).
     """
-    node = _iter_first(root, start, last)
-    while node is not None:
-        yield node
-        node = _iter_next(node, start, last)
+    t = _AvcTree(root.prog_)
+    for a in interval_tree_foreach(t, t._rb(root.rb_root.rb_node), t._rb(root.rb_leftmost),
+                                   start, last):
+        yield t.obj(a)
 
 
 # ------------------------------------------------------------------ globals
