@@ -1,0 +1,643 @@
+"""Matplotlib figures of a :class:`~ksmlens.model.Snapshot`.
+
+Every function here draws from plain snapshot data (never drgn objects), so
+it works the same on a live walk and on ``Snapshot.load(path)``. Each takes
+an optional ``ax`` to draw into (a new Figure sized for the content is made
+when it is None) and returns the :class:`matplotlib.figure.Figure` it drew
+on. Every figure has a title, labelled axes and a legend.
+
+Artists that carry data have a ``gid`` so a caller (or a test) can find them
+again: ``address_space`` marks are PathCollections with gid
+``"items:<pgoff_status>:<state>"``; ``stable_tree`` nodes are
+``"nodes:<kind>"`` and ``"procs"``, and an aggregated group's label is a Text
+with gid ``"group"``; the grids of ``walk_replay`` and ``smartscan_heatmap``
+are the Axes' single image.
+
+>>> from ksmlens import plots
+>>> fig = plots.address_space(snap, pid)          # doctest: +SKIP
+>>> fig.savefig("space.png")                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import matplotlib
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from .errors import KsmlensError
+from .model import Snapshot
+
+try:  # the kernel's SmartScan schedule lives in ksmlens.analysis
+    from .analysis import skip_age
+except ImportError:  # pragma: no cover - until analysis has it
+    def skip_age(age: int) -> int:
+        """Private copy of mm/ksm.c:skip_age() (6.12) until analysis has it."""
+        if age <= 3:
+            return 1
+        if age <= 5:
+            return 2
+        if age <= 8:
+            return 4
+        return 8
+
+__all__ = ["STATUS_COLORS", "STATE_MARKERS", "RULES", "address_space", "stable_tree",
+           "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome"]
+
+STATUS_COLORS = {"ok": "#2ca02c", "moved": "#d62728", "no_vma": "#7f7f7f",
+                 "stored_unset": "#9467bd", "stored_stale": "#ff7f0e"}
+STATE_MARKERS = {"stable": "o", "unstable": "^", "none": "x"}
+RULES = ("stock", "v3", "stored")   # the rmap walk rules a snapshot replays
+
+
+# ------------------------------------------------------------------ helpers
+
+def _axes(ax, size):
+    """(fig, ax): ``ax`` as given, or a new Agg-friendly Figure of ``size``."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _get(obj, name):
+    if isinstance(obj, dict):
+        return obj[name]
+    return getattr(obj, name)
+
+
+def _proc_label(pid, comm):
+    return f"pid {pid}" + (f" {comm}" if comm else "") if pid is not None else "exited mm"
+
+
+def _sharers(snap: Snapshot, node) -> tuple:
+    """Sorted ((pid, comm), n_items) of a regular node or dup."""
+    cnt = Counter()
+    for iid in node.items:
+        it = snap._items_by_id().get(iid)
+        if it is not None:
+            cnt[(it.pid, it.comm)] += 1
+    return tuple(sorted(cnt.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0)))
+
+
+# ------------------------------------------------------------------ address space
+
+def _segments(intervals, gap_frac=0.12):
+    """Compress a page-number axis: merge ``intervals`` ([lo, hi) in pages),
+    keep them to scale and replace each gap between them by a fixed width.
+    Returns (to_x, segments [(lo, hi, x0)]) with to_x(vpn) -> plot x."""
+    merged = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    total = sum(hi - lo for lo, hi in merged) or 1
+    gap = max(1.0, total * gap_frac)
+    segs, x = [], 0.0
+    for lo, hi in merged:
+        segs.append((lo, hi, x))
+        x += (hi - lo) + gap
+    starts = np.array([s[0] for s in segs], dtype=float)
+
+    def to_x(vpn):
+        v = np.asarray(vpn, dtype=float)
+        k = np.clip(np.searchsorted(starts, v, side="right") - 1, 0, len(segs) - 1)
+        lo = starts[k]
+        x0 = np.array([s[2] for s in segs])[k]
+        return x0 + (v - lo)
+
+    return to_x, segs
+
+
+def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> Figure:
+    """Map of one process's address space as KSM sees it.
+
+    Each VMA that holds rmap_items is a band on its own row at its virtual
+    page numbers (``vm_start >> PAGE_SHIFT``..``vm_end >> PAGE_SHIFT``); under
+    it a hatched bar is the range its ``vm_pgoff`` claims
+    (``[vm_pgoff, vm_pgoff + pages)``, the anon_vma interval tree's key).
+    When the two differ (a VMA moved by ``mremap()``, a MAP_PRIVATE file
+    mapping, the relocated stack) the bars part and the row says by how many
+    pages. Each rmap_item is a mark at ``address >> PAGE_SHIFT``, coloured by
+    ``pgoff_status`` and shaped by ``state``. Gaps between the ranges are
+    cut short (marked ``//``); tick labels are real page numbers in hex.
+
+    ``vma``: only the VMA starting at this address. Returns the Figure.
+    """
+    shift = snap.kernel.page_shift
+    items = snap.items_of(pid)
+    if not items:
+        have = sorted({i.pid for i in snap.rmap_items if i.pid is not None})
+        raise KsmlensError(f"pid {pid} has no rmap_items in this snapshot",
+                           f"pids with rmap_items: {have or 'none'}")
+    if vma is not None:
+        items = [i for i in items if i.vma_start == vma]
+        if not items:
+            raise KsmlensError(f"pid {pid} has no rmap_items in a VMA at {vma:#x}",
+                               "pick a vma_start of one of its rmap_items")
+    comm = next((i.comm for i in items if i.comm), None)
+    vmas = sorted({(i.vma_start, i.vma_end, i.vm_pgoff) for i in items
+                   if i.vma_start is not None})
+    orphans = [i for i in items if i.vma_start is None]
+    rows = {v: k for k, v in enumerate(vmas)}
+    if orphans:
+        rows[None] = len(vmas)
+    intervals = []
+    for start, end, pgoff in vmas:
+        npages = (end - start) >> shift
+        intervals += [(start >> shift, end >> shift), (pgoff, pgoff + npages)]
+    intervals += [(i.address >> shift, (i.address >> shift) + 1) for i in orphans]
+    to_x, segs = _segments(intervals)
+
+    nrows = len(rows)
+    fig, ax = _axes(ax, (11, 2.4 + 1.2 * nrows))
+    for (start, end, pgoff), r in ((v, rows[v]) for v in vmas):
+        lo, hi = start >> shift, end >> shift
+        x0 = float(to_x(lo))
+        ax.add_patch(Rectangle((x0, r - 0.3), hi - lo, 0.4, facecolor="#c6dbef",
+                               edgecolor="#08519c", zorder=1, gid="vma"))
+        px = float(to_x(pgoff))
+        moved = pgoff != lo
+        ax.add_patch(Rectangle((px, r + 0.14), hi - lo, 0.14, facecolor="none",
+                               edgecolor="#d62728" if moved else "#08519c",
+                               hatch="////", lw=0.8, zorder=1, gid="pgoff"))
+        if moved:
+            d = pgoff - lo
+            ax.annotate(f"vm_pgoff {pgoff:#x} != vm_start>>{shift} {lo:#x} "
+                        f"({'+' if d > 0 else '-'}{abs(d)} pages)",
+                        (min(x0, px), r + 0.38), ha="left", va="center",
+                        fontsize=8, color="#d62728", zorder=4)
+    groups = defaultdict(list)
+    for it in items:
+        groups[(it.pgoff_status or "ok", it.state)].append(it)
+    for (status, state), its in sorted(groups.items()):
+        xs = to_x([i.address >> shift for i in its]) + 0.5
+        ys = [rows[(i.vma_start, i.vma_end, i.vm_pgoff)] if i.vma_start is not None
+              else rows[None] for i in its]
+        m = STATE_MARKERS.get(state, "s")
+        kw = {"edgecolors": "black", "linewidths": 0.3} if m != "x" else {"linewidths": 1.0}
+        ax.scatter(xs, np.asarray(ys) - 0.1, c=STATUS_COLORS.get(status, "black"),
+                   marker=m, s=22, zorder=3, gid=f"items:{status}:{state}", **kw)
+
+    ticks, labels = [], []
+    for lo, hi, x0 in segs:
+        ticks += [x0, x0 + hi - lo]
+        labels += [f"{lo:#x}", f"{hi:#x}"]
+    for (lo, hi, x0), nxt in zip(segs, segs[1:]):
+        gx = (x0 + hi - lo + nxt[2]) / 2
+        ax.text(gx, nrows - 0.5, "//", ha="center", va="center", fontsize=10, color="gray")
+    ax.set_xticks(ticks, labels, rotation=30, ha="right", fontsize=7)
+    ylab = []
+    for v, r in sorted(rows.items(), key=lambda kv: kv[1]):
+        if v is None:
+            ylab.append("no VMA (item outlived its mapping)")
+        else:
+            start, end, pgoff = v
+            tag = " file" if any(i.vma_file for i in items if i.vma_start == start) else ""
+            ylab.append(f"VMA {start:#x}\n{(end - start) >> shift} pages{tag}")
+    ax.set_yticks(range(nrows), ylab, fontsize=8)
+    last = segs[-1]
+    ax.set_xlim(-1, last[2] + last[1] - last[0] + 1)
+    ax.set_ylim(nrows - 0.45, -0.6)
+    ax.set_xlabel(f"virtual page number (address >> {shift}; gaps cut short)")
+    ax.set_ylabel("VMAs holding rmap_items")
+    st = Counter(i.pgoff_status or "ok" for i in items)
+    ss = Counter(i.state for i in items)
+    handles = [Patch(facecolor="#c6dbef", edgecolor="#08519c", label="VMA [vm_start, vm_end)"),
+               Patch(facecolor="none", edgecolor="#08519c", hatch="////",
+                     label="[vm_pgoff, +pages): what the walk searches")]
+    handles += [Line2D([], [], ls="", marker="s", color=STATUS_COLORS[s],
+                       label=f"pgoff {s} ({st.get(s, 0)})") for s in STATUS_COLORS]
+    handles += [Line2D([], [], ls="", marker=m, color="black", mfc="white",
+                       label=f"{s} ({ss.get(s, 0)})") for s, m in STATE_MARKERS.items()]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
+              title="rmap_items", title_fontsize=8)
+    ax.set_title(f"{_proc_label(pid, comm)}: {len(items)} rmap_items in {len(vmas)} VMA(s)"
+                 f" - kernel {snap.kernel.variant or snap.kernel.release}, "
+                 f"{st.get('moved', 0)} moved", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------ stable tree
+
+_KIND_COLORS = {"regular": "#1f77b4", "chain": "#ff7f0e", "dup": "#e7ba52",
+                "proc": "#2ca02c"}
+
+
+def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300) -> Figure:
+    """The stable tree as layers: tree roots (one per NUMA node id), chain
+    heads and regular nodes, the dups of each chain, and the sharers
+    (processes). An edge from a node to a process is as thick as the number
+    of that process's rmap_items on the node.
+
+    With more than ``max_nodes`` regular nodes and dups, nodes with the same
+    sharers (and, for dups, the same chain) are drawn as one box labelled
+    "N nodes". Returns the Figure.
+    """
+    nodes = [n for n in snap.stable_nodes if not n.migrate_list or n.kind != "dup"]
+    leaves = [n for n in nodes if n.kind != "chain"]
+    chains = [n for n in nodes if n.kind == "chain"]
+    aggregate = len(leaves) > max_nodes
+    by_id = snap._nodes_by_id()
+
+    # Boxes: (kind, parent key, sharers, [nodes]) in a stable order.
+    boxes: dict = {}
+    for n in leaves:
+        sh = _sharers(snap, n)
+        parent = n.chain if n.kind == "dup" else ("root", n.nid)
+        key = (n.kind, parent, tuple(p for p, _ in sh)) if aggregate else (n.kind, parent, n.id)
+        b = boxes.setdefault(key, {"kind": n.kind, "parent": parent, "nodes": [],
+                                   "sharers": Counter()})
+        b["nodes"].append(n)
+        for p, c in sh:
+            b["sharers"][p] += c
+    procs = sorted({p for b in boxes.values() for p in b["sharers"]},
+                   key=lambda p: (p[0] is None, p[0] or 0))
+
+    # Rows of the leaf column, grouped under their parent; sorted by sharers.
+    def order(b):
+        return tuple(sorted((p[0] or 0) for p in b["sharers"])), b["nodes"][0].kpfn or 0
+    parents = [("root", nid) for nid in sorted({n.nid for n in leaves if n.kind != "dup"})]
+    parents += [c.id for c in chains]
+    leaf_rows = []
+    for par in parents:
+        leaf_rows += sorted((b for b in boxes.values() if b["parent"] == par), key=order)
+    leaf_rows += [b for b in boxes.values() if b["parent"] not in parents]  # orphaned dups
+    nrows = max(1, len(leaf_rows), len(procs))
+    fig, ax = _axes(ax, (11, min(40, max(4.5, 2.0 + 0.17 * nrows))))
+    ys = {id(b): k for k, b in enumerate(leaf_rows)}
+
+    def spread(n):  # place n things evenly over the rows
+        return [0.0] if n == 1 else list(np.linspace(0, nrows - 1, n)) if n else []
+
+    proc_y = dict(zip(procs, spread(len(procs)) if len(procs) > 1 or nrows == 1
+                      else [(nrows - 1) / 2]))
+    chain_y, root_y = {}, {}
+    for par in parents:
+        rows_of = [ys[id(b)] for b in leaf_rows if b["parent"] == par]
+        y = float(np.mean(rows_of)) if rows_of else 0.0
+        (chain_y if par in by_id else root_y)[par] = y
+    X_ROOT, X_TOP, X_DUP, X_PROC = 0.0, 1.0, 2.0, 3.2
+    top_y = {}
+    for b in leaf_rows:
+        if b["kind"] != "dup":
+            top_y[id(b)] = ys[id(b)]
+
+    # edges
+    from matplotlib.collections import LineCollection
+    segs, widths = [], []
+    maxc = max((c for b in leaf_rows for c in b["sharers"].values()), default=1)
+    for b in leaf_rows:
+        y = ys[id(b)]
+        x = X_DUP if b["kind"] == "dup" else X_TOP
+        for p, c in b["sharers"].items():
+            segs.append([(x, y), (X_PROC, proc_y[p])])
+            widths.append(0.4 + 3.0 * c / maxc)
+        if b["kind"] == "dup" and b["parent"] in chain_y:
+            segs.append([(X_TOP, chain_y[b["parent"]]), (X_DUP, y)])
+            widths.append(0.6)
+        elif b["kind"] != "dup" and b["parent"] in root_y:
+            segs.append([(X_ROOT, root_y[b["parent"]]), (X_TOP, y)])
+            widths.append(0.4)
+    for c in chains:
+        r = root_y.get(("root", c.nid))
+        if r is None:
+            root_y[("root", c.nid)] = r = chain_y[c.id]
+        segs.append([(X_ROOT, r), (X_TOP, chain_y[c.id])])
+        widths.append(0.8)
+    ax.add_collection(LineCollection(segs, linewidths=widths, colors="#555555", alpha=0.35,
+                                     zorder=1, gid="edges"))
+
+    def dots(xs, yss, kind, gid, size):
+        if xs:
+            ax.scatter(xs, yss, s=size, c=_KIND_COLORS[kind], edgecolors="black",
+                       linewidths=0.4, zorder=3, gid=gid, marker="s" if kind == "proc" else "o")
+
+    for kind in ("regular", "dup"):
+        bs = [b for b in leaf_rows if b["kind"] == kind]
+        dots([X_TOP if kind == "regular" else X_DUP] * len(bs), [ys[id(b)] for b in bs],
+             kind, f"nodes:{kind}", [30 + 6 * min(len(b["nodes"]), 40) for b in bs])
+    dots([X_TOP] * len(chains), [chain_y[c.id] for c in chains], "chain", "nodes:chain", 90)
+    dots([X_PROC] * len(procs), [proc_y[p] for p in procs], "proc", "procs", 90)
+    ax.scatter([X_ROOT] * len(root_y), list(root_y.values()), s=120, c="white",
+               edgecolors="black", zorder=3, gid="roots", marker="D")
+    for par, y in root_y.items():
+        ax.text(X_ROOT - 0.06, y, f"root_stable_tree[{par[1]}]", ha="right", va="center",
+                fontsize=8)
+    fs = 8 if nrows <= 60 else 6
+    label_each = nrows <= 150
+    for b in leaf_rows:
+        x = X_DUP if b["kind"] == "dup" else X_TOP
+        n = b["nodes"]
+        if len(n) > 1:
+            ax.text(x + 0.05, ys[id(b)], f"{len(n)} nodes", fontsize=fs, va="center",
+                    gid="group", zorder=4)
+        elif label_each:
+            k = n[0]
+            ax.text(x + 0.05, ys[id(b)], f"kpfn {k.kpfn:#x} ({len(k.items)})"
+                    if k.kpfn is not None else k.id, fontsize=fs, va="center", zorder=4)
+    for c in chains:
+        ax.text(X_TOP - 0.06, chain_y[c.id], f"chain {len(c.dups)} dups", ha="right",
+                va="center", fontsize=8, color="#a05000", zorder=4)
+    for p in procs:
+        n = sum(b["sharers"].get(p, 0) for b in leaf_rows)
+        ax.text(X_PROC + 0.06, proc_y[p], f"{_proc_label(*p)}\n{n} rmap_items", fontsize=8,
+                va="center", zorder=4)
+    ax.set_xlim(-0.9, 4.1)
+    ax.set_ylim(nrows - 0.5 + 0.5, -1.0)
+    ax.set_xticks([X_ROOT, X_TOP, X_DUP, X_PROC],
+                  ["tree roots", "chains / regular nodes", "dups", "sharers"])
+    ax.set_yticks([])
+    ax.set_xlabel("layer (edge width: rmap_items of that process on the node)")
+    ax.set_ylabel(f"stable nodes{' grouped by sharers' if aggregate else ''}"
+                  f" ({len(leaf_rows)} rows)")
+    kinds = Counter(n.kind for n in nodes)
+    handles = [Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["regular"], mec="black",
+                      label=f"regular node ({kinds.get('regular', 0)})"),
+               Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["chain"], mec="black",
+                      label=f"chain head ({kinds.get('chain', 0)})"),
+               Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["dup"], mec="black",
+                      label=f"dup ({kinds.get('dup', 0)})"),
+               Line2D([], [], ls="", marker="s", mfc=_KIND_COLORS["proc"], mec="black",
+                      label=f"process ({len(procs)})"),
+               Line2D([], [], color="#555555", alpha=0.6, lw=2,
+                      label="sharing (width: rmap_items)")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    agg = f"\n{len(leaves)} nodes > max_nodes={max_nodes}: grouped by sharers" \
+        if aggregate else ""
+    ax.set_title(f"stable tree: {kinds.get('regular', 0)} regular nodes, "
+                 f"{kinds.get('chain', 0)} chains with {kinds.get('dup', 0)} dups, "
+                 f"{len(procs)} sharer processes - kernel "
+                 f"{snap.kernel.variant or snap.kernel.release}{agg}", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------ SmartScan
+
+_SMART_FIELDS = ("age", "remaining_skips")
+
+
+def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
+    """SmartScan state over a timeline of snapshots: one row per rmap_item
+    (by pid, then address), one column per snapshot (labelled with its
+    ``full_scans``), colour = ``age`` or ``remaining_skips``. Grey cells: no
+    rmap_item at that address in that snapshot. A dot marks a STABLE item:
+    SmartScan leaves its age alone, and on kernels with a stored pgoff
+    these bytes are part of the pgoff. Returns the Figure.
+    """
+    frames = list(frames)
+    if not frames:
+        raise KsmlensError("smartscan_heatmap needs at least one snapshot",
+                           "pass a list of Snapshot objects (a timeline)")
+    if field not in _SMART_FIELDS:
+        raise KsmlensError(f"field {field!r} is not a SmartScan field",
+                           f"use one of {', '.join(_SMART_FIELDS)}")
+    keys = sorted({(i.pid if i.pid is not None else -1, i.address)
+                   for f in frames for i in f.rmap_items})
+    if not keys:
+        raise KsmlensError("no rmap_items in these snapshots", "run a scenario first")
+    row = {k: r for r, k in enumerate(keys)}
+    data = np.full((len(keys), len(frames)), np.nan)
+    stable_x, stable_y = [], []
+    for c, f in enumerate(frames):
+        for i in f.rmap_items:
+            r = row[(i.pid if i.pid is not None else -1, i.address)]
+            data[r, c] = getattr(i, field)
+            if i.state == "stable":
+                stable_x.append(c)
+                stable_y.append(r)
+    fig, ax = _axes(ax, (max(7, 3.5 + 1.1 * len(frames)), 6.5))
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("#d9d9d9")
+    vmax = max(1.0, float(np.nanmax(data)))
+    im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest",
+                   cmap=cmap, vmin=0, vmax=vmax)
+    fig.colorbar(im, ax=ax, label=field, fraction=0.05, pad=0.02)
+    if stable_x:
+        ax.scatter(stable_x, stable_y, s=2, c="white", marker=".", linewidths=0,
+                   gid="stable")
+    # pid blocks
+    pids = [k[0] for k in keys]
+    ticks, labels = [], []
+    comm = {}
+    for f in frames:
+        for i in f.rmap_items:
+            comm.setdefault(i.pid, i.comm)
+    start = 0
+    for r in range(1, len(pids) + 1):
+        if r == len(pids) or pids[r] != pids[start]:
+            ticks.append((start + r - 1) / 2)
+            p = pids[start]
+            labels.append(f"{_proc_label(p if p >= 0 else None, comm.get(p))}\n"
+                          f"{r - start} addresses")
+            if r < len(pids):
+                ax.axhline(r - 0.5, color="white", lw=1.5)
+            start = r
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_xticks(range(len(frames)), [f"{f.counters.get('full_scans', '?')}"
+                                       for f in frames])
+    ax.set_xlabel("snapshot (full_scans)")
+    ax.set_ylabel("rmap_items (by pid, address)")
+    handles = [Patch(facecolor="#d9d9d9", label="no rmap_item there"),
+               Line2D([], [], ls="", marker=".", color="black",
+                      label="stable (age frozen; union: pgoff bytes)")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8,
+              ncols=2)
+    k = frames[-1].kernel
+    ax.set_title(f"SmartScan {field} of {len(keys)} rmap_items over {len(frames)} "
+                 f"snapshots - kernel {k.variant or k.release}", fontsize=10)
+    return fig
+
+
+def _smartscan_visits(n: int):
+    """[(age before the visit, processed?, remaining_skips after)] for an
+    item whose page never becomes KSM, as should_skip_rmap_item() (mm/ksm.c
+    of 6.12) treats it over ``n`` visits. (Belongs in ksmlens.analysis.)"""
+    age, skips, out = 0, 0, []
+    for _ in range(n):
+        a = age
+        if age != 255:
+            age += 1
+        if a < 3:
+            out.append((a, True, skips))
+        elif not skips:
+            skips = skip_age(a)
+            out.append((a, True, skips))
+        else:
+            skips -= 1
+            out.append((a, False, skips))
+    return out
+
+
+def skip_schedule(ax=None, max_age: int = 20) -> Figure:
+    """The kernel's SmartScan schedule for ages 0..``max_age``: the bars are
+    ``skip_age(age)`` (how many visits a processed item skips next), the
+    marks below say whether ksmd processes or skips an item that never
+    merges on the visit where its age is that value. Returns the Figure."""
+    fig, ax = _axes(ax, (9, 4))
+    ages = list(range(max_age + 1))
+    ax.bar(ages, [skip_age(a) for a in ages], color="#9ecae1", edgecolor="#3182bd",
+           label="skip_age(age)", gid="skip_age")
+    visits = _smartscan_visits(max_age + 1)
+    proc = [a for a, p, _ in visits if p]
+    skip = [a for a, p, _ in visits if not p]
+    ax.scatter(proc, [-1.0] * len(proc), marker="o", s=60, c="#2ca02c", zorder=3,
+               gid="processed", label=f"processed ({len(proc)})")
+    ax.scatter(skip, [-1.0] * len(skip), marker="x", s=60, c="#d62728", zorder=3,
+               gid="skipped", label=f"skipped ({len(skip)})")
+    ax.axvspan(-0.5, 2.5, color="#eeeeee", zorder=0, label="age < 3: never skipped")
+    ax.axhline(-0.5, color="gray", lw=0.5)
+    ax.set_xticks(ages)
+    ax.set_xlim(-0.5, max_age + 0.5)
+    ax.set_ylim(-1.7, 9)
+    ax.set_yticks([-1, 1, 2, 4, 8], ["visit", "1", "2", "4", "8"])
+    ax.set_xlabel("age (ksmd visits while the page is not KSM)")
+    ax.set_ylabel("skip_age(age): visits skipped next")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("SmartScan (mm/ksm.c, 6.12): should_skip_rmap_item() for a page "
+                 f"that never merges: {len(skip)} of {len(visits)} visits skipped",
+                 fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------ walk replay
+
+_CELL = {"n/a": 0, "found": 1, "missed": 2, "not found, unmapped": 3}
+_CELL_COLORS = ["#d9d9d9", "#2ca02c", "#d62728", "#fdd0a2"]
+
+
+def _cell(m, rule):
+    f = (m.get("found") or {}).get(rule)
+    if f is None:
+        return _CELL["n/a"]
+    if f:
+        return _CELL["found"]
+    return _CELL["missed"] if m.get("mapped") else _CELL["not found, unmapped"]
+
+
+def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None) -> Figure:
+    """What each rmap walk rule finds, per stable node: one row per mapping
+    an ``rmap_walk_ksm()`` of the node's page can visit (``StableNode.mappings``),
+    one column per rule (``stock``, ``v3``, ``stored``); a cell is found,
+    missed (a PTE maps the page there, the rule does not find it), not
+    found where nothing is mapped, or n/a (the kernel has no stored pgoff).
+    Nodes with misses come first; at most ``max_nodes`` nodes are drawn.
+    The column of the rule this kernel uses (``kernel.walk_rule``) is framed.
+    ``nodes``: only these node ids. Returns the Figure.
+    """
+    cand = [n for n in snap.stable_nodes if n.mappings]
+    if nodes is not None:
+        want = set(nodes)
+        cand = [n for n in cand if n.id in want]
+    if not cand:
+        raise KsmlensError("no stable node in this snapshot has walk-replay mappings",
+                           "take the snapshot with a ksmlens that records "
+                           "StableNode.mappings, after a scenario merged pages")
+
+    def misses(n):
+        return sum(_cell(m, r) == _CELL["missed"] for m in n.mappings for r in RULES)
+    cand.sort(key=lambda n: (-misses(n), -len(n.unmappable_under), n.kpfn or 0))
+    shown = cand[:max_nodes]
+    rows, labels, bounds = [], [], []
+    for n in shown:
+        for m in sorted(n.mappings, key=lambda m: (m.get("pass", 1), m.get("pid") or 0,
+                                                  m.get("address", 0))):
+            rows.append([_cell(m, r) for r in RULES])
+            tag = "" if m.get("mapped") else " (no PTE)"
+            p2 = " pass 2" if m.get("pass") == 2 else ""
+            labels.append(f"{_proc_label(m.get('pid'), m.get('comm'))} "
+                          f"{m.get('address', 0):#x}{p2}{tag}")
+        bounds.append((len(rows), n))
+    data = np.array(rows, dtype=float)
+    fig, ax = _axes(ax, (8.5, min(40, 2.2 + 0.16 * len(rows))))
+    ax.imshow(data, aspect="auto", interpolation="nearest", cmap=ListedColormap(_CELL_COLORS),
+              vmin=-0.5, vmax=len(_CELL_COLORS) - 0.5)
+    prev = 0
+    for end, n in bounds:
+        ax.axhline(end - 0.5, color="black", lw=0.8)
+        bad = ",".join(n.unmappable_under)
+        ax.text(len(RULES) - 0.4, (prev + end - 1) / 2,
+                f"kpfn {n.kpfn:#x}" if n.kpfn is not None else n.id,
+                fontsize=7, va="center", color="#d62728" if bad else "black")
+        prev = end
+    fsz = 7 if len(rows) <= 120 else 5
+    ax.set_yticks(range(len(rows)), labels, fontsize=fsz)
+    rule = snap.kernel.walk_rule
+    ax.set_xticks(range(len(RULES)), [f"{r}\n(this kernel)" if r == rule else r
+                                      for r in RULES])
+    if rule in RULES:
+        k = RULES.index(rule)
+        ax.add_patch(Rectangle((k - 0.5, -0.5), 1, len(rows), fill=False, lw=2.5,
+                               edgecolor="black", zorder=3, gid="this_rule"))
+    ax.set_xlabel("rmap walk rule")
+    ax.set_ylabel("stable node (right) / mapping it can visit")
+    cnt = Counter(int(v) for v in data.ravel())
+    names = {v: k for k, v in _CELL.items()}
+    ax.legend(handles=[Patch(facecolor=_CELL_COLORS[v], edgecolor="black",
+                             label=f"{names[v]} ({cnt.get(v, 0)})")
+                       for v in (1, 2, 3, 0)],
+              loc="upper left", bbox_to_anchor=(1.2, 1), fontsize=8)
+    nmiss = sum(1 for n in cand if n.unmappable_under)
+    ax.set_title(f"walk replay: {len(shown)} of {len(cand)} stable nodes, {len(rows)} "
+                 f"mappings; {nmiss} node(s) with a mapping some rule misses - kernel "
+                 f"{snap.kernel.variant or snap.kernel.release}", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------ verification
+
+_PRED = ("moves", "stays")
+_OBS = ("moved", "stayed", "mixed")
+
+
+def verify_outcome(result, ax=None) -> Figure:
+    """Prediction against the kernel's outcome of the verification
+    experiment (a :class:`ksmlens.verify.VerifyResult`, or anything with
+    ``rule``, ``rows`` and ``pages``, or such a dict): rows = predicted
+    (moves/stays), columns = observed (moved/stayed/mixed), each cell the
+    number of stable nodes and of pages there; agreeing cells green, the
+    others red. Returns the Figure."""
+    rule = _get(result, "rule")
+    rows = list(_get(result, "rows"))
+    pages = list(_get(result, "pages"))
+    if not rows and not pages:
+        raise KsmlensError("the verification result has no rows and no pages",
+                           "run the verification on a VM where pages are merged")
+    preds = list(_PRED) + sorted({r["predicted"] for r in rows + pages} - set(_PRED))
+    obs = list(_OBS) + sorted({r["observed"] for r in rows + pages} - set(_OBS))
+    nodes = Counter((r["predicted"], r["observed"]) for r in rows)
+    pcount = Counter((p["predicted"], p["observed"]) for p in pages)
+    agree_cell = {}
+    for r in rows + pages:
+        agree_cell.setdefault((r["predicted"], r["observed"]), bool(r["agree"]))
+    fig, ax = _axes(ax, (8, 4))
+    green, red, empty = "#a1d99b", "#fc9272", "#f0f0f0"
+    for i, pr in enumerate(preds):
+        for j, ob in enumerate(obs):
+            key = (pr, ob)
+            n, p = nodes.get(key, 0), pcount.get(key, 0)
+            col = empty if not (n or p) else green if agree_cell.get(key) else red
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=col,
+                                   edgecolor="white", lw=2, gid=f"cell:{pr}:{ob}"))
+            ax.text(j, i, f"{n} nodes\n{p} pages", ha="center", va="center", fontsize=10,
+                    gid=f"count:{pr}:{ob}")
+    ax.set_xlim(-0.5, len(obs) - 0.5)
+    ax.set_ylim(len(preds) - 0.5, -0.5)
+    ax.set_xticks(range(len(obs)), obs)
+    ax.set_yticks(range(len(preds)), preds)
+    ax.set_xlabel("observed (kernel: did the page move?)")
+    ax.set_ylabel(f"predicted by rule '{rule}'")
+    na = sum(1 for r in rows if r["agree"])
+    pa = sum(1 for p in pages if p["agree"])
+    ax.legend(handles=[Patch(facecolor=green, label=f"agree ({na} nodes, {pa} pages)"),
+                       Patch(facecolor=red, label=f"disagree ({len(rows) - na} nodes, "
+                                                   f"{len(pages) - pa} pages)")],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.set_title(f"prediction vs kernel, rule '{rule}': {na}/{len(rows)} nodes and "
+                 f"{pa}/{len(pages)} pages agree", fontsize=10)
+    return fig
