@@ -15,7 +15,8 @@ import dataclasses
 from .errors import KsmlensError
 from .model import Snapshot
 
-__all__ = ["Row", "walk_counts", "compare", "check_vm", "format_rows"]
+__all__ = ["Row", "walk_counts", "compare", "check_vm", "check_live", "format_rows",
+           "LIVE_NOTE"]
 
 
 @dataclasses.dataclass
@@ -129,9 +130,56 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
                        "slow ksmd down (sleep_millisecs) or stop it (run=0) and check again")
 
 
-def format_rows(rows: list[Row]) -> str:
+LIVE_NOTE = ("from drgn alone there is no /sys/kernel/mm/ksm nor /proc/PID/ksm_stat to read: "
+             "'before'/'after' are the kernel variables those files print (ksm_pages_shared, "
+             "... via mm/ksm.c's *_show(); mm->ksm_rmap_items and mm->ksm_merging_pages via "
+             "proc_pid_ksm_stat()), read by drgn around an unpaused walk. `ksmlens check` "
+             "on the host also reads sysfs in the guest and pauses it for the walk.")
+
+
+def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
+    """``check`` from inside drgn: compare an unpaused walk of ``prog`` with
+    the kernel's own variables (the ones sysfs and ksm_stat print), read
+    before and after the walk; retry while they moved (ksmd was busy).
+
+    Rows: ``kernel`` is the variable read before the walk, ``globals`` after
+    (for per-process rows, ``mm->ksm_*`` read during the walk). See
+    :data:`LIVE_NOTE` for what this cannot see.
+    """
+    import time
+    from .snapshot import take_snapshot
+    from .walk import ksm_counters
+    keys = ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
+            "stable_node_dups", "rmap_items")
+    last = None
+    for attempt in range(1, attempts + 1):
+        before = ksm_counters(prog)
+        snap = take_snapshot(prog, mode="live")
+        after = ksm_counters(prog)
+        races = snap.meta.get("races") or {}
+        if not races and all(before[k] == after[k] == snap.counters[k] for k in keys):
+            w = walk_counts(snap)
+            rows = [Row(k if k != "rmap_items" else "ksm_rmap_items", w[k], before[k], after[k])
+                    for k in keys]
+            for pid, mine in sorted(per_pid_counts(snap).items()):
+                slot = next(s for s in snap.mm_slots if s.pid == pid)
+                rows.append(Row(f"pid {pid} ksm_rmap_items", mine["ksm_rmap_items"],
+                                slot.mm_ksm_rmap_items, None))
+                rows.append(Row(f"pid {pid} ksm_merging_pages", mine["ksm_merging_pages"],
+                                slot.mm_ksm_merging_pages, None))
+            return rows, snap, {"attempts": attempt}
+        last = [k for k in keys if not before[k] == after[k] == snap.counters[k]]
+        last += [f"race: {k}" for k in races]
+        time.sleep(0.05 * attempt)
+    raise KsmlensError(f"KSM kept changing during {attempts} unpaused walks "
+                       f"({', '.join(last)})",
+                       "stop ksmd (echo 0 > /sys/kernel/mm/ksm/run) or use `ksmlens check`, "
+                       "which pauses the guest")
+
+
+def format_rows(rows: list[Row], *, kernel: str = "kernel", globals: str = "globals") -> str:
     w = max(len(r.what) for r in rows)
-    out = [f"{'counter':{w}}  {'walk':>8}  {'kernel':>8}  {'globals':>8}  ok"]
+    out = [f"{'counter':{w}}  {'walk':>8}  {kernel:>8}  {globals:>8}  ok"]
     for r in rows:
         g = "-" if r.globals is None else r.globals
         k = "-" if r.kernel is None else r.kernel

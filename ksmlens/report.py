@@ -6,7 +6,8 @@ from collections import Counter, defaultdict
 
 from .model import Snapshot
 
-__all__ = ["stable_table", "process_table", "summary"]
+__all__ = ["stable_table", "process_table", "summary", "rmap_table", "stale_table",
+           "knobs_table", "counters_table", "smartscan_table"]
 
 
 def summary(snap: Snapshot) -> str:
@@ -62,4 +63,106 @@ def process_table(snap: Snapshot) -> str:
         rows.append(f"{s.pid if s.pid is not None else '-':>7}  {(s.comm or '-'):16}  "
                     f"{len(items):>6}  {st['stable']:>6}  {st['unstable']:>8}  {st['none']:>5}  "
                     f"{no_vma:>6}  {moved:>15}  {s.mm_ksm_rmap_items}/{s.mm_ksm_merging_pages}")
+    return "\n".join(rows)
+
+
+def _hex(v) -> str:
+    return "-" if v is None else f"0x{v:x}"
+
+
+def _num(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def rmap_table(snap: Snapshot, pid: int) -> str:
+    """One row per rmap_item of ``pid``'s mm, by address: state, stable node,
+    the pgoff the v3 walk uses (``address >> PAGE_SHIFT``), the mapping's
+    ``linear_page_index()``, the stored pgoff and ``pgoff_status``."""
+    from .errors import KsmlensError
+    items = sorted(snap.items_of(pid), key=lambda i: i.address)
+    if not items and not any(s.pid == pid for s in snap.mm_slots):
+        pids = ", ".join(str(s.pid) for s in snap.mm_slots if s.pid is not None) or "none"
+        raise KsmlensError(f"pid {pid} has no KSM mm slot",
+                           f"processes known to KSM: {pids}")
+    rows = [f"{'address':>14}  {'state':8}  {'stable_node':18}  {'addr_pgoff':>10}  "
+            f"{'lin_pg_idx':>10}  {'stored':>10}  pgoff_status"]
+    for i in items:
+        status = i.pgoff_status + (f" ({i.pgoff_cause})" if i.pgoff_cause else "")
+        rows.append(f"{i.address:>#14x}  {i.state:8}  {i.stable_node or '-':18}  "
+                    f"{_hex(i.addr_pgoff):>10}  {_hex(i.linear_page_index):>10}  "
+                    f"{_hex(i.stored_pgoff):>10}  {status}")
+    st = Counter(i.pgoff_status for i in items)
+    rows.append(f"pid {pid}: {len(items)} rmap_items, "
+                + ", ".join(f"{k} {v}" for k, v in sorted(st.items())))
+    return "\n".join(rows)
+
+
+def stale_table(snap: Snapshot, pid: int | None = None) -> str:
+    """The rmap_items whose pgoff an rmap walk would get wrong
+    (``pgoff_status != "ok"``), with the cause, then a count per process."""
+    items = [i for i in snap.rmap_items if i.pgoff_status != "ok"
+             and (pid is None or i.pid == pid)]
+    items.sort(key=lambda i: (str(i.pid), i.address))
+    rows = [f"{'pid':>7}  {'comm':16}  {'address':>14}  {'state':8}  {'status':12}  "
+            f"{'cause':6}  {'addr_pgoff':>10}  {'lin_pg_idx':>10}  {'stored':>10}  vm_pgoff"]
+    for i in items:
+        rows.append(f"{_num(i.pid):>7}  {(i.comm or '-'):16}  {i.address:>#14x}  {i.state:8}  "
+                    f"{i.pgoff_status:12}  {i.pgoff_cause or '-':6}  {_hex(i.addr_pgoff):>10}  "
+                    f"{_hex(i.linear_page_index):>10}  {_hex(i.stored_pgoff):>10}  "
+                    f"{_hex(i.vm_pgoff)}")
+    per = Counter((i.pid, i.comm, i.pgoff_status) for i in items)
+    rows.append(f"stale: {len(items)} of {len(snap.rmap_items)} rmap_items"
+                + (f" of pid {pid}" if pid is not None else "")
+                + ("" if not per else ": " + ", ".join(
+                    f"pid {p} ({c}) {s} {n}" for (p, c, s), n in sorted(per.items(), key=str))))
+    return "\n".join(rows)
+
+
+_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
+          "merge_across_nodes", "use_zero_pages", "smart_scan",
+          "stable_node_chains_prune_millisecs")
+_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+             "pages_scanned", "pages_skipped", "full_scans", "stable_node_chains",
+             "stable_node_dups", "rmap_items", "ksm_zero_pages", "general_profit")
+
+
+def knobs_table(snap: Snapshot) -> str:
+    """The KSM knobs (``/sys/kernel/mm/ksm`` names) as the kernel's globals hold them."""
+    return "\n".join(f"{k:36} {snap.counters[k]}" for k in _KNOBS if k in snap.counters)
+
+
+def counters_table(snap: Snapshot) -> str:
+    """The KSM counters (``/sys/kernel/mm/ksm`` names) from the kernel's globals."""
+    return "\n".join(f"{k:36} {snap.counters[k]}" for k in _COUNTERS if k in snap.counters)
+
+
+def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> str:
+    """SmartScan per rmap_item whose page is not KSM: ``age``,
+    ``remaining_skips``, whether ksmd's next visit processes or skips it and
+    the next ``visits`` visits (P/S), per ``ksmlens.analysis.smartscan_next``
+    (mm/ksm.c ``should_skip_rmap_item()``, ``skip_age()``)."""
+    from .analysis import page_is_ksm, smartscan_next
+    on = snap.counters.get("smart_scan", 1)
+    rows = [f"smart_scan={on}: an rmap_item whose page is not KSM ages one step per "
+            "visit; from age 3 a processed visit sets remaining_skips = skip_age(age) "
+            "(1, 2, 4, then 8) and each later visit skips while it counts down "
+            "(pages_skipped)." + ("" if on else " SmartScan is off: nothing is skipped."),
+            f"{'pid':>7}  {'address':>14}  {'state':8}  {'age':>3}  {'skips':>5}  "
+            f"{'next':9}  {'next ' + str(visits):>8}  note"]
+    n = Counter()
+    for i in sorted(snap.rmap_items, key=lambda i: (str(i.pid), i.address)):
+        if (pid is not None and i.pid != pid) or page_is_ksm(snap, i):
+            continue
+        r = smartscan_next(snap, i, visits)
+        nxt = "skipped" if r["schedule"][:1] == "S" else "processed"
+        n[nxt] += 1
+        note = []
+        if r["reads_pgoff"]:
+            note.append("reads the stored pgoff's bytes (union)")
+        if r["leaves_stable_tree"]:
+            note.append("leaves its stable node")
+        rows.append(f"{_num(i.pid):>7}  {i.address:>#14x}  {i.state:8}  {i.age:>3}  "
+                    f"{i.remaining_skips:>5}  {nxt:9}  {r['schedule']:>8}  {'; '.join(note)}")
+    rows.append(f"next visit: {n['processed']} processed, {n['skipped']} skipped "
+                f"(pages_skipped so far: {snap.counters.get('pages_skipped')})")
     return "\n".join(rows)
