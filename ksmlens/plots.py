@@ -32,26 +32,14 @@ from matplotlib.patches import Patch, Rectangle
 from .errors import KsmlensError
 from .model import Snapshot
 
-try:  # the kernel's SmartScan schedule lives in ksmlens.analysis
-    from .analysis import skip_age
-except ImportError:  # pragma: no cover - until analysis has it
-    def skip_age(age: int) -> int:
-        """Private copy of mm/ksm.c:skip_age() (6.12) until analysis has it."""
-        if age <= 3:
-            return 1
-        if age <= 5:
-            return 2
-        if age <= 8:
-            return 4
-        return 8
+from .analysis import RULES, smartscan_visit, skip_age
 
-__all__ = ["STATUS_COLORS", "STATE_MARKERS", "RULES", "address_space", "stable_tree",
+__all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
            "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome"]
 
 STATUS_COLORS = {"ok": "#2ca02c", "moved": "#d62728", "no_vma": "#7f7f7f",
                  "stored_unset": "#9467bd", "stored_stale": "#ff7f0e"}
 STATE_MARKERS = {"stable": "o", "unstable": "^", "none": "x"}
-RULES = ("stock", "v3", "stored")   # the rmap walk rules a snapshot replays
 
 
 # ------------------------------------------------------------------ helpers
@@ -455,22 +443,13 @@ def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
 
 
 def _smartscan_visits(n: int):
-    """[(age before the visit, processed?, remaining_skips after)] for an
-    item whose page never becomes KSM, as should_skip_rmap_item() (mm/ksm.c
-    of 6.12) treats it over ``n`` visits. (Belongs in ksmlens.analysis.)"""
+    """[(age before the visit, processed?)] for an item whose page never
+    becomes KSM, over ``n`` visits (ksmlens.analysis.smartscan_visit)."""
     age, skips, out = 0, 0, []
     for _ in range(n):
-        a = age
-        if age != 255:
-            age += 1
-        if a < 3:
-            out.append((a, True, skips))
-        elif not skips:
-            skips = skip_age(a)
-            out.append((a, True, skips))
-        else:
-            skips -= 1
-            out.append((a, False, skips))
+        before = age
+        age, skips, skipped = smartscan_visit(age, skips)
+        out.append((before, not skipped))
     return out
 
 
@@ -484,8 +463,8 @@ def skip_schedule(ax=None, max_age: int = 20) -> Figure:
     ax.bar(ages, [skip_age(a) for a in ages], color="#9ecae1", edgecolor="#3182bd",
            label="skip_age(age)", gid="skip_age")
     visits = _smartscan_visits(max_age + 1)
-    proc = [a for a, p, _ in visits if p]
-    skip = [a for a, p, _ in visits if not p]
+    proc = [a for a, p in visits if p]
+    skip = [a for a, p in visits if not p]
     ax.scatter(proc, [-1.0] * len(proc), marker="o", s=60, c="#2ca02c", zorder=3,
                gid="processed", label=f"processed ({len(proc)})")
     ax.scatter(skip, [-1.0] * len(skip), marker="x", s=60, c="#d62728", zorder=3,
@@ -520,13 +499,16 @@ def _cell(m, rule):
     return _CELL["missed"] if m.get("mapped") else _CELL["not found, unmapped"]
 
 
-def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None) -> Figure:
+def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None,
+                max_rows: int = 160) -> Figure:
     """What each rmap walk rule finds, per stable node: one row per mapping
     an ``rmap_walk_ksm()`` of the node's page can visit (``StableNode.mappings``),
     one column per rule (``stock``, ``v3``, ``stored``); a cell is found,
     missed (a PTE maps the page there, the rule does not find it), not
     found where nothing is mapped, or n/a (the kernel has no stored pgoff).
     Nodes with misses come first; at most ``max_nodes`` nodes are drawn.
+    Past ``max_rows`` rows, the mappings of one node that belong to one
+    process and fare the same under every rule share a row ("N mappings").
     The column of the rule this kernel uses (``kernel.walk_rule``) is framed.
     ``nodes``: only these node ids. Returns the Figure.
     """
@@ -543,30 +525,42 @@ def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None) -> Fig
         return sum(_cell(m, r) == _CELL["missed"] for m in n.mappings for r in RULES)
     cand.sort(key=lambda n: (-misses(n), -len(n.unmappable_under), n.kpfn or 0))
     shown = cand[:max_nodes]
+    compact = sum(len(n.mappings) for n in shown) > max_rows
+
+    def mkey(m):
+        return (m.get("pass", 1), m.get("pid") or 0, m.get("address", 0))
     rows, labels, bounds = [], [], []
     for n in shown:
-        for m in sorted(n.mappings, key=lambda m: (m.get("pass", 1), m.get("pid") or 0,
-                                                  m.get("address", 0))):
+        groups: dict = {}
+        for m in sorted(n.mappings, key=mkey):
+            cells = tuple(_cell(m, r) for r in RULES)
+            key = (m.get("pid"), m.get("pass", 1), cells) if compact else id(m)
+            groups.setdefault(key, []).append(m)
+        for ms in groups.values():
+            m = ms[0]
             rows.append([_cell(m, r) for r in RULES])
-            tag = "" if m.get("mapped") else " (no PTE)"
+            who = _proc_label(m.get("pid"), m.get("comm"))
             p2 = " pass 2" if m.get("pass") == 2 else ""
-            labels.append(f"{_proc_label(m.get('pid'), m.get('comm'))} "
-                          f"{m.get('address', 0):#x}{p2}{tag}")
+            tag = "" if m.get("mapped") else " (no PTE)"
+            if len(ms) == 1:
+                labels.append(f"{who} {m.get('address', 0):#x}{p2}{tag}")
+            else:
+                labels.append(f"{who}: {len(ms)} mappings {m.get('address', 0):#x}.."
+                              f"{ms[-1].get('address', 0):#x}{p2}{tag}")
         bounds.append((len(rows), n))
     data = np.array(rows, dtype=float)
-    fig, ax = _axes(ax, (8.5, min(40, 2.2 + 0.16 * len(rows))))
+    fig, ax = _axes(ax, (9, min(40, 3.0 + 0.17 * len(rows))))
     ax.imshow(data, aspect="auto", interpolation="nearest", cmap=ListedColormap(_CELL_COLORS),
               vmin=-0.5, vmax=len(_CELL_COLORS) - 0.5)
     prev = 0
     for end, n in bounds:
         ax.axhline(end - 0.5, color="black", lw=0.8)
-        bad = ",".join(n.unmappable_under)
         ax.text(len(RULES) - 0.4, (prev + end - 1) / 2,
-                f"kpfn {n.kpfn:#x}" if n.kpfn is not None else n.id,
-                fontsize=7, va="center", color="#d62728" if bad else "black")
+                (f"kpfn {n.kpfn:#x}" if n.kpfn is not None else n.id)
+                + (f"\nmissed by {','.join(n.unmappable_under)}" if n.unmappable_under else ""),
+                fontsize=7, va="center", color="#d62728" if n.unmappable_under else "black")
         prev = end
-    fsz = 7 if len(rows) <= 120 else 5
-    ax.set_yticks(range(len(rows)), labels, fontsize=fsz)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
     rule = snap.kernel.walk_rule
     ax.set_xticks(range(len(RULES)), [f"{r}\n(this kernel)" if r == rule else r
                                       for r in RULES])
@@ -575,17 +569,21 @@ def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None) -> Fig
         ax.add_patch(Rectangle((k - 0.5, -0.5), 1, len(rows), fill=False, lw=2.5,
                                edgecolor="black", zorder=3, gid="this_rule"))
     ax.set_xlabel("rmap walk rule")
-    ax.set_ylabel("stable node (right) / mapping it can visit")
+    ax.set_ylabel("mappings an rmap walk can visit, by stable node (right)")
     cnt = Counter(int(v) for v in data.ravel())
     names = {v: k for k, v in _CELL.items()}
+    unit = "rows" if compact else "cells"
     ax.legend(handles=[Patch(facecolor=_CELL_COLORS[v], edgecolor="black",
-                             label=f"{names[v]} ({cnt.get(v, 0)})")
+                             label=f"{names[v]} ({cnt.get(v, 0)} {unit})")
                        for v in (1, 2, 3, 0)],
-              loc="upper left", bbox_to_anchor=(1.2, 1), fontsize=8)
-    nmiss = sum(1 for n in cand if n.unmappable_under)
-    ax.set_title(f"walk replay: {len(shown)} of {len(cand)} stable nodes, {len(rows)} "
-                 f"mappings; {nmiss} node(s) with a mapping some rule misses - kernel "
-                 f"{snap.kernel.variant or snap.kernel.release}", fontsize=10)
+              loc="upper center", bbox_to_anchor=(0.5, -0.35 / max(1, len(rows)) ** 0.5 - 0.02),
+              ncols=2, fontsize=8)
+    miss = {r: sum(_cell(m, r) == _CELL["missed"] for n in cand for m in n.mappings)
+            for r in RULES}
+    ax.set_title(f"walk replay, kernel {snap.kernel.variant or snap.kernel.release}: "
+                 f"{len(shown)} of {len(cand)} stable nodes, "
+                 f"{sum(len(n.mappings) for n in shown)} mappings\nmapped mappings missed: "
+                 + ", ".join(f"{r} {miss[r]}" for r in RULES), fontsize=10)
     return fig
 
 
@@ -636,8 +634,11 @@ def verify_outcome(result, ax=None) -> Figure:
     pa = sum(1 for p in pages if p["agree"])
     ax.legend(handles=[Patch(facecolor=green, label=f"agree ({na} nodes, {pa} pages)"),
                        Patch(facecolor=red, label=f"disagree ({len(rows) - na} nodes, "
-                                                   f"{len(pages) - pa} pages)")],
+                                                   f"{len(pages) - pa} pages)"),
+                       Patch(facecolor=empty, edgecolor="#bbbbbb", label="none")],
               loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ax.set_title(f"prediction vs kernel, rule '{rule}': {na}/{len(rows)} nodes and "
-                 f"{pa}/{len(pages)} pages agree", fontsize=10)
+    rel = result.get("release") if isinstance(result, dict) else getattr(result, "release", None)
+    ax.set_title(f"prediction vs kernel{' ' + rel if rel else ''}, rule '{rule}':\n"
+                 f"{na}/{len(rows)} stable nodes and {pa}/{len(pages)} mapped pages agree",
+                 fontsize=10)
     return fig
