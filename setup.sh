@@ -16,6 +16,7 @@ APT_PKGS=(
   linux-source-6.12 qemu-system-x86 qemu-utils
   build-essential libc6-dev bc flex bison libelf-dev libssl-dev dwarves cpio
   patch xz-utils kmod rsync util-linux procps python3-venv python3-dev
+  chromium   # Debian's, for the JupyterLab screenshot test (no browser download)
 )
 
 missing=()
