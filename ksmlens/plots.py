@@ -400,8 +400,7 @@ def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
                 stable_x.append(c)
                 stable_y.append(r)
     fig, ax = _axes(ax, (max(7, 3.5 + 1.1 * len(frames)), 6.5))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     vmax = max(1.0, float(np.nanmax(data)))
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest",
                    cmap=cmap, vmin=0, vmax=vmax)
