@@ -316,6 +316,33 @@ def _smartscan_check(run: ScenarioRun) -> dict:
     return res
 
 
+COW_BREAK_PAGES = 8
+
+
+def _cow_break(run: ScenarioRun) -> dict:
+    pid = run.pids("sharer")[0]
+    before = ksmsys.read_smaps_ksm(run.vm, [pid])[pid]
+    # Hold ksmd: the written pages' rmap_items stay STABLE, on pages that are
+    # no longer KSM, until ksmd's next visit (should_skip_rmap_item()).
+    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+    idx = list(range(COW_BREAK_PAGES))
+    r = run.command(f"write {pid} data {' '.join(map(str, idx))}")
+    run.refresh()
+    after = ksmsys.read_smaps_ksm(run.vm, [pid])[pid]
+    _check(before - after == COW_BREAK_PAGES,
+           f"cow-break: pid {pid} maps {before} -> {after} KSM pages, expected "
+           f"{COW_BREAK_PAGES} fewer after writing into them")
+    start = next(reg["start"] for p, reg in run.regions() if p == pid and reg["name"] == "data")
+    r.update(pid=pid, addresses=[start + k * 4096 for k in idx], ksm_pages_before=before,
+             ksm_pages_after=after)
+    return r
+
+
+def _resume(run: ScenarioRun) -> dict:
+    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
+    return {"run": 1}
+
+
 def _opt(run: ScenarioRun, name: str, default):
     args = list(run.scenario.args) + list(run.extra_args)
     if name in args:
@@ -344,7 +371,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("smartscan", "unique and volatile pages beside mergeable ones: "
              "ages and skips build up", (),
              (Step("merged", "wait for the mergeable pages, then 8 more full scans; "
-                   "check pages_skipped grew", _smartscan_check),),
+                   "check pages_skipped grew", _smartscan_check),
+              Step("cow-break", f"hold ksmd (run=0), write into {COW_BREAK_PAGES} merged "
+                   "pages of the first sharer: COW breaks them, their rmap_items stay "
+                   "STABLE until ksmd's next visit (the union hazard)", _cow_break),
+              Step("resume", "let ksmd run again (run=1)", _resume)),
              knobs={"smart_scan": 1}),
     Scenario("fork", "merge, then fork: the child shares KSM pages through the "
              "anon_vma hierarchy", (),

@@ -23,7 +23,7 @@ from drgn.helpers.linux.pid import for_each_task
 
 from . import kbuild
 from .errors import KsmlensError
-from .analysis import pgoff_status
+from .analysis import kernel_walk_rule, pgoff_status, replay_walks, walk_candidates
 from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
                    PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, ksm_counters, ksm_settings)
@@ -281,12 +281,15 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
     kernel = KernelInfo(release=release, variant=kbuild.variant_of_release(release),
                         has_stored_pgoff=L.i_pgoff is not None,
                         nr_node_ids=prog["ksm_nr_node_ids"].value_(), page_shift=shift)
+    kernel.walk_rule = kernel_walk_rule(kernel.variant, kernel.has_stored_pgoff)
     counters = ksm_counters(prog)
     counters.update(ksm_settings(prog))
     scan_obj = prog["ksm_scan"]
     seqnr = scan_obj.seqnr.value_()
     scan = {"mm_slot": _hx(scan_obj.mm_slot.value_()), "address": scan_obj.address.value_(),
-            "seqnr": seqnr, "rmap_list": _hx(scan_obj.rmap_list.value_())}
+            "seqnr": seqnr, "rmap_list": _hx(scan_obj.rmap_list.value_()),
+            # ksm_scan.mm_slot == &ksm_mm_head: the next visit starts a new pass
+            "at_pass_start": scan_obj.mm_slot.value_() == prog["ksm_mm_head"].address_}
     owners = w.mm_owners()
 
     # ---- mm slots and their rmap_items
@@ -452,6 +455,103 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
 
     snap = Snapshot(kernel=kernel, counters=counters, stable_nodes=nodes,
                     rmap_items=list(items.values()), mm_slots=slots, scan=scan)
+    # ---- anon_vma trees of the stable items, and the rmap walk replayed on them
+    t = time.monotonic()
+    snap.anon_vmas = _record_anon_vmas(w, {i.anon_vma for i in snap.rmap_items
+                                           if i.state == "stable" and i.anon_vma})
+    mapped = _mapped(w, snap)
+    replay_walks(snap, mapped)
+    snap.meta["replay_seconds"] = round(time.monotonic() - t, 4)
+    snap.meta["ksmd"] = _ksmd_state(prog)
     snap.meta["races"] = dict(w.races)
     snap.meta["reads"] = w.reads
     return snap
+
+
+def _record_anon_vmas(w: _Walker, anon_vmas: set) -> dict:
+    """Each anon_vma's interval tree (``anon_vma->rb_root``) as plain
+    records: per ``struct anon_vma_chain``, its rb links, the augmented
+    ``rb_subtree_last`` and its VMA's range, pgoff and mm."""
+    prog = w.prog
+    out = {}
+    for av in sorted(anon_vmas):
+        try:
+            avo = Object(prog, "struct anon_vma *", int(av, 16))
+            rbroot = avo.rb_root
+            root = rbroot.rb_root.rb_node.value_()
+            leftmost = rbroot.rb_leftmost.value_()
+            rb_off = offsetof(prog.type("struct anon_vma_chain"), "rb")
+            nodes = {}
+            stack = [root] if root else []
+            while stack:
+                rb = stack.pop()
+                a = rb - rb_off
+                avc = Object(prog, "struct anon_vma_chain *", a)
+                vma = avc.vma
+                left, right = avc.rb.rb_left.value_(), avc.rb.rb_right.value_()
+                parent = avc.rb.__rb_parent_color.value_() & ~3
+                nodes[_hx(a)] = {
+                    "vma": _hx(vma.value_()), "mm": _hx(vma.vm_mm.value_()),
+                    "vm_start": vma.vm_start.value_(), "vm_end": vma.vm_end.value_(),
+                    "vm_pgoff": vma.vm_pgoff.value_(),
+                    "left": _hx(left - rb_off) if left else None,
+                    "right": _hx(right - rb_off) if right else None,
+                    "parent": _hx(parent - rb_off) if parent else None,
+                    "subtree_last": avc.rb_subtree_last.value_()}
+                stack += [x for x in (right, left) if x]
+                if len(nodes) > _MAX_LIST:
+                    w.race("anon_vma tree walk did not end")
+                    break
+            out[av] = {"root": _hx(root - rb_off) if root else None,
+                       "leftmost": _hx(leftmost - rb_off) if leftmost else None,
+                       "nodes": nodes}
+        except FaultError:
+            w.race("anon_vma freed during walk")
+    return out
+
+
+def _mapped(w: _Walker, snap: Snapshot) -> dict:
+    """For every (stable node, mm, address) the stock walk visits: does a
+    PTE of mm map the node's page there (``follow_pfn()``)?"""
+    from drgn.helpers.linux.mm import follow_pfn
+    prog = w.prog
+    out = {}
+    for node in snap.stable_nodes:
+        if node.kind == "chain" or node.kpfn is None:
+            continue
+        try:
+            cands = walk_candidates(snap, node, "stock")
+        except KsmlensError:
+            w.race("stable rmap_item's anon_vma not recorded")
+            continue
+        for c in cands:
+            try:
+                pfn = follow_pfn(Object(prog, "struct mm_struct *", int(c["mm"], 16)),
+                                 c["address"]).value_()
+            except FaultError:
+                pfn = None
+            out[(node.id, c["mm"], c["address"])] = pfn == node.kpfn
+    return out
+
+
+def _ksmd_state(prog: Program) -> dict | None:
+    """ksmd's task state: idle between batches (the scan cursor is at a
+    batch boundary) or in the middle of one."""
+    for task in for_each_task(prog):
+        try:
+            if task.comm.string_() != b"ksmd":
+                continue
+            state = task.__state.value_()
+            frames = None
+            try:
+                frames = [f.name for f in prog.stack_trace(task) if f.name]
+            except (ValueError, FaultError, LookupError):
+                pass
+            in_scan = None if frames is None else any(
+                n in ("ksm_do_scan", "scan_get_next_rmap_item", "cmp_and_merge_page")
+                for n in frames)
+            return {"pid": task.pid.value_(), "state": state, "in_scan": in_scan,
+                    "idle": state != 0 and in_scan is False}
+        except FaultError:
+            return None
+    return None

@@ -4,10 +4,13 @@
 
 For each page: its node now (``move_pages(2)`` with nodes=NULL), then a
 ``move_pages(..., MPOL_MF_MOVE_ALL)`` to the other node of a two-node guest,
-then its node again. Migration unmaps the page through the kernel's real rmap
+then its node again. The target is decided per physical page (pfn, from
+/proc/PID/pagemap) before anything moves, so a KSM page mapped by several
+ranges is sent to one node, whichever range moves it. Migration unmaps the page through the kernel's real rmap
 walk (``rmap_walk_ksm()`` for a KSM page): a mapping the walk misses keeps the
 page mapped and the move fails. Prints one JSON line: per range
-``{"pid", "start", "rc", "pages": [{"before", "target", "status", "after"}]}``.
+``{"pid", "start", "rc", "pages": [{"pfn", "before", "target", "status", "after",
+"tries"}]}``.
 Pages that did not move are tried again (RETRIES times): a transient extra
 reference also fails a migration, a missed mapping fails every time.
 ``rc`` is the last move_pages()'s return: 0, the number of pages it could not move,
@@ -38,6 +41,17 @@ def move_pages(pid, addrs, nodes, flags):
     return (rc if rc >= 0 else -err), list(status)
 
 
+def pfns(pid, addrs):
+    """Each page's pfn from /proc/PID/pagemap (None if not present)."""
+    out = []
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        for a in addrs:
+            f.seek(a // PAGE_SIZE * 8)
+            e = int.from_bytes(f.read(8), "little")
+            out.append(e & ((1 << 55) - 1) if e >> 63 else None)
+    return out
+
+
 def nr_nodes():
     return len([d for d in os.listdir("/sys/devices/system/node") if d.startswith("node")
                 and d[4:].isdigit()])
@@ -50,11 +64,19 @@ def main(argv):
         print(json.dumps({"error": "the guest has one NUMA node: boot it with --numa 2"}))
         return
     out = []
+    ranges = []
     for i in range(0, len(argv), 3):
         pid, start, n = int(argv[i]), int(argv[i + 1]), int(argv[i + 2])
         addrs = [start + k * PAGE_SIZE for k in range(n)]
         _, before = move_pages(pid, addrs, None, 0)
-        target = [1 - b if b in (0, 1) else 0 for b in before]
+        ranges.append((pid, start, n, addrs, before, pfns(pid, addrs)))
+    by_pfn = {}
+    for pid, start, n, addrs, before, pf in ranges:
+        for b, p in zip(before, pf):
+            if p is not None and b in (0, 1):
+                by_pfn.setdefault(p, 1 - b)
+    for pid, start, n, addrs, before, pf in ranges:
+        target = [by_pfn.get(p, 1 - b if b in (0, 1) else 0) for b, p in zip(before, pf)]
         rc, status = move_pages(pid, addrs, target, MPOL_MF_MOVE_ALL)
         _, after = move_pages(pid, addrs, None, 0)
         tries = [1] * n
@@ -76,8 +98,10 @@ def main(argv):
         # status the kernel did not fill in (a failed batch) stays None
         status = [None if s == -1000 else s for s in status]
         out.append({"pid": pid, "start": start, "rc": rc,
-                    "pages": [{"before": b, "target": t, "status": s, "after": a, "tries": k}
-                              for b, t, s, a, k in zip(before, target, status, after, tries)]})
+                    "pages": [{"pfn": p, "before": b, "target": t, "status": s, "after": a,
+                               "tries": k}
+                              for p, b, t, s, a, k in zip(pf, before, target, status, after,
+                                                          tries)]})
     print(json.dumps(out))
 
 

@@ -1,0 +1,282 @@
+"""Prove the walk replay against the kernel: predict, then make the kernel walk.
+
+For every KSM page of a lab VM, :func:`ksmlens.analysis.replay_walks` says
+which of its mappings the kernel's own ``rmap_walk_ksm()`` rule finds. A
+page whose walk misses a mapping cannot be unmapped, so it cannot migrate.
+:func:`verify` writes that prediction down from a paused snapshot *first*,
+then asks the guest kernel to migrate every mapped page of every stable node
+to the other NUMA node (``move_pages(MPOL_MF_MOVE_ALL)``: migration unmaps
+through ``rmap_walk_ksm()``), and reads each page's node back.
+
+ksmd is held (``run=0``, merged pages stay) for the experiment, so the
+stable tree cannot change between prediction and outcome; the old value of
+``run`` is put back afterwards.
+
+    res = verify(vm)
+    print(res.table()); assert res.agree
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from . import ksmsys
+from .errors import KsmlensError
+
+__all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan"]
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Prediction and outcome, per stable node (``rows``) and per mapped page
+    (``pages``). Row: ``{"node", "kpfn", "pids", "mappings", "mapcount",
+    "misses", "predicted": "moves"|"stays", "observed":
+    "moved"|"stayed"|"mixed"|"gone", "agree"}``; page: ``{"pid", "address",
+    "node", "pfn", "before", "target", "after", "tries", "predicted",
+    "observed", "agree"}``."""
+    variant: str | None
+    release: str
+    rule: str
+    rows: list[dict]
+    pages: list[dict]
+    seconds: dict
+    snapshot: object = None          # the Snapshot the prediction came from
+
+    @property
+    def agree(self) -> bool:
+        return bool(self.rows) and all(r["agree"] for r in self.rows)
+
+    def counts(self) -> dict:
+        c = {"nodes": len(self.rows), "pages": len(self.pages),
+             "predicted_stay": sum(r["predicted"] == "stays" for r in self.rows),
+             "observed_stayed": sum(r["observed"] == "stayed" for r in self.rows),
+             "disagree": sum(not r["agree"] for r in self.rows)}
+        return c
+
+    def table(self) -> str:
+        head = ("stable node", "kpfn", "pids", "maps", "missed by rule", "predicted",
+                "observed", "agree")
+        lines = [head]
+        for r in self.rows:
+            lines.append((r["node"], f"0x{r['kpfn']:x}", ",".join(map(str, r["pids"])),
+                          str(r["mappings"]), str(r["misses"]), r["predicted"], r["observed"],
+                          "yes" if r["agree"] else "NO"))
+        w = [max(len(str(l[k])) for l in lines) for k in range(len(head))]
+        out = ["  ".join(str(v).ljust(w[k]) for k, v in enumerate(l)).rstrip() for l in lines]
+        c = self.counts()
+        out.append(f"{self.release}: rmap_walk_ksm() rule {self.rule!r}; {c['nodes']} KSM "
+                   f"pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
+                   f"stayed: {c['observed_stayed']}; "
+                   + ("prediction and kernel AGREE" if self.agree else
+                      f"{c['disagree']} DISAGREE"))
+        return "\n".join(out)
+
+    def to_dict(self) -> dict:
+        return {"variant": self.variant, "release": self.release, "rule": self.rule,
+                "agree": self.agree, "counts": self.counts(), "rows": self.rows,
+                "pages": self.pages, "seconds": self.seconds}
+
+
+def predict(snap, rule: str | None = None) -> dict:
+    """Per stable page node of ``snap``: ``"stays"`` if ``rule`` (default:
+    the kernel's) misses one of its mapped mappings, else ``"moves"``."""
+    rule = rule or snap.kernel.walk_rule
+    if rule is None:
+        raise KsmlensError(f"the rmap walk rule of {snap.kernel.release} is unknown "
+                           "(not a ksmlens lab kernel)", "pass rule='stock'|'v3'|'stored'")
+    if rule == "stored" and not snap.kernel.has_stored_pgoff:
+        raise KsmlensError(f"{snap.kernel.release} has no stored pgoff: the 'stored' rule "
+                           "does not apply", "use the union or v8 variant")
+    out = {}
+    for n in snap.stable_nodes:
+        if n.kind == "chain" or n.kpfn is None or not any(m["mapped"] for m in n.mappings):
+            continue
+        out[n.id] = "stays" if rule in n.unmappable_under else "moves"
+    return out
+
+
+def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
+    """Contiguous (start, npages) runs of sorted page addresses."""
+    out = []
+    for a in sorted(set(addrs)):
+        if out and out[-1][0] + out[-1][1] * page == a:
+            out[-1][1] += 1
+        else:
+            out.append([a, 1])
+    return [tuple(r) for r in out]
+
+
+def verify(vm, *, rule: str | None = None) -> VerifyResult:
+    """Predict from a paused snapshot, then migrate every mapped KSM page of
+    ``vm`` (a :class:`ksmlens.vm.VM` with 2 NUMA nodes) and compare."""
+    from .attach import attach
+    from .snapshot import take_snapshot
+    t0 = time.monotonic()
+    nodes = int(vm.sh("ls -d /sys/devices/system/node/node[0-9]* | wc -l").strip() or 0)
+    if nodes < 2:
+        raise KsmlensError(f"VM {vm.name!r} has {nodes} NUMA node(s); verify migrates KSM "
+                           "pages across two", f"boot it with `ksmlens vm up --name {vm.name} "
+                           "--numa 2`")
+    old_run = ksmsys.read_counters(vm)["run"]
+    vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")   # hold ksmd: merged pages stay
+    try:
+        prog = attach(f"vm:{vm.name}")
+        snap = take_snapshot(prog)
+        rule = rule or snap.kernel.walk_rule
+        pred = predict(snap, rule)          # written down before the experiment
+        t_pred = time.monotonic()
+        if not pred:
+            raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to verify",
+                               "run a scenario first (`ksmlens scenario run mremap --keep`)")
+        page = 1 << snap.kernel.page_shift
+        want: dict[tuple[int, int], str] = {}     # (pid, address) -> node id
+        for n in snap.stable_nodes:
+            if n.id not in pred:
+                continue
+            for m in n.mappings:
+                if m["mapped"] and m["pid"] is not None:
+                    want[(m["pid"], m["address"])] = n.id
+        ranges = []
+        for pid in sorted({p for p, _ in want}):
+            ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
+        res = ksmsys.migrate_pages(vm, ranges)
+        t_mig = time.monotonic()
+    finally:
+        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
+    pages = []
+    for r in res:
+        for k, p in enumerate(r["pages"]):
+            addr = r["start"] + k * page
+            nid = want.get((r["pid"], addr))
+            if nid is None:
+                continue
+            kpfn = snap.node(nid).kpfn
+            if p["pfn"] != kpfn or p["before"] not in (0, 1):
+                obs = "gone"            # not the page predicted about any more
+            elif p["after"] == p["target"]:
+                obs = "moved"
+            elif p["after"] == p["before"]:
+                obs = "stayed"
+            else:
+                obs = "gone"
+            pr = pred[nid]
+            pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["pfn"],
+                          "before": p["before"], "target": p["target"], "after": p["after"],
+                          "tries": p["tries"], "predicted": pr, "observed": obs,
+                          "agree": (pr == "moves") == (obs == "moved") and obs != "gone"})
+    rows = []
+    for n in snap.stable_nodes:
+        if n.id not in pred:
+            continue
+        ps = [p for p in pages if p["node"] == n.id]
+        obs = {p["observed"] for p in ps}
+        observed = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
+        mapped = [m for m in n.mappings if m["mapped"]]
+        rows.append({"node": n.id, "kpfn": n.kpfn,
+                     "pids": sorted({m["pid"] for m in mapped if m["pid"] is not None}),
+                     "mappings": len(mapped), "mapcount": n.mapcount,
+                     "misses": sum(not m["found"][rule] for m in mapped),
+                     "predicted": pred[n.id], "observed": observed,
+                     "agree": ((pred[n.id] == "moves") == (observed == "moved")
+                               and observed in ("moved", "stayed"))})
+    return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
+                        rows=rows, pages=pages, snapshot=snap,
+                        seconds={"predict": round(t_pred - t0, 2),
+                                 "migrate": round(t_mig - t_pred, 2),
+                                 "total": round(time.monotonic() - t0, 2)})
+
+
+# ------------------------------------------------------------------ SmartScan
+
+def _idle_snapshot(prog, vm, tries: int = 40):
+    """A paused snapshot taken while ksmd sleeps between batches (the scan
+    cursor and every item's SmartScan bytes are then at rest)."""
+    from .snapshot import take_snapshot
+    for _ in range(tries):
+        snap = take_snapshot(prog, vm=vm)
+        k = snap.meta.get("ksmd") or {}
+        if k.get("idle"):
+            return snap
+        time.sleep(0.05)
+    raise KsmlensError(f"ksmd was busy in {tries} paused snapshots in a row",
+                       "lower pages_to_scan or raise sleep_millisecs")
+
+
+@dataclasses.dataclass
+class SmartScanResult:
+    """A SmartScan forecast from snapshot ``before`` against the kernel after
+    ``full_scans`` more full scans: ``predicted`` / ``observed``
+    ``pages_skipped`` increase, and per rmap_item the predicted and the
+    observed age / remaining_skips (``items``: rows with ``agree``)."""
+    release: str
+    full_scans: int
+    predicted: int
+    observed: int
+    items: list[dict]
+    before: object
+    after: object
+
+    @property
+    def agree(self) -> bool:
+        return self.predicted == self.observed and all(r["agree"] for r in self.items)
+
+    def table(self, limit: int = 20) -> str:
+        rows = [r for r in self.items if not r["agree"]] + \
+               [r for r in self.items if r["agree"] and r["skipped"]]
+        out = [f"{'pid':>6} {'address':>14} {'state':8} {'visits':>6} {'sched':10} "
+               f"{'age':>9} {'skips':>9} agree"]
+        for r in rows[:limit]:
+            out.append(f"{r['pid'] or '-':>6} {r['address']:#14x} {r['state']:8} "
+                       f"{r['visits']:>6} {r['schedule']:10} "
+                       f"{r['predicted_age']:>3}/{r['observed_age']:<5} "
+                       f"{r['predicted_skips']:>3}/{r['observed_skips']:<5} "
+                       f"{'yes' if r['agree'] else 'NO'}")
+        out.append(f"{self.release}: over {self.full_scans} full scans pages_skipped grew by "
+                   f"{self.observed}, predicted {self.predicted}; "
+                   f"{sum(r['agree'] for r in self.items)}/{len(self.items)} rmap_items "
+                   "as predicted (age/skips: predicted/observed)")
+        return "\n".join(out)
+
+
+def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> SmartScanResult:
+    """Forecast SmartScan from a paused snapshot taken with ksmd held, then
+    let ksmd run ``full_scans`` full scans and compare the kernel's
+    ``pages_skipped`` and every rmap_item's age / remaining_skips."""
+    from .analysis import smartscan_next, visits_between
+    from .attach import attach
+    c = ksmsys.read_counters(vm)
+    if not c.get("smart_scan"):
+        raise KsmlensError("SmartScan is off in the guest (smart_scan=0)",
+                           "echo 1 > /sys/kernel/mm/ksm/smart_scan")
+    old_run = c["run"]
+    prog = attach(f"vm:{vm.name}")
+    vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+    try:
+        a = _idle_snapshot(prog, vm)
+        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
+        ksmsys.wait_until(vm, lambda k: k["full_scans"] >= a.scan["seqnr"] + full_scans,
+                          timeout=timeout, what=f"{full_scans} full scans")
+        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+        b = _idle_snapshot(prog, vm)
+    finally:
+        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
+    by_key = {(i.mm, i.address): i for i in b.rmap_items}
+    rows, predicted = [], 0
+    for it in a.rmap_items:
+        nb = by_key.get((it.mm, it.address))
+        v = visits_between(a, b, it)
+        p = smartscan_next(a, it, v)
+        predicted += p["skipped"]
+        if nb is None:
+            continue
+        rows.append({"item": it.id, "pid": it.pid, "address": it.address, "state": it.state,
+                     "visits": v, "schedule": p["schedule"], "skipped": p["skipped"],
+                     "predicted_age": p["age"], "observed_age": nb.age,
+                     "predicted_skips": p["remaining_skips"],
+                     "observed_skips": nb.remaining_skips, "reads_pgoff": p["reads_pgoff"],
+                     "agree": (p["age"], p["remaining_skips"]) == (nb.age, nb.remaining_skips)})
+    return SmartScanResult(release=a.kernel.release, full_scans=b.scan["seqnr"] - a.scan["seqnr"],
+                           predicted=predicted,
+                           observed=b.counters["pages_skipped"] - a.counters["pages_skipped"],
+                           items=rows, before=a, after=b)

@@ -1,0 +1,88 @@
+"""SmartScan forecasts and the union hazard, against the kernel.
+
+A forecast is made from a paused snapshot (ksmd held), then ksmd runs and
+the kernel's own ``pages_skipped`` and every rmap_item's age /
+remaining_skips (read back from the kernel) must be what was predicted.
+The ``cow-break`` step writes into merged pages: their rmap_items stay
+STABLE on pages that are no longer KSM, and on the ``union`` kernel
+SmartScan then reads its age / remaining_skips out of the stored pgoff.
+"""
+
+import pytest
+
+from ksmlens.analysis import smartscan_forecast, union_hazard
+from ksmlens.attach import attach
+from ksmlens.scenarios import COW_BREAK_PAGES, ScenarioRun
+from ksmlens.snapshot import take_snapshot
+from ksmlens.verify import verify_smartscan
+
+from conftest import boot
+
+
+@pytest.fixture(scope="module", params=["stock", "v3", "union", "v8"])
+def vm(request):
+    return boot(request.param)
+
+
+@pytest.mark.vm
+def test_forecast_and_union_hazard(vm):
+    variant = vm.state["variant"]
+    with ScenarioRun(vm, "smartscan") as run:
+        run.step("merged")
+        # 1. steady state: every skip ksmd makes over a few scans is predicted
+        r = verify_smartscan(vm, 4)
+        print(r.table(8))
+        assert r.observed > 0 and r.predicted == r.observed
+        assert r.agree, r.table()
+        # the forecast table from the first snapshot agrees on its own too
+        fc = smartscan_forecast(r.before, r.full_scans)
+        assert fc["pages_skipped_delta"][r.full_scans] == r.observed
+
+        # 2. write into merged pages with ksmd held: STABLE items on non-KSM pages
+        res = run.step("cow-break")
+        snap = take_snapshot(attach(f"vm:{vm.name}"))
+        hz = union_hazard(snap)
+        assert sorted(h["address"] for h in hz) == sorted(res["addresses"])
+        assert {h["pid"] for h in hz} == {res["pid"]}
+        # the kernel agrees the pages are no longer the stable nodes' KSM pages
+        pfn = {}
+        for reg in run.page_states(res["pid"], "data"):
+            for k, pg in enumerate(reg["pages"]):
+                pfn[reg["start"] + k * 4096] = pg["pfn"]
+        for h in hz:
+            assert pfn[h["address"]] != snap.node(h["stable_node"]).kpfn
+        by_id = {i.id: i for i in snap.rmap_items}
+        for h in hz:
+            it = by_id[h["item"]]
+            if variant == "union":
+                # SmartScan's bytes are the stored pgoff's: age = byte 4, skips = byte 5
+                assert h["hazard"] and it.stored_pgoff == it.linear_page_index
+                assert h["age"] == (it.stored_pgoff >> 32) & 0xFF
+                assert h["remaining_skips"] == (it.stored_pgoff >> 40) & 0xFF
+                assert h["age"] >= 3   # user addresses: pgoff bits 32-39 are not 0
+            elif variant == "v8":
+                assert not h["hazard"] and h["smartscan_reads_stable"] is False
+            else:
+                assert not h["hazard"] and it.stored_pgoff is None
+
+        # 3. let ksmd visit them: the forecast from that snapshot holds
+        r = verify_smartscan(vm, 6)
+        print(r.table(12))
+        assert r.predicted == r.observed, r.table()
+        assert r.agree, r.table()
+        written = [x for x in r.items if x["address"] in res["addresses"]]
+        assert len(written) == COW_BREAK_PAGES
+        # they left their stable nodes at the first visit
+        after = {(i.pid, i.address): i for i in r.after.rmap_items}
+        assert all(after[(res["pid"], a)].state != "stable" for a in res["addresses"])
+        if variant == "union":
+            # ages continue from the pgoff's byte: far above what r.full_scans visits give
+            assert all(x["reads_pgoff"] for x in written)
+            assert min(x["observed_age"] for x in written) > r.full_scans
+        elif variant == "v8":
+            # v8: not read; the removal zeroes the union, ages restart at 0
+            assert not any(x["reads_pgoff"] for x in written)
+            assert all(x["observed_age"] == x["visits"] - 1 for x in written), written
+        else:
+            # stock / v3: the real age, frozen when the page merged (a few visits)
+            assert all(x["observed_age"] < r.full_scans + 8 for x in written)
