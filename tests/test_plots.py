@@ -274,3 +274,165 @@ def test_verify_outcome_from_a_dict(tmp_path):
     assert "4/5 stable nodes and 8/10 mapped pages agree" in the_ax(fig).get_title()
     assert "rule 'v3'" in the_ax(fig).get_ylabel()
     check_figure(fig, tmp_path, "verify")
+
+
+# ------------------------------------------------------------------ real guests
+
+@pytest.fixture(scope="module")
+def real():
+    """Snapshots of a booted union guest: mremap (with the verification
+    experiment), chain, and a SmartScan timeline; with the kernel's own
+    counters and smaps KSM pages read right after each snapshot."""
+    from conftest import boot
+
+    from ksmlens import ksmsys
+    from ksmlens.attach import attach
+    from ksmlens.scenarios import ScenarioRun
+    from ksmlens.snapshot import take_snapshot
+    from ksmlens.verify import verify
+
+    vm = boot("union")
+
+    def snap():
+        return take_snapshot(attach("vm:" + vm.name))
+    out = {"vm": vm}
+    with ScenarioRun(vm, "mremap") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        out["mremap"] = snap()
+        out["mremap_smaps"] = ksmsys.read_smaps_ksm(vm, run.pids())
+        out["moved_pid"] = run.history[2]["result"]["pid"]
+        out["verify"] = verify(vm)
+    with ScenarioRun(vm, "chain") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        out["chain"] = snap()
+        out["chain_sysfs"] = ksmsys.read_counters(vm)
+        out["chain_pids"] = run.pids()
+    with ScenarioRun(vm, "smartscan") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        frames = [snap()]
+        for _ in range(3):
+            ksmsys.wait_full_scans(vm, 1)
+            frames.append(snap())
+        out["smartscan"] = frames
+    return out
+
+
+@pytest.mark.vm
+def test_real_address_space(real, tmp_path):
+    snap, moved_pid = real["mremap"], real["moved_pid"]
+    pids = sorted({i.pid for i in snap.rmap_items if i.pid is not None})
+    assert moved_pid in pids and len(pids) >= 2
+    moved_marks = 0
+    for pid in pids:
+        fig = plots.address_space(snap, pid)
+        m = marks(fig)
+        items = snap.items_of(pid)
+        assert sum(m.values()) == len(items)
+        moved_marks += sum(n for g, n in m.items() if g.split(":")[1] == "moved")
+        # stable marks in a live VMA == KSM pages the kernel reports for the pid
+        stable_mapped = sum(n for g, n in m.items()
+                            if g.endswith(":stable") and ":no_vma:" not in g)
+        assert stable_mapped == real["mremap_smaps"][pid], pid
+        notes = [t for t in texts(fig) if t.startswith("vm_pgoff")]
+        if pid == moved_pid:
+            # mremap kept vm_pgoff: the band and its pgoff range part
+            assert notes and all("!= vm_start>>12" in t for t in notes)
+            assert "64 moved" in the_ax(fig).get_title() or \
+                f"{sum(i.pgoff_status == 'moved' for i in items)} moved" in the_ax(fig).get_title()
+            path = check_figure(fig, tmp_path, f"space-{pid}")
+        else:
+            assert not notes
+    assert moved_marks == sum(i.pgoff_status == "moved" for i in snap.rmap_items) > 0
+    print("inspect:", path)
+
+
+@pytest.mark.vm
+def test_real_stable_tree(real, tmp_path):
+    snap, sysfs = real["chain"], real["chain_sysfs"]
+    fig = plots.stable_tree(snap)
+    m = marks(fig, "nodes:")
+    assert m["nodes:chain"] == sysfs["stable_node_chains"] > 0
+    assert m["nodes:dup"] == sysfs["stable_node_dups"] > 0
+    assert m.get("nodes:regular", 0) == sysfs["pages_shared"] - sysfs["stable_node_dups"]
+    assert marks(fig, "procs") == {"procs": len(real["chain_pids"])}
+    assert f"{sysfs['stable_node_dups']} dups" in the_ax(fig).get_title()
+    check_figure(fig, tmp_path, "tree-chain")
+    grouped = plots.stable_tree(snap, max_nodes=5)
+    groups = [int(re.match(r"(\d+) nodes", t).group(1)) for t in texts(grouped, "group")]
+    singles = marks(grouped, "nodes:dup")["nodes:dup"] - len(groups)
+    assert sum(groups) + singles == sysfs["stable_node_dups"]
+    check_figure(grouped, tmp_path, "tree-chain-grouped")
+    mre = plots.stable_tree(real["mremap"])
+    assert marks(mre, "nodes:regular") == {"nodes:regular": real["mremap"].counters["pages_shared"]}
+    print("inspect:", tmp_path / "tree-chain.png")
+
+
+@pytest.mark.vm
+def test_real_smartscan_heatmap(real, tmp_path):
+    frames = real["smartscan"]
+    scans = [f.counters["full_scans"] for f in frames]
+    assert scans == sorted(set(scans))
+    fig = plots.smartscan_heatmap(frames)
+    arr = the_ax(fig).images[0].get_array()
+    keys = sorted({(i.pid, i.address) for f in frames for i in f.rmap_items})
+    assert arr.shape == (len(keys), len(frames))
+    assert [t.get_text() for t in the_ax(fig).get_xticklabels()] == [str(s) for s in scans]
+    assert len(marks_xy(fig, "stable")) == sum(i.state == "stable" for f in frames
+                                               for i in f.rmap_items)
+    # should_skip_rmap_item() increments the age of every non-KSM item it
+    # visits (skipped or not), and nothing lowers it
+    never_stable = [r for r, k in enumerate(keys)
+                    if all(i.state != "stable" for f in frames for i in f.rmap_items
+                           if (i.pid, i.address) == k)]
+    assert never_stable
+    first, last = arr[never_stable, 0], arr[never_stable, -1]
+    assert not np.ma.is_masked(first) and not np.ma.is_masked(last)
+    assert (last >= first).all() and (last > first).any()
+    path = check_figure(fig, tmp_path, "heat")
+    skips = plots.smartscan_heatmap(frames, field="remaining_skips")
+    sarr = the_ax(skips).images[0].get_array()
+    assert sarr[never_stable].max() <= 8       # skip_age() never gives more
+    assert sarr[never_stable].max() >= 1       # and SmartScan did set some
+    check_figure(skips, tmp_path, "heat-skips")
+    print("inspect:", path)
+
+
+@pytest.mark.vm
+def test_real_walk_replay(real, tmp_path):
+    snap = real["mremap"]
+    assert snap.kernel.walk_rule == "stored"
+    fig = plots.walk_replay(snap, max_nodes=1000)
+    arr = np.asarray(the_ax(fig).images[0].get_array())
+    n_maps = sum(len(n.mappings) for n in snap.stable_nodes)
+    assert arr.shape == (n_maps, len(RULES))
+    col = {r: Counter(arr[:, k].tolist()) for k, r in enumerate(RULES)}
+    moved = sum(i.pgoff_status == "moved" and i.state == "stable" for i in snap.rmap_items)
+    # v3 searches address >> PAGE_SHIFT: it misses exactly the moved pages
+    assert col["v3"][2] == moved > 0
+    assert col["stock"][2] == 0 and col["stored"][2] == 0
+    this = [p for p in the_ax(fig).patches if p.get_gid() == "this_rule"]
+    assert this and this[0].get_x() == RULES.index("stored") - 0.5
+    assert f"v3 {moved}" in the_ax(fig).get_title()
+    path = check_figure(fig, tmp_path, "replay")
+    print("inspect:", path)
+
+
+@pytest.mark.vm
+def test_real_verify_outcome(real, tmp_path):
+    from ksmlens.verify import VerifyResult
+    res = real["verify"]
+    assert isinstance(res, VerifyResult) and res.rows
+    fig = plots.verify_outcome(res)
+    cells = {t.get_gid(): t.get_text() for t in the_ax(fig).texts}
+    for (p, o), n in Counter((r["predicted"], r["observed"]) for r in res.rows).items():
+        pages = sum(1 for g in res.pages if (g["predicted"], g["observed"]) == (p, o))
+        assert cells[f"count:{p}:{o}"] == f"{n} nodes\n{pages} pages"
+    agree = sum(r["agree"] for r in res.rows)
+    assert f"{agree}/{len(res.rows)} stable nodes" in the_ax(fig).get_title()
+    # union: the stored pgoff finds every mapping, so every page can move
+    assert cells["count:moves:moved"].startswith(f"{len(res.rows)} nodes")
+    path = check_figure(fig, tmp_path, "verify")
+    print("inspect:", path)
