@@ -408,24 +408,27 @@ def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
     if stable_x:
         ax.scatter(stable_x, stable_y, s=2, c="white", marker=".", linewidths=0,
                    gid="stable")
-    # pid blocks
-    pids = [k[0] for k in keys]
-    ticks, labels = [], []
-    comm = {}
+    # blocks of rows: by pid, and within a pid by VMA (the last one seen)
+    comm, vma_of = {}, {}
     for f in frames:
         for i in f.rmap_items:
             comm.setdefault(i.pid, i.comm)
+            vma_of[(i.pid if i.pid is not None else -1, i.address)] = i.vma_start
+    by_vma = len({(k[0], vma_of[k]) for k in keys}) <= 24
+    block = [(k[0], vma_of[k] if by_vma else None) for k in keys]
+    ticks, labels = [], []
     start = 0
-    for r in range(1, len(pids) + 1):
-        if r == len(pids) or pids[r] != pids[start]:
+    for r in range(1, len(keys) + 1):
+        if r == len(keys) or block[r] != block[start]:
             ticks.append((start + r - 1) / 2)
-            p = pids[start]
-            labels.append(f"{_proc_label(p if p >= 0 else None, comm.get(p))}\n"
+            p, v = block[start]
+            where = f" VMA {v:#x}" if v is not None else (" no VMA" if by_vma else "")
+            labels.append(f"{_proc_label(p if p >= 0 else None, comm.get(p))}{where}\n"
                           f"{r - start} addresses")
-            if r < len(pids):
-                ax.axhline(r - 0.5, color="white", lw=1.5)
+            if r < len(keys):
+                ax.axhline(r - 0.5, color="white", lw=2.0 if block[r][0] != p else 0.8)
             start = r
-    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=7 if len(ticks) > 8 else 8)
     ax.set_xticks(range(len(frames)), [f"{f.counters.get('full_scans', '?')}"
                                        for f in frames])
     ax.set_xlabel("snapshot (full_scans)")
