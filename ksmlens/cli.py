@@ -11,6 +11,12 @@
     ksmlens snapshot [-o FILE.json]       walk KSM state with drgn (guest paused)
     ksmlens check                         prove the walk against the kernel's counters
     ksmlens report [--snapshot FILE]      stable nodes and processes, as tables
+    ksmlens notebooks [NOTEBOOK...]       execute notebooks/*.ipynb against a VM into HTML
+    ksmlens replay                        which mappings each rmap walk rule misses
+    ksmlens verify [--smartscan N]        predict, then let the kernel prove it
+    ksmlens smartscan                     SmartScan forecast, the union hazard
+    ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
+    ksmlens diff A.json B.json            what changed between two snapshots
 
 Kernel builds and VM state live in ~/.cache/ksmlens ($KSMLENS_CACHE).
 """
@@ -223,6 +229,153 @@ def cmd_report(a):
     return 0
 
 
+def _snap_or_live(a):
+    from .model import Snapshot
+    if getattr(a, "snapshot", None):
+        return Snapshot.load(a.snapshot)
+    from .snapshot import take_snapshot
+    return take_snapshot(_attach(a))
+
+
+def cmd_verify(a):
+    from .verify import verify, verify_smartscan
+    from .vm import VM
+    vm = VM(a.name)
+    if a.smartscan:
+        r = verify_smartscan(vm, a.smartscan)
+        if a.json:
+            print(json.dumps({"release": r.release, "full_scans": r.full_scans,
+                              "predicted": r.predicted, "observed": r.observed,
+                              "agree": r.agree, "items": r.items}, indent=1))
+        else:
+            print(r.table(limit=None if a.all else 20))
+        return 0 if r.agree else 1
+    res = verify(vm, rule=a.rule)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        print(res.table())
+        print(f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
+              f"move_pages(MPOL_MF_MOVE_ALL) to the other node: {res.seconds['migrate']} s)")
+    return 0 if res.agree else 1
+
+
+def cmd_replay(a):
+    from .analysis import RULE_HELP, RULES, walk_misses
+    snap = _snap_or_live(a)
+    rules = [a.rule] if a.rule else [r for r in RULES
+                                     if r != "stored" or snap.kernel.has_stored_pgoff]
+    print(f"{snap.kernel.release}: rmap_walk_ksm() uses "
+          f"{snap.kernel.walk_rule or 'an unknown rule'!s}")
+    for r in RULES:
+        mark = "" if r in rules else "  (n/a: struct ksm_rmap_item has no pgoff)"
+        print(f"  {r:7} {RULE_HELP[r]}{mark}")
+    nodes = [n for n in snap.stable_nodes if n.kind != "chain"]
+    for r in rules:
+        misses = walk_misses(snap, r)
+        bad = {m["node"] for m in misses}
+        print(f"\nrule {r}: {len(nodes) - len(bad)}/{len(nodes)} KSM pages: every mapping "
+              f"found; {len(bad)} pages miss {len(misses)} mappings")
+        for m in misses[: None if a.all else 20]:
+            print(f"  node {m['node']} kpfn {m['kpfn']:#x}: pid {m['pid']} "
+                  f"{m['address']:#x} (VMA {m['vma_start']:#x}-{m['vma_end']:#x} "
+                  f"vm_pgoff {m['vm_pgoff']:#x}, pass {m['pass']})")
+        if len(misses) > 20 and not a.all:
+            print(f"  ... {len(misses) - 20} more (--all)")
+    return 0
+
+
+def cmd_smartscan(a):
+    from .analysis import smartscan_forecast, union_hazard
+    snap = _snap_or_live(a)
+    fc = smartscan_forecast(snap, a.scans)
+    deltas = fc["pages_skipped_delta"]
+    print(f"{snap.kernel.release}: smart_scan={snap.counters.get('smart_scan')} "
+          f"full_scans={snap.scan.get('seqnr')} pages_skipped={snap.counters.get('pages_skipped')}")
+    print("forecast pages_skipped increase after n more full scans: " +
+          ", ".join(f"n={n}: +{d}" for n, d in enumerate(deltas) if n))
+    hz = union_hazard(snap)
+    if hz:
+        print(f"\n{len(hz)} STABLE rmap_items on pages that are no longer KSM "
+              "(ksmd's next visit runs should_skip_rmap_item() on them):")
+        for h in hz[: None if a.all else 20]:
+            if h["smartscan_reads_stable"] is False:
+                what = "SmartScan does not read a STABLE item (v8); its removal zeroes them"
+            else:
+                src = "the stored pgoff's bytes" if h["hazard"] else "its own fields"
+                what = (f"reads age={h['age']} remaining_skips={h['remaining_skips']} "
+                        f"from {src}")
+            print(f"  pid {h['pid']} {h['address']:#x}: {what}; next visit "
+                  f"{h['next_visit']}, then age={h['age_after']} skips={h['skips_after']}")
+    return 0
+
+
+def cmd_watch(a):
+    from .watch import watch
+    from .report import summary
+    prog = _attach(a)
+    vm = prog.cache.get("ksmlens_vm")
+    if vm is None:
+        raise KsmlensError("watch needs a lab VM (it waits for ksmd's full scans)",
+                           "use --name NAME, or diff saved snapshots with `ksmlens diff`")
+
+    def show(s, d):
+        print(summary(s).splitlines()[0] if d is None else d.summary(), flush=True)
+
+    tl = watch(prog, vm, count=a.count, scans=a.scans, seconds=a.every, on_frame=show)
+    if a.output:
+        print(f"timeline saved to {tl.save(a.output)}/frame-*.json", file=sys.stderr)
+    return 0
+
+
+def cmd_diff(a):
+    from .model import Snapshot
+    from .watch import diff
+    d = diff(Snapshot.load(a.a), Snapshot.load(a.b))
+    if a.json:
+        print(json.dumps(d.to_dict(), indent=1))
+        return 0
+    print(d.summary())
+    for what in ("appeared", "dropped", "merged", "unmerged", "moved", "pgoff_changed"):
+        v = getattr(d, what)
+        if v:
+            print(f"  {what:13} " + " ".join(f"{p}:{addr:#x}" for p, addr in v[:8])
+                  + (f" ... ({len(v)})" if len(v) > 8 else ""))
+    return 0
+
+
+def cmd_notebooks(a):
+    """Execute the notebooks against one VM (booted once if not up) into HTML."""
+    from pathlib import Path
+    from .notebook import Lab, notebook_paths, run_notebook
+    paths = [Path(p) for p in a.notebooks] or notebook_paths()
+    if not paths:
+        raise KsmlensError("no notebooks found", "expected notebooks/*.ipynb in the checkout")
+    for p in paths:
+        if not p.exists():
+            raise KsmlensError(f"no notebook {p}", "give paths like notebooks/01-tour.ipynb")
+    out = Path(a.out)
+    t0 = time.monotonic()
+    lab = Lab.open(a.name)      # the notebooks reuse it; downed at the end if booted here
+    failed = []
+    try:
+        for p in paths:
+            html = out / (p.stem + ".html")
+            t = time.monotonic()
+            try:
+                run_notebook(p, html, timeout=a.timeout, vm=a.name)
+                print(f"notebooks: {p.name} ran in {time.monotonic() - t:.0f} s -> {html}")
+            except KsmlensError as e:
+                failed.append(p.name)
+                print(f"notebooks: {e}", file=sys.stderr)
+    finally:
+        lab.close()
+    print(f"notebooks: {len(paths) - len(failed)}/{len(paths)} ran in "
+          f"{time.monotonic() - t0:.0f} s; HTML in {out}/ (open in a browser). "
+          f"Run them yourself: .venv/bin/jupyter lab notebooks/")
+    return 1 if failed else 0
+
+
 def _add_target(p):
     _add_name(p)
     p.add_argument("--target", metavar="T", help="vm:NAME (default: the --name VM, live over "
@@ -323,6 +476,86 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--mode", choices=["consistent", "live"], default="consistent")
     rp.add_argument("--all", action="store_true", help="every stable node, not the first 50")
     rp.set_defaults(fn=cmd_report)
+
+    vf = sub.add_parser("verify", help="predict which KSM pages the kernel's rmap walk "
+                        "cannot unmap, then migrate them and compare",
+                        description="From a paused snapshot (ksmd held), replay "
+                        "rmap_walk_ksm() under the kernel's rule on the guest's real anon_vma "
+                        "trees and write down, per KSM page, whether it can be unmapped; then "
+                        "move_pages(MPOL_MF_MOVE_ALL) every mapped KSM page to the other NUMA "
+                        "node and read the nodes back. Prints predicted / observed / agree per "
+                        "stable node; exits 1 on any disagreement. Needs a VM with 2 NUMA "
+                        "nodes (`ksmlens vm up --numa 2`). With --smartscan N: forecast "
+                        "SmartScan's skips over N full scans and compare with the kernel's "
+                        "pages_skipped and every rmap_item's age/remaining_skips.")
+    _add_name(vf)
+    vf.add_argument("--rule", choices=["stock", "v3", "stored"],
+                    help="predict with this rule instead of the kernel's own")
+    vf.add_argument("--smartscan", type=int, metavar="N", help="verify a SmartScan forecast "
+                    "over N full scans instead")
+    vf.add_argument("--json", action="store_true", help="machine-readable")
+    vf.add_argument("--all", action="store_true", help="every row")
+    vf.set_defaults(fn=cmd_verify)
+
+    rl = sub.add_parser("replay", help="which mappings each rmap walk rule finds or misses",
+                        description="Replay rmap_walk_ksm() for every KSM page under each "
+                        "rule: stock [0, ULONG_MAX], v3 [address >> PAGE_SHIFT], stored "
+                        "[rmap_item->pgoff] (union/v8 kernels), on the recorded anon_vma "
+                        "interval trees, both passes (search_new_forks). Lists the mapped "
+                        "mappings a rule misses.")
+    _add_target(rl)
+    rl.add_argument("--snapshot", "-s", metavar="FILE", help="read a saved snapshot instead")
+    rl.add_argument("--rule", choices=["stock", "v3", "stored"], help="only this rule")
+    rl.add_argument("--all", action="store_true", help="every miss, not the first 20")
+    rl.set_defaults(fn=cmd_replay)
+
+    ss = sub.add_parser("smartscan", help="SmartScan forecast and the union hazard",
+                        description="From a snapshot: the pages_skipped increase over the "
+                        "next N full scans (the kernel's should_skip_rmap_item()/skip_age() "
+                        "replayed per rmap_item), and the STABLE rmap_items whose page is no "
+                        "longer KSM, with the age/remaining_skips SmartScan will read (on the "
+                        "union kernel: the stored pgoff's bytes). `ksmlens verify --smartscan "
+                        "N` checks a forecast against the kernel.")
+    _add_target(ss)
+    ss.add_argument("--snapshot", "-s", metavar="FILE", help="read a saved snapshot instead")
+    ss.add_argument("--scans", type=int, default=8, help="forecast horizon (default 8)")
+    ss.add_argument("--all", action="store_true", help="every item")
+    ss.set_defaults(fn=cmd_smartscan)
+
+    wt = sub.add_parser("watch", help="a paused snapshot per full scan, with diffs",
+                        description="Take --count paused snapshots, one after every --scans "
+                        "full scans of ksmd (or every --every seconds), printing what changed "
+                        "(items appeared/dropped/merged/unmerged/moved, SmartScan skips, "
+                        "counter deltas). -o DIR keeps the timeline (frame-NNNN.json).")
+    _add_target(wt)
+    wt.add_argument("--count", "-n", type=int, default=5, help="snapshots (default 5)")
+    wt.add_argument("--scans", type=int, default=1, help="full scans between snapshots")
+    wt.add_argument("--every", type=float, metavar="S", help="seconds between snapshots "
+                    "instead of full scans")
+    wt.add_argument("-o", "--output", metavar="DIR", help="save the timeline here")
+    wt.set_defaults(fn=cmd_watch)
+
+    df = sub.add_parser("diff", help="what changed between two saved snapshots")
+    df.add_argument("a", help="earlier snapshot JSON")
+    df.add_argument("b", help="later snapshot JSON")
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(fn=cmd_diff)
+
+    from .notebook import OUT_DIR, vm_name
+    nbp = sub.add_parser("notebooks", help="execute the notebooks against a VM, into HTML",
+                         description="Execute notebooks/*.ipynb (or the ones named) top to "
+                         "bottom with nbclient against one lab VM (reused if up, else booted "
+                         "and powered off at the end), writing out/notebooks/NAME.html. To "
+                         "work in them yourself: .venv/bin/jupyter lab notebooks/")
+    nbp.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
+                     help="notebook files (default: every notebooks/*.ipynb)")
+    nbp.add_argument("--name", default=vm_name(),
+                     help=f"lab VM the notebooks use, as $KSMLENS_VM (default: {vm_name()})")
+    nbp.add_argument("--out", "-o", default=str(OUT_DIR), metavar="DIR",
+                     help="directory for the HTML (default: out/notebooks of the checkout)")
+    nbp.add_argument("--timeout", type=float, default=900,
+                     help="seconds one cell may take (default 900: TCG is slow)")
+    nbp.set_defaults(fn=cmd_notebooks)
 
     sc = sub.add_parser("scenario", help="workloads that put KSM in a known state")
     ssub = sc.add_subparsers(dest="scncmd", required=True, metavar="SCENARIOCOMMAND")

@@ -28,7 +28,7 @@ from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
                    PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, ksm_counters, ksm_settings)
 
-__all__ = ["take_snapshot"]
+__all__ = ["take_snapshot", "take_idle_snapshot"]
 
 _Q = struct.Struct("<Q")
 _MAX_LIST = 50_000_000  # bound on any list walk: a cycle in a live walk is a race
@@ -270,6 +270,20 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
         snap.meta["items_per_second"] = round(len(snap.rmap_items) /
                                               max(snap.meta["walk_seconds"], 1e-9))
     return snap
+
+
+def take_idle_snapshot(prog: Program, vm=None, tries: int = 40) -> Snapshot:
+    """A consistent snapshot taken while ksmd sleeps between batches, so the
+    scan cursor and every rmap_item's SmartScan bytes are at rest (paused
+    in the middle of a batch, an item can be half processed). Retries the
+    pause up to ``tries`` times."""
+    for _ in range(tries):
+        snap = take_snapshot(prog, vm=vm)
+        if (snap.meta.get("ksmd") or {}).get("idle"):
+            return snap
+        time.sleep(0.05)
+    raise KsmlensError(f"ksmd was busy in {tries} paused snapshots in a row",
+                       "lower pages_to_scan or raise sleep_millisecs in the guest")
 
 
 def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:

@@ -189,20 +189,6 @@ def verify(vm, *, rule: str | None = None) -> VerifyResult:
 
 # ------------------------------------------------------------------ SmartScan
 
-def _idle_snapshot(prog, vm, tries: int = 40):
-    """A paused snapshot taken while ksmd sleeps between batches (the scan
-    cursor and every item's SmartScan bytes are then at rest)."""
-    from .snapshot import take_snapshot
-    for _ in range(tries):
-        snap = take_snapshot(prog, vm=vm)
-        k = snap.meta.get("ksmd") or {}
-        if k.get("idle"):
-            return snap
-        time.sleep(0.05)
-    raise KsmlensError(f"ksmd was busy in {tries} paused snapshots in a row",
-                       "lower pages_to_scan or raise sleep_millisecs")
-
-
 @dataclasses.dataclass
 class SmartScanResult:
     """A SmartScan forecast from snapshot ``before`` against the kernel after
@@ -245,6 +231,7 @@ def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> Smar
     ``pages_skipped`` and every rmap_item's age / remaining_skips."""
     from .analysis import smartscan_next, visits_between
     from .attach import attach
+    from .snapshot import take_idle_snapshot
     c = ksmsys.read_counters(vm)
     if not c.get("smart_scan"):
         raise KsmlensError("SmartScan is off in the guest (smart_scan=0)",
@@ -253,12 +240,12 @@ def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> Smar
     prog = attach(f"vm:{vm.name}")
     vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
     try:
-        a = _idle_snapshot(prog, vm)
+        a = take_idle_snapshot(prog, vm)
         vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
         ksmsys.wait_until(vm, lambda k: k["full_scans"] >= a.scan["seqnr"] + full_scans,
                           timeout=timeout, what=f"{full_scans} full scans")
         vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
-        b = _idle_snapshot(prog, vm)
+        b = take_idle_snapshot(prog, vm)
     finally:
         vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
     by_key = {(i.mm, i.address): i for i in b.rmap_items}
