@@ -74,7 +74,7 @@ def _num(v) -> str:
     return "-" if v is None else str(v)
 
 
-def rmap_table(snap: Snapshot, pid: int) -> str:
+def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     """One row per rmap_item of ``pid``'s mm, by address: state, stable node,
     the pgoff the v3 walk uses (``address >> PAGE_SHIFT``), the mapping's
     ``linear_page_index()``, the stored pgoff and ``pgoff_status``."""
@@ -86,11 +86,13 @@ def rmap_table(snap: Snapshot, pid: int) -> str:
                            f"processes known to KSM: {pids}")
     rows = [f"{'address':>14}  {'state':8}  {'stable_node':18}  {'addr_pgoff':>10}  "
             f"{'lin_pg_idx':>10}  {'stored':>10}  pgoff_status"]
-    for i in items:
+    for i in items[:limit]:
         status = i.pgoff_status + (f" ({i.pgoff_cause})" if i.pgoff_cause else "")
         rows.append(f"{i.address:>#14x}  {i.state:8}  {i.stable_node or '-':18}  "
                     f"{_hex(i.addr_pgoff):>10}  {_hex(i.linear_page_index):>10}  "
                     f"{_hex(i.stored_pgoff):>10}  {status}")
+    if limit is not None and len(items) > limit:
+        rows.append(f"... {len(items) - limit} more")
     st = Counter(i.pgoff_status for i in items)
     rows.append(f"pid {pid}: {len(items)} rmap_items, "
                 + ", ".join(f"{k} {v}" for k, v in sorted(st.items())))
@@ -128,12 +130,20 @@ _COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"
 
 def knobs_table(snap: Snapshot) -> str:
     """The KSM knobs (``/sys/kernel/mm/ksm`` names) as the kernel's globals hold them."""
-    return "\n".join(f"{k:36} {snap.counters[k]}" for k in _KNOBS if k in snap.counters)
+    return "\n".join(f"{k:36} {snap.counters[k]:>8}" for k in _KNOBS if k in snap.counters)
 
 
-def counters_table(snap: Snapshot) -> str:
-    """The KSM counters (``/sys/kernel/mm/ksm`` names) from the kernel's globals."""
-    return "\n".join(f"{k:36} {snap.counters[k]}" for k in _COUNTERS if k in snap.counters)
+def counters_table(snap: Snapshot, sysfs: dict | None = None) -> str:
+    """The KSM counters (``/sys/kernel/mm/ksm`` names) from the kernel's
+    globals, beside the files as the guest read them (``sysfs``, from
+    :func:`ksmlens.ksmsys.read_counters`) when given."""
+    if sysfs is None:
+        return "\n".join(f"{k:24} {snap.counters[k]:>10}" for k in _COUNTERS
+                         if k in snap.counters)
+    rows = [f"{'counter':24} {'drgn':>10} {'sysfs':>10}"]
+    rows += [f"{k:24} {snap.counters[k]:>10} {_num(sysfs.get(k)):>10}" for k in _COUNTERS
+             if k in snap.counters and k in sysfs]
+    return "\n".join(rows)
 
 
 def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> str:
