@@ -217,28 +217,34 @@ _KIND_COLORS = {"regular": "#1f77b4", "chain": "#ff7f0e", "dup": "#e7ba52",
                 "proc": "#2ca02c"}
 
 
-def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300) -> Figure:
+def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300, label_nodes: int = 40
+                ) -> Figure:
     """The stable tree as layers: tree roots (one per NUMA node id), chain
     heads and regular nodes, the dups of each chain, and the sharers
-    (processes). An edge from a node to a process is as thick as the number
-    of that process's rmap_items on the node.
+    (processes). An edge to a process is as thick as the number of that
+    process's rmap_items on the node(s) it comes from.
 
-    With more than ``max_nodes`` regular nodes and dups, nodes with the same
-    sharers (and, for dups, the same chain) are drawn as one box labelled
-    "N nodes". Returns the Figure.
+    Up to ``label_nodes`` regular nodes and dups, each is a labelled row
+    (kpfn, rmap_items). Up to ``max_nodes``, nodes with the same sharers
+    (and, for dups, the same chain) form a block with one dot per node,
+    labelled "N nodes". Past ``max_nodes`` each such group is one dot
+    labelled "N nodes". Returns the Figure.
     """
-    nodes = [n for n in snap.stable_nodes if not n.migrate_list or n.kind != "dup"]
+    from matplotlib.collections import LineCollection
+
+    nodes = [n for n in snap.stable_nodes if not (n.migrate_list and n.kind == "dup")]
     leaves = [n for n in nodes if n.kind != "chain"]
     chains = [n for n in nodes if n.kind == "chain"]
-    aggregate = len(leaves) > max_nodes
+    mode = "grouped" if len(leaves) > max_nodes else \
+        "rows" if len(leaves) <= label_nodes else "blocks"
     by_id = snap._nodes_by_id()
 
-    # Boxes: (kind, parent key, sharers, [nodes]) in a stable order.
     boxes: dict = {}
     for n in leaves:
         sh = _sharers(snap, n)
         parent = n.chain if n.kind == "dup" else ("root", n.nid)
-        key = (n.kind, parent, tuple(p for p, _ in sh)) if aggregate else (n.kind, parent, n.id)
+        key = (n.kind, parent, n.id) if mode == "rows" else \
+            (n.kind, parent, tuple(p for p, _ in sh))
         b = boxes.setdefault(key, {"kind": n.kind, "parent": parent, "nodes": [],
                                    "sharers": Counter()})
         b["nodes"].append(n)
@@ -247,103 +253,113 @@ def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300) -> Figure:
     procs = sorted({p for b in boxes.values() for p in b["sharers"]},
                    key=lambda p: (p[0] is None, p[0] or 0))
 
-    # Rows of the leaf column, grouped under their parent; sorted by sharers.
     def order(b):
         return tuple(sorted((p[0] or 0) for p in b["sharers"])), b["nodes"][0].kpfn or 0
     parents = [("root", nid) for nid in sorted({n.nid for n in leaves if n.kind != "dup"})]
     parents += [c.id for c in chains]
-    leaf_rows = []
+    ordered = []
     for par in parents:
-        leaf_rows += sorted((b for b in boxes.values() if b["parent"] == par), key=order)
-    leaf_rows += [b for b in boxes.values() if b["parent"] not in parents]  # orphaned dups
-    nrows = max(1, len(leaf_rows), len(procs))
-    fig, ax = _axes(ax, (11, min(40, max(4.5, 2.0 + 0.17 * nrows))))
-    ys = {id(b): k for k, b in enumerate(leaf_rows)}
+        ordered += sorted((b for b in boxes.values() if b["parent"] == par), key=order)
+    ordered += [b for b in boxes.values() if b["parent"] not in parents]  # orphaned dups
 
-    def spread(n):  # place n things evenly over the rows
-        return [0.0] if n == 1 else list(np.linspace(0, nrows - 1, n)) if n else []
+    # Vertical layout: a box takes one row, or (blocks) ceil(n / cols) rows.
+    cols = 20
+    y = 0.0
+    for b in ordered:
+        h = 1 if mode != "blocks" else -(-len(b["nodes"]) // cols)
+        b["y0"], b["h"] = y, h
+        b["y"] = y + (h - 1) / 2
+        y += h + (0.6 if mode == "blocks" else 0)
+    height = max(1.0, y)
+    fig, ax = _axes(ax, (11, min(40, max(4.5, 2.0 + 0.17 * height))))
 
-    proc_y = dict(zip(procs, spread(len(procs)) if len(procs) > 1 or nrows == 1
-                      else [(nrows - 1) / 2]))
+    X_ROOT, X_TOP, X_DUP, X_PROC = 0.0, 1.0, 2.0, 3.2
+    proc_y = dict(zip(procs, np.linspace(0, height - 1, len(procs)) if len(procs) > 1
+                      else [(height - 1) / 2] * len(procs)))
     chain_y, root_y = {}, {}
     for par in parents:
-        rows_of = [ys[id(b)] for b in leaf_rows if b["parent"] == par]
-        y = float(np.mean(rows_of)) if rows_of else 0.0
-        (chain_y if par in by_id else root_y)[par] = y
-    X_ROOT, X_TOP, X_DUP, X_PROC = 0.0, 1.0, 2.0, 3.2
-    top_y = {}
-    for b in leaf_rows:
-        if b["kind"] != "dup":
-            top_y[id(b)] = ys[id(b)]
+        ys = [b["y"] for b in ordered if b["parent"] == par]
+        (chain_y if par in by_id else root_y)[par] = float(np.mean(ys)) if ys else 0.0
+    for c in chains:
+        root_y.setdefault(("root", c.nid), chain_y[c.id])
 
-    # edges
-    from matplotlib.collections import LineCollection
-    segs, widths = [], []
-    maxc = max((c for b in leaf_rows for c in b["sharers"].values()), default=1)
-    for b in leaf_rows:
-        y = ys[id(b)]
+    def right_x(b):
         x = X_DUP if b["kind"] == "dup" else X_TOP
+        if mode == "blocks":
+            x += 0.04 * (min(len(b["nodes"]), cols) - 1)
+        return x
+
+    segs, widths = [], []
+    maxc = max((c for b in ordered for c in b["sharers"].values()), default=1)
+    for b in ordered:
         for p, c in b["sharers"].items():
-            segs.append([(x, y), (X_PROC, proc_y[p])])
+            segs.append([(right_x(b), b["y"]), (X_PROC, proc_y[p])])
             widths.append(0.4 + 3.0 * c / maxc)
+        x = X_DUP if b["kind"] == "dup" else X_TOP
         if b["kind"] == "dup" and b["parent"] in chain_y:
-            segs.append([(X_TOP, chain_y[b["parent"]]), (X_DUP, y)])
+            segs.append([(X_TOP, chain_y[b["parent"]]), (x, b["y"])])
             widths.append(0.6)
         elif b["kind"] != "dup" and b["parent"] in root_y:
-            segs.append([(X_ROOT, root_y[b["parent"]]), (X_TOP, y)])
+            segs.append([(X_ROOT, root_y[b["parent"]]), (x, b["y"])])
             widths.append(0.4)
     for c in chains:
-        r = root_y.get(("root", c.nid))
-        if r is None:
-            root_y[("root", c.nid)] = r = chain_y[c.id]
-        segs.append([(X_ROOT, r), (X_TOP, chain_y[c.id])])
+        segs.append([(X_ROOT, root_y[("root", c.nid)]), (X_TOP, chain_y[c.id])])
         widths.append(0.8)
     ax.add_collection(LineCollection(segs, linewidths=widths, colors="#555555", alpha=0.35,
                                      zorder=1, gid="edges"))
 
-    def dots(xs, yss, kind, gid, size):
-        if xs:
-            ax.scatter(xs, yss, s=size, c=_KIND_COLORS[kind], edgecolors="black",
+    def dots(xs, ys, kind, gid, size):
+        if len(xs):
+            ax.scatter(xs, ys, s=size, c=_KIND_COLORS[kind], edgecolors="black",
                        linewidths=0.4, zorder=3, gid=gid, marker="s" if kind == "proc" else "o")
 
+    fs = 8 if height <= 60 else 7
     for kind in ("regular", "dup"):
-        bs = [b for b in leaf_rows if b["kind"] == kind]
-        dots([X_TOP if kind == "regular" else X_DUP] * len(bs), [ys[id(b)] for b in bs],
-             kind, f"nodes:{kind}", [30 + 6 * min(len(b["nodes"]), 40) for b in bs])
+        xs, ys, ss = [], [], []
+        for b in (b for b in ordered if b["kind"] == kind):
+            x0 = X_DUP if kind == "dup" else X_TOP
+            if mode == "blocks":
+                for k, n in enumerate(b["nodes"]):
+                    xs.append(x0 + 0.04 * (k % cols))
+                    ys.append(b["y0"] + k // cols)
+                    ss.append(14 + 2 * min(len(n.items), 20))
+            else:
+                xs.append(x0)
+                ys.append(b["y"])
+                ss.append(30 + 6 * min(len(b["nodes"]), 40))
+            if len(b["nodes"]) > 1:
+                ax.text(right_x(b) + 0.05, b["y"], f"{len(b['nodes'])} nodes", fontsize=fs,
+                        va="center", gid="group", zorder=4,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7,
+                              "pad": 0.5})
+            elif mode == "rows" or len(b["nodes"]) == 1:
+                k = b["nodes"][0]
+                ax.text(right_x(b) + 0.05, b["y"], f"kpfn {k.kpfn:#x} ({len(k.items)})"
+                        if k.kpfn is not None else k.id, fontsize=fs, va="center", zorder=4)
+        dots(xs, ys, kind, f"nodes:{kind}", ss)
     dots([X_TOP] * len(chains), [chain_y[c.id] for c in chains], "chain", "nodes:chain", 90)
     dots([X_PROC] * len(procs), [proc_y[p] for p in procs], "proc", "procs", 90)
     ax.scatter([X_ROOT] * len(root_y), list(root_y.values()), s=120, c="white",
                edgecolors="black", zorder=3, gid="roots", marker="D")
-    for par, y in root_y.items():
-        ax.text(X_ROOT - 0.06, y, f"root_stable_tree[{par[1]}]", ha="right", va="center",
+    for par, yv in root_y.items():
+        ax.text(X_ROOT - 0.06, yv, f"root_stable_tree[{par[1]}]", ha="right", va="center",
                 fontsize=8)
-    fs = 8 if nrows <= 60 else 6
-    label_each = nrows <= 150
-    for b in leaf_rows:
-        x = X_DUP if b["kind"] == "dup" else X_TOP
-        n = b["nodes"]
-        if len(n) > 1:
-            ax.text(x + 0.05, ys[id(b)], f"{len(n)} nodes", fontsize=fs, va="center",
-                    gid="group", zorder=4)
-        elif label_each:
-            k = n[0]
-            ax.text(x + 0.05, ys[id(b)], f"kpfn {k.kpfn:#x} ({len(k.items)})"
-                    if k.kpfn is not None else k.id, fontsize=fs, va="center", zorder=4)
     for c in chains:
         ax.text(X_TOP - 0.06, chain_y[c.id], f"chain {len(c.dups)} dups", ha="right",
                 va="center", fontsize=8, color="#a05000", zorder=4)
     for p in procs:
-        n = sum(b["sharers"].get(p, 0) for b in leaf_rows)
+        n = sum(b["sharers"].get(p, 0) for b in ordered)
         ax.text(X_PROC + 0.06, proc_y[p], f"{_proc_label(*p)}\n{n} rmap_items", fontsize=8,
                 va="center", zorder=4)
     ax.set_xlim(-0.9, 4.1)
-    ax.set_ylim(nrows - 0.5 + 0.5, -1.0)
+    ax.set_ylim(height, -1.0)
     ax.set_xticks([X_ROOT, X_TOP, X_DUP, X_PROC],
                   ["tree roots", "chains / regular nodes", "dups", "sharers"])
     ax.set_yticks([])
     ax.set_xlabel("layer (edge width: rmap_items of that process on the node)")
-    ax.set_ylabel(f"stable nodes{' grouped by sharers' if aggregate else ''}"
-                  f" ({len(leaf_rows)} rows)")
+    how = {"rows": "one row each", "blocks": "a dot each, in blocks by sharers",
+           "grouped": "grouped by sharers"}[mode]
+    ax.set_ylabel(f"stable nodes ({how})")
     kinds = Counter(n.kind for n in nodes)
     handles = [Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["regular"], mec="black",
                       label=f"regular node ({kinds.get('regular', 0)})"),
@@ -357,7 +373,7 @@ def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300) -> Figure:
                       label="sharing (width: rmap_items)")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     agg = f"\n{len(leaves)} nodes > max_nodes={max_nodes}: grouped by sharers" \
-        if aggregate else ""
+        if mode == "grouped" else ""
     ax.set_title(f"stable tree: {kinds.get('regular', 0)} regular nodes, "
                  f"{kinds.get('chain', 0)} chains with {kinds.get('dup', 0)} dups, "
                  f"{len(procs)} sharer processes - kernel "

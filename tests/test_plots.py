@@ -146,15 +146,20 @@ def tree_snapshot(n_regular):
     return snapshot(its, nodes)
 
 
-def test_stable_tree_each_node_then_grouped(tmp_path):
-    snap = tree_snapshot(40)
+def test_stable_tree_rows_blocks_then_groups(tmp_path):
+    snap = tree_snapshot(30)                     # 33 nodes: one labelled row each
     fig = plots.stable_tree(snap)
     m = marks(fig, "nodes:")
-    assert m == {"nodes:regular": 40, "nodes:dup": 3, "nodes:chain": 1}
+    assert m == {"nodes:regular": 30, "nodes:dup": 3, "nodes:chain": 1}
     assert marks(fig, "procs") == {"procs": 5}
-    assert "40 regular nodes, 1 chains with 3 dups, 5 sharer processes" in the_ax(fig).get_title()
+    assert "30 regular nodes, 1 chains with 3 dups, 5 sharer processes" in the_ax(fig).get_title()
     assert not texts(fig, "group")
+    assert sum(t.startswith("kpfn 0x") for t in texts(fig)) == 33
     check_figure(fig, tmp_path, "tree")
+    mid = plots.stable_tree(tree_snapshot(100))  # a dot per node, blocks by sharer set
+    assert marks(mid, "nodes:") == {"nodes:regular": 100, "nodes:dup": 3, "nodes:chain": 1}
+    assert sorted(int(t.split()[0]) for t in texts(mid, "group")) == [3, 33, 33, 34]
+    check_figure(mid, tmp_path, "tree-blocks")
     big = tree_snapshot(400)
     fig = plots.stable_tree(big, max_nodes=300)
     groups = [int(re.match(r"(\d+) nodes", t).group(1)) for t in texts(fig, "group")]
@@ -365,6 +370,10 @@ def test_real_stable_tree(real, tmp_path):
     singles = marks(grouped, "nodes:dup")["nodes:dup"] - len(groups)
     assert sum(groups) + singles == sysfs["stable_node_dups"]
     check_figure(grouped, tmp_path, "tree-chain-grouped")
+    blocks = plots.stable_tree(snap, label_nodes=5)
+    assert marks(blocks, "nodes:dup") == {"nodes:dup": sysfs["stable_node_dups"]}
+    assert sum(int(t.split()[0]) for t in texts(blocks, "group")) + \
+        sum(t.startswith("kpfn") for t in texts(blocks)) == sysfs["stable_node_dups"]
     mre = plots.stable_tree(real["mremap"])
     assert marks(mre, "nodes:regular") == {"nodes:regular": real["mremap"].counters["pages_shared"]}
     print("inspect:", tmp_path / "tree-chain.png")
