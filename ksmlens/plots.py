@@ -156,8 +156,11 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                                hatch="////", lw=0.8, zorder=1, gid="pgoff"))
         if moved:
             d = pgoff - lo
+            causes = Counter(i.pgoff_cause for i in items if i.vma_start == start
+                             and i.pgoff_cause)
+            why = f"; cause: {causes.most_common(1)[0][0]}" if causes else ""
             ax.annotate(f"vm_pgoff {pgoff:#x} != vm_start>>{shift} {lo:#x} "
-                        f"({'+' if d > 0 else '-'}{abs(d)} pages)",
+                        f"({'+' if d > 0 else '-'}{abs(d)} pages{why})",
                         (min(x0, px), r + 0.38), ha="left", va="center",
                         fontsize=8, color="#d62728", zorder=4)
     groups = defaultdict(list)

@@ -95,6 +95,7 @@ def test_address_space_marks_bands_and_pgoff_annotation(tmp_path):
     # exactly one VMA's vm_pgoff differs from vm_start >> PAGE_SHIFT
     notes = [t for t in texts(fig) if "vm_pgoff" in t]
     assert len(notes) == 1 and f"{V2[2]:#x}" in notes[0] and f"{V2[0] >> 12:#x}" in notes[0]
+    assert "cause: mremap" in notes[0]
     labels = legend_labels(fig)
     for s in plots.STATUS_COLORS:
         assert any(l.startswith(f"pgoff {s} (") for l in labels), (s, labels)
@@ -344,7 +345,8 @@ def test_real_address_space(real, tmp_path):
         notes = [t for t in texts(fig) if t.startswith("vm_pgoff")]
         if pid == moved_pid:
             # mremap kept vm_pgoff: the band and its pgoff range part
-            assert notes and all("!= vm_start>>12" in t for t in notes)
+            assert notes and all("!= vm_start>>12" in t and "cause: mremap" in t
+                                 for t in notes)
             assert "64 moved" in the_ax(fig).get_title() or \
                 f"{sum(i.pgoff_status == 'moved' for i in items)} moved" in the_ax(fig).get_title()
             path = check_figure(fig, tmp_path, f"space-{pid}")
