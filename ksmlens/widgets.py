@@ -155,9 +155,8 @@ class Explorer:
             self._say(f"{len(self.frames)} saved snapshot(s)")
 
     # ------------------------------------------------------------ display
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
 
     @property
     def snap(self) -> Snapshot:

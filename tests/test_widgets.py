@@ -61,6 +61,9 @@ def test_explorer_on_saved_snapshots(tmp_path):
     assert ex.frame.value == 1 and ex.snap.counters["full_scans"] == 8
     assert [v for _, v in ex.pid.options] == [10, 12]
     assert "2 saved snapshot(s)" in ex.status.value
+    # a notebook shows the whole layout
+    view = ex._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == ex.widget.model_id
     assert ex.step_button.disabled and ex.wait_button.disabled and ex.refresh_button.disabled
     # pid 10 in frame 1: 7 items in 2 VMAs
     assert ex.pid.value == 10
