@@ -77,7 +77,8 @@ def jupyterlab(tmp_path):
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
          "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
          f"--LabApp.workspaces_dir={d / 'workspaces'}",
-         f"--LabApp.user_settings_dir={d / 'settings'}"],
+         f"--LabApp.user_settings_dir={d / 'settings'}",
+         f"--FileCheckpoints.checkpoint_dir={d / 'checkpoints'}"],   # not in the checkout
         cwd=ROOT / "notebooks", env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     base = f"http://127.0.0.1:{port}"
