@@ -3,7 +3,9 @@
 #
 #   ./setup.sh          install everything, then run the main job:
 #                       build + boot the default kernel variant, run the
-#                       mremap scenario, print the kernel's KSM counters
+#                       mremap scenario, print the kernel's KSM counters;
+#                       then execute notebooks/*.ipynb against a VM into
+#                       out/notebooks/*.html
 #   ./setup.sh --deps   install only (what .ci/run uses)
 #
 # Installs Debian packages (kernel source, QEMU, build tools), creates the
@@ -44,4 +46,10 @@ echo "setup: ksmlens is .venv/bin/ksmlens"
 if [ "${1:-}" = "--deps" ]; then
   exit 0
 fi
-exec .venv/bin/ksmlens demo
+.venv/bin/ksmlens demo
+# The notebooks, executed top to bottom against the default VM (booted for
+# them and powered off after, or reused if it is up).
+.venv/bin/ksmlens notebooks
+echo "setup: done. The executed notebooks: $(pwd)/out/notebooks/*.html (open them in a browser)."
+echo "setup: to run them yourself: .venv/bin/jupyter lab notebooks/  (it prints a"
+echo "setup: http://localhost:8888/lab?token=... link; as root add --allow-root)"
