@@ -20,6 +20,7 @@ are the Axes' single image.
 
 from __future__ import annotations
 
+import io
 from collections import Counter, defaultdict
 
 import matplotlib
@@ -44,11 +45,21 @@ STATE_MARKERS = {"stable": "o", "unstable": "^", "none": "x"}
 
 # ------------------------------------------------------------------ helpers
 
+class _NotebookFigure(Figure):
+    """A Figure made without pyplot (no global state, nothing to close)
+    that still shows as a PNG when it is a notebook cell's value."""
+
+    def _repr_png_(self):
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=90)
+        return buf.getvalue()
+
+
 def _axes(ax, size):
-    """(fig, ax): ``ax`` as given, or a new Agg-friendly Figure of ``size``."""
+    """(fig, ax): ``ax`` as given, or a new Figure of ``size`` (no pyplot)."""
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=size, layout="constrained")
+    fig = _NotebookFigure(figsize=size, layout="constrained")
     return fig, fig.add_subplot()
 
 

@@ -116,6 +116,16 @@ def test_address_space_errors_name_the_pids():
         plots.address_space(snap, 10, vma=0x1000)
 
 
+def test_a_figure_shows_as_png_in_a_notebook():
+    """IPython's display formatter (what a notebook cell's value goes
+    through) gets a PNG from a figure made without pyplot."""
+    from IPython.core.interactiveshell import InteractiveShell
+    fig = plots.address_space(small_space(), 10)
+    data, _ = InteractiveShell.instance().display_formatter.format(fig)
+    png = data["image/png"]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
 def test_draws_into_a_given_axes():
     from matplotlib.figure import Figure
     fig = Figure()
