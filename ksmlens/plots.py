@@ -187,9 +187,13 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                    marker=m, s=22, zorder=3, gid=f"items:{status}:{state}", **kw)
 
     ticks, labels = [], []
+    width = segs[-1][2] + segs[-1][1] - segs[-1][0]
     for lo, hi, x0 in segs:
-        ticks += [x0, x0 + hi - lo]
-        labels += [f"{lo:#x}", f"{hi:#x}"]
+        ticks.append(x0)
+        labels.append(f"{lo:#x}")
+        if hi - lo >= 0.1 * width:    # room for the end's label too
+            ticks.append(x0 + hi - lo)
+            labels.append(f"{hi:#x}")
     for (lo, hi, x0), nxt in zip(segs, segs[1:]):
         gx = (x0 + hi - lo + nxt[2]) / 2
         ax.text(gx, nrows - 0.5, "//", ha="center", va="center", fontsize=10, color="gray")
