@@ -524,11 +524,69 @@ def _record_anon_vmas(w: _Walker, anon_vmas: set) -> dict:
     return out
 
 
+class _PageTables:
+    """x86-64 4-level page-table lookups through the walker's 4 KiB page
+    cache (a page table page is read once): ``pfn(mm, address)`` is
+    ``follow_pfn()``'s answer, or None where nothing is mapped. Falls back
+    to drgn's ``follow_pfn()`` on 5-level paging or another architecture."""
+
+    PFN_MASK = 0x000F_FFFF_FFFF_F000
+    PRESENT, PSE = 0x1, 0x80
+
+    def __init__(self, w: _Walker):
+        self.w = w
+        prog = w.prog
+        self.fast = prog.platform.arch.name == "X86_64"
+        try:
+            if prog["__pgtable_l5_enabled"].value_():
+                self.fast = False
+        except (KeyError, LookupError):
+            pass
+        if self.fast:
+            from drgn.helpers.linux.mm import phys_to_virt
+            self.pob = phys_to_virt(prog, 0).value_()   # the direct map's base
+        self.pgd: dict[int, int] = {}
+        self.tables: dict[int, bytes] = {}
+
+    def _entry(self, table_virt: int, index: int) -> int | None:
+        buf = self.tables.get(table_virt)
+        if buf is None:
+            buf = self.w.read(table_virt, 0x1000)
+            if buf is None:
+                return None
+            self.tables[table_virt] = buf
+        return _Q.unpack_from(buf, index * 8)[0]
+
+    def pfn(self, mm: int, addr: int) -> int | None:
+        if not self.fast:
+            from drgn.helpers.linux.mm import follow_pfn
+            try:
+                return follow_pfn(Object(self.w.prog, "struct mm_struct *", mm),
+                                  addr).value_()
+            except FaultError:
+                return None
+        pgd = self.pgd.get(mm)
+        if pgd is None:
+            pgd = self.pgd[mm] = Object(self.w.prog, "struct mm_struct *", mm).pgd.value_()
+        table = pgd
+        for level, shift in enumerate((39, 30, 21, 12)):
+            e = self._entry(table, (addr >> shift) & 511)
+            if e is None or not e & self.PRESENT:
+                return None
+            base = (e & self.PFN_MASK) >> 12
+            if level in (1, 2) and e & self.PSE:      # 1 GiB / 2 MiB page
+                span = (1 << (shift - 12)) - 1
+                return (base & ~span) + ((addr >> 12) & span)
+            if level == 3:
+                return base
+            table = self.pob + (e & self.PFN_MASK)
+        return None
+
+
 def _mapped(w: _Walker, snap: Snapshot) -> dict:
     """For every (stable node, mm, address) the stock walk visits: does a
-    PTE of mm map the node's page there (``follow_pfn()``)?"""
-    from drgn.helpers.linux.mm import follow_pfn
-    prog = w.prog
+    PTE of mm map the node's page there?"""
+    pt = _PageTables(w)
     out = {}
     for node in snap.stable_nodes:
         if node.kind == "chain" or node.kpfn is None:
@@ -539,12 +597,8 @@ def _mapped(w: _Walker, snap: Snapshot) -> dict:
             w.race("stable rmap_item's anon_vma not recorded")
             continue
         for c in cands:
-            try:
-                pfn = follow_pfn(Object(prog, "struct mm_struct *", int(c["mm"], 16)),
-                                 c["address"]).value_()
-            except FaultError:
-                pfn = None
-            out[(node.id, c["mm"], c["address"])] = pfn == node.kpfn
+            out[(node.id, c["mm"], c["address"])] = \
+                pt.pfn(int(c["mm"], 16), c["address"]) == node.kpfn
     return out
 
 
