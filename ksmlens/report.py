@@ -81,7 +81,8 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     from .errors import KsmlensError
     items = sorted(snap.items_of(pid), key=lambda i: i.address)
     if not items and not any(s.pid == pid for s in snap.mm_slots):
-        pids = ", ".join(str(s.pid) for s in snap.mm_slots if s.pid is not None) or "none"
+        pids = ", ".join(str(p) for p in sorted(s.pid for s in snap.mm_slots
+                                                 if s.pid is not None)) or "none"
         raise KsmlensError(f"pid {pid} has no KSM mm slot",
                            f"processes known to KSM: {pids}")
     rows = [f"{'address':>14}  {'state':8}  {'stable_node':18}  {'addr_pgoff':>10}  "
@@ -175,4 +176,29 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
                     f"{i.remaining_skips:>5}  {nxt:9}  {r['schedule']:>8}  {'; '.join(note)}")
     rows.append(f"next visit: {n['processed']} processed, {n['skipped']} skipped "
                 f"(pages_skipped so far: {snap.counters.get('pages_skipped')})")
+    return "\n".join(rows)
+
+
+def hazard_table(snap: Snapshot) -> str:
+    """The union hazard (:func:`ksmlens.analysis.union_hazard`): STABLE
+    rmap_items on pages that are no longer KSM, the bytes 32..39 of each
+    (``oldchecksum`` | ``age`` << 32 | ``remaining_skips`` << 40, or the
+    stored pgoff) and what ksmd's next visit reads and writes there."""
+    from .analysis import union_hazard
+    hz = union_hazard(snap)
+    rows = [f"{'pid':>7}  {'address':>14}  {'bytes 32..39':>18}  {'stored pgoff':>12}  "
+            f"{'age':>3}  {'skips':>5}  next  {'age,skips after':>15}  bytes after"]
+    for h in hz:
+        it = snap.item(h["item"])
+        after = "-" if h["pgoff_after"] is None else f"{h['pgoff_after']:#018x}"
+        rows.append(f"{_num(h['pid']):>7}  {h['address']:>#14x}  {it.raw_union:>#18x}  "
+                    f"{_hex(h['stored_pgoff']):>12}  {h['age']:>3}  {h['remaining_skips']:>5}  "
+                    f"{h['next_visit'] or '-':4}  {h['age_after']:>7},{h['skips_after']:<7}  "
+                    f"{after}")
+    reads = hz[0]["smartscan_reads_stable"] if hz else None
+    rows.append(f"{len(hz)} STABLE rmap_items on non-KSM pages; " + (
+        "SmartScan reads age/remaining_skips from the stored pgoff (union hazard)"
+        if hz and hz[0]["hazard"] else
+        "SmartScan leaves STABLE items alone (v8)" if reads is False else
+        "no stored pgoff: SmartScan reads the item's own fields" if hz else "none"))
     return "\n".join(rows)
