@@ -134,7 +134,8 @@ def anon_vma_query(snap: Snapshot, anon_vma: str, start: int, last: int) -> list
             for a in interval_tree_foreach(t, rec["root"], rec["leftmost"], start, last)]
 
 
-def walk_candidates(snap: Snapshot, node: StableNode, rule: str) -> list[dict] | None:
+def walk_candidates(snap: Snapshot, node: StableNode, rule: str,
+                    _cache: dict | None = None) -> list[dict] | None:
     """Replay ``rmap_walk_ksm()`` of ``node``'s page under ``rule``: each
     (mm, address) it would hand to ``rmap_one()``, in order, as
     ``{"mm", "address", "avc", "vma_start", "vma_end", "vm_pgoff", "item",
@@ -151,7 +152,14 @@ def walk_candidates(snap: Snapshot, node: StableNode, rule: str) -> list[dict] |
             rng = rule_range(item, rule, has)
             if rng is None or item.anon_vma is None:
                 continue
-            for avc in anon_vma_query(snap, item.anon_vma, *rng):
+            if _cache is not None:
+                key = (item.anon_vma, rng)
+                avcs = _cache.get(key)
+                if avcs is None:
+                    avcs = _cache[key] = anon_vma_query(snap, item.anon_vma, *rng)
+            else:
+                avcs = anon_vma_query(snap, item.anon_vma, *rng)
+            for avc in avcs:
                 addr = item.address
                 if addr < avc["vm_start"] or addr >= avc["vm_end"]:
                     continue
@@ -164,7 +172,8 @@ def walk_candidates(snap: Snapshot, node: StableNode, rule: str) -> list[dict] |
     return out
 
 
-def replay_walks(snap: Snapshot, mapped: dict | None = None) -> Snapshot:
+def replay_walks(snap: Snapshot, mapped: dict | None = None, stock: dict | None = None
+                 ) -> Snapshot:
     """Replay every rule's walk for every stable page node of ``snap`` and
     fill ``StableNode.mappings`` / ``unmappable_under`` and
     ``RmapItem.walk`` in place (returns ``snap``).
@@ -173,17 +182,31 @@ def replay_walks(snap: Snapshot, mapped: dict | None = None) -> Snapshot:
     sub-ranges of the same trees, with the same filters). ``mapped`` maps
     ``(node id, mm, address)`` to whether a PTE of mm maps the node's page
     there (the snapshot walk reads the page tables); without it the values
-    already in ``node.mappings`` are kept. A rule is in ``unmappable_under``
+    already in ``node.mappings`` are kept. ``stock``: the stock rule's
+    candidates per node id, when already computed. A rule is in ``unmappable_under``
     when it misses a mapping that is mapped: the kernel's walk would leave
     that PTE in place (no migration, no reclaim of the page).
     """
+    import gc
+    was = gc.isenabled()
+    gc.disable()         # millions of small dicts, no cycles: the collector only costs
+    try:
+        return _replay_walks(snap, mapped, stock)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _replay_walks(snap, mapped, stock):
     owners = {s.mm: (s.pid, s.comm) for s in snap.mm_slots}
+    cache: dict = {}     # (anon_vma, range) -> avcs: the stock range repeats per anon_vma
     for node in snap.stable_nodes:
         if node.kind == "chain":
             continue
         old = {(m["mm"], m["address"]): m.get("mapped") for m in node.mappings}
-        stock = walk_candidates(snap, node, "stock")
-        found = {r: walk_candidates(snap, node, r) for r in RULES}
+        found = {r: (stock[node.id] if r == "stock" and stock and node.id in stock
+                     else walk_candidates(snap, node, r, cache)) for r in RULES}
+        stock = found["stock"]
         keys = {r: (None if f is None else {(c["mm"], c["address"]) for c in f})
                 for r, f in found.items()}
         mappings, seen = [], set()

@@ -268,7 +268,8 @@ def cmd_replay(a):
     print(f"{snap.kernel.release}: rmap_walk_ksm() uses "
           f"{snap.kernel.walk_rule or 'an unknown rule'!s}")
     for r in RULES:
-        mark = "" if r in rules else "  (n/a: struct ksm_rmap_item has no pgoff)"
+        mark = ("  (n/a: struct ksm_rmap_item has no pgoff)"
+                if r == "stored" and not snap.kernel.has_stored_pgoff else "")
         print(f"  {r:7} {RULE_HELP[r]}{mark}")
     nodes = [n for n in snap.stable_nodes if n.kind != "chain"]
     for r in rules:

@@ -259,6 +259,10 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
             q.cont()
             q.close()
     t_end = time.monotonic()
+    # The replay itself is pure computation on what the walk recorded (trees,
+    # PTEs): done after the guest runs again.
+    replay_walks(snap, snap.__dict__.pop("_mapped"), stock=snap.__dict__.pop("_stock_candidates"))
+    snap.meta["replay_seconds"] = round(time.monotonic() - t_end, 4)
     snap.meta.update({
         "mode": mode if is_live_target else "static",
         "paused_seconds": round(t_end - t_paused, 4) if pause else 0.0,
@@ -473,9 +477,9 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
     t = time.monotonic()
     snap.anon_vmas = _record_anon_vmas(w, {i.anon_vma for i in snap.rmap_items
                                            if i.state == "stable" and i.anon_vma})
-    mapped = _mapped(w, snap)
-    replay_walks(snap, mapped)
-    snap.meta["replay_seconds"] = round(time.monotonic() - t, 4)
+    snap._stock_candidates = {}
+    snap._mapped = _mapped(w, snap, snap._stock_candidates)
+    snap.meta["pte_seconds"] = round(time.monotonic() - t, 4)
     snap.meta["ksmd"] = _ksmd_state(prog)
     snap.meta["races"] = dict(w.races)
     snap.meta["reads"] = w.reads
@@ -583,16 +587,17 @@ class _PageTables:
         return None
 
 
-def _mapped(w: _Walker, snap: Snapshot) -> dict:
+def _mapped(w: _Walker, snap: Snapshot, stock: dict) -> dict:
     """For every (stable node, mm, address) the stock walk visits: does a
     PTE of mm map the node's page there?"""
     pt = _PageTables(w)
     out = {}
+    cache: dict = {}
     for node in snap.stable_nodes:
         if node.kind == "chain" or node.kpfn is None:
             continue
         try:
-            cands = walk_candidates(snap, node, "stock")
+            cands = stock[node.id] = walk_candidates(snap, node, "stock", cache)
         except KsmlensError:
             w.race("stable rmap_item's anon_vma not recorded")
             continue
