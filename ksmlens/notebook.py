@@ -55,6 +55,9 @@ class Lab:
         up = {s["name"]: s for s in list_vms() if s["running"]}
         if name in up:
             lab = cls(VM(name), False, time.monotonic() - t)
+            if up[name].get("variant") != variant:
+                print(f"note: VM {name!r} runs variant {up[name].get('variant')}, not "
+                      f"{variant}; `ksmlens vm down --name {name}` to get {variant}")
         else:
             lab = cls(VM.up(name, variant, numa=numa, quiet=True), True, time.monotonic() - t)
         print(lab.describe())
