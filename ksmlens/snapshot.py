@@ -26,7 +26,8 @@ from .errors import KsmlensError
 from .analysis import kernel_walk_rule, pgoff_status, replay_walks, walk_candidates
 from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
-                   PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, ksm_counters, ksm_settings)
+                   PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, ksm_counters, ksm_settings,
+                   ksm_unstable_tree_seqnr)
 
 __all__ = ["take_snapshot", "take_idle_snapshot"]
 
@@ -350,7 +351,7 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
         slot_items = slot.items
         ip, count = first, 0
         mm_hex = _hx(mm)
-        sel = seqnr & SEQNR_MASK
+        sel = ksm_unstable_tree_seqnr(prog)   # between passes: the previous pass's
         vma_hex = {}
         while ip:
             off = ip & 0xFFF

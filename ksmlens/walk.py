@@ -31,7 +31,7 @@ __all__ = [
     "rmap_item_vma", "rmap_item_tasks", "ksm_scan_cursor",
     "for_each_unstable_rmap_item", "anon_vma_interval_tree_foreach",
     "avc_start_pgoff", "avc_last_pgoff", "ksm_settings", "ksm_counters",
-    "folio_stable_node",
+    "folio_stable_node", "ksm_unstable_tree_seqnr",
 ]
 
 # mm/ksm.c
@@ -184,14 +184,30 @@ def rmap_item_state(item: Object) -> str:
 def rmap_item_in_unstable_tree(item: Object) -> bool:
     """Whether an UNSTABLE item is in the *current* unstable tree.
 
-    ``root_unstable_tree`` is reset every pass; an item from the previous
-    pass keeps UNSTABLE_FLAG (and still counts in ``pages_unshared``) but is
-    not in the tree: its seqnr differs from ``ksm_scan.seqnr & SEQNR_MASK``.
+    ``root_unstable_tree`` is reset every pass; an item from an older pass
+    keeps UNSTABLE_FLAG (and still counts in ``pages_unshared``) but is not
+    in the tree. The tree's items carry the seqnr of the pass that built it
+    (:func:`ksm_unstable_tree_seqnr`).
     """
     a = item.address.value_()
     if not a & UNSTABLE_FLAG:
         return False
-    return (a & SEQNR_MASK) == (item.prog_["ksm_scan"].seqnr.value_() & SEQNR_MASK)
+    return (a & SEQNR_MASK) == ksm_unstable_tree_seqnr(item.prog_)
+
+
+def ksm_unstable_tree_seqnr(prog: Program) -> int:
+    """The seqnr (``& SEQNR_MASK``) of the items in ``root_unstable_tree``.
+
+    During a pass it is ``ksm_scan.seqnr``. A pass ends with
+    ``ksm_scan.seqnr++`` but the roots are only reset when the next pass
+    starts (``scan_get_next_rmap_item()`` with ``ksm_scan.mm_slot ==
+    &ksm_mm_head``): between passes the tree still holds the previous pass's
+    items, ``seqnr - 1``."""
+    scan = prog["ksm_scan"]
+    seqnr = scan.seqnr.value_()
+    if scan.mm_slot.value_() == prog["ksm_mm_head"].address_ and seqnr:
+        seqnr -= 1
+    return seqnr & SEQNR_MASK
 
 
 def rmap_item_vma(item: Object) -> Optional[Object]:

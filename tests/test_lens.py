@@ -133,11 +133,16 @@ def test_live_walk_while_ksmd_runs_and_vmcore(vm, tmp_path):
                 cprog = attach(str(core), vmlinux=vm.state["vmlinux"])
                 from_core = take_snapshot(cprog)
                 same = take_snapshot(prog, mode="live")   # guest is paused: same state
+                from ksmlens.walk import for_each_unstable_rmap_item
+                tree = {f"0x{o.value_():x}" for o in for_each_unstable_rmap_item(prog)}
             finally:
                 q.cont()
         assert from_core.meta["mode"] == "static"
         assert sorted(i.id for i in from_core.rmap_items) == sorted(i.id for i in same.rmap_items)
         assert walk_counts(from_core) == walk_counts(same)
+        # in_unstable_tree (by seqnr, minding the window between passes when
+        # the tree still holds the previous pass's items) == the tree itself
+        assert {i.id for i in same.rmap_items if i.in_unstable_tree} == tree
 
 
 def test_wrong_vmlinux_is_refused(vm):

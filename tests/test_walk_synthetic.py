@@ -375,6 +375,23 @@ def test_rmap_item_in_unstable_tree_by_seqnr(k, seqnr, in_tree, stale):
     assert walk.rmap_item_seqnr(cur) == in_tree and walk.rmap_item_seqnr(old) == stale
 
 
+@pytest.mark.parametrize("seqnr, prev", [(0x1234, 0x33), (0x100, 0xFF)])
+def test_unstable_tree_between_passes(k, seqnr, prev):
+    """A pass ends with ksm_scan.seqnr++, but root_unstable_tree is reset only
+    when the next pass starts (ksm_scan.mm_slot == &ksm_mm_head): until then
+    the tree holds the previous pass's items."""
+    k.set_global("ksm_scan", "seqnr", seqnr)
+    k.set_global("ksm_scan", "mm_slot", k.sym("ksm_mm_head"))
+    prev_item = k.obj(new_rmap_item(k, 0x7f0000001000 | UNSTABLE_FLAG | prev), RI)
+    cur = k.obj(new_rmap_item(k, 0x7f0000002000 | UNSTABLE_FLAG | (seqnr & 0xFF)), RI)
+    assert walk.ksm_unstable_tree_seqnr(k.prog) == prev
+    assert walk.rmap_item_in_unstable_tree(prev_item) is True
+    assert walk.rmap_item_in_unstable_tree(cur) is False
+    k.set_global("ksm_scan", "mm_slot", 0)          # during a pass
+    assert walk.rmap_item_in_unstable_tree(cur) is True
+    assert walk.rmap_item_in_unstable_tree(prev_item) is False
+
+
 def test_rmap_item_stored_pgoff(k):
     item = new_rmap_item(k, 0x7f0000005000 | STABLE_FLAG)
     variant = variant_of(k.release)
