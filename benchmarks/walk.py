@@ -41,6 +41,7 @@ print(json.dumps({"items": len(snap.rmap_items), "walk": snap.meta["walk_seconds
                   "paused": snap.meta.get("paused_seconds", 0), "attach": t_attach,
                   "races": snap.meta.get("races", {}),
                   "replay": snap.meta.get("replay_seconds", 0),
+                  "pte": snap.meta.get("pte_seconds", 0),
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "base_mb": base / 1024}))
 """
@@ -78,8 +79,9 @@ def main():
                     m = measure(f"vm:{vm.name}", mode, vml)
                     print(f"  live QMP {mode:10}: {m['items']} items in {m['walk']:.2f} s = "
                           f"{m['items'] / m['walk']:,.0f} items/s, paused {m['paused']:.2f} s, "
-                          f"peak RSS {m['maxrss_mb']:.0f} MB, races {m['races']} (of which "
-                          f"anon_vma trees + PTEs + walk replay {m['replay']:.2f} s)")
+                          f"peak RSS {m['maxrss_mb']:.0f} MB, races {m['races']} (anon_vma trees + "
+                          f"PTEs {m['pte']:.2f} s of the walk; walk replay after it "
+                          f"{m['replay']:.2f} s)")
                 with tempfile.TemporaryDirectory(dir=os.path.expanduser("~/.cache")) as d:
                     core = os.path.join(d, "vm.core")
                     with vm.qmp(timeout=600) as q:
