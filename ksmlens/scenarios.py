@@ -99,6 +99,7 @@ class ScenarioRun:
         self.saved_knobs: dict = {}
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
+        self.written: dict[int, set[int]] = {}   # pid -> addresses made unique by `write`
 
     # -- lifecycle
     def start(self) -> dict:
@@ -175,10 +176,13 @@ class ScenarioRun:
         return [p["pid"] for p in self.info["procs"] if role is None or p["role"] == role]
 
     def pages_of(self, pid: int) -> int:
+        """How many of ``pid``'s pages KSM should merge: its pattern/same
+        regions, less the pages a ``write`` step made unique."""
         for p in self.info["procs"]:
             if p["pid"] == pid:
                 return sum(r["pages"] for r in p["regions"]
-                           if r.get("content") in ("pattern", "same"))
+                           if r.get("content") in ("pattern", "same")) \
+                    - len(self.written.get(pid, ()))
         raise KeyError(pid)
 
     def ksm_stat(self) -> dict:
@@ -333,14 +337,18 @@ def _cow_break(run: ScenarioRun) -> dict:
            f"cow-break: pid {pid} maps {before} -> {after} KSM pages, expected "
            f"{COW_BREAK_PAGES} fewer after writing into them")
     start = next(reg["start"] for p, reg in run.regions() if p == pid and reg["name"] == "data")
-    r.update(pid=pid, addresses=[start + k * 4096 for k in idx], ksm_pages_before=before,
-             ksm_pages_after=after)
+    addrs = [start + k * 4096 for k in idx]
+    run.written.setdefault(pid, set()).update(addrs)
+    r.update(pid=pid, addresses=addrs, ksm_pages_before=before, ksm_pages_after=after)
     return r
 
 
 def _resume(run: ScenarioRun) -> dict:
     run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
-    return {"run": 1}
+    # two increments of full_scans: every item was visited at least once, so the
+    # written pages' rmap_items have left their stable nodes
+    c = ksmsys.wait_full_scans(run.vm, 2, timeout=MERGE_TIMEOUT)
+    return {"run": 1, "full_scans": c["full_scans"]}
 
 
 def _opt(run: ScenarioRun, name: str, default):
@@ -375,7 +383,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
               Step("cow-break", f"hold ksmd (run=0), write into {COW_BREAK_PAGES} merged "
                    "pages of the first sharer: COW breaks them, their rmap_items stay "
                    "STABLE until ksmd's next visit (the union hazard)", _cow_break),
-              Step("resume", "let ksmd run again (run=1)", _resume)),
+              Step("resume", "let ksmd run again (run=1) for two full scans: the "
+                   "written pages' rmap_items leave their stable nodes", _resume)),
              knobs={"smart_scan": 1}),
     Scenario("fork", "merge, then fork: the child shares KSM pages through the "
              "anon_vma hierarchy", (),
