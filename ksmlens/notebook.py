@@ -134,7 +134,9 @@ def run_notebook(path, html: Path | str | None = None, *, timeout: float = 900,
         Path(html).parent.mkdir(parents=True, exist_ok=True)
         Path(html).write_text(body)
     if err is not None:
-        lines = [l for l in str(err).splitlines() if l.strip()]
+        import re
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))     # IPython's colours
+        lines = [l for l in text.splitlines() if l.strip()]
         last = next((l for l in reversed(lines) if "Error" in l), lines[-1] if lines else "")
         raise KsmlensError(f"notebook {path.name} failed: {last.strip()}",
                            f"open it with `.venv/bin/jupyter lab {path}`"
