@@ -323,7 +323,8 @@ def cmd_watch(a):
     def show(s, d):
         print(summary(s).splitlines()[0] if d is None else d.summary(), flush=True)
 
-    tl = watch(prog, vm, count=a.count, scans=a.scans, seconds=a.every, on_frame=show)
+    tl = watch(prog, vm, count=a.count, scans=a.scans, seconds=a.every, on_frame=show,
+               pace_ms=a.pace)
     if a.output:
         print(f"timeline saved to {tl.save(a.output)}/frame-*.json", file=sys.stderr)
     return 0
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--scans", type=int, default=1, help="full scans between snapshots")
     wt.add_argument("--every", type=float, metavar="S", help="seconds between snapshots "
                     "instead of full scans")
+    wt.add_argument("--pace", type=int, metavar="MS", help="set ksmd's sleep_millisecs to MS "
+                    "while watching (restored after), so frames are exactly --scans full "
+                    "scans apart even when ksmd scans faster than the host polls")
     wt.add_argument("-o", "--output", metavar="DIR", help="save the timeline here")
     wt.set_defaults(fn=cmd_watch)
 

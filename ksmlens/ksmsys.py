@@ -176,7 +176,7 @@ def wait_until(vm, predicate, *, timeout: float, what: str, poll: float = 0.5):
         time.sleep(poll)
 
 
-def wait_full_scans(vm, n: int = 1, *, timeout: float = 120.0) -> dict:
+def wait_full_scans(vm, n: int = 1, *, timeout: float = 120.0, poll: float = 0.5) -> dict:
     """Wait until ksmd has completed ``n`` more full scans."""
     start = read_counters(vm)
     if start.get("run") != 1:
@@ -184,4 +184,4 @@ def wait_full_scans(vm, n: int = 1, *, timeout: float = 120.0) -> dict:
                            "set run=1 (a scenario does) before waiting for scans")
     target = start["full_scans"] + n
     return wait_until(vm, lambda c: c["full_scans"] >= target, timeout=timeout,
-                      what=f"{n} more full scan(s)")
+                      what=f"{n} more full scan(s)", poll=poll)

@@ -123,25 +123,36 @@ class Timeline:
 
 def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | None = None,
           on_frame: Callable[[Snapshot, SnapshotDiff | None], None] | None = None,
-          timeout: float = 120.0) -> Timeline:
+          pace_ms: int | None = None, timeout: float = 120.0) -> Timeline:
     """Take ``count`` paused snapshots of ``vm`` (each while ksmd is idle,
     see :func:`ksmlens.snapshot.take_idle_snapshot`): the first now, then one
     after every ``scans`` full scans of ksmd (or every ``seconds``).
-    ``on_frame(snapshot, diff_from_previous)`` is called as each arrives."""
+    ``on_frame(snapshot, diff_from_previous)`` is called as each arrives.
+
+    A fast-scanning ksmd can finish several passes while the host polls
+    ``full_scans``; ``pace_ms`` sets ksmd's ``sleep_millisecs`` to that for
+    the watch (and puts it back after), so each frame lands in the sleep
+    right after the pass it waits for: frames exactly ``scans`` apart."""
     from . import ksmsys
     from .snapshot import take_idle_snapshot
     if count < 1:
         raise KsmlensError("watch needs --count >= 1", "")
+    saved = ksmsys.set_knobs(vm, sleep_millisecs=pace_ms) if pace_ms else {}
     tl = Timeline()
-    for k in range(count):
-        if k:
-            if seconds is not None:
-                time.sleep(seconds)
-            else:
-                ksmsys.wait_full_scans(vm, scans or 1, timeout=timeout)
-        s = take_idle_snapshot(prog, vm)
-        d = diff(tl.frames[-1], s) if tl.frames else None
-        tl.frames.append(s)
-        if on_frame:
-            on_frame(s, d)
+    try:
+        for k in range(count):
+            if k:
+                if seconds is not None:
+                    time.sleep(seconds)
+                else:
+                    ksmsys.wait_full_scans(vm, scans or 1, timeout=timeout,
+                                           poll=0.05 if pace_ms else 0.5)
+            s = take_idle_snapshot(prog, vm)
+            d = diff(tl.frames[-1], s) if tl.frames else None
+            tl.frames.append(s)
+            if on_frame:
+                on_frame(s, d)
+    finally:
+        if saved:
+            ksmsys.set_knobs(vm, **saved)
     return tl

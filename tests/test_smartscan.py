@@ -10,6 +10,7 @@ SmartScan then reads its age / remaining_skips out of the stored pgoff.
 
 import pytest
 
+from ksmlens import ksmsys
 from ksmlens.analysis import smartscan_forecast, union_hazard
 from ksmlens.attach import attach
 from ksmlens.scenarios import COW_BREAK_PAGES, ScenarioRun
@@ -118,14 +119,17 @@ def test_watch_and_diff(vm, tmp_path):
         first = take_idle_snapshot(prog, vm)
         run.step("resume")
         frames = []
-        tl = watch(prog, vm, count=3, scans=1, on_frame=lambda s, d: frames.append(d))
+        before = ksmsys.read_counters(vm)["sleep_millisecs"]
+        tl = watch(prog, vm, count=3, scans=1, on_frame=lambda s, d: frames.append(d),
+                   pace_ms=1500)
+        assert ksmsys.read_counters(vm)["sleep_millisecs"] == before   # pace put back
         assert len(tl.frames) == 3 and frames[0] is None
         d = diff(first, tl.frames[0])
         written = sorted((res["pid"], a) for a in res["addresses"])
         assert sorted(set(d.unmerged) & set(written)) == written
         assert sum(d.skipped.values()) == d.counters["pages_skipped"]
         for x in tl.diffs():
-            assert x.full_scans[1] > x.full_scans[0]
+            assert x.full_scans[1] == x.full_scans[0] + 1, x.summary()   # paced: one scan
             assert sum(x.skipped.values()) == x.counters["pages_skipped"], x.summary()
         tl.save(tmp_path / "tl")
         again = Timeline.load(tmp_path / "tl")
