@@ -26,7 +26,8 @@ from .model import RmapItem, Snapshot, StableNode
 __all__ = ["pgoff_status", "VM_GROWSDOWN", "STATUSES", "RULES", "RULE_HELP", "VARIANT_RULE",
            "kernel_walk_rule", "rule_range", "anon_vma_query", "walk_candidates",
            "replay_walks", "walk_misses", "skip_age", "smartscan_visit",
-           "smartscan_simulate", "smartscan_next", "union_hazard", "stale_items"]
+           "smartscan_next", "smartscan_forecast", "page_is_ksm", "scan_position",
+           "visits_between", "union_hazard", "stale_items"]
 
 VM_GROWSDOWN = 0x100  # include/linux/mm.h
 STATUSES = ("ok", "moved", "no_vma", "stored_unset", "stored_stale")

@@ -93,3 +93,12 @@ def test_smartscan_model_by_hand():
     assert smartscan_visit(255, 0) == (255, 8, False)     # age saturates at U8_MAX
     # the union hazard's first visit: age 7 read from a pgoff of 0x7f...
     assert smartscan_visit(7, 0) == (8, 4, False)
+
+
+def test_public_names_exist():
+    """Every module's ``__all__`` names something real (``import *`` works)."""
+    import importlib
+    for m in ("analysis", "walk", "verify", "watch", "snapshot", "itree", "plots", "widgets",
+              "report", "notebook", "model", "check"):
+        mod = importlib.import_module(f"ksmlens.{m}")
+        assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], m
