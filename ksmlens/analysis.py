@@ -189,6 +189,7 @@ def replay_walks(snap: Snapshot, mapped: dict | None = None, stock: dict | None 
     that PTE in place (no migration, no reclaim of the page).
     """
     import gc
+    snap.__dict__.pop("_mapped_idx", None)
     was = gc.isenabled()
     gc.disable()         # millions of small dicts, no cycles: the collector only costs
     try:
@@ -298,14 +299,11 @@ def page_is_ksm(snap: Snapshot, item: RmapItem) -> bool:
     them STABLE on its last visit)."""
     if item.state != "stable" or item.stable_node is None:
         return False
-    try:
-        node = snap.node(item.stable_node)
-    except KeyError:
-        return False
-    for m in node.mappings:
-        if m["mm"] == item.mm and m["address"] == item.address:
-            return bool(m["mapped"])
-    return False
+    idx = snap.__dict__.get("_mapped_idx")
+    if idx is None:      # built once per snapshot (replay_walks drops it)
+        idx = snap._mapped_idx = {(n.id, m["mm"], m["address"]): bool(m["mapped"])
+                                  for n in snap.stable_nodes for m in n.mappings}
+    return idx.get((item.stable_node, item.mm, item.address), False)
 
 
 def smartscan_next(snap: Snapshot, item: RmapItem, visits: int = 1) -> dict:
@@ -365,10 +363,12 @@ def _pending(snap: Snapshot, item: RmapItem) -> int:
     cur = snap.scan.get("mm_slot")
     if snap.scan.get("at_pass_start") or cur is None:
         return 1
-    idx = {s.id: k for k, s in enumerate(snap.mm_slots)}
-    if cur not in idx:
+    k = next((k for k, s in enumerate(snap.mm_slots) if s.id == cur), None) \
+        if "_cursor_idx" not in snap.__dict__ else snap._cursor_idx
+    snap._cursor_idx = k
+    if k is None:
         return 1
-    return int(scan_position(snap, item) >= (idx[cur], snap.scan.get("address", 0)))
+    return int(scan_position(snap, item) >= (k, snap.scan.get("address", 0)))
 
 
 def visits_between(a: Snapshot, b: Snapshot, item: RmapItem) -> int:
@@ -384,17 +384,14 @@ def smartscan_forecast(snap: Snapshot, full_scans: int) -> dict:
     next ``full_scans`` full scans (per count 0..full_scans) and each
     item's age / remaining_skips after them. Assumes no page changes its
     KSM status meanwhile (no new merges, no writes)."""
-    per_n = []
-    for n in range(full_scans + 1):
-        total = 0
-        for it in snap.rmap_items:
-            v = n - 1 + _pending(snap, it) if n else 0
-            total += smartscan_next(snap, it, v)["skipped"] if v > 0 else 0
-        per_n.append(total)
+    per_n = [0] * (full_scans + 1)
     items = {}
     for it in snap.rmap_items:
-        v = full_scans - 1 + _pending(snap, it) if full_scans else 0
-        items[it.id] = smartscan_next(snap, it, v)
+        p = _pending(snap, it)
+        res = items[it.id] = smartscan_next(snap, it, full_scans - 1 + p if full_scans else 0)
+        # a shorter run is a prefix of the same schedule
+        for n in range(1, full_scans + 1):
+            per_n[n] += res["schedule"][:n - 1 + p].count("S")
     return {"pages_skipped_delta": per_n, "items": items}
 
 

@@ -214,13 +214,8 @@ def cmd_check(a):
 
 
 def cmd_report(a):
-    from .model import Snapshot
     from .report import process_table, stable_table, summary
-    if a.snapshot:
-        snap = Snapshot.load(a.snapshot)
-    else:
-        from .snapshot import take_snapshot
-        snap = take_snapshot(_attach(a), mode=a.mode)
+    snap = _snap_or_live(a)
     print(summary(snap))
     print()
     print(stable_table(snap, limit=None if a.all else 50))
@@ -234,7 +229,7 @@ def _snap_or_live(a):
     if getattr(a, "snapshot", None):
         return Snapshot.load(a.snapshot)
     from .snapshot import take_snapshot
-    return take_snapshot(_attach(a))
+    return take_snapshot(_attach(a), mode=getattr(a, "mode", "consistent"))
 
 
 def cmd_verify(a):
