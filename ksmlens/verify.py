@@ -221,6 +221,12 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
     swap cache). Per page ``predicted`` is ``unmapped`` / ``mapped`` and
     ``observed`` ``swapped`` / ``mapped`` / ``gone`` (not the predicted page).
 
+    The outcome does not trust the snapshot's idea of what is mapped: every
+    candidate mapping of the walk replay is read back, including those the
+    snapshot says no PTE maps (``predicted`` ``absent``); one that mapped the
+    page after all is a disagreement, and a page still mapped anywhere
+    ``stayed``.
+
     Reclaim is repeated until nothing changes (see
     :mod:`ksmlens.guest.reclaim`): a page's first pass may only clear young
     bits and activate it (``folio_check_references()``); no timer decides.
@@ -242,12 +248,14 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to verify",
                                "run a scenario first (`ksmlens scenario run mremap --keep`)")
         page = 1 << snap.kernel.page_shift
-        want: dict[tuple[int, int], tuple[str, bool]] = {}   # (pid, addr) -> (node, found)
+        # (pid, addr) -> (node, found, mapped): every candidate of the replay
+        want: dict[tuple[int, int], tuple[str, bool, bool]] = {}
         for n in snap.stable_nodes:
             if n.id in pred:
                 for m in n.mappings:
-                    if m["mapped"] and m["pid"] is not None:
-                        want[(m["pid"], m["address"])] = (n.id, bool(m["found"][rule]))
+                    k = (m["pid"], m["address"])
+                    if m["pid"] is not None and not (k in want and want[k][2]):
+                        want[k] = (n.id, bool(m["found"][rule]), bool(m["mapped"]))
         ranges = []
         for pid in sorted({p for p, _ in want}):
             ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
@@ -261,25 +269,27 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             addr = r["start"] + k * page
             if (r["pid"], addr) not in want:
                 continue
-            nid, found = want[(r["pid"], addr)]
+            nid, found, mapped = want[(r["pid"], addr)]
             kpfn = snap.node(nid).kpfn
             if p["before_pfn"] != kpfn:
-                obs = "gone"            # not the page predicted about any more
+                # not the page predicted about (any more), or rightly absent
+                obs = "gone" if mapped else "absent"
             elif p["present"] and p["pfn"] == kpfn:
                 obs = "mapped"
             elif p["swapped"] and not p["present"]:
                 obs = "swapped"
             else:
                 obs = "gone"
-            pr = "unmapped" if found else "mapped"
+            pr = "absent" if not mapped else "unmapped" if found else "mapped"
+            agree = obs == "absent" if pr == "absent" else \
+                (pr == "unmapped") == (obs == "swapped") and obs != "gone"
             pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["before_pfn"],
-                          "found": found, "predicted": pr, "observed": obs,
-                          "agree": (pr == "unmapped") == (obs == "swapped") and obs != "gone"})
+                          "found": found, "predicted": pr, "observed": obs, "agree": agree})
     rows = []
     for n in snap.stable_nodes:
         if n.id not in pred:
             continue
-        ps = [p for p in pages if p["node"] == n.id]
+        ps = [p for p in pages if p["node"] == n.id and p["observed"] != "absent"]
         obs = {p["observed"] for p in ps}
         if not ps or "gone" in obs:
             observed = "gone"

@@ -219,3 +219,29 @@ def test_verify_by_reclaim_cli(vm):
     assert d["by"] == "reclaim" and d["agree"] and d["rule"] == "v3"
     assert d["counts"]["predicted_stay"] == d["counts"]["observed_stayed"] == 16
     assert d["reclaim"]["swap"]["device"] == "/dev/zram0"
+
+
+@pytest.mark.vm
+def test_prot_none_reclaim_on_v3(vm):
+    """PROT_NONE PTEs are present to the kernel (x86 pte_present()): on v3 the
+    moved, PROT_NONE mappings keep their KSM pages through reclaim."""
+    if vm.state["variant"] != "v3":
+        pytest.skip("the kernel where the moved mappings are missed")
+    with ScenarioRun(vm, "prot-none") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        moved_pid, moved = next((p, r) for p, r in run.regions() if r.get("moved_from"))
+        res = verify(vm, by="reclaim")
+        print(res.table())
+    moved_pages = {(moved_pid, moved["start"] + k * 4096) for k in range(moved["pages"])}
+    obs = {(p["pid"], p["address"]): p["observed"] for p in res.pages}
+    # the kernel's side, whatever the snapshot says about PROT_NONE
+    assert moved_pages <= set(obs)
+    assert {obs[k] for k in moved_pages} == {"mapped"}
+    assert {o for k, o in obs.items() if k not in moved_pages} == {"swapped"}
+    assert {r["observed"] for r in res.rows} == {"stayed"}
+    if not res.agree:
+        # issue 9 item 2: the snapshot reads a PROT_NONE PTE as not present,
+        # so it predicts the page is reclaimed; make this an assert once fixed
+        pytest.xfail("snapshot: PROT_NONE mappings read as absent "
+                     f"({sum(p['predicted'] == 'absent' for p in res.pages)} mappings)")
