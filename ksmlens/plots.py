@@ -627,6 +627,9 @@ def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None,
 
 _PRED = ("moves", "stays")
 _OBS = ("moved", "stayed", "mixed")
+# verify --by reclaim: nodes reclaimed/stays, mappings unmapped/mapped/absent
+_PRED_RECLAIM = ("reclaimed", "stays", "unmapped", "mapped")
+_OBS_RECLAIM = ("reclaimed", "stayed", "swapped", "mapped")
 
 
 def verify_outcome(result, ax=None) -> Figure:
@@ -635,15 +638,20 @@ def verify_outcome(result, ax=None) -> Figure:
     ``rule``, ``rows`` and ``pages``, or such a dict): rows = predicted
     (moves/stays), columns = observed (moved/stayed/mixed), each cell the
     number of stable nodes and of pages there; agreeing cells green, the
-    others red. Returns the Figure."""
+    others red. A reclaim result (``by == "reclaim"``) has its own words:
+    nodes reclaimed/stays, mappings unmapped/mapped (swapped/mapped
+    observed). Returns the Figure."""
     rule = _get(result, "rule")
+    by = (result.get("by") if isinstance(result, dict) else getattr(result, "by", None)) \
+        or "migration"
+    base_pred, base_obs = (_PRED_RECLAIM, _OBS_RECLAIM) if by == "reclaim" else (_PRED, _OBS)
     rows = list(_get(result, "rows"))
     pages = list(_get(result, "pages"))
     if not rows and not pages:
         raise KsmlensError("the verification result has no rows and no pages",
                            "run the verification on a VM where pages are merged")
-    preds = list(_PRED) + sorted({r["predicted"] for r in rows + pages} - set(_PRED))
-    obs = list(_OBS) + sorted({r["observed"] for r in rows + pages} - set(_OBS))
+    preds = list(base_pred) + sorted({r["predicted"] for r in rows + pages} - set(base_pred))
+    obs = list(base_obs) + sorted({r["observed"] for r in rows + pages} - set(base_obs))
     nodes = Counter((r["predicted"], r["observed"]) for r in rows)
     pcount = Counter((p["predicted"], p["observed"]) for p in pages)
     agree_cell = {}
@@ -664,7 +672,8 @@ def verify_outcome(result, ax=None) -> Figure:
     ax.set_ylim(len(preds) - 0.5, -0.5)
     ax.set_xticks(range(len(obs)), obs)
     ax.set_yticks(range(len(preds)), preds)
-    ax.set_xlabel("observed (kernel: did the page move?)")
+    ax.set_xlabel("observed (kernel: did the page move?)" if by != "reclaim" else
+                  "observed (kernel: memory.reclaim; did the page / mapping go?)")
     ax.set_ylabel(f"predicted by rule '{rule}'")
     na = sum(1 for r in rows if r["agree"])
     pa = sum(1 for p in pages if p["agree"])

@@ -292,6 +292,24 @@ def test_verify_outcome_from_a_dict(tmp_path):
     check_figure(fig, tmp_path, "verify")
 
 
+def test_verify_outcome_of_reclaim(tmp_path):
+    """verify --by reclaim's words: v3's shape (16 nodes stay, the moved
+    process's 64 mappings stay mapped, the other's 64 are swapped out)."""
+    rows = [{"node": f"n{k}", "predicted": "stays", "observed": "stayed", "agree": True}
+            for k in range(16)]
+    pages = [{"pid": 1 + k % 2, "address": k, "node": f"n{k % 16}",
+              "predicted": "mapped" if k % 2 else "unmapped",
+              "observed": "mapped" if k % 2 else "swapped", "agree": True} for k in range(128)]
+    fig = plots.verify_outcome({"rule": "v3", "by": "reclaim", "rows": rows, "pages": pages})
+    cnt = {t.get_gid(): t.get_text() for t in the_ax(fig).texts}
+    assert cnt["count:stays:stayed"] == "16 nodes\n0 pages"
+    assert cnt["count:unmapped:swapped"] == "0 nodes\n64 pages"
+    assert cnt["count:mapped:mapped"] == "0 nodes\n64 pages"
+    assert "count:moves:moved" not in cnt
+    assert "reclaim" in the_ax(fig).get_xlabel()
+    check_figure(fig, tmp_path, "verify-reclaim")
+
+
 # ------------------------------------------------------------------ real guests
 
 @pytest.fixture(scope="module")
