@@ -644,6 +644,12 @@ def _swap_out(run: ScenarioRun) -> dict:
     _hold(run)
     data, pinned = _region(run, pid, "data"), _region(run, pid, "pinned")
     kpfn = run.page_states(pid, "pinned")[0]["pages"][0]["pfn"]
+    # MADV_PAGEOUT takes only folios mapped once (madvise_cold_or_pageout_
+    # pte_range()): the data region's KSM pages, mapped 4 times each, stay.
+    run.command(f"madvise {pid} data pageout 0 {data['pages']}")
+    left = sum(pg["present"] for pg in run.page_states(pid, "data")[0]["pages"])
+    _check(left == data["pages"], f"swap: MADV_PAGEOUT paged out {data['pages'] - left} "
+           "KSM pages mapped 4 times")
     c0, st0 = ksmsys.read_counters(run.vm), ksmsys.read_ksm_stat(run.vm, [pid])[pid]
     # A pipe reference (vmsplice) makes pageout() keep the pinned KSM page
     # in the swap cache: zram, a synchronous device, frees the others at once.
@@ -668,7 +674,7 @@ def _swap_out(run: ScenarioRun) -> dict:
            f"swap: the pinned KSM page (pfn {kpfn:#x}) is not an unmapped swap-cache page: "
            f"{pf}")
     run.marks["swap_kpfn"] = kpfn
-    return {"pid": pid, "swap": swap, "rounds": res["rounds"],
+    return {"pid": pid, "swap": swap, "pageout_left_mapped": left, "rounds": res["rounds"],
             "swapped_per_round": res["swapped_per_round"], "ksm_stat": st,
             "smaps_rollup": {k: roll.get(k) for k in ("KSM", "Swap", "Rss")},
             "kpfn": kpfn, "kpfn_flags": pf}
@@ -913,7 +919,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "cgroup (swap on zram): STABLE rmap_items over swap PTEs, a stable node "
              "whose page sits in the swap cache", (),
              (Step("merged", MERGED.help, _merged_all),
-              Step("swap-out", "swap on zram (set up once), hold ksmd (run=0), pin one "
+              Step("swap-out", "swap on zram (set up once), hold ksmd (run=0); "
+                   "MADV_PAGEOUT leaves the 4-times-mapped KSM pages alone; pin one "
                    "KSM page with a pipe (vmsplice), memory.reclaim until every page is a "
                    "swap entry (pagemap); ksm_stat and counters unchanged; the pinned KSM "
                    "page stays in the swap cache (kpageflags), mapcount 0", _swap_out),

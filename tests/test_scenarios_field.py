@@ -162,6 +162,7 @@ def test_swap(vm):
     r = _run(vm, "swap")
     out = r["swap-out"]
     assert out["swap"]["device"] == "/dev/zram0"
+    assert out["pageout_left_mapped"] == 64       # MADV_PAGEOUT: mapped once only
     # 66 pages, STABLE rmap_items over swap PTEs while ksmd is held
     assert (out["ksm_stat"]["ksm_rmap_items"], out["ksm_stat"]["ksm_merging_pages"]) == (66, 66)
     assert out["smaps_rollup"]["KSM"] == 0 and out["smaps_rollup"]["Swap"] >= 264
