@@ -10,6 +10,7 @@
   mm/ksm.c and the link)
 * `vm up` to a ready agent
 * each scenario's time to its merged state (and per step)
+* `verify` on the mremap scenario, by migration and by reclaim
 """
 
 import argparse
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ksmlens import kbuild  # noqa: E402
 from ksmlens.scenarios import SCENARIOS, ScenarioRun  # noqa: E402
+from ksmlens.verify import verify  # noqa: E402
 from ksmlens.vm import VM  # noqa: E402
 
 
@@ -67,6 +69,15 @@ def main():
                 total = time.monotonic() - t
             steps = ", ".join(f"{k} {v:.1f} s" for k, v in run.timings.items())
             print(f"scenario {name}: merged state in {total:.1f} s ({steps})")
+        for by in ("migration", "reclaim"):
+            with ScenarioRun(vm, "mremap") as run:
+                for st in run.scenario.steps:
+                    run.step(st.name)
+                res = verify(vm, by=by)
+            print(f"verify --by {by} (mremap, {len(res.pages)} mappings): "
+                  + ", ".join(f"{k} {v} s" for k, v in res.seconds.items())
+                  + (f", {res.extra['reclaim']['rounds']} memory.reclaim round(s)"
+                     if by == "reclaim" else ""))
     finally:
         vm.down()
 
