@@ -33,7 +33,7 @@ from matplotlib.patches import Patch, Rectangle
 from .errors import KsmlensError
 from .model import Snapshot
 
-from .analysis import RULES, smartscan_visit, skip_age
+from .analysis import RULES, item_status, smartscan_visit, skip_age
 
 __all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
            "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome"]
@@ -176,7 +176,7 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                         fontsize=8, color="#d62728", zorder=4)
     groups = defaultdict(list)
     for it in items:
-        groups[(it.pgoff_status or "ok", it.state)].append(it)
+        groups[(item_status(it), it.state)].append(it)
     for (status, state), its in sorted(groups.items()):
         xs = to_x([i.address >> shift for i in its]) + 0.5
         ys = [rows[(i.vma_start, i.vma_end, i.vm_pgoff)] if i.vma_start is not None
@@ -212,7 +212,7 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     ax.set_ylim(nrows - 0.45, -0.6)
     ax.set_xlabel(f"virtual page number (address >> {shift}; gaps cut short)")
     ax.set_ylabel("VMAs holding rmap_items")
-    st = Counter(i.pgoff_status or "ok" for i in items)
+    st = Counter(item_status(i) for i in items)
     ss = Counter(i.state for i in items)
     handles = [Patch(facecolor="#c6dbef", edgecolor="#08519c", label="VMA [vm_start, vm_end)"),
                Patch(facecolor="none", edgecolor="#08519c", hatch="////",
