@@ -268,7 +268,10 @@ def _replay_walks(snap, mapped, stock):
             mappings.append(m)
         node.mappings = mappings
         node.reachable = sum(1 for m in mappings if m["mapped"])
-        node.unreachable = max(0, (node.mapcount or 0) - node.reachable)
+        # only for a page that is still this node's KSM page (a stale node's
+        # kpfn may have been freed and reused: its mapcount is someone else's)
+        own = node.page_is_ksm and node.page_stable_node == node.id
+        node.unreachable = max(0, (node.mapcount or 0) - node.reachable) if own else 0
         node.unmappable_under = [r for r in RULES if keys[r] is not None and (
             node.unreachable or any(m["mapped"] and not m["found"][r] for m in mappings))]
         for iid in node.items:
@@ -474,6 +477,8 @@ def union_hazard(snap: Snapshot) -> list[dict]:
     item: pid, address, stored pgoff, the bytes SmartScan reads, and what
     the next visit does."""
     out = []
+    if not snap.counters.get("smart_scan", 1):
+        return out       # should_skip_rmap_item() returns before it reads anything
     reads = _smartscan_reads_stable(snap)
     for it in snap.rmap_items:
         if it.state != "stable" or not will_visit(it) or page_is_ksm(snap, it):

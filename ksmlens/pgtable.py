@@ -44,7 +44,11 @@ _PAGE_PSE = 1 << 7                       # a 2 MiB (PMD) or 1 GiB (PUD) leaf
 _PAGE_GLOBAL = 1 << 8
 _PAGE_PROTNONE = _PAGE_GLOBAL            # only meaningful when !_PAGE_PRESENT
 _PAGE_SPECIAL = 1 << 9                   # _PAGE_BIT_SOFTW1: pte_special()
-_PAGE_SAVED_DIRTY = 1 << 57              # _PAGE_BIT_SOFTW5, X86_USER_SHADOW_STACK kernels
+# _PAGE_BIT_SOFTW5 (58): since 6.6 ("x86/mm: Introduce _PAGE_SAVED_DIRTY") every
+# x86-64 kernel keeps the dirty bit of a read-only PTE here (Write=0, Dirty=1
+# would mean shadow stack): a KSM zero page's PTE is read-only, so its "dirty"
+# is this bit. Unused (0) on older kernels.
+_PAGE_SAVED_DIRTY = 1 << 58
 _PAGE_NX = 1 << 63
 _PAGE_KNL_ERRATUM_MASK = _PAGE_DIRTY | _PAGE_ACCESSED   # ignored by pte_none()
 # __PHYSICAL_MASK_SHIFT 52: PTE_PFN_MASK = PHYSICAL_PAGE_MASK
@@ -76,7 +80,7 @@ def pte_pfn(v: int) -> int:
 
 
 def pte_dirty(v: int) -> bool:
-    """``pte_dirty()``: ``_PAGE_DIRTY`` or, on shadow-stack kernels, the saved dirty bit."""
+    """``pte_dirty()``: ``_PAGE_DIRTY_BITS``, the hardware or the saved dirty bit."""
     return bool(v & (_PAGE_DIRTY | _PAGE_SAVED_DIRTY))
 
 

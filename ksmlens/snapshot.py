@@ -541,6 +541,9 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
                 pfns = _read_ptes(w, pt, pgd, vmas, mm_objs, slot, zero_pfn, vmemmap, shift)
                 mapped_pfns.append(pfns)
             else:
+                # exit_mmap() zapped the page tables (each KSM zero page
+                # decremented the counters as it went): nothing is mapped
+                slot.ksm_zero_pages = 0
                 for it in mm_objs:
                     it.will_visit, it.not_visited = False, "mm_exited"
         slots.append(slot)

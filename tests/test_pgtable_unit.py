@@ -93,6 +93,10 @@ def test_bits_follow_the_kernel():
     assert P.pte_none(P._PAGE_DIRTY | P._PAGE_ACCESSED)       # the KNL erratum bits
     assert P.pte_pfn(P._PAGE_PROTNONE | (~(0x42 << 12) & P.PTE_PFN_MASK)) == 0x42
     assert P.pte_dirty(P._PAGE_SAVED_DIRTY) and not P.pte_dirty(P._PAGE_ACCESSED)
+    # a KSM zero page's PTE as a 6.12 guest holds it (read-only: dirty saved in bit 58)
+    ksm_zero = 0x840000000210c225
+    assert P.pte_dirty(ksm_zero) and P.pte_special(ksm_zero) and P.pte_pfn(ksm_zero) == 0x210c
+    assert not P.pte_dirty(0x800000000210c225)      # a read fault's zero page: clean
 
 
 def test_sparse_range_reads_only_populated_tables():
