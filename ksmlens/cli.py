@@ -13,7 +13,7 @@
     ksmlens report [--snapshot FILE]      stable nodes and processes, as tables
     ksmlens notebooks [NOTEBOOK...]       execute notebooks/*.ipynb against a VM into HTML
     ksmlens replay                        which mappings each rmap walk rule misses
-    ksmlens verify [--smartscan N]        predict, then let the kernel prove it
+    ksmlens verify [--by reclaim]         predict, then let the kernel prove it
     ksmlens smartscan                     SmartScan forecast, the union hazard
     ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
     ksmlens diff A.json B.json            what changed between two snapshots
@@ -251,13 +251,21 @@ def cmd_verify(a):
         else:
             print(r.table(limit=None if a.all else 20))
         return 0 if r.agree else 1
-    res = verify(vm, rule=a.rule)
+    res = verify(vm, rule=a.rule, by=a.by)
     if a.json:
         print(json.dumps(res.to_dict(), indent=1))
     else:
         print(res.table())
-        print(f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
-              f"move_pages(MPOL_MF_MOVE_ALL) to the other node: {res.seconds['migrate']} s)")
+        if a.by == "reclaim":
+            rc = res.extra["reclaim"]
+            print(f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
+                  f"memory.reclaim of {', '.join(rc['cgroups'])}: {rc['rounds']} rounds, "
+                  f"{res.seconds['reclaim']} s; per page: {sum(p['agree'] for p in res.pages)}"
+                  f"/{len(res.pages)} mappings as predicted)")
+        else:
+            print(f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
+                  f"move_pages(MPOL_MF_MOVE_ALL) to the other node: "
+                  f"{res.seconds['migrate']} s)")
     return 0 if res.agree else 1
 
 
@@ -496,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict with this rule instead of the kernel's own")
     vf.add_argument("--smartscan", type=int, metavar="N", help="verify a SmartScan forecast "
                     "over N full scans instead")
+    vf.add_argument("--by", choices=["migration", "reclaim"], default="migration",
+                    help="the kernel's proof: migrate every KSM page to the other node "
+                    "(default), or reclaim it through memory.reclaim of its processes' "
+                    "cgroups (swap on zram, set up if missing): a mapping the walk misses "
+                    "stays mapped, the page is never freed")
     vf.add_argument("--json", action="store_true", help="machine-readable")
     vf.add_argument("--all", action="store_true", help="every row")
     vf.set_defaults(fn=cmd_verify)

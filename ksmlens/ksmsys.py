@@ -13,7 +13,8 @@ from .errors import KsmlensError
 
 __all__ = ["KSM_SYSFS", "COUNTERS", "read_counters", "read_ksm_stat", "set_knobs",
            "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
-           "read_smaps_ksm"]
+           "read_smaps_ksm", "read_smaps_rollup", "read_pfns", "read_vmstat", "ensure_swap",
+           "reclaim_pages"]
 
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 # Read-only counters (as in Documentation/admin-guide/mm/ksm.rst).
@@ -79,6 +80,25 @@ def read_smaps_ksm(vm, pids) -> dict[int, int]:
     return res
 
 
+def read_smaps_rollup(vm, pids) -> dict[int, dict]:
+    """/proc/PID/smaps_rollup of each pid as {pid: {field: kB}} (``KSM``,
+    ``Swap``, ``AnonHugePages``, ``Rss``, ...); a pid that is gone maps to {}."""
+    pids = [int(p) for p in pids]
+    files = vm.read_files(paths=[f"/proc/{p}/smaps_rollup" for p in pids]) if pids else {}
+    out = {}
+    for p in pids:
+        kv = _parse_kv(files.get(f"/proc/{p}/smaps_rollup"))
+        out[p] = {k: int(str(v).split()[0]) for k, v in kv.items()
+                  if str(v).split()[:1] and str(v).split()[0].isdigit()}
+    return out
+
+
+def read_vmstat(vm) -> dict[str, int]:
+    """/proc/vmstat (e.g. ``thp_split_page``, ``pswpout``)."""
+    return {k: int(v) for k, v in (l.split() for l in
+                                   vm.read_file("/proc/vmstat").splitlines() if l.strip())}
+
+
 def ksm_pids(vm) -> list[int]:
     """Pids whose /proc/PID/ksm_stat shows rmap_items, merged pages or KSM
     zero pages (a fork child ksmd has not scanned has zero pages and no
@@ -115,6 +135,68 @@ def read_pages(vm, ranges, names=None) -> list[dict]:
                                "has the process exited?")
         if names:
             r["name"] = names[i]
+    return res
+
+
+def read_pfns(vm, pfns) -> dict[int, dict]:
+    """/proc/kpageflags and /proc/kpagecount of physical pages, e.g. a KSM
+    page no PTE maps any more: {pfn: {"kpf_swapcache", "mapcount", ...}}."""
+    if not pfns:
+        return {}
+    import json
+    import sys
+    from .paths import repo_root
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "pagemap.py"), "--pfn",
+            *map(str, pfns)]
+    return {r["pfn"]: r for r in json.loads(vm.run(argv, check=True).stdout)}
+
+
+SWAP_DEVICE = "/dev/zram0"
+
+
+def ensure_swap(vm, size: str = "256M") -> dict:
+    """Swap on zram in the guest, set up once (idempotent): zram0 disksize,
+    ``mkswap``, ``swapon`` (the tools come from the host root the guest
+    sees). Returns the /proc/swaps line as {"device", "size_kb", "used_kb"}."""
+    script = (f"export PATH=$PATH:/sbin:/usr/sbin; d={SWAP_DEVICE}; "
+              "if ! grep -q \"^$d \" /proc/swaps; then "
+              "  test -b $d || { echo \"no $d: the kernel lacks CONFIG_ZRAM\" >&2; exit 3; }; "
+              f"  [ \"$(cat /sys/block/zram0/disksize)\" != 0 ] || echo {size} > /sys/block/zram0/disksize; "
+              "  mkswap $d >/dev/null && swapon $d || exit 4; "
+              "fi; grep \"^$d \" /proc/swaps")
+    r = vm.run(["/bin/sh", "-c", script])
+    if r.rc:
+        err = (r.stderr.strip().splitlines() or ["mkswap/swapon failed"])[-1]
+        raise KsmlensError(f"cannot set up swap on {SWAP_DEVICE} in the guest: {err}",
+                           "the lab kernel needs CONFIG_ZRAM and CONFIG_SWAP; mkswap and "
+                           "swapon come from the host's util-linux")
+    f = r.stdout.split()
+    return {"device": f[0], "size_kb": int(f[2]), "used_kb": int(f[3])}
+
+
+def reclaim_pages(vm, ranges, *, rounds: int | None = None) -> dict:
+    """Make the guest kernel reclaim the pages of ``ranges`` [(pid, start,
+    npages)] through their processes' memory cgroups (``memory.reclaim``,
+    anon only), round after round until nothing changes, and report each
+    page before and after (see :mod:`ksmlens.guest.reclaim`). Reclaim
+    unmaps through the kernel's real rmap walk: a KSM page whose walk misses a
+    mapping stays mapped there. Needs swap (:func:`ensure_swap`)."""
+    import json
+    import sys
+    from .paths import repo_root
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "reclaim.py")]
+    if rounds:
+        argv += ["--rounds", str(rounds)]
+    for pid, start, n in ranges:
+        argv += [str(pid), str(start), str(n)]
+    r = vm.run(argv, timeout=600)
+    try:
+        res = json.loads(r.stdout or r.stderr.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        r.check()
+        raise
+    if "error" in res:
+        raise KsmlensError(f"reclaim: {res['error']}", "are the processes still there?")
     return res
 
 

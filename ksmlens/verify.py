@@ -12,6 +12,13 @@ ksmd is held (``run=0``, merged pages stay) for the experiment, so the
 stable tree cannot change between prediction and outcome; the old value of
 ``run`` is put back afterwards.
 
+Reclaim is the second proof (:func:`verify_reclaim`, ``verify(vm,
+by="reclaim")``): ``memory.reclaim`` of the processes' memory cgroups swaps
+the pages out (swap on zram); ``shrink_folio_list()`` unmaps a KSM page with
+``try_to_unmap()``, i.e. the same ``rmap_walk_ksm()``. Mappings the walk
+finds become swap entries, a mapping it misses keeps the page mapped, and a
+page still mapped is never freed.
+
     res = verify(vm)
     print(res.table()); assert res.agree
 """
@@ -24,7 +31,10 @@ import time
 from . import ksmsys
 from .errors import KsmlensError
 
-__all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan"]
+__all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan",
+           "verify_reclaim", "VERIFY_BY"]
+
+VERIFY_BY = ("migration", "reclaim")
 
 
 @dataclasses.dataclass
@@ -42,6 +52,8 @@ class VerifyResult:
     pages: list[dict]
     seconds: dict
     snapshot: object = None          # the Snapshot the prediction came from
+    by: str = "migration"            # the kernel's proof: migration or reclaim
+    extra: dict = dataclasses.field(default_factory=dict)   # e.g. reclaim rounds
 
     @property
     def agree(self) -> bool:
@@ -65,7 +77,8 @@ class VerifyResult:
         w = [max(len(str(l[k])) for l in lines) for k in range(len(head))]
         out = ["  ".join(str(v).ljust(w[k]) for k, v in enumerate(l)).rstrip() for l in lines]
         c = self.counts()
-        out.append(f"{self.release}: rmap_walk_ksm() rule {self.rule!r}; {c['nodes']} KSM "
+        out.append(f"{self.release}: rmap_walk_ksm() rule {self.rule!r}, proven by "
+                   f"{self.by}; {c['nodes']} KSM "
                    f"pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
                    f"stayed: {c['observed_stayed']}; "
                    + ("prediction and kernel AGREE" if self.agree else
@@ -74,8 +87,8 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         return {"variant": self.variant, "release": self.release, "rule": self.rule,
-                "agree": self.agree, "counts": self.counts(), "rows": self.rows,
-                "pages": self.pages, "seconds": self.seconds}
+                "by": self.by, "agree": self.agree, "counts": self.counts(), "rows": self.rows,
+                "pages": self.pages, "seconds": self.seconds, **self.extra}
 
 
 def predict(snap, rule: str | None = None) -> dict:
@@ -107,9 +120,14 @@ def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
     return [tuple(r) for r in out]
 
 
-def verify(vm, *, rule: str | None = None) -> VerifyResult:
+def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResult:
     """Predict from a paused snapshot, then migrate every mapped KSM page of
-    ``vm`` (a :class:`ksmlens.vm.VM` with 2 NUMA nodes) and compare."""
+    ``vm`` (a :class:`ksmlens.vm.VM` with 2 NUMA nodes) and compare.
+    ``by="reclaim"``: reclaim them instead (:func:`verify_reclaim`)."""
+    if by not in VERIFY_BY:
+        raise KsmlensError(f"verify by {by!r}: unknown proof", f"use one of {VERIFY_BY}")
+    if by == "reclaim":
+        return verify_reclaim(vm, rule=rule)
     from .attach import attach
     from .snapshot import take_snapshot
     t0 = time.monotonic()
@@ -184,6 +202,107 @@ def verify(vm, *, rule: str | None = None) -> VerifyResult:
                         rows=rows, pages=pages, snapshot=snap,
                         seconds={"predict": round(t_pred - t0, 2),
                                  "migrate": round(t_mig - t_pred, 2),
+                                 "total": round(time.monotonic() - t0, 2)})
+
+
+# ------------------------------------------------------------------ reclaim
+
+def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) -> VerifyResult:
+    """Predict from a paused snapshot (ksmd held), then make the guest kernel
+    reclaim every mapped KSM page through its processes' memory cgroups
+    (``memory.reclaim``, anon only, swap on zram set up if missing) and read
+    every mapping back from pagemap.
+
+    Prediction, from the walk replay under ``rule`` (default: the kernel's):
+    a KSM page whose walk finds every mapping is ``reclaimed`` (every
+    mapping a swap entry); otherwise it ``stays``: each mapping the rule
+    misses keeps the page mapped, each one it finds becomes a swap entry
+    (``try_to_unmap()`` unmaps what the walk reaches, the folio stays in the
+    swap cache). Per page ``predicted`` is ``unmapped`` / ``mapped`` and
+    ``observed`` ``swapped`` / ``mapped`` / ``gone`` (not the predicted page).
+
+    Reclaim is repeated until nothing changes (see
+    :mod:`ksmlens.guest.reclaim`): a page's first pass may only clear young
+    bits and activate it (``folio_check_references()``); no timer decides.
+    """
+    from .attach import attach
+    from .snapshot import take_snapshot
+    t0 = time.monotonic()
+    swap = ksmsys.ensure_swap(vm)
+    old_run = ksmsys.read_counters(vm)["run"]
+    vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")   # hold ksmd: rmap_items stay
+    try:
+        prog = attach(f"vm:{vm.name}")
+        snap = take_snapshot(prog)
+        rule = rule or snap.kernel.walk_rule
+        pred = {nid: "reclaimed" if p == "moves" else "stays"
+                for nid, p in predict(snap, rule).items()}
+        t_pred = time.monotonic()
+        if not pred:
+            raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to verify",
+                               "run a scenario first (`ksmlens scenario run mremap --keep`)")
+        page = 1 << snap.kernel.page_shift
+        want: dict[tuple[int, int], tuple[str, bool]] = {}   # (pid, addr) -> (node, found)
+        for n in snap.stable_nodes:
+            if n.id in pred:
+                for m in n.mappings:
+                    if m["mapped"] and m["pid"] is not None:
+                        want[(m["pid"], m["address"])] = (n.id, bool(m["found"][rule]))
+        ranges = []
+        for pid in sorted({p for p, _ in want}):
+            ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
+        res = ksmsys.reclaim_pages(vm, ranges, rounds=rounds)
+        t_rec = time.monotonic()
+    finally:
+        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
+    pages = []
+    for r in res["ranges"]:
+        for k, p in enumerate(r["pages"]):
+            addr = r["start"] + k * page
+            if (r["pid"], addr) not in want:
+                continue
+            nid, found = want[(r["pid"], addr)]
+            kpfn = snap.node(nid).kpfn
+            if p["before_pfn"] != kpfn:
+                obs = "gone"            # not the page predicted about any more
+            elif p["present"] and p["pfn"] == kpfn:
+                obs = "mapped"
+            elif p["swapped"] and not p["present"]:
+                obs = "swapped"
+            else:
+                obs = "gone"
+            pr = "unmapped" if found else "mapped"
+            pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["before_pfn"],
+                          "found": found, "predicted": pr, "observed": obs,
+                          "agree": (pr == "unmapped") == (obs == "swapped") and obs != "gone"})
+    rows = []
+    for n in snap.stable_nodes:
+        if n.id not in pred:
+            continue
+        ps = [p for p in pages if p["node"] == n.id]
+        obs = {p["observed"] for p in ps}
+        if not ps or "gone" in obs:
+            observed = "gone"
+        elif obs == {"swapped"}:
+            observed = "reclaimed"
+        else:
+            observed = "stayed"         # still mapped somewhere: never freed
+        mapped = [m for m in n.mappings if m["mapped"]]
+        rows.append({"node": n.id, "kpfn": n.kpfn,
+                     "pids": sorted({m["pid"] for m in mapped if m["pid"] is not None}),
+                     "mappings": len(mapped), "mapcount": n.mapcount,
+                     "misses": sum(not m["found"][rule] for m in mapped),
+                     "swapped": sum(p["observed"] == "swapped" for p in ps),
+                     "predicted": pred[n.id], "observed": observed,
+                     "agree": ((pred[n.id] == "reclaimed") == (observed == "reclaimed")
+                               and observed in ("reclaimed", "stayed"))})
+    return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
+                        rows=rows, pages=pages, snapshot=snap, by="reclaim",
+                        extra={"reclaim": {"rounds": res["rounds"],
+                                           "swapped_per_round": res["swapped_per_round"],
+                                           "cgroups": res["cgroups"], "swap": swap}},
+                        seconds={"predict": round(t_pred - t0, 2),
+                                 "reclaim": round(t_rec - t_pred, 2),
                                  "total": round(time.monotonic() - t0, 2)})
 
 

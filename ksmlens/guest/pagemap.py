@@ -1,11 +1,15 @@
 """Read the fate of user pages from the kernel itself (runs in the guest, as root).
 
     python3 pagemap.py PID START NPAGES [PID START NPAGES ...]
+    python3 pagemap.py --pfn PFN [PFN ...]
 
 prints one JSON line: a list with, per range, ``{"pid", "start", "pages"}``
-where each page is ``{"present", "swapped", "pfn", "ksm", "mapcount"}`` from
-``/proc/PID/pagemap``, ``/proc/kpageflags`` and ``/proc/kpagecount``.
-Standard library only.
+where each page is ``{"present", "swapped", "pfn", "kpf_ksm", "kpf_anon",
+"kpf_zero", "kpf_thp", "kpf_swapcache", "mapcount"}`` from
+``/proc/PID/pagemap``, ``/proc/kpageflags`` and ``/proc/kpagecount``; with
+``--pfn``, per pfn ``{"pfn", "flags", "kpf_..."..., "mapcount"}`` (a page no
+PTE maps any more: a KSM folio left in the swap cache, say). Standard library
+only.
 
 ``kpf_ksm`` is KPF_KSM (bit 21) as the kernel reports it, which 6.12 gets
 wrong: fs/proc/page.c tests ``mapping & PAGE_MAPPING_KSM`` (a mask of both
@@ -20,6 +24,9 @@ import sys
 
 KPF_KSM = 21
 KPF_ANON = 12
+KPF_SWAPCACHE = 13
+KPF_THP = 22
+KPF_ZERO_PAGE = 24
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -38,17 +45,30 @@ def pages(pid, start, npages):
         swapped = bool(e >> 62 & 1)
         pfn = e & ((1 << 55) - 1) if present else None
         page = {"present": present, "swapped": swapped, "pfn": pfn, "kpf_ksm": False,
-                "kpf_anon": False, "mapcount": None}
+                "kpf_anon": False, "kpf_zero": False, "kpf_thp": False,
+                "kpf_swapcache": False, "mapcount": None}
         if present and pfn:
-            flags, = _u64s("/proc/kpageflags", pfn, 1)
-            page["kpf_ksm"] = bool(flags >> KPF_KSM & 1)
-            page["kpf_anon"] = bool(flags >> KPF_ANON & 1)
-            page["mapcount"], = _u64s("/proc/kpagecount", pfn, 1)
+            page.update(_flags(pfn))
         out.append(page)
     return out
 
 
+def _flags(pfn):
+    flags, = _u64s("/proc/kpageflags", pfn, 1)
+    count, = _u64s("/proc/kpagecount", pfn, 1)
+    return {"kpf_ksm": bool(flags >> KPF_KSM & 1), "kpf_anon": bool(flags >> KPF_ANON & 1),
+            "kpf_zero": bool(flags >> KPF_ZERO_PAGE & 1), "kpf_thp": bool(flags >> KPF_THP & 1),
+            "kpf_swapcache": bool(flags >> KPF_SWAPCACHE & 1), "mapcount": count}
+
+
+def by_pfn(pfns):
+    return [{"pfn": p, "flags": _u64s("/proc/kpageflags", p, 1)[0], **_flags(p)} for p in pfns]
+
+
 def main(argv):
+    if argv[:1] == ["--pfn"]:
+        print(json.dumps(by_pfn([int(p) for p in argv[1:]])))
+        return
     if len(argv) % 3:
         raise SystemExit("usage: pagemap.py PID START NPAGES [PID START NPAGES ...]")
     res = []

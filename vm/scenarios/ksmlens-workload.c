@@ -31,10 +31,20 @@
  *
  * Commands: info | where | migrate NODE [PID] | write PID REGION I [J...] |
  * touch | merge | unmerge | mremap [PID [REGION]] | fork [PID] |
- * pause-volatile | resume-volatile | quit.  "step" in the state JSON counts
- * the command lines handled before the current one (0 in "ready").
- * Page i of a "pattern" region depends only on i % distinct; "write" stamps
- * 8 unique bytes (pid, sequence) at the start of each named page.
+ * pause-volatile | resume-volatile | madvise PID REGION ADVICE FIRST COUNT |
+ * mprotect PID REGION none|read|rw FIRST COUNT | read PID REGION FIRST COUNT |
+ * pin PID REGION I | unpin PID | clone-vm [PID] | kill PID | quit.
+ * "step" in the state JSON counts the command lines handled before the
+ * current one (0 in "ready").
+ * Page i of a "pattern" region depends only on its key base + i % period
+ * (the region's own period, else --distinct); "write" stamps 8 unique bytes
+ * (pid, sequence) at the start of each named page.  A "zero" region is
+ * written with zeros (private zero-filled pages, use_zero_pages material);
+ * a "readzero" region is only read (the shared zero page, clean PTEs).
+ * "pin" vmsplice()s a page into a pipe the process keeps open: the pipe
+ * holds a reference on the page (so reclaim cannot free it) until "unpin".
+ * "clone-vm" makes a clone(CLONE_VM) child that is not a thread (same mm,
+ * own tgid); it only sleeps.  "kill" SIGKILLs and reaps a process.
  *
  * Build: gcc -O2 -Wall -Wextra -static -o ksmlens-workload ksmlens-workload.c
  */
@@ -43,6 +53,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -55,10 +66,24 @@
 #include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 
 #define MPOL_MF_MOVE_ALL (1 << 2)	/* <linux/mempolicy.h>, no libnuma */
-#define MAX_REGIONS 3
+#define MPOL_BIND 2
+#ifndef PR_SET_MEMORY_MERGE		/* uapi of 6.4+; older libc headers lack it */
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
+#ifndef MADV_COLD
+#define MADV_COLD 20
+#endif
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+#define MAX_REGIONS 4
+#define MAX_PINS 16
+#define THP_SIZE (2UL << 20)		/* x86_64 PMD-sized THP */
 #define STATUS_UNSET INT_MIN		/* move_pages status slot not written */
 #define SAME_KEY UINT64_MAX		/* pattern key of "same" content */
 #define MREMAP_DISTANCE (1UL << 30)	/* mremap moves at least 1 GiB away */
@@ -73,13 +98,29 @@ struct region {
 	char content[16];		/* pattern, same, unique, volatile */
 	int file_backed;		/* file-cow: MAP_PRIVATE of shm_path */
 	unsigned long moved_from;	/* start before last mremap, 0 if none */
+	char prot[8];			/* "rw", or what mprotect made of all of it */
 };
+
+/* How a child maps one region (child_setup()). */
+struct spec {
+	const char *name, *content;
+	size_t pages;			/* 0: --pages */
+	size_t period;			/* pattern period, 0: --distinct */
+	uint64_t key_base;		/* pattern page i has key key_base + i % period */
+	int node;			/* mbind(MPOL_BIND) to this node, -1: none */
+	int flags;
+};
+#define SPEC_GUARD 1			/* PROT_NONE guard page either side: own VMA */
+#define SPEC_THP 2			/* THP-aligned, MADV_HUGEPAGE before the fill */
+#define SPEC_NOMADV 4			/* no MADV_MERGEABLE (prctl merges it) */
 
 struct proc {				/* controller's view of one process */
 	pid_t pid;
 	const char *role;
 	FILE *cmd, *rep;		/* pipes to a direct child (else NULL) */
 	int relay;			/* grandchild: index of its parent, or -1 */
+	int nocmd;			/* clone-vm child: takes no commands */
+	int dead;			/* killed and reaped ("kill") */
 	int nregions;
 	struct region regions[MAX_REGIONS];
 };
@@ -105,6 +146,9 @@ static struct gkid { pid_t pid; FILE *cmd, *rep; } *gkids;
 static int ngkids;
 static uint64_t rng;
 static unsigned long write_seq;
+static int child_idx;			/* which scenario child we are */
+static int pins[MAX_PINS];		/* read ends of "pin" pipes */
+static int npins;
 static struct {
 	int running;			/* rewriting thread exists in this process */
 	int paused;
@@ -116,6 +160,9 @@ static struct {
 static const struct { const char *name; int procs; } scenarios[] = {
 	{ "merge", 3 }, { "chain", 6 }, { "mremap", 2 },
 	{ "smartscan", 1 }, { "fork", 2 }, { "file-cow", 2 },
+	{ "zero-pages", 2 }, { "unmerge", 1 }, { "exit", 3 },
+	{ "prot-none", 2 }, { "swap", 1 }, { "numa-nodes", 1 },
+	{ "prctl", 2 }, { "thp", 2 }, { "clone-vm", 1 },
 };
 
 static int is(const char *s) { return strcmp(scenario, s) == 0; }
@@ -171,43 +218,153 @@ static void *volatile_thread(void *arg)
 	return NULL;
 }
 
-/* mmap, fill and MADV_MERGEABLE one region; NULL or an error message. */
-static const char *map_region(const char *name, const char *content,
-			      int fd, size_t off_pages)
+/* mmap, fill and (unless SPEC_NOMADV) MADV_MERGEABLE one region; NULL or
+ * an error message. */
+static const char *map_spec(const struct spec *sp, int fd, size_t off_pages)
 {
 	static char err[256];
-	size_t len = npages * pagesz;
+	size_t n = sp->pages ? sp->pages : npages;
+	size_t period = sp->period ? sp->period : distinct;
+	size_t len = n * pagesz, extra = 0;
 	int flags = MAP_PRIVATE | (fd < 0 ? MAP_ANONYMOUS : 0);
 	off_t off = fd < 0 ? 0 : (off_t)(off_pages * pagesz);
-	unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, off);
+	unsigned char *p, *base;
+	volatile unsigned char sink = 0;
 	struct region *r;
 
-	if (p == MAP_FAILED) {
+	if (sp->flags & SPEC_GUARD)
+		extra = 2 * pagesz;
+	else if (sp->flags & SPEC_THP)
+		extra = THP_SIZE;
+	base = mmap(NULL, len + extra, extra && !(sp->flags & SPEC_THP) ?
+		    PROT_NONE : PROT_READ | PROT_WRITE, flags, fd, off);
+	if (base == MAP_FAILED) {
 		snprintf(err, sizeof(err), "mmap %s (%zu pages): %s",
-			 name, npages, strerror(errno));
+			 sp->name, n, strerror(errno));
 		return err;
 	}
-	for (size_t i = 0; i < npages; i++) {
+	p = base;
+	if (sp->flags & SPEC_GUARD) {
+		p = base + pagesz;
+		if (mprotect(p, len, PROT_READ | PROT_WRITE)) {
+			snprintf(err, sizeof(err), "mprotect %s: %s", sp->name,
+				 strerror(errno));
+			return err;
+		}
+	} else if (sp->flags & SPEC_THP) {
+		p = (unsigned char *)(((uintptr_t)base + THP_SIZE - 1) &
+				      ~(THP_SIZE - 1));
+		if (p > base)
+			munmap(base, p - base);
+		munmap(p + len, base + extra - p);
+		if (madvise(p, len, MADV_HUGEPAGE)) {
+			snprintf(err, sizeof(err), "madvise(MADV_HUGEPAGE) %s: %s",
+				 sp->name, strerror(errno));
+			return err;
+		}
+	}
+	if (sp->node >= 0) {
+		unsigned long mask = 1UL << sp->node;
+		if (syscall(SYS_mbind, p, len, MPOL_BIND, &mask,
+			    8 * sizeof(mask), 0)) {
+			snprintf(err, sizeof(err), "mbind %s to node %d: %s "
+				 "(needs a NUMA node %d)", sp->name, sp->node,
+				 strerror(errno), sp->node);
+			return err;
+		}
+	}
+	for (size_t i = 0; i < n; i++) {
 		unsigned char *pg = p + i * pagesz;
-		if (!strcmp(content, "pattern"))
-			fill_key(pg, i % distinct);
-		else if (!strcmp(content, "same"))
+		if (!strcmp(sp->content, "pattern"))
+			fill_key(pg, sp->key_base + i % period);
+		else if (!strcmp(sp->content, "same"))
 			fill_key(pg, SAME_KEY);
+		else if (!strcmp(sp->content, "zero"))
+			memset(pg, 0, pagesz);	/* write fault: private zeros */
+		else if (!strcmp(sp->content, "readzero"))
+			sink += *(volatile unsigned char *)pg;	/* zero page */
 		else				/* unique, volatile */
 			fill_random(pg, pagesz, &rng);
 	}
-	if (madvise(p, len, MADV_MERGEABLE)) {
+	(void)sink;
+	if (!(sp->flags & SPEC_NOMADV) && madvise(p, len, MADV_MERGEABLE)) {
 		snprintf(err, sizeof(err), "madvise(MADV_MERGEABLE) %s: %s",
-			 name, strerror(errno));
+			 sp->name, strerror(errno));
 		return err;
 	}
 	r = &my[nmy++];
-	snprintf(r->name, sizeof(r->name), "%s", name);
-	snprintf(r->content, sizeof(r->content), "%s", content);
+	snprintf(r->name, sizeof(r->name), "%s", sp->name);
+	snprintf(r->content, sizeof(r->content), "%s", sp->content);
+	snprintf(r->prot, sizeof(r->prot), "rw");
 	r->start = (unsigned long)p;
-	r->pages = npages;
+	r->pages = n;
 	r->pgoff = fd < 0 ? (unsigned long)p / pagesz : off_pages;
 	r->file_backed = fd >= 0;
+	return NULL;
+}
+
+static const char *map_region(const char *name, const char *content,
+			      int fd, size_t off_pages)
+{
+	struct spec sp = { .name = name, .content = content, .node = -1 };
+	return map_spec(&sp, fd, off_pages);
+}
+
+/* Map a list of specs; NULL or the first error. */
+static const char *map_specs(const struct spec *sp, int n)
+{
+	const char *e;
+	for (int i = 0; i < n; i++)
+		if ((e = map_spec(&sp[i], -1, 0)))
+			return e;
+	return NULL;
+}
+
+#define SPECS(...) do { \
+	const struct spec s_[] = { __VA_ARGS__ }; \
+	return map_specs(s_, sizeof(s_) / sizeof(*s_)); \
+} while (0)
+
+/* The regions of the issue-9 scenarios, after the field programs in
+ * shared/field/ (NN-*.c: same sizes and layouts). */
+static const char *field_setup(void)
+{
+	static char err[256];
+
+	if (is("zero-pages")) {
+		if (child_idx == 0)	/* 02-zero-pages: Z, R, D */
+			SPECS({ "zero", "zero", 64, 0, 0, -1, SPEC_GUARD },
+			      { "read", "readzero", 16, 0, 0, -1, SPEC_GUARD },
+			      { "equal", "same", 8, 0, 0, -1, SPEC_GUARD });
+		/* 01-fork-counters: 16 contents x 2 pages, 16 zero pages */
+		SPECS({ "pairs", "pattern", 32, 16, 0, -1, SPEC_GUARD },
+		      { "zero", "zero", 16, 0, 0, -1, SPEC_GUARD });
+	}
+	if (is("unmerge"))		/* 05-unmerge-stale */
+		SPECS({ "pairs", "pattern", 32, 16, 0, -1, SPEC_GUARD });
+	if (is("exit")) {		/* 06-exited-sharer: P maps X; C1, C2 X + Y */
+		if (child_idx == 0)
+			SPECS({ "x", "pattern", 16, 16, 0, -1, SPEC_GUARD });
+		SPECS({ "x", "pattern", 16, 16, 0, -1, SPEC_GUARD },
+		      { "y", "pattern", 8, 8, 100, -1, SPEC_GUARD });
+	}
+	if (is("swap"))			/* 13-swap-ksm, reclaimed by memory.reclaim */
+		SPECS({ "data", "pattern", 64, 16, 0, -1, SPEC_GUARD },
+		      { "pinned", "same", 2, 0, 0, -1, SPEC_GUARD });
+	if (is("numa-nodes"))		/* 08-numa-migrate: N0 on node 0, N1 on 1 */
+		SPECS({ "n0", "pattern", 16, 8, 0, 0, SPEC_GUARD },
+		      { "n1", "pattern", 16, 8, 0, 1, SPEC_GUARD });
+	if (is("prctl")) {		/* no madvise: PR_SET_MEMORY_MERGE */
+		if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) ||
+		    prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) != 1) {
+			snprintf(err, sizeof(err), "prctl(PR_SET_MEMORY_MERGE): %s",
+				 strerror(errno));
+			return err;
+		}
+		SPECS({ "data", "pattern", 0, 0, 0, -1, SPEC_NOMADV });
+	}
+	if (is("thp"))			/* one PMD-sized THP of pattern pages */
+		SPECS({ "data", "pattern", THP_SIZE / 4096, 0, 0, -1, SPEC_THP });	/* 4 KiB pages */
 	return NULL;
 }
 
@@ -218,6 +375,9 @@ static const char *child_setup(void)
 	const char *e;
 	int fd, rc;
 
+	if (is("zero-pages") || is("unmerge") || is("exit") || is("swap") ||
+	    is("numa-nodes") || is("prctl") || is("thp"))
+		return field_setup();
 	if (is("chain"))
 		return map_region("data", "same", -1, 0);
 	if (is("file-cow")) {
@@ -247,7 +407,8 @@ static const char *child_setup(void)
 		vol.running = 1;
 		return NULL;
 	}
-	return map_region("data", "pattern", -1, 0);	/* merge mremap fork */
+	/* merge mremap fork prot-none clone-vm */
+	return map_region("data", "pattern", -1, 0);
 }
 
 static struct region *find_my(const char *name)
@@ -408,6 +569,172 @@ static void child_fork(void)
 	fprintf(ctl_out, "ok %d\n", (int)pid);
 }
 
+/* Parse "FIRST COUNT" of region r into a byte range; 0, or -1 with the
+ * error reply written. */
+static int child_range(struct region *r, char **save, unsigned long *addr,
+		       size_t *len)
+{
+	char *a = strtok_r(NULL, " \t", save), *b = strtok_r(NULL, " \t", save);
+	char *e1 = NULL, *e2 = NULL;
+	unsigned long first = a ? strtoul(a, &e1, 10) : 0;
+	unsigned long count = b ? strtoul(b, &e2, 10) : 0;
+
+	if (!a || !b || *e1 || *e2 || !count || first >= r->pages ||
+	    count > r->pages - first) {
+		fprintf(ctl_out, "err bad page range for %s (%zu pages)\n",
+			r->name, r->pages);
+		return -1;
+	}
+	*addr = r->start + first * pagesz;
+	*len = count * pagesz;
+	return 0;
+}
+
+static const struct { const char *name; int advice; } advices[] = {
+	{ "mergeable", MADV_MERGEABLE }, { "unmergeable", MADV_UNMERGEABLE },
+	{ "dontneed", MADV_DONTNEED }, { "pageout", MADV_PAGEOUT },
+	{ "cold", MADV_COLD }, { "hugepage", MADV_HUGEPAGE },
+	{ "nohugepage", MADV_NOHUGEPAGE },
+};
+
+/* "advise REGION ADVICE FIRST COUNT": madvise() on pages of a region. */
+static void child_advise(struct region *r, char **save)
+{
+	char *name = strtok_r(NULL, " \t", save);
+	unsigned long addr;
+	size_t len, i;
+
+	for (i = 0; name && i < sizeof(advices) / sizeof(*advices); i++)
+		if (!strcmp(name, advices[i].name))
+			break;
+	if (!name || i == sizeof(advices) / sizeof(*advices)) {
+		fprintf(ctl_out, "err unknown advice %s\n", name ? name : "");
+		return;
+	}
+	if (child_range(r, save, &addr, &len))
+		return;
+	if (madvise((void *)addr, len, advices[i].advice))
+		fprintf(ctl_out, "err madvise %s %s: %s\n", r->name, name,
+			strerror(errno));
+	else
+		fprintf(ctl_out, "ok\n");
+}
+
+/* "protect REGION none|read|rw FIRST COUNT": mprotect() pages of a region. */
+static void child_protect(struct region *r, char **save)
+{
+	char *name = strtok_r(NULL, " \t", save);
+	int prot;
+	unsigned long addr;
+	size_t len;
+
+	if (name && !strcmp(name, "none"))
+		prot = PROT_NONE;
+	else if (name && !strcmp(name, "read"))
+		prot = PROT_READ;
+	else if (name && !strcmp(name, "rw"))
+		prot = PROT_READ | PROT_WRITE;
+	else {
+		fprintf(ctl_out, "err protection must be none, read or rw\n");
+		return;
+	}
+	if (child_range(r, save, &addr, &len))
+		return;
+	if (mprotect((void *)addr, len, prot)) {
+		fprintf(ctl_out, "err mprotect %s %s: %s\n", r->name, name,
+			strerror(errno));
+		return;
+	}
+	if (len == r->pages * pagesz)
+		snprintf(r->prot, sizeof(r->prot), "%s", name);
+	fprintf(ctl_out, "ok\n");
+}
+
+/* "read REGION FIRST COUNT": read one byte of each page (read faults,
+ * swap-ins); replies with the number of pages read. */
+static void child_read(struct region *r, char **save)
+{
+	unsigned long addr;
+	size_t len;
+	volatile unsigned char sink = 0;
+
+	if (child_range(r, save, &addr, &len))
+		return;
+	for (size_t k = 0; k < len; k += pagesz)
+		sink += *(volatile unsigned char *)(addr + k);
+	(void)sink;
+	fprintf(ctl_out, "ok %zu\n", len / pagesz);
+}
+
+/* "pin REGION I": vmsplice() page I into a pipe we keep: the pipe buffer
+ * holds a page reference (FOLL_GET, no unshare), which pageout() refuses
+ * to free (is_page_cache_freeable()), so a reclaimed page stays in the
+ * swap cache.  "unpin" closes every such pipe. */
+static void child_pin(struct region *r, char **save)
+{
+	char *a = strtok_r(NULL, " \t", save), *end = NULL;
+	unsigned long i = a ? strtoul(a, &end, 10) : 0;
+	struct iovec iov;
+	int p[2];
+
+	if (!a || *end || i >= r->pages) {
+		fprintf(ctl_out, "err bad page index for %s\n", r->name);
+		return;
+	}
+	if (npins == MAX_PINS) {
+		fprintf(ctl_out, "err too many pins\n");
+		return;
+	}
+	if (pipe(p)) {
+		fprintf(ctl_out, "err pipe: %s\n", strerror(errno));
+		return;
+	}
+	iov.iov_base = (void *)(r->start + i * pagesz);
+	iov.iov_len = pagesz;
+	if (vmsplice(p[1], &iov, 1, 0) != (ssize_t)pagesz) {
+		fprintf(ctl_out, "err vmsplice: %s\n", strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		return;
+	}
+	close(p[1]);
+	pins[npins++] = p[0];
+	fprintf(ctl_out, "ok %d\n", npins);
+}
+
+static int clone_idle(void *arg)
+{
+	(void)arg;
+	/* Shares our memory (and our libc state): no stdio, no errno use. */
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	for (;;)
+		syscall(SYS_pause);
+	return 0;
+}
+
+/* "clone-vm": a clone(CLONE_VM) child that is not a thread: our mm, its
+ * own thread group (like a vfork child before exec, but we keep running). */
+static void child_clone_vm(void)
+{
+	static char *stack;
+	size_t sz = 64 * 1024;
+	pid_t pid;
+
+	if (!stack && (stack = mmap(NULL, sz, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)) ==
+	    MAP_FAILED) {
+		stack = NULL;
+		fprintf(ctl_out, "err mmap stack: %s\n", strerror(errno));
+		return;
+	}
+	fflush(ctl_out);
+	pid = clone(clone_idle, stack + sz, CLONE_VM | SIGCHLD, NULL);
+	if (pid < 0)
+		fprintf(ctl_out, "err clone: %s\n", strerror(errno));
+	else
+		fprintf(ctl_out, "ok %d\n", (int)pid);
+}
+
 /* Handle one command line; always writes exactly one reply line. */
 static void child_command(char *line)
 {
@@ -424,7 +751,8 @@ static void child_command(char *line)
 	} else if (!strcmp(cmd, "touch")) {
 		size_t n = 0;
 		for (int i = 0; i < nmy; i++)
-			for (size_t k = 0; k < my[i].pages; k++, n++)
+			for (size_t k = 0; strcmp(my[i].prot, "none") &&
+			     k < my[i].pages; k++, n++)
 				(void)*(volatile unsigned char *)
 					(my[i].start + k * pagesz);
 		fprintf(ctl_out, "ok %zu\n", n);
@@ -448,6 +776,25 @@ static void child_command(char *line)
 			child_write(r, save ? save : "");
 		else
 			child_mremap(r);
+	} else if (!strcmp(cmd, "advise") || !strcmp(cmd, "protect") ||
+		   !strcmp(cmd, "read") || !strcmp(cmd, "pin")) {
+		char *name = strtok_r(NULL, " \t", &save);
+		if (!(r = find_my(name)))
+			fprintf(ctl_out, "err no region %s\n", name ? name : "");
+		else if (cmd[0] == 'a')
+			child_advise(r, &save);
+		else if (cmd[0] == 'r')
+			child_read(r, &save);
+		else if (cmd[1] == 'r')
+			child_protect(r, &save);
+		else
+			child_pin(r, &save);
+	} else if (!strcmp(cmd, "unpin")) {
+		while (npins)
+			close(pins[--npins]);
+		fprintf(ctl_out, "ok\n");
+	} else if (!strcmp(cmd, "clone-vm")) {
+		child_clone_vm();
 	} else if (!strcmp(cmd, "fork")) {
 		child_fork();
 	} else if (!strcmp(cmd, "pause-volatile") ||
@@ -526,7 +873,8 @@ static void child_main(int cfd, int rfd)
 static void cleanup(void)
 {
 	for (int i = 0; i < nprocs; i++)
-		kill(procs[i].pid, SIGKILL);
+		if (!procs[i].dead)
+			kill(procs[i].pid, SIGKILL);
 	/* As a subreaper we also inherit and reap orphaned grandchildren. */
 	for (;;) {
 		if (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
@@ -595,6 +943,7 @@ static void spawn_child(void)
 	if (pid == 0) {
 		close(c[1]);
 		close(r[0]);
+		child_idx = nprocs;
 		child_main(c[0], r[1]);
 	}
 	close(c[0]);
@@ -619,6 +968,7 @@ static void spawn_child(void)
 			   &rg.start, &rg.pages, &rg.pgoff, rg.content) != 5)
 			die_setup("child %d: bad setup line '%s'", (int)pid, line);
 		rg.file_backed = shm_path[0] != 0;
+		snprintf(rg.prot, sizeof(rg.prot), "rw");
 		p->regions[p->nregions++] = rg;
 	}
 	free(line);
@@ -637,6 +987,11 @@ static int proc_cmd(int i, char *buf, size_t len, const char *fmt, ...)
 	int rc = -1;
 	va_list ap;
 
+	if (p->dead || p->nocmd) {
+		snprintf(buf, len, "pid %d %s", (int)p->pid, p->dead ?
+			 "was killed" : "takes no commands (clone-vm child)");
+		return -1;
+	}
 	if (p->relay >= 0)
 		fprintf(via->cmd, "@%d ", (int)p->pid);
 	va_start(ap, fmt);
@@ -665,7 +1020,7 @@ static int find_pid(const char *s)
 	long pid = s ? strtol(s, &end, 10) : 0;
 
 	for (int i = 0; s && !*end && i < nprocs; i++)
-		if (procs[i].pid == pid)
+		if (procs[i].pid == pid && !procs[i].dead)
 			return i;
 	return -1;
 }
@@ -683,10 +1038,14 @@ static void print_state(void)
 	printf("{\"scenario\":\"%s\",\"controller\":%d,\"page_size\":%zu,"
 	       "\"distinct\":%zu,\"procs\":[", scenario, (int)controller,
 	       pagesz, distinct);
+	int first = 1;
+
 	for (int i = 0; i < nprocs; i++) {
 		struct proc *p = &procs[i];
+		if (p->dead)
+			continue;
 		printf("%s{\"pid\":%d,\"role\":\"%s\",\"parent\":%d,"
-		       "\"regions\":[", i ? "," : "", (int)p->pid, p->role,
+		       "\"regions\":[", first ? "" : ",", (int)p->pid, p->role,
 		       p->relay >= 0 ? (int)procs[p->relay].pid : (int)controller);
 		for (int j = 0; j < p->nregions; j++) {
 			struct region *r = &p->regions[j];
@@ -699,10 +1058,20 @@ static void print_state(void)
 				       shm_path, offset_pages);
 			if (r->moved_from)
 				printf(",\"moved_from\":%lu", r->moved_from);
+			if (r->prot[0] && strcmp(r->prot, "rw"))
+				printf(",\"prot\":\"%s\"", r->prot);
 			putchar('}');
 		}
 		printf("]}");
+		first = 0;
 	}
+	printf("],\"exited\":[");
+	first = 1;
+	for (int i = 0; i < nprocs; i++)
+		if (procs[i].dead) {
+			printf("%s%d", first ? "" : ",", (int)procs[i].pid);
+			first = 0;
+		}
 	printf("],\"step\":%lu}", step);
 }
 
@@ -725,7 +1094,7 @@ static void cmd_move_pages(int node, int only)
 	}
 	printf("ok {\"%s\":[", node < 0 ? "where" : "migrate");
 	for (int i = 0; i < nprocs; i++) {
-		if (only >= 0 && i != only)
+		if (procs[i].dead || (only >= 0 && i != only))
 			continue;
 		for (int j = 0; j < procs[i].nregions; j++) {
 			struct region *r = &procs[i].regions[j];
@@ -767,6 +1136,8 @@ static void cmd_all(const char *cmd, const char *key)
 	unsigned long total = 0;
 
 	for (int i = 0; i < nprocs; i++) {
+		if (procs[i].dead || procs[i].nocmd)
+			continue;
 		if (proc_cmd(i, buf, sizeof(buf), "%s", cmd)) {
 			printf("err %s\n", buf);
 			return;
@@ -880,7 +1251,7 @@ static void cmd_volatile(const char *cmd)
 	int n = 0;
 
 	for (int i = 0; i < nprocs; i++) {
-		if (!find_region(&procs[i], "volatile"))
+		if (procs[i].dead || !find_region(&procs[i], "volatile"))
 			continue;
 		if (proc_cmd(i, buf, sizeof(buf), "%s", cmd)) {
 			printf("err %s\n", buf);
@@ -893,6 +1264,109 @@ static void cmd_volatile(const char *cmd)
 	else
 		printf("ok {\"volatile\":\"%s\",\"procs\":%d}\n",
 		       cmd[0] == 'p' ? "paused" : "running", n);
+}
+
+/* "madvise PID REGION ADVICE FIRST COUNT", "mprotect PID REGION PROT FIRST
+ * COUNT", "read PID REGION FIRST COUNT", "pin PID REGION I": forwarded to
+ * the process as advise / protect / read / pin REGION ... */
+static void cmd_region_op(int argc, char **argv)
+{
+	static const struct { const char *cmd, *child; int argc; } ops[] = {
+		{ "madvise", "advise", 6 }, { "mprotect", "protect", 6 },
+		{ "read", "read", 5 }, { "pin", "pin", 4 },
+	};
+	char buf[512], args[256] = "";
+	size_t k;
+	int i;
+	struct region *r;
+
+	for (k = 0; strcmp(ops[k].cmd, argv[0]); k++)
+		;
+	if (argc != ops[k].argc) {
+		printf("err usage: %s PID REGION %s\n", argv[0],
+		       k == 0 ? "ADVICE FIRST COUNT" : k == 1 ?
+		       "none|read|rw FIRST COUNT" : k == 2 ? "FIRST COUNT" : "I");
+		return;
+	}
+	i = find_pid(argv[1]);
+	r = i < 0 ? NULL : find_region(&procs[i], argv[2]);
+	if (!r) {
+		printf("err no such %s %s\n", i < 0 ? "pid" : "region",
+		       i < 0 ? argv[1] : argv[2]);
+		return;
+	}
+	for (int a = 3; a < argc; a++)
+		snprintf(args + strlen(args), sizeof(args) - strlen(args),
+			 "%s%s", a > 3 ? " " : "", argv[a]);
+	if (proc_cmd(i, buf, sizeof(buf), "%s %s %s", ops[k].child, r->name,
+		     args)) {
+		printf("err %s\n", buf);
+		return;
+	}
+	if (k == 1 && !strcmp(argv[4], "0") &&
+	    strtoul(argv[5], NULL, 10) == r->pages)
+		snprintf(r->prot, sizeof(r->prot), "%s", argv[3]);
+	printf("ok {\"pid\":%d,\"region\":\"%s\",\"%s\":\"%s\"",
+	       (int)procs[i].pid, r->name, argv[0], args);
+	if (buf[0])
+		printf(",\"result\":%ld", strtol(buf, NULL, 10));
+	printf("}\n");
+}
+
+/* "unpin PID" and "clone-vm [PID]". */
+static void cmd_proc_op(int argc, char **argv)
+{
+	int i = argc > 1 ? find_pid(argv[1]) : 0;
+	char buf[512];
+	struct proc *c;
+	int cpid;
+
+	if (i < 0 || argc > 2 || (argc < 2 && argv[0][0] == 'u')) {
+		printf("err %s\n", argc > 2 || argc < 2 ? "usage: unpin PID | "
+		       "clone-vm [PID]" : "no such pid");
+		return;
+	}
+	if (proc_cmd(i, buf, sizeof(buf), "%s", argv[0])) {
+		printf("err %s\n", buf);
+		return;
+	}
+	if (argv[0][0] == 'u') {
+		printf("ok {\"unpinned\":%d}\n", (int)procs[i].pid);
+		return;
+	}
+	if (sscanf(buf, "%d", &cpid) != 1 ||
+	    !(c = add_proc(cpid, "clone-vm", i))) {
+		printf("err bad clone-vm reply '%s'\n", buf);
+		return;
+	}
+	c->nocmd = 1;			/* shares procs[i]'s mm and regions */
+	printf("ok {\"clone_vm\":%d,\"mm_of\":%d}\n", cpid, (int)procs[i].pid);
+}
+
+/* "kill PID": SIGKILL, reap (a direct child), and forget it; what it forked
+ * or cloned dies with it (PR_SET_PDEATHSIG). */
+static void cmd_kill(int argc, char **argv)
+{
+	int i = argc == 2 ? find_pid(argv[1]) : -1;
+	pid_t pid;
+
+	if (i < 0) {
+		printf("err %s\n", argc == 2 ? "no such pid" : "usage: kill PID");
+		return;
+	}
+	pid = procs[i].pid;
+	kill(pid, SIGKILL);
+	if (procs[i].relay < 0)		/* ours: the mm is gone once reaped */
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+	procs[i].dead = 1;
+	printf("ok {\"killed\":[%d", (int)pid);
+	for (int j = 0; j < nprocs; j++)
+		if (procs[j].relay == i && !procs[j].dead) {
+			procs[j].dead = 1;
+			printf(",%d", (int)procs[j].pid);
+		}
+	printf("]}\n");
 }
 
 /* Execute one driver command; prints exactly one reply line. */
@@ -932,6 +1406,13 @@ static void command(int argc, char **argv)
 	} else if (!strcmp(c, "pause-volatile") ||
 		   !strcmp(c, "resume-volatile")) {
 		cmd_volatile(c);
+	} else if (!strcmp(c, "madvise") || !strcmp(c, "mprotect") ||
+		   !strcmp(c, "read") || !strcmp(c, "pin")) {
+		cmd_region_op(argc, argv);
+	} else if (!strcmp(c, "unpin") || !strcmp(c, "clone-vm")) {
+		cmd_proc_op(argc, argv);
+	} else if (!strcmp(c, "kill")) {
+		cmd_kill(argc, argv);
 	} else {
 		printf("err unknown command %.64s\n", c);
 	}
@@ -984,7 +1465,9 @@ int main(int argc, char **argv)
 		if (is(scenarios[i].name))
 			nchild = nprocs_opt > 0 ? nprocs_opt : scenarios[i].procs;
 	if (nchild < 0)
-		die_setup("usage: %s merge|chain|mremap|smartscan|fork|file-cow "
+		die_setup("usage: %s merge|chain|mremap|smartscan|fork|file-cow|"
+			  "zero-pages|unmerge|exit|prot-none|swap|numa-nodes|"
+			  "prctl|thp|clone-vm "
 			  "[--procs N] [--pages N] [--distinct N] "
 			  "[--offset-pages N]", argv[0]);
 

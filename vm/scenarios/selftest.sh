@@ -360,6 +360,76 @@ def t_filecow():
     check(not os.path.exists(path), "SIGTERM: file removed")
 
 
+def t_field():
+    """The issue-9 layouts (shared/field/) and their commands."""
+    want = {"zero-pages": [["zero", "read", "equal"], ["pairs", "zero"]],
+            "unmerge": [["pairs"]], "exit": [["x"], ["x", "y"], ["x", "y"]],
+            "swap": [["data", "pinned"]], "prctl": [["data"], ["data"]],
+            "thp": [["data"], ["data"]], "clone-vm": [["data"]],
+            "prot-none": [["data"], ["data"]]}
+    for scen, layout in want.items():
+        w = Workload(scen)
+        st = w.info()
+        check([[r["name"] for r in p["regions"]] for p in st["procs"]] == layout,
+              f"{scen} layout")
+        check(st["exited"] == [], f"{scen}: nothing exited")
+        finish(w)
+    w = Workload("zero-pages")
+    st = w.info()
+    z = st["procs"][0]
+    regs = {r["name"]: r for r in z["regions"]}
+    check((regs["zero"]["pages"], regs["read"]["pages"], regs["equal"]["pages"]) ==
+          (64, 16, 8), "zero-pages sizes")
+    if page(z["pid"], regs["zero"]["start"]) is not None:
+        check(page(z["pid"], regs["zero"]["start"]) == bytes(PAGE), "zero content")
+        check(page(z["pid"], regs["read"]["start"]) == bytes(PAGE), "read content")
+        f = st["procs"][1]
+        r = f["regions"][0]
+        check(digest(f["pid"], r["start"], 3) == digest(f["pid"], r["start"], 19) !=
+              digest(f["pid"], r["start"], 4), "pairs: page i == page 16+i")
+    pid = z["pid"]
+    check(w.ok(f"madvise {pid} zero unmergeable 0 8")["madvise"] == "unmergeable 0 8",
+          "madvise reply")
+    w.ok(f"madvise {pid} zero dontneed 16 8")
+    w.err(f"madvise {pid} zero frob 0 1")
+    w.err(f"madvise {pid} zero dontneed 60 8")          # past the end
+    w.err(f"madvise {pid} zero dontneed 0")             # usage
+    check(w.ok(f"read {pid} read 0 16")["result"] == 16, "read count")
+    check(w.ok(f"pin {pid} equal 3")["result"] == 1, "pin")
+    check(w.ok(f"unpin {pid}") == {"unpinned": pid}, "unpin")
+    w.err(f"pin {pid} equal 8")
+    g = w.ok(f"fork {st['procs'][1]['pid']}")["forked"]
+    check(w.ok(f"read {g} zero 0 16")["result"] == 16, "read via relay")
+    finish(w)
+    w = Workload("exit")
+    st = w.info()
+    p0, p1, p2 = (p["pid"] for p in st["procs"])
+    check(w.ok(f"mprotect {p0} x none 0 16")["mprotect"] == "none 0 16", "mprotect")
+    st = w.info()
+    check(st["procs"][0]["regions"][0]["prot"] == "none", "prot in info")
+    check(w.ok("touch")["touched"] == 2 * 24, "touch skips PROT_NONE")
+    c = w.ok(f"clone-vm {p1}")
+    check(c["mm_of"] == p1 and ours(c["clone_vm"]), "clone-vm")
+    with open(f"/proc/{c['clone_vm']}/status") as f:
+        tgid = int([l for l in f if l.startswith("Tgid:")][0].split()[1])
+    check(tgid == c["clone_vm"], "clone-vm child is its own thread group")
+    check(not os.path.exists(f"/proc/{p1}/task/{c['clone_vm']}"), "not a thread")
+    w.err(f"unpin {c['clone_vm']}")                     # takes no commands
+    check(w.ok(f"kill {p1}")["killed"] == [p1, c["clone_vm"]], "kill takes the clone")
+    w.err(f"kill {p1}")
+    st = w.info()
+    check(st["exited"] == [p1, c["clone_vm"]], "exited")
+    check([p["pid"] for p in st["procs"]] == [p0, p2], "procs after kill")
+    check(all(e["pid"] != p1 for e in w.ok("where")["where"]), "where skips the dead")
+    finish(w)
+    # numa-nodes binds to node 1: a one-node host refuses at setup
+    have2 = os.path.exists("/sys/devices/system/node/node1")
+    p = subprocess.run([BIN, "numa-nodes"], capture_output=True, text=True, timeout=20,
+                       stdin=subprocess.DEVNULL)
+    if not have2:
+        check(p.returncode == 1 and "needs a NUMA node 1" in p.stderr, "numa-nodes: 1 node")
+
+
 def t_setup_failures():
     for args in (["nosuch"], ["merge", "--pages", "0"], [],
                  ["merge", "--bogus", "1"]):
@@ -380,7 +450,7 @@ def t_setup_failures():
 
 
 failed = 0
-for t in (t_merge, t_chain, t_mremap, t_smartscan, t_fork, t_filecow,
+for t in (t_merge, t_chain, t_mremap, t_smartscan, t_fork, t_filecow, t_field,
           t_setup_failures):
     before = checks
     try:
