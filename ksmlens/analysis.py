@@ -500,10 +500,9 @@ def union_hazard(snap: Snapshot) -> list[dict]:
 
 def stale_items(snap: Snapshot, rule: str | None = None) -> list[RmapItem]:
     """rmap_items whose own mapping the walk under ``rule`` misses
-    (``walk[rule] is False``; default the kernel's rule, every rule where it
-    is unknown), and STABLE items whose stored index is not their mapping's
-    (``stored_status`` stale / unset)."""
-    rule = rule or snap.kernel.walk_rule
+    (``walk[rule] is False``; by default under any rule), and STABLE items
+    whose stored index is not their mapping's (``stored_status`` stale /
+    unset)."""
     rules = [rule] if rule else list(RULES)
     return [i for i in snap.rmap_items
             if (i.walk and any(i.walk.get(r) is False for r in rules))
