@@ -209,6 +209,8 @@ def cmd_check(a):
     note = unreachable_note(snap)
     if note:
         print(f"note: {note}")
+    if info.get("note"):
+        print(f"note: {info['note']}")
     if info.get("mid_update_seen"):
         print(f"note: {info['mid_update_seen']} paused walk(s) landed in a half-done KSM "
               "update and were taken again")

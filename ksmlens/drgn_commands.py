@@ -155,7 +155,7 @@ for item in snap.rmap_items:
         # (or "freed": the next pass frees the item unread, item.not_visited says why)
         nxt = smartscan_next(snap, item, 8)
         print(item.pid, hex(item.address), item.state, item.age, item.remaining_skips,
-              nxt["schedule"] or f"freed:{nxt['freed']}")
+              nxt["schedule"] or "freed:" + str(nxt["freed"]))
 ''')
 
 

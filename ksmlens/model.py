@@ -121,6 +121,9 @@ class StableNode:
     reachable: int | None = None  # mapped mappings the widest (stock) walk reaches
     unreachable: int = 0         # mapcount - reachable: mappings no rmap_item leads to
                                  # (no kernel can unmap them: the page stays)
+    # where those are: [{"pid", "comm", "mm", "address"}], found by reading the
+    # page tables of every live mm's anonymous VMAs (only when unreachable)
+    orphan_mappings: list[dict] = field(default_factory=list)
 
 
 @dataclass

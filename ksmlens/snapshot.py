@@ -346,6 +346,19 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
     # PTEs): done after the guest runs again.
     replay_walks(snap, snap.__dict__.pop("_mapped"), stock=snap.__dict__.pop("_stock_candidates"))
     snap.meta["replay_seconds"] = round(time.monotonic() - t_end, 4)
+    orphans = [n for n in snap.stable_nodes if n.unreachable]
+    if orphans and pages:
+        # No rmap_item leads to some mappings of these pages: find them in
+        # the page tables of every process (a second, short pause).
+        q = vm.qmp(timeout=30) if pause else None
+        try:
+            if q is not None:
+                q.stop()
+            _find_orphan_mappings(prog, orphans)
+        finally:
+            if q is not None:
+                q.cont()
+                q.close()
     snap.meta.update({
         "mode": mode if is_live_target else "static",
         "paused_seconds": round(paused_total, 4) if pause else 0.0,
@@ -751,6 +764,40 @@ def _read_ptes(w: _Walker, pt, pgd: int, vmas: list, items: list, slot: MmSlot,
         else:
             it.will_visit = True
     return mapped
+
+
+def _find_orphan_mappings(prog: Program, nodes: list[StableNode]) -> None:
+    """Fill ``orphan_mappings`` of ``nodes``: every (process, address)
+    whose PTE maps one of their KSM pages, from the page tables of every
+    live mm's anonymous VMAs (VMAs with an anon_vma)."""
+    w = _Walker(prog, live=False)
+    pt = pgtable.PageTables.of(prog, w.read)
+    by_pfn = {n.kpfn: n for n in nodes}
+    want = np.array(sorted(by_pfn), dtype=np.uint64)
+    for mm, procs in w.mm_owners().items():
+        try:
+            mmo = Object(prog, "struct mm_struct *", mm)
+            if not mmo.mm_users.counter.value_():
+                continue
+            pgd = mmo.pgd.value_()
+        except FaultError:
+            continue
+        for vs, ve, _pg, anon, _f, _fl in w.vmas(mm):
+            if not anon:
+                continue
+            leaves = pt.leaves(pgd, vs, ve)
+            la = leaves[0][leaves[2] == pgtable.PAGE_SHIFT]
+            kinds, pfns, _ = pgtable.decode(leaves, la)
+            hit = np.isin(pfns, want) & ((kinds == pgtable.KIND_PRESENT)
+                                         | (kinds == pgtable.KIND_PROT_NONE))
+            for a, pfn in zip(la[hit].tolist(), pfns[hit].tolist()):
+                pid, comm = procs[0]
+                by_pfn[pfn].orphan_mappings.append(
+                    {"pid": pid, "comm": comm, "mm": _hx(mm), "address": a})
+    for n in nodes:
+        known = {(m["mm"], m["address"]) for m in n.mappings if m["mapped"]}
+        n.orphan_mappings = [m for m in n.orphan_mappings
+                             if (m["mm"], m["address"]) not in known]
 
 
 def _pfn_counts(parts: list) -> dict[int, int]:

@@ -57,13 +57,18 @@ class VerifyResult:
 
     @property
     def agree(self) -> bool:
-        return bool(self.rows) and all(r["agree"] for r in self.rows)
+        """Every compared row agrees, and at least one was compared (a row
+        whose every mapping was dropped by its process meanwhile is "gone",
+        ``agree`` None: not compared)."""
+        compared = [r for r in self.rows if r["agree"] is not None]
+        return bool(compared) and all(r["agree"] for r in compared)
 
     def counts(self) -> dict:
         c = {"nodes": len(self.rows), "pages": len(self.pages),
              "predicted_stay": sum(r["predicted"] == "stays" for r in self.rows),
              "observed_stayed": sum(r["observed"] == "stayed" for r in self.rows),
-             "disagree": sum(not r["agree"] for r in self.rows)}
+             "disagree": sum(r["agree"] is False for r in self.rows),
+             "gone": sum(r["agree"] is None for r in self.rows)}
         return c
 
     def table(self) -> str:
@@ -73,7 +78,7 @@ class VerifyResult:
         for r in self.rows:
             lines.append((r["node"], f"0x{r['kpfn']:x}", ",".join(map(str, r["pids"])),
                           str(r["mappings"]), str(r["misses"]), r["predicted"], r["observed"],
-                          "yes" if r["agree"] else "NO"))
+                          "-" if r["agree"] is None else "yes" if r["agree"] else "NO"))
         w = [max(len(str(l[k])) for l in lines) for k in range(len(head))]
         out = ["  ".join(str(v).ljust(w[k]) for k, v in enumerate(l)).rstrip() for l in lines]
         c = self.counts()
@@ -81,6 +86,8 @@ class VerifyResult:
                    f"{self.by}; {c['nodes']} KSM "
                    f"pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
                    f"stayed: {c['observed_stayed']}; "
+                   + (f"{c['gone']} unmapped by their process meanwhile (not compared); "
+                      if c["gone"] else "")
                    + ("prediction and kernel AGREE" if self.agree else
                       f"{c['disagree']} DISAGREE"))
         return "\n".join(out)
@@ -103,9 +110,12 @@ def predict(snap, rule: str | None = None) -> dict:
                            "does not apply", "use the union or v8 variant")
     out = {}
     for n in snap.stable_nodes:
-        if n.kind == "chain" or n.kpfn is None or not any(m["mapped"] for m in n.mappings):
+        if n.kind == "chain" or n.kpfn is None:
             continue
-        out[n.id] = "stays" if rule in n.unmappable_under else "moves"
+        if not any(m["mapped"] for m in n.mappings) and not n.orphan_mappings:
+            continue
+        # a page with mappings no rmap_item reaches stays under every rule
+        out[n.id] = "stays" if (rule in n.unmappable_under or n.unreachable) else "moves"
     return out
 
 
@@ -152,8 +162,8 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
         for n in snap.stable_nodes:
             if n.id not in pred:
                 continue
-            for m in n.mappings:
-                if m["mapped"] and m["pid"] is not None:
+            for m in [m for m in n.mappings if m["mapped"]] + n.orphan_mappings:
+                if m["pid"] is not None:
                     want[(m["pid"], m["address"])] = n.id
         ranges = []
         for pid in sorted({p for p, _ in want}):
@@ -182,21 +192,27 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
             pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["pfn"],
                           "before": p["before"], "target": p["target"], "after": p["after"],
                           "tries": p["tries"], "predicted": pr, "observed": obs,
-                          "agree": (pr == "moves") == (obs == "moved") and obs != "gone"})
+                          # a mapping its process dropped meanwhile (munmap, exit,
+                          # write) is not compared: nothing was predicted about it
+                          "agree": None if obs == "gone" else (pr == "moves") == (obs == "moved")})
     rows = []
     for n in snap.stable_nodes:
         if n.id not in pred:
             continue
         ps = [p for p in pages if p["node"] == n.id]
-        obs = {p["observed"] for p in ps}
+        obs = {p["observed"] for p in ps} - {"gone"}
         observed = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
         mapped = [m for m in n.mappings if m["mapped"]]
         rows.append({"node": n.id, "kpfn": n.kpfn,
-                     "pids": sorted({m["pid"] for m in mapped if m["pid"] is not None}),
+                     "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
+                                     if m["pid"] is not None}),
                      "mappings": len(mapped), "mapcount": n.mapcount,
-                     "misses": sum(not m["found"][rule] for m in mapped),
+                     "unreachable": n.unreachable,
+                     # mappings the rule misses, and those no rmap_item reaches
+                     "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable,
                      "predicted": pred[n.id], "observed": observed,
-                     "agree": ((pred[n.id] == "moves") == (observed == "moved")
+                     "agree": (None if observed == "gone" else
+                               (pred[n.id] == "moves") == (observed == "moved")
                                and observed in ("moved", "stayed"))})
     return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
                         rows=rows, pages=pages, snapshot=snap,
@@ -289,9 +305,12 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             observed = "stayed"         # still mapped somewhere: never freed
         mapped = [m for m in n.mappings if m["mapped"]]
         rows.append({"node": n.id, "kpfn": n.kpfn,
-                     "pids": sorted({m["pid"] for m in mapped if m["pid"] is not None}),
+                     "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
+                                     if m["pid"] is not None}),
                      "mappings": len(mapped), "mapcount": n.mapcount,
-                     "misses": sum(not m["found"][rule] for m in mapped),
+                     "unreachable": n.unreachable,
+                     # mappings the rule misses, and those no rmap_item reaches
+                     "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable,
                      "swapped": sum(p["observed"] == "swapped" for p in ps),
                      "predicted": pred[n.id], "observed": observed,
                      "agree": ((pred[n.id] == "reclaimed") == (observed == "reclaimed")
