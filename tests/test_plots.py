@@ -459,3 +459,21 @@ def test_real_verify_outcome(real, tmp_path):
     assert cells["count:moves:moved"].startswith(f"{len(res.rows)} nodes")
     path = check_figure(fig, tmp_path, "verify")
     print("inspect:", path)
+
+
+def test_address_space_shows_ksm_zero_pages(tmp_path):
+    """KSM zero pages have no rmap_item: their own row, one mark each."""
+    snap = small_space()
+    slot = next(s for s in snap.mm_slots if s.pid == 10)
+    slot.zero_pages = [0x7F3000000000 + k * PAGE for k in range(5)]
+    fig = plots.address_space(snap, 10)
+    check_figure(fig, tmp_path, "zero")
+    assert sum(marks(fig, "zero_pages").values()) == 5
+    assert "5 KSM zero pages" in the_ax(fig).get_title()
+    assert "KSM zero page (5)" in legend_labels(fig)
+    only = snapshot([item(12, 0x7F4000000000, vma=None, state="none")])
+    only.rmap_items.clear()
+    only.mm_slots[0].items.clear()
+    only.mm_slots[0].zero_pages = [0x7F4000000000]
+    fig = plots.address_space(only, 12)      # a process with zero pages only
+    assert sum(marks(fig, "zero_pages").values()) == 1
