@@ -1,20 +1,30 @@
-"""What the walked state means for the rmap walk: stale pgoffs.
+"""What the walked state means for the rmap walk: stale pgoffs, rule by rule.
 
-``pgoff_status(item, kernel)`` says whether the pgoff an rmap walk would use
-for a ``struct ksm_rmap_item`` is right:
+Three separate questions about a ``struct ksm_rmap_item``:
 
-* ``ok``           ``address >> PAGE_SHIFT == linear_page_index(vma, address)``
-* ``moved``        they differ, so a walk at ``address >> PAGE_SHIFT`` (the
-                   series' v3) misses this mapping; ``pgoff_cause`` says why
-                   where it can be told: ``mremap`` (an anonymous VMA kept its
-                   ``vm_pgoff`` when it moved), ``file`` (a MAP_PRIVATE file
-                   mapping: ``vm_pgoff`` is the file offset), ``stack`` (the
-                   exec stack, relocated by ``relocate_vma_down()``)
-* ``no_vma``       the item outlived its mapping and waits for ksmd
-* ``stored_unset`` a STABLE item on a kernel with a stored pgoff whose pgoff
-                   is 0 while the mapping's index is not
-* ``stored_stale`` a STABLE item whose stored pgoff differs from the current
-                   ``linear_page_index`` (the ``stored`` walk misses it)
+``pgoff_status(item)``: is ``address >> PAGE_SHIFT`` (what the series' v3
+searches) the mapping's ``linear_page_index(vma, address)``?
+
+* ``ok``      they are equal
+* ``moved``   they differ; ``pgoff_cause`` says why where it can be told:
+              ``mremap`` (an anonymous VMA kept its ``vm_pgoff`` when it
+              moved), ``file`` (a MAP_PRIVATE file mapping: ``vm_pgoff`` is
+              the file offset), ``stack`` (the exec stack, relocated by
+              ``relocate_vma_down()``)
+* ``no_vma``  the item outlived its mapping and waits for ksmd
+
+``stored_status(item)``: for a STABLE item on a kernel that stores the index
+(``rmap_item->pgoff`` / ``linear_page_index``): ``ok``, ``stale`` (differs
+from the current ``linear_page_index``), ``unset`` (0 while the index is
+not), ``no_vma``; None for other items (their bytes are
+oldchecksum/age/remaining_skips) and other kernels.
+
+Neither says whether a walk *misses* the mapping: the kernel's interval query
+finds every VMA whose pgoff *range* contains the searched index, so a moved
+item can still be found (a VMA moved up by 32 pages, then grown in place to
+48, keeps its first 16 pages findable by v3). ``RmapItem.walk`` answers that
+per rule: from the replay for STABLE items (:func:`replay_walks`), from the
+VMA's pgoff range for the others (:func:`range_walk`).
 """
 
 from __future__ import annotations
@@ -22,30 +32,64 @@ from __future__ import annotations
 from .errors import KsmlensError
 from .itree import ULONG_MAX, interval_tree_foreach
 from .model import RmapItem, Snapshot, StableNode
+from .walk import VM_GROWSDOWN
 
-__all__ = ["pgoff_status", "VM_GROWSDOWN", "STATUSES", "RULES", "RULE_HELP", "VARIANT_RULE",
+__all__ = ["pgoff_status", "stored_status", "item_status", "range_walk", "STATUSES", "STORED_STATUSES",
+           "RULES", "RULE_HELP", "VARIANT_RULE",
            "kernel_walk_rule", "rule_range", "anon_vma_query", "walk_candidates",
            "replay_walks", "walk_misses", "skip_age", "smartscan_visit",
            "smartscan_next", "smartscan_forecast", "page_is_ksm", "scan_position",
-           "visits_between", "union_hazard", "stale_items"]
+           "visits_between", "union_hazard", "stale_items", "will_visit"]
 
-VM_GROWSDOWN = 0x100  # include/linux/mm.h
-STATUSES = ("ok", "moved", "no_vma", "stored_unset", "stored_stale")
+STATUSES = ("ok", "moved", "no_vma")
+STORED_STATUSES = ("ok", "stale", "unset", "no_vma")
 
 
-def pgoff_status(item: RmapItem, has_stored_pgoff: bool, page_shift: int = 12
+def pgoff_status(item: RmapItem, has_stored_pgoff: bool = False, page_shift: int = 12
                  ) -> tuple[str, str | None]:
-    """``(status, cause)`` for one rmap_item (see the module doc)."""
+    """``(status, cause)``: ``address >> PAGE_SHIFT`` against
+    ``linear_page_index()`` (see the module doc). ``has_stored_pgoff`` is
+    accepted for compatibility and not used: see :func:`stored_status`."""
     lpi = item.linear_page_index
     if lpi is None:
         return "no_vma", None
-    if has_stored_pgoff and item.state == "stable" and item.stored_pgoff != lpi:
-        if item.stored_pgoff == 0:
-            return "stored_unset", None
-        return "stored_stale", _cause(item, page_shift) if item.addr_pgoff != lpi else None
     if item.addr_pgoff != lpi:
         return "moved", _cause(item, page_shift)
     return "ok", None
+
+
+def stored_status(item: RmapItem, has_stored_pgoff: bool) -> str | None:
+    """The stored index of a STABLE item against its mapping's
+    ``linear_page_index()`` (see the module doc); None where nothing is stored."""
+    if not has_stored_pgoff or item.state != "stable" or item.stored_pgoff is None:
+        return None
+    lpi = item.linear_page_index
+    if lpi is None:
+        return "no_vma"
+    if item.stored_pgoff == lpi:
+        return "ok"
+    return "unset" if item.stored_pgoff == 0 else "stale"
+
+
+def item_status(item: RmapItem) -> str:
+    """One status per item for pictures: ``stored_stale`` / ``stored_unset``
+    when the stored index is wrong, else :func:`pgoff_status`'s."""
+    if item.stored_status in ("stale", "unset"):
+        return f"stored_{item.stored_status}"
+    return item.pgoff_status or "ok"
+
+
+def range_walk(item: RmapItem, has_stored_pgoff: bool, page_shift: int = 12) -> dict | None:
+    """Per rule, does the interval query of ``rmap_walk_ksm()`` meet the
+    item's own VMA (whose pgoff range is ``[vm_pgoff, vm_pgoff +
+    vma_pages - 1]``) and then pass the address filter? For an item that
+    is not STABLE (no walk runs for it yet; ``stored`` is None: nothing is
+    stored before the merge). None without a VMA."""
+    if item.vma_start is None:
+        return None
+    last = item.vm_pgoff + ((item.vma_end - item.vma_start) >> page_shift) - 1
+    return {"stock": True, "v3": item.vm_pgoff <= item.addr_pgoff <= last,
+            "stored": None}
 
 
 def _cause(item: RmapItem, page_shift: int) -> str | None:
@@ -223,12 +267,21 @@ def _replay_walks(snap, mapped, stock):
             m["found"] = {r: (None if keys[r] is None else k in keys[r]) for r in RULES}
             mappings.append(m)
         node.mappings = mappings
-        node.unmappable_under = [r for r in RULES if keys[r] is not None and any(
-            m["mapped"] and not m["found"][r] for m in mappings)]
+        node.reachable = sum(1 for m in mappings if m["mapped"])
+        # only for a page that is still this node's KSM page (a stale node's
+        # kpfn may have been freed and reused: its mapcount is someone else's)
+        own = node.page_is_ksm and node.page_stable_node == node.id
+        node.unreachable = max(0, (node.mapcount or 0) - node.reachable) if own else 0
+        node.unmappable_under = [r for r in RULES if keys[r] is not None and (
+            node.unreachable or any(m["mapped"] and not m["found"][r] for m in mappings))]
         for iid in node.items:
             it = snap.item(iid)
             k = (it.mm, it.address)
             it.walk = {r: (None if keys[r] is None else k in keys[r]) for r in RULES}
+    has, shift = snap.kernel.has_stored_pgoff, snap.kernel.page_shift
+    for it in snap.rmap_items:
+        if it.state != "stable":
+            it.walk = range_walk(it, has, shift)
     return snap
 
 
@@ -293,10 +346,15 @@ def _smartscan_reads_stable(snap: Snapshot) -> bool | None:
 
 
 def page_is_ksm(snap: Snapshot, item: RmapItem) -> bool:
-    """Is the page mapped at ``item``'s address a KSM page? For a STABLE
-    item: a PTE of its mm maps its stable node's page there (the walk read
-    the page tables); other items map no KSM page (ksmd would have made
-    them STABLE on its last visit)."""
+    """``PageKsm()`` of the page mapped at ``item``'s address, as the walk
+    read it from the page tables (``RmapItem.page_ksm``), whatever the
+    item's state: what ``should_skip_rmap_item()`` tests. A fork-shared
+    page that became KSM through its other sharer is KSM for an UNSTABLE
+    item too; a STABLE item whose page was COW-broken or unmerged is not.
+    Snapshots without page tables (``pages=False``) fall back to the
+    replay: a STABLE item whose PTE maps its own node's page."""
+    if item.page_ksm is not None or item.pte != "unread":
+        return bool(item.page_ksm)
     if item.state != "stable" or item.stable_node is None:
         return False
     idx = snap.__dict__.get("_mapped_idx")
@@ -306,10 +364,19 @@ def page_is_ksm(snap: Snapshot, item: RmapItem) -> bool:
     return idx.get((item.stable_node, item.mm, item.address), False)
 
 
+def will_visit(item: RmapItem) -> bool:
+    """Will ksmd's next pass visit ``item`` (``RmapItem.will_visit``)? Items
+    of snapshots without page tables count as visited."""
+    return item.will_visit is not False
+
+
 def smartscan_next(snap: Snapshot, item: RmapItem, visits: int = 1) -> dict:
     """What ksmd's next ``visits`` visits do to ``item`` with SmartScan.
 
-    ``{"page_is_ksm", "reads": (age, remaining_skips) the first visit reads,
+    ``{"page_is_ksm", "freed": None or why ksmd frees the item unread on its
+    next pass (``RmapItem.not_visited``: then nothing is read, skipped or
+    aged, and ``schedule`` is empty), "reads": (age, remaining_skips) the
+    first visit reads,
     "reads_pgoff": those bytes are the stored pgoff's (the union hazard),
     "schedule": "P" (processed) / "S" (skipped) per visit, "skipped": count,
     "age", "remaining_skips": after the visits, "leaves_stable_tree": the
@@ -321,9 +388,13 @@ def smartscan_next(snap: Snapshot, item: RmapItem, visits: int = 1) -> dict:
     resets them to 0 with the pgoff).
     """
     ksm = page_is_ksm(snap, item)
-    res = {"page_is_ksm": ksm, "reads": (item.age, item.remaining_skips),
+    res = {"page_is_ksm": ksm, "freed": None, "reads": (item.age, item.remaining_skips),
            "reads_pgoff": False, "schedule": "", "skipped": 0, "age": item.age,
            "remaining_skips": item.remaining_skips, "leaves_stable_tree": None}
+    if not will_visit(item):
+        res.update(freed=item.not_visited, reads=None,
+                   leaves_stable_tree=1 if item.state == "stable" else None)
+        return res
     if ksm or not snap.counters.get("smart_scan", 1) or visits <= 0:
         return res
     age, skips = item.age, item.remaining_skips
@@ -396,17 +467,21 @@ def smartscan_forecast(snap: Snapshot, full_scans: int) -> dict:
 
 
 def union_hazard(snap: Snapshot) -> list[dict]:
-    """STABLE rmap_items whose page is no longer KSM (COW-broken, unmerged):
-    ksmd's next visit runs ``should_skip_rmap_item()`` on them. On a kernel
+    """STABLE rmap_items that ksmd's next pass will visit (:func:`will_visit`)
+    although the page mapped there is no longer KSM (COW-broken): the visit
+    runs ``should_skip_rmap_item()`` on them. Items it frees unread (page
+    unmapped, unmerged, swapped, zero page, mm exited) are not hazards. On a kernel
     with the stored pgoff in the union (and SmartScan reading stable items,
     i.e. not v8), ``age`` / ``remaining_skips`` / ``oldchecksum`` are then
     read from (and ``age++`` written into) the pgoff's bytes. One row per
     item: pid, address, stored pgoff, the bytes SmartScan reads, and what
     the next visit does."""
     out = []
+    if not snap.counters.get("smart_scan", 1):
+        return out       # should_skip_rmap_item() returns before it reads anything
     reads = _smartscan_reads_stable(snap)
     for it in snap.rmap_items:
-        if it.state != "stable" or page_is_ksm(snap, it):
+        if it.state != "stable" or not will_visit(it) or page_is_ksm(snap, it):
             continue
         nxt = smartscan_next(snap, it, 1)
         out.append({"item": it.id, "pid": it.pid, "comm": it.comm, "address": it.address,
@@ -423,7 +498,12 @@ def union_hazard(snap: Snapshot) -> list[dict]:
     return out
 
 
-def stale_items(snap: Snapshot) -> list[RmapItem]:
-    """rmap_items whose pgoff an rmap walk would get wrong (pgoff_status
-    other than ``ok``)."""
-    return [i for i in snap.rmap_items if i.pgoff_status not in ("ok", "")]
+def stale_items(snap: Snapshot, rule: str | None = None) -> list[RmapItem]:
+    """rmap_items whose own mapping the walk under ``rule`` misses
+    (``walk[rule] is False``; by default under any rule), and STABLE items
+    whose stored index is not their mapping's (``stored_status`` stale /
+    unset)."""
+    rules = [rule] if rule else list(RULES)
+    return [i for i in snap.rmap_items
+            if (i.walk and any(i.walk.get(r) is False for r in rules))
+            or i.stored_status in ("stale", "unset")]

@@ -15,8 +15,8 @@ import dataclasses
 from .errors import KsmlensError
 from .model import Snapshot
 
-__all__ = ["Row", "walk_counts", "compare", "check_vm", "check_live", "format_rows",
-           "LIVE_NOTE"]
+__all__ = ["Row", "walk_counts", "per_pid_counts", "page_checks", "unreachable_note",
+           "compare", "check_vm", "check_live", "format_rows", "LIVE_NOTE"]
 
 
 @dataclasses.dataclass
@@ -25,9 +25,16 @@ class Row:
     walk: int
     kernel: int | None      # sysfs / ksm_stat as read in the guest
     globals: int | None     # the kernel's variables, read by drgn during the walk
+    # "equal": walk == kernel (== globals); "between": a counter that only
+    # grows while ksmd runs (pages_scanned, ...): kernel (read before the
+    # pause) <= walk (the variable, read paused) <= globals (read after)
+    rule: str = "equal"
 
     @property
     def ok(self) -> bool:
+        if self.rule == "between":
+            return (self.kernel is not None and self.globals is not None
+                    and self.kernel <= self.walk <= self.globals)
         return self.walk == self.kernel and (self.globals is None or self.globals == self.walk)
 
 
@@ -40,11 +47,14 @@ def walk_counts(snap: Snapshot) -> dict:
     * ``pages_unshared``: rmap_items with UNSTABLE_FLAG, whatever their seqnr:
       ``remove_rmap_item_from_tree()`` decrements the counter for an item of
       the previous pass too (age 1), so it still counts;
-    * ``rmap_items``: every rmap_item on every mm slot.
+    * ``rmap_items``: every rmap_item on every mm slot;
+    * ``ksm_zero_pages``: KSM zero pages decoded from the page tables
+      (the zero pfn with the dirty bit, include/linux/ksm.h), all mm slots;
+    * ``general_profit``: ``general_profit_show()`` on those counts.
     """
     page_nodes = [n for n in snap.stable_nodes if n.kind in ("regular", "dup") and n.items]
     stable_items = sum(len(n.items) for n in page_nodes)
-    return {
+    c = {
         "pages_shared": len(page_nodes),
         "pages_sharing": stable_items - len(page_nodes),
         "pages_unshared": sum(1 for i in snap.rmap_items if i.state == "unstable"),
@@ -52,50 +62,106 @@ def walk_counts(snap: Snapshot) -> dict:
         "stable_node_chains": sum(1 for n in snap.stable_nodes if n.kind == "chain"),
         "stable_node_dups": sum(1 for n in snap.stable_nodes if n.kind == "dup"),
     }
+    if all(s.ksm_zero_pages is not None for s in snap.mm_slots):
+        c["ksm_zero_pages"] = sum(s.ksm_zero_pages for s in snap.mm_slots)
+        c["general_profit"] = ((c["pages_sharing"] + c["ksm_zero_pages"])
+                               * (1 << snap.kernel.page_shift)
+                               - c["rmap_items"] * snap.kernel.rmap_item_size)
+    return c
 
 
 def per_pid_counts(snap: Snapshot) -> dict[int, dict]:
+    """``/proc/PID/ksm_stat`` recomputed from the walk, for every process
+    using each mm (``proc_pid_ksm_stat()``, ``ksm_process_profit()``)."""
     out: dict[int, dict] = {}
+    page = 1 << snap.kernel.page_shift
     for slot in snap.mm_slots:
-        if slot.pid is None:
-            continue
         items = [snap.item(i) for i in slot.items]
-        out[slot.pid] = {"ksm_rmap_items": len(items),
-                         "ksm_merging_pages": sum(1 for i in items if i.state == "stable")}
+        c = {"ksm_rmap_items": len(items),
+             "ksm_merging_pages": sum(1 for i in items if i.state == "stable")}
+        if slot.ksm_zero_pages is not None:
+            c["ksm_zero_pages"] = slot.ksm_zero_pages
+            c["ksm_process_profit"] = ((c["ksm_merging_pages"] + slot.ksm_zero_pages) * page
+                                       - c["ksm_rmap_items"] * snap.kernel.rmap_item_size)
+        for pid in slot.pids or ([slot.pid] if slot.pid is not None else []):
+            out[pid] = c
     return out
 
 
-def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict]) -> list[Row]:
+def page_checks(snap: Snapshot) -> list[Row]:
+    """Each KSM page's folio against the walk: ``rmap_hlist_len`` against
+    its hlist, and its mapcount against the PTEs of the KSM mms' mergeable
+    VMAs that map it (stale nodes, whose page is no longer KSM, are left
+    out: their kpfn may have been reused)."""
+    nodes = [n for n in snap.stable_nodes if n.kind in ("regular", "dup")]
+    rows = [Row("stable nodes: rmap_hlist_len", sum(len(n.items) for n in nodes),
+                sum(n.rmap_hlist_len for n in nodes), None)]
+    ksm = [n for n in nodes if n.page_is_ksm and n.ptes is not None and n.mapcount is not None]
+    if ksm:
+        rows.append(Row("KSM pages: PTEs vs mapcount", sum(n.ptes for n in ksm),
+                        sum(n.mapcount for n in ksm), None))
+    return rows
+
+
+def unreachable_note(snap: Snapshot) -> str | None:
+    """A line on KSM pages whose mapcount exceeds what any rmap walk reaches."""
+    un = [n for n in snap.stable_nodes if n.unreachable]
+    if not un:
+        return None
+    return (f"{len(un)} KSM page(s) have {sum(n.unreachable for n in un)} mapping(s) that no "
+            "rmap_item leads to (mapcount > what the stock walk reaches): no kernel can "
+            "unmap them until ksmd scans their mm")
+
+
+def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict],
+            after: dict | None = None) -> list[Row]:
+    """Rows of the walk against ``sysfs`` (read before the pause) and
+    ``ksm_stat``, and against the globals drgn read while paused;
+    ``after`` (sysfs read after the pause) bounds the counters that only
+    grow."""
     w = walk_counts(snap)
     g = snap.counters
     rows = []
     for k in ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
-              "stable_node_dups"):
-        rows.append(Row(k, w[k], sysfs.get(k), g.get(k)))
+              "stable_node_dups", "ksm_zero_pages", "general_profit"):
+        if k in w:
+            rows.append(Row(k, w[k], sysfs.get(k), g.get(k)))
     # sysfs has no rmap_items; pages_volatile_show() derives from it.
     vol = sysfs.get("pages_volatile")
     kern_items = None if vol is None else (vol + sysfs["pages_shared"] + sysfs["pages_sharing"]
                                            + sysfs["pages_unshared"])
     rows.append(Row("ksm_rmap_items", w["rmap_items"], kern_items, g.get("rmap_items")))
+    if after is not None:
+        # only grow while ksmd runs: between the reads before and after the pause
+        for k in ("pages_scanned", "pages_skipped", "full_scans"):
+            if k in g and k in sysfs and k in after:
+                rows.append(Row(k, g[k], sysfs[k], after[k], rule="between"))
     per = per_pid_counts(snap)
-    slots = {s.pid: s for s in snap.mm_slots if s.pid is not None}
+    slots = {p: s for s in snap.mm_slots for p in (s.pids or [s.pid]) if p is not None}
+    zero = {"ksm_rmap_items": 0, "ksm_merging_pages": 0, "ksm_zero_pages": 0,
+            "ksm_process_profit": 0}
+    mm_field = {"ksm_rmap_items": "mm_ksm_rmap_items",
+                "ksm_merging_pages": "mm_ksm_merging_pages",
+                "ksm_zero_pages": "mm_ksm_zero_pages"}
     for pid in sorted(ksm_stat):
         st = ksm_stat[pid]
         if not st:
             continue
-        mine = per.get(pid, {"ksm_rmap_items": 0, "ksm_merging_pages": 0})
+        mine = per.get(pid, zero)
         slot = slots.get(pid)
-        rows.append(Row(f"pid {pid} ksm_rmap_items", mine["ksm_rmap_items"],
-                        st.get("ksm_rmap_items"),
-                        slot.mm_ksm_rmap_items if slot else None))
-        rows.append(Row(f"pid {pid} ksm_merging_pages", mine["ksm_merging_pages"],
-                        st.get("ksm_merging_pages"),
-                        slot.mm_ksm_merging_pages if slot else None))
+        for k in ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages",
+                  "ksm_process_profit"):
+            if k not in mine or k not in st:
+                continue
+            f = mm_field.get(k)
+            rows.append(Row(f"pid {pid} {k}", mine[k], st.get(k),
+                            getattr(slot, f) if slot is not None and f else None))
+    rows += page_checks(snap)
     return rows
 
 
 _STABLE_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-                "stable_node_chains", "stable_node_dups")
+                "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
 
 
 def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict]:
@@ -104,7 +170,10 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
     The comparison only means something if the kernel's state at the pause
     is the state sysfs showed: retry while the counters differ between the
     read before, the paused globals and the read after (ksmd was mid-scan).
-    Returns (rows, snapshot, info).
+    Returns (rows, snapshot, info). If KSM never holds still, the last
+    settled walk is compared with the kernel's variables read in its pause
+    (``info["settled"]`` False, ``info["note"]`` says so); only walks that
+    all landed in half-done updates raise.
     """
     import random
     import time
@@ -119,12 +188,40 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
         after = ksmsys.read_counters(vm)
         stat_after = ksmsys.read_ksm_stat(vm, pids)
         paused = {k: snap.counters.get(k) for k in _STABLE_KEYS}
-        if (all(before[k] == after[k] == paused[k] for k in _STABLE_KEYS)
+        mid = snap.meta.get("mid_update")
+        if (not mid and all(before.get(k) == after.get(k) == paused[k] for k in _STABLE_KEYS)
                 and stat_before == stat_after):
-            return compare(snap, before, stat_before), snap, {"attempts": attempt}
-        last = (before, after, paused)
+            return compare(snap, before, stat_before, after), snap, {
+                "attempts": attempt,
+                "mid_update_seen": len(snap.meta.get("mid_update_seen") or ())}
+        last = (before, after, paused, mid)
         time.sleep(random.uniform(0, 0.05))
-    changed = [k for k in _STABLE_KEYS if not last[0][k] == last[1][k] == last[2][k]]
+    if not last[3]:
+        # KSM never held still between the sysfs reads, but the last paused
+        # walk settled: compare it with the variables sysfs and ksm_stat print
+        # (mm/ksm.c *_show(), proc_pid_ksm_stat()), read in the same pause.
+        page = 1 << snap.kernel.page_shift
+        stat = {}
+        for s in snap.mm_slots:
+            st = {"ksm_rmap_items": s.mm_ksm_rmap_items,
+                  "ksm_merging_pages": s.mm_ksm_merging_pages}
+            if s.mm_ksm_zero_pages is not None:
+                st["ksm_zero_pages"] = s.mm_ksm_zero_pages
+                st["ksm_process_profit"] = ((s.mm_ksm_merging_pages + s.mm_ksm_zero_pages) * page
+                                            - s.mm_ksm_rmap_items * snap.kernel.rmap_item_size)
+            for pid in s.pids:
+                stat[pid] = st
+        moved = [k for k in _STABLE_KEYS if not last[0].get(k) == last[1].get(k) == last[2][k]]
+        return compare(snap, dict(snap.counters), stat, last[1]), snap, {
+            "attempts": attempts, "settled": False,
+            "mid_update_seen": len(snap.meta.get("mid_update_seen") or ()),
+            "note": f"KSM kept changing during {attempts} attempts ({', '.join(moved) or 'ksm_stat'}"
+                    " moved between the sysfs reads): the kernel column is the variables "
+                    "sysfs and ksm_stat print, read by drgn in the same pause as the walk"}
+    changed = [k for k in _STABLE_KEYS if not last[0].get(k) == last[1].get(k) == last[2][k]]
+    if last[3]:
+        changed.append("paused walks landed in half-done updates: "
+                       + "; ".join(last[3]["busy"]))
     raise KsmlensError(f"KSM kept changing during {attempts} attempts "
                        f"({', '.join(changed) or 'ksm_stat'} moved between reads)",
                        "slow ksmd down (sleep_millisecs) or stop it (run=0) and check again")
@@ -160,13 +257,16 @@ def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
         if not races and all(before[k] == after[k] == snap.counters[k] for k in keys):
             w = walk_counts(snap)
             rows = [Row(k if k != "rmap_items" else "ksm_rmap_items", w[k], before[k], after[k])
-                    for k in keys]
+                    for k in keys + ("ksm_zero_pages",) if k in w and k in before]
+            slots = {p: s for s in snap.mm_slots for p in (s.pids or [s.pid]) if p is not None}
             for pid, mine in sorted(per_pid_counts(snap).items()):
-                slot = next(s for s in snap.mm_slots if s.pid == pid)
-                rows.append(Row(f"pid {pid} ksm_rmap_items", mine["ksm_rmap_items"],
-                                slot.mm_ksm_rmap_items, None))
-                rows.append(Row(f"pid {pid} ksm_merging_pages", mine["ksm_merging_pages"],
-                                slot.mm_ksm_merging_pages, None))
+                slot = slots[pid]
+                for k, f in (("ksm_rmap_items", "mm_ksm_rmap_items"),
+                             ("ksm_merging_pages", "mm_ksm_merging_pages"),
+                             ("ksm_zero_pages", "mm_ksm_zero_pages")):
+                    if k in mine:
+                        rows.append(Row(f"pid {pid} {k}", mine[k], getattr(slot, f), None))
+            rows += page_checks(snap)
             return rows, snap, {"attempts": attempt}
         last = [k for k in keys if not before[k] == after[k] == snap.counters[k]]
         last += [f"race: {k}" for k in races]
@@ -183,5 +283,7 @@ def format_rows(rows: list[Row], *, kernel: str = "kernel", globals: str = "glob
     for r in rows:
         g = "-" if r.globals is None else r.globals
         k = "-" if r.kernel is None else r.kernel
-        out.append(f"{r.what:{w}}  {r.walk:>8}  {k:>8}  {g:>8}  {'ok' if r.ok else 'MISMATCH'}")
+        ok = ("ok" if r.rule == "equal" else "ok (before <= paused <= after)") if r.ok \
+            else "MISMATCH"
+        out.append(f"{r.what:{w}}  {r.walk:>8}  {k:>8}  {g:>8}  {ok}")
     return "\n".join(out)

@@ -200,12 +200,20 @@ def cmd_snapshot(a):
 
 
 def cmd_check(a):
-    from .check import check_vm, format_rows
+    from .check import check_vm, format_rows, unreachable_note
     from .vm import VM
     prog = _attach(a)
     vm = prog.cache.get("ksmlens_vm") or VM(a.name)
     rows, snap, info = check_vm(vm, prog)
     print(format_rows(rows))
+    note = unreachable_note(snap)
+    if note:
+        print(f"note: {note}")
+    if info.get("note"):
+        print(f"note: {info['note']}")
+    if info.get("mid_update_seen"):
+        print(f"note: {info['mid_update_seen']} paused walk(s) landed in a half-done KSM "
+              "update and were taken again")
     bad = [r for r in rows if not r.ok]
     print(f"check: {len(rows) - len(bad)}/{len(rows)} agree "
           f"(walk of {len(snap.rmap_items)} rmap_items, guest paused "

@@ -125,17 +125,17 @@ for item in for_each_mm_slot_rmap_item(slot):
 
 def _code_stale(code: DrgnCodeBuilder, args) -> None:
     code.add_from_import("ksmlens.snapshot", "take_snapshot")
-    code.append("# One fast walk into plain data; ksmlens.analysis.pgoff_status() has\n"
-                "# set pgoff_status/pgoff_cause on every rmap_item.\n"
+    code.add_from_import("ksmlens.analysis", "stale_items")
+    code.append("# One fast walk into plain data; ksmlens.analysis has set, on every\n"
+                "# rmap_item, pgoff_status (address >> PAGE_SHIFT vs linear_page_index),\n"
+                "# stored_status and walk (does each rule's walk find the mapping).\n"
                 'snap = take_snapshot(prog, mode="live")\n')
-    cond = 'item.pgoff_status != "ok"'
-    if args.pid is not None:
-        cond += f" and item.pid == {args.pid}"
+    cond = "True" if args.pid is None else f"item.pid == {args.pid}"
     code.append(f'''\
-stale = [item for item in snap.rmap_items if {cond}]
+stale = [item for item in stale_items(snap) if {cond}]
 for item in stale:
     print(item.pid, item.comm, hex(item.address), item.state, item.pgoff_status,
-          item.pgoff_cause, hex(item.addr_pgoff), item.linear_page_index, item.stored_pgoff)
+          item.pgoff_cause, item.stored_status, item.walk)
 print(len(stale), "stale rmap_items")
 ''')
 
@@ -152,9 +152,10 @@ for item in snap.rmap_items:
     if {cond}:
         # what mm/ksm.c should_skip_rmap_item() does at ksmd's next 8 visits:
         # "P" processed, "S" skipped
+        # (or "freed": the next pass frees the item unread, item.not_visited says why)
         nxt = smartscan_next(snap, item, 8)
         print(item.pid, hex(item.address), item.state, item.age, item.remaining_skips,
-              nxt["schedule"])
+              nxt["schedule"] or "freed:" + str(nxt["freed"]))
 ''')
 
 
@@ -196,10 +197,12 @@ def _view_stale(prog, args) -> None:
     from .report import stale_table
     snap = _snapshot(prog)
     k = snap.kernel
-    print(f"kernel {k.release} (stored pgoff: {'yes' if k.has_stored_pgoff else 'no'}). An "
-          "rmap walk finds a mapping only at its linear_page_index(): moved = "
-          "address >> PAGE_SHIFT (the v3 walk) is not it; stored_stale/stored_unset = "
-          "rmap_item->pgoff (union, v8) is not it; no_vma = the mapping is gone")
+    print(f"kernel {k.release} (stored pgoff: {'yes' if k.has_stored_pgoff else 'no'}, its "
+          f"rmap walk rule: {k.walk_rule or 'unknown'}). An rmap walk searches one index "
+          "and finds every VMA whose pgoff range holds it: moved = address >> PAGE_SHIFT "
+          "(what v3 searches) is not the mapping's linear_page_index(); stored_st = the "
+          "stored index (union, v8) against it; S3I = does the stock / v3 / stored walk "
+          "find the mapping (+/-), replayed on the real trees")
     print(stale_table(snap, args.pid))
     _races(snap)
 

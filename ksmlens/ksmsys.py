@@ -100,12 +100,14 @@ def read_vmstat(vm) -> dict[str, int]:
 
 
 def ksm_pids(vm) -> list[int]:
-    """Pids whose /proc/PID/ksm_stat shows rmap_items (/proc lists only
-    thread-group leaders)."""
+    """Pids whose /proc/PID/ksm_stat shows rmap_items, merged pages or KSM
+    zero pages (a fork child ksmd has not scanned has zero pages and no
+    rmap_item; /proc lists only thread-group leaders)."""
     files = vm.read_files(globs=["/proc/[0-9]*/ksm_stat"])
     out = []
     for path, text in files.items():
-        if _parse_kv(text).get("ksm_rmap_items"):
+        kv = _parse_kv(text)
+        if any(kv.get(k) for k in ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")):
             out.append(int(path.split("/")[2]))
     return sorted(out)
 

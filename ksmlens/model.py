@@ -22,7 +22,10 @@ from .errors import KsmlensError
 
 __all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot"]
 
-SCHEMA = "ksmlens-snapshot/2"  # 2: anon_vma trees, walk replay, walk_rule
+SCHEMA = "ksmlens-snapshot/3"  # 2: anon_vma trees, walk replay, walk_rule
+                               # 3: page tables per item (pte, pfn, page_ksm,
+                               #    will_visit), KSM zero pages, per-rule walk
+                               #    answers, stored_status, unreachable mappings
 
 
 @dataclass
@@ -32,6 +35,7 @@ class KernelInfo:
     has_stored_pgoff: bool       # struct ksm_rmap_item has a pgoff member
     nr_node_ids: int = 1         # ksm_nr_node_ids: stable/unstable tree roots
     page_shift: int = 12
+    rmap_item_size: int = 64     # sizeof(struct ksm_rmap_item): the profit formulas
     source: str = ""             # "qmp:PATH", "vmcore:PATH" or "kcore"
     walk_rule: str | None = None  # the rule this kernel's rmap_walk_ksm() uses:
                                   # "stock", "v3" or "stored" (see ksmlens.analysis.RULES)
@@ -59,17 +63,36 @@ class RmapItem:
     vma_file: bool | None        # VMA maps a file (MAP_PRIVATE COW pages)
     addr_pgoff: int              # address >> PAGE_SHIFT (what the v3 walk uses)
     linear_page_index: int | None  # ((address - vm_start) >> PAGE_SHIFT) + vm_pgoff
-    stored_pgoff: int | None     # rmap_item->pgoff, only on kernels that have it
+    stored_pgoff: int | None     # the stored index (rmap_item->pgoff / linear_page_index),
+                                 # only for STABLE items on kernels that have one: for
+                                 # other items those bytes are oldchecksum/age/skips
     oldchecksum: int
     age: int
     remaining_skips: int
     raw_union: int               # bytes 32..39 as one u64 (pgoff/SmartScan union)
     vm_flags: int | None = None
-    pgoff_status: str = ""       # see ksmlens.analysis.pgoff_status
+    pgoff_status: str = ""       # ok / moved / no_vma: address >> PAGE_SHIFT against
+                                 # linear_page_index (ksmlens.analysis.pgoff_status)
     pgoff_cause: str | None = None
-    # Walk replay (STABLE items): does each rule find this item's own mapping?
-    # {"stock": bool, "v3": bool, "stored": bool | None (no stored pgoff)}
+    stored_status: str | None = None  # STABLE items on kernels with a stored index:
+                                 # ok / stale / unset (None elsewhere)
+    # Does each rule's interval query find this item's own mapping? {"stock",
+    # "v3", "stored": bool | None}: for STABLE items from the walk replay, for
+    # others from the VMA's pgoff range (stored: None, nothing is stored yet)
     walk: dict | None = None
+    # The page table at address, read while the guest was paused: "none",
+    # "present", "prot_none" (present to the kernel), "swap" (swap or
+    # migration entry), "zero" (the zero page), "ksm_zero" (zero page,
+    # dirty: KSM put it there), "unread" (mm exited, or not walked)
+    pte: str = "unread"
+    pfn: int | None = None       # the page mapped there (present / prot_none)
+    page_ksm: bool | None = None  # PageKsm() of that page (None: no page)
+    # Will ksmd's next pass visit this item (scan_get_next_rmap_item(),
+    # ksm_next_page_pmd_entry())? If not it frees it unread, and
+    # not_visited says why: mm_exited, no_vma, not_mergeable, no_anon_vma,
+    # no_page, swapped, zero_page, special, not_anon
+    will_visit: bool | None = None
+    not_visited: str | None = None
 
 
 @dataclass
@@ -94,6 +117,13 @@ class StableNode:
     # PTE of mm maps kpfn there), "found": {rule: bool | None}}
     mappings: list[dict] = field(default_factory=list)
     unmappable_under: list[str] = field(default_factory=list)  # rules missing a mapped one
+    ptes: int | None = None      # PTEs of the KSM mms' mergeable VMAs that map kpfn
+    reachable: int | None = None  # mapped mappings the widest (stock) walk reaches
+    unreachable: int = 0         # mapcount - reachable: mappings no rmap_item leads to
+                                 # (no kernel can unmap them: the page stays)
+    # where those are: [{"pid", "comm", "mm", "address"}], found by reading the
+    # page tables of every live mm's anonymous VMAs (only when unreachable)
+    orphan_mappings: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +137,11 @@ class MmSlot:
     mm_ksm_rmap_items: int       # mm->ksm_rmap_items, what /proc/PID/ksm_stat shows
     mm_ksm_merging_pages: int    # mm->ksm_merging_pages
     items: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)   # every process using mm (CLONE_VM)
+    mm_users: int | None = None  # 0: the mm exited (its VMAs and page tables are gone)
+    mm_ksm_zero_pages: int | None = None  # mm->ksm_zero_pages (ksm_stat's ksm_zero_pages)
+    ksm_zero_pages: int | None = None     # decoded: zero-pfn dirty PTEs in mergeable VMAs
+    zero_pages: list[int] = field(default_factory=list)   # their addresses
 
 
 @dataclass

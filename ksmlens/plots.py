@@ -33,11 +33,12 @@ from matplotlib.patches import Patch, Rectangle
 from .errors import KsmlensError
 from .model import Snapshot
 
-from .analysis import RULES, smartscan_visit, skip_age
+from .analysis import RULES, item_status, smartscan_visit, skip_age
 
 __all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
            "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome"]
 
+ZERO_COLOR = "#17becf"   # a KSM zero page (the zero pfn, dirty)
 STATUS_COLORS = {"ok": "#2ca02c", "moved": "#d62728", "no_vma": "#7f7f7f",
                  "stored_unset": "#9467bd", "stored_stale": "#ff7f0e"}
 STATE_MARKERS = {"stable": "o", "unstable": "^", "none": "x"}
@@ -130,7 +131,9 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     """
     shift = snap.kernel.page_shift
     items = snap.items_of(pid)
-    if not items:
+    zero = [] if vma is not None else sorted(
+        a for s in snap.mm_slots if pid in (s.pids or [s.pid]) for a in s.zero_pages)
+    if not items and not zero:
         have = sorted({i.pid for i in snap.rmap_items if i.pid is not None})
         raise KsmlensError(f"pid {pid} has no rmap_items in this snapshot",
                            f"pids with rmap_items: {have or 'none'}")
@@ -146,7 +149,9 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     rows = {v: k for k, v in enumerate(vmas)}
     if orphans:
         rows[None] = len(vmas)
-    intervals = []
+    if zero:            # KSM zero pages: no rmap_item, no stable node, only a PTE
+        rows["zero"] = len(rows)
+    intervals = [(a >> shift, (a >> shift) + 1) for a in zero]
     for start, end, pgoff in vmas:
         npages = (end - start) >> shift
         intervals += [(start >> shift, end >> shift), (pgoff, pgoff + npages)]
@@ -176,7 +181,7 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                         fontsize=8, color="#d62728", zorder=4)
     groups = defaultdict(list)
     for it in items:
-        groups[(it.pgoff_status or "ok", it.state)].append(it)
+        groups[(item_status(it), it.state)].append(it)
     for (status, state), its in sorted(groups.items()):
         xs = to_x([i.address >> shift for i in its]) + 0.5
         ys = [rows[(i.vma_start, i.vma_end, i.vm_pgoff)] if i.vma_start is not None
@@ -185,6 +190,10 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
         kw = {"edgecolors": "black", "linewidths": 0.3} if m != "x" else {"linewidths": 1.0}
         ax.scatter(xs, np.asarray(ys) - 0.1, c=STATUS_COLORS.get(status, "black"),
                    marker=m, s=22, zorder=3, gid=f"items:{status}:{state}", **kw)
+    if zero:
+        ax.scatter(to_x([a >> shift for a in zero]) + 0.5, [rows["zero"] - 0.1] * len(zero),
+                   c=ZERO_COLOR, marker="o", s=14, zorder=3, gid="zero_pages",
+                   edgecolors="black", linewidths=0.3)
 
     ticks, labels = [], []
     width = segs[-1][2] + segs[-1][1] - segs[-1][0]
@@ -200,7 +209,9 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     ax.set_xticks(ticks, labels, rotation=30, ha="right", fontsize=7)
     ylab = []
     for v, r in sorted(rows.items(), key=lambda kv: kv[1]):
-        if v is None:
+        if v == "zero":
+            ylab.append(f"KSM zero pages\n({len(zero)}, no rmap_item)")
+        elif v is None:
             ylab.append("no VMA (item outlived its mapping)")
         else:
             start, end, pgoff = v
@@ -212,7 +223,7 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     ax.set_ylim(nrows - 0.45, -0.6)
     ax.set_xlabel(f"virtual page number (address >> {shift}; gaps cut short)")
     ax.set_ylabel("VMAs holding rmap_items")
-    st = Counter(i.pgoff_status or "ok" for i in items)
+    st = Counter(item_status(i) for i in items)
     ss = Counter(i.state for i in items)
     handles = [Patch(facecolor="#c6dbef", edgecolor="#08519c", label="VMA [vm_start, vm_end)"),
                Patch(facecolor="none", edgecolor="#08519c", hatch="////",
@@ -221,11 +232,15 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                        label=f"pgoff {s} ({st.get(s, 0)})") for s in STATUS_COLORS]
     handles += [Line2D([], [], ls="", marker=m, color="black", mfc="white",
                        label=f"{s} ({ss.get(s, 0)})") for s, m in STATE_MARKERS.items()]
+    if zero:
+        handles.append(Line2D([], [], ls="", marker="o", color=ZERO_COLOR,
+                              label=f"KSM zero page ({len(zero)})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
               title="rmap_items", title_fontsize=8)
     ax.set_title(f"{_proc_label(pid, comm)}: {len(items)} rmap_items in {len(vmas)} VMA(s)"
                  f" - kernel {snap.kernel.variant or snap.kernel.release}, "
-                 f"{st.get('moved', 0)} moved", fontsize=10)
+                 f"{st.get('moved', 0)} moved"
+                 + (f", {len(zero)} KSM zero pages" if zero else ""), fontsize=10)
     return fig
 
 

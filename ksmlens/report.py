@@ -22,7 +22,15 @@ def summary(snap: Snapshot) -> str:
              "counters: " + "  ".join(f"{n}={c.get(n)}" for n in
                                       ("pages_shared", "pages_sharing", "pages_unshared",
                                        "pages_volatile", "full_scans", "stable_node_chains",
-                                       "stable_node_dups"))]
+                                       "stable_node_dups", "ksm_zero_pages"))]
+    un = [n for n in snap.stable_nodes if n.unreachable]
+    if un:
+        lines.append(f"unreachable: {len(un)} KSM page(s) with {sum(n.unreachable for n in un)} "
+                     "mapping(s) no rmap_item leads to (no kernel can unmap them)")
+    mid = snap.meta.get("mid_update")
+    if mid:
+        lines.append("every paused walk landed in a half-done KSM update ("
+                     + "; ".join(mid["what"]) + "; busy: " + "; ".join(mid["busy"]) + ")")
     races = snap.meta.get("races") or {}
     if races:
         lines.append("raced with the kernel: " + ", ".join(f"{k} x{v}" for k, v in races.items()))
@@ -53,16 +61,21 @@ def stable_table(snap: Snapshot, limit: int | None = 50) -> str:
 def process_table(snap: Snapshot) -> str:
     """One row per mm slot: pid, comm, items by state, and pgoff mismatches."""
     rows = [f"{'pid':>7}  {'comm':16}  {'items':>6}  {'stable':>6}  {'unstable':>8}  "
-            f"{'none':>5}  {'no_vma':>6}  {'addr_pgoff!=lpi':>15}  ksm_stat(items/merging)"]
+            f"{'none':>5}  {'no_vma':>6}  {'addr_pgoff!=lpi':>15}  {'freed_next':>10}  "
+            f"{'zero_pages':>10}  ksm_stat(items/merging/zero)"]
     for s in snap.mm_slots:
         items = [snap.item(i) for i in s.items]
         st = Counter(i.state for i in items)
         no_vma = sum(1 for i in items if i.linear_page_index is None)
         moved = sum(1 for i in items if i.linear_page_index is not None
                     and i.linear_page_index != i.addr_pgoff)
-        rows.append(f"{s.pid if s.pid is not None else '-':>7}  {(s.comm or '-'):16}  "
+        freed = sum(1 for i in items if i.will_visit is False)
+        pids = ",".join(map(str, s.pids)) if s.pids else (
+            "exited" if s.mm_users == 0 else "-")
+        rows.append(f"{pids:>7}  {(s.comm or '-'):16}  "
                     f"{len(items):>6}  {st['stable']:>6}  {st['unstable']:>8}  {st['none']:>5}  "
-                    f"{no_vma:>6}  {moved:>15}  {s.mm_ksm_rmap_items}/{s.mm_ksm_merging_pages}")
+                    f"{no_vma:>6}  {moved:>15}  {freed:>10}  {_num(s.ksm_zero_pages):>10}  "
+                    f"{s.mm_ksm_rmap_items}/{s.mm_ksm_merging_pages}/{_num(s.mm_ksm_zero_pages)}")
     return "\n".join(rows)
 
 
@@ -74,50 +87,83 @@ def _num(v) -> str:
     return "-" if v is None else str(v)
 
 
+def _walk_cell(i) -> str:
+    """Per rule (stock, v3, stored), does the walk find this item's mapping:
+    ``+`` found, ``-`` missed, ``.`` not applicable."""
+    w = i.walk or {}
+    return "".join("." if w.get(r) is None else "+" if w[r] else "-"
+                   for r in ("stock", "v3", "stored"))
+
+
+def _next_cell(i) -> str:
+    if i.will_visit is None:
+        return "-"
+    return "visit" if i.will_visit else f"free:{i.not_visited}"
+
+
 def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     """One row per rmap_item of ``pid``'s mm, by address: state, stable node,
     the pgoff the v3 walk uses (``address >> PAGE_SHIFT``), the mapping's
-    ``linear_page_index()``, the stored pgoff and ``pgoff_status``."""
+    ``linear_page_index()``, the stored index (STABLE items only) and its
+    status, whether each rule's walk finds the mapping (stock, v3, stored:
+    ``+`` / ``-`` / ``.``), the page table entry there (``pte``, ``*`` when
+    the page mapped is KSM: ``PageKsm()``), what ksmd's next pass does with
+    the item (visit, or free it unread and why) and ``pgoff_status``."""
     from .errors import KsmlensError
     items = sorted(snap.items_of(pid), key=lambda i: i.address)
-    if not items and not any(s.pid == pid for s in snap.mm_slots):
-        pids = ", ".join(str(p) for p in sorted(s.pid for s in snap.mm_slots
-                                                 if s.pid is not None)) or "none"
+    if not items and not any(pid in (s.pids or [s.pid]) for s in snap.mm_slots):
+        pids = ", ".join(str(p) for p in sorted(p for s in snap.mm_slots
+                                                 for p in (s.pids or [s.pid])
+                                                 if p is not None)) or "none"
         raise KsmlensError(f"pid {pid} has no KSM mm slot",
                            f"processes known to KSM: {pids}")
+    if not items:        # a process sharing another's mm (CLONE_VM): its owner's items
+        slot = next(s for s in snap.mm_slots if pid in (s.pids or []))
+        items = sorted((snap.item(i) for i in slot.items), key=lambda i: i.address)
     rows = [f"{'address':>14}  {'state':8}  {'stable_node':18}  {'addr_pgoff':>10}  "
-            f"{'lin_pg_idx':>10}  {'stored':>10}  pgoff_status"]
+            f"{'lin_pg_idx':>10}  {'stored':>10}  {'stored_st':9}  {'S3I':3}  "
+            f"{'pte':10}  {'next':18}  pgoff_status"]
     for i in items[:limit]:
         status = i.pgoff_status + (f" ({i.pgoff_cause})" if i.pgoff_cause else "")
+        pte = i.pte + ("*" if i.page_ksm else "")
         rows.append(f"{i.address:>#14x}  {i.state:8}  {i.stable_node or '-':18}  "
                     f"{_hex(i.addr_pgoff):>10}  {_hex(i.linear_page_index):>10}  "
-                    f"{_hex(i.stored_pgoff):>10}  {status}")
+                    f"{_hex(i.stored_pgoff):>10}  {i.stored_status or '-':9}  "
+                    f"{_walk_cell(i):3}  {pte:10}  {_next_cell(i):18}  {status}")
     if limit is not None and len(items) > limit:
         rows.append(f"... {len(items) - limit} more")
     st = Counter(i.pgoff_status for i in items)
     rows.append(f"pid {pid}: {len(items)} rmap_items, "
-                + ", ".join(f"{k} {v}" for k, v in sorted(st.items())))
+                + ", ".join(f"{k} {v}" for k, v in sorted(st.items()))
+                + "; S3I: does the stock / v3 / stored walk find the mapping (+ yes, - no, "
+                ". not applicable); pte * = the page mapped there is KSM")
     return "\n".join(rows)
 
 
-def stale_table(snap: Snapshot, pid: int | None = None) -> str:
-    """The rmap_items whose pgoff an rmap walk would get wrong
-    (``pgoff_status != "ok"``), with the cause, then a count per process."""
-    items = [i for i in snap.rmap_items if i.pgoff_status != "ok"
-             and (pid is None or i.pid == pid)]
+def stale_table(snap: Snapshot, pid: int | None = None, rule: str | None = None) -> str:
+    """The rmap_items some rmap walk gets wrong (:func:`ksmlens.analysis.stale_items`:
+    a rule misses the mapping, or the stored index is stale), each rule's
+    answer apart (stock, v3, stored: ``+`` found, ``-`` missed), with the
+    cause, then a count per process."""
+    from .analysis import stale_items
+    items = [i for i in stale_items(snap, rule) if pid is None or i.pid == pid]
     items.sort(key=lambda i: (str(i.pid), i.address))
-    rows = [f"{'pid':>7}  {'comm':16}  {'address':>14}  {'state':8}  {'status':12}  "
-            f"{'cause':6}  {'addr_pgoff':>10}  {'lin_pg_idx':>10}  {'stored':>10}  vm_pgoff"]
+    rows = [f"{'pid':>7}  {'comm':16}  {'address':>14}  {'state':8}  {'status':8}  "
+            f"{'cause':6}  {'addr_pgoff':>10}  {'lin_pg_idx':>10}  {'stored':>10}  "
+            f"{'stored_st':9}  {'S3I':3}  vm_pgoff"]
     for i in items:
         rows.append(f"{_num(i.pid):>7}  {(i.comm or '-'):16}  {i.address:>#14x}  {i.state:8}  "
-                    f"{i.pgoff_status:12}  {i.pgoff_cause or '-':6}  {_hex(i.addr_pgoff):>10}  "
+                    f"{i.pgoff_status:8}  {i.pgoff_cause or '-':6}  {_hex(i.addr_pgoff):>10}  "
                     f"{_hex(i.linear_page_index):>10}  {_hex(i.stored_pgoff):>10}  "
-                    f"{_hex(i.vm_pgoff)}")
+                    f"{i.stored_status or '-':9}  {_walk_cell(i):3}  {_hex(i.vm_pgoff)}")
     per = Counter((i.pid, i.comm, i.pgoff_status) for i in items)
+    missed = {r: sum(1 for i in items if (i.walk or {}).get(r) is False)
+              for r in ("stock", "v3", "stored")}
     rows.append(f"stale: {len(items)} of {len(snap.rmap_items)} rmap_items"
                 + (f" of pid {pid}" if pid is not None else "")
                 + ("" if not per else ": " + ", ".join(
-                    f"pid {p} ({c}) {s} {n}" for (p, c, s), n in sorted(per.items(), key=str))))
+                    f"pid {p} ({c}) {s} {n}" for (p, c, s), n in sorted(per.items(), key=str)))
+                + "; missed by rule: " + ", ".join(f"{r} {n}" for r, n in missed.items()))
     return "\n".join(rows)
 
 
@@ -165,6 +211,12 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
         if (pid is not None and i.pid != pid) or page_is_ksm(snap, i):
             continue
         r = smartscan_next(snap, i, visits)
+        if r["freed"]:
+            n["freed"] += 1
+            rows.append(f"{_num(i.pid):>7}  {i.address:>#14x}  {i.state:8}  {i.age:>3}  "
+                        f"{i.remaining_skips:>5}  {'freed':9}  {'-':>8}  "
+                        f"ksmd frees it unread ({i.not_visited})")
+            continue
         nxt = "skipped" if r["schedule"][:1] == "S" else "processed"
         n[nxt] += 1
         note = []
@@ -174,7 +226,8 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
             note.append("leaves its stable node")
         rows.append(f"{_num(i.pid):>7}  {i.address:>#14x}  {i.state:8}  {i.age:>3}  "
                     f"{i.remaining_skips:>5}  {nxt:9}  {r['schedule']:>8}  {'; '.join(note)}")
-    rows.append(f"next visit: {n['processed']} processed, {n['skipped']} skipped "
+    rows.append(f"next visit: {n['processed']} processed, {n['skipped']} skipped, "
+                f"{n['freed']} freed unread "
                 f"(pages_skipped so far: {snap.counters.get('pages_skipped')})")
     return "\n".join(rows)
 

@@ -14,6 +14,7 @@ reported); ``live`` walks a running kernel and counts what raced with it
 from __future__ import annotations
 
 import bisect
+import random
 import struct
 import time
 
@@ -21,17 +22,28 @@ from drgn import FaultError, Object, Program, ProgramFlags, offsetof
 from drgn.helpers.linux.mm import for_each_vma
 from drgn.helpers.linux.pid import for_each_task
 
-from . import kbuild
+import numpy as np
+
+from . import kbuild, pgtable
 from .errors import KsmlensError
-from .analysis import kernel_walk_rule, pgoff_status, replay_walks, walk_candidates
+from .analysis import (kernel_walk_rule, pgoff_status, replay_walks, stored_status,
+                       walk_candidates)
 from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
-                   PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, ksm_counters, ksm_settings,
-                   ksm_unstable_tree_seqnr)
+                   PAGE_MAPPING_ANON, PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, VM_MERGEABLE,
+                   ksm_counters, ksm_settings, ksm_unstable_tree_seqnr)
 
-__all__ = ["take_snapshot", "take_idle_snapshot"]
+__all__ = ["take_snapshot", "take_idle_snapshot", "MID_UNLINKED", "MID_HLIST_NOT_STABLE"]
 
 _Q = struct.Struct("<Q")
+
+# Half-done updates a paused walk can land in (the guest stops at any
+# instruction, and ksmd can sleep in folio_lock() in the middle of them):
+MID_UNLINKED = ("stable rmap_item not on any mm slot: get_next_rmap_item() or "
+                "remove_trailing_rmap_items() unlinked it from its rmap_list and has "
+                "not yet taken it off its stable node (remove_rmap_item_from_tree())")
+MID_HLIST_NOT_STABLE = ("rmap_item on a stable node without STABLE_FLAG: "
+                        "remove_node_from_stable_tree() is clearing the node's items")
 _MAX_LIST = 50_000_000  # bound on any list walk: a cycle in a live walk is a race
 
 
@@ -76,6 +88,7 @@ class _Layout:
         self.page_size_struct = pg.size
         self.p_mapping = offsetof(pg, "mapping")
         self.p_mapcount = offsetof(pg, "_mapcount")
+        self.p_compound_head = offsetof(pg, "compound_head")
 
 
 class _Walker:
@@ -89,10 +102,39 @@ class _Walker:
         self.pages: dict[int, bytes] = {}   # slab pages of rmap_items, read once
 
     def race(self, what: str):
-        if not self.live:
-            raise KsmlensError(f"inconsistent KSM state while the guest was paused: {what}",
-                               "report this: the walk or the kernel is wrong")
+        """A live walk raced with the kernel; a paused one saw an update half
+        done (classified by :func:`take_snapshot`). Counted by kind."""
         self.races[what] = self.races.get(what, 0) + 1
+
+    def page_flags(self, vmemmap: int, pfn: int) -> tuple[bool, bool] | None:
+        """``(folio_test_anon(), PageKsm())`` of the page at ``pfn`` (its
+        folio's ``mapping`` low bits), or None if unreadable."""
+        L = self.L
+        addr = vmemmap + pfn * L.page_size_struct
+        b, off = self._cached(addr, L.page_size_struct)
+        if b is None:
+            return None
+        head = _Q.unpack_from(b, off + L.p_compound_head)[0]
+        if head & 1:                               # a tail page: the folio's head
+            b, off = self._cached(head - 1, L.page_size_struct)
+            if b is None:
+                return None
+        mapping = _Q.unpack_from(b, off + L.p_mapping)[0]
+        return (bool(mapping & PAGE_MAPPING_ANON),
+                (mapping & PAGE_MAPPING_FLAGS) == PAGE_MAPPING_KSM)
+
+    def _cached(self, addr: int, size: int):
+        page = addr & ~0xFFF
+        off = addr - page
+        if off + size > 0x1000:
+            return self.read(addr, size), 0
+        buf = self.pages.get(page)
+        if buf is None:
+            buf = self.read(page, 0x1000)
+            if buf is None:
+                return None, 0
+            self.pages[page] = buf
+        return buf, off
 
     def read(self, addr: int, size: int) -> bytes | None:
         self.reads += 1
@@ -125,19 +167,23 @@ class _Walker:
         return None if b is None else _Q.unpack(b)[0]
 
     # ---------------------------------------------------------------- tasks, vmas
-    def mm_owners(self) -> dict[int, tuple[int, str]]:
-        owners: dict[int, tuple[int, str]] = {}
+    def mm_owners(self) -> dict[int, list[tuple[int, str]]]:
+        """mm -> [(tgid, comm)] of every process using it, lowest tgid first:
+        a clone(CLONE_VM) child that is not a thread (or a vfork child before
+        exec) shares its owner's mm, and /proc/PID/ksm_stat of either shows it."""
+        owners: dict[int, dict[int, str]] = {}
         for task in for_each_task(self.prog):
             try:
                 mm = task.mm.value_()
-                if not mm or mm in owners:
+                if not mm:
                     continue
                 tgid = task.tgid.value_()
-                comm = task.comm.string_().decode(errors="replace")
-                owners[mm] = (tgid, comm)
+                procs = owners.setdefault(mm, {})
+                if tgid not in procs:
+                    procs[tgid] = task.comm.string_().decode(errors="replace")
             except FaultError:
                 self.race("task freed during walk")
-        return owners
+        return {mm: sorted(p.items()) for mm, p in owners.items()}
 
     def vmas(self, mm: int) -> list[tuple]:
         out = []
@@ -231,13 +277,23 @@ def _page_info(w: _Walker, vmemmap: int, pfn: int):
 
 
 def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
-                  pages: bool = True) -> Snapshot:
+                  pages: bool = True, retries: int = 8) -> Snapshot:
     """Walk the KSM state of ``prog`` into a :class:`Snapshot`.
 
     ``mode="consistent"`` pauses ``vm`` (a :class:`ksmlens.vm.VM`, taken from
     :func:`ksmlens.attach.attach` when not given) over QMP during the walk;
     for a vmcore nothing moves and no VM is needed. ``mode="live"`` never
     pauses and counts races in ``meta["races"]``.
+
+    A pause stops the guest at any instruction, so a paused walk can land in
+    an update ksmd (or an exiting task) has half done: an rmap_item already
+    off its mm's list but still on its stable node, a node whose items lose
+    STABLE_FLAG one by one (:data:`MID_UNLINKED`, :data:`MID_HLIST_NOT_STABLE`).
+    Such a walk is classified (``meta["mid_update_seen"]``: what, and who was
+    busy in mm/ksm.c or on a CPU) and retried up to ``retries`` times; if
+    every try lands in one, the last snapshot carries ``meta["mid_update"]``
+    and callers must not compare its counts. Only an inconsistency while no
+    task could be updating KSM raises :class:`KsmlensError`.
     """
     if mode not in ("consistent", "live"):
         raise KsmlensError(f"unknown snapshot mode {mode!r}", "use consistent or live")
@@ -248,33 +304,106 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
         raise KsmlensError("a consistent walk of a live kernel needs a lab VM to pause",
                            "use mode='live', or attach to a lab VM / a vmcore")
     t_start = time.monotonic()
-    q = None
-    if pause:
-        q = vm.qmp(timeout=30)
-        q.stop()
-    t_paused = time.monotonic()
+    q = vm.qmp(timeout=30) if pause else None
+    seen = []
+    paused_total = 0.0
     try:
-        snap = _walk(prog, live=(mode == "live" and is_live_target), pages=pages)
+        for attempt in range(1, max(1, retries) + 1):
+            if q is not None:
+                q.stop()
+            t_paused = time.monotonic()
+            busy = None
+            try:
+                snap = _walk(prog, live=(mode == "live" and is_live_target), pages=pages)
+                if mode == "consistent" and snap.meta["races"]:
+                    busy = _ksm_busy(prog, snap.meta.get("ksmd"))
+            finally:
+                if q is not None:
+                    q.cont()
+            t_end = time.monotonic()
+            paused_total += t_end - t_paused
+            if mode == "live" or not snap.meta["races"]:
+                break
+            what = dict(snap.meta["races"])
+            if not busy:
+                raise KsmlensError(
+                    "inconsistent KSM state in a paused guest where no task was in mm/ksm.c "
+                    f"or on a CPU: {'; '.join(what)}",
+                    "report this with the snapshot's kernel release: the walk or the kernel "
+                    "is wrong")
+            seen.append({"attempt": attempt, "what": what, "busy": busy})
+            if attempt < retries:
+                time.sleep(random.uniform(0.002, 0.03))
     finally:
         if q is not None:
-            q.cont()
             q.close()
-    t_end = time.monotonic()
+    if mode == "consistent":
+        snap.meta["mid_update_seen"] = seen
+        if snap.meta["races"]:
+            snap.meta["mid_update"] = seen[-1]
+            snap.meta["races"] = {}
     # The replay itself is pure computation on what the walk recorded (trees,
     # PTEs): done after the guest runs again.
     replay_walks(snap, snap.__dict__.pop("_mapped"), stock=snap.__dict__.pop("_stock_candidates"))
     snap.meta["replay_seconds"] = round(time.monotonic() - t_end, 4)
+    orphans = [n for n in snap.stable_nodes if n.unreachable]
+    if orphans and pages:
+        # No rmap_item leads to some mappings of these pages: find them in
+        # the page tables of every process (a second, short pause).
+        q = vm.qmp(timeout=30) if pause else None
+        try:
+            if q is not None:
+                q.stop()
+            _find_orphan_mappings(prog, orphans)
+        finally:
+            if q is not None:
+                q.cont()
+                q.close()
     snap.meta.update({
         "mode": mode if is_live_target else "static",
-        "paused_seconds": round(t_end - t_paused, 4) if pause else 0.0,
+        "paused_seconds": round(paused_total, 4) if pause else 0.0,
         "walk_seconds": round(t_end - t_paused, 4),
         "total_seconds": round(t_end - t_start, 4),
+        "attempts": attempt,
         "taken_at": time.time(),
     })
     if snap.rmap_items:
         snap.meta["items_per_second"] = round(len(snap.rmap_items) /
                                               max(snap.meta["walk_seconds"], 1e-9))
     return snap
+
+
+def _ksm_busy(prog: Program, ksmd: dict | None) -> list[str]:
+    """Who could be in the middle of a KSM update while the guest is
+    paused: ksmd inside a scan, any task whose stack is in mm/ksm.c, and
+    any task running on a CPU (drgn cannot unwind those). Empty when
+    nobody could be."""
+    out = []
+    if ksmd and not ksmd.get("idle"):
+        out.append(f"ksmd (pid {ksmd.get('pid')}) "
+                   + ("in its scan" if ksmd.get("in_scan") else "running"))
+    for task in for_each_task(prog):
+        try:
+            comm = task.comm.string_().decode(errors="replace")
+            pid = task.pid.value_()
+            if comm == "ksmd":
+                continue
+            try:
+                trace = prog.stack_trace(task)
+            except ValueError:
+                out.append(f"pid {pid} ({comm}) on a CPU")
+                continue
+            for frame in trace:
+                try:
+                    src = frame.source()[0]
+                except LookupError:
+                    continue
+                if src.endswith("mm/ksm.c"):
+                    out.append(f"pid {pid} ({comm}) in {frame.name}()")
+                    break
+        except FaultError:
+            continue
+    return out
 
 
 def take_idle_snapshot(prog: Program, vm=None, tries: int = 40) -> Snapshot:
@@ -299,7 +428,8 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
     release = prog["UTS_RELEASE"].string_().decode()
     kernel = KernelInfo(release=release, variant=kbuild.variant_of_release(release),
                         has_stored_pgoff=L.i_pgoff is not None,
-                        nr_node_ids=prog["ksm_nr_node_ids"].value_(), page_shift=shift)
+                        nr_node_ids=prog["ksm_nr_node_ids"].value_(), page_shift=shift,
+                        rmap_item_size=L.item_size)
     kernel.walk_rule = kernel_walk_rule(kernel.variant, kernel.has_stored_pgoff)
     counters = ksm_counters(prog)
     counters.update(ksm_settings(prog))
@@ -328,6 +458,14 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
     items: dict[int, RmapItem] = {}
     hnext: dict[int, int] = {}   # item -> its hlist.next (stable items)
     slots: list[MmSlot] = []
+    pt = pgtable.PageTables.of(prog, w.read) if pages else None
+    zero_pfn = prog["zero_pfn"].value_() if pages else None
+    vmemmap = None
+    if pages:
+        from drgn.helpers.linux.mm import pfn_to_page
+        vmemmap = pfn_to_page(prog, 0).value_()
+    mapped_pfns: list = []       # every pfn mapped in the mergeable VMAs, all mms
+    sel = ksm_unstable_tree_seqnr(prog)   # between passes: the previous pass's
     pos, n = w.ptr(head), 0
     while pos and pos != head:
         slot_addr = pos - L.s_mm_node
@@ -336,22 +474,31 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
             break
         mm = _Q.unpack_from(b, L.s_mm)[0]
         first = _Q.unpack_from(b, L.s_rmap_list)[0]
-        pid, comm = owners.get(mm, (None, None))
+        procs = owners.get(mm, [])
+        pid, comm = procs[0] if procs else (None, None)
         mmo = Object(prog, "struct mm_struct *", mm)
         try:
             mm_items = mmo.ksm_rmap_items.value_()
             mm_merging = mmo.ksm_merging_pages.value_()
+            mm_zero = mmo.ksm_zero_pages.counter.value_() if pages else None
+            mm_users = mmo.mm_users.counter.value_()
+            pgd = mmo.pgd.value_()
         except FaultError:
             w.race("mm freed during walk")
             mm_items = mm_merging = -1
-        vmas = w.vmas(mm) if mm else []
+            mm_zero, mm_users, pgd = None, None, 0
+        # ksm_test_exit(): an exited mm's VMA tree and page tables are gone
+        alive = bool(mm_users)
+        vmas = w.vmas(mm) if mm and alive else []
         starts = [v[0] for v in vmas]
         slot = MmSlot(id=_hx(slot_addr), mm=_hx(mm), pid=pid, comm=comm, rmap_items=0,
-                      mm_ksm_rmap_items=mm_items, mm_ksm_merging_pages=mm_merging)
+                      mm_ksm_rmap_items=mm_items, mm_ksm_merging_pages=mm_merging,
+                      pids=[p for p, _ in procs], mm_users=mm_users,
+                      mm_ksm_zero_pages=mm_zero)
         slot_items = slot.items
+        mm_objs: list[RmapItem] = []
         ip, count = first, 0
         mm_hex = _hx(mm)
-        sel = ksm_unstable_tree_seqnr(prog)   # between passes: the previous pass's
         vma_hex = {}
         while ip:
             off = ip & 0xFFF
@@ -386,11 +533,13 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
                 node_hex(anon_or_nid) if stable else None,
                 (anon_or_nid & 0xFFFFFFFF) if unstable and has_nid else None,
                 vs, ve, vpg, vah, vfile, address >> shift, lpi,
-                raw_union if has_pgoff else None,
+                raw_union if has_pgoff and stable else None,
                 raw_union & 0xFFFFFFFF, (raw_union >> age_shift) & 0xFF,
                 (raw_union >> skips_shift) & 0xFF, raw_union, vflags)
             item.pgoff_status, item.pgoff_cause = pgoff_status(item, has_pgoff, shift)
+            item.stored_status = stored_status(item, has_pgoff)
             items[ip] = item
+            mm_objs.append(item)
             if stable:
                 hnext[ip] = hnext_ptr
             slot_items.append(iid)
@@ -400,6 +549,16 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
                 break
             ip = nxt
         slot.rmap_items = count
+        if pt is not None:
+            if alive and pgd:
+                pfns = _read_ptes(w, pt, pgd, vmas, mm_objs, slot, zero_pfn, vmemmap, shift)
+                mapped_pfns.append(pfns)
+            else:
+                # exit_mmap() zapped the page tables (each KSM zero page
+                # decremented the counters as it went): nothing is mapped
+                slot.ksm_zero_pages = 0
+                for it in mm_objs:
+                    it.will_visit, it.not_visited = False, "mm_exited"
         slots.append(slot)
         pos = _Q.unpack_from(b, L.s_mm_node)[0]
         n += 1
@@ -409,10 +568,6 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
 
     # ---- stable tree: chains, dups, regular nodes; migrate_nodes
     nodes: list[StableNode] = []
-    vmemmap = None
-    if pages:
-        from drgn.helpers.linux.mm import pfn_to_page
-        vmemmap = pfn_to_page(prog, 0).value_()
 
     def items_of(first: int) -> list[str]:
         out, p, k = [], first, 0
@@ -420,8 +575,8 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
             ia = p - L.i_hlist
             out.append(_hx(ia))
             p = hnext.get(ia)
-            if p is None:  # not met on the mm lists: read it directly
-                w.race("stable rmap_item not on any mm slot")
+            if p is None:  # not a STABLE item met on the mm lists: read it directly
+                w.race(MID_HLIST_NOT_STABLE if ia in items else MID_UNLINKED)
                 p = w.ptr(ia + L.i_hlist) or 0
             k += 1
             if k > _MAX_LIST:
@@ -447,8 +602,10 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
             if nd is None:
                 continue
             if nd["len"] == STABLE_NODE_CHAIN:
+                # a chain head's nid is never set (alloc_stable_node_chain()
+                # leaves it uninitialised): its tree root says which node
                 chain = StableNode(id=_hx(nd["addr"]), kind="chain", chain=None, kpfn=None,
-                                   nid=nd["nid"], rmap_hlist_len=nd["len"])
+                                   nid=nid, rmap_hlist_len=nd["len"])
                 nodes.append(chain)
                 for dup_addr in w.hlist(nd["first"], L.n_hlist_dup):
                     dn = w.read_node(dup_addr)
@@ -479,7 +636,12 @@ def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
     snap.anon_vmas = _record_anon_vmas(w, {i.anon_vma for i in snap.rmap_items
                                            if i.state == "stable" and i.anon_vma})
     snap._stock_candidates = {}
-    snap._mapped = _mapped(w, snap, snap._stock_candidates)
+    snap._mapped = _mapped(w, pt, snap, snap._stock_candidates) if pt is not None else {}
+    if pt is not None:
+        counts = _pfn_counts(mapped_pfns)
+        for node in nodes:
+            if node.kpfn is not None and node.kind != "chain":
+                node.ptes = counts.get(node.kpfn, 0)
     snap.meta["pte_seconds"] = round(time.monotonic() - t, 4)
     snap.meta["ksmd"] = _ksmd_state(prog)
     snap.meta["races"] = dict(w.races)
@@ -529,69 +691,127 @@ def _record_anon_vmas(w: _Walker, anon_vmas: set) -> dict:
     return out
 
 
-class _PageTables:
-    """x86-64 4-level page-table lookups through the walker's 4 KiB page
-    cache (a page table page is read once): ``pfn(mm, address)`` is
-    ``follow_pfn()``'s answer, or None where nothing is mapped. Falls back
-    to drgn's ``follow_pfn()`` on 5-level paging or another architecture."""
+_NOT_VISITED_PTE = {pgtable.KIND_NONE: "no_page", pgtable.KIND_SWAP: "swapped"}
 
-    PFN_MASK = 0x000F_FFFF_FFFF_F000
-    PRESENT, PSE = 0x1, 0x80
 
-    def __init__(self, w: _Walker):
-        self.w = w
-        prog = w.prog
-        self.fast = prog.platform.arch.name == "X86_64"
+def _read_ptes(w: _Walker, pt, pgd: int, vmas: list, items: list, slot: MmSlot,
+               zero_pfn: int, vmemmap: int, shift: int) -> np.ndarray:
+    """Read the page tables of one live mm's VM_MERGEABLE VMAs: set each
+    rmap_item's ``pte``, ``pfn``, ``page_ksm``, ``will_visit`` and
+    ``not_visited``, and the slot's KSM zero pages. Returns the pfns mapped
+    there (present or PROT_NONE), for the mapcount check.
+
+    Follows ``scan_get_next_rmap_item()``: only VM_MERGEABLE VMAs with an
+    anon_vma are scanned, and ``ksm_next_page_pmd_entry()`` stops only at a
+    present PTE (or PMD leaf) whose ``vm_normal_page()`` is an anonymous,
+    non-device page; an rmap_item anywhere else is freed unread by
+    ``get_next_rmap_item()`` / ``remove_trailing_rmap_items()``. KSM zero
+    pages (include/linux/ksm.h ``is_ksm_zero_pte()``): the zero pfn, dirty.
+    """
+    mergeable = [v for v in vmas if v[5] & VM_MERGEABLE]
+    parts = [pt.leaves(pgd, v[0], v[1]) for v in mergeable]
+    if parts:
+        leaves = tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+    else:
+        e = np.zeros(0, dtype=np.uint64)
+        leaves = (e, e, np.zeros(0, dtype=np.uint8))
+    la, le, ls = leaves
+    # KSM zero pages: 4 KiB present (or PROT_NONE) entries of the zero pfn, dirty
+    small = ls == pgtable.PAGE_SHIFT
+    kinds, pfns, ents = pgtable.decode(leaves, la[small])
+    is_page = (kinds == pgtable.KIND_PRESENT) | (kinds == pgtable.KIND_PROT_NONE)
+    zero = is_page & (pfns == np.uint64(zero_pfn))
+    dirty = (ents & np.uint64(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
+    kz = zero & dirty
+    slot.zero_pages = [int(a) for a in la[small][kz]]
+    slot.ksm_zero_pages = len(slot.zero_pages)
+    mapped = pfns[is_page & ~zero]
+    if not items:
+        return mapped
+    q = np.fromiter((it.address for it in items), dtype=np.uint64, count=len(items))
+    ik, ip, ie = pgtable.decode(leaves, q)
+    flags_of: dict[int, tuple | None] = {}
+    for it, k, pfn, e in zip(items, ik.tolist(), ip.tolist(), ie.tolist()):
+        if it.vma_start is None:
+            it.pte = "unread"
+            it.will_visit, it.not_visited = False, "no_vma"
+            continue
+        if not it.vm_flags & VM_MERGEABLE:
+            it.pte = "unread"
+            it.will_visit, it.not_visited = False, "not_mergeable"
+            continue
+        it.pte = pgtable.KIND_NAMES[k]
+        if k in (pgtable.KIND_PRESENT, pgtable.KIND_PROT_NONE):
+            it.pfn = pfn
+            if pfn == zero_pfn:
+                it.pte = "ksm_zero" if pgtable.pte_dirty(e) else "zero"
+            else:
+                f = flags_of.get(pfn, False)
+                if f is False:
+                    f = flags_of[pfn] = w.page_flags(vmemmap, pfn)
+                if f is not None:
+                    it.page_ksm = f[1]
+        if it.vma_anon_vma is None:
+            it.will_visit, it.not_visited = False, "no_anon_vma"
+        elif k in _NOT_VISITED_PTE:
+            it.will_visit, it.not_visited = False, _NOT_VISITED_PTE[k]
+        elif it.pte in ("zero", "ksm_zero"):
+            it.will_visit, it.not_visited = False, "zero_page"
+        elif pgtable.pte_special(e):
+            it.will_visit, it.not_visited = False, "special"
+        elif it.page_ksm is None or not flags_of.get(pfn, (False,))[0]:
+            it.will_visit, it.not_visited = False, "not_anon"
+        else:
+            it.will_visit = True
+    return mapped
+
+
+def _find_orphan_mappings(prog: Program, nodes: list[StableNode]) -> None:
+    """Fill ``orphan_mappings`` of ``nodes``: every (process, address)
+    whose PTE maps one of their KSM pages, from the page tables of every
+    live mm's anonymous VMAs (VMAs with an anon_vma)."""
+    w = _Walker(prog, live=False)
+    pt = pgtable.PageTables.of(prog, w.read)
+    by_pfn = {n.kpfn: n for n in nodes}
+    want = np.array(sorted(by_pfn), dtype=np.uint64)
+    for mm, procs in w.mm_owners().items():
         try:
-            if prog["__pgtable_l5_enabled"].value_():
-                self.fast = False
-        except (KeyError, LookupError):
-            pass
-        if self.fast:
-            from drgn.helpers.linux.mm import phys_to_virt
-            self.pob = phys_to_virt(prog, 0).value_()   # the direct map's base
-        self.pgd: dict[int, int] = {}
-        self.tables: dict[int, bytes] = {}
-
-    def _entry(self, table_virt: int, index: int) -> int | None:
-        buf = self.tables.get(table_virt)
-        if buf is None:
-            buf = self.w.read(table_virt, 0x1000)
-            if buf is None:
-                return None
-            self.tables[table_virt] = buf
-        return _Q.unpack_from(buf, index * 8)[0]
-
-    def pfn(self, mm: int, addr: int) -> int | None:
-        if not self.fast:
-            from drgn.helpers.linux.mm import follow_pfn
-            try:
-                return follow_pfn(Object(self.w.prog, "struct mm_struct *", mm),
-                                  addr).value_()
-            except FaultError:
-                return None
-        pgd = self.pgd.get(mm)
-        if pgd is None:
-            pgd = self.pgd[mm] = Object(self.w.prog, "struct mm_struct *", mm).pgd.value_()
-        table = pgd
-        for level, shift in enumerate((39, 30, 21, 12)):
-            e = self._entry(table, (addr >> shift) & 511)
-            if e is None or not e & self.PRESENT:
-                return None
-            base = (e & self.PFN_MASK) >> 12
-            if level in (1, 2) and e & self.PSE:      # 1 GiB / 2 MiB page
-                span = (1 << (shift - 12)) - 1
-                return (base & ~span) + ((addr >> 12) & span)
-            if level == 3:
-                return base
-            table = self.pob + (e & self.PFN_MASK)
-        return None
+            mmo = Object(prog, "struct mm_struct *", mm)
+            if not mmo.mm_users.counter.value_():
+                continue
+            pgd = mmo.pgd.value_()
+        except FaultError:
+            continue
+        for vs, ve, _pg, anon, _f, _fl in w.vmas(mm):
+            if not anon:
+                continue
+            leaves = pt.leaves(pgd, vs, ve)
+            la = leaves[0][leaves[2] == pgtable.PAGE_SHIFT]
+            kinds, pfns, _ = pgtable.decode(leaves, la)
+            hit = np.isin(pfns, want) & ((kinds == pgtable.KIND_PRESENT)
+                                         | (kinds == pgtable.KIND_PROT_NONE))
+            for a, pfn in zip(la[hit].tolist(), pfns[hit].tolist()):
+                pid, comm = procs[0]
+                by_pfn[pfn].orphan_mappings.append(
+                    {"pid": pid, "comm": comm, "mm": _hx(mm), "address": a})
+    for n in nodes:
+        known = {(m["mm"], m["address"]) for m in n.mappings if m["mapped"]}
+        n.orphan_mappings = [m for m in n.orphan_mappings
+                             if (m["mm"], m["address"]) not in known]
 
 
-def _mapped(w: _Walker, snap: Snapshot, stock: dict) -> dict:
+def _pfn_counts(parts: list) -> dict[int, int]:
+    if not parts:
+        return {}
+    u, c = np.unique(np.concatenate(parts), return_counts=True)
+    return dict(zip(u.tolist(), c.tolist()))
+
+
+def _mapped(w: _Walker, pt, snap: Snapshot, stock: dict) -> dict:
     """For every (stable node, mm, address) the stock walk visits: does a
-    PTE of mm map the node's page there?"""
-    pt = _PageTables(w)
+    PTE of mm map the node's page there (``pte_present()``: PROT_NONE
+    mappings count)?"""
+    pgds: dict[str, int] = {}
     out = {}
     cache: dict = {}
     for node in snap.stable_nodes:
@@ -603,8 +823,16 @@ def _mapped(w: _Walker, snap: Snapshot, stock: dict) -> dict:
             w.race("stable rmap_item's anon_vma not recorded")
             continue
         for c in cands:
-            out[(node.id, c["mm"], c["address"])] = \
-                pt.pfn(int(c["mm"], 16), c["address"]) == node.kpfn
+            pgd = pgds.get(c["mm"])
+            if pgd is None:
+                try:
+                    mmo = Object(w.prog, "struct mm_struct *", int(c["mm"], 16))
+                    pgd = mmo.pgd.value_() if mmo.mm_users.counter.value_() else 0
+                except FaultError:
+                    pgd = 0
+                pgds[c["mm"]] = pgd
+            out[(node.id, c["mm"], c["address"])] = bool(pgd) and \
+                pt.lookup(pgd, c["address"])[1] == node.kpfn
     return out
 
 

@@ -57,13 +57,18 @@ class VerifyResult:
 
     @property
     def agree(self) -> bool:
-        return bool(self.rows) and all(r["agree"] for r in self.rows)
+        """Every compared row agrees, and at least one was compared (a row
+        whose every mapping was dropped by its process meanwhile is "gone",
+        ``agree`` None: not compared)."""
+        compared = [r for r in self.rows if r["agree"] is not None]
+        return bool(compared) and all(r["agree"] for r in compared)
 
     def counts(self) -> dict:
         c = {"nodes": len(self.rows), "pages": len(self.pages),
              "predicted_stay": sum(r["predicted"] == "stays" for r in self.rows),
              "observed_stayed": sum(r["observed"] == "stayed" for r in self.rows),
-             "disagree": sum(not r["agree"] for r in self.rows)}
+             "disagree": sum(r["agree"] is False for r in self.rows),
+             "gone": sum(r["agree"] is None for r in self.rows)}
         return c
 
     def table(self) -> str:
@@ -73,7 +78,7 @@ class VerifyResult:
         for r in self.rows:
             lines.append((r["node"], f"0x{r['kpfn']:x}", ",".join(map(str, r["pids"])),
                           str(r["mappings"]), str(r["misses"]), r["predicted"], r["observed"],
-                          "yes" if r["agree"] else "NO"))
+                          "-" if r["agree"] is None else "yes" if r["agree"] else "NO"))
         w = [max(len(str(l[k])) for l in lines) for k in range(len(head))]
         out = ["  ".join(str(v).ljust(w[k]) for k, v in enumerate(l)).rstrip() for l in lines]
         c = self.counts()
@@ -81,6 +86,8 @@ class VerifyResult:
                    f"{self.by}; {c['nodes']} KSM "
                    f"pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
                    f"stayed: {c['observed_stayed']}; "
+                   + (f"{c['gone']} unmapped by their process meanwhile (not compared); "
+                      if c["gone"] else "")
                    + ("prediction and kernel AGREE" if self.agree else
                       f"{c['disagree']} DISAGREE"))
         return "\n".join(out)
@@ -103,9 +110,12 @@ def predict(snap, rule: str | None = None) -> dict:
                            "does not apply", "use the union or v8 variant")
     out = {}
     for n in snap.stable_nodes:
-        if n.kind == "chain" or n.kpfn is None or not any(m["mapped"] for m in n.mappings):
+        if n.kind == "chain" or n.kpfn is None:
             continue
-        out[n.id] = "stays" if rule in n.unmappable_under else "moves"
+        if not any(m["mapped"] for m in n.mappings) and not n.orphan_mappings:
+            continue
+        # a page with mappings no rmap_item reaches stays under every rule
+        out[n.id] = "stays" if (rule in n.unmappable_under or n.unreachable) else "moves"
     return out
 
 
@@ -152,8 +162,8 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
         for n in snap.stable_nodes:
             if n.id not in pred:
                 continue
-            for m in n.mappings:
-                if m["mapped"] and m["pid"] is not None:
+            for m in [m for m in n.mappings if m["mapped"]] + n.orphan_mappings:
+                if m["pid"] is not None:
                     want[(m["pid"], m["address"])] = n.id
         ranges = []
         for pid in sorted({p for p, _ in want}):
@@ -182,21 +192,27 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
             pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["pfn"],
                           "before": p["before"], "target": p["target"], "after": p["after"],
                           "tries": p["tries"], "predicted": pr, "observed": obs,
-                          "agree": (pr == "moves") == (obs == "moved") and obs != "gone"})
+                          # a mapping its process dropped meanwhile (munmap, exit,
+                          # write) is not compared: nothing was predicted about it
+                          "agree": None if obs == "gone" else (pr == "moves") == (obs == "moved")})
     rows = []
     for n in snap.stable_nodes:
         if n.id not in pred:
             continue
         ps = [p for p in pages if p["node"] == n.id]
-        obs = {p["observed"] for p in ps}
+        obs = {p["observed"] for p in ps} - {"gone"}
         observed = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
         mapped = [m for m in n.mappings if m["mapped"]]
         rows.append({"node": n.id, "kpfn": n.kpfn,
-                     "pids": sorted({m["pid"] for m in mapped if m["pid"] is not None}),
+                     "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
+                                     if m["pid"] is not None}),
                      "mappings": len(mapped), "mapcount": n.mapcount,
-                     "misses": sum(not m["found"][rule] for m in mapped),
+                     "unreachable": n.unreachable,
+                     # mappings the rule misses, and those no rmap_item reaches
+                     "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable,
                      "predicted": pred[n.id], "observed": observed,
-                     "agree": ((pred[n.id] == "moves") == (observed == "moved")
+                     "agree": (None if observed == "gone" else
+                               (pred[n.id] == "moves") == (observed == "moved")
                                and observed in ("moved", "stayed"))})
     return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
                         rows=rows, pages=pages, snapshot=snap,
@@ -223,9 +239,13 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
 
     The outcome does not trust the snapshot's idea of what is mapped: every
     candidate mapping of the walk replay is read back, including those the
-    snapshot says no PTE maps (``predicted`` ``absent``); one that mapped the
-    page after all is a disagreement, and a page still mapped anywhere
-    ``stayed``.
+    snapshot says no PTE maps (``predicted`` ``absent``), and the mappings no
+    rmap_item reaches (``orphan_mappings``: predicted ``mapped``); one that
+    mapped the page after all is a disagreement, and a page still mapped
+    anywhere ``stayed``. A page whose every read-back mapping is a swap entry
+    but which /proc/kpagecount still finds mapped (and in the swap cache) is
+    ``stayed`` too: mapped where no one looked. Mappings their process
+    dropped meanwhile are ``gone``, not compared (``agree`` None).
 
     Reclaim is repeated until nothing changes (see
     :mod:`ksmlens.guest.reclaim`): a page's first pass may only clear young
@@ -256,10 +276,14 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
                     k = (m["pid"], m["address"])
                     if m["pid"] is not None and not (k in want and want[k][2]):
                         want[k] = (n.id, bool(m["found"][rule]), bool(m["mapped"]))
+                for m in n.orphan_mappings:     # no rmap_item reaches them
+                    if m["pid"] is not None:
+                        want[(m["pid"], m["address"])] = (n.id, False, True)
         ranges = []
         for pid in sorted({p for p, _ in want}):
             ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
         res = ksmsys.reclaim_pages(vm, ranges, rounds=rounds)
+        after = ksmsys.read_pfns(vm, sorted({snap.node(nid).kpfn for nid in pred}))
         t_rec = time.monotonic()
     finally:
         vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
@@ -281,8 +305,8 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             else:
                 obs = "gone"
             pr = "absent" if not mapped else "unmapped" if found else "mapped"
-            agree = obs == "absent" if pr == "absent" else \
-                (pr == "unmapped") == (obs == "swapped") and obs != "gone"
+            agree = (obs == "absent" if pr == "absent" else None if obs == "gone" else
+                     (pr == "unmapped") == (obs == "swapped"))
             pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["before_pfn"],
                           "found": found, "predicted": pr, "observed": obs, "agree": agree})
     rows = []
@@ -290,22 +314,27 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
         if n.id not in pred:
             continue
         ps = [p for p in pages if p["node"] == n.id and p["observed"] != "absent"]
-        obs = {p["observed"] for p in ps}
-        if not ps or "gone" in obs:
-            observed = "gone"
-        elif obs == {"swapped"}:
-            observed = "reclaimed"
-        else:
+        obs = {p["observed"] for p in ps} - {"gone"}
+        kp = after.get(n.kpfn, {})
+        if not obs:
+            observed = "gone"           # every mapping dropped by its process meanwhile
+        elif obs != {"swapped"} or (kp.get("mapcount") and kp.get("kpf_swapcache")):
             observed = "stayed"         # still mapped somewhere: never freed
+        else:
+            observed = "reclaimed"
         mapped = [m for m in n.mappings if m["mapped"]]
         rows.append({"node": n.id, "kpfn": n.kpfn,
-                     "pids": sorted({m["pid"] for m in mapped if m["pid"] is not None}),
+                     "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
+                                     if m["pid"] is not None}),
                      "mappings": len(mapped), "mapcount": n.mapcount,
-                     "misses": sum(not m["found"][rule] for m in mapped),
+                     "unreachable": n.unreachable,
+                     # mappings the rule misses, and those no rmap_item reaches
+                     "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable,
                      "swapped": sum(p["observed"] == "swapped" for p in ps),
+                     "kpfn_after": {k: kp.get(k) for k in ("mapcount", "kpf_swapcache")},
                      "predicted": pred[n.id], "observed": observed,
-                     "agree": ((pred[n.id] == "reclaimed") == (observed == "reclaimed")
-                               and observed in ("reclaimed", "stayed"))})
+                     "agree": (None if observed == "gone" else
+                               (pred[n.id] == "reclaimed") == (observed == "reclaimed"))})
     return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
                         rows=rows, pages=pages, snapshot=snap, by="reclaim",
                         extra={"reclaim": {"rounds": res["rounds"],
@@ -341,11 +370,14 @@ class SmartScanResult:
                [r for r in self.items if r["agree"] and r["skipped"]]
         out = [f"{'pid':>6} {'address':>14} {'state':8} {'visits':>6} {'sched':10} "
                f"{'age':>9} {'skips':>9} agree"]
+
+        def v(x):
+            return "-" if x is None else x
         for r in rows[:limit]:
             out.append(f"{r['pid'] or '-':>6} {r['address']:#14x} {r['state']:8} "
                        f"{r['visits']:>6} {r['schedule']:10} "
-                       f"{r['predicted_age']:>3}/{r['observed_age']:<5} "
-                       f"{r['predicted_skips']:>3}/{r['observed_skips']:<5} "
+                       f"{v(r['predicted_age']):>3}/{v(r['observed_age']):<5} "
+                       f"{v(r['predicted_skips']):>3}/{v(r['observed_skips']):<5} "
                        f"{'yes' if r['agree'] else 'NO'}")
         out.append(f"{self.release}: over {self.full_scans} full scans pages_skipped grew by "
                    f"{self.observed}, predicted {self.predicted}; "
@@ -382,8 +414,20 @@ def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> Smar
     for it in a.rmap_items:
         nb = by_key.get((it.mm, it.address))
         v = visits_between(a, b, it)
-        p = smartscan_next(a, it, v)
+        p = smartscan_next(a, it, v)       # 0 skips for an item ksmd frees unread
         predicted += p["skipped"]
+        if p["freed"] and v:
+            # predicted: freed at ksmd's next visit (a later visit may allocate
+            # a new item at the same address, with a fresh age)
+            kept = nb is not None and nb.id == it.id
+            rows.append({"item": it.id, "pid": it.pid, "address": it.address,
+                         "state": it.state, "visits": v, "schedule": f"freed:{p['freed']}",
+                         "skipped": 0, "predicted_age": None,
+                         "observed_age": nb.age if kept else None,
+                         "predicted_skips": None,
+                         "observed_skips": nb.remaining_skips if kept else None,
+                         "reads_pgoff": False, "freed": p["freed"], "agree": not kept})
+            continue
         if nb is None:
             continue
         rows.append({"item": it.id, "pid": it.pid, "address": it.address, "state": it.state,

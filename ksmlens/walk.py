@@ -20,7 +20,8 @@ from .itree import interval_tree_foreach
 
 __all__ = [
     "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN",
-    "PAGE_MAPPING_ANON", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS",
+    "PAGE_MAPPING_ANON", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS", "VM_GROWSDOWN",
+    "VM_MERGEABLE",
     "ksm_has_stored_pgoff", "ksm_stable_tree_roots", "for_each_stable_tree_node",
     "for_each_stable_node", "is_stable_node_chain", "is_stable_node_dup",
     "for_each_stable_node_dup", "for_each_stable_node_rmap_item",
@@ -44,6 +45,9 @@ PAGE_MAPPING_ANON = 0x1
 PAGE_MAPPING_MOVABLE = 0x2
 PAGE_MAPPING_KSM = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
 PAGE_MAPPING_FLAGS = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
+# include/linux/mm.h
+VM_GROWSDOWN = 0x00000100
+VM_MERGEABLE = 1 << 31   # KSM may merge identical pages
 
 
 def _page_shift(prog: Program) -> int:

@@ -2,7 +2,7 @@
 tests of plots and widgets (the claims about kernels are made on real
 guests, in the ``vm``-marked tests)."""
 
-from ksmlens.analysis import pgoff_status
+from ksmlens.analysis import pgoff_status, stored_status
 from ksmlens.model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 
 PAGE = 4096
@@ -31,6 +31,7 @@ def snapshot(items, nodes=(), *, variant="union", walk_rule="stored", full_scans
     has = variant in ("union", "v8")
     for it in items:
         it.pgoff_status, it.pgoff_cause = pgoff_status(it, has)
+        it.stored_status = stored_status(it, has)
     slots = {}
     for it in items:
         s = slots.setdefault(it.pid, MmSlot(id=f"slot{it.pid}", mm=it.mm, pid=it.pid,

@@ -102,3 +102,63 @@ def test_public_names_exist():
               "report", "notebook", "model", "check"):
         mod = importlib.import_module(f"ksmlens.{m}")
         assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], m
+
+
+# --------------------------------------------------------- issue 9: per-item truths
+
+from smallsnap import item as _item, snapshot as _snapshot  # noqa: E402
+
+from ksmlens.analysis import (pgoff_status, range_walk, smartscan_next,  # noqa: E402
+                              stored_status, union_hazard)
+from ksmlens.check import Row  # noqa: E402
+
+PAGE = 4096
+
+
+def test_range_walk_follows_the_interval_query():
+    """A VMA moved up by 32 pages, then grown in place to 48: its vm_pgoff
+    range [old, old + 47] still holds address >> PAGE_SHIFT for its first 16
+    pages, so v3 finds those (the kernel's interval query), not the rest."""
+    old = 0x7F0000000
+    vma = ((old + 32) << 12, (old + 32 + 48) << 12, old)
+    found = [range_walk(_item(1, vma[0] + k * PAGE, vma=vma, state="unstable"), True)["v3"]
+             for k in range(48)]
+    assert found == [True] * 16 + [False] * 32
+    it = _item(1, vma[0], vma=vma, state="unstable")
+    assert pgoff_status(it)[0] == "moved"            # and yet found: two separate questions
+    assert range_walk(it, True) == {"stock": True, "v3": True, "stored": None}
+
+
+def test_stored_index_only_for_stable_items():
+    vma = (0x1000000, 0x1010000, 0x1000)
+    st = _item(1, 0x1000000, vma=vma)                   # stored == lpi
+    assert stored_status(st, True) == "ok" and stored_status(st, False) is None
+    un = _item(1, 0x1001000, vma=vma, state="unstable")
+    assert stored_status(un, True) is None               # those bytes are oldchecksum/age
+    assert stored_status(_item(1, 0x1002000, vma=vma, stored=0), True) == "unset"
+    assert stored_status(_item(1, 0x1003000, vma=vma, stored=7), True) == "stale"
+
+
+def test_items_ksmd_frees_are_not_read_skipped_or_hazards():
+    vma = (0x1000000, 0x1010000, 0x1000)
+    freed = _item(1, 0x1000000, vma=vma, age=5, skips=2)
+    freed.pte, freed.will_visit, freed.not_visited, freed.page_ksm = "none", False, "no_page", None
+    cow = _item(1, 0x1001000, vma=vma, age=0)
+    cow.pte, cow.will_visit, cow.page_ksm = "present", True, False
+    shared = _item(1, 0x1002000, vma=vma, state="unstable", age=4)
+    shared.pte, shared.will_visit, shared.page_ksm = "present", True, True   # KSM via a sharer
+    snap = _snapshot([freed, cow, shared])
+    snap.counters["smart_scan"] = 1
+    r = smartscan_next(snap, freed, 4)
+    assert (r["freed"], r["schedule"], r["skipped"], r["reads"]) == ("no_page", "", 0, None)
+    assert smartscan_next(snap, shared, 4)["schedule"] == ""      # PageKsm: never aged
+    assert smartscan_next(snap, cow, 1)["leaves_stable_tree"] == 1
+    assert [h["item"] for h in union_hazard(snap)] == [cow.id]
+    snap.counters["smart_scan"] = 0
+    assert union_hazard(snap) == []        # should_skip_rmap_item() returns before reading
+
+
+def test_between_rows():
+    assert Row("pages_scanned", 5, 3, 9, rule="between").ok
+    assert not Row("pages_scanned", 2, 3, 9, rule="between").ok
+    assert not Row("pages_scanned", 5, None, 9, rule="between").ok

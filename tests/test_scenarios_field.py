@@ -225,7 +225,8 @@ def test_verify_by_reclaim_cli(vm):
 @pytest.mark.vm
 def test_prot_none_reclaim_on_v3(vm):
     """PROT_NONE PTEs are present to the kernel (x86 pte_present()): on v3 the
-    moved, PROT_NONE mappings keep their KSM pages through reclaim."""
+    moved, PROT_NONE mappings keep their KSM pages through reclaim, and the
+    prediction says so."""
     if vm.state["variant"] != "v3":
         pytest.skip("the kernel where the moved mappings are missed")
     with ScenarioRun(vm, "prot-none") as run:
@@ -241,8 +242,8 @@ def test_prot_none_reclaim_on_v3(vm):
     assert {obs[k] for k in moved_pages} == {"mapped"}
     assert {o for k, o in obs.items() if k not in moved_pages} == {"swapped"}
     assert {r["observed"] for r in res.rows} == {"stayed"}
-    if not res.agree:
-        # issue 9 item 2: the snapshot reads a PROT_NONE PTE as not present,
-        # so it predicts the page is reclaimed; make this an assert once fixed
-        pytest.xfail("snapshot: PROT_NONE mappings read as absent "
-                     f"({sum(p['predicted'] == 'absent' for p in res.pages)} mappings)")
+    # the snapshot reads PROT_NONE PTEs as present (issue 9 item 2): the
+    # moved mappings are predicted mapped-and-missed, so the page stays
+    assert {p["predicted"] for p in res.pages if (p["pid"], p["address"]) in moved_pages} \
+        == {"mapped"}
+    assert res.agree and not [p for p in res.pages if not p["agree"]], res.table()

@@ -33,7 +33,8 @@
  * touch | merge | unmerge | mremap [PID [REGION]] | fork [PID] |
  * pause-volatile | resume-volatile | madvise PID REGION ADVICE FIRST COUNT |
  * mprotect PID REGION none|read|rw FIRST COUNT | read PID REGION FIRST COUNT |
- * pin PID REGION I | unpin PID | clone-vm [PID] | kill PID | quit.
+ * pin PID REGION I | unpin PID | clone-vm [PID] | kill PID |
+ * churn PID PAGES MS | quit.
  * "step" in the state JSON counts the command lines handled before the
  * current one (0 in "ready").
  * Page i of a "pattern" region depends only on its key base + i % period
@@ -45,6 +46,10 @@
  * holds a reference on the page (so reclaim cannot free it) until "unpin".
  * "clone-vm" makes a clone(CLONE_VM) child that is not a thread (same mm,
  * own tgid); it only sleeps.  "kill" SIGKILLs and reaps a process.
+ * "churn" starts a thread in the process that, until "churn PID 0 0",
+ * maps PAGES pages of 16 repeating contents, MADV_MERGEABLE, sleeps MS
+ * milliseconds and munmaps them, again and again: ksmd keeps merging and
+ * freeing rmap_items (paused walks land in its half-done updates).
  *
  * Build: gcc -O2 -Wall -Wextra -static -o ksmlens-workload ksmlens-workload.c
  */
@@ -202,6 +207,70 @@ static void fill_key(void *page, uint64_t key)
 }
 
 /* ------------------------------------------------------------ child side */
+
+#define CHURN_KEY 0xC4C4000000ULL
+static struct {
+	pthread_t thr;
+	int running;
+	volatile int stop;
+	size_t pages;
+	long ms;
+	volatile unsigned long cycles;
+} churn;
+
+static void *churn_thread(void *arg)
+{
+	struct timespec ts = { churn.ms / 1000, (churn.ms % 1000) * 1000000L };
+	(void)arg;
+	while (!churn.stop) {
+		size_t len = churn.pages * pagesz;
+		char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED) {
+			nanosleep(&ts, NULL);
+			continue;
+		}
+		for (size_t i = 0; i < churn.pages; i++)
+			fill_key(p + i * pagesz, CHURN_KEY + i % 16);
+		madvise(p, len, MADV_MERGEABLE);
+		nanosleep(&ts, NULL);
+		munmap(p, len);
+		churn.cycles++;
+	}
+	return NULL;
+}
+
+/* "churn PAGES MS": start (or with PAGES 0 stop) the churn thread. */
+static void child_churn(char **save)
+{
+	char *a = strtok_r(NULL, " \t", save), *b = strtok_r(NULL, " \t", save);
+	char *end1 = NULL, *end2 = NULL;
+	unsigned long pages = a ? strtoul(a, &end1, 10) : 0;
+	long ms = b ? strtol(b, &end2, 10) : -1;
+	int rc;
+
+	if (!a || !b || *end1 || *end2 || ms < 0 || pages > (1UL << 24)) {
+		fprintf(ctl_out, "err usage: churn PAGES MS\n");
+		return;
+	}
+	if (churn.running) {
+		churn.stop = 1;
+		pthread_join(churn.thr, NULL);
+		churn.running = 0;
+	}
+	if (pages) {
+		churn.stop = 0;
+		churn.pages = pages;
+		churn.ms = ms;
+		if ((rc = pthread_create(&churn.thr, NULL, churn_thread, NULL))) {
+			fprintf(ctl_out, "err pthread_create: %s\n", strerror(rc));
+			return;
+		}
+		churn.running = 1;
+	}
+	fprintf(ctl_out, "ok {\"churn\":%s,\"cycles\":%lu}\n",
+		pages ? "true" : "false", churn.cycles);
+}
 
 static void *volatile_thread(void *arg)
 {
@@ -795,6 +864,8 @@ static void child_command(char *line)
 		fprintf(ctl_out, "ok\n");
 	} else if (!strcmp(cmd, "clone-vm")) {
 		child_clone_vm();
+	} else if (!strcmp(cmd, "churn")) {
+		child_churn(&save);
 	} else if (!strcmp(cmd, "fork")) {
 		child_fork();
 	} else if (!strcmp(cmd, "pause-volatile") ||
@@ -1343,6 +1414,26 @@ static void cmd_proc_op(int argc, char **argv)
 	printf("ok {\"clone_vm\":%d,\"mm_of\":%d}\n", cpid, (int)procs[i].pid);
 }
 
+/* "churn PID PAGES MS": forwarded to the process as churn PAGES MS. */
+static void cmd_churn(int argc, char **argv)
+{
+	char buf[512];
+	int i = argc == 4 ? find_pid(argv[1]) : -1;
+
+	if (argc != 4) {
+		printf("err usage: churn PID PAGES MS (PAGES 0: stop)\n");
+		return;
+	}
+	if (i < 0) {
+		printf("err no such pid %s\n", argv[1]);
+		return;
+	}
+	if (proc_cmd(i, buf, sizeof(buf), "churn %s %s", argv[2], argv[3]))
+		printf("err %s\n", buf);
+	else
+		printf("ok %s\n", buf);
+}
+
 /* "kill PID": SIGKILL, reap (a direct child), and forget it; what it forked
  * or cloned dies with it (PR_SET_PDEATHSIG). */
 static void cmd_kill(int argc, char **argv)
@@ -1413,6 +1504,8 @@ static void command(int argc, char **argv)
 		cmd_proc_op(argc, argv);
 	} else if (!strcmp(c, "kill")) {
 		cmd_kill(argc, argv);
+	} else if (!strcmp(c, "churn")) {
+		cmd_churn(argc, argv);
 	} else {
 		printf("err unknown command %.64s\n", c);
 	}

@@ -1,0 +1,275 @@
+"""x86-64 page tables read from kernel memory, with the kernel's own semantics.
+
+Every bit is named once, as in ``arch/x86/include/asm/pgtable_types.h``, and
+decoded by small functions that follow the kernel's helpers of the same name
+(``pte_none()``, ``pte_present()``, ``pte_pfn()``, ``pte_dirty()``,
+``pmd_leaf()``). Two points where a naive reader is wrong:
+
+* ``pte_present()`` counts ``_PAGE_PROTNONE``: a ``PROT_NONE`` mapping is
+  present to the kernel (it maps a page, migration and reclaim unmap it), and
+  its PFN bits are stored inverted (L1TF, ``pgtable-invert.h``).
+* a non-present, non-none entry is a swap or migration entry.
+
+:class:`PageTables` walks 4- or 5-level tables (``pgtable_l5_enabled()``),
+including 2 MiB and 1 GiB leaves, through a cache of 4 KiB table pages, and
+refuses anything but little-endian x86-64 in one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import KsmlensError
+
+__all__ = [
+    "PAGE_SHIFT", "PAGE_SIZE", "PTRS_PER_TABLE", "_PAGE_PRESENT", "_PAGE_RW", "_PAGE_USER",
+    "_PAGE_ACCESSED", "_PAGE_DIRTY", "_PAGE_PSE", "_PAGE_GLOBAL", "_PAGE_PROTNONE",
+    "_PAGE_SPECIAL", "_PAGE_SAVED_DIRTY", "_PAGE_NX", "PTE_PFN_MASK",
+    "pte_none", "pte_present", "pte_pfn", "pte_dirty", "pte_special", "pmd_present",
+    "pmd_leaf", "pte_kind", "check_platform", "PageTables", "decode", "KIND_NAMES",
+    "KIND_NONE", "KIND_PRESENT", "KIND_PROT_NONE", "KIND_SWAP",
+]
+
+# arch/x86/include/asm/page_types.h
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PTRS_PER_TABLE = 512                     # PTRS_PER_PTE/PMD/PUD/P4D/PGD on x86-64
+# arch/x86/include/asm/pgtable_types.h
+_PAGE_PRESENT = 1 << 0
+_PAGE_RW = 1 << 1
+_PAGE_USER = 1 << 2
+_PAGE_ACCESSED = 1 << 5
+_PAGE_DIRTY = 1 << 6
+_PAGE_PSE = 1 << 7                       # a 2 MiB (PMD) or 1 GiB (PUD) leaf
+_PAGE_GLOBAL = 1 << 8
+_PAGE_PROTNONE = _PAGE_GLOBAL            # only meaningful when !_PAGE_PRESENT
+_PAGE_SPECIAL = 1 << 9                   # _PAGE_BIT_SOFTW1: pte_special()
+# _PAGE_BIT_SOFTW5 (58): since 6.6 ("x86/mm: Introduce _PAGE_SAVED_DIRTY") every
+# x86-64 kernel keeps the dirty bit of a read-only PTE here (Write=0, Dirty=1
+# would mean shadow stack): a KSM zero page's PTE is read-only, so its "dirty"
+# is this bit. Unused (0) on older kernels.
+_PAGE_SAVED_DIRTY = 1 << 58
+_PAGE_NX = 1 << 63
+_PAGE_KNL_ERRATUM_MASK = _PAGE_DIRTY | _PAGE_ACCESSED   # ignored by pte_none()
+# __PHYSICAL_MASK_SHIFT 52: PTE_PFN_MASK = PHYSICAL_PAGE_MASK
+PTE_PFN_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
+
+
+def pte_none(v: int) -> bool:
+    """``pte_none()``: nothing mapped, nothing swapped (A/D bits aside)."""
+    return not (v & ~_PAGE_KNL_ERRATUM_MASK)
+
+
+def pte_present(v: int) -> bool:
+    """``pte_present()``: maps a page, PROT_NONE included."""
+    return bool(v & (_PAGE_PRESENT | _PAGE_PROTNONE))
+
+
+def pmd_present(v: int) -> bool:
+    """``pmd_present()``: a PMD whose PSE bit is set counts as present too
+    (a THP being split)."""
+    return bool(v & (_PAGE_PRESENT | _PAGE_PROTNONE | _PAGE_PSE))
+
+
+def pte_pfn(v: int) -> int:
+    """``pte_pfn()``: the PFN, un-inverting a PROT_NONE entry
+    (``protnone_mask()`` of ``pgtable-invert.h``)."""
+    if v and not v & _PAGE_PRESENT:
+        v = ~v
+    return (v & PTE_PFN_MASK) >> PAGE_SHIFT
+
+
+def pte_dirty(v: int) -> bool:
+    """``pte_dirty()``: ``_PAGE_DIRTY_BITS``, the hardware or the saved dirty bit."""
+    return bool(v & (_PAGE_DIRTY | _PAGE_SAVED_DIRTY))
+
+
+def pte_special(v: int) -> bool:
+    return bool(v & _PAGE_SPECIAL)
+
+
+def pmd_leaf(v: int) -> bool:
+    """``pmd_leaf()`` / ``pud_leaf()``: a huge mapping, not a pointer to a table."""
+    return bool(v & _PAGE_PSE) and pmd_present(v)
+
+
+def pte_kind(v: int) -> str:
+    """``"none"``, ``"swap"`` (a swap or migration entry), ``"present"`` or
+    ``"prot_none"`` (present to the kernel, PFN inverted)."""
+    if pte_none(v):
+        return "none"
+    if v & _PAGE_PRESENT:
+        return "present"
+    if v & _PAGE_PROTNONE:
+        return "prot_none"
+    return "swap"
+
+
+def check_platform(prog) -> None:
+    """Refuse, in one line, a kernel whose page tables ksmlens cannot read."""
+    import drgn
+    arch = prog.platform.arch
+    if arch != drgn.Architecture.X86_64:
+        raise KsmlensError(f"page tables of a {arch.name} kernel are not decoded by ksmlens",
+                           "ksmlens reads x86-64 page tables only")
+    if not prog.platform.flags & drgn.PlatformFlags.IS_LITTLE_ENDIAN:
+        raise KsmlensError("a big-endian kernel", "ksmlens reads little-endian x86-64 only")
+
+
+class PageTables:
+    """Page-table lookups of user mms, through a 4 KiB page cache.
+
+    ``read(addr, size) -> bytes | None`` reads kernel memory (None on a
+    fault); ``direct_map`` is ``PAGE_OFFSET`` (``phys_to_virt(0)``);
+    ``levels`` 4 or 5 (``pgtable_l5_enabled()``). Table entries are read
+    once per 4 KiB table page.
+    """
+
+    def __init__(self, read, direct_map: int, levels: int = 4):
+        if levels not in (4, 5):
+            raise KsmlensError(f"{levels}-level page tables", "x86-64 has 4 or 5 levels")
+        self.read = read
+        self.pob = direct_map
+        self.levels = levels
+        # index shift per level, top (pgd) first
+        self.shifts = (48, 39, 30, 21, 12) if levels == 5 else (39, 30, 21, 12)
+        self.tables: dict[int, np.ndarray | None] = {}
+
+    @classmethod
+    def of(cls, prog, read) -> "PageTables":
+        """For a drgn Program; 5 levels when the kernel has them enabled
+        (``__pgtable_l5_enabled``, CONFIG_X86_5LEVEL on a la57 CPU)."""
+        from drgn.helpers.linux.mm import phys_to_virt
+        check_platform(prog)
+        levels = 4
+        try:
+            if prog["__pgtable_l5_enabled"].value_():
+                levels = 5
+        except (KeyError, LookupError):
+            pass
+        return cls(read, phys_to_virt(prog, 0).value_(), levels)
+
+    def table(self, virt: int) -> np.ndarray | None:
+        t = self.tables.get(virt, False)
+        if t is False:
+            buf = self.read(virt, PAGE_SIZE)
+            t = None if buf is None else np.frombuffer(buf, dtype="<u8")
+            self.tables[virt] = t
+        return t
+
+    def _next(self, entry: int) -> int:
+        return self.pob + (entry & PTE_PFN_MASK)
+
+    def lookup(self, pgd: int, addr: int) -> tuple[str, int | None, int]:
+        """``(kind, pfn, entry)`` of the leaf entry mapping ``addr``: kind as
+        :func:`pte_kind`; pfn None unless present (or PROT_NONE). A huge
+        leaf gives the 4 KiB subpage's pfn."""
+        table = pgd
+        last = len(self.shifts) - 1
+        for level, shift in enumerate(self.shifts):
+            t = self.table(table)
+            if t is None:
+                return "fault", None, 0
+            e = int(t[(addr >> shift) & (PTRS_PER_TABLE - 1)])
+            if level == last:
+                kind = pte_kind(e)
+                return kind, (pte_pfn(e) if kind in ("present", "prot_none") else None), e
+            if level >= last - 2 and e & _PAGE_PSE and pmd_present(e):   # PUD / PMD leaf
+                kind = pte_kind(e)
+                span = (1 << (shift - PAGE_SHIFT)) - 1
+                return kind, (pte_pfn(e) & ~span) + ((addr >> PAGE_SHIFT) & span), e
+            if level == last - 1 and not pte_none(e) and not pmd_present(e):
+                return "swap", None, e          # a PMD migration entry
+            if not e & _PAGE_PRESENT:
+                return "none", None, e
+            table = self._next(e)
+        return "none", None, 0
+
+    def leaves(self, pgd: int, start: int, end: int):
+        """Every non-none leaf entry mapping ``[start, end)``, in address
+        order, as numpy arrays ``(addresses, entries, shifts)``: 4 KiB
+        entries and huge leaves (``shifts`` 21 or 30, ``addresses`` the
+        leaf's own first address). Missing tables are
+        skipped, so a sparse 4 TiB VMA costs only its populated tables."""
+        addrs, ents, shs = [], [], []
+        self._leaves(pgd, 0, start, end, addrs, ents, shs)
+        if not addrs:
+            e = np.zeros(0, dtype=np.uint64)
+            return e, e.copy(), np.zeros(0, dtype=np.uint8)
+        return (np.concatenate(addrs), np.concatenate(ents), np.concatenate(shs))
+
+    def _leaves(self, table, level, start, end, addrs, ents, shs):
+        shift = self.shifts[level]
+        last = len(self.shifts) - 1
+        t = self.table(table)
+        if t is None:
+            return
+        size = 1 << shift
+        lo = (start >> shift) & (PTRS_PER_TABLE - 1)
+        hi = ((end - 1) >> shift) & (PTRS_PER_TABLE - 1)
+        base = start & ~((size << 9) - 1)       # this table's first address
+        if level == last:
+            sl = t[lo:hi + 1]
+            keep = np.nonzero(sl & np.uint64(~_PAGE_KNL_ERRATUM_MASK & (2**64 - 1)))[0]
+            if keep.size:
+                addrs.append(np.uint64(base) + (keep + lo).astype(np.uint64) * np.uint64(size))
+                ents.append(sl[keep])
+                shs.append(np.full(keep.size, shift, dtype=np.uint8))
+            return
+        for i in range(lo, hi + 1):
+            e = int(t[i])
+            if pte_none(e):
+                continue
+            a = base + i * size
+            s, en = max(start, a), min(end, a + size)
+            if level >= last - 2 and e & _PAGE_PSE and pmd_present(e):
+                addrs.append(np.array([a], dtype=np.uint64))
+                ents.append(np.array([e], dtype=np.uint64))
+                shs.append(np.array([shift], dtype=np.uint8))
+                continue
+            if not e & _PAGE_PRESENT:
+                if level == last - 1:           # a PMD migration entry: one per 2 MiB
+                    addrs.append(np.array([a], dtype=np.uint64))
+                    ents.append(np.array([e], dtype=np.uint64))
+                    shs.append(np.array([shift], dtype=np.uint8))
+                continue
+            self._leaves(self._next(e), level + 1, s, en, addrs, ents, shs)
+
+
+# kinds as small integers, for the vectorised decoder
+KIND_NONE, KIND_PRESENT, KIND_PROT_NONE, KIND_SWAP = 0, 1, 2, 3
+KIND_NAMES = ("none", "present", "prot_none", "swap")
+
+
+def decode(leaves, addrs: np.ndarray):
+    """Look up every address of ``addrs`` (uint64, any order) in the
+    ``leaves`` of :meth:`PageTables.leaves`: ``(kinds, pfns, entries)`` as
+    numpy arrays (kinds per ``KIND_NAMES``; pfns valid where the kind is
+    present or PROT_NONE, the 4 KiB subpage's pfn inside a huge leaf)."""
+    la, le, ls = leaves
+    q = np.asarray(addrs, dtype=np.uint64)
+    n = q.size
+    kinds = np.zeros(n, dtype=np.uint8)
+    pfns = np.zeros(n, dtype=np.uint64)
+    ents = np.zeros(n, dtype=np.uint64)
+    if not la.size or not n:
+        return kinds, pfns, ents
+    idx = np.searchsorted(la, q, side="right").astype(np.int64) - 1
+    ok = idx >= 0
+    idx_c = np.where(ok, idx, 0)
+    span = np.left_shift(np.uint64(1), ls[idx_c].astype(np.uint64))
+    ok &= q < la[idx_c] + span
+    e = np.where(ok, le[idx_c], np.uint64(0))
+    ents[:] = e
+    nonnone = (e & np.uint64(~_PAGE_KNL_ERRATUM_MASK & (2**64 - 1))) != 0
+    present = (e & np.uint64(_PAGE_PRESENT)) != 0
+    protnone = ~present & ((e & np.uint64(_PAGE_PROTNONE)) != 0) & nonnone
+    kinds[nonnone] = KIND_SWAP
+    kinds[present & nonnone] = KIND_PRESENT
+    kinds[protnone] = KIND_PROT_NONE
+    v = np.where(present | ~nonnone, e, ~e)
+    base = (v & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)
+    base &= ~((span >> np.uint64(PAGE_SHIFT)) - np.uint64(1))   # a huge leaf's bit 12 is PAT
+    sub = (q - la[idx_c]) >> np.uint64(PAGE_SHIFT)
+    pfns[:] = np.where((kinds == KIND_PRESENT) | (kinds == KIND_PROT_NONE), base + sub, 0)
+    return kinds, pfns, ents
