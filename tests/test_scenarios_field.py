@@ -174,18 +174,26 @@ def test_swap(vm):
     assert sin["smaps_ksm"] == 1 and sin["ksm_stat"]["ksm_rmap_items"] == 0
 
 
+# What the bug predicts, independently of the replay (as in test_verify.py)
+EXPECT_STAY = {("v3", "mremap"), ("v3", "file-cow")}
+
+
 @pytest.mark.vm
-def test_prediction_agrees_with_reclaim(vm):
-    """mremap on each variant, then reclaim as the second proof: v3 keeps
-    the moved KSM pages (its walk misses the moved VMA, try_to_unmap()
-    fails); stock, union and v8 swap every one out."""
+@pytest.mark.parametrize("scenario", ["mremap", "fork", "file-cow"])
+def test_prediction_agrees_with_reclaim(vm, scenario):
+    """Reclaim as the second proof, on each variant: v3 keeps the KSM pages
+    of the moved VMA and of the file mappings (its walk misses them,
+    try_to_unmap() fails); stock, union and v8 swap every one out."""
     variant = vm.state["variant"]
-    with ScenarioRun(vm, "mremap") as run:
+    with ScenarioRun(vm, scenario) as run:
         for st in run.scenario.steps:
             run.step(st.name)
         res = verify(vm, by="reclaim")
         print(res.table())
-        moved_pid = next(p for p, r in run.regions() if r.get("moved_from"))
+        moved_pid = next((p for p, r in run.regions() if r.get("moved_from")), None)
+        scenario_pages = {(pid, r["start"] + k * 4096) for pid, r in run.regions()
+                          for k in range(r["pages"])}
+    assert scenario_pages <= {(p["pid"], p["address"]) for p in res.pages}
     assert res.by == "reclaim"
     assert res.rule == {"stock": "stock", "v3": "v3"}.get(variant, "stored")
     for r in res.rows:
@@ -194,11 +202,18 @@ def test_prediction_agrees_with_reclaim(vm):
     assert not bad, bad[:5]
     assert res.agree, res.table()
     observed = {r["observed"] for r in res.rows}
-    if variant == "v3":
+    if (variant, scenario) == ("v3", "mremap"):
         assert observed == {"stayed"}
         # the moved process's mappings stay, the other sharer's are swapped
         assert {p["observed"] for p in res.pages if p["pid"] == moved_pid} == {"mapped"}
         assert {p["observed"] for p in res.pages if p["pid"] != moved_pid} == {"swapped"}
+        # each KSM page: in the swap cache, mapped by the moved VMA's 4 pages
+        assert {(r["kpfn_after"]["kpf_swapcache"], r["kpfn_after"]["mapcount"])
+                for r in res.rows} == {(True, 4)}
+    elif (variant, scenario) in EXPECT_STAY:
+        # every file mapping's vm_pgoff is the file offset: v3 finds none
+        assert observed == {"stayed"}
+        assert {p["observed"] for p in res.pages} == {"mapped"}
     else:
         assert observed == {"reclaimed"}
         assert {p["observed"] for p in res.pages} == {"swapped"}
