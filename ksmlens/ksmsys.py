@@ -196,7 +196,9 @@ def reclaim_pages(vm, ranges, *, rounds: int | None = None) -> dict:
         r.check()
         raise
     if "error" in res:
-        raise KsmlensError(f"reclaim: {res['error']}", "are the processes still there?")
+        raise KsmlensError(f"reclaim: {res['error']}",
+                           "echo +memory > /sys/fs/cgroup/cgroup.subtree_control (a scenario "
+                           "does it for its own cgroup)")
     return res
 
 

@@ -52,7 +52,8 @@ def cgroup_of(pid):
         for line in f:
             if line.startswith("0::"):
                 return os.path.join(CGROOT, line[3:].strip().lstrip("/"))
-    raise SystemExit(json.dumps({"error": f"pid {pid} is in no cgroup v2 group"}))
+    print(json.dumps({"error": f"pid {pid} is in no cgroup v2 group"}))
+    raise SystemExit(0)
 
 
 def reclaim(cg):
@@ -81,6 +82,11 @@ def main(argv):
     if not os.path.exists(os.path.join(CGROOT, "cgroup.controllers")):
         os.system(f"mount -t cgroup2 none {CGROOT}")
     cgroups = sorted({cgroup_of(pid) for pid, _, _ in ranges})
+    for cg in cgroups:
+        if not os.path.exists(os.path.join(cg, "memory.reclaim")):
+            print(json.dumps({"error": f"{cg} has no memory.reclaim: enable the memory "
+                              "controller in its parent's cgroup.subtree_control"}))
+            return
     before = [pagemap(*r) for r in ranges]
     history, last, same = [], None, 0
     done = 0
