@@ -48,26 +48,27 @@ from . import kbuild
 from .errors import KsmlensError
 from .paths import cache_root, vm_data
 
-__all__ = ["SUITES", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
+__all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
            "SelftestsResult", "paused_check", "run_selftests", "mremap_selftest_binary",
            "MremapResult", "run_mremap_selftest", "MID_UPDATE"]
 
 SUITES = ("ksm_functional_tests", "ksm_tests")
+MREMAP_SUITE = "ksm_and_mremap"   # the project's own: vm/selftests/ksm-mremap-migrate.c
 BUILD_FORMAT = 1          # bump when the build recipe changes what it produces
 
 # ksm_tests runs one test per invocation (ksm_tests.c main()). Sizes chosen
 # for a 2 GB guest under TCG: -P/-H merge 32 MiB twice over (ksm_tests sets
 # pages_to_scan to -p, default 10, and sleep_millisecs 0).
 KSM_TESTS_MODES: dict[str, tuple[str, ...]] = {
-    "-M": ("-M", "-p", "10"),                  # check_ksm_merge, madvise
-    "-Z -z 1": ("-Z", "-p", "10", "-z", "1"),  # check_ksm_zero_page_merge, use_zero_pages=1
-    "-N -m 0": ("-N", "-m", "0"),              # check_ksm_numa_merge, merge_across_nodes=0
-    "-N -m 1": ("-N", "-m", "1"),              # ... merge_across_nodes=1
-    "-U": ("-U",),                             # check_ksm_unmerge
-    "-P": ("-P", "-s", "32"),                  # ksm_merge_time
-    "-H": ("-H", "-s", "32"),                  # ksm_merge_hugepages_time (THP)
-    "-C": ("-C",),                             # ksm_cow_time
-    "-t 1": ("-M", "-p", "10", "-t", "1"),     # check_ksm_merge, PR_SET_MEMORY_MERGE
+    "merge": ("-M", "-p", "10"),                 # check_ksm_merge, madvise
+    "zero": ("-Z", "-p", "10", "-z", "1"),       # check_ksm_zero_page_merge, use_zero_pages=1
+    "numa0": ("-N", "-m", "0"),                  # check_ksm_numa_merge, merge_across_nodes=0
+    "numa1": ("-N", "-m", "1"),                  # ... merge_across_nodes=1
+    "unmerge": ("-U",),                          # check_ksm_unmerge
+    "merge-time": ("-P", "-s", "32"),            # ksm_merge_time
+    "merge-time-thp": ("-H", "-s", "32"),        # ksm_merge_hugepages_time (THP)
+    "cow-time": ("-C",),                         # ksm_cow_time
+    "prctl": ("-M", "-p", "10", "-t", "1"),      # check_ksm_merge, PR_SET_MEMORY_MERGE
 }
 KSFT_PASS, KSFT_FAIL, KSFT_SKIP = 0, 1, 4      # tools/testing/selftests/kselftest.h
 
@@ -194,3 +195,420 @@ def build_selftests(*, force: bool = False, quiet: bool = False) -> dict[str, Pa
         shutil.rmtree(src, ignore_errors=True)      # 170 MB; headers and binaries stay
         log(f"built the KSM selftests in {meta['build_seconds']} s: {bindir}")
     return want
+
+
+# ------------------------------------------------------------------ paused checks
+
+@dataclasses.dataclass
+class PausedCheck:
+    """One pause while a selftest ran: ``outcome`` is ``agree``,
+    ``disagree`` (rows that differ in ``mismatches``) or ``mid-update``
+    (the walk met a state ksmd leaves only mid-operation; ``detail``)."""
+    suite: str
+    mode: str | None
+    at: float                      # seconds after the test process started
+    outcome: str
+    paused_seconds: float = 0.0
+    rmap_items: int = 0
+    stable_nodes: int = 0
+    rows: int = 0
+    mismatches: list = dataclasses.field(default_factory=list)
+    detail: str = ""
+    ksmd: dict | None = None
+
+
+def compare_paused(snap) -> list:
+    """Rows (:class:`ksmlens.check.Row`, ``kernel`` = the value the kernel
+    holds, read by drgn in the same pause) of everything a paused walk can be
+    compared with: the globals sysfs prints, each mm slot's
+    ``mm->ksm_rmap_items`` / ``ksm_merging_pages`` (what
+    ``proc_pid_ksm_stat()`` prints), and each stable node's
+    ``rmap_hlist_len``."""
+    from .check import Row, walk_counts
+    w = walk_counts(snap)
+    g = snap.counters
+    rows = [Row(k, w[k], g.get(k), None)
+            for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                      "stable_node_chains", "stable_node_dups")]
+    rows.append(Row("ksm_rmap_items", w["rmap_items"], g.get("rmap_items"), None))
+    items = {i.id: i for i in snap.rmap_items}
+    for slot in snap.mm_slots:
+        label = f"pid {slot.pid}" if slot.pid is not None else f"mm {slot.mm}"
+        mine = [items[i] for i in slot.items if i in items]
+        rows.append(Row(f"{label} ksm_rmap_items", len(mine), slot.mm_ksm_rmap_items, None))
+        rows.append(Row(f"{label} ksm_merging_pages",
+                        sum(1 for i in mine if i.state == "stable"),
+                        slot.mm_ksm_merging_pages, None))
+    for n in snap.stable_nodes:
+        if n.kind in ("regular", "dup") and n.rmap_hlist_len != len(n.items):
+            rows.append(Row(f"node {n.id} rmap_hlist_len", len(n.items), n.rmap_hlist_len,
+                            None))
+    nodes = sum(1 for n in snap.stable_nodes if n.kind in ("regular", "dup"))
+    rows.append(Row("stable nodes walked", nodes, nodes, None))
+    return rows
+
+
+def paused_check(prog, vm, suite: str = "", mode: str | None = None,
+                 at: float = 0.0) -> PausedCheck:
+    """Pause ``vm``, walk it, compare (see :func:`compare_paused`)."""
+    from .snapshot import take_snapshot
+    try:
+        snap = take_snapshot(prog, mode="consistent", vm=vm)
+    except KsmlensError as e:
+        if MID_UPDATE in str(e):
+            return PausedCheck(suite, mode, round(at, 2), "mid-update", detail=e.cause)
+        raise
+    rows = compare_paused(snap)
+    bad = [r for r in rows if not r.ok]
+    return PausedCheck(suite, mode, round(at, 2), "disagree" if bad else "agree",
+                       paused_seconds=snap.meta.get("paused_seconds", 0.0),
+                       rmap_items=len(snap.rmap_items), stable_nodes=len(snap.stable_nodes),
+                       rows=len(rows),
+                       mismatches=[{"what": r.what, "walk": r.walk, "kernel": r.kernel}
+                                   for r in bad],
+                       ksmd=snap.meta.get("ksmd"))
+
+
+# ------------------------------------------------------------------ running
+
+@dataclasses.dataclass
+class SelftestRun:
+    """One selftest process: its TAP results and exit code."""
+    suite: str
+    mode: str | None
+    argv: list
+    rc: int | None
+    passed: int
+    failed: int
+    skipped: int
+    planned: int | None
+    seconds: float
+    output: list
+
+    @property
+    def ok(self) -> bool:
+        complete = self.planned is None or self.passed + self.failed + self.skipped == self.planned
+        return self.rc in (KSFT_PASS, KSFT_SKIP) and not self.failed and complete
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    name: str
+    runs: list
+    checks: list
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for c in self.checks if c.outcome == outcome)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.ok for r in self.runs)
+
+    def describe(self) -> str:
+        p = sum(r.passed for r in self.runs)
+        f = sum(r.failed for r in self.runs)
+        s = sum(r.skipped for r in self.runs)
+        what = ", ".join(x for x in (f"{p} pass", f"{f} fail" if f else "",
+                                     f"{s} skip" if s else "") if x)
+        if self.name == "ksm_tests":
+            what = f"{len(self.runs)} modes: {what}"
+        bad = [r for r in self.runs if not r.ok]
+        if bad:
+            what += "; failed: " + ", ".join(r.mode or f"rc {r.rc}" for r in bad)
+        a, d, m = self.count("agree"), self.count("disagree"), self.count("mid-update")
+        checks = f"{a} paused checks agree"
+        if d:
+            checks = f"{len(self.checks)} paused checks: {a} agree, {d} DISAGREE"
+        if m:
+            checks += f", {m} mid-update (classified)"
+        return f"{self.name} {'ok' if self.ok else 'FAILED'} ({what}), {checks}"
+
+
+@dataclasses.dataclass
+class SelftestsResult:
+    release: str
+    suites: list
+    min_checks: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.suites) and all(
+            s.ok and not s.count("disagree") and s.count("agree") >= self.min_checks
+            for s in self.suites)
+
+    def summary(self) -> str:
+        parts = []
+        for s in self.suites:
+            d = s.describe()
+            if s.count("agree") < self.min_checks:
+                d += f" (fewer than {self.min_checks})"
+            parts.append(d)
+        return "selftests: " + "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"release": self.release, "ok": self.ok, "min_checks": self.min_checks,
+                "seconds": self.seconds, "summary": self.summary(),
+                "suites": [{"name": s.name, "ok": s.ok,
+                            "runs": [dataclasses.asdict(r) for r in s.runs],
+                            "checks": [dataclasses.asdict(c) for c in s.checks]}
+                           for s in self.suites]}
+
+
+_TAP = re.compile(r"^(not ok|ok) \d+\b(.*)$")
+
+
+def parse_tap(lines) -> dict:
+    """Counts from kselftest TAP output: ``ok N``, ``ok N # SKIP``,
+    ``not ok N``, and the plan ``1..N``."""
+    out = {"passed": 0, "failed": 0, "skipped": 0, "planned": None}
+    for line in lines:
+        m = re.match(r"^1\.\.(\d+)$", line.strip())
+        if m:
+            out["planned"] = int(m.group(1))
+            continue
+        m = _TAP.match(line.strip())
+        if not m:
+            continue
+        if m.group(1) == "not ok":
+            out["failed"] += 1
+        elif re.search(r"#\s*SKIP", m.group(2), re.I):
+            out["skipped"] += 1
+        else:
+            out["passed"] += 1
+    return out
+
+
+def _drain(vm, handle: int, lines: list) -> int | None:
+    """Collect what the process printed so far; its exit code once it ended."""
+    while True:
+        r = vm.send(handle, None, timeout=0)
+        if r.get("eof"):
+            return r.get("rc")
+        if r.get("timed_out") or r.get("line") is None:
+            return None
+        lines.append(r["line"])
+
+
+def _observe(vm, prog, suite: str, mode: str | None, argv: list, cwd: str, *, rng,
+             gap: tuple, timeout: float, checks: list, log) -> SelftestRun:
+    """Run ``argv`` in the guest (cwd ``cwd``, stderr into stdout) and pause
+    the guest at random moments while it runs, a paused check each time."""
+    import shlex
+    script = f"cd {shlex.quote(cwd)} && exec {shlex.join(argv)} 2>&1"
+    h = vm.request({"op": "spawn", "argv": ["/bin/sh", "-c", script], "env": {}})["handle"]
+    t0 = time.monotonic()
+    lines: list = []
+    rc = None
+    try:
+        while True:
+            time.sleep(rng.uniform(*gap))
+            rc = _drain(vm, h, lines)
+            if rc is not None:
+                break
+            if time.monotonic() - t0 > timeout:
+                raise KsmlensError(f"{suite} {mode or ''} still running after {timeout:.0f} s "
+                                   "(killed)", "is the guest too slow? see the console log")
+            c = paused_check(prog, vm, suite, mode, time.monotonic() - t0)
+            checks.append(c)
+            if c.outcome != "agree":
+                log(f"  paused check at {c.at:.2f} s: {c.outcome.upper()}: "
+                    + (c.detail or "; ".join(f"{m['what']} walk {m['walk']} kernel "
+                                            f"{m['kernel']}" for m in c.mismatches)))
+    finally:
+        try:
+            vm.kill(h)
+        except KsmlensError:
+            pass
+    tap = parse_tap(lines)
+    return SelftestRun(suite, mode, list(argv), rc, tap["passed"], tap["failed"], tap["skipped"],
+                   tap["planned"], round(time.monotonic() - t0, 2), lines)
+
+
+# Knobs for ksm_functional_tests: it only writes run (2 to unmerge, 1 to merge)
+# and waits for two full scans each time; scan fast so that it ends soon.
+FUNCTIONAL_KNOBS = {"advisor_mode": "none", "pages_to_scan": 1000, "sleep_millisecs": 10}
+
+
+def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
+                  gap: tuple = (0.0, 0.3), seed: int | None = None,
+                  timeout: float = 600.0, out=None) -> SelftestsResult:
+    """Run the kernel's KSM selftests in ``vm`` and pause it at random
+    moments (a uniform ``gap`` after each check) while they run, comparing
+    the walk with the kernel each time. ``modes``: ksm_tests modes (keys of
+    :data:`KSM_TESTS_MODES`, default all). The guest's KSM knobs are put back
+    afterwards; its merged pages are not (both suites unmerge all: run=2)."""
+    from . import ksmsys
+    from .attach import attach
+    for s in suites:
+        if s not in SUITES:
+            raise KsmlensError(f"unknown suite {s!r}", f"choose from {', '.join(SUITES)}")
+    modes = list(KSM_TESTS_MODES) if modes is None else list(modes)
+    for m in modes:
+        if m not in KSM_TESTS_MODES:
+            raise KsmlensError(f"unknown ksm_tests mode {m!r}",
+                               f"choose from {', '.join(KSM_TESTS_MODES)}")
+    log = (lambda msg: print(msg, file=out, flush=True)) if out else (lambda msg: None)
+    bins = build_selftests(quiet=out is None)
+    rng = random.Random(seed)
+    prog = attach(f"vm:{vm.name}")
+    release = prog["UTS_RELEASE"].string_().decode()
+    old = {k: v for k, v in ksmsys.read_counters(vm).items() if k in ksmsys.KNOBS}
+    t_all = time.monotonic()
+    results = []
+    try:
+        for s in suites:
+            res = SuiteResult(s, [], [])
+            results.append(res)
+            cwd = str(bins[s].parent)
+            if s == "ksm_functional_tests":
+                ksmsys.set_knobs(vm, **FUNCTIONAL_KNOBS)
+                runs = [(None, [f"./{s}"])]
+            else:
+                runs = [(m, [f"./{s}", *KSM_TESTS_MODES[m]]) for m in modes]
+            for mode, argv in runs:
+                r = _observe(vm, prog, s, mode, argv, cwd, rng=rng, gap=gap, timeout=timeout,
+                             checks=res.checks, log=log)
+                res.runs.append(r)
+                n = sum(1 for c in res.checks if c.mode == mode)
+                log(f"{s}{' ' + ' '.join(argv[1:]) if mode else ''}: "
+                    f"{'ok' if r.ok else 'FAILED'} (rc {r.rc}: {r.passed} pass, "
+                    f"{r.failed} fail, {r.skipped} skip) in {r.seconds:.1f} s, "
+                    f"{n} paused checks")
+                if not r.ok:
+                    for line in r.output[-15:]:
+                        log(f"  | {line}")
+            # Both suites leave KSM as they set it: put the knobs back between them.
+            _restore_knobs(vm, old)
+    finally:
+        try:
+            _restore_knobs(vm, old)
+        except KsmlensError as e:
+            log(f"selftests: could not restore the KSM knobs: {e}")
+    return SelftestsResult(release, results, min_checks, round(time.monotonic() - t_all, 1))
+
+
+def _restore_knobs(vm, old: dict) -> None:
+    from . import ksmsys
+    cur = ksmsys.read_counters(vm)
+    want = {k: v for k, v in old.items() if cur.get(k) != v}
+    if cur.get("pages_shared") and "max_page_sharing" in want:
+        want["run"] = old.get("run", 1)          # set_knobs unmerges first then
+    if want:
+        ksmsys.set_knobs(vm, **want)
+
+
+# ------------------------------------------------------------------ mremap + migrate
+
+def mremap_selftest_binary() -> Path:
+    """Compile ``vm/selftests/ksm-mremap-migrate.c`` (static, host gcc) once
+    per source version into ``<cache>/bin/``."""
+    src = vm_data() / "selftests" / "ksm-mremap-migrate.c"
+    if not src.exists():
+        raise KsmlensError(f"{src} is missing", "is the repository complete?")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    out = cache_root() / "bin" / f"ksm-mremap-migrate-{digest}"
+    if out.exists():
+        return out
+    gcc = shutil.which("gcc")
+    if not gcc:
+        raise KsmlensError("gcc not found (needed to build the mremap selftest)",
+                           "apt-get install gcc libc6-dev (./setup.sh does it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    r = subprocess.run([gcc, "-O2", "-Wall", "-static", "-o", str(tmp), str(src)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        first = next((l for l in r.stderr.splitlines() if "error" in l), r.stderr.strip())
+        raise KsmlensError(f"building the mremap selftest failed: {first}",
+                           "static linking needs libc6-dev")
+    tmp.rename(out)
+    return out
+
+
+@dataclasses.dataclass
+class MremapResult:
+    """``migrate.ksm_and_mremap`` on one kernel, beside ksmlens ``verify``
+    run on the same state (the merged page, held before the test migrates)."""
+    release: str
+    variant: str | None
+    outcome: str                 # pass / fail / skip
+    rc: int | None
+    output: list
+    merged: dict                 # start, pages, pfn, node, pid
+    verify: dict | None          # predicted / observed / agree for the test's page
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "pass"
+
+    def summary(self) -> str:
+        why = next((l.split("#", 1)[1].strip() for l in self.output
+                    if l.startswith("not ok") and "#" in l), "")
+        s = (f"{self.release}: migrate.ksm_and_mremap {self.outcome.upper()}"
+             + (f" ({why})" if why else ""))
+        v = self.verify
+        if v:
+            s += (f"; ksmlens verify on the same state: {v['mappings']} mappings, "
+                  f"{v['misses']} missed by rule {v['rule']!r}, predicted {v['predicted']}, "
+                  f"observed {v['observed']}: {'agree' if v['agree'] else 'DISAGREE'}")
+        return s
+
+
+def run_mremap_selftest(vm, *, with_verify: bool = True,
+                        timeout: float = 180.0) -> MremapResult:
+    """Run the project's ``migrate.ksm_and_mremap`` in ``vm`` (2 NUMA nodes):
+    32 pages, the upper half mremapped over the lower half, merged into one
+    KSM page, migrated. With ``with_verify``, the test holds after the merge
+    and :func:`ksmlens.verify.verify` predicts (paused snapshot) and
+    migrates that same page first; the test then migrates it itself."""
+    from .verify import verify
+    binary = mremap_selftest_binary()
+    argv = [str(binary), "--timeout", str(int(timeout * 2 / 3))]
+    if with_verify:
+        argv.append("--hold")
+    h = vm.request({"op": "spawn", "argv": argv, "env": {}})["handle"]
+    lines: list = []
+    merged: dict = {}
+    vres = None
+    rc = None
+    try:
+        deadline = time.monotonic() + timeout
+        pending = None
+        while True:
+            r = pending or vm.send(h, None, timeout=max(1.0, deadline - time.monotonic()))
+            pending = None
+            if r.get("eof"):
+                rc = r.get("rc")
+                break
+            if r.get("timed_out"):
+                raise KsmlensError(f"the mremap selftest gave no answer in {timeout:.0f} s",
+                                   "is ksmd running? see the guest's console log")
+            line = r["line"]
+            lines.append(line)
+            if line.startswith("merged "):
+                merged = {k: int(v, 0) for k, v in
+                          (kv.split("=", 1) for kv in line.split()[1:])}
+                res = verify(vm)
+                row = next((row for row in res.rows if row["kpfn"] == merged["pfn"]), None)
+                vres = {"release": res.release, "rule": res.rule, "agree_all": res.agree,
+                        "nodes": len(res.rows)}
+                if row:
+                    vres.update({k: row[k] for k in ("mappings", "misses", "predicted",
+                                                     "observed", "agree")})
+                else:
+                    vres.update({"mappings": 0, "misses": 0, "predicted": "absent",
+                                 "observed": "absent", "agree": False})
+                # The reply to "go" is the test's next line (or its end).
+                pending = vm.send(h, "go", timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        try:
+            vm.kill(h)
+        except KsmlensError:
+            pass
+    tap = parse_tap(lines)
+    outcome = ("fail" if tap["failed"] or rc not in (KSFT_PASS, KSFT_SKIP) else
+               "skip" if tap["skipped"] else "pass" if tap["passed"] else "fail")
+    st = vm.status()
+    return MremapResult(release=st.get("kernel_release", ""), variant=st.get("variant"),
+                        outcome=outcome, rc=rc, output=lines, merged=merged, verify=vres)

@@ -1,0 +1,122 @@
+"""The kernel's own KSM selftests as a peer suite, and the mremap selftest.
+
+``ksmlens selftests`` runs ``ksm_functional_tests`` and ``ksm_tests`` (built
+from Debian's linux-source-6.12) in a union guest and pauses it at random
+moments while they run: every paused walk must agree with the kernel's own
+counters read in that pause (or be a classified mid-update state), at least
+30 times per suite, and the kernel's tests themselves must pass.
+
+``migrate.ksm_and_mremap`` (the merged series' rmap.c test, written here from
+its description) must fail on v3 and pass on stock, union and v8, and
+``ksmlens verify`` on the same merged page must predict exactly that.
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ksmlens.selftests import (KSM_TESTS_MODES, SuiteResult, SelftestsResult, SelftestRun,
+                               PausedCheck, parse_tap, run_mremap_selftest)
+
+# A few ksm_tests modes keep CI short; `ksmlens selftests` runs all nine.
+TEST_MODES = ["merge", "numa0", "unmerge", "prctl"]
+SUMMARY = re.compile(
+    r"(?P<suite>ksm_functional_tests|ksm_tests) (?P<ok>ok|FAILED) \((?P<what>[^)]*)\), "
+    r"(?:(?P<agree>\d+) paused checks agree|(?P<total>\d+) paused checks: (?P<agree2>\d+) "
+    r"agree, (?P<disagree>\d+) DISAGREE)(?:, (?P<mid>\d+) mid-update \(classified\))?")
+
+
+def test_parse_tap_counts_kselftest_output():
+    lines = ["TAP version 13", "1..4", "# [RUN] test_unmerge", "ok 1 Pages were unmerged",
+             "ok 2 # SKIP PR_SET_MEMORY_MERGE not supported", "not ok 3 Merging memory failed",
+             "ok 4 Setting/clearing PR_SET_MEMORY_MERGE works",
+             "# Totals: pass:2 fail:1 xfail:0 xpass:0 skip:1 error:0"]
+    assert parse_tap(lines) == {"passed": 2, "failed": 1, "skipped": 1, "planned": 4}
+    # A run that ended before its plan is not ok even with exit code 0.
+    r = SelftestRun("ksm_functional_tests", None, [], 0, 2, 0, 0, 4, 1.0, [])
+    assert not r.ok
+
+
+def test_summary_line_shows_classified_states_apart():
+    runs = [SelftestRun("ksm_tests", m, [], 0, 1, 0, 0, 1, 1.0, []) for m in ("merge", "prctl")]
+    checks = ([PausedCheck("ksm_tests", "merge", 0.1, "agree")] * 31
+              + [PausedCheck("ksm_tests", "merge", 0.2, "mid-update")])
+    res = SelftestsResult("r", [SuiteResult("ksm_tests", runs, checks)], 30, 1.0)
+    assert res.ok
+    line = res.summary()
+    assert line == ("selftests: ksm_tests ok (2 modes: 2 pass), 31 paused checks agree, "
+                    "1 mid-update (classified)")
+    m = SUMMARY.search(line)
+    assert m and m["agree"] == "31" and m["mid"] == "1"
+    # One disagreement fails the whole run, and is not hidden.
+    checks.append(PausedCheck("ksm_tests", "prctl", 0.3, "disagree"))
+    assert not res.ok and "33 paused checks: 31 agree, 1 DISAGREE" in res.summary()
+    # Too few checks fail it too.
+    res2 = SelftestsResult("r", [SuiteResult("ksm_tests", runs, checks[:5])], 30, 1.0)
+    assert not res2.ok and "(fewer than 30)" in res2.summary()
+
+
+@pytest.mark.vm
+def test_selftests_on_union_agree_at_every_pause(lab):
+    vm = lab("union")
+    argv = [sys.executable, "-m", "ksmlens", "selftests", "--name", vm.name, "--json",
+            "--seed", "9"]
+    for m in TEST_MODES:
+        argv += ["--mode", m]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
+    print(p.stderr[-3000:])
+    doc = json.loads(p.stdout)
+    print(doc["summary"])
+    assert p.returncode == 0, doc["summary"]
+    found = {m["suite"]: m for m in SUMMARY.finditer(doc["summary"])}
+    assert set(found) == {"ksm_functional_tests", "ksm_tests"}, doc["summary"]
+    suites = {s["name"]: s for s in doc["suites"]}
+    for name, m in found.items():
+        s = suites[name]
+        assert m["ok"] == "ok" and m["disagree"] is None
+        assert int(m["agree"]) >= 30
+        # The summary's figures are the checks' own.
+        outcomes = [c["outcome"] for c in s["checks"]]
+        assert outcomes.count("agree") == int(m["agree"])
+        assert outcomes.count("mid-update") == int(m["mid"] or 0)
+        assert outcomes.count("disagree") == 0
+        # The pauses saw KSM at work, not an idle kernel: rmap_items and
+        # stable nodes were there to compare in some of them.
+        assert max(c["rmap_items"] for c in s["checks"]) > 0
+        assert max(c["stable_nodes"] for c in s["checks"]) > 0
+        # The kernel's own tests passed, every planned result reported.
+        for r in s["runs"]:
+            assert r["rc"] in (0, 4) and r["failed"] == 0, r["output"][-10:]
+            assert r["passed"] + r["skipped"] == r["planned"]
+    ft = suites["ksm_functional_tests"]["runs"][0]
+    assert ft["passed"] >= 8, ft["output"]      # 9 planned; uffd-wp may skip
+    modes = [r["mode"] for r in suites["ksm_tests"]["runs"]]
+    assert modes == TEST_MODES
+    # Two NUMA nodes: -N -m 0 really ran (a one-node guest would skip it).
+    numa = next(r for r in suites["ksm_tests"]["runs"] if r["mode"] == "numa0")
+    assert numa["passed"] == 1, numa["output"]
+    # The knobs are back as they were (the suites set their own).
+    assert vm.read_file("/sys/kernel/mm/ksm/merge_across_nodes").strip() == "1"
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("variant", ["union", "stock", "v8", "v3"])
+def test_mremap_selftest_fails_only_on_v3(lab, variant):
+    vm = lab(variant)
+    res = run_mremap_selftest(vm)
+    print("\n".join(res.output))
+    print(res.summary())
+    assert res.variant == variant
+    # The test's page: 16 mappings of one KSM page.
+    assert res.merged["pages"] == 16 and res.merged["pfn"] > 0
+    v = res.verify
+    assert v is not None and v["mappings"] == 16, v
+    want = "fail" if variant == "v3" else "pass"
+    assert res.outcome == want, res.output
+    # ksmlens predicted it from the paused walk, and the kernel agreed.
+    assert v["predicted"] == ("stays" if variant == "v3" else "moves"), v
+    assert v["misses"] == (16 if variant == "v3" else 0), v
+    assert v["agree"], v
