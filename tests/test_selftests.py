@@ -120,3 +120,8 @@ def test_mremap_selftest_fails_only_on_v3(lab, variant):
     assert v["predicted"] == ("stays" if variant == "v3" else "moves"), v
     assert v["misses"] == (16 if variant == "v3" else 0), v
     assert v["agree"], v
+
+
+def test_public_names_exist():
+    import ksmlens.selftests as mod
+    assert [n for n in mod.__all__ if not hasattr(mod, n)] == []
