@@ -613,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{k}: {' '.join(v)}" for k, v in KSM_TESTS_MODES.items()))
     st.add_argument("--min-checks", type=int, default=30, metavar="N",
                     help="agreeing paused checks each suite needs (default 30)")
-    st.add_argument("--gap", type=float, default=0.3, metavar="S",
-                    help="pause again after a uniform random 0..S seconds (default 0.3)")
+    st.add_argument("--gap", type=float, default=0.1, metavar="S",
+                    help="pause again after a uniform random 0..S seconds (default 0.1)")
     st.add_argument("--seed", type=int, help="seed the random pause moments")
     st.add_argument("--no-verify", action="store_true",
                     help="ksm_and_mremap without `ksmlens verify` beside it")

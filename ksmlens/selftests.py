@@ -284,6 +284,7 @@ class SelftestRun:
     planned: int | None
     seconds: float
     output: list
+    failed_tries: list = dataclasses.field(default_factory=list)  # earlier tries' output
 
     @property
     def ok(self) -> bool:
@@ -315,6 +316,10 @@ class SuiteResult:
         bad = [r for r in self.runs if not r.ok]
         if bad:
             what += "; failed: " + ", ".join(r.mode or f"rc {r.rc}" for r in bad)
+        again = [f"{r.mode or self.name} on try {len(r.failed_tries) + 1}"
+                 for r in self.runs if r.ok and r.failed_tries]
+        if again:
+            what += "; passed " + ", ".join(again)
         a, d, m = self.count("agree"), self.count("disagree"), self.count("mid-update")
         checks = f"{a} paused checks agree"
         if d:
@@ -358,14 +363,30 @@ class SelftestsResult:
 _TAP = re.compile(r"^(not ok|ok) \d+\b(.*)$")
 
 
+_TOTALS = re.compile(r"^# Totals: pass:(\d+) fail:(\d+) xfail:\d+ xpass:\d+ skip:(\d+)"
+                     r"(?: error:(\d+))?")
+
+
 def parse_tap(lines) -> dict:
     """Counts from kselftest TAP output: ``ok N``, ``ok N # SKIP``,
-    ``not ok N``, and the plan ``1..N``."""
+    ``not ok N``, and the plan ``1..N`` (the first one).
+
+    When the output has ``# Totals:`` lines (``ksft_print_cnts()``), the
+    last one wins: a child that falls through after a failed ``execv()`` (as
+    6.12's ``test_prctl_fork_exec`` does: its argv has no NULL terminator)
+    prints its own results and totals into the same pipe before the parent,
+    which waits for it, prints its own last."""
     out = {"passed": 0, "failed": 0, "skipped": 0, "planned": None}
+    totals = None
     for line in lines:
         m = re.match(r"^1\.\.(\d+)$", line.strip())
         if m:
-            out["planned"] = int(m.group(1))
+            if out["planned"] is None:
+                out["planned"] = int(m.group(1))
+            continue
+        m = _TOTALS.match(line.strip())
+        if m:
+            totals = m
             continue
         m = _TAP.match(line.strip())
         if not m:
@@ -376,6 +397,9 @@ def parse_tap(lines) -> dict:
             out["skipped"] += 1
         else:
             out["passed"] += 1
+    if totals:
+        out["passed"], out["failed"], out["skipped"] = (int(totals.group(i)) for i in (1, 2, 3))
+        out["failed"] += int(totals.group(4) or 0)
     return out
 
 
@@ -428,15 +452,27 @@ def _observe(vm, prog, suite: str, mode: str | None, argv: list, cwd: str, *, rn
 # Knobs for ksm_functional_tests: it only writes run (2 to unmerge, 1 to merge)
 # and waits for two full scans each time; scan fast so that it ends soon.
 FUNCTIONAL_KNOBS = {"advisor_mode": "none", "pages_to_scan": 1000, "sleep_millisecs": 10}
+# ksm_tests sets run, sleep_millisecs 0 and pages_to_scan itself, but not
+# smart_scan (6.7+, on by default): with it, -N -m 1 failed 8 of 20 runs in a
+# union guest without ksmlens pausing anything (the first page, alone for two
+# scans, has aged into SmartScan's skips when its twin arrives, so the two
+# full scans the test waits are not enough), 0 of 20 with smart_scan=0. LTP
+# turned SmartScan off for its KSM tests for the same reason (2023).
+KSM_TESTS_KNOBS = {"advisor_mode": "none", "smart_scan": 0}
 
 
 def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
-                  gap: tuple = (0.0, 0.3), seed: int | None = None,
-                  timeout: float = 600.0, out=None) -> SelftestsResult:
+                  gap: tuple = (0.0, 0.1), seed: int | None = None,
+                  timeout: float = 600.0, retries: int = 2, out=None) -> SelftestsResult:
     """Run the kernel's KSM selftests in ``vm`` and pause it at random
     moments (a uniform ``gap`` after each check) while they run, comparing
     the walk with the kernel each time. ``modes``: ksm_tests modes (keys of
-    :data:`KSM_TESTS_MODES`, default all). The guest's KSM knobs are put back
+    :data:`KSM_TESTS_MODES`, default all). A ksm_tests mode that fails is run
+    again up to ``retries`` times, and the summary says so: ``-U`` waits for
+    one full scan after its write, and a scan that had already passed its
+    pages can end first (``check_ksm_unmerge()``; 1 to 2 runs in 20 here,
+    without ksmlens pausing anything). ksm_tests runs with SmartScan off
+    (:data:`KSM_TESTS_KNOBS`). The guest's KSM knobs are put back
     afterwards; its merged pages are not (both suites unmerge all: run=2)."""
     from . import ksmsys
     from .attach import attach
@@ -465,19 +501,25 @@ def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
                 ksmsys.set_knobs(vm, **FUNCTIONAL_KNOBS)
                 runs = [(None, [f"./{s}"])]
             else:
+                ksmsys.set_knobs(vm, **KSM_TESTS_KNOBS)
                 runs = [(m, [f"./{s}", *KSM_TESTS_MODES[m]]) for m in modes]
             for mode, argv in runs:
-                r = _observe(vm, prog, s, mode, argv, cwd, rng=rng, gap=gap, timeout=timeout,
-                             checks=res.checks, log=log)
-                res.runs.append(r)
-                n = sum(1 for c in res.checks if c.mode == mode)
-                log(f"{s}{' ' + ' '.join(argv[1:]) if mode else ''}: "
-                    f"{'ok' if r.ok else 'FAILED'} (rc {r.rc}: {r.passed} pass, "
-                    f"{r.failed} fail, {r.skipped} skip) in {r.seconds:.1f} s, "
-                    f"{n} paused checks")
-                if not r.ok:
+                failed_tries = []
+                for attempt in range(1 + (retries if mode else 0)):
+                    r = _observe(vm, prog, s, mode, argv, cwd, rng=rng, gap=gap,
+                                 timeout=timeout, checks=res.checks, log=log)
+                    n = sum(1 for c in res.checks if c.mode == mode)
+                    log(f"{s}{' ' + ' '.join(argv[1:]) if mode else ''}: "
+                        f"{'ok' if r.ok else 'FAILED'} (rc {r.rc}: {r.passed} pass, "
+                        f"{r.failed} fail, {r.skipped} skip) in {r.seconds:.1f} s, "
+                        f"{n} paused checks so far")
+                    if r.ok:
+                        break
                     for line in r.output[-15:]:
                         log(f"  | {line}")
+                    failed_tries.append(r.output)
+                r.failed_tries = failed_tries if r.ok else failed_tries[:-1]
+                res.runs.append(r)
             # Both suites leave KSM as they set it: put the knobs back between them.
             _restore_knobs(vm, old)
     finally:
