@@ -588,7 +588,7 @@ class MremapResult:
         why = next((l.split("#", 1)[1].strip() for l in self.output
                     if l.startswith("not ok") and "#" in l), "")
         s = (f"{self.release}: migrate.ksm_and_mremap {self.outcome.upper()}"
-             + (f" ({why})" if why else ""))
+             + (f": {why}" if why else ""))
         v = self.verify
         if v:
             s += (f"; ksmlens verify on the same state: {v['mappings']} mappings, "

@@ -41,6 +41,7 @@
 #define KSFT_PASS 0
 #define KSFT_FAIL 1
 #define KSFT_SKIP 4
+#define STATUS_UNSET (-100000)
 
 static long psize;
 static char saved_run[16];
@@ -204,8 +205,8 @@ int main(int argc, char **argv)
 		       MREMAP_MAYMOVE | MREMAP_FIXED, base);
 	if (moved != base)
 		return finish(KSFT_FAIL, "mremap");
-	printf("# mremap: %d pages from %p to %p (vm_pgoff kept: %ld pages off)\n",
-	       HALF, (void *)(base + HALF * psize), (void *)moved, (long)HALF);
+	printf("# mremap: %d pages from %p over %p\n",
+	       HALF, (void *)(base + HALF * psize), (void *)moved);
 	if (madvise(moved, HALF * psize, MADV_MERGEABLE))
 		return finish(KSFT_FAIL, "MADV_MERGEABLE");
 	scans0 = read_long(KSM "full_scans");
@@ -247,14 +248,20 @@ int main(int argc, char **argv)
 		if (n != src && access(path, R_OK) == 0)
 			dst = n;
 	}
+	status = STATUS_UNSET;
 	ret = move_pages1(moved, &dst, &status, MPOL_MF_MOVE_ALL);
 	int err = errno;
+	char st[32];
 
+	if (status == STATUS_UNSET)
+		snprintf(st, sizeof(st), "not written");
+	else
+		snprintf(st, sizeof(st), "%d", status);
 	after = node_of(moved);
 	pfn_after = pfn_of(pagemap, moved);
-	printf("# move_pages(MPOL_MF_MOVE_ALL) to node %d: ret %ld%s%s, status %d; "
+	printf("# move_pages(MPOL_MF_MOVE_ALL) to node %d: ret %ld%s%s, status %s; "
 	       "now pfn 0x%llx on node %d\n", dst, ret, ret < 0 ? " " : "",
-	       ret < 0 ? strerror(err) : "", status, (unsigned long long)pfn_after, after);
+	       ret < 0 ? strerror(err) : "", st, (unsigned long long)pfn_after, after);
 	if (ret == 0 && status == dst && after == dst && pfn_after != pfn) {
 		uint64_t p2;
 
@@ -264,7 +271,7 @@ int main(int argc, char **argv)
 	}
 	char why[128];
 
-	snprintf(why, sizeof(why), "the KSM page stayed on node %d (move_pages ret %ld, "
-		 "status %d)", after, ret, status);
+	snprintf(why, sizeof(why), "the KSM page stayed on node %d: move_pages returned %ld, "
+		 "status %s", after, ret, st);
 	return finish(KSFT_FAIL, why);
 }
