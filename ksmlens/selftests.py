@@ -10,18 +10,20 @@ the source), runs them in a lab guest, and while they run pauses the guest at
 random moments and checks its walk against the kernel each time.
 
 A paused check compares what can be compared while the guest is stopped (the
-kernel cannot print sysfs then): the walk's own counts
-(:func:`ksmlens.check.walk_counts`: stable nodes holding a page, stable and
-unstable rmap_items, chains, dups) against the globals ``mm/ksm.c``'s
-``*_show()`` functions print (``ksm_pages_shared``, ..., read by drgn in the
-same pause); every mm slot's rmap_items and stable items against
-``mm->ksm_rmap_items`` / ``mm->ksm_merging_pages`` (what
+kernel cannot print sysfs then; ``ksmlens check`` reads sysfs around the
+pause and retries until it held still, which while these suites run takes
+seconds): the walk's own counts (:func:`ksmlens.check.walk_counts`) against
+the globals ``mm/ksm.c``'s ``*_show()`` functions print, read by drgn in the
+same pause; every mm slot's items, stable items and KSM zero pages against
+``mm->ksm_rmap_items`` / ``ksm_merging_pages`` / ``ksm_zero_pages`` (what
 ``proc_pid_ksm_stat()`` prints); every stable node's ``rmap_hlist_len``
-against the items on its list. A walk that finds the kernel mid-update
-(``take_snapshot`` reports "inconsistent KSM state while the guest was
-paused": ksmd unlinks an rmap_item from its mm's list before it takes it off
-its stable node, ``remove_node_from_stable_tree()`` clears STABLE_FLAG item by
-item) is counted as "mid-update (classified)", never as agreement.
+against its list and every KSM page's mapcount against the PTEs mapping it
+(:func:`ksmlens.check.page_checks`). Each pause is one observation: a walk
+that lands in a KSM update half done (ksmd unlinks an rmap_item from its
+mm's list before it takes it off its stable node;
+``remove_node_from_stable_tree()`` clears STABLE_FLAG item by item), which
+:func:`ksmlens.snapshot.take_snapshot` classifies with who was busy, is
+counted as "mid-update (classified)", never as agreement.
 
     res = run_selftests(vm)            # both suites, every ksm_tests mode
     print(res.summary()); assert res.ok
@@ -48,9 +50,9 @@ from . import kbuild
 from .errors import KsmlensError
 from .paths import cache_root, vm_data
 
-__all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
+__all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "replace_page_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
            "SelftestsResult", "paused_check", "run_selftests", "mremap_selftest_binary",
-           "MremapResult", "run_mremap_selftest", "MID_UPDATE"]
+           "MremapResult", "run_mremap_selftest"]
 
 SUITES = ("ksm_functional_tests", "ksm_tests")
 MREMAP_SUITE = "ksm_and_mremap"   # the project's own: vm/selftests/ksm-mremap-migrate.c
@@ -71,9 +73,6 @@ KSM_TESTS_MODES: dict[str, tuple[str, ...]] = {
     "prctl": ("-M", "-p", "10", "-t", "1"),      # check_ksm_merge, PR_SET_MEMORY_MERGE
 }
 KSFT_PASS, KSFT_FAIL, KSFT_SKIP = 0, 1, 4      # tools/testing/selftests/kselftest.h
-
-# The text take_snapshot() raises when a paused walk catches ksmd mid-update.
-MID_UPDATE = "inconsistent KSM state while the guest was paused"
 
 # Paths of the source tarball a selftests build needs (headers_install, the
 # selftests' own headers, include/vdso for ksm_tests.c).
@@ -215,21 +214,25 @@ class PausedCheck:
     mismatches: list = dataclasses.field(default_factory=list)
     detail: str = ""
     ksmd: dict | None = None
+    evidence: dict | None = None
 
 
 def compare_paused(snap) -> list:
     """Rows (:class:`ksmlens.check.Row`, ``kernel`` = the value the kernel
     holds, read by drgn in the same pause) of everything a paused walk can be
-    compared with: the globals sysfs prints, each mm slot's
-    ``mm->ksm_rmap_items`` / ``ksm_merging_pages`` (what
-    ``proc_pid_ksm_stat()`` prints), and each stable node's
-    ``rmap_hlist_len``."""
-    from .check import Row, walk_counts
+    compared with: the globals sysfs prints (``*_show()`` in mm/ksm.c, with
+    ``ksm_zero_pages`` decoded from the page tables and ``general_profit``),
+    each mm slot's ``mm->ksm_rmap_items`` / ``ksm_merging_pages`` /
+    ``ksm_zero_pages`` (what ``proc_pid_ksm_stat()`` prints), and
+    :func:`ksmlens.check.page_checks` (each stable node's ``rmap_hlist_len``
+    against its list, each KSM page's mapcount against the PTEs mapping it)."""
+    from .check import Row, page_checks, walk_counts
     w = walk_counts(snap)
     g = snap.counters
     rows = [Row(k, w[k], g.get(k), None)
-            for k in ("pages_shared", "pages_sharing", "pages_unshared",
-                      "stable_node_chains", "stable_node_dups")]
+            for k in ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
+                      "stable_node_dups", "ksm_zero_pages", "general_profit")
+            if k in w and k in g]
     rows.append(Row("ksm_rmap_items", w["rmap_items"], g.get("rmap_items"), None))
     items = {i.id: i for i in snap.rmap_items}
     for slot in snap.mm_slots:
@@ -239,34 +242,136 @@ def compare_paused(snap) -> list:
         rows.append(Row(f"{label} ksm_merging_pages",
                         sum(1 for i in mine if i.state == "stable"),
                         slot.mm_ksm_merging_pages, None))
-    for n in snap.stable_nodes:
-        if n.kind in ("regular", "dup") and n.rmap_hlist_len != len(n.items):
-            rows.append(Row(f"node {n.id} rmap_hlist_len", len(n.items), n.rmap_hlist_len,
-                            None))
-    nodes = sum(1 for n in snap.stable_nodes if n.kind in ("regular", "dup"))
-    rows.append(Row("stable nodes walked", nodes, nodes, None))
+        if slot.ksm_zero_pages is not None and slot.mm_ksm_zero_pages is not None:
+            rows.append(Row(f"{label} ksm_zero_pages", slot.ksm_zero_pages,
+                            slot.mm_ksm_zero_pages, None))
+    rows += page_checks(snap)
     return rows
 
 
 def paused_check(prog, vm, suite: str = "", mode: str | None = None,
                  at: float = 0.0) -> PausedCheck:
-    """Pause ``vm``, walk it, compare (see :func:`compare_paused`)."""
+    """Pause ``vm`` once, walk it, compare (see :func:`compare_paused`).
+
+    One pause, no retry (``take_snapshot(retries=1)``): a walk that lands in
+    a KSM update half done (``meta["mid_update"]``, classified by
+    :func:`ksmlens.snapshot.take_snapshot` with who was busy) is a
+    ``mid-update`` check, its counts not compared."""
     from .snapshot import take_snapshot
-    try:
-        snap = take_snapshot(prog, mode="consistent", vm=vm)
-    except KsmlensError as e:
-        if MID_UPDATE in str(e):
-            return PausedCheck(suite, mode, round(at, 2), "mid-update", detail=e.cause)
-        raise
+    snap = take_snapshot(prog, mode="consistent", vm=vm, retries=1)
+    common = dict(paused_seconds=snap.meta.get("paused_seconds", 0.0),
+                  rmap_items=len(snap.rmap_items), stable_nodes=len(snap.stable_nodes),
+                  ksmd=snap.meta.get("ksmd"))
+    mid = snap.meta.get("mid_update")
+    if mid:
+        what = "; ".join(f"{k} x{v}" for k, v in (mid.get("what") or {}).items())
+        busy = ", ".join(mid.get("busy") or [])
+        return PausedCheck(suite, mode, round(at, 2), "mid-update",
+                           detail=f"{what} (busy: {busy})", **common)
     rows = compare_paused(snap)
     bad = [r for r in rows if not r.ok]
+    evidence = _mapcount_evidence(snap) if bad else None
+    mism = [{"what": r.what, "walk": r.walk, "kernel": r.kernel} for r in bad]
+    why = (replace_page_window(snap, bad) or exit_mmap_window(snap, bad)) if bad else None
+    if why:
+        return PausedCheck(suite, mode, round(at, 2), "mid-update", rows=len(rows),
+                           detail=why, evidence=evidence, mismatches=mism, **common)
     return PausedCheck(suite, mode, round(at, 2), "disagree" if bad else "agree",
-                       paused_seconds=snap.meta.get("paused_seconds", 0.0),
-                       rmap_items=len(snap.rmap_items), stable_nodes=len(snap.stable_nodes),
-                       rows=len(rows),
-                       mismatches=[{"what": r.what, "walk": r.walk, "kernel": r.kernel}
-                                   for r in bad],
-                       ksmd=snap.meta.get("ksmd"))
+                       rows=len(rows), evidence=evidence, mismatches=mism, **common)
+
+
+def exit_mmap_window(snap, bad_rows) -> str | None:
+    """Are the only mismatches KSM pages still mapped by an mm in
+    ``exit_mmap()``? Once ``mm_users`` is 0 the walk reads no PTEs of that
+    mm, but ``unmap_vmas()`` zaps them (and drops each page's mapcount) one
+    by one until ``free_pgtables()``: a paused walk can see a page's
+    mapcount ahead of the PTEs it read by up to the exiting mm's rmap_items
+    on that page's node. Returns what was seen, or None."""
+    if {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return None
+    exiting = {sl.mm for sl in snap.mm_slots if sl.mm_users == 0}
+    if not exiting:
+        return None
+    items = {i.id: i for i in snap.rmap_items}
+    off = [n for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    for n in off:
+        gone = sum(1 for i in n.items if i in items and items[i].mm in exiting)
+        if not 0 < n.mapcount - n.ptes <= gone:
+            return None
+    pids = sorted({sl.pid for sl in snap.mm_slots if sl.mm in exiting and sl.pid is not None})
+    return (f"exit_mmap() in progress ({len(exiting)} mm(s) with mm_users 0"
+            + (f", pid {', '.join(map(str, pids))}" if pids else "")
+            + f"): {len(off)} KSM page(s) still count "
+            f"{sum(n.mapcount - n.ptes for n in off)} mapping(s) of it not yet zapped")
+
+
+def replace_page_window(snap, bad_rows) -> str | None:
+    """Is every mismatch one mapping that ksmd is installing right now?
+
+    ``cmp_and_merge_page()`` takes its rmap_item off the trees
+    (``remove_rmap_item_from_tree()``: state none), then ``replace_page()``
+    (mm/ksm.c) counts the new mapping first, ``folio_add_anon_rmap_pte()``
+    on the KSM page (or ``ksm_map_zero_page()``: ``ksm_zero_pages`` and
+    ``mm->ksm_zero_pages`` for the zero page), and only then
+    ``ptep_clear_flush()`` (a TLB flush IPI, long under TCG) and
+    ``set_pte_at()`` install the PTE. A pause in between sees the kernel's
+    count one ahead of the page tables at exactly ksmd's scan cursor
+    (``ksm_scan.rmap_list`` is the address of the item being merged). Returns
+    what was seen, or None if the mismatch is anything else."""
+    ksmd = snap.meta.get("ksmd") or {}
+    if ksmd.get("idle") is not False:
+        return None
+    items = {i.id: i for i in snap.rmap_items}
+    cur = items.get(snap.scan.get("rmap_list") or "")
+    if cur is None or cur.state != "none":
+        return None
+    slot = next((sl for sl in snap.mm_slots if sl.mm == cur.mm), None)
+    label = None if slot is None else (f"pid {slot.pid}" if slot.pid is not None
+                                       else f"mm {slot.mm}")
+    page = 1 << snap.kernel.page_shift
+    what = {r.what: r for r in bad_rows}
+    if set(what) == {"KSM pages: PTEs vs mapcount"}:
+        r = what["KSM pages: PTEs vs mapcount"]
+        off = [n for n in snap.stable_nodes
+               if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+               and n.mapcount is not None and n.ptes != n.mapcount]
+        if (r.kernel == r.walk + 1 and len(off) == 1 and off[0].mapcount == off[0].ptes + 1
+                and cur.pfn != off[0].kpfn and cur.stable_node != off[0].id):
+            return (f"ksmd in replace_page(): {label} {cur.address:#x} counted in the mapcount "
+                    f"of KSM page {off[0].kpfn:#x} (node {off[0].id}), its PTE "
+                    f"{cur.pte} not yet set")
+        return None
+    zero = {"ksm_zero_pages", "general_profit", f"{label} ksm_zero_pages"}
+    if label and set(what) <= zero and "ksm_zero_pages" in what and cur.pte != "ksm_zero":
+        z, pz = what["ksm_zero_pages"], what.get(f"{label} ksm_zero_pages")
+        gp = what.get("general_profit")
+        if (z.kernel == z.walk + 1 and pz is not None and pz.kernel == pz.walk + 1
+                and (gp is None or gp.kernel == gp.walk + page)):
+            return (f"ksmd in replace_page(): {label} {cur.address:#x} counted as a KSM zero "
+                    f"page (ksm_map_zero_page()), its PTE {cur.pte} not yet the zero page")
+    return None
+
+
+def _mapcount_evidence(snap) -> dict:
+    """What the walk saw around a mapcount/PTE mismatch: the KSM pages whose
+    folio mapcount differs from the PTEs mapping them, and ksmd's scan
+    cursor (``ksm_scan.rmap_list`` points at the ``rmap_list`` field, offset
+    0, of the rmap_item ``cmp_and_merge_page()`` works on)."""
+    off = [{"node": n.id, "kpfn": n.kpfn, "mapcount": n.mapcount, "ptes": n.ptes,
+            "items": len(n.items)}
+           for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    cur = None
+    items = {i.id: i for i in snap.rmap_items}
+    it = items.get(snap.scan.get("rmap_list") or "")
+    if it is not None:
+        cur = {"item": it.id, "pid": it.pid, "address": it.address, "state": it.state,
+               "stable_node": it.stable_node, "pte": it.pte, "pfn": it.pfn,
+               "page_ksm": it.page_ksm}
+    return {"nodes": off, "cursor": cur, "ksmd": snap.meta.get("ksmd")}
 
 
 # ------------------------------------------------------------------ running
@@ -297,6 +402,7 @@ class SuiteResult:
     name: str
     runs: list
     checks: list
+    rounds: int = 0
 
     def count(self, outcome: str) -> int:
         return sum(1 for c in self.checks if c.outcome == outcome)
@@ -312,7 +418,9 @@ class SuiteResult:
         what = ", ".join(x for x in (f"{p} pass", f"{f} fail" if f else "",
                                      f"{s} skip" if s else "") if x)
         if self.name == "ksm_tests":
-            what = f"{len(self.runs)} modes: {what}"
+            what = f"{len(self.runs) // max(self.rounds, 1)} modes: {what}"
+        if self.rounds > 1:
+            what = f"{self.rounds} rounds, {what}"
         bad = [r for r in self.runs if not r.ok]
         if bad:
             what += "; failed: " + ", ".join(r.mode or f"rc {r.rc}" for r in bad)
@@ -463,7 +571,8 @@ KSM_TESTS_KNOBS = {"advisor_mode": "none", "smart_scan": 0}
 
 def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
                   gap: tuple = (0.0, 0.1), seed: int | None = None,
-                  timeout: float = 600.0, retries: int = 2, out=None) -> SelftestsResult:
+                  timeout: float = 600.0, retries: int = 2, max_rounds: int = 4,
+                  out=None) -> SelftestsResult:
     """Run the kernel's KSM selftests in ``vm`` and pause it at random
     moments (a uniform ``gap`` after each check) while they run, comparing
     the walk with the kernel each time. ``modes``: ksm_tests modes (keys of
@@ -472,7 +581,9 @@ def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
     one full scan after its write, and a scan that had already passed its
     pages can end first (``check_ksm_unmerge()``; 1 to 2 runs in 20 here,
     without ksmlens pausing anything). ksm_tests runs with SmartScan off
-    (:data:`KSM_TESTS_KNOBS`). The guest's KSM knobs are put back
+    (:data:`KSM_TESTS_KNOBS`). A suite that ended with fewer than
+    ``min_checks`` agreeing checks runs again, up to ``max_rounds`` times
+    (the summary says how many rounds). The guest's KSM knobs are put back
     afterwards; its merged pages are not (both suites unmerge all: run=2)."""
     from . import ksmsys
     from .attach import attach
@@ -503,23 +614,31 @@ def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
             else:
                 ksmsys.set_knobs(vm, **KSM_TESTS_KNOBS)
                 runs = [(m, [f"./{s}", *KSM_TESTS_MODES[m]]) for m in modes]
-            for mode, argv in runs:
-                failed_tries = []
-                for attempt in range(1 + (retries if mode else 0)):
-                    r = _observe(vm, prog, s, mode, argv, cwd, rng=rng, gap=gap,
-                                 timeout=timeout, checks=res.checks, log=log)
-                    n = sum(1 for c in res.checks if c.mode == mode)
-                    log(f"{s}{' ' + ' '.join(argv[1:]) if mode else ''}: "
-                        f"{'ok' if r.ok else 'FAILED'} (rc {r.rc}: {r.passed} pass, "
-                        f"{r.failed} fail, {r.skipped} skip) in {r.seconds:.1f} s, "
-                        f"{n} paused checks so far")
-                    if r.ok:
-                        break
-                    for line in r.output[-15:]:
-                        log(f"  | {line}")
-                    failed_tries.append(r.output)
-                r.failed_tries = failed_tries if r.ok else failed_tries[:-1]
-                res.runs.append(r)
+            while True:
+                res.rounds += 1
+                for mode, argv in runs:
+                    failed_tries = []
+                    for attempt in range(1 + (retries if mode else 0)):
+                        r = _observe(vm, prog, s, mode, argv, cwd, rng=rng, gap=gap,
+                                     timeout=timeout, checks=res.checks, log=log)
+                        log(f"{s}{' ' + ' '.join(argv[1:]) if mode else ''}: "
+                            f"{'ok' if r.ok else 'FAILED'} (rc {r.rc}: {r.passed} pass, "
+                            f"{r.failed} fail, {r.skipped} skip) in {r.seconds:.1f} s, "
+                            f"{len(res.checks)} paused checks so far")
+                        if r.ok:
+                            break
+                        for line in r.output[-15:]:
+                            log(f"  | {line}")
+                        failed_tries.append(r.output)
+                    r.failed_tries = failed_tries if r.ok else failed_tries[:-1]
+                    res.runs.append(r)
+                # A suite that ended before it was paused min_checks times runs
+                # again (a short run is not a reason to look less).
+                if (res.count("agree") >= min_checks or res.rounds >= max_rounds
+                        or not res.ok or res.count("disagree")):
+                    break
+                log(f"{s}: {res.count('agree')} agreeing paused checks in round "
+                    f"{res.rounds}, fewer than {min_checks}: once more")
             # Both suites leave KSM as they set it: put the knobs back between them.
             _restore_knobs(vm, old)
     finally:
