@@ -21,8 +21,6 @@ import pytest
 from ksmlens.selftests import (KSM_TESTS_MODES, SuiteResult, SelftestsResult, SelftestRun,
                                PausedCheck, parse_tap, run_mremap_selftest)
 
-# A few ksm_tests modes keep CI short; `ksmlens selftests` runs all nine.
-TEST_MODES = ["merge", "numa0", "unmerge", "prctl"]
 SUMMARY = re.compile(
     r"(?P<suite>ksm_functional_tests|ksm_tests) (?P<ok>ok|FAILED) \((?P<what>[^)]*)\), "
     r"(?:(?P<agree>\d+) paused checks agree|(?P<total>\d+) paused checks: (?P<agree2>\d+) "
@@ -62,10 +60,9 @@ def test_summary_line_shows_classified_states_apart():
 @pytest.mark.vm
 def test_selftests_on_union_agree_at_every_pause(lab):
     vm = lab("union")
+    # Every ksm_tests mode: both suites take well under a minute of guest time.
     argv = [sys.executable, "-m", "ksmlens", "selftests", "--name", vm.name, "--json",
             "--seed", "9"]
-    for m in TEST_MODES:
-        argv += ["--mode", m]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
     print(p.stderr[-3000:])
     doc = json.loads(p.stdout)
@@ -83,6 +80,10 @@ def test_selftests_on_union_agree_at_every_pause(lab):
         assert outcomes.count("agree") == int(m["agree"])
         assert outcomes.count("mid-update") == int(m["mid"] or 0)
         assert outcomes.count("disagree") == 0
+        # A classified state says what it saw, with the kernel's numbers.
+        for c in s["checks"]:
+            if c["outcome"] == "mid-update":
+                assert c["detail"], c
         # The pauses saw KSM at work, not an idle kernel: rmap_items and
         # stable nodes were there to compare in some of them.
         assert max(c["rmap_items"] for c in s["checks"]) > 0
@@ -94,7 +95,7 @@ def test_selftests_on_union_agree_at_every_pause(lab):
     ft = suites["ksm_functional_tests"]["runs"][0]
     assert ft["passed"] >= 8, ft["output"]      # 9 planned; uffd-wp may skip
     modes = [r["mode"] for r in suites["ksm_tests"]["runs"]]
-    assert modes == TEST_MODES
+    assert modes[:len(KSM_TESTS_MODES)] == list(KSM_TESTS_MODES)
     # Two NUMA nodes: -N -m 0 really ran (a one-node guest would skip it).
     numa = next(r for r in suites["ksm_tests"]["runs"] if r["mode"] == "numa0")
     assert numa["passed"] == 1, numa["output"]
@@ -125,3 +126,68 @@ def test_mremap_selftest_fails_only_on_v3(lab, variant):
 def test_public_names_exist():
     import ksmlens.selftests as mod
     assert [n for n in mod.__all__ if not hasattr(mod, n)] == []
+
+
+def _replace_page_state():
+    """16 mappings of one KSM page plus ksmd's cursor on a 17th page whose
+    PTE it has cleared: the mapcount already counts it (as seen on guests)."""
+    from smallsnap import item, node, snapshot
+    vma = (0x7f0000000000, 0x7f0000020000, 0x7f0000000)
+    merged = [item(7, 0x7f0000000000 + k * 4096, vma=vma, node="0xn1") for k in range(16)]
+    cur = item(7, 0x7f0000010000, state="none", vma=vma)
+    cur.pte = "none"
+    n = node("0xn1", merged, kpfn=0x4242)
+    n.page_is_ksm, n.mapcount, n.ptes = True, 17, 16
+    snap = snapshot(merged + [cur], [n])
+    snap.scan["rmap_list"] = cur.id
+    snap.meta["ksmd"] = {"pid": 35, "state": 0, "in_scan": None, "idle": False}
+    for sl in snap.mm_slots:
+        sl.mm_ksm_rmap_items, sl.mm_ksm_merging_pages = 17, 16
+    snap.counters.update(pages_sharing=15, pages_unshared=0, stable_node_chains=0,
+                         stable_node_dups=0, rmap_items=17)
+    return snap, n, cur
+
+
+def test_replace_page_window_is_classified_only_with_its_evidence():
+    from ksmlens.selftests import compare_paused, exit_mmap_window, replace_page_window
+    snap, n, cur = _replace_page_state()
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    assert [r.what for r in bad] == ["KSM pages: PTEs vs mapcount"]
+    why = replace_page_window(snap, bad)
+    assert why and "replace_page()" in why and "0x4242" in why
+    assert exit_mmap_window(snap, bad) is None          # no exiting mm
+    # ksmd idle: nobody is installing a PTE, so it is a real disagreement.
+    snap.meta["ksmd"]["idle"] = True
+    assert replace_page_window(snap, bad) is None
+    snap.meta["ksmd"]["idle"] = False
+    # Two mappings missing is not one replace_page().
+    n.mapcount = 18
+    bad2 = [r for r in compare_paused(snap) if not r.ok]
+    assert replace_page_window(snap, bad2) is None
+    n.mapcount = 17
+    # The cursor's PTE already maps the KSM page: the window is over.
+    cur.pte, cur.pfn = "present", 0x4242
+    assert replace_page_window(snap, bad) is None
+    cur.pte, cur.pfn = "none", None
+    # The cursor is not the item being merged (still in a tree).
+    cur.state = "unstable"
+    assert replace_page_window(snap, bad) is None
+    cur.state = "none"
+    # Any other mismatch alongside: not classified.
+    from ksmlens.check import Row
+    assert replace_page_window(snap, bad + [Row("pages_shared", 1, 2, None)]) is None
+
+
+def test_exit_mmap_window_needs_an_exiting_mm_on_the_page():
+    from ksmlens.selftests import compare_paused, exit_mmap_window
+    snap, n, cur = _replace_page_state()
+    snap.meta["ksmd"]["idle"] = True
+    n.mapcount, n.ptes = 16, 14        # two PTEs of pid 7 already zapped... or not read
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    assert exit_mmap_window(snap, bad) is None        # pid 7's mm is alive
+    snap.mm_slots[0].mm_users = 0
+    why = exit_mmap_window(snap, bad)
+    assert why and "exit_mmap()" in why and "2 mapping" in why
+    n.mapcount = 40                    # more than its items in the exiting mm
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    assert exit_mmap_window(snap, bad) is None
