@@ -50,7 +50,8 @@ from . import kbuild
 from .errors import KsmlensError
 from .paths import cache_root, vm_data
 
-__all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "replace_page_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
+__all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "classify", "on_cpu", "replace_page_window", "rmap_list_window",
+           "pte_update_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
            "SelftestsResult", "paused_check", "run_selftests", "mremap_selftest_binary",
            "MremapResult", "run_mremap_selftest"]
 
@@ -215,6 +216,7 @@ class PausedCheck:
     detail: str = ""
     ksmd: dict | None = None
     evidence: dict | None = None
+    on_cpu: list | None = None     # the task each CPU ran (idle left out)
 
 
 def compare_paused(snap) -> list:
@@ -249,6 +251,25 @@ def compare_paused(snap) -> list:
     return rows
 
 
+def on_cpu(prog) -> list[dict]:
+    """The task each online CPU runs (``cpu_curr()``), idle tasks left out:
+    drgn cannot unwind a running task, but its mm says which pages it can
+    be changing."""
+    from drgn.helpers.linux.cpumask import for_each_online_cpu
+    from drgn.helpers.linux.sched import cpu_curr
+    out = []
+    for cpu in for_each_online_cpu(prog):
+        t = cpu_curr(prog, cpu)
+        tid = t.pid.value_()
+        if tid == 0:
+            continue
+        mm = t.mm.value_()
+        out.append({"cpu": cpu, "pid": t.tgid.value_(), "tid": tid,
+                    "comm": t.comm.string_().decode(errors="replace"),
+                    "mm": f"0x{mm:x}" if mm else None})
+    return out
+
+
 def paused_check(prog, vm, suite: str = "", mode: str | None = None,
                  at: float = 0.0) -> PausedCheck:
     """Pause ``vm`` once, walk it, compare (see :func:`compare_paused`).
@@ -256,12 +277,25 @@ def paused_check(prog, vm, suite: str = "", mode: str | None = None,
     One pause, no retry (``take_snapshot(retries=1)``): a walk that lands in
     a KSM update half done (``meta["mid_update"]``, classified by
     :func:`ksmlens.snapshot.take_snapshot` with who was busy) is a
-    ``mid-update`` check, its counts not compared."""
+    ``mid-update`` check, its counts not compared. The guest is stopped
+    first to record which task each CPU runs (:func:`on_cpu`), then walked
+    in the same pause (``take_snapshot``'s own stop is a no-op then; it
+    resumes the guest); mismatches that one of those tasks, or ksmd, is
+    visibly in the middle of are classified too (:func:`classify`)."""
     from .snapshot import take_snapshot
-    snap = take_snapshot(prog, mode="consistent", vm=vm, retries=1)
+    q = vm.qmp(timeout=30)
+    try:
+        q.stop()
+        try:
+            cpus = on_cpu(prog)
+            snap = take_snapshot(prog, mode="consistent", vm=vm, retries=1)
+        finally:
+            q.cont()            # take_snapshot resumed it already; harmless, and sure
+    finally:
+        q.close()
     common = dict(paused_seconds=snap.meta.get("paused_seconds", 0.0),
                   rmap_items=len(snap.rmap_items), stable_nodes=len(snap.stable_nodes),
-                  ksmd=snap.meta.get("ksmd"))
+                  ksmd=snap.meta.get("ksmd"), on_cpu=cpus)
     mid = snap.meta.get("mid_update")
     if mid:
         what = "; ".join(f"{k} x{v}" for k, v in (mid.get("what") or {}).items())
@@ -272,12 +306,89 @@ def paused_check(prog, vm, suite: str = "", mode: str | None = None,
     bad = [r for r in rows if not r.ok]
     evidence = _mapcount_evidence(snap) if bad else None
     mism = [{"what": r.what, "walk": r.walk, "kernel": r.kernel} for r in bad]
-    why = (replace_page_window(snap, bad) or exit_mmap_window(snap, bad)) if bad else None
+    why = classify(snap, bad, cpus) if bad else None
     if why:
         return PausedCheck(suite, mode, round(at, 2), "mid-update", rows=len(rows),
                            detail=why, evidence=evidence, mismatches=mism, **common)
     return PausedCheck(suite, mode, round(at, 2), "disagree" if bad else "agree",
                        rows=len(rows), evidence=evidence, mismatches=mism, **common)
+
+
+def classify(snap, bad_rows, cpus=None) -> str | None:
+    """What half-done update explains every mismatch of a paused check, or
+    None: :func:`replace_page_window`, :func:`rmap_list_window`,
+    :func:`pte_update_window`, :func:`exit_mmap_window`."""
+    return (replace_page_window(snap, bad_rows, cpus) or rmap_list_window(snap, bad_rows, cpus)
+            or pte_update_window(snap, bad_rows, cpus) or exit_mmap_window(snap, bad_rows))
+
+
+def _ksmd_on_cpu(snap, cpus) -> bool:
+    """ksmd is running: on a CPU (when that is known), else at least not idle."""
+    ksmd = snap.meta.get("ksmd") or {}
+    if ksmd.get("idle") is not False:
+        return False
+    if cpus is None:
+        return True
+    return any(c["tid"] == ksmd.get("pid") for c in cpus)
+
+
+def rmap_list_window(snap, bad_rows, cpus=None) -> str | None:
+    """ksmd between counting an rmap_item and linking it (or unlinking it
+    and uncounting it) at its scan cursor's mm: ``get_next_rmap_item()``
+    counts a new item (``alloc_rmap_item()``: ``ksm_rmap_items``;
+    ``mm->ksm_rmap_items``) before ``*rmap_list = rmap_item``;
+    ``remove_trailing_rmap_items()`` unlinks before ``free_rmap_item()``
+    uncounts. One item of the mm at ``ksm_scan.mm_slot``, nothing else."""
+    ksmd = snap.meta.get("ksmd") or {}
+    if not (_ksmd_on_cpu(snap, cpus) or ksmd.get("in_scan")):
+        return None
+    slot = next((sl for sl in snap.mm_slots if sl.id == snap.scan.get("mm_slot")), None)
+    if slot is None:
+        return None
+    label = f"pid {slot.pid}" if slot.pid is not None else f"mm {slot.mm}"
+    what = {r.what: r for r in bad_rows}
+    if not ({"ksm_rmap_items", f"{label} ksm_rmap_items"} <= set(what)
+            <= {"ksm_rmap_items", f"{label} ksm_rmap_items", "general_profit"}):
+        return None
+    g, m = what["ksm_rmap_items"], what[f"{label} ksm_rmap_items"]
+    gp = what.get("general_profit")
+    if not (g.kernel == g.walk + 1 and m.kernel == m.walk + 1
+            and (gp is None or gp.kernel == gp.walk - snap.kernel.rmap_item_size)):
+        return None
+    return (f"ksmd at {label}'s rmap_list (its scan cursor's mm): an rmap_item counted "
+            "(ksm_rmap_items, mm->ksm_rmap_items) but not linked in, or unlinked and not "
+            "yet uncounted (get_next_rmap_item(), remove_trailing_rmap_items())")
+
+
+def pte_update_window(snap, bad_rows, cpus=None) -> str | None:
+    """A task on a CPU whose mm maps a KSM page is changing one of its PTEs:
+    a COW break (``wp_page_copy()`` replaces the PTE, then
+    ``folio_remove_rmap_pte()`` on the KSM page), a zap, or a fork's copy
+    (``folio_try_dup_anon_rmap_pte()`` before ``set_ptes()``). A page's
+    mapcount can then be ahead of its PTEs by at most the number of such
+    tasks. Needs :func:`on_cpu`."""
+    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return None
+    running = {c["mm"]: c for c in cpus if c["mm"]}
+    items = {i.id: i for i in snap.rmap_items}
+    off = [n for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    if not off:
+        return None
+    who = set()
+    for n in off:
+        mms = {items[i].mm for i in n.items if i in items} & set(running)
+        if not 0 < n.mapcount - n.ptes <= len(mms):
+            return None
+        who |= mms
+    ahead = sum(n.mapcount - n.ptes for n in off)
+    if ahead > len(who):
+        return None
+    tasks = ", ".join(f"pid {running[m]['pid']} ({running[m]['comm']})" for m in sorted(who))
+    return (f"{tasks} on a CPU, its mm mapping {len(off)} KSM page(s) whose mapcount is "
+            f"{ahead} ahead of the PTEs: a PTE changed (COW break, zap or fork copy) before "
+            "the page's mapcount")
 
 
 def exit_mmap_window(snap, bad_rows) -> str | None:
@@ -307,7 +418,7 @@ def exit_mmap_window(snap, bad_rows) -> str | None:
             f"{sum(n.mapcount - n.ptes for n in off)} mapping(s) of it not yet zapped")
 
 
-def replace_page_window(snap, bad_rows) -> str | None:
+def replace_page_window(snap, bad_rows, cpus=None) -> str | None:
     """Is every mismatch one mapping that ksmd is installing right now?
 
     ``cmp_and_merge_page()`` takes its rmap_item off the trees
@@ -320,8 +431,7 @@ def replace_page_window(snap, bad_rows) -> str | None:
     count one ahead of the page tables at exactly ksmd's scan cursor
     (``ksm_scan.rmap_list`` is the address of the item being merged). Returns
     what was seen, or None if the mismatch is anything else."""
-    ksmd = snap.meta.get("ksmd") or {}
-    if ksmd.get("idle") is not False:
+    if not _ksmd_on_cpu(snap, cpus):       # it holds the PTE lock: on a CPU
         return None
     items = {i.id: i for i in snap.rmap_items}
     cur = items.get(snap.scan.get("rmap_list") or "")

@@ -191,3 +191,39 @@ def test_exit_mmap_window_needs_an_exiting_mm_on_the_page():
     n.mapcount = 40                    # more than its items in the exiting mm
     bad = [r for r in compare_paused(snap) if not r.ok]
     assert exit_mmap_window(snap, bad) is None
+
+
+def test_rmap_list_window_is_one_item_at_the_cursor_mm():
+    from ksmlens.check import Row
+    from ksmlens.selftests import rmap_list_window
+    snap, n, cur = _replace_page_state()
+    slot = snap.mm_slots[0]
+    snap.scan["mm_slot"] = slot.id
+    bad = [Row("ksm_rmap_items", 17, 18, None), Row("pid 7 ksm_rmap_items", 17, 18, None),
+           Row("general_profit", 1000, 936, None)]
+    ksmd_cpu = [{"cpu": 1, "pid": 35, "tid": 35, "comm": "ksmd", "mm": None}]
+    assert "get_next_rmap_item()" in rmap_list_window(snap, bad, ksmd_cpu)
+    assert rmap_list_window(snap, bad, []) is None               # ksmd not on a CPU
+    snap.scan["mm_slot"] = "0xother"                             # another mm's list
+    assert rmap_list_window(snap, bad, ksmd_cpu) is None
+    snap.scan["mm_slot"] = slot.id
+    two = [Row("ksm_rmap_items", 17, 19, None), Row("pid 7 ksm_rmap_items", 17, 19, None)]
+    assert rmap_list_window(snap, two, ksmd_cpu) is None         # two items
+
+
+def test_pte_update_window_needs_a_running_task_of_a_mapping_mm():
+    from ksmlens.selftests import compare_paused, pte_update_window
+    snap, n, cur = _replace_page_state()
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    writer = [{"cpu": 0, "pid": 7, "tid": 7, "comm": "ksm_tests", "mm": n_mm(snap)}]
+    assert "COW break" in pte_update_window(snap, bad, writer)
+    assert pte_update_window(snap, bad, []) is None
+    other = [{"cpu": 0, "pid": 8, "tid": 8, "comm": "sh", "mm": "0xmm8"}]
+    assert pte_update_window(snap, bad, other) is None           # not a mapping mm
+    n.mapcount = 18                                              # two ahead, one task
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    assert pte_update_window(snap, bad, writer) is None
+
+
+def n_mm(snap):
+    return snap.mm_slots[0].mm
