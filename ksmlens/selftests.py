@@ -51,7 +51,7 @@ from .errors import KsmlensError
 from .paths import cache_root, vm_data
 
 __all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "classify", "on_cpu", "replace_page_window", "rmap_list_window",
-           "pte_update_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
+           "pte_update_window", "munmap_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
            "SelftestsResult", "paused_check", "run_selftests", "mremap_selftest_binary",
            "MremapResult", "run_mremap_selftest"]
 
@@ -283,16 +283,17 @@ def paused_check(prog, vm, suite: str = "", mode: str | None = None,
     resumes the guest); mismatches that one of those tasks, or ksmd, is
     visibly in the middle of are classified too (:func:`classify`)."""
     from .snapshot import take_snapshot
-    q = vm.qmp(timeout=30)
-    try:
+    # The control socket serves one client: stop, read, let go; take_snapshot
+    # connects itself (its stop is a no-op on a stopped guest) and resumes.
+    with vm.qmp(timeout=30) as q:
         q.stop()
-        try:
-            cpus = on_cpu(prog)
-            snap = take_snapshot(prog, mode="consistent", vm=vm, retries=1)
-        finally:
-            q.cont()            # take_snapshot resumed it already; harmless, and sure
-    finally:
-        q.close()
+    try:
+        cpus = on_cpu(prog)
+        snap = take_snapshot(prog, mode="consistent", vm=vm, retries=1)
+    except BaseException:
+        with vm.qmp(timeout=30) as q:
+            q.cont()
+        raise
     common = dict(paused_seconds=snap.meta.get("paused_seconds", 0.0),
                   rmap_items=len(snap.rmap_items), stable_nodes=len(snap.stable_nodes),
                   ksmd=snap.meta.get("ksmd"), on_cpu=cpus)
@@ -319,7 +320,36 @@ def classify(snap, bad_rows, cpus=None) -> str | None:
     None: :func:`replace_page_window`, :func:`rmap_list_window`,
     :func:`pte_update_window`, :func:`exit_mmap_window`."""
     return (replace_page_window(snap, bad_rows, cpus) or rmap_list_window(snap, bad_rows, cpus)
-            or pte_update_window(snap, bad_rows, cpus) or exit_mmap_window(snap, bad_rows))
+            or pte_update_window(snap, bad_rows, cpus) or munmap_window(snap, bad_rows, cpus)
+            or exit_mmap_window(snap, bad_rows))
+
+
+def munmap_window(snap, bad_rows, cpus=None) -> str | None:
+    """A task on a CPU is unmapping KSM pages: ``munmap()`` detaches the
+    VMAs first (``do_vmi_align_munmap()``), then ``unmap_region()`` zaps
+    their PTEs. The walk reads PTEs through the VMAs, so a detached range
+    still mapped counts in the pages' mapcounts and not in the PTEs; every
+    missing mapping must be an rmap_item of that task's mm with no VMA."""
+    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return None
+    running = {c["mm"]: c for c in cpus if c["mm"]}
+    items = {i.id: i for i in snap.rmap_items}
+    off = [n for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    if not off:
+        return None
+    who = set()
+    for n in off:
+        gone = [items[i] for i in n.items if i in items and items[i].mm in running
+                and items[i].vma_start is None]
+        if not 0 < n.mapcount - n.ptes <= len(gone):
+            return None
+        who |= {i.mm for i in gone}
+    tasks = ", ".join(f"pid {running[m]['pid']} ({running[m]['comm']})" for m in sorted(who))
+    return (f"{tasks} on a CPU unmapping: {len(off)} KSM page(s) still mapped "
+            f"{sum(n.mapcount - n.ptes for n in off)} time(s) in VMAs already detached "
+            "(munmap() before unmap_region())")
 
 
 def _ksmd_on_cpu(snap, cpus) -> bool:
@@ -348,16 +378,20 @@ def rmap_list_window(snap, bad_rows, cpus=None) -> str | None:
     label = f"pid {slot.pid}" if slot.pid is not None else f"mm {slot.mm}"
     what = {r.what: r for r in bad_rows}
     if not ({"ksm_rmap_items", f"{label} ksm_rmap_items"} <= set(what)
-            <= {"ksm_rmap_items", f"{label} ksm_rmap_items", "general_profit"}):
+            <= {"ksm_rmap_items", f"{label} ksm_rmap_items", "general_profit",
+                "pages_unshared"}):
         return None
     g, m = what["ksm_rmap_items"], what[f"{label} ksm_rmap_items"]
-    gp = what.get("general_profit")
+    gp, un = what.get("general_profit"), what.get("pages_unshared")
     if not (g.kernel == g.walk + 1 and m.kernel == m.walk + 1
-            and (gp is None or gp.kernel == gp.walk - snap.kernel.rmap_item_size)):
+            and (gp is None or gp.kernel == gp.walk - snap.kernel.rmap_item_size)
+            and (un is None or un.kernel == un.walk + 1)):
         return None
     return (f"ksmd at {label}'s rmap_list (its scan cursor's mm): an rmap_item counted "
-            "(ksm_rmap_items, mm->ksm_rmap_items) but not linked in, or unlinked and not "
-            "yet uncounted (get_next_rmap_item(), remove_trailing_rmap_items())")
+            "(ksm_rmap_items, mm->ksm_rmap_items"
+            + (", and pages_unshared: it was UNSTABLE" if un else "")
+            + ") but not linked in, or unlinked and not yet removed from its tree and "
+            "freed (get_next_rmap_item(), remove_trailing_rmap_items())")
 
 
 def pte_update_window(snap, bad_rows, cpus=None) -> str | None:

@@ -227,3 +227,18 @@ def test_pte_update_window_needs_a_running_task_of_a_mapping_mm():
 
 def n_mm(snap):
     return snap.mm_slots[0].mm
+
+
+def test_munmap_window_needs_items_without_a_vma_of_a_running_mm():
+    from ksmlens.selftests import compare_paused, munmap_window
+    snap, n, cur = _replace_page_state()
+    for i in snap.rmap_items[:3]:
+        i.vma_start = i.vma_end = i.vm_pgoff = None          # their VMA is detached
+    n.mapcount, n.ptes = 16, 13
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    task = [{"cpu": 1, "pid": 7, "tid": 7, "comm": "ksm_tests", "mm": n_mm(snap)}]
+    assert "munmap()" in munmap_window(snap, bad, task)
+    assert munmap_window(snap, bad, []) is None
+    n.ptes = 12                                              # 4 missing, 3 detached
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    assert munmap_window(snap, bad, task) is None
