@@ -18,6 +18,8 @@ APT_PKGS=(
   linux-source-6.12 qemu-system-x86 qemu-utils
   build-essential libc6-dev bc flex bison libelf-dev libssl-dev dwarves cpio
   patch xz-utils kmod rsync util-linux procps python3-venv python3-dev
+  # libnuma.a for the kernel's ksm_tests (`ksmlens selftests`, linked statically)
+  libnuma-dev
   # Debian's browser and its WebDriver, for tests/test_browser.py (no browser download)
   chromium chromium-driver
 )

@@ -17,6 +17,7 @@
     ksmlens smartscan                     SmartScan forecast, the union hazard
     ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
     ksmlens diff A.json B.json            what changed between two snapshots
+    ksmlens selftests [--suite S]         the kernel's KSM selftests, walk checked while paused
 
 Kernel builds and VM state live in ~/.cache/ksmlens ($KSMLENS_CACHE).
 """
@@ -357,6 +358,36 @@ def cmd_diff(a):
     return 0
 
 
+def cmd_selftests(a):
+    from .selftests import MREMAP_SUITE, SUITES, run_mremap_selftest, run_selftests
+    from .vm import VM
+    vm = VM(a.name)
+    suites = a.suite or list(SUITES)
+    kernel = [s for s in suites if s in SUITES]
+    ok, parts, doc = True, [], {}
+    if kernel:
+        res = run_selftests(vm, suites=kernel, modes=a.mode, min_checks=a.min_checks,
+                            gap=(0.0, a.gap), seed=a.seed,
+                            out=None if a.json else sys.stdout)
+        ok = res.ok
+        parts.append(res.summary())
+        doc = res.to_dict()
+    if MREMAP_SUITE in suites:
+        m = run_mremap_selftest(vm, with_verify=not a.no_verify)
+        ok = ok and m.passed and (m.verify is None or m.verify["agree"])
+        parts.append(m.summary())
+        doc["ksm_and_mremap"] = {"outcome": m.outcome, "rc": m.rc, "output": m.output,
+                                 "merged": m.merged, "verify": m.verify,
+                                 "summary": m.summary()}
+    if a.json:
+        doc["ok"] = ok
+        print(json.dumps(doc, indent=1))
+    else:
+        for line in (parts if kernel else ["selftests: " + parts[0]]):
+            print(line)
+    return 0 if ok else 1
+
+
 def cmd_notebooks(a):
     """Execute the notebooks against one VM (booted once if not up) into HTML."""
     from pathlib import Path
@@ -561,6 +592,36 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("b", help="later snapshot JSON")
     df.add_argument("--json", action="store_true")
     df.set_defaults(fn=cmd_diff)
+
+    from .selftests import KSM_TESTS_MODES, MREMAP_SUITE, SUITES
+    st = sub.add_parser("selftests", help="the kernel's KSM selftests, the walk checked "
+                        "against the kernel at random pauses while they run",
+                        description="Build ksm_functional_tests and ksm_tests from Debian's "
+                        "linux-source-6.12 (cached), run them in the guest (ksm_tests once per "
+                        "mode) and, while they run, pause the guest at random moments and "
+                        "compare the walk with the kernel's own counters read in the same "
+                        "pause (globals, mm->ksm_*, rmap_hlist_len). Prints one summary line; "
+                        "exits 0 only if both suites pass and every paused check agrees (a "
+                        "walk that meets ksmd mid-update is counted separately, as "
+                        "classified). --suite ksm_and_mremap runs the project's equivalent of "
+                        "the kernel's migrate.ksm_and_mremap (rmap.c, v7.3) beside `ksmlens "
+                        "verify` (needs 2 NUMA nodes). The suites unmerge everything in the "
+                        "guest (run=2); the KSM knobs are put back.")
+    _add_name(st)
+    st.add_argument("--suite", action="append", choices=[*SUITES, MREMAP_SUITE],
+                    help="run only this suite (repeatable; default: both kernel suites)")
+    st.add_argument("--mode", action="append", choices=list(KSM_TESTS_MODES),
+                    help="ksm_tests mode (repeatable; default: every mode): " + "; ".join(
+                        f"{k}: {' '.join(v)}" for k, v in KSM_TESTS_MODES.items()))
+    st.add_argument("--min-checks", type=int, default=30, metavar="N",
+                    help="agreeing paused checks each suite needs (default 30)")
+    st.add_argument("--gap", type=float, default=0.1, metavar="S",
+                    help="pause again after a uniform random 0..S seconds (default 0.1)")
+    st.add_argument("--seed", type=int, help="seed the random pause moments")
+    st.add_argument("--no-verify", action="store_true",
+                    help="ksm_and_mremap without `ksmlens verify` beside it")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    st.set_defaults(fn=cmd_selftests)
 
     from .notebook import OUT_DIR, vm_name
     nbp = sub.add_parser("notebooks", help="execute the notebooks against a VM, into HTML",
