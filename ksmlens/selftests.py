@@ -22,7 +22,10 @@ against its list and every KSM page's mapcount against the PTEs mapping it
 that lands in a KSM update half done (ksmd unlinks an rmap_item from its
 mm's list before it takes it off its stable node;
 ``remove_node_from_stable_tree()`` clears STABLE_FLAG item by item), which
-:func:`ksmlens.snapshot.take_snapshot` classifies with who was busy, is
+:func:`ksmlens.snapshot.take_snapshot` classifies with who was busy, or
+counts that a task visibly on a CPU has half updated (:func:`classify`:
+ksmd in ``replace_page()`` or at its cursor's rmap_list, a PTE update, a
+``munmap()`` or ``exit_mmap()`` under way, each only with its evidence) is
 counted as "mid-update (classified)", never as agreement.
 
     res = run_selftests(vm)            # both suites, every ksm_tests mode
