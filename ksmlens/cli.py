@@ -368,7 +368,7 @@ def cmd_selftests(a):
     if kernel:
         res = run_selftests(vm, suites=kernel, modes=a.mode, min_checks=a.min_checks,
                             gap=(0.0, a.gap), seed=a.seed,
-                            out=None if a.json else sys.stdout)
+                            out=None if a.json else sys.stderr)
         ok = res.ok
         parts.append(res.summary())
         doc = res.to_dict()
@@ -382,9 +382,8 @@ def cmd_selftests(a):
     if a.json:
         doc["ok"] = ok
         print(json.dumps(doc, indent=1))
-    else:
-        for line in (parts if kernel else ["selftests: " + parts[0]]):
-            print(line)
+    else:     # one line: the kernel suites' summary, then ksm_and_mremap's
+        print("; ".join(parts) if kernel else "selftests: " + parts[0])
     return 0 if ok else 1
 
 
