@@ -178,8 +178,11 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
     import random
     import time
     from . import ksmsys
+    from .midupdate import classify
     from .snapshot import take_snapshot
     last = None
+    windows: list[str] = []      # half-done updates met (ksmlens.midupdate) and retried
+    settled = None               # the last walk that met no half-done update
     for attempt in range(1, attempts + 1):
         pids = ksmsys.ksm_pids(vm)
         before = ksmsys.read_counters(vm)
@@ -189,17 +192,27 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
         stat_after = ksmsys.read_ksm_stat(vm, pids)
         paused = {k: snap.counters.get(k) for k in _STABLE_KEYS}
         mid = snap.meta.get("mid_update")
+        if not mid:
+            settled = snap
         if (not mid and all(before.get(k) == after.get(k) == paused[k] for k in _STABLE_KEYS)
                 and stat_before == stat_after):
-            return compare(snap, before, stat_before, after), snap, {
-                "attempts": attempt,
-                "mid_update_seen": len(snap.meta.get("mid_update_seen") or ())}
+            rows = compare(snap, before, stat_before, after)
+            bad = [r for r in rows if not r.ok]
+            # a count a task on a CPU had half updated in this pause: pause again
+            why = classify(snap, bad, snap.meta.get("on_cpu")) if bad else None
+            if not why:
+                return rows, snap, {
+                    "attempts": attempt, "windows": windows,
+                    "mid_update_seen": len(snap.meta.get("mid_update_seen") or ()) + len(windows)}
+            windows.append(why)
+            mid = {"what": {why: 1}, "busy": [why]}
         last = (before, after, paused, mid)
         time.sleep(random.uniform(0, 0.05))
-    if not last[3]:
-        # KSM never held still between the sysfs reads, but the last paused
-        # walk settled: compare it with the variables sysfs and ksm_stat print
+    if settled is not None:
+        # KSM never held still between the sysfs reads, but a paused walk
+        # settled: compare it with the variables sysfs and ksm_stat print
         # (mm/ksm.c *_show(), proc_pid_ksm_stat()), read in the same pause.
+        snap = settled
         page = 1 << snap.kernel.page_shift
         stat = {}
         for s in snap.mm_slots:
@@ -212,7 +225,15 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
             for pid in s.pids:
                 stat[pid] = st
         moved = [k for k in _STABLE_KEYS if not last[0].get(k) == last[1].get(k) == last[2][k]]
-        return compare(snap, dict(snap.counters), stat, last[1]), snap, {
+        rows = compare(snap, dict(snap.counters), stat, last[1])
+        bad = [r for r in rows if not r.ok]
+        why = classify(snap, bad, snap.meta.get("on_cpu")) if bad else None
+        if why:
+            raise KsmlensError(f"KSM kept changing during {attempts} attempts, and the last "
+                               f"settled walk met a half-done update ({why})",
+                               "slow ksmd down (sleep_millisecs) or stop it (run=0) and "
+                               "check again")
+        return rows, snap, {
             "attempts": attempts, "settled": False,
             "mid_update_seen": len(snap.meta.get("mid_update_seen") or ()),
             "note": f"KSM kept changing during {attempts} attempts ({', '.join(moved) or 'ksm_stat'}"

@@ -28,6 +28,7 @@ from . import kbuild, pgtable
 from .errors import KsmlensError
 from .analysis import (kernel_walk_rule, pgoff_status, replay_walks, stored_status,
                        walk_candidates)
+from .midupdate import on_cpu
 from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
                    PAGE_MAPPING_ANON, PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, VM_MERGEABLE,
@@ -315,6 +316,8 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
             busy = None
             try:
                 snap = _walk(prog, live=(mode == "live" and is_live_target), pages=pages)
+                if pause:       # who runs on each CPU in this pause (ksmlens.midupdate)
+                    snap.meta["on_cpu"] = on_cpu(prog)
                 if mode == "consistent" and snap.meta["races"]:
                     busy = _ksm_busy(prog, snap.meta.get("ksmd"))
             finally:

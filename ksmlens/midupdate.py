@@ -1,0 +1,222 @@
+"""Half-done KSM updates a paused walk can see, told apart from real mismatches.
+
+QMP stops the guest at any instruction. A walk of that moment is exact, but
+some of the kernel's own counts can be one step ahead of, or behind, the
+structures they count, because a task on a CPU is in the middle of changing
+both: ksmd in ``replace_page()`` (the folio's mapcount raised before the PTE
+is set), ksmd between counting an rmap_item and linking it, a task changing a
+PTE of a KSM page (COW break, zap, fork), ``munmap()`` between detaching the
+VMAs and zapping them, ``exit_mmap()`` under way. Each window below is
+recognised only with its evidence (who is on a CPU: :func:`on_cpu`, read in
+the same pause, and exactly which counts differ, by how much, where), so a
+real mismatch is never explained away. ``ksmlens check`` retries a pause
+that landed in one; ``ksmlens selftests`` counts it as "mid-update
+(classified)".
+"""
+
+from __future__ import annotations
+
+__all__ = ["on_cpu", "classify", "replace_page_window", "rmap_list_window",
+           "pte_update_window", "munmap_window", "exit_mmap_window"]
+
+
+def on_cpu(prog) -> list[dict]:
+    """The task each online CPU runs (``cpu_curr()``), idle tasks left out:
+    drgn cannot unwind a running task, but its mm says which pages it can
+    be changing."""
+    from drgn.helpers.linux.cpumask import for_each_online_cpu
+    from drgn.helpers.linux.sched import cpu_curr
+    out = []
+    for cpu in for_each_online_cpu(prog):
+        t = cpu_curr(prog, cpu)
+        tid = t.pid.value_()
+        if tid == 0:
+            continue
+        mm = t.mm.value_()
+        out.append({"cpu": cpu, "pid": t.tgid.value_(), "tid": tid,
+                    "comm": t.comm.string_().decode(errors="replace"),
+                    "mm": f"0x{mm:x}" if mm else None})
+    return out
+
+
+def classify(snap, bad_rows, cpus=None) -> str | None:
+    """What half-done update explains every mismatch of a paused check, or
+    None: :func:`replace_page_window`, :func:`rmap_list_window`,
+    :func:`pte_update_window`, :func:`exit_mmap_window`."""
+    return (replace_page_window(snap, bad_rows, cpus) or rmap_list_window(snap, bad_rows, cpus)
+            or pte_update_window(snap, bad_rows, cpus) or munmap_window(snap, bad_rows, cpus)
+            or exit_mmap_window(snap, bad_rows))
+
+
+def munmap_window(snap, bad_rows, cpus=None) -> str | None:
+    """A task on a CPU is unmapping KSM pages: ``munmap()`` detaches the
+    VMAs first (``do_vmi_align_munmap()``), then ``unmap_region()`` zaps
+    their PTEs. The walk reads PTEs through the VMAs, so a detached range
+    still mapped counts in the pages' mapcounts and not in the PTEs; every
+    missing mapping must be an rmap_item of that task's mm with no VMA."""
+    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return None
+    running = {c["mm"]: c for c in cpus if c["mm"]}
+    items = {i.id: i for i in snap.rmap_items}
+    off = [n for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    if not off:
+        return None
+    who = set()
+    for n in off:
+        gone = [items[i] for i in n.items if i in items and items[i].mm in running
+                and items[i].vma_start is None]
+        if not 0 < n.mapcount - n.ptes <= len(gone):
+            return None
+        who |= {i.mm for i in gone}
+    tasks = ", ".join(f"pid {running[m]['pid']} ({running[m]['comm']})" for m in sorted(who))
+    return (f"{tasks} on a CPU unmapping: {len(off)} KSM page(s) still mapped "
+            f"{sum(n.mapcount - n.ptes for n in off)} time(s) in VMAs already detached "
+            "(munmap() before unmap_region())")
+
+
+def _ksmd_on_cpu(snap, cpus) -> bool:
+    """ksmd is running: on a CPU (when that is known), else at least not idle."""
+    ksmd = snap.meta.get("ksmd") or {}
+    if ksmd.get("idle") is not False:
+        return False
+    if cpus is None:
+        return True
+    return any(c["tid"] == ksmd.get("pid") for c in cpus)
+
+
+def rmap_list_window(snap, bad_rows, cpus=None) -> str | None:
+    """ksmd between counting an rmap_item and linking it (or unlinking it
+    and uncounting it) at its scan cursor's mm: ``get_next_rmap_item()``
+    counts a new item (``alloc_rmap_item()``: ``ksm_rmap_items``;
+    ``mm->ksm_rmap_items``) before ``*rmap_list = rmap_item``;
+    ``remove_trailing_rmap_items()`` unlinks before ``free_rmap_item()``
+    uncounts. One item of the mm at ``ksm_scan.mm_slot``, nothing else."""
+    ksmd = snap.meta.get("ksmd") or {}
+    if not (_ksmd_on_cpu(snap, cpus) or ksmd.get("in_scan")):
+        return None
+    slot = next((sl for sl in snap.mm_slots if sl.id == snap.scan.get("mm_slot")), None)
+    if slot is None:
+        return None
+    label = f"pid {slot.pid}" if slot.pid is not None else f"mm {slot.mm}"
+    what = {r.what: r for r in bad_rows}
+    if not ({"ksm_rmap_items", f"{label} ksm_rmap_items"} <= set(what)
+            <= {"ksm_rmap_items", f"{label} ksm_rmap_items", "general_profit",
+                "pages_unshared"}):
+        return None
+    g, m = what["ksm_rmap_items"], what[f"{label} ksm_rmap_items"]
+    gp, un = what.get("general_profit"), what.get("pages_unshared")
+    if not (g.kernel == g.walk + 1 and m.kernel == m.walk + 1
+            and (gp is None or gp.kernel == gp.walk - snap.kernel.rmap_item_size)
+            and (un is None or un.kernel == un.walk + 1)):
+        return None
+    return (f"ksmd at {label}'s rmap_list (its scan cursor's mm): an rmap_item counted "
+            "(ksm_rmap_items, mm->ksm_rmap_items"
+            + (", and pages_unshared: it was UNSTABLE" if un else "")
+            + ") but not linked in, or unlinked and not yet removed from its tree and "
+            "freed (get_next_rmap_item(), remove_trailing_rmap_items())")
+
+
+def pte_update_window(snap, bad_rows, cpus=None) -> str | None:
+    """A task on a CPU whose mm maps a KSM page is changing one of its PTEs:
+    a COW break (``wp_page_copy()`` replaces the PTE, then
+    ``folio_remove_rmap_pte()`` on the KSM page), a zap, or a fork's copy
+    (``folio_try_dup_anon_rmap_pte()`` before ``set_ptes()``). A page's
+    mapcount can then be ahead of its PTEs by at most the number of such
+    tasks. Needs :func:`on_cpu`."""
+    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return None
+    running = {c["mm"]: c for c in cpus if c["mm"]}
+    items = {i.id: i for i in snap.rmap_items}
+    off = [n for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    if not off:
+        return None
+    who = set()
+    for n in off:
+        mms = {items[i].mm for i in n.items if i in items} & set(running)
+        if not 0 < n.mapcount - n.ptes <= len(mms):
+            return None
+        who |= mms
+    ahead = sum(n.mapcount - n.ptes for n in off)
+    if ahead > len(who):
+        return None
+    tasks = ", ".join(f"pid {running[m]['pid']} ({running[m]['comm']})" for m in sorted(who))
+    return (f"{tasks} on a CPU, its mm mapping {len(off)} KSM page(s) whose mapcount is "
+            f"{ahead} ahead of the PTEs: a PTE changed (COW break, zap or fork copy) before "
+            "the page's mapcount")
+
+
+def exit_mmap_window(snap, bad_rows) -> str | None:
+    """Are the only mismatches KSM pages still mapped by an mm in
+    ``exit_mmap()``? Once ``mm_users`` is 0 the walk reads no PTEs of that
+    mm, but ``unmap_vmas()`` zaps them (and drops each page's mapcount) one
+    by one until ``free_pgtables()``: a paused walk can see a page's
+    mapcount ahead of the PTEs it read by up to the exiting mm's rmap_items
+    on that page's node. Returns what was seen, or None."""
+    if {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return None
+    exiting = {sl.mm for sl in snap.mm_slots if sl.mm_users == 0}
+    if not exiting:
+        return None
+    items = {i.id: i for i in snap.rmap_items}
+    off = [n for n in snap.stable_nodes
+           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+           and n.mapcount is not None and n.ptes != n.mapcount]
+    for n in off:
+        gone = sum(1 for i in n.items if i in items and items[i].mm in exiting)
+        if not 0 < n.mapcount - n.ptes <= gone:
+            return None
+    pids = sorted({sl.pid for sl in snap.mm_slots if sl.mm in exiting and sl.pid is not None})
+    return (f"exit_mmap() in progress ({len(exiting)} mm(s) with mm_users 0"
+            + (f", pid {', '.join(map(str, pids))}" if pids else "")
+            + f"): {len(off)} KSM page(s) still count "
+            f"{sum(n.mapcount - n.ptes for n in off)} mapping(s) of it not yet zapped")
+
+
+def replace_page_window(snap, bad_rows, cpus=None) -> str | None:
+    """Is every mismatch one mapping that ksmd is installing right now?
+
+    ``cmp_and_merge_page()`` takes its rmap_item off the trees
+    (``remove_rmap_item_from_tree()``: state none), then ``replace_page()``
+    (mm/ksm.c) counts the new mapping first, ``folio_add_anon_rmap_pte()``
+    on the KSM page (or ``ksm_map_zero_page()``: ``ksm_zero_pages`` and
+    ``mm->ksm_zero_pages`` for the zero page), and only then
+    ``ptep_clear_flush()`` (a TLB flush IPI, long under TCG) and
+    ``set_pte_at()`` install the PTE. A pause in between sees the kernel's
+    count one ahead of the page tables at exactly ksmd's scan cursor
+    (``ksm_scan.rmap_list`` is the address of the item being merged). Returns
+    what was seen, or None if the mismatch is anything else."""
+    if not _ksmd_on_cpu(snap, cpus):       # it holds the PTE lock: on a CPU
+        return None
+    items = {i.id: i for i in snap.rmap_items}
+    cur = items.get(snap.scan.get("rmap_list") or "")
+    if cur is None or cur.state != "none":
+        return None
+    slot = next((sl for sl in snap.mm_slots if sl.mm == cur.mm), None)
+    label = None if slot is None else (f"pid {slot.pid}" if slot.pid is not None
+                                       else f"mm {slot.mm}")
+    page = 1 << snap.kernel.page_shift
+    what = {r.what: r for r in bad_rows}
+    if set(what) == {"KSM pages: PTEs vs mapcount"}:
+        r = what["KSM pages: PTEs vs mapcount"]
+        off = [n for n in snap.stable_nodes
+               if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+               and n.mapcount is not None and n.ptes != n.mapcount]
+        if (r.kernel == r.walk + 1 and len(off) == 1 and off[0].mapcount == off[0].ptes + 1
+                and cur.pfn != off[0].kpfn and cur.stable_node != off[0].id):
+            return (f"ksmd in replace_page(): {label} {cur.address:#x} counted in the mapcount "
+                    f"of KSM page {off[0].kpfn:#x} (node {off[0].id}), its PTE "
+                    f"{cur.pte} not yet set")
+        return None
+    zero = {"ksm_zero_pages", "general_profit", f"{label} ksm_zero_pages"}
+    if label and set(what) <= zero and "ksm_zero_pages" in what and cur.pte != "ksm_zero":
+        z, pz = what["ksm_zero_pages"], what.get(f"{label} ksm_zero_pages")
+        gp = what.get("general_profit")
+        if (z.kernel == z.walk + 1 and pz is not None and pz.kernel == pz.walk + 1
+                and (gp is None or gp.kernel == gp.walk + page)):
+            return (f"ksmd in replace_page(): {label} {cur.address:#x} counted as a KSM zero "
+                    f"page (ksm_map_zero_page()), its PTE {cur.pte} not yet the zero page")
+    return None
