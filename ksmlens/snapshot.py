@@ -125,6 +125,9 @@ class _Walker:
                 (mapping & PAGE_MAPPING_FLAGS) == PAGE_MAPPING_KSM)
 
     def _cached(self, addr: int, size: int):
+        """(buffer, offset) of ``size`` bytes at ``addr`` through a cache of
+        whole 4 KiB pages (slab pages of rmap_items, vmemmap pages of struct
+        page); an object straddling two pages is read alone."""
         page = addr & ~0xFFF
         off = addr - page
         if off + size > 0x1000:
@@ -149,19 +152,7 @@ class _Walker:
         """(buffer, offset) holding the ksm_rmap_item at ``addr``: items come
         from a slab cache, so one read of the whole 4 KiB page serves about
         64 items (the walk's main cost was one read per item)."""
-        size = self.L.item_size
-        page = addr & ~0xFFF
-        off = addr - page
-        if off + size > 0x1000:
-            b = self.read(addr, size)
-            return b, 0
-        buf = self.pages.get(page)
-        if buf is None:
-            buf = self.read(page, 0x1000)
-            if buf is None:
-                return None, 0
-            self.pages[page] = buf
-        return buf, off
+        return self._cached(addr, self.L.item_size)
 
     def ptr(self, addr: int) -> int | None:
         b = self.read(addr, 8)
