@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import KsmlensError
 from .paths import cache_root, vm_data
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "get_variant",
+__all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "find_kernel", "build", "source_version", "variant_of_release"]
 
 TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
@@ -146,16 +146,20 @@ def find_kernel(variant: str = DEFAULT_VARIANT) -> Kernel | None:
     return Kernel(v.name, m["release"], d / "bzImage", d / "vmlinux", d / "config", key)
 
 
-class _Lock:
-    def __init__(self, path: Path):
+class BuildLock:
+    """An exclusive flock on ``path`` for the length of a ``with``: a second
+    build of the same cache waits, and says it does."""
+
+    def __init__(self, path: Path, what: str = "build"):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "w")
+        self.what = what
 
     def __enter__(self):
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"ksmlens: waiting for another build ({self.f.name})", file=sys.stderr)
+            print(f"ksmlens: waiting for another {self.what} ({self.f.name})", file=sys.stderr)
             fcntl.flock(self.f, fcntl.LOCK_EX)
         return self
 
@@ -309,7 +313,7 @@ def build(variant: str = DEFAULT_VARIANT, *, force: bool = False, jobs: int | No
                                "flex bison bc patch libelf-dev libssl-dev")
     key = artifact_key(v)
     root = cache_root()
-    with _Lock(root / "build.lock"):
+    with BuildLock(root / "build.lock"):
         src = _source_tree(log)
         tree = root / "tree" / _dirname()
         tree.mkdir(parents=True, exist_ok=True)

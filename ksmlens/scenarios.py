@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,29 +40,34 @@ FAST_KNOBS = {"advisor_mode": "none", "pages_to_scan": 2000, "sleep_millisecs": 
 MERGE_TIMEOUT = 120.0
 
 
-def workload_binary() -> Path:
-    """Compile the workload (static, host gcc) once per source version."""
-    src = vm_data() / "scenarios" / "ksmlens-workload.c"
+def static_binary(src: Path, name: str, what: str) -> Path:
+    """Compile the guest program ``src`` (static, host gcc) once per source
+    version into ``<cache>/bin/NAME-<digest>``; ``what`` names it in errors."""
     if not src.exists():
         raise KsmlensError(f"{src} is missing", "is the repository complete?")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    out = cache_root() / "bin" / f"ksmlens-workload-{digest}"
+    out = cache_root() / "bin" / f"{name}-{digest}"
     if out.exists():
         return out
     gcc = shutil.which("gcc")
     if not gcc:
-        raise KsmlensError("gcc not found (needed to build the scenario workloads)",
+        raise KsmlensError(f"gcc not found (needed to build {what})",
                            "apt-get install gcc libc6-dev (./setup.sh does it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     r = subprocess.run([gcc, "-O2", "-Wall", "-static", "-pthread", "-o", str(tmp), str(src)],
                        capture_output=True, text=True)
     if r.returncode:
         first = next((l for l in r.stderr.splitlines() if "error" in l), r.stderr.strip())
-        raise KsmlensError(f"building the scenario workload failed: {first}",
-                           "static linking needs libc6-dev")
+        raise KsmlensError(f"building {what} failed: {first}", "static linking needs libc6-dev")
     tmp.rename(out)
     return out
+
+
+def workload_binary() -> Path:
+    """Compile the workload (static, host gcc) once per source version."""
+    return static_binary(vm_data() / "scenarios" / "ksmlens-workload.c", "ksmlens-workload",
+                         "the scenario workload")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,6 @@ Binaries are cached per source version under ``<cache>/selftests/``.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import random
@@ -50,6 +48,7 @@ import time
 from pathlib import Path
 
 from . import kbuild
+from .kbuild import BuildLock
 from .errors import KsmlensError
 from .midupdate import (classify, exit_mmap_window, munmap_window, on_cpu,  # noqa: F401
                         pte_update_window, replace_page_window, rmap_list_window)
@@ -91,25 +90,6 @@ _MEMBERS = ("Makefile", "Kbuild", "Kconfig", "scripts", "include", "arch/x86", "
 
 
 # ------------------------------------------------------------------ building
-
-class _Lock:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w")
-
-    def __enter__(self):
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"ksmlens: waiting for another selftests build ({self.f.name})",
-                  file=sys.stderr)
-            fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
-
 
 def _selftests_dir() -> Path:
     ver = re.sub(r"[^A-Za-z0-9._-]", "_", kbuild.source_version())
@@ -160,7 +140,7 @@ def build_selftests(*, force: bool = False, quiet: bool = False) -> dict[str, Pa
         raise KsmlensError("numa.h not found: ksm_tests needs libnuma-dev",
                            "apt-get install libnuma-dev (./setup.sh does it)")
     tarball = kbuild._need_tarball()
-    with _Lock(cache_root() / "selftests" / "build.lock"):
+    with BuildLock(cache_root() / "selftests" / "build.lock", "selftests build"):
         if not force and (top / "meta.json").exists() and all(p.exists() for p in want.values()):
             return want
         t0 = time.monotonic()
@@ -611,27 +591,9 @@ def _restore_knobs(vm, old: dict) -> None:
 def mremap_selftest_binary() -> Path:
     """Compile ``vm/selftests/ksm-mremap-migrate.c`` (static, host gcc) once
     per source version into ``<cache>/bin/``."""
-    src = vm_data() / "selftests" / "ksm-mremap-migrate.c"
-    if not src.exists():
-        raise KsmlensError(f"{src} is missing", "is the repository complete?")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    out = cache_root() / "bin" / f"ksm-mremap-migrate-{digest}"
-    if out.exists():
-        return out
-    gcc = shutil.which("gcc")
-    if not gcc:
-        raise KsmlensError("gcc not found (needed to build the mremap selftest)",
-                           "apt-get install gcc libc6-dev (./setup.sh does it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    r = subprocess.run([gcc, "-O2", "-Wall", "-static", "-o", str(tmp), str(src)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        first = next((l for l in r.stderr.splitlines() if "error" in l), r.stderr.strip())
-        raise KsmlensError(f"building the mremap selftest failed: {first}",
-                           "static linking needs libc6-dev")
-    tmp.rename(out)
-    return out
+    from .scenarios import static_binary
+    return static_binary(vm_data() / "selftests" / "ksm-mremap-migrate.c",
+                         "ksm-mremap-migrate", "the mremap selftest")
 
 
 @dataclasses.dataclass
