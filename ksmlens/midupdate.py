@@ -48,21 +48,28 @@ def classify(snap, bad_rows, cpus=None) -> str | None:
             or exit_mmap_window(snap, bad_rows))
 
 
+def _mapcount_ahead(bad_rows, cpus, snap) -> list:
+    """The KSM pages whose mapcount differs from the PTEs the walk read,
+    when that row is the only mismatch and who runs on each CPU is known;
+    else empty."""
+    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+        return []
+    return [n for n in snap.stable_nodes
+            if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+            and n.mapcount is not None and n.ptes != n.mapcount]
+
+
 def munmap_window(snap, bad_rows, cpus=None) -> str | None:
     """A task on a CPU is unmapping KSM pages: ``munmap()`` detaches the
     VMAs first (``do_vmi_align_munmap()``), then ``unmap_region()`` zaps
     their PTEs. The walk reads PTEs through the VMAs, so a detached range
     still mapped counts in the pages' mapcounts and not in the PTEs; every
     missing mapping must be an rmap_item of that task's mm with no VMA."""
-    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+    off = _mapcount_ahead(bad_rows, cpus, snap)
+    if not off:
         return None
     running = {c["mm"]: c for c in cpus if c["mm"]}
     items = {i.id: i for i in snap.rmap_items}
-    off = [n for n in snap.stable_nodes
-           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
-           and n.mapcount is not None and n.ptes != n.mapcount]
-    if not off:
-        return None
     who = set()
     for n in off:
         gone = [items[i] for i in n.items if i in items and items[i].mm in running
@@ -125,15 +132,11 @@ def pte_update_window(snap, bad_rows, cpus=None) -> str | None:
     (``folio_try_dup_anon_rmap_pte()`` before ``set_ptes()``). A page's
     mapcount can then be ahead of its PTEs by at most the number of such
     tasks. Needs :func:`on_cpu`."""
-    if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
+    off = _mapcount_ahead(bad_rows, cpus, snap)
+    if not off:
         return None
     running = {c["mm"]: c for c in cpus if c["mm"]}
     items = {i.id: i for i in snap.rmap_items}
-    off = [n for n in snap.stable_nodes
-           if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
-           and n.mapcount is not None and n.ptes != n.mapcount]
-    if not off:
-        return None
     who = set()
     for n in off:
         mms = {items[i].mm for i in n.items if i in items} & set(running)
