@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ksmlens import ksmsys  # noqa: E402
-from ksmlens.scenarios import ScenarioRun  # noqa: E402
-from ksmlens.vm import VM  # noqa: E402
+from ksmlens.lab.scenarios import ScenarioRun  # noqa: E402
+from ksmlens.lab.vm import VM  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from ksmlens.attach import attach
-from ksmlens.snapshot import take_snapshot
+from ksmlens.lab.attach import attach
+from ksmlens.lens.snapshot import take_snapshot
 target, mode, vmlinux = sys.argv[2], sys.argv[3], sys.argv[4]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.monotonic()

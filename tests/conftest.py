@@ -1,6 +1,6 @@
 """Shared fixtures: real kernels, real guests, always cleaned up.
 
-``lab(variant, numa=...)`` returns a booted :class:`ksmlens.vm.VM` of that
+``lab(variant, numa=...)`` returns a booted :class:`ksmlens.lab.vm.VM` of that
 variant. At most one test VM runs at a time (2 host cores, TCG): asking for
 another variant powers the current one off first. Every VM a test started is
 downed at session end, and QEMU processes are killed by pid even if a test
@@ -13,8 +13,8 @@ import signal
 
 import pytest
 
-from ksmlens import kbuild
-from ksmlens.vm import VM
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.lab.vm import VM
 
 _live: dict = {}
 _started_pids: set = set()

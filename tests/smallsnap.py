@@ -1,9 +1,9 @@
-"""Small hand-made :class:`ksmlens.model.Snapshot` objects for rendering unit
+"""Small hand-made :class:`ksmlens.lens.model.Snapshot` objects for rendering unit
 tests of plots and widgets (the claims about kernels are made on real
 guests, in the ``vm``-marked tests)."""
 
-from ksmlens.analysis import pgoff_status, stored_status
-from ksmlens.model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
+from ksmlens.analysis.core import pgoff_status, stored_status
+from ksmlens.lens.model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
 
 PAGE = 4096
 

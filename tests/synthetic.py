@@ -1,4 +1,4 @@
-"""Synthetic drgn kernel programs for fast unit tests of :mod:`ksmlens.walk`.
+"""Synthetic drgn kernel programs for fast unit tests of :mod:`ksmlens.lens.helpers`.
 
 A :class:`SyntheticKernel` is a drgn ``Program`` that drgn treats as a Linux
 kernel (``vmcoreinfo`` + ``set_linux_kernel_custom``), with the DWARF types
@@ -66,7 +66,7 @@ def find_vmlinux() -> Optional[tuple[Path, str]]:
     None if there is no kernel at all.
     """
     try:
-        from ksmlens import kbuild
+        import ksmlens.lab.kbuild as kbuild
         k = kbuild.find_kernel("stock")
     except Exception:
         k = None
@@ -74,7 +74,7 @@ def find_vmlinux() -> Optional[tuple[Path, str]]:
         return Path(k.vmlinux), k.release
     dirs = [os.path.expanduser("~/.cache/ksmlens/kernels")]
     try:
-        from ksmlens import paths
+        import ksmlens.lab.paths as paths
         dirs.insert(0, str(paths.cache_root() / "kernels"))    # KSMLENS_CACHE, XDG_CACHE_HOME
     except Exception:
         pass
@@ -373,7 +373,7 @@ def add_rmap_items_to_stable_node(k: SyntheticKernel, node: int, addresses: Sequ
     """stable_tree_append() for each address: new rmap_items with
     STABLE_FLAG, ``head`` = node, hlist_add_head() on ``node->hlist``.
     Returns the items in hlist order (the last added first)."""
-    from ksmlens.walk import STABLE_FLAG
+    from ksmlens.lens.helpers import STABLE_FLAG
     ri, sn = "struct ksm_rmap_item", "struct ksm_stable_node"
     items = []
     for a in addresses:

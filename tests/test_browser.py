@@ -10,7 +10,7 @@ server then holds a session for it: only the page's JavaScript creates one),
 and the PNG is a real, non-blank picture of the window size.
 
 ``test_explorer_widget_in_chromium``: two real snapshots of a union guest
-(the mremap scenario) are opened in :class:`ksmlens.widgets.Explorer` in a
+(the mremap scenario) are opened in :class:`ksmlens.views.widgets.Explorer` in a
 notebook that chromium, driven by Selenium through Debian's chromedriver,
 runs in JupyterLab. Checked in the browser's DOM: the dropdowns list the
 snapshots and exactly the snapshot's pids, the lab buttons are disabled,
@@ -316,10 +316,10 @@ def test_explorer_widget_in_chromium(tmp_path):
 
     from conftest import boot
 
-    from ksmlens.attach import attach
-    from ksmlens.model import Snapshot
-    from ksmlens.scenarios import ScenarioRun
-    from ksmlens.snapshot import take_snapshot
+    from ksmlens.lab.attach import attach
+    from ksmlens.lens.model import Snapshot
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.snapshot import take_snapshot
 
     # 1. two real snapshots: merged, then re-merged after the mremap
     nbdir = tmp_path / "nb"
@@ -345,7 +345,7 @@ def test_explorer_widget_in_chromium(tmp_path):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nb.cells.append(nbformat.v4.new_code_cell(
-        "from ksmlens.widgets import Explorer\n"
+        "from ksmlens.views.widgets import Explorer\n"
         f"ex = Explorer({[str(p) for p in paths]!r})\n"
         "ex"))
     nbformat.write(nb, nbdir / "explorer.ipynb")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ksmlens import kbuild
-from ksmlens.cli import main
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

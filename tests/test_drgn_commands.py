@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ksmlens import attach as attach_mod
-from ksmlens import ksmsys
-from ksmlens.scenarios import ScenarioRun
+import ksmlens.lab.attach as attach_mod as attach as attach_mod
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.lab.scenarios import ScenarioRun
 
 from conftest import boot
 
@@ -195,7 +195,7 @@ class TestAfterMremap:
         shared = ksmsys.read_counters(vm)["pages_shared"]
 
         code = out["%ksm stable --drgn"]
-        assert "from ksmlens.walk import" in code
+        assert "from ksmlens.lens.helpers import" in code
         res = drgn_exec(vm, code)
         assert res.splitlines()[-1] == f"{shared} stable nodes holding a KSM page (pages_shared)"
 

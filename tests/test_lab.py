@@ -12,12 +12,13 @@ import time
 import pytest
 from drgn import Program
 
-from ksmlens import kbuild, ksmsys
-from ksmlens.attach import attach
+import ksmlens.lab.kbuild as kbuild
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.lab.attach import attach
 from ksmlens.errors import KsmlensError
-from ksmlens.ksmsys import migrate_pages
-from ksmlens.scenarios import SCENARIOS, ScenarioRun
-from ksmlens.vm import VM
+from ksmlens.lab.ksmsys import migrate_pages
+from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
+from ksmlens.lab.vm import VM
 
 from conftest import boot
 

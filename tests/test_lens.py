@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from ksmlens import ksmsys
-from ksmlens.attach import attach
-from ksmlens.check import check_vm, format_rows, walk_counts
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.lab.attach import attach
+from ksmlens.experiments.check import check_vm, format_rows, walk_counts
 from ksmlens.errors import KsmlensError
-from ksmlens.model import SCHEMA, Snapshot
-from ksmlens.scenarios import SCENARIOS, ScenarioRun
-from ksmlens.snapshot import take_snapshot
+from ksmlens.lens.model import SCHEMA, Snapshot
+from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
+from ksmlens.lens.snapshot import take_snapshot
 
 from conftest import boot
 
@@ -133,7 +133,7 @@ def test_live_walk_while_ksmd_runs_and_vmcore(vm, tmp_path):
                 cprog = attach(str(core), vmlinux=vm.state["vmlinux"])
                 from_core = take_snapshot(cprog)
                 same = take_snapshot(prog, mode="live")   # guest is paused: same state
-                from ksmlens.walk import for_each_unstable_rmap_item
+                from ksmlens.lens.helpers import for_each_unstable_rmap_item
                 tree = {f"0x{o.value_():x}" for o in for_each_unstable_rmap_item(prog)}
             finally:
                 q.cont()
@@ -146,7 +146,7 @@ def test_live_walk_while_ksmd_runs_and_vmcore(vm, tmp_path):
 
 
 def test_wrong_vmlinux_is_refused(vm):
-    from ksmlens import kbuild
+    import ksmlens.lab.kbuild as kbuild
     other = "union" if vm.state["variant"] == "stock" else "stock"
     k = kbuild.build(other)
     with pytest.raises(KsmlensError, match="is not the running kernel's vmlinux"):
@@ -160,7 +160,7 @@ def test_wrong_vmlinux_is_refused(vm):
 def test_helpers_agree_with_the_fast_walk_and_cli(vm):
     """The drgn-Object helpers and the byte-level snapshot see the same state;
     `ksmlens check` and `ksmlens report` print it."""
-    from ksmlens import walk
+    import ksmlens.lens.helpers as walk
     with ScenarioRun(vm, "fork") as run:
         _run_all_steps(run)
         prog = attach(f"vm:{vm.name}")

@@ -1,6 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom against a real guest.
 
-Each notebook is executed with nbclient (``ksmlens.notebook.run_notebook``)
+Each notebook is executed with nbclient (``ksmlens.views.notebook.run_notebook``)
 and rendered to HTML; any cell error fails the test. The notebooks check
 their own claims against the kernel (``check_vm`` rows, counts from the
 walk against ``/sys/kernel/mm/ksm``), so a run that succeeds is a run whose
@@ -15,8 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ksmlens.notebook import notebook_paths, run_notebook
-from ksmlens.vm import VM, list_vms
+from ksmlens.views.notebook import notebook_paths, run_notebook
+from ksmlens.lab.vm import VM, list_vms
 
 from conftest import _live, boot
 

@@ -1,4 +1,4 @@
-"""ksmlens.pgtable on hand-built 4- and 5-level x86-64 page tables (no guest).
+"""ksmlens.kernel.pgtable on hand-built 4- and 5-level x86-64 page tables (no guest).
 
 The bit layouts are the kernel's (arch/x86/include/asm/pgtable_types.h,
 pgtable-invert.h); the walk must give follow_pfn()'s answer and the kernel's

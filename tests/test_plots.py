@@ -1,4 +1,4 @@
-"""ksmlens.plots: rendering checked on small hand-made snapshots, then every
+"""ksmlens.views.plots: rendering checked on small hand-made snapshots, then every
 figure drawn from real snapshots of a booted union guest and its content
 checked against the snapshot and the kernel's counters."""
 
@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from ksmlens import plots  # noqa: E402
-from ksmlens.analysis import RULES, item_status  # noqa: E402
+from ksmlens.analysis.core import RULES, item_status  # noqa: E402
 from ksmlens.errors import KsmlensError  # noqa: E402
 
 from smallsnap import PAGE, item, mapping, node, snapshot  # noqa: E402
@@ -321,11 +321,11 @@ def real():
     counters and smaps KSM pages read right after each snapshot."""
     from conftest import boot
 
-    from ksmlens import ksmsys
-    from ksmlens.attach import attach
-    from ksmlens.scenarios import ScenarioRun
-    from ksmlens.snapshot import take_snapshot
-    from ksmlens.verify import verify
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.lab.attach import attach
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.snapshot import take_snapshot
+    from ksmlens.experiments.verify import verify
 
     vm = boot("union")
 
@@ -463,7 +463,7 @@ def test_real_walk_replay(real, tmp_path):
 
 @pytest.mark.vm
 def test_real_verify_outcome(real, tmp_path):
-    from ksmlens.verify import VerifyResult
+    from ksmlens.experiments.verify import VerifyResult
     res = real["verify"]
     assert isinstance(res, VerifyResult) and res.rows
     fig = plots.verify_outcome(res)

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 
-from ksmlens import ksmsys
+import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
-from ksmlens.scenarios import SCENARIOS, ScenarioRun
-from ksmlens.verify import verify
+from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
+from ksmlens.experiments.verify import verify
 
 from conftest import boot
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from ksmlens.selftests import (KSM_TESTS_MODES, SuiteResult, SelftestsResult, SelftestRun,
+from ksmlens.experiments.selftests import (KSM_TESTS_MODES, SuiteResult, SelftestsResult, SelftestRun,
                                PausedCheck, parse_tap, run_mremap_selftest)
 
 SUMMARY = re.compile(
@@ -124,7 +124,7 @@ def test_mremap_selftest_fails_only_on_v3(lab, variant):
 
 
 def test_public_names_exist():
-    import ksmlens.selftests as mod
+    import ksmlens.experiments.selftests as mod
     assert [n for n in mod.__all__ if not hasattr(mod, n)] == []
 
 
@@ -149,7 +149,7 @@ def _replace_page_state():
 
 
 def test_replace_page_window_is_classified_only_with_its_evidence():
-    from ksmlens.selftests import compare_paused, exit_mmap_window, replace_page_window
+    from ksmlens.experiments.selftests import compare_paused, exit_mmap_window, replace_page_window
     snap, n, cur = _replace_page_state()
     bad = [r for r in compare_paused(snap) if not r.ok]
     assert [r.what for r in bad] == ["KSM pages: PTEs vs mapcount"]
@@ -174,12 +174,12 @@ def test_replace_page_window_is_classified_only_with_its_evidence():
     assert replace_page_window(snap, bad) is None
     cur.state = "none"
     # Any other mismatch alongside: not classified.
-    from ksmlens.check import Row
+    from ksmlens.experiments.check import Row
     assert replace_page_window(snap, bad + [Row("pages_shared", 1, 2, None)]) is None
 
 
 def test_exit_mmap_window_needs_an_exiting_mm_on_the_page():
-    from ksmlens.selftests import compare_paused, exit_mmap_window
+    from ksmlens.experiments.selftests import compare_paused, exit_mmap_window
     snap, n, cur = _replace_page_state()
     snap.meta["ksmd"]["idle"] = True
     n.mapcount, n.ptes = 16, 14        # two PTEs of pid 7 already zapped... or not read
@@ -194,8 +194,8 @@ def test_exit_mmap_window_needs_an_exiting_mm_on_the_page():
 
 
 def test_rmap_list_window_is_one_item_at_the_cursor_mm():
-    from ksmlens.check import Row
-    from ksmlens.selftests import rmap_list_window
+    from ksmlens.experiments.check import Row
+    from ksmlens.experiments.selftests import rmap_list_window
     snap, n, cur = _replace_page_state()
     slot = snap.mm_slots[0]
     snap.scan["mm_slot"] = slot.id
@@ -212,7 +212,7 @@ def test_rmap_list_window_is_one_item_at_the_cursor_mm():
 
 
 def test_pte_update_window_needs_a_running_task_of_a_mapping_mm():
-    from ksmlens.selftests import compare_paused, pte_update_window
+    from ksmlens.experiments.selftests import compare_paused, pte_update_window
     snap, n, cur = _replace_page_state()
     bad = [r for r in compare_paused(snap) if not r.ok]
     writer = [{"cpu": 0, "pid": 7, "tid": 7, "comm": "ksm_tests", "mm": n_mm(snap)}]
@@ -230,7 +230,7 @@ def n_mm(snap):
 
 
 def test_munmap_window_needs_items_without_a_vma_of_a_running_mm():
-    from ksmlens.selftests import compare_paused, munmap_window
+    from ksmlens.experiments.selftests import compare_paused, munmap_window
     snap, n, cur = _replace_page_state()
     for i in snap.rmap_items[:3]:
         i.vma_start = i.vma_end = i.vm_pgoff = None          # their VMA is detached

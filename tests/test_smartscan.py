@@ -10,12 +10,12 @@ SmartScan then reads its age / remaining_skips out of the stored pgoff.
 
 import pytest
 
-from ksmlens import ksmsys
-from ksmlens.analysis import smartscan_forecast, union_hazard
-from ksmlens.attach import attach
-from ksmlens.scenarios import COW_BREAK_PAGES, ScenarioRun
-from ksmlens.snapshot import take_snapshot
-from ksmlens.verify import verify_smartscan
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.analysis.core import smartscan_forecast, union_hazard
+from ksmlens.lab.attach import attach
+from ksmlens.lab.scenarios import COW_BREAK_PAGES, ScenarioRun
+from ksmlens.lens.snapshot import take_snapshot
+from ksmlens.experiments.verify import verify_smartscan
 
 from conftest import boot
 
@@ -108,8 +108,8 @@ def test_watch_and_diff(vm, tmp_path):
     import json
     import subprocess
     import sys
-    from ksmlens.snapshot import take_idle_snapshot
-    from ksmlens.watch import Timeline, diff, watch
+    from ksmlens.lens.snapshot import take_idle_snapshot
+    from ksmlens.experiments.watch import Timeline, diff, watch
     if vm.state["variant"] not in ("union", "v8"):
         pytest.skip("checked on the kernels with a stored pgoff")
     with ScenarioRun(vm, "smartscan") as run:

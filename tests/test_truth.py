@@ -12,13 +12,13 @@ import os
 
 import pytest
 
-from ksmlens import ksmsys
-from ksmlens.analysis import smartscan_forecast, union_hazard
-from ksmlens.attach import attach
-from ksmlens.check import check_vm
-from ksmlens.scenarios import ScenarioRun
-from ksmlens.snapshot import take_snapshot
-from ksmlens.verify import verify, verify_smartscan
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.analysis.core import smartscan_forecast, union_hazard
+from ksmlens.lab.attach import attach
+from ksmlens.experiments.check import check_vm
+from ksmlens.lab.scenarios import ScenarioRun
+from ksmlens.lens.snapshot import take_snapshot
+from ksmlens.experiments.verify import verify, verify_smartscan
 
 from conftest import boot
 
@@ -275,7 +275,7 @@ def test_check_verify_watch_under_churn():
     20k, the README gives the 200k run. Paused walks that land in ksmd's
     half-done updates are retried and classified (who was busy), never
     reported as a bug."""
-    from ksmlens.watch import watch
+    from ksmlens.experiments.watch import watch
     vm = boot("union")
     prog = attach(f"vm:{vm.name}")
     seen = {"check": 0, "verify": 0, "watch": 0}

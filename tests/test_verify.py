@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-from ksmlens.analysis import RULES, replay_walks, walk_misses
+from ksmlens.analysis.core import RULES, replay_walks, walk_misses
 from ksmlens.errors import KsmlensError
-from ksmlens.model import Snapshot
-from ksmlens.scenarios import ScenarioRun
-from ksmlens.verify import verify
+from ksmlens.lens.model import Snapshot
+from ksmlens.lab.scenarios import ScenarioRun
+from ksmlens.experiments.verify import verify
 
 from conftest import boot
 

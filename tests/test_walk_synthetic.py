@@ -1,4 +1,4 @@
-"""Unit tests of :mod:`ksmlens.walk` on synthetic kernels (no VM).
+"""Unit tests of :mod:`ksmlens.lens.helpers` on synthetic kernels (no VM).
 
 Each test lays out mm/ksm.c's structures in fake memory behind a drgn
 program that has a real lab vmlinux's DWARF types (see ``synthetic.py``),
@@ -12,8 +12,8 @@ import random
 import pytest
 from drgn.helpers.linux.rbtree import validate_rbtree
 
-from ksmlens import walk
-from ksmlens.walk import SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG
+import ksmlens.lens.helpers as walk
+from ksmlens.lens.helpers import SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG
 
 from synthetic import (SyntheticKernel, add_rmap_items_to_stable_node, find_vmlinux,
                        init_ksm_globals, stable_node_dup_head, variant_of)

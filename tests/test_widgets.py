@@ -1,4 +1,4 @@
-"""ksmlens.widgets.Explorer driven through ipywidgets' own model (Dropdown
+"""ksmlens.views.widgets.Explorer driven through ipywidgets' own model (Dropdown
 values, button clicks), on small snapshots and then on a real lab guest."""
 
 import base64
@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 
 from ksmlens.errors import KsmlensError  # noqa: E402
-from ksmlens.widgets import ALL_VMAS, Explorer  # noqa: E402
+from ksmlens.views.widgets import ALL_VMAS, Explorer  # noqa: E402
 
 from smallsnap import PAGE, item, mapping, node, snapshot  # noqa: E402
 
@@ -104,8 +104,8 @@ def test_explorer_on_saved_snapshots(tmp_path):
 def test_explorer_drives_a_real_lab(tmp_path):
     from conftest import boot
 
-    from ksmlens import ksmsys
-    from ksmlens.scenarios import ScenarioRun
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.lab.scenarios import ScenarioRun
 
     vm = boot("union")
     with ScenarioRun(vm, "mremap") as run:

@@ -29,10 +29,10 @@ VMA's pgoff range for the others (:func:`range_walk`).
 
 from __future__ import annotations
 
-from .errors import KsmlensError
-from .itree import ULONG_MAX, interval_tree_foreach
-from .model import RmapItem, Snapshot, StableNode
-from .walk import VM_GROWSDOWN
+from ksmlens.errors import KsmlensError
+from ksmlens.kernel.itree import ULONG_MAX, interval_tree_foreach
+from ksmlens.lens.model import RmapItem, Snapshot, StableNode
+from ksmlens.lens.helpers import VM_GROWSDOWN
 
 __all__ = ["pgoff_status", "stored_status", "item_status", "range_walk", "STATUSES", "STORED_STATUSES",
            "RULES", "RULE_HELP", "VARIANT_RULE",
@@ -139,7 +139,7 @@ def rule_range(item: RmapItem, rule: str, has_stored_pgoff: bool) -> tuple[int, 
 
 
 class _RecordedTree:
-    """:class:`ksmlens.itree.Tree` over one anon_vma tree recorded in a snapshot."""
+    """:class:`ksmlens.kernel.itree.Tree` over one anon_vma tree recorded in a snapshot."""
 
     def __init__(self, rec: dict, shift: int):
         self.n = rec["nodes"]

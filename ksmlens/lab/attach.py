@@ -16,7 +16,7 @@ from pathlib import Path
 
 from drgn import MissingDebugInfoError, Program
 
-from .errors import KsmlensError
+from ksmlens.errors import KsmlensError
 
 __all__ = ["attach", "check_ksm_kernel", "dump_vmcore", "elf_build_id"]
 
@@ -130,7 +130,7 @@ def attach(target: str | None = None, *, vmlinux=None) -> Program:
     this process: drgn holds the VM's QMP socket, which serves one client.
     """
     if target is None or target.startswith("vm:"):
-        from .vm import DEFAULT_NAME, VM
+        from ksmlens.lab.vm import DEFAULT_NAME, VM
         name = target[3:] if target else DEFAULT_NAME
         vm = VM(name)
         if not vm.alive():

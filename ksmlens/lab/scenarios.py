@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import ksmsys
-from .errors import KsmlensError
-from .paths import cache_root, vm_data
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.errors import KsmlensError
+from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["SCENARIOS", "Scenario", "Step", "ScenarioRun", "get_scenario", "run_scenario",
            "workload_binary", "CGROUP"]

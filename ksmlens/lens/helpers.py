@@ -16,7 +16,7 @@ from drgn import Object, Program, TypeKind, container_of, offsetof
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
 
-from .itree import interval_tree_foreach
+from ksmlens.kernel.itree import interval_tree_foreach
 
 __all__ = [
     "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN",
@@ -276,7 +276,7 @@ def avc_last_pgoff(avc: Object) -> int:
 
 
 class _AvcTree:
-    """:class:`ksmlens.itree.Tree` over live ``struct anon_vma_chain``
+    """:class:`ksmlens.kernel.itree.Tree` over live ``struct anon_vma_chain``
     (handles are the avc addresses)."""
 
     def __init__(self, prog: Program):
@@ -317,7 +317,7 @@ def anon_vma_interval_tree_foreach(root: Object, start: int, last: int) -> Itera
 
     ``anon_vma_interval_tree_iter_first()`` / ``_iter_next()``
     (include/linux/interval_tree_generic.h), pruning with ``rb_subtree_last``
-    as the kernel does (the one port is :mod:`ksmlens.itree`), so a walk over
+    as the kernel does (the one port is :mod:`ksmlens.kernel.itree`), so a walk over
     any pgoff range can be replayed on a real tree. ``root`` is a
     ``struct rb_root_cached *`` (``&anon_vma->rb_root``).
     """

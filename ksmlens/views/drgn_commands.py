@@ -12,7 +12,7 @@ started from the ksmlens venv has them, e.g.::
     >>> %ksm stale --drgn      # print the ksmlens/drgn code instead of running
 
 Each view walks the kernel unpaused (``take_snapshot(prog, mode="live")``)
-and prints a table from :mod:`ksmlens.report`; this module only parses
+and prints a table from :mod:`ksmlens.views.report`; this module only parses
 arguments and prints: no analysis lives here.
 """
 
@@ -26,7 +26,7 @@ from drgn import Program
 from drgn.commands import DrgnCodeBuilder, argument, drgn_argument
 from drgn.commands.linux import linux_kernel_command
 
-from .errors import KsmlensError
+from ksmlens.errors import KsmlensError
 
 __all__: list[str] = []
 
@@ -54,8 +54,8 @@ checked against sysfs, run `ksmlens check` on the host."""
 
 
 def _snapshot(prog: Program):
-    from .attach import check_ksm_kernel
-    from .snapshot import take_snapshot
+    from ksmlens.lab.attach import check_ksm_kernel
+    from ksmlens.lens.snapshot import take_snapshot
     check_ksm_kernel(prog)
     return take_snapshot(prog, mode="live")
 
@@ -70,7 +70,7 @@ def _races(snap) -> None:
 # ------------------------------------------------------------------ --drgn code
 
 def _code_stable(code: DrgnCodeBuilder, args) -> None:
-    code.add_from_import("ksmlens.walk", "for_each_stable_tree_node", "is_stable_node_chain",
+    code.add_from_import("ksmlens.lens.helpers", "for_each_stable_tree_node", "is_stable_node_chain",
                          "for_each_stable_node_dup", "for_each_stable_node_rmap_item",
                          "for_each_migrate_node", "rmap_item_tasks")
     code.append('''\
@@ -102,7 +102,7 @@ print(f"{pages} stable nodes holding a KSM page (pages_shared)")
 
 def _code_rmap(code: DrgnCodeBuilder, args) -> None:
     code.add_from_import("drgn.helpers.linux.pid", "find_task")
-    code.add_from_import("ksmlens.walk", "for_each_ksm_mm_slot", "for_each_mm_slot_rmap_item",
+    code.add_from_import("ksmlens.lens.helpers", "for_each_ksm_mm_slot", "for_each_mm_slot_rmap_item",
                          "rmap_item_address", "rmap_item_state", "rmap_item_vma",
                          "rmap_item_addr_pgoff", "rmap_item_stored_pgoff", "linear_page_index")
     code.append(f'''\
@@ -124,9 +124,9 @@ for item in for_each_mm_slot_rmap_item(slot):
 
 
 def _code_stale(code: DrgnCodeBuilder, args) -> None:
-    code.add_from_import("ksmlens.snapshot", "take_snapshot")
-    code.add_from_import("ksmlens.analysis", "stale_items")
-    code.append("# One fast walk into plain data; ksmlens.analysis has set, on every\n"
+    code.add_from_import("ksmlens.lens.snapshot", "take_snapshot")
+    code.add_from_import("ksmlens.analysis.core", "stale_items")
+    code.append("# One fast walk into plain data; ksmlens.analysis.core has set, on every\n"
                 "# rmap_item, pgoff_status (address >> PAGE_SHIFT vs linear_page_index),\n"
                 "# stored_status and walk (does each rule's walk find the mapping).\n"
                 'snap = take_snapshot(prog, mode="live")\n')
@@ -141,8 +141,8 @@ print(len(stale), "stale rmap_items")
 
 
 def _code_smartscan(code: DrgnCodeBuilder, args) -> None:
-    code.add_from_import("ksmlens.snapshot", "take_snapshot")
-    code.add_from_import("ksmlens.analysis", "page_is_ksm", "smartscan_next")
+    code.add_from_import("ksmlens.lens.snapshot", "take_snapshot")
+    code.add_from_import("ksmlens.analysis.core", "page_is_ksm", "smartscan_next")
     code.append('snap = take_snapshot(prog, mode="live")\n')
     cond = "not page_is_ksm(snap, item)"
     if args.pid is not None:
@@ -160,7 +160,7 @@ for item in snap.rmap_items:
 
 
 def _code_check(code: DrgnCodeBuilder, args) -> None:
-    code.add_from_import("ksmlens.check", "check_live", "format_rows")
+    code.add_from_import("ksmlens.experiments.check", "check_live", "format_rows")
     code.append('''\
 # The walk's counts vs the kernel variables /sys/kernel/mm/ksm and
 # /proc/PID/ksm_stat print, read before and after an unpaused walk.
@@ -172,7 +172,7 @@ print(format_rows(rows, kernel="before", globals="after"))
 # ------------------------------------------------------------------ views
 
 def _view_stable(prog, args) -> None:
-    from .report import stable_table, summary
+    from ksmlens.views.report import stable_table, summary
     snap = _snapshot(prog)
     print(summary(snap))
     pages = sum(1 for n in snap.stable_nodes if n.kind != "chain" and n.items)
@@ -184,7 +184,7 @@ def _view_stable(prog, args) -> None:
 
 
 def _view_rmap(prog, args) -> None:
-    from .report import rmap_table
+    from ksmlens.views.report import rmap_table
     if args.pid is None:
         raise KsmlensError("%ksm rmap needs a PID", "e.g. %ksm rmap 1234 (see %ksm check "
                            "or %ksm stable for the pids KSM knows)")
@@ -194,7 +194,7 @@ def _view_rmap(prog, args) -> None:
 
 
 def _view_stale(prog, args) -> None:
-    from .report import stale_table
+    from ksmlens.views.report import stale_table
     snap = _snapshot(prog)
     k = snap.kernel
     print(f"kernel {k.release} (stored pgoff: {'yes' if k.has_stored_pgoff else 'no'}, its "
@@ -208,15 +208,15 @@ def _view_stale(prog, args) -> None:
 
 
 def _view_smartscan(prog, args) -> None:
-    from .report import smartscan_table
+    from ksmlens.views.report import smartscan_table
     snap = _snapshot(prog)
     print(smartscan_table(snap, args.pid))
     _races(snap)
 
 
 def _view_check(prog, args) -> None:
-    from .check import LIVE_NOTE, check_live, format_rows
-    from .attach import check_ksm_kernel
+    from ksmlens.experiments.check import LIVE_NOTE, check_live, format_rows
+    from ksmlens.lab.attach import check_ksm_kernel
     check_ksm_kernel(prog)
     rows, snap, info = check_live(prog)
     print(format_rows(rows, kernel="before", globals="after"))

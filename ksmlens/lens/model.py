@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import KsmlensError
+from ksmlens.errors import KsmlensError
 
 __all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot"]
 
@@ -38,7 +38,7 @@ class KernelInfo:
     rmap_item_size: int = 64     # sizeof(struct ksm_rmap_item): the profit formulas
     source: str = ""             # "qmp:PATH", "vmcore:PATH" or "kcore"
     walk_rule: str | None = None  # the rule this kernel's rmap_walk_ksm() uses:
-                                  # "stock", "v3" or "stored" (see ksmlens.analysis.RULES)
+                                  # "stock", "v3" or "stored" (see ksmlens.analysis.core.RULES)
 
 
 @dataclass(slots=True)
@@ -72,7 +72,7 @@ class RmapItem:
     raw_union: int               # bytes 32..39 as one u64 (pgoff/SmartScan union)
     vm_flags: int | None = None
     pgoff_status: str = ""       # ok / moved / no_vma: address >> PAGE_SHIFT against
-                                 # linear_page_index (ksmlens.analysis.pgoff_status)
+                                 # linear_page_index (ksmlens.analysis.core.pgoff_status)
     pgoff_cause: str | None = None
     stored_status: str | None = None  # STABLE items on kernels with a stored index:
                                  # ok / stale / unset (None elsewhere)

@@ -1,4 +1,4 @@
-"""Matplotlib figures of a :class:`~ksmlens.model.Snapshot`.
+"""Matplotlib figures of a :class:`~ksmlens.lens.model.Snapshot`.
 
 Every function here draws from plain snapshot data (never drgn objects), so
 it works the same on a live walk and on ``Snapshot.load(path)``. Each takes
@@ -13,7 +13,7 @@ again: ``address_space`` marks are PathCollections with gid
 with gid ``"group"``; the grids of ``walk_replay`` and ``smartscan_heatmap``
 are the Axes' single image.
 
->>> from ksmlens import plots
+>>> import ksmlens.views.plots as plots
 >>> fig = plots.address_space(snap, pid)          # doctest: +SKIP
 >>> fig.savefig("space.png")                      # doctest: +SKIP
 """
@@ -30,10 +30,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from .errors import KsmlensError
-from .model import Snapshot
+from ksmlens.errors import KsmlensError
+from ksmlens.lens.model import Snapshot
 
-from .analysis import RULES, item_status, smartscan_visit, skip_age
+from ksmlens.analysis.core import RULES, item_status, smartscan_visit, skip_age
 
 __all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
            "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome"]
@@ -495,7 +495,7 @@ def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
 
 def _smartscan_visits(n: int):
     """[(age before the visit, processed?)] for an item whose page never
-    becomes KSM, over ``n`` visits (ksmlens.analysis.smartscan_visit)."""
+    becomes KSM, over ``n`` visits (ksmlens.analysis.core.smartscan_visit)."""
     age, skips, out = 0, 0, []
     for _ in range(n):
         before = age
@@ -649,7 +649,7 @@ _OBS_RECLAIM = ("reclaimed", "stayed", "swapped", "mapped")
 
 def verify_outcome(result, ax=None) -> Figure:
     """Prediction against the kernel's outcome of the verification
-    experiment (a :class:`ksmlens.verify.VerifyResult`, or anything with
+    experiment (a :class:`ksmlens.experiments.verify.VerifyResult`, or anything with
     ``rule``, ``rows`` and ``pages``, or such a dict): rows = predicted
     (moves/stays), columns = observed (moved/stayed/mixed), each cell the
     number of stable nodes and of pages there; agreeing cells green, the

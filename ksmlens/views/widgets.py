@@ -2,7 +2,7 @@
 
 :class:`Explorer` shows one snapshot at a time: pick a process, one of its
 VMAs, or a stable node, and its tables and figures (from
-:mod:`ksmlens.plots`) update in place. With a running scenario it can also
+:mod:`ksmlens.views.plots`) update in place. With a running scenario it can also
 drive the lab: advance the scenario one step, wait for ksmd's full scans,
 take a new snapshot.
 
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from . import plots
-from .analysis import RULES
-from .errors import KsmlensError
-from .model import Snapshot
+import ksmlens.views.plots as plots
+from ksmlens.analysis.core import RULES
+from ksmlens.errors import KsmlensError
+from ksmlens.lens.model import Snapshot
 
 __all__ = ["Explorer"]
 
@@ -75,10 +75,10 @@ def _hx(v):
 class Explorer:
     """Explore snapshots, and with a lab, drive it.
 
-    ``source`` is either a :class:`ksmlens.scenarios.ScenarioRun` (its
+    ``source`` is either a :class:`ksmlens.lab.scenarios.ScenarioRun` (its
     ``vm`` is the lab; the first snapshot is taken at once), an object with
     ``vm`` and ``run`` attributes (the same, spelled out), or a list of
-    :class:`~ksmlens.model.Snapshot` objects or snapshot JSON paths (no lab:
+    :class:`~ksmlens.lens.model.Snapshot` objects or snapshot JSON paths (no lab:
     the step/wait/refresh buttons are disabled).
 
     Widgets (attributes): ``frame``, ``pid``, ``vma``, ``node`` (Dropdowns),
@@ -194,7 +194,7 @@ class Explorer:
     def wait_scans(self, n: int = 1) -> dict:
         """Wait for ``n`` more full scans of ksmd, then take a snapshot.
         Returns the counters read when they were done."""
-        from .ksmsys import wait_full_scans
+        from ksmlens.lab.ksmsys import wait_full_scans
         self._need_lab("wait for full scans")
         c = wait_full_scans(self.vm, int(n))
         self.refresh(note=f"waited for {n} full scan(s)")
@@ -202,8 +202,8 @@ class Explorer:
 
     def refresh(self, note: str = "snapshot taken") -> Snapshot:
         """Take a new snapshot of the lab VM and show it."""
-        from .attach import attach
-        from .snapshot import take_snapshot
+        from ksmlens.lab.attach import attach
+        from ksmlens.lens.snapshot import take_snapshot
         self._need_lab("take a snapshot")
         snap = take_snapshot(attach("vm:" + self.vm.name))
         self.frames.append(snap)

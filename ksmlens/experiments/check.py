@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .errors import KsmlensError
-from .model import Snapshot
+from ksmlens.errors import KsmlensError
+from ksmlens.lens.model import Snapshot
 
 __all__ = ["Row", "walk_counts", "per_pid_counts", "page_checks", "unreachable_note",
            "compare", "check_vm", "check_live", "format_rows", "LIVE_NOTE"]
@@ -177,11 +177,11 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
     """
     import random
     import time
-    from . import ksmsys
-    from .midupdate import classify
-    from .snapshot import take_snapshot
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.lens.midupdate import classify
+    from ksmlens.lens.snapshot import take_snapshot
     last = None
-    windows: list[str] = []      # half-done updates met (ksmlens.midupdate) and retried
+    windows: list[str] = []      # half-done updates met (ksmlens.lens.midupdate) and retried
     settled = None               # the last walk that met no half-done update
     for attempt in range(1, attempts + 1):
         pids = ksmsys.ksm_pids(vm)
@@ -265,8 +265,8 @@ def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
     :data:`LIVE_NOTE` for what this cannot see.
     """
     import time
-    from .snapshot import take_snapshot
-    from .walk import ksm_counters
+    from ksmlens.lens.snapshot import take_snapshot
+    from ksmlens.lens.helpers import ksm_counters
     keys = ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
             "stable_node_dups", "rmap_items")
     last = None

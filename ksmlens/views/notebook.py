@@ -2,7 +2,7 @@
 
 In a notebook::
 
-    from ksmlens.notebook import Lab
+    from ksmlens.views.notebook import Lab
     lab = Lab.open()          # $KSMLENS_VM (default "ksmlens"): reused if up, else booted
     prog = lab.attach()       # drgn Program, live over QMP
     ...
@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import kbuild
-from .errors import KsmlensError
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.errors import KsmlensError
 
 __all__ = ["Lab", "vm_name", "notebook_paths", "run_notebook", "NOTEBOOKS_DIR", "OUT_DIR"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS_DIR = ROOT / "notebooks"
 OUT_DIR = ROOT / "out" / "notebooks"
 ENV_VM = "KSMLENS_VM"
@@ -32,7 +32,7 @@ ENV_VM = "KSMLENS_VM"
 
 def vm_name() -> str:
     """The VM notebooks use: ``$KSMLENS_VM``, default ``ksmlens``."""
-    from .vm import DEFAULT_NAME
+    from ksmlens.lab.vm import DEFAULT_NAME
     return os.environ.get(ENV_VM) or DEFAULT_NAME
 
 
@@ -49,7 +49,7 @@ class Lab:
     @classmethod
     def open(cls, name: str | None = None, variant: str = kbuild.DEFAULT_VARIANT,
              numa: int = 2) -> "Lab":
-        from .vm import VM, list_vms
+        from ksmlens.lab.vm import VM, list_vms
         name = name or vm_name()
         t = time.monotonic()
         up = {s["name"]: s for s in list_vms() if s["running"]}
@@ -72,7 +72,7 @@ class Lab:
 
     def attach(self):
         """The drgn Program of this VM (live over one of its QMP sockets)."""
-        from .attach import attach
+        from ksmlens.lab.attach import attach
         if self._prog is None:
             self._prog = attach(f"vm:{self.vm.name}")
         return self._prog

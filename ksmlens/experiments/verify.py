@@ -1,6 +1,6 @@
 """Prove the walk replay against the kernel: predict, then make the kernel walk.
 
-For every KSM page of a lab VM, :func:`ksmlens.analysis.replay_walks` says
+For every KSM page of a lab VM, :func:`ksmlens.analysis.core.replay_walks` says
 which of its mappings the kernel's own ``rmap_walk_ksm()`` rule finds. A
 page whose walk misses a mapping cannot be unmapped, so it cannot migrate.
 :func:`verify` writes that prediction down from a paused snapshot *first*,
@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from . import ksmsys
-from .errors import KsmlensError
+import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.errors import KsmlensError
 
 __all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan",
            "verify_reclaim", "VERIFY_BY"]
@@ -132,14 +132,14 @@ def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
 
 def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResult:
     """Predict from a paused snapshot, then migrate every mapped KSM page of
-    ``vm`` (a :class:`ksmlens.vm.VM` with 2 NUMA nodes) and compare.
+    ``vm`` (a :class:`ksmlens.lab.vm.VM` with 2 NUMA nodes) and compare.
     ``by="reclaim"``: reclaim them instead (:func:`verify_reclaim`)."""
     if by not in VERIFY_BY:
         raise KsmlensError(f"verify by {by!r}: unknown proof", f"use one of {VERIFY_BY}")
     if by == "reclaim":
         return verify_reclaim(vm, rule=rule)
-    from .attach import attach
-    from .snapshot import take_snapshot
+    from ksmlens.lab.attach import attach
+    from ksmlens.lens.snapshot import take_snapshot
     t0 = time.monotonic()
     nodes = int(vm.sh("ls -d /sys/devices/system/node/node[0-9]* | wc -l").strip() or 0)
     if nodes < 2:
@@ -251,8 +251,8 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
     :mod:`ksmlens.guest.reclaim`): a page's first pass may only clear young
     bits and activate it (``folio_check_references()``); no timer decides.
     """
-    from .attach import attach
-    from .snapshot import take_snapshot
+    from ksmlens.lab.attach import attach
+    from ksmlens.lens.snapshot import take_snapshot
     t0 = time.monotonic()
     swap = ksmsys.ensure_swap(vm)
     old_run = ksmsys.read_counters(vm)["run"]
@@ -390,9 +390,9 @@ def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> Smar
     """Forecast SmartScan from a paused snapshot taken with ksmd held, then
     let ksmd run ``full_scans`` full scans and compare the kernel's
     ``pages_skipped`` and every rmap_item's age / remaining_skips."""
-    from .analysis import smartscan_next, visits_between
-    from .attach import attach
-    from .snapshot import take_idle_snapshot
+    from ksmlens.analysis.core import smartscan_next, visits_between
+    from ksmlens.lab.attach import attach
+    from ksmlens.lens.snapshot import take_idle_snapshot
     c = ksmsys.read_counters(vm)
     if not c.get("smart_scan"):
         raise KsmlensError("SmartScan is off in the guest (smart_scan=0)",

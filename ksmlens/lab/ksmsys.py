@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import KsmlensError
+from ksmlens.errors import KsmlensError
 
 __all__ = ["KSM_SYSFS", "COUNTERS", "read_counters", "read_ksm_stat", "set_knobs",
            "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
@@ -113,11 +113,11 @@ def ksm_pids(vm) -> list[int]:
 
 
 def _guest_script(vm, script: str, ranges, timeout: float = 120):
-    """Run ksmlens/guest/SCRIPT PID START NPAGES... in the guest; its JSON."""
+    """Run ksmlens/lab/guest/SCRIPT PID START NPAGES... in the guest; its JSON."""
     import json
     import sys
-    from .paths import repo_root
-    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / script)]
+    from ksmlens.lab.paths import repo_root
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "lab" / "guest" / script)]
     for pid, start, n in ranges:
         argv += [str(pid), str(start), str(n)]
     return json.loads(vm.run(argv, check=True, timeout=timeout).stdout)
@@ -145,8 +145,8 @@ def read_pfns(vm, pfns) -> dict[int, dict]:
         return {}
     import json
     import sys
-    from .paths import repo_root
-    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "pagemap.py"), "--pfn",
+    from ksmlens.lab.paths import repo_root
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "lab" / "guest" / "pagemap.py"), "--pfn",
             *map(str, pfns)]
     return {r["pfn"]: r for r in json.loads(vm.run(argv, check=True).stdout)}
 
@@ -183,8 +183,8 @@ def reclaim_pages(vm, ranges, *, rounds: int | None = None) -> dict:
     mapping stays mapped there. Needs swap (:func:`ensure_swap`)."""
     import json
     import sys
-    from .paths import repo_root
-    argv = [sys.executable, str(repo_root() / "ksmlens" / "guest" / "reclaim.py")]
+    from ksmlens.lab.paths import repo_root
+    argv = [sys.executable, str(repo_root() / "ksmlens" / "lab" / "guest" / "reclaim.py")]
     if rounds:
         argv += ["--rounds", str(rounds)]
     for pid, start, n in ranges:

@@ -30,14 +30,14 @@ import shlex
 import sys
 import time
 
-from . import kbuild
-from .errors import KsmlensError
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.errors import KsmlensError
 
 VARIANT_HELP = "; ".join(f"{v.name}: {v.summary}" for v in kbuild.VARIANTS.values())
 
 
 def _add_name(p):
-    from .vm import DEFAULT_NAME
+    from ksmlens.lab.vm import DEFAULT_NAME
     p.add_argument("--name", default=DEFAULT_NAME,
                    help=f"which lab VM (default: {DEFAULT_NAME}); several can run side by side")
 
@@ -56,7 +56,7 @@ def cmd_vm_build(a):
 
 
 def cmd_vm_up(a):
-    from .vm import VM
+    from ksmlens.lab.vm import VM
     vm = VM.up(a.name, a.variant, memory=a.memory, cpus=a.cpus, numa=a.numa,
                accel=a.accel, boot_timeout=a.timeout)
     s = vm.status()
@@ -67,7 +67,7 @@ def cmd_vm_up(a):
 
 
 def cmd_vm_run(a):
-    from .vm import VM
+    from ksmlens.lab.vm import VM
     argv = a.cmd
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -90,7 +90,7 @@ def cmd_vm_run(a):
 
 
 def cmd_vm_status(a):
-    from .vm import VM, list_vms
+    from ksmlens.lab.vm import VM, list_vms
     if a.all:
         vms = list_vms()
         if a.json:
@@ -113,7 +113,7 @@ def cmd_vm_status(a):
 
 
 def cmd_vm_down(a):
-    from .vm import VM, list_vms
+    from ksmlens.lab.vm import VM, list_vms
     names = [s["name"] for s in list_vms()] if a.all else [a.name]
     for n in names:
         VM(n).down()
@@ -122,7 +122,7 @@ def cmd_vm_down(a):
 
 
 def cmd_scenario_list(a):
-    from .scenarios import SCENARIOS
+    from ksmlens.lab.scenarios import SCENARIOS
     for s in SCENARIOS.values():
         print(f"{s.name:10} {s.summary}")
         print(f"{'':10}   steps: {', '.join(st.name for st in s.steps)}")
@@ -130,8 +130,8 @@ def cmd_scenario_list(a):
 
 
 def cmd_scenario_run(a):
-    from .scenarios import get_scenario, run_scenario
-    from .vm import VM
+    from ksmlens.lab.scenarios import get_scenario, run_scenario
+    from ksmlens.lab.vm import VM
     scn = get_scenario(a.scenario)
     vm = VM(a.name)
     run_scenario(vm, scn, keep=a.keep, out=sys.stdout)
@@ -140,8 +140,8 @@ def cmd_scenario_run(a):
 
 def cmd_demo(a):
     """The main job: build + boot the default variant, run the mremap scenario."""
-    from .scenarios import run_scenario
-    from .vm import VM, list_vms
+    from ksmlens.lab.scenarios import run_scenario
+    from ksmlens.lab.vm import VM, list_vms
     t0 = time.monotonic()
     k = kbuild.build(a.variant)
     print(f"demo: kernel {k.release} ready ({time.monotonic() - t0:.0f} s)")
@@ -171,7 +171,7 @@ def cmd_demo(a):
 
 
 def _attach(a):
-    from .attach import attach
+    from ksmlens.lab.attach import attach
     target = a.target
     if target is None:
         target = f"vm:{a.name}"
@@ -179,11 +179,11 @@ def _attach(a):
 
 
 def cmd_snapshot(a):
-    from .report import summary
-    from .snapshot import take_snapshot
-    from .attach import dump_vmcore
+    from ksmlens.views.report import summary
+    from ksmlens.lens.snapshot import take_snapshot
+    from ksmlens.lab.attach import dump_vmcore
     if a.vmcore:
-        from .vm import VM
+        from ksmlens.lab.vm import VM
         vm = VM(a.name)
         secs = dump_vmcore(vm, a.vmcore)
         print(f"vmcore written to {a.vmcore} (guest paused {secs:.2f} s); read it with "
@@ -201,8 +201,8 @@ def cmd_snapshot(a):
 
 
 def cmd_check(a):
-    from .check import check_vm, format_rows, unreachable_note
-    from .vm import VM
+    from ksmlens.experiments.check import check_vm, format_rows, unreachable_note
+    from ksmlens.lab.vm import VM
     prog = _attach(a)
     vm = prog.cache.get("ksmlens_vm") or VM(a.name)
     rows, snap, info = check_vm(vm, prog)
@@ -223,7 +223,7 @@ def cmd_check(a):
 
 
 def cmd_report(a):
-    from .report import process_table, stable_table, summary
+    from ksmlens.views.report import process_table, stable_table, summary
     snap = _snap_or_live(a)
     print(summary(snap))
     print()
@@ -234,16 +234,16 @@ def cmd_report(a):
 
 
 def _snap_or_live(a):
-    from .model import Snapshot
+    from ksmlens.lens.model import Snapshot
     if getattr(a, "snapshot", None):
         return Snapshot.load(a.snapshot)
-    from .snapshot import take_snapshot
+    from ksmlens.lens.snapshot import take_snapshot
     return take_snapshot(_attach(a), mode=getattr(a, "mode", "consistent"))
 
 
 def cmd_verify(a):
-    from .verify import verify, verify_smartscan
-    from .vm import VM
+    from ksmlens.experiments.verify import verify, verify_smartscan
+    from ksmlens.lab.vm import VM
     vm = VM(a.name)
     if a.smartscan:
         r = verify_smartscan(vm, a.smartscan)
@@ -273,7 +273,7 @@ def cmd_verify(a):
 
 
 def cmd_replay(a):
-    from .analysis import RULE_HELP, RULES, walk_misses
+    from ksmlens.analysis.core import RULE_HELP, RULES, walk_misses
     snap = _snap_or_live(a)
     rules = [a.rule] if a.rule else [r for r in RULES
                                      if r != "stored" or snap.kernel.has_stored_pgoff]
@@ -299,7 +299,7 @@ def cmd_replay(a):
 
 
 def cmd_smartscan(a):
-    from .analysis import smartscan_forecast, union_hazard
+    from ksmlens.analysis.core import smartscan_forecast, union_hazard
     snap = _snap_or_live(a)
     fc = smartscan_forecast(snap, a.scans)
     deltas = fc["pages_skipped_delta"]
@@ -324,8 +324,8 @@ def cmd_smartscan(a):
 
 
 def cmd_watch(a):
-    from .watch import watch
-    from .report import summary
+    from ksmlens.experiments.watch import watch
+    from ksmlens.views.report import summary
     prog = _attach(a)
     vm = prog.cache.get("ksmlens_vm")
     if vm is None:
@@ -343,8 +343,8 @@ def cmd_watch(a):
 
 
 def cmd_diff(a):
-    from .model import Snapshot
-    from .watch import diff
+    from ksmlens.lens.model import Snapshot
+    from ksmlens.experiments.watch import diff
     d = diff(Snapshot.load(a.a), Snapshot.load(a.b))
     if a.json:
         print(json.dumps(d.to_dict(), indent=1))
@@ -359,8 +359,8 @@ def cmd_diff(a):
 
 
 def cmd_selftests(a):
-    from .selftests import MREMAP_SUITE, SUITES, run_mremap_selftest, run_selftests
-    from .vm import VM
+    from ksmlens.experiments.selftests import MREMAP_SUITE, SUITES, run_mremap_selftest, run_selftests
+    from ksmlens.lab.vm import VM
     vm = VM(a.name)
     suites = a.suite or list(SUITES)
     kernel = [s for s in suites if s in SUITES]
@@ -390,7 +390,7 @@ def cmd_selftests(a):
 def cmd_notebooks(a):
     """Execute the notebooks against one VM (booted once if not up) into HTML."""
     from pathlib import Path
-    from .notebook import Lab, notebook_paths, run_notebook
+    from ksmlens.views.notebook import Lab, notebook_paths, run_notebook
     paths = [Path(p) for p in a.notebooks] or notebook_paths()
     if not paths:
         raise KsmlensError("no notebooks found", "expected notebooks/*.ipynb in the checkout")
@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--json", action="store_true")
     df.set_defaults(fn=cmd_diff)
 
-    from .selftests import KSM_TESTS_MODES, MREMAP_SUITE, SUITES
+    from ksmlens.experiments.selftests import KSM_TESTS_MODES, MREMAP_SUITE, SUITES
     st = sub.add_parser("selftests", help="the kernel's KSM selftests, the walk checked "
                         "against the kernel at random pauses while they run",
                         description="Build ksm_functional_tests and ksm_tests from Debian's "
@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable")
     st.set_defaults(fn=cmd_selftests)
 
-    from .notebook import OUT_DIR, vm_name
+    from ksmlens.views.notebook import OUT_DIR, vm_name
     nbp = sub.add_parser("notebooks", help="execute the notebooks against a VM, into HTML",
                          description="Execute notebooks/*.ipynb (or the ones named) top to "
                          "bottom with nbclient against one lab VM (reused if up, else booted "

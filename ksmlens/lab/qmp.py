@@ -11,7 +11,7 @@ import json
 import socket
 import time
 
-from .errors import KsmlensError
+from ksmlens.errors import KsmlensError
 
 __all__ = ["QMP"]
 

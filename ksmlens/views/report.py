@@ -1,10 +1,10 @@
-"""Readable tables from a :class:`~ksmlens.model.Snapshot` (``ksmlens report``)."""
+"""Readable tables from a :class:`~ksmlens.lens.model.Snapshot` (``ksmlens report``)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from .model import Snapshot
+from ksmlens.lens.model import Snapshot
 
 __all__ = ["stable_table", "process_table", "summary", "rmap_table", "stale_table",
            "knobs_table", "counters_table", "smartscan_table"]
@@ -109,7 +109,7 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     ``+`` / ``-`` / ``.``), the page table entry there (``pte``, ``*`` when
     the page mapped is KSM: ``PageKsm()``), what ksmd's next pass does with
     the item (visit, or free it unread and why) and ``pgoff_status``."""
-    from .errors import KsmlensError
+    from ksmlens.errors import KsmlensError
     items = sorted(snap.items_of(pid), key=lambda i: i.address)
     if not items and not any(pid in (s.pids or [s.pid]) for s in snap.mm_slots):
         pids = ", ".join(str(p) for p in sorted(p for s in snap.mm_slots
@@ -141,11 +141,11 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
 
 
 def stale_table(snap: Snapshot, pid: int | None = None, rule: str | None = None) -> str:
-    """The rmap_items some rmap walk gets wrong (:func:`ksmlens.analysis.stale_items`:
+    """The rmap_items some rmap walk gets wrong (:func:`ksmlens.analysis.core.stale_items`:
     a rule misses the mapping, or the stored index is stale), each rule's
     answer apart (stock, v3, stored: ``+`` found, ``-`` missed), with the
     cause, then a count per process."""
-    from .analysis import stale_items
+    from ksmlens.analysis.core import stale_items
     items = [i for i in stale_items(snap, rule) if pid is None or i.pid == pid]
     items.sort(key=lambda i: (str(i.pid), i.address))
     rows = [f"{'pid':>7}  {'comm':16}  {'address':>14}  {'state':8}  {'status':8}  "
@@ -183,7 +183,7 @@ def knobs_table(snap: Snapshot) -> str:
 def counters_table(snap: Snapshot, sysfs: dict | None = None) -> str:
     """The KSM counters (``/sys/kernel/mm/ksm`` names) from the kernel's
     globals, beside the files as the guest read them (``sysfs``, from
-    :func:`ksmlens.ksmsys.read_counters`) when given."""
+    :func:`ksmlens.lab.ksmsys.read_counters`) when given."""
     if sysfs is None:
         return "\n".join(f"{k:24} {snap.counters[k]:>10}" for k in _COUNTERS
                          if k in snap.counters)
@@ -196,9 +196,9 @@ def counters_table(snap: Snapshot, sysfs: dict | None = None) -> str:
 def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> str:
     """SmartScan per rmap_item whose page is not KSM: ``age``,
     ``remaining_skips``, whether ksmd's next visit processes or skips it and
-    the next ``visits`` visits (P/S), per ``ksmlens.analysis.smartscan_next``
+    the next ``visits`` visits (P/S), per ``ksmlens.analysis.core.smartscan_next``
     (mm/ksm.c ``should_skip_rmap_item()``, ``skip_age()``)."""
-    from .analysis import page_is_ksm, smartscan_next
+    from ksmlens.analysis.core import page_is_ksm, smartscan_next
     on = snap.counters.get("smart_scan", 1)
     rows = [f"smart_scan={on}: an rmap_item whose page is not KSM ages one step per "
             "visit; from age 3 a processed visit sets remaining_skips = skip_age(age) "
@@ -233,11 +233,11 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
 
 
 def hazard_table(snap: Snapshot) -> str:
-    """The union hazard (:func:`ksmlens.analysis.union_hazard`): STABLE
+    """The union hazard (:func:`ksmlens.analysis.core.union_hazard`): STABLE
     rmap_items on pages that are no longer KSM, the bytes 32..39 of each
     (``oldchecksum`` | ``age`` << 32 | ``remaining_skips`` << 40, or the
     stored pgoff) and what ksmd's next visit reads and writes there."""
-    from .analysis import union_hazard
+    from ksmlens.analysis.core import union_hazard
     hz = union_hazard(snap)
     rows = [f"{'pid':>7}  {'address':>14}  {'bytes 32..39':>18}  {'stored pgoff':>12}  "
             f"{'age':>3}  {'skips':>5}  next  {'age,skips after':>15}  bytes after"]

@@ -12,7 +12,7 @@ __all__ = ["repo_root", "vm_data", "cache_root", "vms_root"]
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def vm_data() -> Path:

@@ -1,6 +1,6 @@
-"""Walk a kernel's whole KSM state into a :class:`~ksmlens.model.Snapshot`, fast.
+"""Walk a kernel's whole KSM state into a :class:`~ksmlens.lens.model.Snapshot`, fast.
 
-The helpers in :mod:`ksmlens.walk` are the readable reference (one drgn
+The helpers in :mod:`ksmlens.lens.helpers` are the readable reference (one drgn
 Object per step); this walk reads the same structures as raw bytes:
 one ``prog.read()`` of a whole ``struct ksm_rmap_item`` per item, decoded
 with offsets taken from the kernel's own DWARF (``offsetof``), one VMA pass
@@ -24,13 +24,14 @@ from drgn.helpers.linux.pid import for_each_task
 
 import numpy as np
 
-from . import kbuild, pgtable
-from .errors import KsmlensError
-from .analysis import (kernel_walk_rule, pgoff_status, replay_walks, stored_status,
+import ksmlens.lab.kbuild as kbuild
+import ksmlens.kernel.pgtable as pgtable
+from ksmlens.errors import KsmlensError
+from ksmlens.analysis.core import (kernel_walk_rule, pgoff_status, replay_walks, stored_status,
                        walk_candidates)
-from .midupdate import on_cpu
-from .model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
-from .walk import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
+from ksmlens.lens.midupdate import on_cpu
+from ksmlens.lens.model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
+from ksmlens.lens.helpers import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
                    PAGE_MAPPING_ANON, PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, VM_MERGEABLE,
                    ksm_counters, ksm_settings, ksm_unstable_tree_seqnr)
 
@@ -272,8 +273,8 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
                   pages: bool = True, retries: int = 8) -> Snapshot:
     """Walk the KSM state of ``prog`` into a :class:`Snapshot`.
 
-    ``mode="consistent"`` pauses ``vm`` (a :class:`ksmlens.vm.VM`, taken from
-    :func:`ksmlens.attach.attach` when not given) over QMP during the walk;
+    ``mode="consistent"`` pauses ``vm`` (a :class:`ksmlens.lab.vm.VM`, taken from
+    :func:`ksmlens.lab.attach.attach` when not given) over QMP during the walk;
     for a vmcore nothing moves and no VM is needed. ``mode="live"`` never
     pauses and counts races in ``meta["races"]``.
 
@@ -307,7 +308,7 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
             busy = None
             try:
                 snap = _walk(prog, live=(mode == "live" and is_live_target), pages=pages)
-                if pause:       # who runs on each CPU in this pause (ksmlens.midupdate)
+                if pause:       # who runs on each CPU in this pause (ksmlens.lens.midupdate)
                     snap.meta["on_cpu"] = on_cpu(prog)
                 if mode == "consistent" and snap.meta["races"]:
                     busy = _ksm_busy(prog, snap.meta.get("ksmd"))

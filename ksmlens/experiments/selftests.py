@@ -12,17 +12,17 @@ random moments and checks its walk against the kernel each time.
 A paused check compares what can be compared while the guest is stopped (the
 kernel cannot print sysfs then; ``ksmlens check`` reads sysfs around the
 pause and retries until it held still, which while these suites run takes
-seconds): the walk's own counts (:func:`ksmlens.check.walk_counts`) against
+seconds): the walk's own counts (:func:`ksmlens.experiments.check.walk_counts`) against
 the globals ``mm/ksm.c``'s ``*_show()`` functions print, read by drgn in the
 same pause; every mm slot's items, stable items and KSM zero pages against
 ``mm->ksm_rmap_items`` / ``ksm_merging_pages`` / ``ksm_zero_pages`` (what
 ``proc_pid_ksm_stat()`` prints); every stable node's ``rmap_hlist_len``
 against its list and every KSM page's mapcount against the PTEs mapping it
-(:func:`ksmlens.check.page_checks`). Each pause is one observation: a walk
+(:func:`ksmlens.experiments.check.page_checks`). Each pause is one observation: a walk
 that lands in a KSM update half done (ksmd unlinks an rmap_item from its
 mm's list before it takes it off its stable node;
 ``remove_node_from_stable_tree()`` clears STABLE_FLAG item by item), which
-:func:`ksmlens.snapshot.take_snapshot` classifies with who was busy, or
+:func:`ksmlens.lens.snapshot.take_snapshot` classifies with who was busy, or
 counts that a task visibly on a CPU has half updated (:func:`classify`:
 ksmd in ``replace_page()`` or at its cursor's rmap_list, a PTE update, a
 ``munmap()`` or ``exit_mmap()`` under way, each only with its evidence) is
@@ -47,12 +47,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import kbuild
-from .kbuild import BuildLock
-from .errors import KsmlensError
-from .midupdate import (classify, exit_mmap_window, munmap_window, on_cpu,  # noqa: F401
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.lab.kbuild import BuildLock
+from ksmlens.errors import KsmlensError
+from ksmlens.lens.midupdate import (classify, exit_mmap_window, munmap_window, on_cpu,  # noqa: F401
                         pte_update_window, replace_page_window, rmap_list_window)
-from .paths import cache_root, vm_data
+from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "classify", "on_cpu", "replace_page_window", "rmap_list_window",
            "pte_update_window", "munmap_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
@@ -205,15 +205,15 @@ class PausedCheck:
 
 
 def compare_paused(snap) -> list:
-    """Rows (:class:`ksmlens.check.Row`, ``kernel`` = the value the kernel
+    """Rows (:class:`ksmlens.experiments.check.Row`, ``kernel`` = the value the kernel
     holds, read by drgn in the same pause) of everything a paused walk can be
     compared with: the globals sysfs prints (``*_show()`` in mm/ksm.c, with
     ``ksm_zero_pages`` decoded from the page tables and ``general_profit``),
     each mm slot's ``mm->ksm_rmap_items`` / ``ksm_merging_pages`` /
     ``ksm_zero_pages`` (what ``proc_pid_ksm_stat()`` prints), and
-    :func:`ksmlens.check.page_checks` (each stable node's ``rmap_hlist_len``
+    :func:`ksmlens.experiments.check.page_checks` (each stable node's ``rmap_hlist_len``
     against its list, each KSM page's mapcount against the PTEs mapping it)."""
-    from .check import Row, page_checks, walk_counts
+    from ksmlens.experiments.check import Row, page_checks, walk_counts
     w = walk_counts(snap)
     g = snap.counters
     rows = [Row(k, w[k], g.get(k), None)
@@ -242,13 +242,13 @@ def paused_check(prog, vm, suite: str = "", mode: str | None = None,
 
     One pause, no retry (``take_snapshot(retries=1)``): a walk that lands in
     a KSM update half done (``meta["mid_update"]``, classified by
-    :func:`ksmlens.snapshot.take_snapshot` with who was busy) is a
+    :func:`ksmlens.lens.snapshot.take_snapshot` with who was busy) is a
     ``mid-update`` check, its counts not compared. The guest is stopped
     first to record which task each CPU runs (:func:`on_cpu`), then walked
     in the same pause (``take_snapshot``'s own stop is a no-op then; it
     resumes the guest); mismatches that one of those tasks, or ksmd, is
     visibly in the middle of are classified too (:func:`classify`)."""
-    from .snapshot import take_snapshot
+    from ksmlens.lens.snapshot import take_snapshot
     # The control socket serves one client: stop, read, let go; take_snapshot
     # connects itself (its stop is a no-op on a stopped guest) and resumes.
     with vm.qmp(timeout=30) as q:
@@ -512,8 +512,8 @@ def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
     ``min_checks`` agreeing checks runs again, up to ``max_rounds`` times
     (the summary says how many rounds). The guest's KSM knobs are put back
     afterwards; its merged pages are not (both suites unmerge all: run=2)."""
-    from . import ksmsys
-    from .attach import attach
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.lab.attach import attach
     for s in suites:
         if s not in SUITES:
             raise KsmlensError(f"unknown suite {s!r}", f"choose from {', '.join(SUITES)}")
@@ -577,7 +577,7 @@ def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
 
 
 def _restore_knobs(vm, old: dict) -> None:
-    from . import ksmsys
+    import ksmlens.lab.ksmsys as ksmsys
     cur = ksmsys.read_counters(vm)
     want = {k: v for k, v in old.items() if cur.get(k) != v}
     if cur.get("pages_shared") and "max_page_sharing" in want:
@@ -591,7 +591,7 @@ def _restore_knobs(vm, old: dict) -> None:
 def mremap_selftest_binary() -> Path:
     """Compile ``vm/selftests/ksm-mremap-migrate.c`` (static, host gcc) once
     per source version into ``<cache>/bin/``."""
-    from .scenarios import static_binary
+    from ksmlens.lab.scenarios import static_binary
     return static_binary(vm_data() / "selftests" / "ksm-mremap-migrate.c",
                          "ksm-mremap-migrate", "the mremap selftest")
 
@@ -630,9 +630,9 @@ def run_mremap_selftest(vm, *, with_verify: bool = True,
     """Run the project's ``migrate.ksm_and_mremap`` in ``vm`` (2 NUMA nodes):
     32 pages, the upper half mremapped over the lower half, merged into one
     KSM page, migrated. With ``with_verify``, the test holds after the merge
-    and :func:`ksmlens.verify.verify` predicts (paused snapshot) and
+    and :func:`ksmlens.experiments.verify.verify` predicts (paused snapshot) and
     migrates that same page first; the test then migrates it itself."""
-    from .verify import verify
+    from ksmlens.experiments.verify import verify
     binary = mremap_selftest_binary()
     argv = [str(binary), "--timeout", str(int(timeout * 2 / 3))]
     if with_verify:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import KsmlensError
+from ksmlens.errors import KsmlensError
 
 __all__ = [
     "PAGE_SHIFT", "PAGE_SIZE", "PTRS_PER_TABLE", "_PAGE_PRESENT", "_PAGE_RW", "_PAGE_USER",

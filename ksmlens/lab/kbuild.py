@@ -1,6 +1,6 @@
 """Build the lab's patched 6.12 kernels from Debian's ``linux-source-6.12``.
 
-Layout under the cache (see :mod:`ksmlens.paths`)::
+Layout under the cache (see :mod:`ksmlens.lab.paths`)::
 
     src/<debversion>/           the extracted source (patched in place, per build)
     src/<debversion>.pristine/  pristine copies of every file a patch touches
@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import KsmlensError
-from .paths import cache_root, vm_data
+from ksmlens.errors import KsmlensError
+from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "find_kernel", "build", "source_version", "variant_of_release"]

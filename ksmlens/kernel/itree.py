@@ -7,8 +7,8 @@ behind ``anon_vma_interval_tree_foreach()``. It prunes with the augmented
 visits the same nodes in the same order as the kernel's.
 
 The tree is reached through a :class:`Tree` adapter, so the same algorithm
-runs on live drgn Objects (:func:`ksmlens.walk.anon_vma_interval_tree_foreach`)
-and on trees recorded in a saved snapshot (:mod:`ksmlens.analysis`). Node
+runs on live drgn Objects (:func:`ksmlens.lens.helpers.anon_vma_interval_tree_foreach`)
+and on trees recorded in a saved snapshot (:mod:`ksmlens.analysis.core`). Node
 handles are any hashable value; ``None`` is NULL.
 """
 

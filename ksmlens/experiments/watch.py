@@ -7,7 +7,7 @@
 A :class:`SnapshotDiff` says which rmap_items appeared, were dropped,
 merged (became STABLE), were unmerged, moved to another KSM page, and how
 many visits SmartScan skipped (per the kernel's schedule, replayed from the
-first snapshot by :func:`ksmlens.analysis.smartscan_next`; the kernel's own
+first snapshot by :func:`ksmlens.analysis.core.smartscan_next`; the kernel's own
 ``pages_skipped`` increase is beside it). Items are matched by (mm,
 address): the kernel frees and reallocates ``ksm_rmap_item``\\s.
 """
@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .analysis import smartscan_next, visits_between
-from .errors import KsmlensError
-from .model import Snapshot
+from ksmlens.analysis.core import smartscan_next, visits_between
+from ksmlens.errors import KsmlensError
+from ksmlens.lens.model import Snapshot
 
 __all__ = ["SnapshotDiff", "diff", "Timeline", "watch"]
 
@@ -125,7 +125,7 @@ def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | N
           on_frame: Callable[[Snapshot, SnapshotDiff | None], None] | None = None,
           pace_ms: int | None = None, timeout: float = 120.0) -> Timeline:
     """Take ``count`` paused snapshots of ``vm`` (each while ksmd is idle,
-    see :func:`ksmlens.snapshot.take_idle_snapshot`): the first now, then one
+    see :func:`ksmlens.lens.snapshot.take_idle_snapshot`): the first now, then one
     after every ``scans`` full scans of ksmd (or every ``seconds``).
     ``on_frame(snapshot, diff_from_previous)`` is called as each arrives.
 
@@ -133,8 +133,8 @@ def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | N
     ``full_scans``; ``pace_ms`` sets ksmd's ``sleep_millisecs`` to that for
     the watch (and puts it back after), so each frame lands in the sleep
     right after the pass it waits for: frames exactly ``scans`` apart."""
-    from . import ksmsys
-    from .snapshot import take_idle_snapshot
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.lens.snapshot import take_idle_snapshot
     if count < 1:
         raise KsmlensError("watch needs --count >= 1", "")
     saved = ksmsys.set_knobs(vm, sleep_millisecs=pace_ms) if pace_ms else {}

@@ -32,10 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import kbuild
-from .errors import KsmlensError
-from .paths import cache_root, repo_root, vms_root
-from .qmp import QMP, wait_socket
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.errors import KsmlensError
+from ksmlens.lab.paths import cache_root, repo_root, vms_root
+from ksmlens.lab.qmp import QMP, wait_socket
 
 __all__ = ["VM", "RunResult", "probe_accel", "list_vms", "DEFAULT_NAME"]
 
@@ -227,7 +227,7 @@ class VM:
             "-no-reboot",
         ]
         agent_cmd = f"exec {shlex.quote(sys.executable)} " \
-                    f"{shlex.quote(str(repo_root() / 'ksmlens' / 'guest' / 'agent.py'))}"
+                    f"{shlex.quote(str(repo_root() / 'ksmlens' / 'lab' / 'guest' / 'agent.py'))}"
         vng_cmd = [vng, "--dry-run", "--verbose", "--run", str(kernel.bzimage),
                    "--force-9p", "--disable-microvm",
                    "--memory", f"{mem_mb}M", "--cpus", str(cpus), "--cwd", "/",
