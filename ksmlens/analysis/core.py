@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.itree import ULONG_MAX, interval_tree_foreach
+from ksmlens.kernel.variants import VARIANTS
 from ksmlens.lens.model import RmapItem, Snapshot, StableNode
 from ksmlens.lens.helpers import VM_GROWSDOWN
 
@@ -110,8 +111,8 @@ RULE_HELP = {
     "v3": "[address >> PAGE_SHIFT] (the series v1-v3)",
     "stored": "[rmap_item->pgoff] (the union and v8 kernels)",
 }
-# What each lab variant's rmap_walk_ksm() searches.
-VARIANT_RULE = {"stock": "stock", "v3": "v3", "union": "stored", "v8": "stored"}
+# What each lab variant's rmap_walk_ksm() searches (ksmlens.kernel.variants).
+VARIANT_RULE = {v.name: v.walk_rule for v in VARIANTS.values()}
 
 
 def kernel_walk_rule(variant: str | None, has_stored_pgoff: bool) -> str | None:
@@ -119,8 +120,8 @@ def kernel_walk_rule(variant: str | None, has_stored_pgoff: bool) -> str | None:
     for another kernel from ``struct ksm_rmap_item`` (a ``pgoff`` member
     means ``stored``; without one it is ``stock`` or a v3-like patch, which
     the structures cannot tell apart: None)."""
-    if variant in VARIANT_RULE:
-        return VARIANT_RULE[variant]
+    if variant in VARIANTS:
+        return VARIANTS[variant].walk_rule
     return "stored" if has_stored_pgoff else None
 
 
@@ -336,13 +337,10 @@ def smartscan_visit(age: int, skips: int) -> tuple[int, int, bool]:
 def _smartscan_reads_stable(snap: Snapshot) -> bool | None:
     """Does this kernel's ``should_skip_rmap_item()`` read a STABLE item's
     age/remaining_skips? Every 6.12 kernel does, except v8 (a behaviour,
-    not a structure: known for the lab variants only)."""
-    v = snap.kernel.variant
-    if v in ("stock", "v3", "union"):
-        return True
-    if v == "v8":
-        return False
-    return None
+    not a structure: known for the lab variants only,
+    ``Variant.smartscan_reads_stable``; None for another kernel)."""
+    v = VARIANTS.get(snap.kernel.variant)
+    return None if v is None else v.smartscan_reads_stable
 
 
 def page_is_ksm(snap: Snapshot, item: RmapItem) -> bool:

@@ -32,8 +32,9 @@ import time
 
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.variants import DEFAULT_VARIANT, VARIANTS
 
-VARIANT_HELP = "; ".join(f"{v.name}: {v.summary}" for v in kbuild.VARIANTS.values())
+VARIANT_HELP = "; ".join(f"{v.name}: {v.description}" for v in VARIANTS.values())
 
 
 def _add_name(p):
@@ -42,13 +43,13 @@ def _add_name(p):
                    help=f"which lab VM (default: {DEFAULT_NAME}); several can run side by side")
 
 
-def _add_variant(p, default=kbuild.DEFAULT_VARIANT):
+def _add_variant(p, default=DEFAULT_VARIANT):
     p.add_argument("--variant", "-V", default=default, metavar="V",
                    help=f"kernel variant (default: {default}). {VARIANT_HELP}")
 
 
 def cmd_vm_build(a):
-    variants = list(kbuild.VARIANTS) if a.all else [a.variant]
+    variants = list(VARIANTS) if a.all else [a.variant]
     for v in variants:
         k = kbuild.build(v, force=a.force, jobs=a.jobs)
         print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")

@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 from ksmlens.errors import KsmlensError
+# The variants live in the kernel layer (the lens reads them too); these
+# names stay importable from here.
+from ksmlens.kernel.variants import (DEFAULT_VARIANT, RELEASE_TAG, VARIANTS, Variant,  # noqa: F401
+                                     get_variant, variant_of_release)
 from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
@@ -35,28 +39,6 @@ __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get
 TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 PACKAGE = "linux-source-6.12"
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    summary: str
-    patches: tuple[str, ...]  # file names in vm/patches, applied in order
-
-
-VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    Variant("stock", "unmodified 6.12: rmap_walk_ksm() searches [0, ULONG_MAX]", ()),
-    Variant("v3", "series v1-v3: rmap_walk_ksm() searches only address >> PAGE_SHIFT",
-            ("v3-0001-rmap-walk-addr-pgoff.patch",)),
-    Variant("union", "seed-mail proposal: stored pgoff in a union with "
-            "{oldchecksum, age, remaining_skips}",
-            ("union-0001-stored-pgoff-union.patch",)),
-    Variant("v8", "final fix: stored pgoff reset on removal; SmartScan ignores "
-            "stable items", ("union-0001-stored-pgoff-union.patch",
-                             "v8-0002-reset-pgoff-smartscan.patch")),
-]}
-DEFAULT_VARIANT = "union"
-RELEASE_TAG = "-ksmlens"  # CONFIG_LOCALVERSION; make LOCALVERSION adds -<variant>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +53,6 @@ class Kernel:
     @property
     def directory(self) -> Path:
         return self.bzimage.parent
-
-
-def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise KsmlensError(f"unknown kernel variant {name!r}",
-                           f"choose one of {', '.join(VARIANTS)}") from None
-
-
-def variant_of_release(release: str) -> str | None:
-    """``6.12.117-ksmlens-v3`` -> ``v3``; None for a kernel not built here."""
-    m = re.search(re.escape(RELEASE_TAG) + r"-([A-Za-z0-9_]+)$", release)
-    return m.group(1) if m and m.group(1) in VARIANTS else None
 
 
 def _need_tarball() -> Path:

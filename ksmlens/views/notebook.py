@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import ksmlens.lab.kbuild as kbuild
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.variants import DEFAULT_VARIANT
 
 __all__ = ["Lab", "vm_name", "notebook_paths", "run_notebook", "NOTEBOOKS_DIR", "OUT_DIR"]
 
@@ -47,7 +47,7 @@ class Lab:
         self._prog = None
 
     @classmethod
-    def open(cls, name: str | None = None, variant: str = kbuild.DEFAULT_VARIANT,
+    def open(cls, name: str | None = None, variant: str = DEFAULT_VARIANT,
              numa: int = 2) -> "Lab":
         from ksmlens.lab.vm import VM, list_vms
         name = name or vm_name()

@@ -1,0 +1,101 @@
+"""The lab's kernel variants: one record each, read by the lab (which
+builds them), the lens (which names the variant of a release) and the
+analysis (which replays their ``rmap_walk_ksm()`` and SmartScan).
+
+Every variant is Debian's 6.12 source with the patch series
+``vm/patches/<patches...>`` applied in order; a build names itself in
+``uname -r`` as ``<version>-ksmlens-<name>`` (``CONFIG_LOCALVERSION`` is
+``-ksmlens``, ``make LOCALVERSION=-<name>`` adds the rest).
+
+What a record says is behaviour, not structure: the walk rule and whether
+SmartScan reads a STABLE item are known for these kernels only; for another
+kernel the lens can tell ``stored`` from the DWARF of ``struct
+ksm_rmap_item`` (a ``pgoff`` member) and nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from ksmlens.errors import KsmlensError
+
+__all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANT", "RELEASE_TAG", "WalkRule",
+           "get_variant", "variant_of_release"]
+
+# What rmap_walk_ksm() hands anon_vma_interval_tree_foreach() as [start, last]:
+#   stock   [0, ULONG_MAX], then the address filter (unmodified 6.12)
+#   v3      [address >> PAGE_SHIFT, same]  (the series v1-v3)
+#   stored  [rmap_item->pgoff, same]       (the union and v8 kernels)
+WalkRule = Literal["stock", "v3", "stored"]
+
+RELEASE_TAG = "-ksmlens"  # CONFIG_LOCALVERSION of vm/config/ksmlens.config
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One lab kernel.
+
+    ``name``: str, also the ``uname -r`` suffix and the build directory's prefix.
+    ``description``: str, one line (``ksmlens vm build --help``).
+    ``patches``: file names under ``vm/patches/``, applied in order with ``patch -p1``.
+    ``walk_rule``: the pgoff range ``rmap_walk_ksm()`` searches (see :data:`WalkRule`).
+    ``stored_pgoff``: ``struct ksm_rmap_item`` has a ``pgoff`` member (the union
+    with ``{oldchecksum, age, remaining_skips}``).
+    ``smartscan_reads_stable``: ``should_skip_rmap_item()`` reads ``age`` /
+    ``remaining_skips`` of a STABLE item (whose page is no longer KSM); False
+    where the patch returns before (v8).
+    ``pgoff_reset_on_removal``: ``remove_rmap_item_from_tree()`` zeroes the
+    stored pgoff (and so the SmartScan bytes sharing it).
+    ``notes``: str, the README table's notes column.
+    """
+
+    name: str
+    description: str
+    patches: tuple[str, ...]
+    walk_rule: WalkRule
+    stored_pgoff: bool
+    smartscan_reads_stable: bool
+    pgoff_reset_on_removal: bool = False
+    notes: str = ""
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("stock", "unmodified 6.12: rmap_walk_ksm() searches [0, ULONG_MAX]", (),
+            walk_rule="stock", stored_pgoff=False, smartscan_reads_stable=True,
+            notes="unmodified 6.12"),
+    Variant("v3", "series v1-v3: rmap_walk_ksm() searches only address >> PAGE_SHIFT",
+            ("v3-0001-rmap-walk-addr-pgoff.patch",),
+            walk_rule="v3", stored_pgoff=False, smartscan_reads_stable=True,
+            notes="the series v1–v3: misses VMAs moved by mremap"),
+    Variant("union", "seed-mail proposal: stored pgoff in a union with "
+            "{oldchecksum, age, remaining_skips}",
+            ("union-0001-stored-pgoff-union.patch",),
+            walk_rule="stored", stored_pgoff=True, smartscan_reads_stable=True,
+            notes="the seed mail's proposal: `pgoff` in a union with "
+                  "`{oldchecksum, age, remaining_skips}`"),
+    Variant("v8", "final fix: stored pgoff reset on removal; SmartScan ignores "
+            "stable items", ("union-0001-stored-pgoff-union.patch",
+                             "v8-0002-reset-pgoff-smartscan.patch"),
+            walk_rule="stored", stored_pgoff=True, smartscan_reads_stable=False,
+            pgoff_reset_on_removal=True,
+            notes="the final fix: pgoff reset on removal, SmartScan leaves stable "
+                  "items alone"),
+]}
+DEFAULT_VARIANT = "union"
+
+
+def get_variant(name: str) -> Variant:
+    """The record of variant ``name``; :class:`KsmlensError` naming the known ones."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise KsmlensError(f"unknown kernel variant {name!r}",
+                           f"choose one of {', '.join(VARIANTS)}") from None
+
+
+def variant_of_release(release: str) -> str | None:
+    """``6.12.117-ksmlens-v3`` -> ``v3``; None for a kernel not built here."""
+    m = re.search(re.escape(RELEASE_TAG) + r"-([A-Za-z0-9_]+)$", release)
+    return m.group(1) if m and m.group(1) in VARIANTS else None
