@@ -335,7 +335,7 @@ def test_explorer_widget_in_chromium(tmp_path):
         moved_pid = run.history[2]["result"]["pid"]
     snaps = [Snapshot.load(p) for p in paths]
     snap = snaps[-1]                            # the Explorer shows the last one
-    pids = sorted({i.pid for i in snap.rmap_items if i.pid is not None})
+    pids = sorted({i.pid for i in snap.items() if i.pid is not None})
     assert len(pids) >= 2 and moved_pid in pids
     # the union kernel after the re-merge: the moved VMA's items (shown below)
     assert any(i.pgoff_status == "moved" for i in snap.items_of(moved_pid))
@@ -402,7 +402,7 @@ def test_explorer_widget_in_chromium(tmp_path):
             proc = st["dropdowns"]["process"]
             shown = [int(o.split()[0]) for o in proc["options"]]
             assert shown == pids, (proc, pids)
-            comms = {i.pid: i.comm for i in snap.rmap_items}
+            comms = {i.pid: i.comm for i in snap.items()}
             assert proc["options"] == [f"{p} {comms[p] or ''}".strip() for p in pids]
             first = pids[proc["selected"]]
             assert first == min(pids)

@@ -16,9 +16,6 @@ ORDER = ["errors", "kernel", "lens", "analysis", "lab", "experiments", "views", 
          "__main__"]
 # ...except these: the lab puts kernels into states and never reads the lens
 FORBIDDEN = {"lab": {"lens", "analysis"}}
-# until the columnar walk lands (issue 10): the snapshot calls the replay and
-# names the variant from the lab's release parser
-_TODO = {"ksmlens.lens.snapshot"}
 
 
 def _layer(modname: str) -> str | None:
@@ -66,7 +63,7 @@ def test_every_module_is_in_a_layer():
 @pytest.mark.parametrize("path,modname", list(_modules()), ids=lambda x: str(x))
 def test_imports_point_down(path, modname):
     mine = _layer(modname)
-    if mine is None or modname in _TODO:   # ksmlens/__init__.py
+    if mine is None:                  # ksmlens/__init__.py
         return
     bad = []
     for line, target in _imports(path, modname):

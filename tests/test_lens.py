@@ -42,7 +42,7 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
                 assert row.kernel >= run.pages_of(pid)
         assert snap.meta["paused_seconds"] > 0
         # Each page node's KSM page points back to it (folio->mapping).
-        for n in snap.stable_nodes:
+        for n in snap.nodes():
             if n.kind != "chain" and n.items:
                 assert n.page_is_ksm and n.page_stable_node == n.id, n
         # Each stable rmap_item's page, as /proc/PID/pagemap has it, is its
@@ -52,7 +52,7 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
             for k, pg in enumerate(reg["pages"]):
                 pfn_at[(reg["pid"], reg["start"] + k * 4096)] = pg["pfn"]
         checked = 0
-        for i in snap.rmap_items:
+        for i in snap.items():
             if i.state == "stable" and (i.pid, i.address) in pfn_at:
                 assert pfn_at[(i.pid, i.address)] == snap.node(i.stable_node).kpfn, i
                 checked += 1
@@ -63,7 +63,7 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
                 {("moved", "file")}
             assert all(i.vm_pgoff == 16 for i in items)   # --offset-pages default
         if name == "chain":
-            chains = [n for n in snap.stable_nodes if n.kind == "chain"]
+            chains = [n for n in snap.nodes() if n.kind == "chain"]
             assert chains
             mps = snap.counters["max_page_sharing"]
             for c in chains:
@@ -74,10 +74,10 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
             moved = [i for i in snap.items_of(pid) if i.state == "stable"]
             assert moved and all(i.addr_pgoff != i.linear_page_index for i in moved)
             assert {(i.pgoff_status, i.pgoff_cause) for i in moved} == {("moved", "mremap")}
-            other = [i for i in snap.rmap_items if i.pid != pid and i.state == "stable"]
+            other = [i for i in snap.items() if i.pid != pid and i.state == "stable"]
             assert other and all(i.addr_pgoff == i.linear_page_index for i in other)
             assert {i.pgoff_status for i in other} == {"ok"}
-            for i in snap.rmap_items:
+            for i in snap.items():
                 if snap.kernel.has_stored_pgoff and i.state == "stable":
                     # set by try_to_merge_with_ksm_page() from the VMA
                     assert i.stored_pgoff == i.linear_page_index
@@ -123,7 +123,7 @@ def test_live_walk_while_ksmd_runs_and_vmcore(vm, tmp_path):
         live = take_snapshot(prog, mode="live")
         assert live.meta["mode"] == "live" and live.meta["paused_seconds"] == 0
         assert isinstance(live.meta["races"], dict)
-        assert {i.pid for i in live.rmap_items} >= set(run.pids())
+        assert {i.pid for i in live.items()} >= set(run.pids())
         # A vmcore of a paused guest walks to the same state as a consistent walk.
         with vm.qmp(timeout=600) as q:
             q.stop()
@@ -138,11 +138,11 @@ def test_live_walk_while_ksmd_runs_and_vmcore(vm, tmp_path):
             finally:
                 q.cont()
         assert from_core.meta["mode"] == "static"
-        assert sorted(i.id for i in from_core.rmap_items) == sorted(i.id for i in same.rmap_items)
+        assert sorted(i.id for i in from_core.items()) == sorted(i.id for i in same.items())
         assert walk_counts(from_core) == walk_counts(same)
         # in_unstable_tree (by seqnr, minding the window between passes when
         # the tree still holds the previous pass's items) == the tree itself
-        assert {i.id for i in same.rmap_items if i.in_unstable_tree} == tree
+        assert {i.id for i in same.items() if i.in_unstable_tree} == tree
 
 
 def test_wrong_vmlinux_is_refused(vm):
@@ -183,8 +183,8 @@ def test_helpers_agree_with_the_fast_walk_and_cli(vm):
                         tasks[0] if tasks else None)
             finally:
                 q.cont()
-        assert {n.id: sorted(n.items) for n in snap.stable_nodes if n.kind != "chain"} == nodes
-        assert [i.id for i in snap.rmap_items] == [hex(i.value_()) for i in items]
+        assert {n.id: sorted(n.items) for n in snap.nodes() if n.kind != "chain"} == nodes
+        assert [i.id for i in snap.items()] == [hex(i.value_()) for i in items]
         for iid, (state, addr, vstart, lpi, pid) in sample.items():
             it = snap.item(iid)
             assert (it.state, it.address, it.vma_start, it.linear_page_index, it.pid) == \

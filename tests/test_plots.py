@@ -359,7 +359,7 @@ def real():
 @pytest.mark.vm
 def test_real_address_space(real, tmp_path):
     snap, moved_pid = real["mremap"], real["moved_pid"]
-    pids = sorted({i.pid for i in snap.rmap_items if i.pid is not None})
+    pids = sorted({i.pid for i in snap.items() if i.pid is not None})
     assert moved_pid in pids and len(pids) >= 2
     moved_marks = 0
     for pid in pids:
@@ -382,7 +382,7 @@ def test_real_address_space(real, tmp_path):
             path = check_figure(fig, tmp_path, f"space-{pid}")
         else:
             assert not notes
-    assert moved_marks == sum(i.pgoff_status == "moved" for i in snap.rmap_items) > 0
+    assert moved_marks == sum(i.pgoff_status == "moved" for i in snap.items()) > 0
     print("inspect:", path)
 
 
@@ -418,15 +418,15 @@ def test_real_smartscan_heatmap(real, tmp_path):
     assert scans == sorted(set(scans))
     fig = plots.smartscan_heatmap(frames)
     arr = the_ax(fig).images[0].get_array()
-    keys = sorted({(i.pid, i.address) for f in frames for i in f.rmap_items})
+    keys = sorted({(i.pid, i.address) for f in frames for i in f.items()})
     assert arr.shape == (len(keys), len(frames))
     assert [t.get_text() for t in the_ax(fig).get_xticklabels()] == [str(s) for s in scans]
     assert len(marks_xy(fig, "stable")) == sum(i.state == "stable" for f in frames
-                                               for i in f.rmap_items)
+                                               for i in f.items())
     # should_skip_rmap_item() increments the age of every non-KSM item it
     # visits (skipped or not), and nothing lowers it
     never_stable = [r for r, k in enumerate(keys)
-                    if all(i.state != "stable" for f in frames for i in f.rmap_items
+                    if all(i.state != "stable" for f in frames for i in f.items()
                            if (i.pid, i.address) == k)]
     assert never_stable
     first, last = arr[never_stable, 0], arr[never_stable, -1]
@@ -447,10 +447,10 @@ def test_real_walk_replay(real, tmp_path):
     assert snap.kernel.walk_rule == "stored"
     fig = plots.walk_replay(snap, max_nodes=1000)
     arr = np.asarray(the_ax(fig).images[0].get_array())
-    n_maps = sum(len(n.mappings) for n in snap.stable_nodes)
+    n_maps = sum(len(n.mappings) for n in snap.nodes())
     assert arr.shape == (n_maps, len(RULES))
     col = {r: Counter(arr[:, k].tolist()) for k, r in enumerate(RULES)}
-    moved = sum(i.pgoff_status == "moved" and i.state == "stable" for i in snap.rmap_items)
+    moved = sum(i.pgoff_status == "moved" and i.state == "stable" for i in snap.items())
     # v3 searches address >> PAGE_SHIFT: it misses exactly the moved pages
     assert col["v3"][2] == moved > 0
     assert col["stock"][2] == 0 and col["stored"][2] == 0
@@ -482,16 +482,17 @@ def test_real_verify_outcome(real, tmp_path):
 def test_address_space_shows_ksm_zero_pages(tmp_path):
     """KSM zero pages have no rmap_item: their own row, one mark each."""
     snap = small_space()
-    slot = next(s for s in snap.mm_slots if s.pid == 10)
-    slot.zero_pages = [0x7F3000000000 + k * PAGE for k in range(5)]
+    k = snap.mm_slots.index[snap.mm_slots["pid"] == 10][0]
+    snap.mm_slots.at[k, "zero_pages"] = [0x7F3000000000 + j * PAGE for j in range(5)]
+    snap.changed()
     fig = plots.address_space(snap, 10)
     check_figure(fig, tmp_path, "zero")
     assert sum(marks(fig, "zero_pages").values()) == 5
     assert "5 KSM zero pages" in the_ax(fig).get_title()
     assert "KSM zero page (5)" in legend_labels(fig)
     only = snapshot([item(12, 0x7F4000000000, vma=None, state="none")])
-    only.rmap_items.clear()
-    only.mm_slots[0].items.clear()
-    only.mm_slots[0].zero_pages = [0x7F4000000000]
+    only.rmap_items = only.rmap_items.iloc[0:0]
+    only.mm_slots.at[0, "zero_pages"] = [0x7F4000000000]
+    only.changed()
     fig = plots.address_space(only, 12)      # a process with zero pages only
     assert sum(marks(fig, "zero_pages").values()) == 1

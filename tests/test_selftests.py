@@ -141,7 +141,7 @@ def _replace_page_state():
     snap = snapshot(merged + [cur], [n])
     snap.scan["rmap_list"] = cur.id
     snap.meta["ksmd"] = {"pid": 35, "state": 0, "in_scan": None, "idle": False}
-    for sl in snap.mm_slots:
+    for sl in snap.slots():
         sl.mm_ksm_rmap_items, sl.mm_ksm_merging_pages = 17, 16
     snap.counters.update(pages_sharing=15, pages_unshared=0, stable_node_chains=0,
                          stable_node_dups=0, rmap_items=17)
@@ -185,7 +185,7 @@ def test_exit_mmap_window_needs_an_exiting_mm_on_the_page():
     n.mapcount, n.ptes = 16, 14        # two PTEs of pid 7 already zapped... or not read
     bad = [r for r in compare_paused(snap) if not r.ok]
     assert exit_mmap_window(snap, bad) is None        # pid 7's mm is alive
-    snap.mm_slots[0].mm_users = 0
+    snap.slots()[0].mm_users = 0
     why = exit_mmap_window(snap, bad)
     assert why and "exit_mmap()" in why and "2 mapping" in why
     n.mapcount = 40                    # more than its items in the exiting mm
@@ -197,7 +197,7 @@ def test_rmap_list_window_is_one_item_at_the_cursor_mm():
     from ksmlens.experiments.check import Row
     from ksmlens.experiments.selftests import rmap_list_window
     snap, n, cur = _replace_page_state()
-    slot = snap.mm_slots[0]
+    slot = snap.slots()[0]
     snap.scan["mm_slot"] = slot.id
     bad = [Row("ksm_rmap_items", 17, 18, None), Row("pid 7 ksm_rmap_items", 17, 18, None),
            Row("general_profit", 1000, 936, None)]
@@ -226,13 +226,13 @@ def test_pte_update_window_needs_a_running_task_of_a_mapping_mm():
 
 
 def n_mm(snap):
-    return snap.mm_slots[0].mm
+    return snap.slots()[0].mm
 
 
 def test_munmap_window_needs_items_without_a_vma_of_a_running_mm():
     from ksmlens.experiments.selftests import compare_paused, munmap_window
     snap, n, cur = _replace_page_state()
-    for i in snap.rmap_items[:3]:
+    for i in snap.items()[:3]:
         i.vma_start = i.vma_end = i.vm_pgoff = None          # their VMA is detached
     n.mapcount, n.ptes = 16, 13
     bad = [r for r in compare_paused(snap) if not r.ok]

@@ -57,14 +57,14 @@ def test_forecast_and_union_hazard(vm):
         from drgn.helpers.linux.mm import follow_pfn
         prog = attach(f"vm:{vm.name}")
         seen = {True: 0, False: 0}
-        for n in snap.stable_nodes:
+        for n in snap.nodes():
             for m in n.mappings:
                 pfn = follow_pfn(Object(prog, "struct mm_struct *", int(m["mm"], 16)),
                                  m["address"]).value_()
                 assert (pfn == n.kpfn) == m["mapped"], (n.id, m)
                 seen[m["mapped"]] += 1
         assert seen[False] == COW_BREAK_PAGES and seen[True] > 0
-        by_id = {i.id: i for i in snap.rmap_items}
+        by_id = {i.id: i for i in snap.items()}
         for h in hz:
             it = by_id[h["item"]]
             if variant == "union":

@@ -34,7 +34,7 @@ def checked(vm):
 
 
 def slot_of(snap, pid):
-    return next(s for s in snap.mm_slots if pid in s.pids)
+    return next(s for s in snap.slots() if pid in s.pids)
 
 
 def run_checked(vm, name, after_step=None):
@@ -73,7 +73,7 @@ def test_zero_pages_decoded_from_the_page_tables():
             assert rows["ksm_zero_pages"].walk == res["ksm_zero_pages"] == 40 + 16 + 16
             # the fork child maps each KSM page beside its parent's two items:
             # mapcount 4, rmap_hlist_len 2, all four reached by the walk replay
-            nodes = [n for n in snap.stable_nodes if n.kind != "chain"
+            nodes = [n for n in snap.nodes() if n.kind != "chain"
                      and any(snap.item(i).pid == f for i in n.items)]
             assert nodes and all(n.mapcount == 4 and n.rmap_hlist_len == 2 and
                                  n.reachable == 4 and not n.unreachable for n in nodes)
@@ -123,7 +123,7 @@ def test_exited_sharers_are_freed_unread():
     vm = boot("union")
 
     def claims(step, run, res, rows, snap):
-        dead = [s for s in snap.mm_slots if s.mm_users == 0]
+        dead = [s for s in snap.slots() if s.mm_users == 0]
         if step == "kill":
             assert len(dead) == 2 and all(s.rmap_items == 24 and not s.pids for s in dead)
             items = [snap.item(i) for s in dead for i in s.items]
@@ -167,7 +167,7 @@ def test_swapped_items_and_the_swap_cache_node():
             items = snap.items_of(res["pid"])
             assert items and {(i.pte, i.not_visited) for i in items} == {("swap", "swapped")}
         if step == "resume":
-            empty = [n for n in snap.stable_nodes if n.kind != "chain" and not n.items]
+            empty = [n for n in snap.nodes() if n.kind != "chain" and not n.items]
             assert any(n.rmap_hlist_len == 0 and n.mapcount == 0 for n in empty)
     run_checked(vm, "swap", claims)
 
@@ -195,7 +195,7 @@ def test_check_agrees(name):
     vm = boot("union")
 
     def claims(step, run, res, rows, snap):
-        for n in snap.stable_nodes:
+        for n in snap.nodes():
             if n.kind == "dup":
                 head = snap.node(n.chain)
                 assert head.nid == n.nid or snap.kernel.nr_node_ids == 1
@@ -243,7 +243,7 @@ def test_a_page_no_rmap_item_reaches_stays_everywhere(variant):
         run.refresh()
         child = next(p["pid"] for p in run.info["procs"] if p["pid"] != pid)
         snap = take_snapshot(attach(f"vm:{vm.name}"), vm=vm)
-        orphans = [n for n in snap.stable_nodes if n.unreachable]
+        orphans = [n for n in snap.nodes() if n.unreachable]
         # the kernel: 16 KSM pages (smaps of the child) and no rmap_item at all
         assert ksmsys.read_smaps_ksm(vm, [child])[child] == 16
         c = ksmsys.read_counters(vm)

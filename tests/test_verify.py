@@ -62,7 +62,7 @@ def test_prediction_agrees_with_migration(vm, scenario, tmp_path):
             assert stays == {"stayed"}
             # the pages of the process whose vm_pgoff differs stay, with
             # every other sharer of the same KSM pages
-            assert {i.pgoff_status for i in snap.rmap_items if i.walk and not i.walk["v3"]} \
+            assert {i.pgoff_status for i in snap.items() if i.walk and not i.walk["v3"]} \
                 == {"moved"}
         else:
             assert stays == {"moved"}
@@ -78,10 +78,10 @@ def test_prediction_agrees_with_migration(vm, scenario, tmp_path):
         path = tmp_path / "s.json"
         snap.save(path)
         again = replay_walks(Snapshot.load(path))
-        assert [n.unmappable_under for n in again.stable_nodes] == \
-            [n.unmappable_under for n in snap.stable_nodes]
+        assert [n.unmappable_under for n in again.nodes()] == \
+            [n.unmappable_under for n in snap.nodes()]
         assert len(walk_misses(again, "v3")) == sum(
-            1 for n in snap.stable_nodes for m in n.mappings
+            1 for n in snap.nodes() for m in n.mappings
             if m["mapped"] and not m["found"]["v3"])
         if variant in ("stock", "v3"):
             with pytest.raises(KsmlensError, match="no stored pgoff"):

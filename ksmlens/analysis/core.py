@@ -29,15 +29,18 @@ VMA's pgoff range for the others (:func:`range_walk`).
 
 from __future__ import annotations
 
+import pandas as pd
+
 from ksmlens.errors import KsmlensError
-from ksmlens.kernel.itree import ULONG_MAX, interval_tree_foreach
-from ksmlens.kernel.variants import VARIANTS
-from ksmlens.lens.model import RmapItem, Snapshot, StableNode
-from ksmlens.lens.helpers import VM_GROWSDOWN
+from ksmlens.kernel.constants import U8_MAX, VM_GROWSDOWN
+from ksmlens.kernel.itree import interval_tree_foreach
+from ksmlens.kernel.rules import RULE_HELP, RULES, UnionLayout
+from ksmlens.kernel.variants import VARIANTS, kernel_walk_rule
+from ksmlens.lens.model import RmapItem, Snapshot
 
 __all__ = ["pgoff_status", "stored_status", "item_status", "range_walk", "STATUSES", "STORED_STATUSES",
            "RULES", "RULE_HELP", "VARIANT_RULE",
-           "kernel_walk_rule", "rule_range", "anon_vma_query", "walk_candidates",
+           "kernel_walk_rule", "anon_vma_query",
            "replay_walks", "walk_misses", "skip_age", "smartscan_visit",
            "smartscan_next", "smartscan_forecast", "page_is_ksm", "scan_position",
            "visits_between", "union_hazard", "stale_items", "will_visit"]
@@ -105,38 +108,8 @@ def _cause(item: RmapItem, page_shift: int) -> str | None:
 
 # ------------------------------------------------------------------ rmap walk replay
 
-RULES = ("stock", "v3", "stored")
-RULE_HELP = {
-    "stock": "[0, ULONG_MAX], then the address filter (unmodified 6.12)",
-    "v3": "[address >> PAGE_SHIFT] (the series v1-v3)",
-    "stored": "[rmap_item->pgoff] (the union and v8 kernels)",
-}
 # What each lab variant's rmap_walk_ksm() searches (ksmlens.kernel.variants).
 VARIANT_RULE = {v.name: v.walk_rule for v in VARIANTS.values()}
-
-
-def kernel_walk_rule(variant: str | None, has_stored_pgoff: bool) -> str | None:
-    """The rule a kernel's ``rmap_walk_ksm()`` uses: from the lab variant, or
-    for another kernel from ``struct ksm_rmap_item`` (a ``pgoff`` member
-    means ``stored``; without one it is ``stock`` or a v3-like patch, which
-    the structures cannot tell apart: None)."""
-    if variant in VARIANTS:
-        return VARIANTS[variant].walk_rule
-    return "stored" if has_stored_pgoff else None
-
-
-def rule_range(item: RmapItem, rule: str, has_stored_pgoff: bool) -> tuple[int, int] | None:
-    """The pgoff range ``[start, last]`` rule ``rule`` searches for ``item``
-    (a KSM folio is one page), or None if the kernel has no stored pgoff."""
-    if rule == "stock":
-        return 0, ULONG_MAX
-    if rule == "v3":
-        return item.addr_pgoff, item.addr_pgoff
-    if rule == "stored":
-        if not has_stored_pgoff or item.stored_pgoff is None:
-            return None
-        return item.stored_pgoff, item.stored_pgoff
-    raise KsmlensError(f"unknown rmap walk rule {rule!r}", f"choose one of {', '.join(RULES)}")
 
 
 class _RecordedTree:
@@ -180,134 +153,44 @@ def anon_vma_query(snap: Snapshot, anon_vma: str, start: int, last: int) -> list
             for a in interval_tree_foreach(t, rec["root"], rec["leftmost"], start, last)]
 
 
-def walk_candidates(snap: Snapshot, node: StableNode, rule: str,
-                    _cache: dict | None = None) -> list[dict] | None:
-    """Replay ``rmap_walk_ksm()`` of ``node``'s page under ``rule``: each
-    (mm, address) it would hand to ``rmap_one()``, in order, as
-    ``{"mm", "address", "avc", "vma_start", "vma_end", "vm_pgoff", "item",
-    "pass"}``. Both passes: the rmap_items' own mms, then
-    ``search_new_forks`` (VMAs of other mms, forked since ksmd passed).
-    None when the rule needs a stored pgoff the kernel lacks."""
-    has = snap.kernel.has_stored_pgoff
-    if rule == "stored" and not has:
-        return None
-    out = []
-    items = [snap.item(i) for i in node.items]
-    for search_new_forks in (0, 1):
-        for item in items:
-            rng = rule_range(item, rule, has)
-            if rng is None or item.anon_vma is None:
-                continue
-            if _cache is not None:
-                key = (item.anon_vma, rng)
-                avcs = _cache.get(key)
-                if avcs is None:
-                    avcs = _cache[key] = anon_vma_query(snap, item.anon_vma, *rng)
-            else:
-                avcs = anon_vma_query(snap, item.anon_vma, *rng)
-            for avc in avcs:
-                addr = item.address
-                if addr < avc["vm_start"] or addr >= avc["vm_end"]:
-                    continue
-                if (item.mm == avc["mm"]) == bool(search_new_forks):
-                    continue
-                out.append({"mm": avc["mm"], "address": addr, "avc": avc["id"],
-                            "vma_start": avc["vm_start"], "vma_end": avc["vm_end"],
-                            "vm_pgoff": avc["vm_pgoff"], "item": item.id,
-                            "pass": 1 + search_new_forks})
-    return out
-
-
-def replay_walks(snap: Snapshot, mapped: dict | None = None, stock: dict | None = None
-                 ) -> Snapshot:
-    """Replay every rule's walk for every stable page node of ``snap`` and
-    fill ``StableNode.mappings`` / ``unmappable_under`` and
-    ``RmapItem.walk`` in place (returns ``snap``).
-
-    The mappings are the stock walk's candidates (the other rules search
-    sub-ranges of the same trees, with the same filters). ``mapped`` maps
-    ``(node id, mm, address)`` to whether a PTE of mm maps the node's page
-    there (the snapshot walk reads the page tables); without it the values
-    already in ``node.mappings`` are kept. ``stock``: the stock rule's
-    candidates per node id, when already computed. A rule is in ``unmappable_under``
-    when it misses a mapping that is mapped: the kernel's walk would leave
-    that PTE in place (no migration, no reclaim of the page).
-    """
-    import gc
-    snap.__dict__.pop("_mapped_idx", None)
-    was = gc.isenabled()
-    gc.disable()         # millions of small dicts, no cycles: the collector only costs
-    try:
-        return _replay_walks(snap, mapped, stock)
-    finally:
-        if was:
-            gc.enable()
-
-
-def _replay_walks(snap, mapped, stock):
-    owners = {s.mm: (s.pid, s.comm) for s in snap.mm_slots}
-    cache: dict = {}     # (anon_vma, range) -> avcs: the stock range repeats per anon_vma
-    for node in snap.stable_nodes:
-        if node.kind == "chain":
-            continue
-        old = {(m["mm"], m["address"]): m.get("mapped") for m in node.mappings}
-        found = {r: (stock[node.id] if r == "stock" and stock and node.id in stock
-                     else walk_candidates(snap, node, r, cache)) for r in RULES}
-        stock = found["stock"]
-        keys = {r: (None if f is None else {(c["mm"], c["address"]) for c in f})
-                for r, f in found.items()}
-        mappings, seen = [], set()
-        for c in stock:
-            k = (c["mm"], c["address"])
-            if k in seen:
-                continue
-            seen.add(k)
-            pid, comm = owners.get(c["mm"], (None, None))
-            m = dict(c, pid=pid, comm=comm)
-            m["mapped"] = (mapped.get((node.id,) + k) if mapped is not None else old.get(k))
-            m["found"] = {r: (None if keys[r] is None else k in keys[r]) for r in RULES}
-            mappings.append(m)
-        node.mappings = mappings
-        node.reachable = sum(1 for m in mappings if m["mapped"])
-        # only for a page that is still this node's KSM page (a stale node's
-        # kpfn may have been freed and reused: its mapcount is someone else's)
-        own = node.page_is_ksm and node.page_stable_node == node.id
-        node.unreachable = max(0, (node.mapcount or 0) - node.reachable) if own else 0
-        node.unmappable_under = [r for r in RULES if keys[r] is not None and (
-            node.unreachable or any(m["mapped"] and not m["found"][r] for m in mappings))]
-        for iid in node.items:
-            it = snap.item(iid)
-            k = (it.mm, it.address)
-            it.walk = {r: (None if keys[r] is None else k in keys[r]) for r in RULES}
-    has, shift = snap.kernel.has_stored_pgoff, snap.kernel.page_shift
-    for it in snap.rmap_items:
-        if it.state != "stable":
-            it.walk = range_walk(it, has, shift)
-    return snap
+def replay_walks(snap: Snapshot) -> Snapshot:
+    """Replay every rule's ``rmap_walk_ksm()`` on ``snap``'s own tables and
+    fill ``snap.mappings``, each item's ``walk_*`` and each node's
+    ``reachable`` / ``unreachable`` / ``unmappable_*`` in place (returns
+    ``snap``); see :func:`ksmlens.lens.snapshot.replay_tables`. A fresh
+    snapshot is already replayed: this is for saved and hand-made ones."""
+    from ksmlens.lens.snapshot import replay_tables
+    return replay_tables(snap)
 
 
 def walk_misses(snap: Snapshot, rule: str | None = None) -> list[dict]:
     """The mapped mappings that ``rule`` (default: the kernel's own) misses,
-    one row per (stable node, mapping)."""
+    one row per (stable node, mapping): the mapping's fields plus ``node``,
+    ``kpfn`` and ``rule``."""
     rule = rule or snap.kernel.walk_rule
     if rule is None:
         raise KsmlensError("this kernel's rmap walk rule is unknown",
                            f"name one: {', '.join(RULES)}")
     if rule == "stored" and not snap.kernel.has_stored_pgoff:
         raise KsmlensError(f"{snap.kernel.release} has no stored pgoff "
-                           "(struct ksm_rmap_item has no pgoff member)",
+                           "(struct ksm_rmap_item has no stored index member)",
                            "ask for stock or v3, or snapshot a union/v8 kernel")
+    m = snap.mappings
+    miss = m[m["mapped"].fillna(False) & ~m[f"found_{rule}"].fillna(True)]
+    kpfn = dict(zip(snap.stable_nodes["id"], snap.stable_nodes["kpfn"]))
     out = []
-    for node in snap.stable_nodes:
-        for m in node.mappings:
-            if m["mapped"] and not m["found"][rule]:
-                out.append(dict(m, node=node.id, kpfn=node.kpfn, rule=rule))
+    for r in miss.to_dict("records"):
+        d = {k: (None if v is pd.NA or (isinstance(v, float) and v != v) else v)
+             for k, v in r.items() if not k.startswith("found_") and k != "node"}
+        d["found"] = {x: (None if r[f"found_{x}"] is pd.NA else bool(r[f"found_{x}"]))
+                      for x in RULES}
+        d.update(node=r["node"], kpfn=kpfn.get(r["node"]), rule=rule)
+        out.append(d)
     return out
 
 
 # ------------------------------------------------------------------ SmartScan
 
-U8_MAX = 255
 
 
 def skip_age(age: int) -> int:
@@ -355,10 +238,12 @@ def page_is_ksm(snap: Snapshot, item: RmapItem) -> bool:
         return bool(item.page_ksm)
     if item.state != "stable" or item.stable_node is None:
         return False
-    idx = snap.__dict__.get("_mapped_idx")
-    if idx is None:      # built once per snapshot (replay_walks drops it)
-        idx = snap._mapped_idx = {(n.id, m["mm"], m["address"]): bool(m["mapped"])
-                                  for n in snap.stable_nodes for m in n.mappings}
+    idx = snap._records.get("mapped_idx")
+    if idx is None:      # built once per snapshot (dropped by Snapshot.changed())
+        m = snap.mappings
+        idx = snap._records["mapped_idx"] = {
+            (n, mm, a): bool(v) for n, mm, a, v in zip(m["node"], m["mm"], m["address"],
+                                                      m["mapped"].fillna(False))}
     return idx.get((item.stable_node, item.mm, item.address), False)
 
 
@@ -422,9 +307,10 @@ def scan_position(snap: Snapshot, item: RmapItem) -> tuple[int, int]:
 
 
 def _slot_index(snap: Snapshot) -> dict:
-    if not hasattr(snap, "_slot_idx"):
-        snap._slot_idx = {s.mm: k for k, s in enumerate(snap.mm_slots)}
-    return snap._slot_idx
+    idx = snap._records.get("slot_idx")
+    if idx is None:
+        idx = snap._records["slot_idx"] = {s.mm: k for k, s in enumerate(snap.slots())}
+    return idx
 
 
 def _pending(snap: Snapshot, item: RmapItem) -> int:
@@ -432,9 +318,10 @@ def _pending(snap: Snapshot, item: RmapItem) -> int:
     cur = snap.scan.get("mm_slot")
     if snap.scan.get("at_pass_start") or cur is None:
         return 1
-    k = next((k for k, s in enumerate(snap.mm_slots) if s.id == cur), None) \
-        if "_cursor_idx" not in snap.__dict__ else snap._cursor_idx
-    snap._cursor_idx = k
+    if "cursor_idx" not in snap._records:
+        snap._records["cursor_idx"] = next(
+            (k for k, s in enumerate(snap.slots()) if s.id == cur), None)
+    k = snap._records["cursor_idx"]
     if k is None:
         return 1
     return int(scan_position(snap, item) >= (k, snap.scan.get("address", 0)))
@@ -455,7 +342,7 @@ def smartscan_forecast(snap: Snapshot, full_scans: int) -> dict:
     KSM status meanwhile (no new merges, no writes)."""
     per_n = [0] * (full_scans + 1)
     items = {}
-    for it in snap.rmap_items:
+    for it in snap.items():
         p = _pending(snap, it)
         res = items[it.id] = smartscan_next(snap, it, full_scans - 1 + p if full_scans else 0)
         # a shorter run is a prefix of the same schedule
@@ -478,7 +365,8 @@ def union_hazard(snap: Snapshot) -> list[dict]:
     if not snap.counters.get("smart_scan", 1):
         return out       # should_skip_rmap_item() returns before it reads anything
     reads = _smartscan_reads_stable(snap)
-    for it in snap.rmap_items:
+    union = UnionLayout(**snap.kernel.union_layout)
+    for it in snap.items():
         if it.state != "stable" or not will_visit(it) or page_is_ksm(snap, it):
             continue
         nxt = smartscan_next(snap, it, 1)
@@ -491,8 +379,8 @@ def union_hazard(snap: Snapshot) -> list[dict]:
                     "next_visit": nxt["schedule"][:1] or None,
                     "age_after": nxt["age"], "skips_after": nxt["remaining_skips"],
                     "pgoff_after": (None if not (snap.kernel.has_stored_pgoff and reads)
-                                    else (it.raw_union & ~(0xFFFF << 32))
-                                    | (nxt["age"] << 32) | (nxt["remaining_skips"] << 40))})
+                                    else union.with_smartscan(it.raw_union, nxt["age"],
+                                                              nxt["remaining_skips"]))})
     return out
 
 
@@ -502,6 +390,6 @@ def stale_items(snap: Snapshot, rule: str | None = None) -> list[RmapItem]:
     whose stored index is not their mapping's (``stored_status`` stale /
     unset)."""
     rules = [rule] if rule else list(RULES)
-    return [i for i in snap.rmap_items
+    return [i for i in snap.items()
             if (i.walk and any(i.walk.get(r) is False for r in rules))
             or i.stored_status in ("stale", "unset")]

@@ -284,7 +284,7 @@ def cmd_replay(a):
         mark = ("  (n/a: struct ksm_rmap_item has no pgoff)"
                 if r == "stored" and not snap.kernel.has_stored_pgoff else "")
         print(f"  {r:7} {RULE_HELP[r]}{mark}")
-    nodes = [n for n in snap.stable_nodes if n.kind != "chain"]
+    nodes = [n for n in snap.nodes() if n.kind != "chain"]
     for r in rules:
         misses = walk_misses(snap, r)
         bad = {m["node"] for m in misses}

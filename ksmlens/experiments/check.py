@@ -52,18 +52,18 @@ def walk_counts(snap: Snapshot) -> dict:
       (the zero pfn with the dirty bit, include/linux/ksm.h), all mm slots;
     * ``general_profit``: ``general_profit_show()`` on those counts.
     """
-    page_nodes = [n for n in snap.stable_nodes if n.kind in ("regular", "dup") and n.items]
+    page_nodes = [n for n in snap.nodes() if n.kind in ("regular", "dup") and n.items]
     stable_items = sum(len(n.items) for n in page_nodes)
     c = {
         "pages_shared": len(page_nodes),
         "pages_sharing": stable_items - len(page_nodes),
-        "pages_unshared": sum(1 for i in snap.rmap_items if i.state == "unstable"),
+        "pages_unshared": sum(1 for i in snap.items() if i.state == "unstable"),
         "rmap_items": len(snap.rmap_items),
-        "stable_node_chains": sum(1 for n in snap.stable_nodes if n.kind == "chain"),
-        "stable_node_dups": sum(1 for n in snap.stable_nodes if n.kind == "dup"),
+        "stable_node_chains": sum(1 for n in snap.nodes() if n.kind == "chain"),
+        "stable_node_dups": sum(1 for n in snap.nodes() if n.kind == "dup"),
     }
-    if all(s.ksm_zero_pages is not None for s in snap.mm_slots):
-        c["ksm_zero_pages"] = sum(s.ksm_zero_pages for s in snap.mm_slots)
+    if all(s.ksm_zero_pages is not None for s in snap.slots()):
+        c["ksm_zero_pages"] = sum(s.ksm_zero_pages for s in snap.slots())
         c["general_profit"] = ((c["pages_sharing"] + c["ksm_zero_pages"])
                                * (1 << snap.kernel.page_shift)
                                - c["rmap_items"] * snap.kernel.rmap_item_size)
@@ -75,7 +75,7 @@ def per_pid_counts(snap: Snapshot) -> dict[int, dict]:
     using each mm (``proc_pid_ksm_stat()``, ``ksm_process_profit()``)."""
     out: dict[int, dict] = {}
     page = 1 << snap.kernel.page_shift
-    for slot in snap.mm_slots:
+    for slot in snap.slots():
         items = [snap.item(i) for i in slot.items]
         c = {"ksm_rmap_items": len(items),
              "ksm_merging_pages": sum(1 for i in items if i.state == "stable")}
@@ -93,7 +93,7 @@ def page_checks(snap: Snapshot) -> list[Row]:
     its hlist, and its mapcount against the PTEs of the KSM mms' mergeable
     VMAs that map it (stale nodes, whose page is no longer KSM, are left
     out: their kpfn may have been reused)."""
-    nodes = [n for n in snap.stable_nodes if n.kind in ("regular", "dup")]
+    nodes = [n for n in snap.nodes() if n.kind in ("regular", "dup")]
     rows = [Row("stable nodes: rmap_hlist_len", sum(len(n.items) for n in nodes),
                 sum(n.rmap_hlist_len for n in nodes), None)]
     ksm = [n for n in nodes if n.page_is_ksm and n.ptes is not None and n.mapcount is not None]
@@ -105,7 +105,7 @@ def page_checks(snap: Snapshot) -> list[Row]:
 
 def unreachable_note(snap: Snapshot) -> str | None:
     """A line on KSM pages whose mapcount exceeds what any rmap walk reaches."""
-    un = [n for n in snap.stable_nodes if n.unreachable]
+    un = [n for n in snap.nodes() if n.unreachable]
     if not un:
         return None
     return (f"{len(un)} KSM page(s) have {sum(n.unreachable for n in un)} mapping(s) that no "
@@ -137,7 +137,7 @@ def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict],
             if k in g and k in sysfs and k in after:
                 rows.append(Row(k, g[k], sysfs[k], after[k], rule="between"))
     per = per_pid_counts(snap)
-    slots = {p: s for s in snap.mm_slots for p in (s.pids or [s.pid]) if p is not None}
+    slots = {p: s for s in snap.slots() for p in (s.pids or [s.pid]) if p is not None}
     zero = {"ksm_rmap_items": 0, "ksm_merging_pages": 0, "ksm_zero_pages": 0,
             "ksm_process_profit": 0}
     mm_field = {"ksm_rmap_items": "mm_ksm_rmap_items",
@@ -215,7 +215,7 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
         snap = settled
         page = 1 << snap.kernel.page_shift
         stat = {}
-        for s in snap.mm_slots:
+        for s in snap.slots():
             st = {"ksm_rmap_items": s.mm_ksm_rmap_items,
                   "ksm_merging_pages": s.mm_ksm_merging_pages}
             if s.mm_ksm_zero_pages is not None:
@@ -279,7 +279,7 @@ def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
             w = walk_counts(snap)
             rows = [Row(k if k != "rmap_items" else "ksm_rmap_items", w[k], before[k], after[k])
                     for k in keys + ("ksm_zero_pages",) if k in w and k in before]
-            slots = {p: s for s in snap.mm_slots for p in (s.pids or [s.pid]) if p is not None}
+            slots = {p: s for s in snap.slots() for p in (s.pids or [s.pid]) if p is not None}
             for pid, mine in sorted(per_pid_counts(snap).items()):
                 slot = slots[pid]
                 for k, f in (("ksm_rmap_items", "mm_ksm_rmap_items"),

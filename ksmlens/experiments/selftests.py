@@ -221,8 +221,8 @@ def compare_paused(snap) -> list:
                       "stable_node_dups", "ksm_zero_pages", "general_profit")
             if k in w and k in g]
     rows.append(Row("ksm_rmap_items", w["rmap_items"], g.get("rmap_items"), None))
-    items = {i.id: i for i in snap.rmap_items}
-    for slot in snap.mm_slots:
+    items = {i.id: i for i in snap.items()}
+    for slot in snap.slots():
         label = f"pid {slot.pid}" if slot.pid is not None else f"mm {slot.mm}"
         mine = [items[i] for i in slot.items if i in items]
         rows.append(Row(f"{label} ksm_rmap_items", len(mine), slot.mm_ksm_rmap_items, None))
@@ -288,11 +288,11 @@ def _mapcount_evidence(snap) -> dict:
     0, of the rmap_item ``cmp_and_merge_page()`` works on)."""
     off = [{"node": n.id, "kpfn": n.kpfn, "mapcount": n.mapcount, "ptes": n.ptes,
             "items": len(n.items)}
-           for n in snap.stable_nodes
+           for n in snap.nodes()
            if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
            and n.mapcount is not None and n.ptes != n.mapcount]
     cur = None
-    items = {i.id: i for i in snap.rmap_items}
+    items = {i.id: i for i in snap.items()}
     it = items.get(snap.scan.get("rmap_list") or "")
     if it is not None:
         cur = {"item": it.id, "pid": it.pid, "address": it.address, "state": it.state,

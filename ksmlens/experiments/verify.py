@@ -109,7 +109,7 @@ def predict(snap, rule: str | None = None) -> dict:
         raise KsmlensError(f"{snap.kernel.release} has no stored pgoff: the 'stored' rule "
                            "does not apply", "use the union or v8 variant")
     out = {}
-    for n in snap.stable_nodes:
+    for n in snap.nodes():
         if n.kind == "chain" or n.kpfn is None:
             continue
         if not any(m["mapped"] for m in n.mappings) and not n.orphan_mappings:
@@ -159,7 +159,7 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
                                "run a scenario first (`ksmlens scenario run mremap --keep`)")
         page = 1 << snap.kernel.page_shift
         want: dict[tuple[int, int], str] = {}     # (pid, address) -> node id
-        for n in snap.stable_nodes:
+        for n in snap.nodes():
             if n.id not in pred:
                 continue
             for m in [m for m in n.mappings if m["mapped"]] + n.orphan_mappings:
@@ -196,7 +196,7 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
                           # write) is not compared: nothing was predicted about it
                           "agree": None if obs == "gone" else (pr == "moves") == (obs == "moved")})
     rows = []
-    for n in snap.stable_nodes:
+    for n in snap.nodes():
         if n.id not in pred:
             continue
         ps = [p for p in pages if p["node"] == n.id]
@@ -270,7 +270,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
         page = 1 << snap.kernel.page_shift
         # (pid, addr) -> (node, found, mapped): every candidate of the replay
         want: dict[tuple[int, int], tuple[str, bool, bool]] = {}
-        for n in snap.stable_nodes:
+        for n in snap.nodes():
             if n.id in pred:
                 for m in n.mappings:
                     k = (m["pid"], m["address"])
@@ -310,7 +310,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["before_pfn"],
                           "found": found, "predicted": pr, "observed": obs, "agree": agree})
     rows = []
-    for n in snap.stable_nodes:
+    for n in snap.nodes():
         if n.id not in pred:
             continue
         ps = [p for p in pages if p["node"] == n.id and p["observed"] != "absent"]
@@ -409,9 +409,9 @@ def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> Smar
         b = take_idle_snapshot(prog, vm)
     finally:
         vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
-    by_key = {(i.mm, i.address): i for i in b.rmap_items}
+    by_key = {(i.mm, i.address): i for i in b.items()}
     rows, predicted = [], 0
-    for it in a.rmap_items:
+    for it in a.items():
         nb = by_key.get((it.mm, it.address))
         v = visits_between(a, b, it)
         p = smartscan_next(a, it, v)       # 0 skips for an item ksmd frees unread

@@ -64,11 +64,11 @@ def diff(a: Snapshot, b: Snapshot) -> SnapshotDiff:
     if a.kernel.release != b.kernel.release:
         raise KsmlensError(f"snapshots of two kernels ({a.kernel.release} vs "
                            f"{b.kernel.release})", "diff two snapshots of one VM")
-    ia = {(i.mm, i.address): i for i in a.rmap_items}
-    ib = {(i.mm, i.address): i for i in b.rmap_items}
+    ia = {(i.mm, i.address): i for i in a.items()}
+    ib = {(i.mm, i.address): i for i in b.items()}
     both = ia.keys() & ib.keys()
-    kpfn_a = {n.id: n.kpfn for n in a.stable_nodes}
-    kpfn_b = {n.id: n.kpfn for n in b.stable_nodes}
+    kpfn_a = {n.id: n.kpfn for n in a.nodes()}
+    kpfn_b = {n.id: n.kpfn for n in b.nodes()}
     merged, unmerged, moved, pg, skipped = [], [], [], [], {}
     for k in sorted(both):
         x, y = ia[k], ib[k]

@@ -22,7 +22,7 @@ from typing import Literal
 from ksmlens.errors import KsmlensError
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANT", "RELEASE_TAG", "WalkRule",
-           "get_variant", "variant_of_release"]
+           "get_variant", "variant_of_release", "kernel_walk_rule"]
 
 # What rmap_walk_ksm() hands anon_vma_interval_tree_foreach() as [start, last]:
 #   stock   [0, ULONG_MAX], then the address filter (unmodified 6.12)
@@ -99,3 +99,13 @@ def variant_of_release(release: str) -> str | None:
     """``6.12.117-ksmlens-v3`` -> ``v3``; None for a kernel not built here."""
     m = re.search(re.escape(RELEASE_TAG) + r"-([A-Za-z0-9_]+)$", release)
     return m.group(1) if m and m.group(1) in VARIANTS else None
+
+
+def kernel_walk_rule(variant: str | None, has_stored_pgoff: bool) -> str | None:
+    """The rule a kernel's ``rmap_walk_ksm()`` uses: from the lab variant, or
+    for another kernel from ``struct ksm_rmap_item`` (a stored index means
+    ``stored``; without one it is ``stock`` or a v3-like patch, which the
+    structures cannot tell apart: None)."""
+    if variant in VARIANTS:
+        return VARIANTS[variant].walk_rule
+    return "stored" if has_stored_pgoff else None

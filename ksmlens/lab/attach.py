@@ -148,6 +148,7 @@ def attach(target: str | None = None, *, vmlinux=None) -> Program:
         cached = _LIVE.get(name)
         if cached and cached[0] == vm.state["pid"] and vmlinux in (None, vm.state["vmlinux"]):
             cached[1].cache["ksmlens_vm"] = vm
+            cached[1].cache["ksmlens_pause"] = vm.paused
             return cached[1]
         if cached:
             del _LIVE[name]
@@ -162,6 +163,10 @@ def attach(target: str | None = None, *, vmlinux=None) -> Program:
         want_cache = vmlinux is None or str(vmlinux) == vm.state["vmlinux"]
         vmlinux = vmlinux or vm.state["vmlinux"]
         prog.cache["ksmlens_vm"] = vm
+        # the lens pauses through this (ksmlens.lens.snapshot.register_pause),
+        # without knowing what a VM is
+        prog.cache["ksmlens_pause"] = vm.paused
+        prog.cache["ksmlens_source"] = f"qmp:{sock}"
     elif target in ("kcore", "/proc/kcore"):
         prog = Program()
         if os.geteuid() != 0:

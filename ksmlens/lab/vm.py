@@ -18,6 +18,7 @@ outlives the command that started it (``vng`` itself needs a terminal).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -477,6 +478,18 @@ class VM:
         if not self.alive():
             self._dead_or("")
         return QMP(self.state["control_qmp"], timeout=timeout)
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float = 30.0):
+        """Hold every vCPU still (QMP ``stop``) for the ``with`` block, then
+        ``cont``, also on an exception. What drgn reads meanwhile is one
+        instant of the guest."""
+        with self.qmp(timeout=timeout) as q:
+            q.stop()
+            try:
+                yield self
+            finally:
+                q.cont()
 
     def status(self) -> dict:
         s = dict(self.state)

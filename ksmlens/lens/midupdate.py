@@ -54,7 +54,7 @@ def _mapcount_ahead(bad_rows, cpus, snap) -> list:
     else empty."""
     if not cpus or {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
         return []
-    return [n for n in snap.stable_nodes
+    return [n for n in snap.nodes()
             if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
             and n.mapcount is not None and n.ptes != n.mapcount]
 
@@ -69,7 +69,7 @@ def munmap_window(snap, bad_rows, cpus=None) -> str | None:
     if not off:
         return None
     running = {c["mm"]: c for c in cpus if c["mm"]}
-    items = {i.id: i for i in snap.rmap_items}
+    items = {i.id: i for i in snap.items()}
     who = set()
     for n in off:
         gone = [items[i] for i in n.items if i in items and items[i].mm in running
@@ -103,7 +103,7 @@ def rmap_list_window(snap, bad_rows, cpus=None) -> str | None:
     ksmd = snap.meta.get("ksmd") or {}
     if not (_ksmd_on_cpu(snap, cpus) or ksmd.get("in_scan")):
         return None
-    slot = next((sl for sl in snap.mm_slots if sl.id == snap.scan.get("mm_slot")), None)
+    slot = next((sl for sl in snap.slots() if sl.id == snap.scan.get("mm_slot")), None)
     if slot is None:
         return None
     label = f"pid {slot.pid}" if slot.pid is not None else f"mm {slot.mm}"
@@ -136,7 +136,7 @@ def pte_update_window(snap, bad_rows, cpus=None) -> str | None:
     if not off:
         return None
     running = {c["mm"]: c for c in cpus if c["mm"]}
-    items = {i.id: i for i in snap.rmap_items}
+    items = {i.id: i for i in snap.items()}
     who = set()
     for n in off:
         mms = {items[i].mm for i in n.items if i in items} & set(running)
@@ -161,18 +161,18 @@ def exit_mmap_window(snap, bad_rows) -> str | None:
     on that page's node. Returns what was seen, or None."""
     if {r.what for r in bad_rows} != {"KSM pages: PTEs vs mapcount"}:
         return None
-    exiting = {sl.mm for sl in snap.mm_slots if sl.mm_users == 0}
+    exiting = {sl.mm for sl in snap.slots() if sl.mm_users == 0}
     if not exiting:
         return None
-    items = {i.id: i for i in snap.rmap_items}
-    off = [n for n in snap.stable_nodes
+    items = {i.id: i for i in snap.items()}
+    off = [n for n in snap.nodes()
            if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
            and n.mapcount is not None and n.ptes != n.mapcount]
     for n in off:
         gone = sum(1 for i in n.items if i in items and items[i].mm in exiting)
         if not 0 < n.mapcount - n.ptes <= gone:
             return None
-    pids = sorted({sl.pid for sl in snap.mm_slots if sl.mm in exiting and sl.pid is not None})
+    pids = sorted({sl.pid for sl in snap.slots() if sl.mm in exiting and sl.pid is not None})
     return (f"exit_mmap() in progress ({len(exiting)} mm(s) with mm_users 0"
             + (f", pid {', '.join(map(str, pids))}" if pids else "")
             + f"): {len(off)} KSM page(s) still count "
@@ -194,18 +194,18 @@ def replace_page_window(snap, bad_rows, cpus=None) -> str | None:
     what was seen, or None if the mismatch is anything else."""
     if not _ksmd_on_cpu(snap, cpus):       # it holds the PTE lock: on a CPU
         return None
-    items = {i.id: i for i in snap.rmap_items}
+    items = {i.id: i for i in snap.items()}
     cur = items.get(snap.scan.get("rmap_list") or "")
     if cur is None or cur.state != "none":
         return None
-    slot = next((sl for sl in snap.mm_slots if sl.mm == cur.mm), None)
+    slot = next((sl for sl in snap.slots() if sl.mm == cur.mm), None)
     label = None if slot is None else (f"pid {slot.pid}" if slot.pid is not None
                                        else f"mm {slot.mm}")
     page = 1 << snap.kernel.page_shift
     what = {r.what: r for r in bad_rows}
     if set(what) == {"KSM pages: PTEs vs mapcount"}:
         r = what["KSM pages: PTEs vs mapcount"]
-        off = [n for n in snap.stable_nodes
+        off = [n for n in snap.nodes()
                if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
                and n.mapcount is not None and n.ptes != n.mapcount]
         if (r.kernel == r.walk + 1 and len(off) == 1 and off[0].mapcount == off[0].ptes + 1

@@ -1,44 +1,74 @@
-"""Plain data between the drgn walk and everything that reads it.
+"""Plain data between the drgn walk and everything that reads it: tables.
 
 A :class:`Snapshot` holds no drgn objects: analysis, reports, plots and
-notebooks work the same on a live walk and on a file saved with
-``ksmlens snapshot -o FILE.json``. Kernel pointers are kept as hex strings
-(``"0xffff8880..."``): they are ids, and JSON numbers lose them past 2**53.
+notebooks work the same on a live walk and on a saved file. Its tables are
+pandas DataFrames, one row per kernel object, columns named as in the JSON
+contract:
 
-The JSON contract (extend freely, do not rename): top level ``schema``,
-``kernel`` (``release``, ``variant``, ``has_stored_pgoff``), ``counters``
-(named as in /sys/kernel/mm/ksm), ``stable_nodes``, ``rmap_items``,
-``mm_slots``. See :class:`RmapItem` and :class:`StableNode` for the fields.
+=====================  ==========================================================
+``snap.rmap_items``    one ``struct ksm_rmap_item`` per row (:class:`RmapItem`)
+``snap.stable_nodes``  one ``struct ksm_stable_node`` per row (:class:`StableNode`)
+``snap.mm_slots``      one ``struct ksm_mm_slot`` per row (:class:`MmSlot`)
+``snap.mappings``      the rmap walk replayed: each (stable node, mm, address)
+                       the widest walk visits, with what each rule finds
+``snap.orphans``       mappings of KSM pages no rmap_item leads to
+=====================  ==========================================================
+
+Kernel pointers are hex strings (``"0xffff8880..."``): they are ids, and
+JSON numbers lose them past 2**53. The per-rule answers that JSON nests
+(``walk``, ``found``, ``unmappable_under``) are flat boolean columns here
+(``walk_stock``, ``found_v3``, ``unmappable_stored`` ...).
+
+Code that reasons about one object at a time asks for records:
+:meth:`Snapshot.items`, :meth:`~Snapshot.nodes`, :meth:`~Snapshot.slots`
+(dataclasses built from the tables on first use, then cached; a million
+items take about a second) and :meth:`~Snapshot.item` / :meth:`~Snapshot.node`
+by id. Records are read-only views: change the tables, not them.
+
+On disk (:mod:`ksmlens.lens.store`): JSON (``.json``, the contract users
+script against: top level ``schema``, ``kernel``, ``counters``, ``scan``,
+``meta``, ``stable_nodes``, ``rmap_items``, ``mm_slots``, ``anon_vmas``;
+extend freely, do not rename) or the columnar form (any other name: a zip
+of Parquet tables). :meth:`Snapshot.load` reads both.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pandas as pd
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.rules import RULES
 
-__all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot"]
+__all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot",
+           "ITEM_COLUMNS", "NODE_COLUMNS", "SLOT_COLUMNS", "MAPPING_COLUMNS",
+           "ORPHAN_COLUMNS"]
 
-SCHEMA = "ksmlens-snapshot/3"  # 2: anon_vma trees, walk replay, walk_rule
+SCHEMA = "ksmlens-snapshot/4"  # 2: anon_vma trees, walk replay, walk_rule
                                # 3: page tables per item (pte, pfn, page_ksm,
                                #    will_visit), KSM zero pages, per-rule walk
                                #    answers, stored_status, unreachable mappings
+                               # 4: columnar (tables), hlist_pos, union_layout
 
 
 @dataclass
 class KernelInfo:
     release: str
     variant: str | None          # ksmlens variant from the release, None if not ours
-    has_stored_pgoff: bool       # struct ksm_rmap_item has a pgoff member
+    has_stored_pgoff: bool       # struct ksm_rmap_item stores the page index
     nr_node_ids: int = 1         # ksm_nr_node_ids: stable/unstable tree roots
     page_shift: int = 12
     rmap_item_size: int = 64     # sizeof(struct ksm_rmap_item): the profit formulas
     source: str = ""             # "qmp:PATH", "vmcore:PATH" or "kcore"
     walk_rule: str | None = None  # the rule this kernel's rmap_walk_ksm() uses:
-                                  # "stock", "v3" or "stored" (see ksmlens.analysis.core.RULES)
+                                  # "stock", "v3" or "stored" (see ksmlens.kernel.rules.RULES)
+    stored_index_member: str | None = None  # the member holding the stored index
+    # byte offsets of oldchecksum / age / remaining_skips within the 8 bytes
+    # the stored index shares (ksmlens.kernel.rules.UnionLayout), from DWARF
+    union_layout: dict = field(default_factory=lambda: {
+        "oldchecksum": 0, "age": 4, "remaining_skips": 5})
 
 
 @dataclass(slots=True)
@@ -72,7 +102,7 @@ class RmapItem:
     raw_union: int               # bytes 32..39 as one u64 (pgoff/SmartScan union)
     vm_flags: int | None = None
     pgoff_status: str = ""       # ok / moved / no_vma: address >> PAGE_SHIFT against
-                                 # linear_page_index (ksmlens.analysis.core.pgoff_status)
+                                 # linear_page_index (ksmlens.analysis.pgoff_status)
     pgoff_cause: str | None = None
     stored_status: str | None = None  # STABLE items on kernels with a stored index:
                                  # ok / stale / unset (None elsewhere)
@@ -93,6 +123,7 @@ class RmapItem:
     # no_page, swapped, zero_page, special, not_anon
     will_visit: bool | None = None
     not_visited: str | None = None
+    hlist_pos: int | None = None  # STABLE: position on its stable node's hlist (0 first)
 
 
 @dataclass
@@ -113,8 +144,8 @@ class StableNode:
     # Walk replay: every (mm, address) an rmap_walk_ksm() of this page can
     # visit, in the kernel's order, each {"mm", "pid", "comm", "address",
     # "vma_start", "vma_end", "vm_pgoff", "item" (the rmap_item whose
-    # anon_vma led there), "pass" (1, or 2 = search_new_forks), "mapped" (a
-    # PTE of mm maps kpfn there), "found": {rule: bool | None}}
+    # anon_vma led there), "avc", "pass" (1, or 2 = search_new_forks),
+    # "mapped" (a PTE of mm maps kpfn there), "found": {rule: bool | None}}
     mappings: list[dict] = field(default_factory=list)
     unmappable_under: list[str] = field(default_factory=list)  # rules missing a mapped one
     ptes: int | None = None      # PTEs of the KSM mms' mergeable VMAs that map kpfn
@@ -144,84 +175,376 @@ class MmSlot:
     zero_pages: list[int] = field(default_factory=list)   # their addresses
 
 
-@dataclass
-class Snapshot:
-    kernel: KernelInfo
-    counters: dict               # /sys/kernel/mm/ksm names -> values (from the globals)
-    stable_nodes: list[StableNode]
-    rmap_items: list[RmapItem]
-    mm_slots: list[MmSlot]
-    scan: dict = field(default_factory=dict)      # ksm_scan cursor
-    meta: dict = field(default_factory=dict)      # mode, timings, races
-    # anon_vma interval trees the stable rmap_items point at: id -> {"root",
-    # "leftmost", "nodes": {avc id: {"vma", "mm", "vm_start", "vm_end",
-    # "vm_pgoff", "left", "right", "parent", "subtree_last"}}}
-    anon_vmas: dict = field(default_factory=dict)
-    schema: str = SCHEMA
+# ---------------------------------------------------------------- table schemas
+# Column -> pandas dtype. Nullable ("Int64", "UInt64", "boolean") where the
+# kernel object may lack the value; "str" is pandas' Arrow-backed string.
+_STR = "str"
 
-    # ---------------------------------------------------------------- lookups
+
+def _enum(*values) -> pd.CategoricalDtype:
+    return pd.CategoricalDtype(list(values))
+
+
+# The values of the enumerated columns (fixed, so tables from two walks
+# compare and concatenate)
+STATES = ("none", "unstable", "stable")
+PTE_KINDS = ("unread", "none", "present", "prot_none", "swap", "zero", "ksm_zero")
+PGOFF_STATUSES = ("", "ok", "moved", "no_vma")
+PGOFF_CAUSES = ("file", "stack", "mremap")
+STORED_STATUSES = ("ok", "stale", "unset", "no_vma")
+NOT_VISITED = ("mm_exited", "no_vma", "not_mergeable", "no_anon_vma", "no_page", "swapped",
+               "zero_page", "special", "not_anon")
+NODE_KINDS = ("regular", "chain", "dup")
+ITEM_COLUMNS = {
+    "id": _STR, "mm": _STR, "pid": "Int64", "comm": _STR, "address": "UInt64",
+    "flags": "uint16", "state": _enum(*STATES), "seqnr": "uint8", "in_unstable_tree": "bool",
+    "stable_node": _STR, "anon_vma": _STR, "nid": "Int64", "vma_start": "UInt64",
+    "vma_end": "UInt64", "vm_pgoff": "UInt64", "vma_anon_vma": _STR, "vma_file": "boolean",
+    "addr_pgoff": "UInt64", "linear_page_index": "UInt64", "stored_pgoff": "UInt64",
+    "oldchecksum": "uint32", "age": "uint8", "remaining_skips": "uint8",
+    "raw_union": "UInt64", "vm_flags": "UInt64", "pgoff_status": _enum(*PGOFF_STATUSES),
+    "pgoff_cause": _enum(*PGOFF_CAUSES), "stored_status": _enum(*STORED_STATUSES),
+    "walk_stock": "boolean", "walk_v3": "boolean", "walk_stored": "boolean",
+    "pte": _enum(*PTE_KINDS), "pfn": "Int64", "page_ksm": "boolean", "will_visit": "boolean",
+    "not_visited": _enum(*NOT_VISITED), "hlist_pos": "Int64",
+}
+NODE_COLUMNS = {
+    "id": _STR, "kind": _enum(*NODE_KINDS), "chain": _STR, "kpfn": "Int64", "nid": "int32",
+    "rmap_hlist_len": "int32", "mapcount": "Int64", "page_is_ksm": "boolean",
+    "page_stable_node": _STR, "migrate_list": "bool", "ptes": "Int64",
+    "reachable": "Int64", "unreachable": "int64",
+    "unmappable_stock": "bool", "unmappable_v3": "bool", "unmappable_stored": "bool",
+}
+SLOT_COLUMNS = {
+    "id": _STR, "mm": _STR, "pid": "Int64", "comm": _STR, "rmap_items": "int64",
+    "mm_ksm_rmap_items": "int64", "mm_ksm_merging_pages": "int64", "pids": "object",
+    "mm_users": "Int64", "mm_ksm_zero_pages": "Int64", "ksm_zero_pages": "Int64",
+    "zero_pages": "object",
+}
+MAPPING_COLUMNS = {
+    "node": _STR, "mm": _STR, "pid": "Int64", "comm": _STR, "address": "UInt64",
+    "vma_start": "UInt64", "vma_end": "UInt64", "vm_pgoff": "UInt64", "item": _STR,
+    "avc": _STR, "pass": "uint8", "mapped": "boolean",
+    "found_stock": "boolean", "found_v3": "boolean", "found_stored": "boolean",
+}
+ORPHAN_COLUMNS = {"node": _STR, "pid": "Int64", "comm": _STR, "mm": _STR, "address": "UInt64"}
+
+# record fields that are not columns (derived, or nested in JSON)
+_ITEM_NESTED = ("walk",)
+_NODE_DERIVED = ("items", "dups", "mappings", "unmappable_under", "orphan_mappings")
+_SLOT_DERIVED = ("items",)
+
+
+def empty_table(columns: dict) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=t) for c, t in columns.items()})
+
+
+def table(data: dict, columns: dict) -> pd.DataFrame:
+    """A DataFrame with exactly ``columns`` (missing ones all-null), each
+    cast to its dtype. ``data``: column -> numpy array, list or Series."""
+    n = None
+    for v in data.values():
+        n = len(v)
+        break
+    n = n or 0
+    out = {}
+    for c, t in columns.items():
+        v = data.get(c)
+        if v is None:
+            v = [None] * n if t != "bool" else np.zeros(n, dtype=bool)
+        if isinstance(t, pd.CategoricalDtype) and not (
+                isinstance(v, (pd.Categorical, pd.Series)) and v.dtype == t):
+            bad = set(pd.unique(pd.Series(v).dropna())) - set(t.categories)
+            if bad:
+                raise KsmlensError(f"column {c} has values outside {list(t.categories)}: "
+                                   f"{sorted(map(str, bad))[:5]}",
+                                   "a snapshot from another ksmlens version? take it again")
+        if t == "object":
+            s = pd.Series(v, dtype=object)
+        elif t in ("UInt64", "Int64") and isinstance(v, list):
+            s = pd.Series(pd.array(v, dtype=t))
+        else:
+            s = pd.Series(v).astype(t) if not isinstance(v, pd.Series) or v.dtype != t else v
+        out[c] = s.reset_index(drop=True)
+    return pd.DataFrame(out)
+
+
+def _col(df: pd.DataFrame, c: str) -> list:
+    """A column as Python values, None for missing."""
+    s = df[c]
+    if s.dtype == object:
+        return s.tolist()
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.astype(object).where(s.notna(), None).tolist()
+    return s.to_numpy(dtype=object, na_value=None).tolist()
+
+
+class Snapshot:
+    """The KSM state of one kernel at one moment (see the module doc).
+
+    ``Snapshot(kernel, counters, stable_nodes, rmap_items, mm_slots, ...)``:
+    the three tables as DataFrames (what the walk builds) or as lists of
+    records (small hand-made snapshots in tests and teaching).
+    """
+
+    def __init__(self, kernel: KernelInfo, counters: dict, stable_nodes=None,
+                 rmap_items=None, mm_slots=None, *, scan: dict | None = None,
+                 meta: dict | None = None, anon_vmas: dict | None = None,
+                 mappings: pd.DataFrame | None = None, orphans: pd.DataFrame | None = None,
+                 schema: str = SCHEMA):
+        self.kernel = kernel
+        self.counters = counters
+        self.scan = scan if scan is not None else {}
+        self.meta = meta if meta is not None else {}
+        # anon_vma interval trees the stable rmap_items point at: id -> {"root",
+        # "leftmost", "nodes": {avc id: {"vma", "mm", "vm_start", "vm_end",
+        # "vm_pgoff", "left", "right", "parent", "subtree_last"}}}
+        self.anon_vmas = anon_vmas if anon_vmas is not None else {}
+        self.schema = schema
+        self._records: dict = {}
+        # Built from records (hand-made snapshots): those records are the
+        # snapshot's records, the tables are made from them once.
+        rec_nodes = given = None
+        if rmap_items is None or isinstance(rmap_items, (list, tuple)):
+            given = {"items": list(rmap_items or ())}
+            rmap_items = _items_table(given["items"])
+        if stable_nodes is None or isinstance(stable_nodes, (list, tuple)):
+            rec_nodes = list(stable_nodes or ())
+            stable_nodes = _nodes_table(rec_nodes)
+        if mm_slots is None or isinstance(mm_slots, (list, tuple)):
+            slots_given = list(mm_slots or ())
+            mm_slots = _slots_table(slots_given)
+            if given is not None and rec_nodes is not None:
+                given.update(nodes=rec_nodes, slots=slots_given)
+        self.rmap_items: pd.DataFrame = rmap_items
+        self.stable_nodes: pd.DataFrame = stable_nodes
+        self.mm_slots: pd.DataFrame = mm_slots
+        if rec_nodes is not None and mappings is None:
+            mappings, orphans = _node_lists(rec_nodes)
+            if rec_nodes and self.rmap_items.hlist_pos.isna().all():
+                self._hlist_from_records(rec_nodes)
+        self.mappings: pd.DataFrame = (mappings if mappings is not None
+                                       else empty_table(MAPPING_COLUMNS))
+        self.orphans: pd.DataFrame = (orphans if orphans is not None
+                                      else empty_table(ORPHAN_COLUMNS))
+        self._given = given if given and len(given) == 3 else None
+        if self._given:
+            self._records.update(self._given)
+
+    def _hlist_from_records(self, nodes: list[StableNode]) -> None:
+        pos = {}
+        for n in nodes:
+            if n.kind != "chain":
+                for k, i in enumerate(n.items):
+                    pos[i] = k
+        if pos:
+            ids = self.rmap_items["id"].tolist()
+            self.rmap_items["hlist_pos"] = pd.array([pos.get(i) for i in ids], dtype="Int64")
+            # an item listed on a node's hlist has that node as its head
+            owner = {i: n.id for n in nodes if n.kind != "chain" for i in n.items}
+            cur = self.rmap_items["stable_node"].tolist()
+            self.rmap_items["stable_node"] = pd.Series(
+                [c if isinstance(c, str) else owner.get(i) for i, c in zip(ids, cur)],
+                dtype="str")
+
+    def changed(self) -> None:
+        """Forget the cached records after the tables were changed (a
+        hand-made snapshot keeps the records it was built from)."""
+        self._records.clear()
+        self._given = None
+
+    # ---------------------------------------------------------------- records
+    def items(self) -> list[RmapItem]:
+        """Every rmap_item as an :class:`RmapItem` (cached), in walk order:
+        mm slot by mm slot, each slot's ``rmap_list`` in order."""
+        r = self._records.get("items")
+        if r is None:
+            r = self._records["items"] = _item_records(self.rmap_items)
+        return r
+
+    def nodes(self) -> list[StableNode]:
+        """Every stable node as a :class:`StableNode` (cached) with its
+        ``items`` (hlist order), ``dups``, ``mappings`` and orphans filled."""
+        r = self._records.get("nodes")
+        if r is None:
+            r = self._records["nodes"] = _node_records(self)
+        return r
+
+    def slots(self) -> list[MmSlot]:
+        """Every mm slot as an :class:`MmSlot` (cached) with its ``items``."""
+        r = self._records.get("slots")
+        if r is None:
+            r = self._records["slots"] = _slot_records(self)
+        return r
+
     def item(self, item_id: str) -> RmapItem:
-        return self._items_by_id()[item_id]
+        """The :class:`RmapItem` with kernel address ``item_id`` (KeyError if none)."""
+        return self._by_id("items")[item_id]
 
     def node(self, node_id: str) -> StableNode:
-        return self._nodes_by_id()[node_id]
+        """The :class:`StableNode` with kernel address ``node_id`` (KeyError if none)."""
+        return self._by_id("nodes")[node_id]
 
-    def _items_by_id(self):
-        if not hasattr(self, "_ibid"):
-            self._ibid = {i.id: i for i in self.rmap_items}
-        return self._ibid
-
-    def _nodes_by_id(self):
-        if not hasattr(self, "_nbid"):
-            self._nbid = {n.id: n for n in self.stable_nodes}
-        return self._nbid
-
-    def items_of(self, pid: int) -> list[RmapItem]:
-        return [i for i in self.rmap_items if i.pid == pid]
-
-    # ---------------------------------------------------------------- JSON
-    def to_dict(self) -> dict:
-        d = {
-            "schema": self.schema,
-            "kernel": dataclasses.asdict(self.kernel),
-            "counters": self.counters,
-            "scan": self.scan,
-            "meta": self.meta,
-            "stable_nodes": [dataclasses.asdict(n) for n in self.stable_nodes],
-            "rmap_items": [dataclasses.asdict(i) for i in self.rmap_items],
-            "mm_slots": [dataclasses.asdict(m) for m in self.mm_slots],
-            "anon_vmas": self.anon_vmas,
-        }
+    def _by_id(self, what: str) -> dict:
+        key = f"{what}_by_id"
+        d = self._records.get(key)
+        if d is None:
+            d = self._records[key] = {r.id: r for r in getattr(self, what)()}
         return d
 
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+    def items_of(self, pid: int) -> list[RmapItem]:
+        return [i for i in self.items() if i.pid == pid]
+
+    # ---------------------------------------------------------------- files
+    def to_dict(self) -> dict:
+        """The JSON contract as Python objects (small snapshots; files are
+        written by :func:`ksmlens.lens.store.save` without building this)."""
+        from ksmlens.lens.store import to_dict
+        return to_dict(self)
+
+    def save(self, path) -> str:
+        """Write JSON if ``path`` ends in ``.json``, else the columnar form.
+        Returns the format written (``"json"`` or ``"columnar"``)."""
+        from ksmlens.lens.store import save
+        return save(self, path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Snapshot":
-        schema = d.get("schema")
-        if schema != SCHEMA:
-            raise KsmlensError(f"snapshot schema {schema!r} is not {SCHEMA!r}",
-                               "take the snapshot again with this ksmlens version")
-        try:
-            return cls(
-                kernel=KernelInfo(**d["kernel"]),
-                counters=d["counters"],
-                stable_nodes=[StableNode(**n) for n in d["stable_nodes"]],
-                rmap_items=[RmapItem(**i) for i in d["rmap_items"]],
-                mm_slots=[MmSlot(**m) for m in d["mm_slots"]],
-                scan=d.get("scan", {}), meta=d.get("meta", {}),
-                anon_vmas=d.get("anon_vmas", {}), schema=schema)
-        except (KeyError, TypeError) as e:
-            raise KsmlensError(f"snapshot file is malformed ({e})",
-                               "was it written by ksmlens?") from None
+        from ksmlens.lens.store import from_dict
+        return from_dict(d)
 
     @classmethod
     def load(cls, path) -> "Snapshot":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise KsmlensError(f"no snapshot file {path}", "") from None
-        except ValueError as e:
-            raise KsmlensError(f"{path} is not JSON ({e})", "") from None
-        return cls.from_dict(d)
+        """Read a snapshot file of either format; a file from another
+        schema is refused in one line."""
+        from ksmlens.lens.store import load
+        return load(path)
+
+    def __repr__(self):
+        return (f"<Snapshot {self.kernel.release}: {len(self.rmap_items)} rmap_items, "
+                f"{len(self.stable_nodes)} stable nodes, {len(self.mm_slots)} mm slots>")
+
+
+# ---------------------------------------------------------------- records <-> tables
+
+def _walk_cols(walks: list) -> dict:
+    return {f"walk_{r}": [None if w is None else w.get(r) for w in walks] for r in RULES}
+
+
+def _items_table(items: list[RmapItem]) -> pd.DataFrame:
+    names = [f.name for f in fields(RmapItem) if f.name not in _ITEM_NESTED]
+    data = {n: [getattr(i, n) for i in items] for n in names}
+    data.update(_walk_cols([i.walk for i in items]))
+    return table(data, ITEM_COLUMNS)
+
+
+def _nodes_table(nodes: list[StableNode]) -> pd.DataFrame:
+    names = [f.name for f in fields(StableNode) if f.name not in _NODE_DERIVED]
+    data = {n: [getattr(x, n) for x in nodes] for n in names}
+    for r in RULES:
+        data[f"unmappable_{r}"] = np.array([r in x.unmappable_under for x in nodes], dtype=bool)
+    return table(data, NODE_COLUMNS)
+
+
+def _slots_table(slots: list[MmSlot]) -> pd.DataFrame:
+    names = [f.name for f in fields(MmSlot) if f.name not in _SLOT_DERIVED]
+    return table({n: [getattr(s, n) for s in slots] for n in names}, SLOT_COLUMNS)
+
+
+def _node_lists(nodes: list[StableNode]):
+    maps, orph = [], []
+    for n in nodes:
+        for m in n.mappings:
+            row = {k: m.get(k) for k in MAPPING_COLUMNS if k in m}
+            row["node"] = n.id
+            for r in RULES:
+                row[f"found_{r}"] = (m.get("found") or {}).get(r)
+            maps.append(row)
+        for o in n.orphan_mappings:
+            orph.append(dict(o, node=n.id))
+    return (table({c: [m.get(c) for m in maps] for c in MAPPING_COLUMNS}, MAPPING_COLUMNS),
+            table({c: [o.get(c) for o in orph] for c in ORPHAN_COLUMNS}, ORPHAN_COLUMNS))
+
+
+def _item_records(df: pd.DataFrame) -> list[RmapItem]:
+    names = [f.name for f in fields(RmapItem)]
+    cols = []
+    walks = list(zip(*[_col(df, f"walk_{r}") for r in RULES])) if len(df) else []
+    for n in names:
+        if n == "walk":
+            cols.append([None if w == (None, None, None) else dict(zip(RULES, w))
+                         for w in walks])
+        else:
+            cols.append(_col(df, n))
+    return [RmapItem(*row) for row in zip(*cols)]   # walk None: no VMA, nothing answered
+
+
+def _node_records(snap: Snapshot) -> list[StableNode]:
+    df = snap.stable_nodes
+    names = [f.name for f in fields(StableNode) if f.name not in _NODE_DERIVED]
+    cols = {n: _col(df, n) for n in names}
+    unm = {r: df[f"unmappable_{r}"].tolist() for r in RULES}
+    # items per node, in hlist order
+    it = snap.rmap_items
+    st = it[it["stable_node"].notna()]
+    if len(st):
+        st = st.assign(_p=st["hlist_pos"].fillna(1 << 30)).sort_values(
+            ["stable_node", "_p"], kind="stable")
+        items_of = st.groupby("stable_node", sort=False, observed=True)["id"].agg(list).to_dict()
+    else:
+        items_of = {}
+    dups_of: dict = {}
+    for i, k, c in zip(cols["id"], cols["kind"], cols["chain"]):
+        if k == "dup" and c is not None:
+            dups_of.setdefault(c, []).append(i)
+    maps_of = _rows_by(snap.mappings, "node", _mapping_dict)
+    orph_of = _rows_by(snap.orphans, "node",
+                       lambda r: {"pid": r["pid"], "comm": r["comm"], "mm": r["mm"],
+                                  "address": r["address"]})
+    out = []
+    for k in range(len(df)):
+        n = StableNode(**{name: cols[name][k] for name in names})
+        if n.kind == "chain":
+            n.dups = dups_of.get(n.id, [])
+            n.items = list(n.dups)
+        else:
+            n.items = items_of.get(n.id, [])
+        n.mappings = maps_of.get(n.id, [])
+        n.orphan_mappings = orph_of.get(n.id, [])
+        n.unmappable_under = [r for r in RULES if unm[r][k]]
+        out.append(n)
+    return out
+
+
+def _mapping_dict(r: dict) -> dict:
+    d = {k: r[k] for k in MAPPING_COLUMNS if k != "node" and not k.startswith("found_")}
+    d["found"] = {x: r[f"found_{x}"] for x in RULES}
+    return d
+
+
+def _rows_by(df: pd.DataFrame, key: str, make) -> dict:
+    if not len(df):
+        return {}
+    cols = {c: _col(df, c) for c in df.columns}
+    out: dict = {}
+    for k in range(len(df)):
+        r = {c: v[k] for c, v in cols.items()}
+        out.setdefault(r[key], []).append(make(r))
+    return out
+
+
+def _slot_records(snap: Snapshot) -> list[MmSlot]:
+    df = snap.mm_slots
+    names = [f.name for f in fields(MmSlot) if f.name not in _SLOT_DERIVED]
+    cols = {n: _col(df, n) for n in names}
+    it = snap.rmap_items
+    items_of = it.groupby("mm", sort=False, observed=True)["id"].agg(list).to_dict() \
+        if len(it) else {}
+    out = []
+    for k in range(len(df)):
+        s = MmSlot(**{n: cols[n][k] for n in names})
+        s.pids = [] if s.pids is None else [int(x) for x in s.pids]
+        s.zero_pages = [] if s.zero_pages is None else [int(x) for x in s.zero_pages]
+        s.items = items_of.get(s.mm, [])
+        out.append(s)
+    return out

@@ -1,41 +1,54 @@
-"""Walk a kernel's whole KSM state into a :class:`~ksmlens.lens.model.Snapshot`, fast.
+"""Walk a kernel's whole KSM state into a columnar :class:`~ksmlens.lens.model.Snapshot`.
 
-The helpers in :mod:`ksmlens.lens.helpers` are the readable reference (one drgn
-Object per step); this walk reads the same structures as raw bytes:
-one ``prog.read()`` of a whole ``struct ksm_rmap_item`` per item, decoded
-with offsets taken from the kernel's own DWARF (``offsetof``), one VMA pass
-per mm instead of a lookup per item, and one task pass for all pids.
+The helpers in :mod:`ksmlens.lens.helpers` are the readable reference (one
+drgn Object per step); this walk reads the same structures as raw bytes
+and decodes them in bulk (:mod:`ksmlens.lens.layout`): it follows each mm
+slot's ``rmap_list`` and the stable tree pointer by pointer through a
+cache of slab pages, then decodes every ``struct ksm_rmap_item``,
+``struct ksm_stable_node`` and ``struct page`` it met with one numpy
+gather each. Nothing on the way creates a Python object per rmap_item.
 
-Modes: ``consistent`` pauses a lab VM over QMP for the walk (the pause time is
-reported); ``live`` walks a running kernel and counts what raced with it
-(freed or relinked objects, short lists) instead of crashing.
+Parts, each returning values: :func:`walk_paused` (everything that must
+see one instant: run while the guest is paused), :func:`finish` (pure
+computation on what it read: tables, the rmap walk replay), and
+:func:`take_snapshot`, which pauses, retries half-done updates and calls
+both. ``pause`` is explicit: a context manager factory that stops the
+target (a lab VM's QMP ``stop``/``cont``: :func:`ksmlens.lab.attach.attach`
+registers one for its Program with :func:`register_pause`).
+
+Modes: ``consistent`` pauses for the walk (the pause time is reported);
+``live`` walks a running kernel and counts what raced with it (freed or
+relinked objects, short lists) instead of crashing.
 """
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import random
 import struct
 import time
+from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 from drgn import FaultError, Object, Program, ProgramFlags, offsetof
 from drgn.helpers.linux.mm import for_each_vma
 from drgn.helpers.linux.pid import for_each_task
 
-import numpy as np
-
-import ksmlens.lab.kbuild as kbuild
-import ksmlens.kernel.pgtable as pgtable
 from ksmlens.errors import KsmlensError
-from ksmlens.analysis.core import (kernel_walk_rule, pgoff_status, replay_walks, stored_status,
-                       walk_candidates)
+from ksmlens.kernel import pgtable, rules
+from ksmlens.kernel.constants import (STABLE_NODE_CHAIN, VM_GROWSDOWN, VM_MERGEABLE)
+from ksmlens.kernel.rmap_walk import candidates
+from ksmlens.kernel.rules import RULES
+from ksmlens.lens.helpers import ksm_counters, ksm_settings, ksm_unstable_tree_seqnr
+from ksmlens.lens.layout import Layout, Memory
 from ksmlens.lens.midupdate import on_cpu
-from ksmlens.lens.model import KernelInfo, MmSlot, RmapItem, Snapshot, StableNode
-from ksmlens.lens.helpers import (SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG,
-                   PAGE_MAPPING_ANON, PAGE_MAPPING_FLAGS, PAGE_MAPPING_KSM, VM_MERGEABLE,
-                   ksm_counters, ksm_settings, ksm_unstable_tree_seqnr)
+from ksmlens.lens.model import (ITEM_COLUMNS, MAPPING_COLUMNS, NODE_COLUMNS, ORPHAN_COLUMNS,
+                                SLOT_COLUMNS, KernelInfo, Snapshot, table)
 
-__all__ = ["take_snapshot", "take_idle_snapshot", "MID_UNLINKED", "MID_HLIST_NOT_STABLE"]
+__all__ = ["take_snapshot", "take_idle_snapshot", "register_pause", "walk_paused", "finish",
+           "MID_UNLINKED", "MID_HLIST_NOT_STABLE", "hex_ids"]
 
 _Q = struct.Struct("<Q")
 
@@ -47,119 +60,146 @@ MID_UNLINKED = ("stable rmap_item not on any mm slot: get_next_rmap_item() or "
 MID_HLIST_NOT_STABLE = ("rmap_item on a stable node without STABLE_FLAG: "
                         "remove_node_from_stable_tree() is clearing the node's items")
 _MAX_LIST = 50_000_000  # bound on any list walk: a cycle in a live walk is a race
+_U = np.uint64
 
 
 def _hx(v: int | None) -> str | None:
     return None if not v else f"0x{v:x}"
 
 
-class _Layout:
-    def __init__(self, prog: Program):
-        it = prog.type("struct ksm_rmap_item")
-        self.item_size = it.size
-        self.i_next = offsetof(it, "rmap_list")
-        self.i_anon_vma = offsetof(it, "anon_vma")
-        self.i_nid = offsetof(it, "nid") if it.has_member("nid") else None
-        self.i_mm = offsetof(it, "mm")
-        self.i_address = offsetof(it, "address")
-        self.i_oldchecksum = offsetof(it, "oldchecksum")
-        self.i_age = offsetof(it, "age")
-        self.i_skips = offsetof(it, "remaining_skips")
-        self.i_pgoff = offsetof(it, "pgoff") if it.has_member("pgoff") else None
-        self.i_head = offsetof(it, "head")
-        self.i_hlist = offsetof(it, "hlist")
-        sn = prog.type("struct ksm_stable_node")
-        self.node_size = sn.size
-        self.n_rb = offsetof(sn, "node")
-        rb = prog.type("struct rb_node")
-        self.rb_right = offsetof(rb, "rb_right")
-        self.rb_left = offsetof(rb, "rb_left")
-        self.n_head = offsetof(sn, "head")
-        self.n_hlist_dup = offsetof(sn, "hlist_dup")
-        self.n_list = offsetof(sn, "list")
-        self.n_hlist = offsetof(sn, "hlist")
-        self.n_kpfn = offsetof(sn, "kpfn")
-        self.n_len = offsetof(sn, "rmap_hlist_len")
-        self.n_nid = offsetof(sn, "nid") if sn.has_member("nid") else None
-        ms = prog.type("struct ksm_mm_slot")
-        self.slot_size = ms.size
-        self.s_mm_node = offsetof(ms, "slot.mm_node")
-        self.s_mm = offsetof(ms, "slot.mm")
-        self.s_rmap_list = offsetof(ms, "rmap_list")
-        pg = prog.type("struct page")
-        self.page_size_struct = pg.size
-        self.p_mapping = offsetof(pg, "mapping")
-        self.p_mapcount = offsetof(pg, "_mapcount")
-        self.p_compound_head = offsetof(pg, "compound_head")
+def hex_ids(a: np.ndarray, valid: np.ndarray | None = None) -> pd.Series:
+    """Kernel pointers (uint64) as hex-string ids (``"0xffff..."``, the
+    JSON contract's form), None where 0 or not ``valid``; no Python
+    object per value (formatted in numpy, stored as Arrow strings)."""
+    a = np.asarray(a, dtype=np.uint64)
+    n = a.size
+    b = a.astype(">u8").view(np.uint8).reshape(n, 8)
+    lut = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    out = np.empty((n, 18), dtype=np.uint8)
+    out[:, 0], out[:, 1] = ord("0"), ord("x")
+    out[:, 2::2] = lut[b >> 4]
+    out[:, 3::2] = lut[b & 15]
+    mask = a == 0 if valid is None else (a == 0) | ~np.asarray(valid, dtype=bool)
+    # an Arrow string array straight from the buffers (no per-value objects,
+    # no UTF-8 validation: the bytes are hex digits)
+    offsets = pa.py_buffer(np.arange(0, 18 * (n + 1), 18, dtype=np.int32))
+    validity = pa.py_buffer(np.packbits(~mask, bitorder="little")) if mask.any() else None
+    arr = pa.Array.from_buffers(pa.string(), n, [validity, offsets, pa.py_buffer(out)],
+                                null_count=int(mask.sum()))
+    short = ~mask & (a < _U(1 << 60))          # leading zero nibbles: rare (not kernel pointers)
+    if short.any():
+        py = arr.to_pylist()
+        for k in np.nonzero(short)[0].tolist():
+            py[k] = f"0x{int(a[k]):x}"
+        arr = pa.array(py, type=pa.string())
+    return pd.Series(arr.to_pandas(types_mapper={pa.string(): pd.StringDtype(na_value=np.nan)}
+                                   .get), dtype="str")
+
+
+# ------------------------------------------------------------------ pausing
+
+def register_pause(prog: Program, pause) -> None:
+    """Give ``prog`` a pause: ``pause()`` returns a context manager that
+    holds the target still (the lab's attach registers QMP stop/cont)."""
+    prog.cache["ksmlens_pause"] = pause
+
+
+def _pause_of(prog: Program, pause):
+    return pause or prog.cache.get("ksmlens_pause")
+
+
+# ------------------------------------------------------------------ the paused walk
+
+@dataclass
+class Raw:
+    """What :func:`walk_paused` read, as arrays: the input of :func:`finish`."""
+    kernel: KernelInfo
+    counters: dict
+    scan: dict
+    meta: dict
+    items: dict              # column -> array, one per rmap_item
+    nodes: dict              # column -> array, one per stable node
+    slots: list[dict]
+    anon_vmas: dict
+    cand: dict | None = None  # rmap_walk_ksm() pairs with their `mapped` answer
+    races: dict = field(default_factory=dict)
+    # ids: kernel addresses here; a snapshot's own string ids when replaying
+    # its tables (replay_tables): name(int) -> id, key(id) -> int, ids(array)
+    name: object = _hx
+    key: object = staticmethod(lambda s: int(s, 16))
+    ids: object = None
+
+    def fmt(self, a, valid=None):
+        return (self.ids or hex_ids)(a, valid)
 
 
 class _Walker:
     def __init__(self, prog: Program, live: bool):
         self.prog = prog
         self.live = live
-        self.L = _Layout(prog)
-        self.shift = prog["PAGE_SHIFT"].value_()
         self.races: dict[str, int] = {}
-        self.reads = 0
-        self.pages: dict[int, bytes] = {}   # slab pages of rmap_items, read once
+        self.mem = Memory(prog, self.race)
+        self.L = Layout(prog)
+        self.shift = prog["PAGE_SHIFT"].value_()
 
     def race(self, what: str):
         """A live walk raced with the kernel; a paused one saw an update half
         done (classified by :func:`take_snapshot`). Counted by kind."""
         self.races[what] = self.races.get(what, 0) + 1
 
-    def page_flags(self, vmemmap: int, pfn: int) -> tuple[bool, bool] | None:
-        """``(folio_test_anon(), PageKsm())`` of the page at ``pfn`` (its
-        folio's ``mapping`` low bits), or None if unreadable."""
-        L = self.L
-        addr = vmemmap + pfn * L.page_size_struct
-        b, off = self._cached(addr, L.page_size_struct)
-        if b is None:
-            return None
-        head = _Q.unpack_from(b, off + L.p_compound_head)[0]
-        if head & 1:                               # a tail page: the folio's head
-            b, off = self._cached(head - 1, L.page_size_struct)
+    def follow(self, first: int, next_off: int, stop: int = 0) -> list[int]:
+        """Addresses along a singly linked list whose next pointer sits at
+        ``next_off`` (the object's address is the pointer minus 0)."""
+        out = []
+        pages = self.mem.pages
+        mem = self.mem
+        ip = first
+        while ip and ip != stop:
+            off = ip & 0xFFF
+            o = off + next_off
+            b = pages.get(ip - off) if o <= 0xFF8 else None
             if b is None:
-                return None
-        mapping = _Q.unpack_from(b, off + L.p_mapping)[0]
-        return (bool(mapping & PAGE_MAPPING_ANON),
-                (mapping & PAGE_MAPPING_FLAGS) == PAGE_MAPPING_KSM)
+                v = mem.u64(ip + next_off)
+                if v is None:
+                    break
+            else:
+                v = _Q.unpack_from(b, o)[0]
+            out.append(ip)
+            ip = v
+            if len(out) > _MAX_LIST:
+                self.race("list walk did not end")
+                break
+        return out
 
-    def _cached(self, addr: int, size: int):
-        """(buffer, offset) of ``size`` bytes at ``addr`` through a cache of
-        whole 4 KiB pages (slab pages of rmap_items, vmemmap pages of struct
-        page); an object straddling two pages is read alone."""
-        page = addr & ~0xFFF
-        off = addr - page
-        if off + size > 0x1000:
-            return self.read(addr, size), 0
-        buf = self.pages.get(page)
-        if buf is None:
-            buf = self.read(page, 0x1000)
-            if buf is None:
-                return None, 0
-            self.pages[page] = buf
-        return buf, off
+    def rb_inorder(self, root: int) -> list[int]:
+        """In-order rb_node addresses under ``root`` (raw reads through the
+        page cache: stable nodes are slab objects, a few dozen per page)."""
+        L, mem = self.L, self.mem
+        pages = mem.pages
+        lo, ro = L.rb_left, L.rb_right
 
-    def read(self, addr: int, size: int) -> bytes | None:
-        self.reads += 1
-        try:
-            return self.prog.read(addr, size)
-        except FaultError:
-            self.race("fault reading kernel memory")
-            return None
+        def ptr(a):
+            off = a & 0xFFF
+            b = pages.get(a - off) if off <= 0xFF8 else None
+            if b is None:
+                return mem.u64(a) or 0
+            return _Q.unpack_from(b, off)[0]
+        out, stack, node = [], [], root
+        while stack or node:
+            while node:
+                stack.append(node)
+                node = ptr(node + lo)
+                if len(stack) > 256:          # an rbtree of 2**64 nodes is 128 deep
+                    self.race("rbtree walk did not end")
+                    return out
+            node = stack.pop()
+            out.append(node)
+            node = ptr(node + ro)
+            if len(out) > _MAX_LIST:
+                self.race("rbtree walk did not end")
+                break
+        return out
 
-    def item_bytes(self, addr: int):
-        """(buffer, offset) holding the ksm_rmap_item at ``addr``: items come
-        from a slab cache, so one read of the whole 4 KiB page serves about
-        64 items (the walk's main cost was one read per item)."""
-        return self._cached(addr, self.L.item_size)
-
-    def ptr(self, addr: int) -> int | None:
-        b = self.read(addr, 8)
-        return None if b is None else _Q.unpack(b)[0]
-
-    # ---------------------------------------------------------------- tasks, vmas
     def mm_owners(self) -> dict[int, list[tuple[int, str]]]:
         """mm -> [(tgid, comm)] of every process using it, lowest tgid first:
         a clone(CLONE_VM) child that is not a thread (or a vfork child before
@@ -178,105 +218,919 @@ class _Walker:
                 self.race("task freed during walk")
         return {mm: sorted(p.items()) for mm, p in owners.items()}
 
-    def vmas(self, mm: int) -> list[tuple]:
+    def vmas(self, mm: int) -> np.ndarray:
+        """The VMAs of ``mm`` sorted by start: a structured array (start,
+        end, pgoff, anon_vma, file, flags)."""
         out = []
-        mmobj = Object(self.prog, "struct mm_struct *", mm)
         try:
-            for vma in for_each_vma(mmobj):
-                out.append((vma.vm_start.value_(), vma.vm_end.value_(),
-                            vma.vm_pgoff.value_(), vma.anon_vma.value_(),
-                            bool(vma.vm_file.value_()), vma.vm_flags.value_()))
+            for vma in for_each_vma(Object(self.prog, "struct mm_struct *", mm)):
+                out.append((vma.vm_start.value_(), vma.vm_end.value_(), vma.vm_pgoff.value_(),
+                            vma.anon_vma.value_(), bool(vma.vm_file.value_()),
+                            vma.vm_flags.value_()))
         except FaultError:
             self.race("VMA tree changed during walk")
-        out.sort()
-        return out
+        a = np.array(out, dtype=_VMA_DTYPE)
+        a.sort(order="start")
+        return a
 
-    # ---------------------------------------------------------------- stable tree
-    def rb_inorder(self, root_node: int):
-        """In-order addresses of rb_nodes under ``root_node`` (raw reads)."""
+    def page_structs(self, vmemmap: int, pfns: np.ndarray) -> dict[str, np.ndarray]:
+        """``struct page`` of each pfn, the folio's head for ``mapping``:
+        ``mapping`` (the head's), ``mapcount`` (the page's ``_mapcount + 1``)
+        and ``ok`` (readable)."""
         L = self.L
-        stack, node, n = [], root_node, 0
-        while stack or node:
-            while node:
-                stack.append(node)
-                node = self.ptr(node + L.rb_left) or 0
-                n += 1
-                if n > _MAX_LIST:
-                    self.race("rbtree walk did not end")
-                    return
-            node = stack.pop()
-            yield node
-            node = self.ptr(node + L.rb_right) or 0
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        addr = _U(vmemmap) + pfns * _U(L.page_size_struct)
+        rec, ok = self.mem.gather(addr, L.page_size_struct, L.page_dtype, drop=True)
+        mapping = rec["mapping"].copy()
+        head = rec["compound_head"]
+        tail = ok & ((head & _U(1)) != 0)
+        if tail.any():
+            hrec, hok = self.mem.gather(head[tail] - _U(1), L.page_size_struct, L.page_dtype,
+                                        drop=True)
+            mapping[tail] = hrec["mapping"]
+            ok = ok.copy()
+            ok[tail] &= hok
+        return {"mapping": mapping, "mapcount": rec["mapcount"].astype(np.int64) + 1, "ok": ok}
 
-    def hlist(self, first: int, member_off: int):
-        """Container addresses along an hlist starting at ``first``."""
-        n, pos = 0, first
-        while pos:
-            yield pos - member_off
-            pos = self.ptr(pos) or 0  # hlist_node.next at offset 0
-            n += 1
-            if n > _MAX_LIST:
-                self.race("hlist walk did not end")
-                return
 
-    def read_node(self, addr: int) -> dict | None:
-        L = self.L
-        b = self.read(addr, L.node_size)
+_VMA_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("pgoff", "<u8"), ("anon_vma", "<u8"),
+                       ("file", "?"), ("flags", "<u8")])
+
+
+def _kernel_info(prog: Program, L: Layout, shift: int) -> KernelInfo:
+    # The variant and its walk rule: a lab kernel names itself in its release
+    # (ksmlens.kernel.variants); elsewhere a stored index means "stored".
+    from ksmlens.kernel.variants import kernel_walk_rule, variant_of_release
+    release = prog["UTS_RELEASE"].string_().decode()
+    k = KernelInfo(release=release, variant=variant_of_release(release),
+                   has_stored_pgoff=L.stored_member is not None,
+                   nr_node_ids=prog["ksm_nr_node_ids"].value_(), page_shift=shift,
+                   rmap_item_size=L.item_size, stored_index_member=L.stored_member,
+                   union_layout={"oldchecksum": L.union.oldchecksum, "age": L.union.age,
+                                 "remaining_skips": L.union.remaining_skips})
+    k.walk_rule = kernel_walk_rule(k.variant, k.has_stored_pgoff)
+    return k
+
+
+def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw:
+    """Read everything a snapshot needs, as arrays (run while the target
+    holds still; :func:`finish` turns it into tables). Follows
+    ``ksm_mm_head`` (every ``ksm_mm_slot`` and its ``rmap_list``), the
+    stable trees ``root_stable_tree[nid]`` with their chains and dups,
+    ``migrate_nodes``, each KSM mm's VMAs and page tables, the ``struct
+    page`` of every mapped and every KSM pfn, the anon_vma interval trees
+    of stable rmap_items, and the pairs ``rmap_walk_ksm()`` would visit
+    with whether a PTE maps the page there."""
+    w = _Walker(prog, live)
+    L, mem, shift = w.L, w.mem, w.shift
+    kernel = _kernel_info(prog, L, shift)
+    counters = ksm_counters(prog)
+    counters.update(ksm_settings(prog))
+    so = prog["ksm_scan"]
+    scan = {"mm_slot": _hx(so.mm_slot.value_()), "address": so.address.value_(),
+            "seqnr": so.seqnr.value_(), "rmap_list": _hx(so.rmap_list.value_()),
+            # ksm_scan.mm_slot == &ksm_mm_head: the next visit starts a new pass
+            "at_pass_start": so.mm_slot.value_() == prog["ksm_mm_head"].address_}
+    owners = w.mm_owners()
+    pt = pgtable.PageTables.of(prog, mem.read) if pages else None
+    zero_pfn = prog["zero_pfn"].value_() if pages else 0
+    vmemmap = None
+    if pages:
+        from drgn.helpers.linux.mm import pfn_to_page
+        vmemmap = pfn_to_page(prog, 0).value_()
+
+    # ---- mm slots: their fields, VMAs, and the addresses of their rmap_items
+    head = prog["ksm_mm_head"].address_ + L.s_mm_node
+    slots, item_addrs = [], []
+    for pos in w.follow(mem.u64(head) or 0, 0, stop=head):
+        slot_addr = pos - L.s_mm_node
+        b = mem.read(slot_addr, L.slot_size)
         if b is None:
-            return None
-        return {
-            "addr": addr,
-            "head": _Q.unpack_from(b, L.n_head)[0],
-            "first": _Q.unpack_from(b, L.n_hlist)[0],
-            "kpfn": _Q.unpack_from(b, L.n_kpfn)[0],
-            "len": struct.unpack_from("<i", b, L.n_len)[0],
-            "nid": struct.unpack_from("<i", b, L.n_nid)[0] if L.n_nid is not None else 0,
-        }
+            break
+        mm = _Q.unpack_from(b, L.s_mm)[0]
+        first = _Q.unpack_from(b, L.s_rmap_list)[0]
+        procs = owners.get(mm, [])
+        mmo = Object(prog, "struct mm_struct *", mm)
+        try:
+            f = {"mm_ksm_rmap_items": mmo.ksm_rmap_items.value_(),
+                 "mm_ksm_merging_pages": mmo.ksm_merging_pages.value_(),
+                 "mm_ksm_zero_pages": mmo.ksm_zero_pages.counter.value_() if pages else None,
+                 "mm_users": mmo.mm_users.counter.value_()}
+            pgd = mmo.pgd.value_()
+        except FaultError:
+            w.race("mm freed during walk")
+            f = {"mm_ksm_rmap_items": -1, "mm_ksm_merging_pages": -1,
+                 "mm_ksm_zero_pages": None, "mm_users": None}
+            pgd = 0
+        alive = bool(f["mm_users"])     # ksm_test_exit(): VMAs and page tables are gone
+        addrs = w.follow(first, L.i["rmap_list"])
+        item_addrs.append(np.array(addrs, dtype=np.uint64))
+        slots.append(dict(f, id=slot_addr, mm=mm, pid=procs[0][0] if procs else None,
+                          comm=procs[0][1] if procs else None, pids=[p for p, _ in procs],
+                          rmap_items=len(addrs), alive=alive, pgd=pgd if alive else 0,
+                          vmas=w.vmas(mm) if mm and alive else np.zeros(0, _VMA_DTYPE)))
+
+    # ---- every rmap_item, decoded at once
+    n_per = np.array([s["rmap_items"] for s in slots], dtype=np.int64)
+    addrs = np.concatenate(item_addrs) if item_addrs else np.zeros(0, np.uint64)
+    rec, ok = mem.gather(addrs, L.item_size, L.item_dtype, drop=True)
+    if not ok.all():
+        w.race("rmap_item freed during walk")
+    slot_of = np.repeat(np.arange(len(slots)), n_per)
+    items = _decode_items(w, kernel, rec, addrs, slot_of, slots, prog)
+
+    # ---- page tables of each live mm's mergeable VMAs
+    if pages:
+        _read_ptes(w, pt, items, slots, zero_pfn, vmemmap)
+
+    # ---- the stable trees, chains, dups and migrate_nodes
+    nodes = _walk_stable_tree(w, kernel, vmemmap)
+    _link_hlists(w, items, nodes)
+
+    # ---- anon_vma trees of the stable items, and the rmap_walk_ksm() pairs
+    stable = items["state"] == rules.STATE_STABLE
+    av = np.unique(items["anon_vma"][stable])
+    anon_vmas = _record_anon_vmas(w, [_hx(int(a)) for a in av.tolist() if a])
+    raw = Raw(kernel=kernel, counters=counters, scan=scan, meta={}, items=items, nodes=nodes,
+              slots=slots, anon_vmas=anon_vmas)
+    t = time.monotonic()
+    raw.cand = _pairs(raw)
+    if pages:
+        raw.cand["mapped"] = _mapped_from_ptes(w, pt, raw, raw.cand)
+    raw.meta["pte_seconds"] = round(time.monotonic() - t, 4)
+    raw.meta["ksmd"] = _ksmd_state(prog)
+    raw.meta["races"] = dict(w.races)
+    raw.meta["reads"] = mem.reads
+    raw.races = dict(w.races)
+    return raw
 
 
-def _item_struct(L: _Layout):
-    """One struct.Struct for the words of ``struct ksm_rmap_item`` the walk
-    needs, laid out from DWARF offsets: rmap_list, anon_vma/nid, mm, address,
-    the 8-byte {oldchecksum, age, remaining_skips} / pgoff union, head,
-    hlist.next."""
-    fields = [L.i_next, L.i_anon_vma, L.i_mm, L.i_address, L.i_oldchecksum, L.i_head,
-              L.i_hlist]
-    if sorted(fields) != fields or any(b - a < 8 for a, b in zip(fields, fields[1:])):
-        raise KsmlensError("struct ksm_rmap_item has an unexpected layout",
-                           "this kernel's ksm.c differs from what ksmlens knows")
-    if not (0 < L.i_age - L.i_oldchecksum < 8 and 0 < L.i_skips - L.i_oldchecksum < 8):
-        raise KsmlensError("ksm_rmap_item age/remaining_skips are not next to oldchecksum",
-                           "this kernel's ksm.c differs from what ksmlens knows")
-    if L.i_pgoff is not None and L.i_pgoff != L.i_oldchecksum:
-        raise KsmlensError("ksm_rmap_item pgoff does not share oldchecksum's bytes",
-                           "this kernel's pgoff patch differs from what ksmlens knows")
-    fmt, pos = "<", 0
-    for off in fields:
-        fmt += "x" * (off - pos) + "Q"
-        pos = off + 8
-    return (struct.Struct(fmt), L.i_nid is not None, L.i_pgoff is not None,
-            (L.i_age - L.i_oldchecksum) * 8, (L.i_skips - L.i_oldchecksum) * 8)
+def _decode_items(w: _Walker, kernel: KernelInfo, rec, addrs, slot_of, slots, prog) -> dict:
+    shift = w.shift
+    n = addrs.size
+    raw_addr = rec["address"]
+    address = rules.rmap_item_page_address(raw_addr, shift)
+    state = rules.rmap_item_state(raw_addr)
+    stable = state == rules.STATE_STABLE
+    unstable = state == rules.STATE_UNSTABLE
+    seqnr = rules.rmap_item_seqnr(raw_addr).astype(np.uint8)
+    sel = ksm_unstable_tree_seqnr(prog)   # between passes: the previous pass's
+    oldsum, age, skips = w.L.union.decode(rec["union"])
+    it = {"addr": addrs, "mm": np.zeros(n, np.uint64), "slot": slot_of,
+          "address": address, "flags": (raw_addr & ~rules.rmap_item_page_address(
+              np.full(n, (1 << 64) - 1, dtype=np.uint64), shift)).astype(np.uint16),
+          "state": state, "seqnr": seqnr,
+          "in_unstable_tree": unstable & (seqnr == sel),
+          "head": np.where(stable, rec["head"], _U(0)),
+          "hnext": np.where(stable, rec["hnext"], _U(0)),
+          "anon_vma": np.where(stable, rec["anon_vma"], _U(0)),
+          "nid": (rec["anon_vma"] & _U(0xFFFFFFFF)).astype(np.int64),
+          "nid_ok": unstable & w.L.has_nid,
+          "union": rec["union"], "oldchecksum": oldsum, "age": age, "remaining_skips": skips}
+    # per item: its mm, its VMA (one searchsorted per mm)
+    vs = np.zeros(n, np.uint64)
+    ve = np.zeros(n, np.uint64)
+    vpg = np.zeros(n, np.uint64)
+    van = np.zeros(n, np.uint64)
+    vfile = np.zeros(n, bool)
+    vflags = np.zeros(n, np.uint64)
+    has_vma = np.zeros(n, bool)
+    start = 0
+    for k, s in enumerate(slots):
+        m = s["rmap_items"]
+        sl = slice(start, start + m)
+        start += m
+        it["mm"][sl] = s["mm"]
+        v = s["vmas"]
+        if not m or not v.size:
+            continue
+        a = address[sl]
+        vi = np.searchsorted(v["start"], a, side="right") - 1
+        hit = vi >= 0
+        vi = np.where(hit, vi, 0)
+        hit &= a < v["end"][vi]
+        has_vma[sl] = hit
+        for dst, col in ((vs, "start"), (ve, "end"), (vpg, "pgoff"), (van, "anon_vma"),
+                         (vflags, "flags")):
+            dst[sl] = np.where(hit, v[col][vi], 0)
+        vfile[sl] = hit & v["file"][vi]
+    it.update(vma_start=vs, vma_end=ve, vm_pgoff=vpg, vma_anon_vma=van, vma_file=vfile,
+              vm_flags=vflags, has_vma=has_vma)
+    it["addr_pgoff"] = address >> _U(shift)
+    it["lpi"] = np.where(has_vma, rules.linear_page_index(address, vs, vpg, shift), _U(0))
+    # the stored index: only STABLE items' bytes hold one
+    it["has_stored"] = stable & kernel.has_stored_pgoff
+    # page tables (filled by _read_ptes): kind code, pfn, page flags, visit
+    it["pte"] = np.full(n, _PTE_UNREAD, np.uint8)
+    it["pfn"] = np.zeros(n, np.uint64)
+    it["pfn_ok"] = np.zeros(n, bool)
+    it["page_ksm"] = np.zeros(n, np.int8) - 1      # -1: no page
+    it["not_visited"] = np.full(n, -1, np.int8)    # -1: visited (or unknown, see visit_known)
+    it["visit_known"] = np.zeros(n, bool)
+    return it
 
 
-def _page_info(w: _Walker, vmemmap: int, pfn: int):
-    L = w.L
-    b = w.read(vmemmap + pfn * L.page_size_struct, L.page_size_struct)
-    if b is None:
-        return None, None, None
-    mapping = _Q.unpack_from(b, L.p_mapping)[0]
-    mapcount = struct.unpack_from("<i", b, L.p_mapcount)[0] + 1
-    is_ksm = (mapping & PAGE_MAPPING_FLAGS) == PAGE_MAPPING_KSM
-    return mapcount, is_ksm, (mapping & ~PAGE_MAPPING_FLAGS) if is_ksm else None
+# pte column codes: the model's PTE_KINDS order
+_PTE_NAMES = ("unread", "none", "present", "prot_none", "swap", "zero", "ksm_zero")
+_PTE_UNREAD = 0
+_NOT_VISITED = ("mm_exited", "no_vma", "not_mergeable", "no_anon_vma", "no_page", "swapped",
+                "zero_page", "special", "not_anon")
+_NV = {n: k for k, n in enumerate(_NOT_VISITED)}
 
 
-def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
-                  pages: bool = True, retries: int = 8) -> Snapshot:
+def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: int) -> None:
+    """Read the page tables of each live mm's VM_MERGEABLE VMAs: each
+    rmap_item's PTE kind, pfn, PageKsm, and whether ksmd's next pass visits
+    it; each slot's KSM zero pages and the pfns mapped there.
+
+    Follows ``scan_get_next_rmap_item()``: only VM_MERGEABLE VMAs with an
+    anon_vma are scanned, and ``ksm_next_page_pmd_entry()`` stops only at a
+    present PTE (or PMD leaf) whose ``vm_normal_page()`` is an anonymous,
+    non-device page; an rmap_item anywhere else is freed unread by
+    ``get_next_rmap_item()`` / ``remove_trailing_rmap_items()``. KSM zero
+    pages (include/linux/ksm.h ``is_ksm_zero_pte()``): the zero pfn, dirty.
+    """
+    n = it["addr"].size
+    ents = np.zeros(n, np.uint64)
+    kinds = np.zeros(n, np.uint8)
+    mapped_parts = []
+    start = 0
+    for s in slots:
+        m = s["rmap_items"]
+        sl = slice(start, start + m)
+        start += m
+        s["leaves"] = None
+        if not s["alive"] or not s["pgd"]:
+            # exit_mmap() zapped the page tables (each KSM zero page
+            # decremented the counters as it went): nothing is mapped
+            s["ksm_zero_pages"], s["zero_pages"] = 0, []
+            it["not_visited"][sl] = _NV["mm_exited"]
+            it["visit_known"][sl] = True
+            continue
+        v = s["vmas"]
+        merg = v[(v["flags"] & _U(VM_MERGEABLE)) != 0]
+        s["mergeable"] = merg
+        parts = [pt.leaves(s["pgd"], int(a), int(b)) for a, b in zip(merg["start"], merg["end"])]
+        if parts:
+            leaves = tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+        else:
+            e = np.zeros(0, dtype=np.uint64)
+            leaves = (e, e, np.zeros(0, dtype=np.uint8))
+        s["leaves"] = leaves
+        la, le, ls = leaves
+        small = ls == pgtable.PAGE_SHIFT
+        k, pfns, en = pgtable.decode(leaves, la[small])
+        is_page = (k == pgtable.KIND_PRESENT) | (k == pgtable.KIND_PROT_NONE)
+        zero = is_page & (pfns == _U(zero_pfn))
+        dirty = (en & _U(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
+        s["zero_pages"] = la[small][zero & dirty].tolist()
+        s["ksm_zero_pages"] = len(s["zero_pages"])
+        mapped_parts.append(pfns[is_page & ~zero])
+        if m:
+            k, pfns, en = pgtable.decode(leaves, it["address"][sl])
+            kinds[sl], it["pfn"][sl], ents[sl] = k, pfns, en
+            it["visit_known"][sl] = True
+    it["mapped_pfns"] = (np.concatenate(mapped_parts) if mapped_parts
+                         else np.zeros(0, np.uint64))
+    known = it["visit_known"] & (it["not_visited"] < 0)     # live mms
+    has_vma = it["has_vma"]
+    merg = (it["vm_flags"] & _U(VM_MERGEABLE)) != 0
+    nv = it["not_visited"]
+    nv[known & ~has_vma] = _NV["no_vma"]
+    nv[known & has_vma & ~merg] = _NV["not_mergeable"]
+    read = known & has_vma & merg
+    is_page = read & ((kinds == pgtable.KIND_PRESENT) | (kinds == pgtable.KIND_PROT_NONE))
+    zero = is_page & (it["pfn"] == _U(zero_pfn))
+    dirty = (ents & _U(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
+    pte = it["pte"]
+    pte[read] = kinds[read] + 1                      # KIND_NAMES shifted past "unread"
+    pte[zero] = np.where(dirty[zero], _PTE_NAMES.index("ksm_zero"), _PTE_NAMES.index("zero"))
+    it["pfn_ok"] = is_page
+    page = is_page & ~zero
+    anon = np.zeros(it["addr"].size, bool)
+    if page.any():
+        pfns = it["pfn"][page]
+        u, inv = np.unique(pfns, return_inverse=True)
+        ps = w.page_structs(vmemmap, u)
+        ksm = rules.folio_is_ksm(ps["mapping"])
+        an = rules.folio_is_anon(ps["mapping"])
+        it["page_ksm"][page] = np.where(ps["ok"][inv], ksm[inv].astype(np.int8), -1)
+        anon[page] = ps["ok"][inv] & an[inv]
+    special = (ents & _U(pgtable._PAGE_SPECIAL)) != 0
+    rest = read.copy()
+    for cond, why in ((it["vma_anon_vma"] == 0, "no_anon_vma"),
+                      (kinds == pgtable.KIND_NONE, "no_page"),
+                      (kinds == pgtable.KIND_SWAP, "swapped"), (zero, "zero_page"),
+                      (special, "special"), ((it["page_ksm"] < 0) | ~anon, "not_anon")):
+        hit = rest & cond
+        nv[hit] = _NV[why]
+        rest &= ~cond
+
+
+def _walk_stable_tree(w: _Walker, kernel: KernelInfo, vmemmap: int | None) -> dict:
+    """Every stable node: tree nodes in order per nid root (chain heads
+    followed by their dups), then ``migrate_nodes``."""
+    L, mem, prog = w.L, w.mem, w.prog
+    roots = prog["root_stable_tree"]
+    tree, tree_nid = [], []
+    for nid in range(kernel.nr_node_ids):
+        rb = w.rb_inorder((roots + nid).rb_node.value_())
+        tree += [a - L.n_rb for a in rb]
+        tree_nid += [nid] * len(rb)
+    tree = np.array(tree, dtype=np.uint64)
+    rec, ok = mem.gather(tree, L.node_size, L.node_dtype)
+    if not ok.all():
+        w.race("stable node freed during walk")
+    is_chain = rec["len"] == STABLE_NODE_CHAIN
+    # order: each chain head followed by its dups
+    addr, kind, chain, nid_root = [], [], [], []
+    for a, c, nid, first in zip(tree.tolist(), is_chain.tolist(), tree_nid,
+                                rec["first"].tolist()):
+        addr.append(a)
+        kind.append(1 if c else 0)
+        chain.append(0)
+        nid_root.append(nid)
+        if c:
+            for d in w.follow(first, 0):
+                addr.append(d - L.n_hlist_dup)
+                kind.append(2)
+                chain.append(a)
+                nid_root.append(-1)
+    mhead = prog["migrate_nodes"].address_
+    mig = [p - L.n_list for p in w.follow(mem.u64(mhead) or 0, 0, stop=mhead)]
+    n_tree = len(addr)
+    addr += mig
+    kind += [0] * len(mig)
+    chain += [0] * len(mig)
+    nid_root += [-1] * len(mig)
+    addr = np.array(addr, dtype=np.uint64)
+    rec, ok = mem.gather(addr, L.node_size, L.node_dtype, drop=True)
+    kind = np.array(kind, dtype=np.int8)
+    nid = rec["nid"].astype(np.int32) if "nid" in rec.dtype.names else np.zeros(addr.size,
+                                                                              np.int32)
+    # a chain head's nid is never set (alloc_stable_node_chain() leaves it
+    # uninitialised): its tree root says which node
+    nid = np.where(kind == 1, np.array(nid_root, dtype=np.int32), nid)
+    nodes = {"addr": addr, "kind": kind, "chain": np.array(chain, dtype=np.uint64),
+             "kpfn": rec["kpfn"], "nid": nid, "len": rec["len"], "first": rec["first"],
+             "migrate": np.arange(addr.size) >= n_tree}
+    page = kind != 1
+    nodes["mapcount"] = np.zeros(addr.size, np.int64)
+    nodes["page_ok"] = np.zeros(addr.size, bool)
+    nodes["page_ksm"] = np.zeros(addr.size, bool)
+    nodes["page_node"] = np.zeros(addr.size, np.uint64)
+    if vmemmap is not None and page.any():
+        ps = w.page_structs(vmemmap, rec["kpfn"][page])
+        nodes["page_ok"][page] = ps["ok"]
+        nodes["mapcount"][page] = ps["mapcount"]
+        nodes["page_ksm"][page] = rules.folio_is_ksm(ps["mapping"])
+        nodes["page_node"][page] = rules.folio_stable_node(ps["mapping"])
+    return nodes
+
+
+def _link_hlists(w: _Walker, it: dict, nodes: dict) -> None:
+    """Each stable item's position on its node's hlist (``hlist_pos``, -1
+    if no node's hlist reaches it), by list ranking over the items'
+    ``hlist.next``. An hlist that leads to an rmap_item no mm slot lists
+    (:data:`MID_UNLINKED`) or to one without STABLE_FLAG
+    (:data:`MID_HLIST_NOT_STABLE`) is a half-done update: counted as a race."""
+    n = it["addr"].size
+    stable = it["state"] == rules.STATE_STABLE
+    it["hlist_pos"] = np.full(n, -1, np.int64)
+    page_nodes = nodes["kind"] != 1
+    firsts = np.where(page_nodes, nodes["first"], _U(0))
+    nexts = np.where(stable, it["hnext"], _U(0))
+    if not n:
+        if (firsts != 0).any():
+            for _ in range(int((firsts != 0).sum())):
+                w.race(MID_UNLINKED)
+        return
+    hl = it["addr"] + _U(w.L.i["hlist"])          # each item's hlist_node
+    order = np.argsort(hl)
+    shl = hl[order]
+
+    def index_of(ptrs):
+        j = np.minimum(np.searchsorted(shl, ptrs), n - 1)
+        found = (ptrs != 0) & (shl[j] == ptrs)
+        return np.where(found, order[j], -1)
+    fi, ni = index_of(firsts), index_of(nexts)
+    for ptrs, idx in ((firsts, fi), (nexts, ni)):
+        for _ in range(int(((ptrs != 0) & (idx < 0)).sum())):
+            w.race(MID_UNLINKED)
+        for _ in range(int(((idx >= 0) & ~stable[np.maximum(idx, 0)]).sum())):
+            w.race(MID_HLIST_NOT_STABLE)
+    succ = np.where(stable & (ni >= 0), ni, -1)
+    nxt = np.where(succ >= 0, succ, np.arange(n))
+    dist = (succ >= 0).astype(np.int64)          # to the list's tail
+    for _ in range(64):
+        if np.array_equal(nxt[nxt], nxt):
+            break
+        dist = dist + dist[nxt]
+        nxt = nxt[nxt]
+    heads = fi[fi >= 0]
+    head_of_tail = np.full(n, -1, np.int64)
+    head_of_tail[nxt[heads]] = heads
+    h = head_of_tail[nxt]
+    it["hlist_pos"] = np.where(stable & (h >= 0), dist[np.maximum(h, 0)] - dist, -1)
+
+
+def _record_anon_vmas(w: _Walker, anon_vmas: list) -> dict:
+    """Each anon_vma's interval tree (``anon_vma->rb_root``) as plain
+    records: per ``struct anon_vma_chain``, its rb links, the augmented
+    ``rb_subtree_last`` and its VMA's range, pgoff and mm."""
+    prog = w.prog
+    out = {}
+    rb_off = offsetof(prog.type("struct anon_vma_chain"), "rb")
+    for av in anon_vmas:
+        try:
+            rbroot = Object(prog, "struct anon_vma *", int(av, 16)).rb_root
+            root = rbroot.rb_root.rb_node.value_()
+            leftmost = rbroot.rb_leftmost.value_()
+            nodes = {}
+            stack = [root] if root else []
+            while stack:
+                rb = stack.pop()
+                a = rb - rb_off
+                avc = Object(prog, "struct anon_vma_chain *", a)
+                vma = avc.vma
+                left, right = avc.rb.rb_left.value_(), avc.rb.rb_right.value_()
+                parent = avc.rb.__rb_parent_color.value_() & ~3
+                nodes[_hx(a)] = {
+                    "vma": _hx(vma.value_()), "mm": _hx(vma.vm_mm.value_()),
+                    "vm_start": vma.vm_start.value_(), "vm_end": vma.vm_end.value_(),
+                    "vm_pgoff": vma.vm_pgoff.value_(),
+                    "left": _hx(left - rb_off) if left else None,
+                    "right": _hx(right - rb_off) if right else None,
+                    "parent": _hx(parent - rb_off) if parent else None,
+                    "subtree_last": avc.rb_subtree_last.value_()}
+                stack += [x for x in (right, left) if x]
+                if len(nodes) > _MAX_LIST:
+                    w.race("anon_vma tree walk did not end")
+                    break
+            out[av] = {"root": _hx(root - rb_off) if root else None,
+                       "leftmost": _hx(leftmost - rb_off) if leftmost else None,
+                       "nodes": nodes}
+        except FaultError:
+            w.race("anon_vma freed during walk")
+    return out
+
+
+def _inorder(rec: dict) -> list[str]:
+    """avc ids of one recorded anon_vma tree in in-order (the kernel's
+    iteration order: by start pgoff)."""
+    n = rec["nodes"]
+    out, stack, a = [], [], rec["root"]
+    while stack or a:
+        while a:
+            stack.append(a)
+            a = n[a]["left"]
+        a = stack.pop()
+        out.append(a)
+        a = n[a]["right"]
+    return out
+
+
+def avc_table(anon_vmas: dict) -> dict:
+    """Every recorded anon_vma_chain as arrays, each tree in in-order:
+    ``anon_vma`` / ``avc`` / ``mm`` ids (lists) and ``vm_start``,
+    ``vm_end``, ``vm_pgoff`` (uint64)."""
+    av, ids, mm, vs, ve, pg = [], [], [], [], [], []
+    for a, rec in anon_vmas.items():
+        for c in _inorder(rec) if rec.get("root") else []:
+            d = rec["nodes"][c]
+            av.append(a)
+            ids.append(c)
+            mm.append(d["mm"])
+            vs.append(d["vm_start"])
+            ve.append(d["vm_end"])
+            pg.append(d["vm_pgoff"])
+    u = np.uint64
+    return {"anon_vma": av, "avc": ids, "mm": mm, "vm_start": np.array(vs, dtype=u),
+            "vm_end": np.array(ve, dtype=u), "vm_pgoff": np.array(pg, dtype=u)}
+
+
+def _pairs(raw: Raw) -> dict:
+    """The pairs ``rmap_walk_ksm()`` visits for every KSM page
+    (:func:`ksmlens.kernel.rmap_walk.candidates`) from the items and the
+    recorded anon_vma trees, plus ``avcs`` (:func:`avc_table`) and
+    ``avc_mm`` (the avcs' mm keys, comparable with ``items["mm"]``)."""
+    it = raw.items
+    avcs = avc_table(raw.anon_vmas)
+    stable = it["state"] == rules.STATE_STABLE
+    av_code = {a: k for k, a in enumerate(dict.fromkeys(avcs["anon_vma"]))}
+    avc_av = np.array([av_code[a] for a in avcs["anon_vma"]], dtype=np.int64)
+    avc_mm = np.array([raw.key(m) for m in avcs["mm"]], dtype=np.uint64)
+    item_av = np.full(it["addr"].size, -1, np.int64)
+    sidx = np.nonzero(stable & (it["anon_vma"] != 0))[0]
+    if sidx.size and av_code:
+        u, inv = np.unique(it["anon_vma"][sidx], return_inverse=True)
+        lut = np.array([av_code.get(raw.name(int(a)), -1) for a in u.tolist()],
+                       dtype=np.int64)
+        item_av[sidx] = lut[inv]
+    # mm keys as small codes for the join
+    allmm, mm_inv = np.unique(np.concatenate([it["mm"], avc_mm]), return_inverse=True)
+    item_mm = mm_inv[:it["mm"].size].astype(np.int64)
+    avc_mmc = mm_inv[it["mm"].size:].astype(np.int64)
+    stored = it["union"] if raw.kernel.has_stored_pgoff else None
+    c = candidates(item_av, item_mm, it["address"], stored, avc_av, avc_mmc,
+                   avcs["vm_start"], avcs["vm_end"], avcs["vm_pgoff"], raw.kernel.page_shift)
+    c["avcs"] = avcs
+    c["avc_mm"] = avc_mm
+    return c
+
+
+def _node_kpfn_of_pairs(raw: Raw, c: dict) -> np.ndarray:
+    naddr = raw.nodes["addr"]
+    if not naddr.size:
+        return np.zeros(c["item"].size, np.uint64)
+    order = np.argsort(naddr)
+    sn = naddr[order]
+    want = raw.items["head"][c["item"]]
+    j = np.minimum(np.searchsorted(sn, want), sn.size - 1)
+    return np.where(sn[j] == want, raw.nodes["kpfn"][order][j], _U(0))
+
+
+def _mapped_from_ptes(w: _Walker, pt, raw: Raw, c: dict) -> np.ndarray:
+    """Per pair: does a PTE of the avc's mm map the node's page at that
+    address (``pte_present()``: PROT_NONE mappings count)? From the page
+    tables read in this pause (the slots' mergeable VMAs; one lookup each
+    for the rest)."""
+    it = raw.items
+    kpfn = _node_kpfn_of_pairs(raw, c)
+    mapped = np.zeros(c["item"].size, bool)
+    by_mm = {s["mm"]: s for s in raw.slots}
+    cm = c["avc_mm"][c["avc"]]
+    addr = it["address"][c["item"]]
+    for mm in np.unique(cm).tolist():
+        sel = np.nonzero(cm == _U(mm))[0]
+        s = by_mm.get(mm)
+        q = addr[sel]
+        covered = np.zeros(sel.size, bool)
+        if s is not None and s.get("leaves") is not None and s["mergeable"].size:
+            mv = s["mergeable"]
+            vi = np.searchsorted(mv["start"], q, side="right") - 1
+            covered = (vi >= 0) & (q < mv["end"][np.maximum(vi, 0)])
+            k, pfns, _ = pgtable.decode(s["leaves"], q[covered])
+            mapped[sel[covered]] = (((k == pgtable.KIND_PRESENT) | (k == pgtable.KIND_PROT_NONE))
+                                    & (pfns == kpfn[sel[covered]]))
+        rest = sel[~covered]
+        if rest.size:       # outside the mm's mergeable VMAs: one lookup each
+            pgd = s["pgd"] if s is not None else _pgd_of(w, mm)
+            for r in rest.tolist():
+                mapped[r] = bool(pgd) and pt.lookup(pgd, int(addr[r]))[1] == int(kpfn[r])
+    return mapped
+
+
+def _pgd_of(w: _Walker, mm: int) -> int:
+    try:
+        mmo = Object(w.prog, "struct mm_struct *", mm)
+        return mmo.pgd.value_() if mmo.mm_users.counter.value_() else 0
+    except FaultError:
+        return 0
+
+
+# ------------------------------------------------------------------ tables
+
+def finish(raw: Raw) -> Snapshot:
+    """Turn what :func:`walk_paused` read into a :class:`Snapshot`: the
+    rmap_items, stable_nodes and mm_slots tables, and the rmap walk
+    replayed under every rule (``mappings``, ``walk_*``, ``unmappable_*``,
+    ``reachable`` / ``unreachable``). Pure computation."""
+    k = raw.kernel
+    it, nd = raw.items, raw.nodes
+    shift = k.page_shift
+    n = it["addr"].size
+    stable = it["state"] == rules.STATE_STABLE
+    unstable = it["state"] == rules.STATE_UNSTABLE
+    has_vma = it["has_vma"]
+    slot_pid = np.array([s["pid"] if s["pid"] is not None else -1 for s in raw.slots],
+                        dtype=np.int64)
+    pid = slot_pid[it["slot"]] if n else np.zeros(0, np.int64)
+    comm_of_slot = [s["comm"] for s in raw.slots]
+    cats = list(dict.fromkeys(c for c in comm_of_slot if c is not None))
+    slot_code = np.array([cats.index(c) if c is not None else -1 for c in comm_of_slot]
+                         + [-1], dtype=np.int64)
+    comm = pd.Categorical.from_codes(slot_code[it["slot"]] if n else np.zeros(0, np.int64),
+                                     categories=cats)
+    mmhex = hex_ids(it["mm"])
+    lpi = it["lpi"]
+    # pgoff status: address >> PAGE_SHIFT against linear_page_index
+    moved = has_vma & (it["addr_pgoff"] != lpi)
+    def enum(col, codes):
+        return pd.Categorical.from_codes(codes, dtype=ITEM_COLUMNS[col])
+    P = ITEM_COLUMNS["pgoff_status"].categories.get_loc
+    status = enum("pgoff_status", np.select([~has_vma, moved], [P("no_vma"), P("moved")],
+                                            P("ok")))
+    C = ITEM_COLUMNS["pgoff_cause"].categories.get_loc
+    cause = enum("pgoff_cause", np.select(
+        [moved & it["vma_file"], moved & ((it["vm_flags"] & _U(VM_GROWSDOWN)) != 0),
+         moved & (it["vm_pgoff"] != (it["vma_start"] >> _U(shift)))],
+        [C("file"), C("stack"), C("mremap")], -1))
+    stored = it["union"]
+    hs = it["has_stored"]
+    S = ITEM_COLUMNS["stored_status"].categories.get_loc
+    st_status = enum("stored_status", np.select(
+        [~hs, ~has_vma, stored == lpi, stored == 0],
+        [-1, S("no_vma"), S("ok"), S("unset")], S("stale")))
+    # non-stable items: does the v3 range meet the item's own VMA?
+    last = rules.vma_last_pgoff(it["vma_start"], it["vma_end"], it["vm_pgoff"], shift)
+    own_v3 = has_vma & (it["vm_pgoff"] <= it["addr_pgoff"]) & (it["addr_pgoff"] <= last)
+    walk = {"stock": pd.array(np.where(has_vma, True, False), dtype="boolean"),
+            "v3": pd.array(own_v3, dtype="boolean"),
+            "stored": pd.array(np.zeros(n, bool), dtype="boolean")}
+    for r in RULES:
+        walk[r][~has_vma] = pd.NA
+    walk["stored"][:] = pd.NA
+    nodes_df, maps_df, item_walk = _replay(raw)
+    if item_walk is not None:
+        for r in RULES:
+            vals, sel = item_walk[r]
+            walk[r][stable] = pd.NA
+            walk[r][sel] = vals
+    pages_read = it["visit_known"].any() or any(s.get("leaves") is not None for s in raw.slots)
+    pte = pd.Categorical.from_codes(it["pte"].astype(np.int64), categories=list(_PTE_NAMES))
+    nv_codes = it["not_visited"].astype(np.int64)
+    visited_known = it["visit_known"]
+    data = {
+        "id": hex_ids(it["addr"]), "mm": mmhex, "pid": pd.array(
+            np.where(pid >= 0, pid, 0), dtype="Int64"),
+        "comm": comm, "address": it["address"], "flags": it["flags"],
+        "state": pd.Categorical.from_codes(it["state"].astype(np.int64),
+                                           categories=list(rules.STATE_NAMES)),
+        "seqnr": it["seqnr"], "in_unstable_tree": it["in_unstable_tree"],
+        "stable_node": hex_ids(it["head"], stable), "anon_vma": hex_ids(it["anon_vma"], stable),
+        "nid": _masked(it["nid"], it["nid_ok"], "Int64"),
+        "vma_start": _masked(it["vma_start"], has_vma, "UInt64"),
+        "vma_end": _masked(it["vma_end"], has_vma, "UInt64"),
+        "vm_pgoff": _masked(it["vm_pgoff"], has_vma, "UInt64"),
+        "vma_anon_vma": hex_ids(it["vma_anon_vma"], has_vma),
+        "vma_file": _masked(it["vma_file"], has_vma, "boolean"),
+        "addr_pgoff": it["addr_pgoff"], "linear_page_index": _masked(lpi, has_vma, "UInt64"),
+        "stored_pgoff": _masked(stored, hs, "UInt64"),
+        "oldchecksum": it["oldchecksum"], "age": it["age"],
+        "remaining_skips": it["remaining_skips"], "raw_union": it["union"],
+        "vm_flags": _masked(it["vm_flags"], has_vma, "UInt64"),
+        "pgoff_status": status, "pgoff_cause": cause, "stored_status": st_status,
+        "walk_stock": walk["stock"], "walk_v3": walk["v3"], "walk_stored": walk["stored"],
+        "pte": pte, "pfn": _masked(it["pfn"].astype(np.int64), it["pfn_ok"], "Int64"),
+        "page_ksm": _masked(it["page_ksm"] == 1, it["page_ksm"] >= 0, "boolean"),
+        "will_visit": _masked(nv_codes < 0, visited_known if pages_read
+                              else np.zeros(n, bool), "boolean"),
+        "not_visited": pd.Categorical.from_codes(np.where(nv_codes >= 0, nv_codes, -1),
+                                                 categories=list(_NOT_VISITED)),
+        "hlist_pos": _masked(it.get("hlist_pos", np.full(n, -1)),
+                             it.get("hlist_pos", np.full(n, -1)) >= 0, "Int64"),
+    }
+    data["pid"][pid < 0] = pd.NA
+    items_df = table(data, ITEM_COLUMNS)
+    slots_df = _slots_table(raw)
+    snap = Snapshot(k, raw.counters, nodes_df, items_df, slots_df, scan=raw.scan,
+                    meta=dict(raw.meta), anon_vmas=raw.anon_vmas, mappings=maps_df)
+    return snap
+
+
+def _masked(values, valid, dtype):
+    a = pd.array(np.asarray(values), dtype=dtype)
+    a[~np.asarray(valid, dtype=bool)] = pd.NA
+    return a
+
+
+def _none_if(a: np.ndarray, empty: str):
+    s = pd.Series(a, dtype=object)
+    return s.where(s != empty, None)
+
+
+def _slots_table(raw: Raw) -> pd.DataFrame:
+    S = raw.slots
+    data = {"id": [_hx(s["id"]) for s in S], "mm": [_hx(s["mm"]) for s in S],
+            "pid": [s["pid"] for s in S], "comm": [s["comm"] for s in S],
+            "rmap_items": [s["rmap_items"] for s in S],
+            "mm_ksm_rmap_items": [s["mm_ksm_rmap_items"] for s in S],
+            "mm_ksm_merging_pages": [s["mm_ksm_merging_pages"] for s in S],
+            "pids": [s["pids"] for s in S], "mm_users": [s["mm_users"] for s in S],
+            "mm_ksm_zero_pages": [s["mm_ksm_zero_pages"] for s in S],
+            "ksm_zero_pages": [s.get("ksm_zero_pages") for s in S],
+            "zero_pages": [s.get("zero_pages", []) for s in S]}
+    return table(data, SLOT_COLUMNS)
+
+
+def _replay(raw: Raw):
+    """The stable_nodes table and the replayed mappings: per KSM page, the
+    stock walk's (mm, address) pairs in the kernel's order with what each
+    rule finds; per stable item, whether each rule finds its own mapping."""
+    nd, it = raw.nodes, raw.items
+    k = raw.kernel
+    nn = nd["addr"].size
+    page = nd["kind"] != 1
+    ids = raw.fmt(nd["addr"])
+    owners = {s["mm"]: (s["pid"], s["comm"]) for s in raw.slots}
+    ptes = np.zeros(nn, np.int64)
+    mapped_pfns = it.get("mapped_pfns")
+    have_ptes = mapped_pfns is not None
+    c = raw.cand
+    pages = c is not None and c.get("mapped") is not None      # mapped answers known
+    if have_ptes and mapped_pfns.size:
+        u, cnt = np.unique(mapped_pfns, return_counts=True)
+        j = np.searchsorted(u, nd["kpfn"])
+        j = np.minimum(j, u.size - 1)
+        ptes = np.where(u[j] == nd["kpfn"], cnt[j], 0)
+    reach = np.zeros(nn, np.int64)
+    unm = {r: np.zeros(nn, bool) for r in RULES}
+    maps = None
+    item_walk = None
+    if c is not None and c["item"].size:
+        order_node = np.argsort(nd["addr"])
+        snd = nd["addr"][order_node]
+        item_node = it["head"][c["item"]]
+        j = np.minimum(np.searchsorted(snd, item_node), nn - 1)
+        node_idx = np.where(snd[j] == item_node, order_node[j], -1)
+        keep = node_idx >= 0
+        avcs = c["avcs"]
+        avc_mm = c["avc_mm"]
+        known_mapped = c.get("mapped") is not None
+        mapped_pairs = c["mapped"] if known_mapped else np.zeros(c["item"].size, bool)
+        df = pd.DataFrame({
+            "node": node_idx[keep], "pass": c["pass"][keep],
+            "hpos": it["hlist_pos"][c["item"][keep]], "avc": c["avc"][keep],
+            "mm": avc_mm[c["avc"][keep]], "address": it["address"][c["item"][keep]],
+            "item": c["item"][keep], "v3": c["v3"][keep], "stored": c["stored"][keep],
+            "mapped": mapped_pairs[keep]})
+        # the kernel's order: pass, then the hlist, then the tree's in-order
+        df = df.sort_values(["node", "pass", "hpos", "avc"], kind="stable")
+        g = df.groupby(["node", "mm", "address"], sort=False)
+        m = g.agg(first_item=("item", "first"), avc=("avc", "first"), passno=("pass", "first"),
+                  mapped=("mapped", "first"), v3=("v3", "any"), stored=("stored", "any")
+                  ).reset_index()
+        has = k.has_stored_pgoff
+        mm_ids = raw.fmt(m["mm"].to_numpy(np.uint64))
+        avc_ids = np.array(avcs["avc"], dtype=object)
+        a_idx = m["avc"].to_numpy()
+        fi = m["first_item"].to_numpy()
+        vmas = (avcs["vm_start"][a_idx], avcs["vm_end"][a_idx], avcs["vm_pgoff"][a_idx])
+        pids = [owners.get(int(x), (None, None)) for x in m["mm"].to_numpy(np.uint64).tolist()]
+        maps = table({
+            "node": ids.iloc[m["node"].to_numpy()].reset_index(drop=True),
+            "mm": mm_ids, "pid": [p for p, _ in pids], "comm": [c_ for _, c_ in pids],
+            "address": m["address"].to_numpy(np.uint64), "vma_start": vmas[0],
+            "vma_end": vmas[1], "vm_pgoff": vmas[2], "item": raw.fmt(it["addr"][fi]),
+            "avc": list(avc_ids[a_idx]), "pass": m["passno"].to_numpy(np.uint8),
+            "mapped": _masked(m["mapped"].to_numpy(bool), np.full(len(m), known_mapped),
+                              "boolean"), "found_stock": np.ones(len(m), bool),
+            "found_v3": m["v3"].to_numpy(bool),
+            "found_stored": _masked(m["stored"].to_numpy(bool), np.full(len(m), has),
+                                    "boolean")}, MAPPING_COLUMNS)
+        mn = m["node"].to_numpy()
+        mapped = m["mapped"].to_numpy(bool)
+        reach = np.bincount(mn[mapped], minlength=nn)
+        for r, col in (("stock", None), ("v3", "v3"), ("stored", "stored")):
+            miss = mapped & (~m[col].to_numpy(bool) if col else np.zeros(len(m), bool))
+            unm[r] = np.bincount(mn[miss], minlength=nn) > 0
+        # each stable item: does each rule find its own (mm, address)?
+        key = pd.MultiIndex.from_arrays([mn, m["mm"].to_numpy(np.uint64),
+                                         m["address"].to_numpy(np.uint64)])
+        st = np.nonzero(it["state"] == rules.STATE_STABLE)[0]
+        inode = it["head"][st]
+        j = np.minimum(np.searchsorted(snd, inode), nn - 1)
+        ni = np.where(snd[j] == inode, order_node[j], -1)
+        q = pd.MultiIndex.from_arrays([ni, it["mm"][st], it["address"][st]])
+        pos = key.get_indexer(q)
+        hit = pos >= 0
+        item_walk = {}
+        for r, col in (("stock", None), ("v3", "v3"), ("stored", "stored")):
+            v = np.where(hit, True if col is None else m[col].to_numpy(bool)[np.maximum(pos, 0)],
+                         False)
+            vals = pd.array(v, dtype="boolean")
+            if r == "stored" and not has:
+                vals[:] = pd.NA
+            item_walk[r] = (vals, st)
+    elif c is not None:
+        st = np.nonzero(it["state"] == rules.STATE_STABLE)[0]
+        item_walk = {r: (pd.array(np.zeros(st.size, bool) if not (r == "stored" and not
+                                  k.has_stored_pgoff) else [None] * st.size, dtype="boolean"),
+                         st) for r in RULES}
+    # only for a page that is still this node's KSM page (a stale node's kpfn
+    # may have been freed and reused: its mapcount is someone else's)
+    own = page & nd["page_ksm"] & (nd["page_node"] == nd["addr"])
+    unreach = np.where(own, np.maximum(0, nd["mapcount"] - reach), 0) if pages else \
+        np.zeros(nn, np.int64)
+    for r in RULES:
+        if r == "stored" and not k.has_stored_pgoff:
+            unm[r][:] = False
+        else:
+            unm[r] |= page & (unreach > 0)
+    hv = nd["page_ok"]
+    nodes_df = table({
+        "id": ids, "kind": pd.Categorical.from_codes(nd["kind"].astype(np.int64),
+                                                     categories=["regular", "chain", "dup"]),
+        "chain": raw.fmt(nd["chain"]), "kpfn": _masked(nd["kpfn"].astype(np.int64), page, "Int64"),
+        "nid": nd["nid"], "rmap_hlist_len": nd["len"],
+        "mapcount": _masked(nd["mapcount"], page & hv, "Int64"),
+        "page_is_ksm": _masked(nd["page_ksm"], page & hv, "boolean"),
+        "page_stable_node": raw.fmt(nd["page_node"], page & hv),
+        "migrate_list": nd["migrate"], "ptes": _masked(ptes, page & have_ptes, "Int64"),
+        "reachable": _masked(reach, page & pages, "Int64"),
+        "unreachable": unreach,
+        "unmappable_stock": unm["stock"], "unmappable_v3": unm["v3"],
+        "unmappable_stored": unm["stored"]}, NODE_COLUMNS)
+    return nodes_df, maps, item_walk
+
+
+def replay_tables(snap: Snapshot) -> Snapshot:
+    """Replay ``rmap_walk_ksm()`` again on a snapshot's own tables (a saved
+    file, a hand-made snapshot): ``mappings``, each item's ``walk_*`` and
+    each node's ``reachable`` / ``unreachable`` / ``unmappable_*``, in place
+    (returns ``snap``). Whether a PTE maps each page (``mapped``) is taken
+    from the snapshot's previous replay (unknown where it had none)."""
+    it, nd = snap.rmap_items, snap.stable_nodes
+    strings = pd.concat([it["id"], it["mm"], it["stable_node"], it["anon_vma"], nd["id"],
+                         nd["chain"], nd["page_stable_node"],
+                         pd.Series([m for a in snap.anon_vmas.values()
+                                    for m in [x["mm"] for x in a["nodes"].values()]],
+                                   dtype="str")], ignore_index=True).dropna().unique()
+    names = ["?"] + [str(x) for x in strings]
+    code = {x: k for k, x in enumerate(names)}
+
+    def key(x):
+        return 0 if x is None or x != x else code[x]
+    names_arr = np.array(names, dtype=object)
+
+    def ids(a, valid=None):
+        a = np.asarray(a, dtype=np.int64)
+        out = pd.Series(names_arr[a], dtype=object)
+        bad = a == 0 if valid is None else (a == 0) | ~np.asarray(valid, bool)
+        return out.where(~bad, None).astype("str")
+
+    def col(df, c, dtype=np.uint64, fill=0):
+        return df[c].to_numpy(dtype=dtype, na_value=fill)
+
+    def keys(series):
+        return np.array([key(x) for x in series.tolist()], dtype=np.uint64)
+    state = pd.Series(it["state"]).map({n: k for k, n in enumerate(rules.STATE_NAMES)}
+                                       ).to_numpy(np.uint8)
+    stable = state == rules.STATE_STABLE
+    stored = col(it, "stored_pgoff")
+    items = {"addr": keys(it["id"]), "head": keys(it["stable_node"]),
+             "anon_vma": keys(it["anon_vma"]), "mm": keys(it["mm"]),
+             "address": col(it, "address"), "state": state,
+             "hlist_pos": col(it, "hlist_pos", np.int64, -1),
+             "union": stored, "has_stored": stable & snap.kernel.has_stored_pgoff}
+    kind = pd.Series(nd["kind"]).map({"regular": 0, "chain": 1, "dup": 2}).to_numpy(np.int8)
+    nodes = {"addr": keys(nd["id"]), "kind": kind, "chain": keys(nd["chain"]),
+             "kpfn": col(nd, "kpfn"), "nid": col(nd, "nid", np.int32),
+             "len": col(nd, "rmap_hlist_len", np.int32),
+             "mapcount": col(nd, "mapcount", np.int64), "page_ok": nd["mapcount"].notna()
+             .to_numpy(), "page_ksm": col(nd, "page_is_ksm", bool, False),
+             "page_node": keys(nd["page_stable_node"]), "migrate": col(nd, "migrate_list", bool)}
+    raw = Raw(kernel=snap.kernel, counters=snap.counters, scan=snap.scan, meta={},
+              items=items, nodes=nodes, slots=[{"mm": key(s), "pid": p, "comm": c}
+                                               for s, p, c in zip(snap.mm_slots["mm"],
+                                                                  snap.mm_slots["pid"],
+                                                                  snap.mm_slots["comm"])],
+              anon_vmas=snap.anon_vmas)
+    raw.name = lambda v: names[v] if 0 < v < len(names) else None
+    raw.key = key
+    raw.ids = ids
+    raw.cand = _pairs(raw)
+    old = snap.mappings
+    if len(old) and old["mapped"].notna().any():
+        # the previous answer per (node, mm, address)
+        prev = {(key(n), key(m), int(a)): bool(v) for n, m, a, v in zip(
+            old["node"], old["mm"], old["address"], old["mapped"]) if v is not pd.NA}
+        kp = raw.cand
+        nodes_of = items["head"][kp["item"]]
+        mms = kp["avc_mm"][kp["avc"]]
+        ad = items["address"][kp["item"]]
+        kp["mapped"] = np.array([prev.get((int(n), int(m), int(a)), False)
+                                 for n, m, a in zip(nodes_of, mms, ad)], dtype=bool)
+    nodes_df, maps_df, item_walk = _replay(raw)
+    for c in ("reachable", "unreachable", "unmappable_stock", "unmappable_v3",
+              "unmappable_stored"):
+        snap.stable_nodes[c] = nodes_df[c].to_numpy() if c.startswith("unm") or \
+            c == "unreachable" else nodes_df[c]
+    if maps_df is not None:
+        snap.mappings = maps_df
+    if item_walk is not None:
+        for r in RULES:
+            vals, sel = item_walk[r]
+            colv = snap.rmap_items[f"walk_{r}"].array.copy()
+            colv[sel] = vals
+            snap.rmap_items[f"walk_{r}"] = colv
+    snap.changed()
+    return snap
+
+
+# ------------------------------------------------------------------ the snapshot
+
+def take_snapshot(prog: Program, *, mode: str = "consistent", pause=None,
+                  pages: bool = True, retries: int = 8, vm=None) -> Snapshot:
     """Walk the KSM state of ``prog`` into a :class:`Snapshot`.
 
-    ``mode="consistent"`` pauses ``vm`` (a :class:`ksmlens.lab.vm.VM`, taken from
-    :func:`ksmlens.lab.attach.attach` when not given) over QMP during the walk;
-    for a vmcore nothing moves and no VM is needed. ``mode="live"`` never
-    pauses and counts races in ``meta["races"]``.
+    ``mode="consistent"`` holds the target still during the walk with
+    ``pause`` (a context manager factory; default: the one the lab's
+    ``attach()`` registered for ``prog``); a vmcore needs none.
+    ``mode="live"`` never pauses and counts races in ``meta["races"]``.
+    ``pages=False`` skips page tables and ``struct page`` reads (faster;
+    no PTE columns, no mapped/unreachable answers).
 
     A pause stops the guest at any instruction, so a paused walk can land in
     an update ksmd (or an exiting task) has half done: an rmap_item already
@@ -290,82 +1144,75 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", vm=None,
     """
     if mode not in ("consistent", "live"):
         raise KsmlensError(f"unknown snapshot mode {mode!r}", "use consistent or live")
-    vm = vm or prog.cache.get("ksmlens_vm")
+    if vm is not None and pause is None:
+        pause = vm.paused
+    pause = _pause_of(prog, pause)
     is_live_target = bool(prog.flags & ProgramFlags.IS_LIVE)
-    pause = mode == "consistent" and is_live_target
-    if pause and vm is None:
-        raise KsmlensError("a consistent walk of a live kernel needs a lab VM to pause",
+    hold = mode == "consistent" and is_live_target
+    if hold and pause is None:
+        raise KsmlensError("a consistent walk of a live kernel needs a way to pause it",
                            "use mode='live', or attach to a lab VM / a vmcore")
+    from ksmlens.kernel.pgtable import check_platform
+    check_platform(prog)
     t_start = time.monotonic()
-    q = vm.qmp(timeout=30) if pause else None
     seen = []
     paused_total = 0.0
-    try:
-        for attempt in range(1, max(1, retries) + 1):
-            if q is not None:
-                q.stop()
+    for attempt in range(1, max(1, retries) + 1):
+        busy = None
+        with (pause() if hold else contextlib.nullcontext()):
             t_paused = time.monotonic()
-            busy = None
-            try:
-                snap = _walk(prog, live=(mode == "live" and is_live_target), pages=pages)
-                if pause:       # who runs on each CPU in this pause (ksmlens.lens.midupdate)
-                    snap.meta["on_cpu"] = on_cpu(prog)
-                if mode == "consistent" and snap.meta["races"]:
-                    busy = _ksm_busy(prog, snap.meta.get("ksmd"))
-            finally:
-                if q is not None:
-                    q.cont()
+            raw = walk_paused(prog, live=(mode == "live" and is_live_target), pages=pages)
+            if hold:        # who runs on each CPU in this pause (ksmlens.lens.midupdate)
+                raw.meta["on_cpu"] = on_cpu(prog)
+            if mode == "consistent" and raw.races:
+                busy = _ksm_busy(prog, raw.meta.get("ksmd"))
             t_end = time.monotonic()
-            paused_total += t_end - t_paused
-            if mode == "live" or not snap.meta["races"]:
-                break
-            what = dict(snap.meta["races"])
-            if not busy:
-                raise KsmlensError(
-                    "inconsistent KSM state in a paused guest where no task was in mm/ksm.c "
-                    f"or on a CPU: {'; '.join(what)}",
-                    "report this with the snapshot's kernel release: the walk or the kernel "
-                    "is wrong")
-            seen.append({"attempt": attempt, "what": what, "busy": busy})
-            if attempt < retries:
-                time.sleep(random.uniform(0.002, 0.03))
-    finally:
-        if q is not None:
-            q.close()
+        paused_total += t_end - t_paused
+        if mode == "live" or not raw.races:
+            break
+        what = dict(raw.races)
+        if not busy:
+            raise KsmlensError(
+                "inconsistent KSM state in a paused guest where no task was in mm/ksm.c "
+                f"or on a CPU: {'; '.join(what)}",
+                "report this with the snapshot's kernel release: the walk or the kernel "
+                "is wrong")
+        seen.append({"attempt": attempt, "what": what, "busy": busy})
+        if attempt < retries:
+            time.sleep(random.uniform(0.002, 0.03))
     if mode == "consistent":
-        snap.meta["mid_update_seen"] = seen
-        if snap.meta["races"]:
-            snap.meta["mid_update"] = seen[-1]
-            snap.meta["races"] = {}
-    # The replay itself is pure computation on what the walk recorded (trees,
-    # PTEs): done after the guest runs again.
-    replay_walks(snap, snap.__dict__.pop("_mapped"), stock=snap.__dict__.pop("_stock_candidates"))
-    snap.meta["replay_seconds"] = round(time.monotonic() - t_end, 4)
-    orphans = [n for n in snap.stable_nodes if n.unreachable]
-    if orphans and pages:
+        raw.meta["mid_update_seen"] = seen
+        if raw.races:
+            raw.meta["mid_update"] = seen[-1]
+            raw.meta["races"] = {}
+    # Tables and the replay are pure computation on what the walk read:
+    # done after the guest runs again.
+    t = time.monotonic()
+    snap = finish(raw)
+    snap.meta["replay_seconds"] = round(time.monotonic() - t, 4)
+    orphans = snap.stable_nodes[snap.stable_nodes["unreachable"] > 0]
+    if len(orphans) and pages:
         # No rmap_item leads to some mappings of these pages: find them in
         # the page tables of every process (a second, short pause).
-        q = vm.qmp(timeout=30) if pause else None
-        try:
-            if q is not None:
-                q.stop()
-            _find_orphan_mappings(prog, orphans)
-        finally:
-            if q is not None:
-                q.cont()
-                q.close()
+        with (pause() if hold else contextlib.nullcontext()):
+            snap.orphans = _find_orphan_mappings(prog, snap, orphans)
+    snap.kernel.source = snap.kernel.source or _source(prog)
     snap.meta.update({
         "mode": mode if is_live_target else "static",
-        "paused_seconds": round(paused_total, 4) if pause else 0.0,
+        "paused_seconds": round(paused_total, 4) if hold else 0.0,
         "walk_seconds": round(t_end - t_paused, 4),
-        "total_seconds": round(t_end - t_start, 4),
+        "total_seconds": round(time.monotonic() - t_start, 4),
         "attempts": attempt,
         "taken_at": time.time(),
     })
-    if snap.rmap_items:
+    if len(snap.rmap_items):
         snap.meta["items_per_second"] = round(len(snap.rmap_items) /
                                               max(snap.meta["walk_seconds"], 1e-9))
     return snap
+
+
+def _source(prog: Program) -> str:
+    return prog.cache.get("ksmlens_source", "")
 
 
 def _ksm_busy(prog: Program, ksmd: dict | None) -> list[str]:
@@ -401,13 +1248,13 @@ def _ksm_busy(prog: Program, ksmd: dict | None) -> list[str]:
     return out
 
 
-def take_idle_snapshot(prog: Program, vm=None, tries: int = 40) -> Snapshot:
+def take_idle_snapshot(prog: Program, vm=None, tries: int = 40, pause=None) -> Snapshot:
     """A consistent snapshot taken while ksmd sleeps between batches, so the
     scan cursor and every rmap_item's SmartScan bytes are at rest (paused
     in the middle of a batch, an item can be half processed). Retries the
     pause up to ``tries`` times."""
     for _ in range(tries):
-        snap = take_snapshot(prog, vm=vm)
+        snap = take_snapshot(prog, vm=vm, pause=pause)
         if (snap.meta.get("ksmd") or {}).get("idle"):
             return snap
         time.sleep(0.05)
@@ -415,371 +1262,23 @@ def take_idle_snapshot(prog: Program, vm=None, tries: int = 40) -> Snapshot:
                        "lower pages_to_scan or raise sleep_millisecs in the guest")
 
 
-def _walk(prog: Program, *, live: bool, pages: bool) -> Snapshot:
-    w = _Walker(prog, live)
-    L = w.L
-    shift = w.shift
-    page_mask = ~((1 << shift) - 1)
-    release = prog["UTS_RELEASE"].string_().decode()
-    kernel = KernelInfo(release=release, variant=kbuild.variant_of_release(release),
-                        has_stored_pgoff=L.i_pgoff is not None,
-                        nr_node_ids=prog["ksm_nr_node_ids"].value_(), page_shift=shift,
-                        rmap_item_size=L.item_size)
-    kernel.walk_rule = kernel_walk_rule(kernel.variant, kernel.has_stored_pgoff)
-    counters = ksm_counters(prog)
-    counters.update(ksm_settings(prog))
-    scan_obj = prog["ksm_scan"]
-    seqnr = scan_obj.seqnr.value_()
-    scan = {"mm_slot": _hx(scan_obj.mm_slot.value_()), "address": scan_obj.address.value_(),
-            "seqnr": seqnr, "rmap_list": _hx(scan_obj.rmap_list.value_()),
-            # ksm_scan.mm_slot == &ksm_mm_head: the next visit starts a new pass
-            "at_pass_start": scan_obj.mm_slot.value_() == prog["ksm_mm_head"].address_}
-    owners = w.mm_owners()
-
-    # ---- mm slots and their rmap_items
-    item_struct, has_nid, has_pgoff, age_shift, skips_shift = _item_struct(L)
-    bisect_right = bisect.bisect_right
-    hex_cache: dict[int, str] = {}
-    page_cache = w.pages
-    item_size = L.item_size
-
-    def node_hex(v: int) -> str:
-        h = hex_cache.get(v)
-        if h is None:
-            h = hex_cache[v] = _hx(v)
-        return h
-
-    head = prog["ksm_mm_head"].address_ + L.s_mm_node
-    items: dict[int, RmapItem] = {}
-    hnext: dict[int, int] = {}   # item -> its hlist.next (stable items)
-    slots: list[MmSlot] = []
-    pt = pgtable.PageTables.of(prog, w.read) if pages else None
-    zero_pfn = prog["zero_pfn"].value_() if pages else None
-    vmemmap = None
-    if pages:
-        from drgn.helpers.linux.mm import pfn_to_page
-        vmemmap = pfn_to_page(prog, 0).value_()
-    mapped_pfns: list = []       # every pfn mapped in the mergeable VMAs, all mms
-    sel = ksm_unstable_tree_seqnr(prog)   # between passes: the previous pass's
-    pos, n = w.ptr(head), 0
-    while pos and pos != head:
-        slot_addr = pos - L.s_mm_node
-        b = w.read(slot_addr, L.slot_size)
-        if b is None:
-            break
-        mm = _Q.unpack_from(b, L.s_mm)[0]
-        first = _Q.unpack_from(b, L.s_rmap_list)[0]
-        procs = owners.get(mm, [])
-        pid, comm = procs[0] if procs else (None, None)
-        mmo = Object(prog, "struct mm_struct *", mm)
-        try:
-            mm_items = mmo.ksm_rmap_items.value_()
-            mm_merging = mmo.ksm_merging_pages.value_()
-            mm_zero = mmo.ksm_zero_pages.counter.value_() if pages else None
-            mm_users = mmo.mm_users.counter.value_()
-            pgd = mmo.pgd.value_()
-        except FaultError:
-            w.race("mm freed during walk")
-            mm_items = mm_merging = -1
-            mm_zero, mm_users, pgd = None, None, 0
-        # ksm_test_exit(): an exited mm's VMA tree and page tables are gone
-        alive = bool(mm_users)
-        vmas = w.vmas(mm) if mm and alive else []
-        starts = [v[0] for v in vmas]
-        slot = MmSlot(id=_hx(slot_addr), mm=_hx(mm), pid=pid, comm=comm, rmap_items=0,
-                      mm_ksm_rmap_items=mm_items, mm_ksm_merging_pages=mm_merging,
-                      pids=[p for p, _ in procs], mm_users=mm_users,
-                      mm_ksm_zero_pages=mm_zero)
-        slot_items = slot.items
-        mm_objs: list[RmapItem] = []
-        ip, count = first, 0
-        mm_hex = _hx(mm)
-        vma_hex = {}
-        while ip:
-            off = ip & 0xFFF
-            ib = page_cache.get(ip - off)
-            if ib is None or off + item_size > 0x1000:
-                ib, off = w.item_bytes(ip)
-                if ib is None:
-                    break
-            (nxt, anon_or_nid, _mm, addr_raw, raw_union, head_ptr,
-             hnext_ptr) = item_struct.unpack_from(ib, off)
-            address = addr_raw & page_mask
-            if addr_raw & STABLE_FLAG:
-                state, stable, unstable = "stable", True, False
-            elif addr_raw & UNSTABLE_FLAG:
-                state, stable, unstable = "unstable", False, True
-            else:
-                state, stable, unstable = "none", False, False
-            vi = bisect_right(starts, address) - 1
-            iid = f"0x{ip:x}"
-            if vi >= 0 and address < vmas[vi][1]:
-                vs, ve, vpg, van, vfile, vflags = vmas[vi]
-                vah = vma_hex.get(van)
-                if vah is None:
-                    vah = vma_hex[van] = _hx(van)
-                lpi = ((address - vs) >> shift) + vpg
-            else:
-                vs = ve = vpg = vah = vfile = vflags = lpi = None
-            item = RmapItem(
-                iid, mm_hex, pid, comm, address, addr_raw & ~page_mask, state,
-                addr_raw & SEQNR_MASK, unstable and (addr_raw & SEQNR_MASK) == sel,
-                node_hex(head_ptr) if stable else None,
-                node_hex(anon_or_nid) if stable else None,
-                (anon_or_nid & 0xFFFFFFFF) if unstable and has_nid else None,
-                vs, ve, vpg, vah, vfile, address >> shift, lpi,
-                raw_union if has_pgoff and stable else None,
-                raw_union & 0xFFFFFFFF, (raw_union >> age_shift) & 0xFF,
-                (raw_union >> skips_shift) & 0xFF, raw_union, vflags)
-            item.pgoff_status, item.pgoff_cause = pgoff_status(item, has_pgoff, shift)
-            item.stored_status = stored_status(item, has_pgoff)
-            items[ip] = item
-            mm_objs.append(item)
-            if stable:
-                hnext[ip] = hnext_ptr
-            slot_items.append(iid)
-            count += 1
-            if count > _MAX_LIST:
-                w.race("rmap_list did not end")
-                break
-            ip = nxt
-        slot.rmap_items = count
-        if pt is not None:
-            if alive and pgd:
-                pfns = _read_ptes(w, pt, pgd, vmas, mm_objs, slot, zero_pfn, vmemmap, shift)
-                mapped_pfns.append(pfns)
-            else:
-                # exit_mmap() zapped the page tables (each KSM zero page
-                # decremented the counters as it went): nothing is mapped
-                slot.ksm_zero_pages = 0
-                for it in mm_objs:
-                    it.will_visit, it.not_visited = False, "mm_exited"
-        slots.append(slot)
-        pos = _Q.unpack_from(b, L.s_mm_node)[0]
-        n += 1
-        if n > _MAX_LIST:
-            w.race("mm slot list did not end")
-            break
-
-    # ---- stable tree: chains, dups, regular nodes; migrate_nodes
-    nodes: list[StableNode] = []
-
-    def items_of(first: int) -> list[str]:
-        out, p, k = [], first, 0
-        while p:
-            ia = p - L.i_hlist
-            out.append(_hx(ia))
-            p = hnext.get(ia)
-            if p is None:  # not a STABLE item met on the mm lists: read it directly
-                w.race(MID_HLIST_NOT_STABLE if ia in items else MID_UNLINKED)
-                p = w.ptr(ia + L.i_hlist) or 0
-            k += 1
-            if k > _MAX_LIST:
-                w.race("stable node hlist did not end")
-                break
-        return out
-
-    def add_page_node(nd: dict, kind: str, chain: str | None, migrate=False) -> StableNode:
-        sn = StableNode(id=_hx(nd["addr"]), kind=kind, chain=chain, kpfn=nd["kpfn"],
-                        nid=nd["nid"], rmap_hlist_len=nd["len"], items=items_of(nd["first"]),
-                        migrate_list=migrate)
-        if vmemmap is not None:
-            sn.mapcount, sn.page_is_ksm, back = _page_info(w, vmemmap, nd["kpfn"])
-            sn.page_stable_node = _hx(back)
-        nodes.append(sn)
-        return sn
-
-    roots = prog["root_stable_tree"]
-    for nid in range(kernel.nr_node_ids):
-        rb_root = (roots + nid).rb_node.value_()
-        for rbn in w.rb_inorder(rb_root):
-            nd = w.read_node(rbn - L.n_rb)
-            if nd is None:
-                continue
-            if nd["len"] == STABLE_NODE_CHAIN:
-                # a chain head's nid is never set (alloc_stable_node_chain()
-                # leaves it uninitialised): its tree root says which node
-                chain = StableNode(id=_hx(nd["addr"]), kind="chain", chain=None, kpfn=None,
-                                   nid=nid, rmap_hlist_len=nd["len"])
-                nodes.append(chain)
-                for dup_addr in w.hlist(nd["first"], L.n_hlist_dup):
-                    dn = w.read_node(dup_addr)
-                    if dn is None:
-                        continue
-                    add_page_node(dn, "dup", chain.id)
-                    chain.dups.append(_hx(dup_addr))
-                chain.items = list(chain.dups)
-            else:
-                add_page_node(nd, "regular", None)
-    mhead = prog["migrate_nodes"].address_
-    p, k = w.ptr(mhead), 0
-    while p and p != mhead:
-        nd = w.read_node(p - L.n_list)
-        if nd is None:
-            break
-        add_page_node(nd, "regular", None, migrate=True)
-        p = w.ptr(p)
-        k += 1
-        if k > _MAX_LIST:
-            w.race("migrate_nodes did not end")
-            break
-
-    snap = Snapshot(kernel=kernel, counters=counters, stable_nodes=nodes,
-                    rmap_items=list(items.values()), mm_slots=slots, scan=scan)
-    # ---- anon_vma trees of the stable items, and the rmap walk replayed on them
-    t = time.monotonic()
-    snap.anon_vmas = _record_anon_vmas(w, {i.anon_vma for i in snap.rmap_items
-                                           if i.state == "stable" and i.anon_vma})
-    snap._stock_candidates = {}
-    snap._mapped = _mapped(w, pt, snap, snap._stock_candidates) if pt is not None else {}
-    if pt is not None:
-        counts = _pfn_counts(mapped_pfns)
-        for node in nodes:
-            if node.kpfn is not None and node.kind != "chain":
-                node.ptes = counts.get(node.kpfn, 0)
-    snap.meta["pte_seconds"] = round(time.monotonic() - t, 4)
-    snap.meta["ksmd"] = _ksmd_state(prog)
-    snap.meta["races"] = dict(w.races)
-    snap.meta["reads"] = w.reads
-    return snap
-
-
-def _record_anon_vmas(w: _Walker, anon_vmas: set) -> dict:
-    """Each anon_vma's interval tree (``anon_vma->rb_root``) as plain
-    records: per ``struct anon_vma_chain``, its rb links, the augmented
-    ``rb_subtree_last`` and its VMA's range, pgoff and mm."""
-    prog = w.prog
-    out = {}
-    for av in sorted(anon_vmas):
-        try:
-            avo = Object(prog, "struct anon_vma *", int(av, 16))
-            rbroot = avo.rb_root
-            root = rbroot.rb_root.rb_node.value_()
-            leftmost = rbroot.rb_leftmost.value_()
-            rb_off = offsetof(prog.type("struct anon_vma_chain"), "rb")
-            nodes = {}
-            stack = [root] if root else []
-            while stack:
-                rb = stack.pop()
-                a = rb - rb_off
-                avc = Object(prog, "struct anon_vma_chain *", a)
-                vma = avc.vma
-                left, right = avc.rb.rb_left.value_(), avc.rb.rb_right.value_()
-                parent = avc.rb.__rb_parent_color.value_() & ~3
-                nodes[_hx(a)] = {
-                    "vma": _hx(vma.value_()), "mm": _hx(vma.vm_mm.value_()),
-                    "vm_start": vma.vm_start.value_(), "vm_end": vma.vm_end.value_(),
-                    "vm_pgoff": vma.vm_pgoff.value_(),
-                    "left": _hx(left - rb_off) if left else None,
-                    "right": _hx(right - rb_off) if right else None,
-                    "parent": _hx(parent - rb_off) if parent else None,
-                    "subtree_last": avc.rb_subtree_last.value_()}
-                stack += [x for x in (right, left) if x]
-                if len(nodes) > _MAX_LIST:
-                    w.race("anon_vma tree walk did not end")
-                    break
-            out[av] = {"root": _hx(root - rb_off) if root else None,
-                       "leftmost": _hx(leftmost - rb_off) if leftmost else None,
-                       "nodes": nodes}
-        except FaultError:
-            w.race("anon_vma freed during walk")
-    return out
-
-
-_NOT_VISITED_PTE = {pgtable.KIND_NONE: "no_page", pgtable.KIND_SWAP: "swapped"}
-
-
-def _read_ptes(w: _Walker, pt, pgd: int, vmas: list, items: list, slot: MmSlot,
-               zero_pfn: int, vmemmap: int, shift: int) -> np.ndarray:
-    """Read the page tables of one live mm's VM_MERGEABLE VMAs: set each
-    rmap_item's ``pte``, ``pfn``, ``page_ksm``, ``will_visit`` and
-    ``not_visited``, and the slot's KSM zero pages. Returns the pfns mapped
-    there (present or PROT_NONE), for the mapcount check.
-
-    Follows ``scan_get_next_rmap_item()``: only VM_MERGEABLE VMAs with an
-    anon_vma are scanned, and ``ksm_next_page_pmd_entry()`` stops only at a
-    present PTE (or PMD leaf) whose ``vm_normal_page()`` is an anonymous,
-    non-device page; an rmap_item anywhere else is freed unread by
-    ``get_next_rmap_item()`` / ``remove_trailing_rmap_items()``. KSM zero
-    pages (include/linux/ksm.h ``is_ksm_zero_pte()``): the zero pfn, dirty.
-    """
-    mergeable = [v for v in vmas if v[5] & VM_MERGEABLE]
-    parts = [pt.leaves(pgd, v[0], v[1]) for v in mergeable]
-    if parts:
-        leaves = tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
-    else:
-        e = np.zeros(0, dtype=np.uint64)
-        leaves = (e, e, np.zeros(0, dtype=np.uint8))
-    la, le, ls = leaves
-    # KSM zero pages: 4 KiB present (or PROT_NONE) entries of the zero pfn, dirty
-    small = ls == pgtable.PAGE_SHIFT
-    kinds, pfns, ents = pgtable.decode(leaves, la[small])
-    is_page = (kinds == pgtable.KIND_PRESENT) | (kinds == pgtable.KIND_PROT_NONE)
-    zero = is_page & (pfns == np.uint64(zero_pfn))
-    dirty = (ents & np.uint64(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
-    kz = zero & dirty
-    slot.zero_pages = [int(a) for a in la[small][kz]]
-    slot.ksm_zero_pages = len(slot.zero_pages)
-    mapped = pfns[is_page & ~zero]
-    if not items:
-        return mapped
-    q = np.fromiter((it.address for it in items), dtype=np.uint64, count=len(items))
-    ik, ip, ie = pgtable.decode(leaves, q)
-    flags_of: dict[int, tuple | None] = {}
-    for it, k, pfn, e in zip(items, ik.tolist(), ip.tolist(), ie.tolist()):
-        if it.vma_start is None:
-            it.pte = "unread"
-            it.will_visit, it.not_visited = False, "no_vma"
-            continue
-        if not it.vm_flags & VM_MERGEABLE:
-            it.pte = "unread"
-            it.will_visit, it.not_visited = False, "not_mergeable"
-            continue
-        it.pte = pgtable.KIND_NAMES[k]
-        if k in (pgtable.KIND_PRESENT, pgtable.KIND_PROT_NONE):
-            it.pfn = pfn
-            if pfn == zero_pfn:
-                it.pte = "ksm_zero" if pgtable.pte_dirty(e) else "zero"
-            else:
-                f = flags_of.get(pfn, False)
-                if f is False:
-                    f = flags_of[pfn] = w.page_flags(vmemmap, pfn)
-                if f is not None:
-                    it.page_ksm = f[1]
-        if it.vma_anon_vma is None:
-            it.will_visit, it.not_visited = False, "no_anon_vma"
-        elif k in _NOT_VISITED_PTE:
-            it.will_visit, it.not_visited = False, _NOT_VISITED_PTE[k]
-        elif it.pte in ("zero", "ksm_zero"):
-            it.will_visit, it.not_visited = False, "zero_page"
-        elif pgtable.pte_special(e):
-            it.will_visit, it.not_visited = False, "special"
-        elif it.page_ksm is None or not flags_of.get(pfn, (False,))[0]:
-            it.will_visit, it.not_visited = False, "not_anon"
-        else:
-            it.will_visit = True
-    return mapped
-
-
-def _find_orphan_mappings(prog: Program, nodes: list[StableNode]) -> None:
-    """Fill ``orphan_mappings`` of ``nodes``: every (process, address)
-    whose PTE maps one of their KSM pages, from the page tables of every
-    live mm's anonymous VMAs (VMAs with an anon_vma)."""
+def _find_orphan_mappings(prog: Program, snap: Snapshot, nodes: pd.DataFrame) -> pd.DataFrame:
+    """Every (process, address) whose PTE maps one of ``nodes``' KSM pages
+    and that the replayed walk does not reach, from the page tables of
+    every live mm's anonymous VMAs (VMAs with an anon_vma)."""
     w = _Walker(prog, live=False)
-    pt = pgtable.PageTables.of(prog, w.read)
-    by_pfn = {n.kpfn: n for n in nodes}
+    pt = pgtable.PageTables.of(prog, w.mem.read)
+    kpfn = nodes["kpfn"].to_numpy(dtype=np.int64)
+    by_pfn = dict(zip(kpfn.tolist(), nodes["id"].tolist()))
     want = np.array(sorted(by_pfn), dtype=np.uint64)
+    rows = {c: [] for c in ORPHAN_COLUMNS}
     for mm, procs in w.mm_owners().items():
-        try:
-            mmo = Object(prog, "struct mm_struct *", mm)
-            if not mmo.mm_users.counter.value_():
-                continue
-            pgd = mmo.pgd.value_()
-        except FaultError:
+        pgd = _pgd_of(w, mm)
+        if not pgd:
             continue
-        for vs, ve, _pg, anon, _f, _fl in w.vmas(mm):
-            if not anon:
-                continue
+        v = w.vmas(mm)
+        for vs, ve in zip(v["start"][v["anon_vma"] != 0].tolist(),
+                          v["end"][v["anon_vma"] != 0].tolist()):
             leaves = pt.leaves(pgd, vs, ve)
             la = leaves[0][leaves[2] == pgtable.PAGE_SHIFT]
             kinds, pfns, _ = pgtable.decode(leaves, la)
@@ -787,48 +1286,16 @@ def _find_orphan_mappings(prog: Program, nodes: list[StableNode]) -> None:
                                          | (kinds == pgtable.KIND_PROT_NONE))
             for a, pfn in zip(la[hit].tolist(), pfns[hit].tolist()):
                 pid, comm = procs[0]
-                by_pfn[pfn].orphan_mappings.append(
-                    {"pid": pid, "comm": comm, "mm": _hx(mm), "address": a})
-    for n in nodes:
-        known = {(m["mm"], m["address"]) for m in n.mappings if m["mapped"]}
-        n.orphan_mappings = [m for m in n.orphan_mappings
-                             if (m["mm"], m["address"]) not in known]
-
-
-def _pfn_counts(parts: list) -> dict[int, int]:
-    if not parts:
-        return {}
-    u, c = np.unique(np.concatenate(parts), return_counts=True)
-    return dict(zip(u.tolist(), c.tolist()))
-
-
-def _mapped(w: _Walker, pt, snap: Snapshot, stock: dict) -> dict:
-    """For every (stable node, mm, address) the stock walk visits: does a
-    PTE of mm map the node's page there (``pte_present()``: PROT_NONE
-    mappings count)?"""
-    pgds: dict[str, int] = {}
-    out = {}
-    cache: dict = {}
-    for node in snap.stable_nodes:
-        if node.kind == "chain" or node.kpfn is None:
-            continue
-        try:
-            cands = stock[node.id] = walk_candidates(snap, node, "stock", cache)
-        except KsmlensError:
-            w.race("stable rmap_item's anon_vma not recorded")
-            continue
-        for c in cands:
-            pgd = pgds.get(c["mm"])
-            if pgd is None:
-                try:
-                    mmo = Object(w.prog, "struct mm_struct *", int(c["mm"], 16))
-                    pgd = mmo.pgd.value_() if mmo.mm_users.counter.value_() else 0
-                except FaultError:
-                    pgd = 0
-                pgds[c["mm"]] = pgd
-            out[(node.id, c["mm"], c["address"])] = bool(pgd) and \
-                pt.lookup(pgd, c["address"])[1] == node.kpfn
-    return out
+                for c, val in (("node", by_pfn[pfn]), ("pid", pid), ("comm", comm),
+                               ("mm", _hx(mm)), ("address", a)):
+                    rows[c].append(val)
+    m = snap.mappings
+    known = set(zip(m["node"][m["mapped"].fillna(False)].tolist(),
+                    m["mm"][m["mapped"].fillna(False)].tolist(),
+                    m["address"][m["mapped"].fillna(False)].tolist()))
+    keep = [k for k in range(len(rows["node"]))
+            if (rows["node"][k], rows["mm"][k], rows["address"][k]) not in known]
+    return table({c: [v[k] for k in keep] for c, v in rows.items()}, ORPHAN_COLUMNS)
 
 
 def _ksmd_state(prog: Program) -> dict | None:

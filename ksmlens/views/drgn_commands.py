@@ -148,7 +148,7 @@ def _code_smartscan(code: DrgnCodeBuilder, args) -> None:
     if args.pid is not None:
         cond += f" and item.pid == {args.pid}"
     code.append(f'''\
-for item in snap.rmap_items:
+for item in snap.items():
     if {cond}:
         # what mm/ksm.c should_skip_rmap_item() does at ksmd's next 8 visits:
         # "P" processed, "S" skipped
@@ -175,10 +175,10 @@ def _view_stable(prog, args) -> None:
     from ksmlens.views.report import stable_table, summary
     snap = _snapshot(prog)
     print(summary(snap))
-    pages = sum(1 for n in snap.stable_nodes if n.kind != "chain" and n.items)
+    pages = sum(1 for n in snap.nodes() if n.kind != "chain" and n.items)
     print(f"{pages} stable nodes hold a KSM page (pages_shared = "
           f"{snap.counters.get('pages_shared')}), "
-          f"{sum(1 for n in snap.stable_nodes if n.kind == 'chain')} chains")
+          f"{sum(1 for n in snap.nodes() if n.kind == 'chain')} chains")
     print(stable_table(snap, limit=args.limit))
     _races(snap)
 

@@ -78,7 +78,7 @@ def _sharers(snap: Snapshot, node) -> tuple:
     """Sorted ((pid, comm), n_items) of a regular node or dup."""
     cnt = Counter()
     for iid in node.items:
-        it = snap._items_by_id().get(iid)
+        it = snap._by_id("items").get(iid)
         if it is not None:
             cnt[(it.pid, it.comm)] += 1
     return tuple(sorted(cnt.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0)))
@@ -132,9 +132,9 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     shift = snap.kernel.page_shift
     items = snap.items_of(pid)
     zero = [] if vma is not None else sorted(
-        a for s in snap.mm_slots if pid in (s.pids or [s.pid]) for a in s.zero_pages)
+        a for s in snap.slots() if pid in (s.pids or [s.pid]) for a in s.zero_pages)
     if not items and not zero:
-        have = sorted({i.pid for i in snap.rmap_items if i.pid is not None})
+        have = sorted({i.pid for i in snap.items() if i.pid is not None})
         raise KsmlensError(f"pid {pid} has no rmap_items in this snapshot",
                            f"pids with rmap_items: {have or 'none'}")
     if vma is not None:
@@ -265,12 +265,12 @@ def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300, label_nodes: int 
     """
     from matplotlib.collections import LineCollection
 
-    nodes = [n for n in snap.stable_nodes if not (n.migrate_list and n.kind == "dup")]
+    nodes = [n for n in snap.nodes() if not (n.migrate_list and n.kind == "dup")]
     leaves = [n for n in nodes if n.kind != "chain"]
     chains = [n for n in nodes if n.kind == "chain"]
     mode = "grouped" if len(leaves) > max_nodes else \
         "rows" if len(leaves) <= label_nodes else "blocks"
-    by_id = snap._nodes_by_id()
+    by_id = snap._by_id("nodes")
 
     boxes: dict = {}
     for n in leaves:
@@ -435,14 +435,14 @@ def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
         raise KsmlensError(f"field {field!r} is not a SmartScan field",
                            f"use one of {', '.join(_SMART_FIELDS)}")
     keys = sorted({(i.pid if i.pid is not None else -1, i.address)
-                   for f in frames for i in f.rmap_items})
+                   for f in frames for i in f.items()})
     if not keys:
         raise KsmlensError("no rmap_items in these snapshots", "run a scenario first")
     row = {k: r for r, k in enumerate(keys)}
     data = np.full((len(keys), len(frames)), np.nan)
     stable_x, stable_y = [], []
     for c, f in enumerate(frames):
-        for i in f.rmap_items:
+        for i in f.items():
             r = row[(i.pid if i.pid is not None else -1, i.address)]
             data[r, c] = getattr(i, field)
             if i.state == "stable":
@@ -460,7 +460,7 @@ def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
     # blocks of rows: by pid, and within a pid by VMA (the last one seen)
     comm, vma_of = {}, {}
     for f in frames:
-        for i in f.rmap_items:
+        for i in f.items():
             comm.setdefault(i.pid, i.comm)
             vma_of[(i.pid if i.pid is not None else -1, i.address)] = i.vma_start
     by_vma = len({(k[0], vma_of[k]) for k in keys}) <= 24
@@ -563,7 +563,7 @@ def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None,
     The column of the rule this kernel uses (``kernel.walk_rule``) is framed.
     ``nodes``: only these node ids. Returns the Figure.
     """
-    cand = [n for n in snap.stable_nodes if n.mappings]
+    cand = [n for n in snap.nodes() if n.mappings]
     if nodes is not None:
         want = set(nodes)
         cand = [n for n in cand if n.id in want]

@@ -23,7 +23,7 @@ def summary(snap: Snapshot) -> str:
                                       ("pages_shared", "pages_sharing", "pages_unshared",
                                        "pages_volatile", "full_scans", "stable_node_chains",
                                        "stable_node_dups", "ksm_zero_pages"))]
-    un = [n for n in snap.stable_nodes if n.unreachable]
+    un = [n for n in snap.nodes() if n.unreachable]
     if un:
         lines.append(f"unreachable: {len(un)} KSM page(s) with {sum(n.unreachable for n in un)} "
                      "mapping(s) no rmap_item leads to (no kernel can unmap them)")
@@ -42,7 +42,7 @@ def stable_table(snap: Snapshot, limit: int | None = 50) -> str:
     rows = [f"{'node':18}  {'kind':7}  {'chain':18}  {'kpfn':>8}  {'nid':>3}  {'maps':>4}  "
             f"{'items':>5}  sharers"]
     shown = 0
-    for n in snap.stable_nodes:
+    for n in snap.nodes():
         if limit is not None and shown >= limit:
             rows.append(f"... {len(snap.stable_nodes) - shown} more (use --all)")
             break
@@ -63,7 +63,7 @@ def process_table(snap: Snapshot) -> str:
     rows = [f"{'pid':>7}  {'comm':16}  {'items':>6}  {'stable':>6}  {'unstable':>8}  "
             f"{'none':>5}  {'no_vma':>6}  {'addr_pgoff!=lpi':>15}  {'freed_next':>10}  "
             f"{'zero_pages':>10}  ksm_stat(items/merging/zero)"]
-    for s in snap.mm_slots:
+    for s in snap.slots():
         items = [snap.item(i) for i in s.items]
         st = Counter(i.state for i in items)
         no_vma = sum(1 for i in items if i.linear_page_index is None)
@@ -111,14 +111,14 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     the item (visit, or free it unread and why) and ``pgoff_status``."""
     from ksmlens.errors import KsmlensError
     items = sorted(snap.items_of(pid), key=lambda i: i.address)
-    if not items and not any(pid in (s.pids or [s.pid]) for s in snap.mm_slots):
-        pids = ", ".join(str(p) for p in sorted(p for s in snap.mm_slots
+    if not items and not any(pid in (s.pids or [s.pid]) for s in snap.slots()):
+        pids = ", ".join(str(p) for p in sorted(p for s in snap.slots()
                                                  for p in (s.pids or [s.pid])
                                                  if p is not None)) or "none"
         raise KsmlensError(f"pid {pid} has no KSM mm slot",
                            f"processes known to KSM: {pids}")
     if not items:        # a process sharing another's mm (CLONE_VM): its owner's items
-        slot = next(s for s in snap.mm_slots if pid in (s.pids or []))
+        slot = next(s for s in snap.slots() if pid in (s.pids or []))
         items = sorted((snap.item(i) for i in slot.items), key=lambda i: i.address)
     rows = [f"{'address':>14}  {'state':8}  {'stable_node':18}  {'addr_pgoff':>10}  "
             f"{'lin_pg_idx':>10}  {'stored':>10}  {'stored_st':9}  {'S3I':3}  "
@@ -207,7 +207,7 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
             f"{'pid':>7}  {'address':>14}  {'state':8}  {'age':>3}  {'skips':>5}  "
             f"{'next':9}  {'next ' + str(visits):>8}  note"]
     n = Counter()
-    for i in sorted(snap.rmap_items, key=lambda i: (str(i.pid), i.address)):
+    for i in sorted(snap.items(), key=lambda i: (str(i.pid), i.address)):
         if (pid is not None and i.pid != pid) or page_is_ksm(snap, i):
             continue
         r = smartscan_next(snap, i, visits)

@@ -268,13 +268,13 @@ class Explorer:
         self._quiet = True
         try:
             procs = {}
-            for i in s.rmap_items:
+            for i in s.items():
                 if i.pid is not None:
                     procs.setdefault(i.pid, i.comm)
             old = self.pid.value
             self.pid.options = [(f"{p} {c or ''}".strip(), p) for p, c in sorted(procs.items())]
             self.pid.value = old if old in procs else (min(procs) if procs else None)
-            nodes = [n for n in s.stable_nodes]
+            nodes = [n for n in s.nodes()]
             oldn = self.node.value
             self.node.options = [(self._node_label(n), n.id) for n in nodes]
             self.node.value = oldn if any(n.id == oldn for n in nodes) else \
@@ -385,7 +385,7 @@ class Explorer:
     def render_tree(self):
         """The stable tree of the current snapshot."""
         s = self.snap
-        if not s.stable_nodes:
+        if not len(s.stable_nodes):
             self.figures["tree"] = None
             self.tree_out.outputs = (_text_output("the stable tree is empty"),)
             return

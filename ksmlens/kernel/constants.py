@@ -1,0 +1,43 @@
+"""Every KSM-related kernel constant ksmlens uses, named once, grouped by
+the kernel file that defines it (``#define``s are not in DWARF), in the
+manner of the kernel's ``scripts/gdb/linux/constants.py.in``.
+
+x86-64 page size and page-table bits, and the platform check, live in
+:mod:`ksmlens.kernel.pgtable` (the one architecture ksmlens decodes); sysfs counter and knob names in
+:mod:`ksmlens.kernel.sysfs`. Struct layouts are never written here: they
+come from the kernel's DWARF (:mod:`ksmlens.lens.layout`).
+"""
+
+__all__ = [
+    "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN", "U8_MAX",
+    "PAGE_MAPPING_ANON", "PAGE_MAPPING_MOVABLE", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS",
+    "VM_GROWSDOWN", "VM_MERGEABLE", "ULONG_MAX", "STORED_INDEX_MEMBERS",
+]
+
+# ---- mm/ksm.c
+SEQNR_MASK = 0x0FF          # rmap_item->address: low bits of the unstable tree seqnr
+UNSTABLE_FLAG = 0x100       # rmap_item->address: is a node of the unstable tree
+STABLE_FLAG = 0x200         # rmap_item->address: is listed from the stable tree
+STABLE_NODE_CHAIN = -1024   # stable_node->rmap_hlist_len of a chain head
+U8_MAX = 255                # SmartScan's age saturates here (include/linux/limits.h)
+# The member of struct ksm_rmap_item that stores the page index rmap_walk_ksm()
+# searches, under every name it was posted with (newest first); the walk
+# detects whichever the kernel's DWARF has:
+STORED_INDEX_MEMBERS = (
+    "linear_page_index",  # v5..v8 and the merged fix (mm-stable 2026-08-18, for v7.3)
+    "vm_pgoff",           # v4 of the series
+    "pgoff",              # the seed mail's proposal (the lab's union and v8 kernels)
+)
+
+# ---- include/linux/page-flags.h (before the folio->mapping flag rename)
+PAGE_MAPPING_ANON = 0x1
+PAGE_MAPPING_MOVABLE = 0x2
+PAGE_MAPPING_KSM = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
+PAGE_MAPPING_FLAGS = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
+
+# ---- include/linux/mm.h
+VM_GROWSDOWN = 0x00000100
+VM_MERGEABLE = 1 << 31      # KSM may merge identical pages (madvise/prctl)
+
+# ---- include/linux/limits.h
+ULONG_MAX = (1 << 64) - 1

@@ -1,0 +1,215 @@
+"""Struct layouts from the kernel's DWARF, as numpy dtypes, and bulk reads.
+
+The fast walk reads kernel objects as raw bytes: a whole slab page at a
+time, decoded for thousands of objects at once through a numpy
+structured dtype whose field offsets come from ``offsetof()`` on the
+kernel's own debug info. A layout the walk does not understand is refused
+in one line.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from drgn import FaultError, Program, offsetof
+
+from ksmlens.errors import KsmlensError
+from ksmlens.kernel.constants import STORED_INDEX_MEMBERS
+from ksmlens.kernel.rules import UnionLayout
+
+__all__ = ["Layout", "Memory", "STORED_INDEX_MEMBERS"]
+
+_PAGE = 4096
+_Q = struct.Struct("<Q")
+
+def _dtype(fields: dict[str, tuple[int, str]], size: int) -> np.dtype:
+    names = list(fields)
+    return np.dtype({"names": names, "formats": [fields[n][1] for n in names],
+                     "offsets": [fields[n][0] for n in names], "itemsize": size})
+
+
+class Layout:
+    """Offsets and numpy dtypes of the structs the walk decodes.
+
+    ``item``: ``struct ksm_rmap_item`` (rmap_list, anon_vma or nid, mm,
+    address, the 8-byte word at oldchecksum, head, hlist.next);
+    ``node``: ``struct ksm_stable_node`` (rb_left/rb_right of node, head,
+    hlist.first, kpfn, rmap_hlist_len, nid); ``page``: ``struct page``
+    (compound_head, mapping, _mapcount). Raises KsmlensError when a member
+    the walk needs is missing or overlaps another.
+    """
+
+    def __init__(self, prog: Program):
+        it = prog.type("struct ksm_rmap_item")
+        self.item_size = it.size
+        self.stored_member = next((m for m in STORED_INDEX_MEMBERS if it.has_member(m)), None)
+        self.has_nid = it.has_member("nid")
+        o = {m: offsetof(it, m) for m in ("rmap_list", "anon_vma", "mm", "address",
+                                          "oldchecksum", "age", "remaining_skips", "head",
+                                          "hlist")}
+        self.i = o
+        if self.stored_member and offsetof(it, self.stored_member) != o["oldchecksum"]:
+            raise KsmlensError(f"ksm_rmap_item {self.stored_member} does not share "
+                               "oldchecksum's bytes",
+                               "this kernel's stored-index patch differs from what ksmlens "
+                               "knows")
+        if not (0 < o["age"] - o["oldchecksum"] < 8 and
+                0 < o["remaining_skips"] - o["oldchecksum"] < 8):
+            raise KsmlensError("ksm_rmap_item age/remaining_skips are not next to oldchecksum",
+                               "this kernel's ksm.c differs from what ksmlens knows")
+        self.union = UnionLayout(0, o["age"] - o["oldchecksum"],
+                                 o["remaining_skips"] - o["oldchecksum"])
+        words = {"next": o["rmap_list"], "anon_vma": o["anon_vma"], "mm": o["mm"],
+                 "address": o["address"], "union": o["oldchecksum"], "head": o["head"],
+                 "hnext": o["hlist"]}
+        offs = sorted(words.values())
+        if any(b - a < 8 for a, b in zip(offs, offs[1:])):
+            raise KsmlensError("struct ksm_rmap_item has an unexpected layout",
+                               "this kernel's ksm.c differs from what ksmlens knows")
+        self.item_dtype = _dtype({k: (v, "<u8") for k, v in words.items()}, it.size)
+
+        sn = prog.type("struct ksm_stable_node")
+        rb = prog.type("struct rb_node")
+        n_rb = offsetof(sn, "node")
+        self.node_size = sn.size
+        self.n_rb = n_rb
+        self.n_list = offsetof(sn, "list")
+        self.n_hlist_dup = offsetof(sn, "hlist_dup")
+        nf = {"rb_right": (n_rb + offsetof(rb, "rb_right"), "<u8"),
+              "rb_left": (n_rb + offsetof(rb, "rb_left"), "<u8"),
+              "head": (offsetof(sn, "head"), "<u8"),
+              "first": (offsetof(sn, "hlist"), "<u8"),
+              "kpfn": (offsetof(sn, "kpfn"), "<u8"),
+              "len": (offsetof(sn, "rmap_hlist_len"), "<i4")}
+        if sn.has_member("nid"):
+            nf["nid"] = (offsetof(sn, "nid"), "<i4")
+        # rb_left and head share bytes (a union): decode them separately
+        self.node_rb = _dtype({k: nf[k] for k in ("rb_right", "rb_left")}, sn.size)
+        self.node_dtype = _dtype({k: v for k, v in nf.items() if not k.startswith("rb_")},
+                                 sn.size)
+        self.rb_left, self.rb_right = nf["rb_left"][0] - n_rb, nf["rb_right"][0] - n_rb
+
+        pg = prog.type("struct page")
+        self.page_size_struct = pg.size
+        self.page_dtype = _dtype({"compound_head": (offsetof(pg, "compound_head"), "<u8"),
+                                  "mapping": (offsetof(pg, "mapping"), "<u8"),
+                                  "mapcount": (offsetof(pg, "_mapcount"), "<i4")}, pg.size)
+
+        ms = prog.type("struct ksm_mm_slot")
+        self.slot_size = ms.size
+        self.s_mm_node = offsetof(ms, "slot.mm_node")
+        self.s_mm = offsetof(ms, "slot.mm")
+        self.s_rmap_list = offsetof(ms, "rmap_list")
+
+
+class Memory:
+    """Kernel memory through a cache of 4 KiB pages, with bulk reads.
+
+    ``read(addr, size)`` returns bytes or None on a fault (counted by
+    ``on_fault``). Objects of a slab cache are decoded in bulk with
+    :meth:`gather`: every page they sit on is read once (consecutive pages
+    in one read), then one numpy gather pulls ``size`` bytes per object.
+    """
+
+    def __init__(self, prog: Program, on_fault=None):
+        self.prog = prog
+        self.on_fault = on_fault
+        self.reads = 0
+        self.pages: dict[int, bytes] = {}
+
+    def read(self, addr: int, size: int) -> bytes | None:
+        self.reads += 1
+        try:
+            return self.prog.read(addr, size)
+        except FaultError:
+            if self.on_fault:
+                self.on_fault("fault reading kernel memory")
+            return None
+
+    def page(self, page: int) -> bytes | None:
+        b = self.pages.get(page)
+        if b is None:
+            b = self.read(page, _PAGE)
+            if b is None:
+                return None
+            self.pages[page] = b
+        return b
+
+    def u64(self, addr: int) -> int | None:
+        off = addr & (_PAGE - 1)
+        if off > _PAGE - 8:
+            b = self.read(addr, 8)
+            return None if b is None else _Q.unpack(b)[0]
+        b = self.page(addr - off)
+        return None if b is None else _Q.unpack_from(b, off)[0]
+
+    def prefetch(self, pages: np.ndarray, max_run: int = 256) -> None:
+        """Read the 4 KiB pages ``pages`` (addresses, any order) not yet
+        cached, runs of consecutive pages in one read each."""
+        want = np.unique(np.asarray(pages, dtype=np.uint64))
+        if self.pages:
+            have = np.fromiter(self.pages.keys(), dtype=np.uint64, count=len(self.pages))
+            want = want[~np.isin(want, have)]
+        if not want.size:
+            return
+        brk = np.nonzero(np.diff(want) != _PAGE)[0] + 1
+        for run in np.split(want, brk):
+            for k in range(0, run.size, max_run):
+                part = run[k:k + max_run]
+                start = int(part[0])
+                b = self.read(start, part.size * _PAGE)
+                if b is None:       # a hole inside the run: page by page
+                    for p in part.tolist():
+                        self.page(p)
+                    continue
+                for j in range(part.size):
+                    self.pages[start + j * _PAGE] = b[j * _PAGE:(j + 1) * _PAGE]
+
+    def gather(self, addrs: np.ndarray, size: int, dtype: np.dtype, drop: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode ``size``-byte objects at ``addrs`` (uint64) with ``dtype``.
+        Returns ``(records, ok)``: ``ok`` False where a page could not be
+        read (its record is zeros). ``drop``: forget the pages afterwards."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        n = addrs.size
+        if not n:
+            return np.zeros(0, dtype=dtype), np.zeros(0, dtype=bool)
+        mask = np.uint64(_PAGE - 1)
+        first = addrs & ~mask
+        last = (addrs + np.uint64(size - 1)) & ~mask
+        self.prefetch(np.concatenate([first, last[last != first]]))
+        pages = np.unique(np.concatenate([first, last]))
+        cache = self.pages
+        have = np.fromiter((p in cache for p in pages.tolist()), dtype=bool, count=pages.size)
+        zero = bytes(_PAGE)
+        buf = b"".join([cache.get(p, zero) for p in pages.tolist()])
+        pi = np.searchsorted(pages, first)
+        li = np.searchsorted(pages, last)
+        ok = have[pi] & have[li] & ((li == pi) | (pages[li] == pages[pi] + np.uint64(_PAGE)))
+        base = pi.astype(np.int64) * _PAGE + (addrs & mask).astype(np.int64)
+        base = np.where(ok, base, 0)
+        rec = np.zeros(n, dtype=dtype)
+        if not (base % 8).any():
+            # objects are 8-byte aligned (slab, vmemmap): one typed gather per field
+            for name in dtype.names:
+                ft, off = dtype.fields[name][:2]
+                if off % ft.itemsize:
+                    break
+                view = np.frombuffer(buf, dtype=ft)
+                rec[name] = view[(base + off) // ft.itemsize]
+            else:
+                rec[~ok] = np.zeros(1, dtype=dtype)
+                return self._done(rec, ok, pages, drop)
+        u8 = np.frombuffer(buf, dtype=np.uint8)
+        rows = u8[base[:, None] + np.arange(size, dtype=np.int64)]
+        rec = rows.view(dtype).reshape(n).copy()
+        if (~ok).any():
+            rec[~ok] = np.zeros(1, dtype=dtype)
+        return self._done(rec, ok, pages, drop)
+
+    def _done(self, rec, ok, pages, drop):
+        if drop:
+            for p in pages.tolist():
+                self.pages.pop(p, None)
+        return rec, ok
