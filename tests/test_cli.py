@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ksmlens.lab.kbuild as kbuild
-from ksmlens.cli.main import main
+from ksmlens.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_missing_qemu_is_one_line(monkeypatch, capsys):
     rc = main(["vm", "up", "--name", "x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err == ["ksmlens: qemu-system-x86_64 not found: run ./setup.sh, or apt-get "
+    assert err == ["ksmlens: error: qemu-system-x86_64 not found: run ./setup.sh, or apt-get "
                    "install qemu-system-x86"]
 
 
