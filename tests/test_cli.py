@@ -136,7 +136,8 @@ def test_every_command_help_names_its_flags(path):
     for action in parser._actions:
         if action.dest == "help":
             continue
-        assert action.help, f"ksmlens {' '.join(path)}: {action.option_strings or action.dest} has no help"
+        what = action.option_strings or action.dest
+        assert action.help, f"ksmlens {' '.join(path)}: {what} has no help"
         for flag in action.option_strings:
             assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", r.stdout), (flag, r.stdout)
 

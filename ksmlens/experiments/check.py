@@ -299,6 +299,6 @@ def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
 
 
 def format_rows(rows, **kw):
-    """Moved: the table is :func:`ksmlens.views.tables.check_table` (views format, experiments measure)."""
+    """Moved to :func:`ksmlens.views.tables.check_table` (views format, experiments measure)."""
     raise KsmlensError("ksmlens.experiments.check.format_rows moved",
                        "use ksmlens.views.tables.check_table(rows)")
