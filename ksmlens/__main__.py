@@ -1,3 +1,3 @@
-from ksmlens.cli.main import main
+from ksmlens.cli import main
 
 raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 Every error ksmlens raises for bad input or a missing prerequisite is a
 :class:`KsmlensError` whose ``str()`` is one line: the cause, then what to do.
-The CLI prints it as ``ksmlens: <cause>: <hint>`` and exits 2.
+The CLI prints it as ``ksmlens: error: <cause>: <hint>`` and exits 2.
 """
 
 __all__ = ["KsmlensError"]

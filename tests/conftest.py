@@ -44,7 +44,7 @@ def boot(variant: str, numa: int = 2, cpus: int = 2, memory: str = "2G") -> VM:
         return vm
     for k in list(_live):
         _live.pop(k).down(quiet=True)
-    name = f"test-{os.getpid()}-{variant}"
+    name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-{os.getpid()}-{variant}"
     vm = VM.up(name, variant, numa=numa, cpus=cpus, memory=memory, quiet=False)
     _started_pids.add(vm.state["pid"])
     _live[key] = vm

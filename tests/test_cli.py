@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ksmlens.lab.kbuild as kbuild
-from ksmlens.cli.main import main
+from ksmlens.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_missing_qemu_is_one_line(monkeypatch, capsys):
     rc = main(["vm", "up", "--name", "x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err == ["ksmlens: qemu-system-x86_64 not found: run ./setup.sh, or apt-get "
+    assert err == ["ksmlens: error: qemu-system-x86_64 not found: run ./setup.sh, or apt-get "
                    "install qemu-system-x86"]
 
 
@@ -104,3 +104,78 @@ def test_variant_of_release():
 
 def test_patches_touch_only_ksm_c():
     assert kbuild._all_patched_files() == {"mm/ksm.c"}
+
+
+# ------------------------------------------------------------------ the parser itself
+
+def _leaves(parser, path=()):
+    """(path, parser) of every runnable command, e.g. (("vm", "up"), <parser>)."""
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, p in subs[0].choices.items():
+        yield from _leaves(p, path + (name,))
+
+
+def _commands():
+    from ksmlens.cli import build_parser
+    return dict(_leaves(build_parser()))
+
+
+@pytest.mark.parametrize("path", sorted(_commands()), ids=" ".join)
+def test_every_command_help_names_its_flags(path):
+    """`ksmlens CMD --help` exits 0, says what CMD does, and lists every
+    flag with a help text of its own."""
+    parser = _commands()[path]
+    r = run_cli(*path, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: ksmlens {' '.join(path)}")
+    assert parser.description and len(parser.description.split()) >= 4, path
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        what = action.option_strings or action.dest
+        assert action.help, f"ksmlens {' '.join(path)}: {what} has no help"
+        for flag in action.option_strings:
+            assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", r.stdout), (flag, r.stdout)
+
+
+def _readme_commands():
+    """Every command the README's command tables list: rows whose first cell
+    starts with `ksmlens ...`; `ksmlens scenario list` / `run NAME` is two."""
+    found = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if not line.startswith("| `ksmlens "):
+            continue
+        cell = line.split(" | ")[0]
+        group = ()
+        for k, code in enumerate(re.findall(r"`([^`]*)`", cell)):
+            words = code.split()
+            if k == 0:
+                words = words[1:]          # "ksmlens"
+            else:
+                words = list(group) + words
+            path = []
+            for w in words:
+                if not re.fullmatch(r"[a-z][a-z0-9-]*", w):
+                    break
+                path.append(w)
+            found.add(tuple(path))
+            group = tuple(path[:-1])
+    return found
+
+
+def test_readme_tables_list_exactly_the_commands():
+    readme = _readme_commands()
+    assert ("scenario", "run") in readme and ("vm", "up") in readme    # the parse works
+    assert readme == set(_commands())
+
+
+def test_errors_print_one_line_with_the_hint(capsys):
+    """A KsmlensError from a handler: `ksmlens: error: CAUSE: HINT`, exit 2."""
+    rc = main(["vm", "run", "--name", "x"])        # no command: refused before any VM
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "ksmlens: error: no command given: usage: ksmlens vm run [--detach] -- CMD..."]

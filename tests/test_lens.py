@@ -9,7 +9,8 @@ import pytest
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.lab.attach import attach
-from ksmlens.experiments.check import check_vm, format_rows, walk_counts
+from ksmlens.experiments.check import check_vm, walk_counts
+from ksmlens.views.tables import check_table
 from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import SCHEMA, Snapshot
 from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
@@ -34,7 +35,7 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
         _run_all_steps(run)
         prog = attach(f"vm:{vm.name}")
         rows, snap, info = check_vm(vm, prog)
-        assert all(r.ok for r in rows), format_rows(rows)
+        assert all(r.ok for r in rows), check_table(rows)
         # Every row compares something real: the scenario's pids are there.
         for pid in run.pids():
             if run.pages_of(pid):

@@ -19,6 +19,7 @@ import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
 from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
 from ksmlens.experiments.verify import verify
+from ksmlens.views.tables import verify_table
 
 from conftest import boot
 
@@ -189,7 +190,7 @@ def test_prediction_agrees_with_reclaim(vm, scenario):
         for st in run.scenario.steps:
             run.step(st.name)
         res = verify(vm, by="reclaim")
-        print(res.table())
+        print(verify_table(res))
         moved_pid = next((p for p, r in run.regions() if r.get("moved_from")), None)
         scenario_pages = {(pid, r["start"] + k * 4096) for pid, r in run.regions()
                           for k in range(r["pages"])}
@@ -200,7 +201,7 @@ def test_prediction_agrees_with_reclaim(vm, scenario):
         assert r["mapcount"] == r["mappings"], r
     bad = [p for p in res.pages if not p["agree"]]
     assert not bad, bad[:5]
-    assert res.agree, res.table()
+    assert res.agree, verify_table(res)
     observed = {r["observed"] for r in res.rows}
     if (variant, scenario) == ("v3", "mremap"):
         assert observed == {"stayed"}
@@ -249,7 +250,7 @@ def test_prot_none_reclaim_on_v3(vm):
             run.step(st.name)
         moved_pid, moved = next((p, r) for p, r in run.regions() if r.get("moved_from"))
         res = verify(vm, by="reclaim")
-        print(res.table())
+        print(verify_table(res))
     moved_pages = {(moved_pid, moved["start"] + k * 4096) for k in range(moved["pages"])}
     obs = {(p["pid"], p["address"]): p["observed"] for p in res.pages}
     # the kernel's side, whatever the snapshot says about PROT_NONE
@@ -261,4 +262,4 @@ def test_prot_none_reclaim_on_v3(vm):
     # moved mappings are predicted mapped-and-missed, so the page stays
     assert {p["predicted"] for p in res.pages if (p["pid"], p["address"]) in moved_pages} \
         == {"mapped"}
-    assert res.agree and not [p for p in res.pages if not p["agree"]], res.table()
+    assert res.agree and not [p for p in res.pages if not p["agree"]], verify_table(res)

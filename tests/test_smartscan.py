@@ -16,6 +16,7 @@ from ksmlens.lab.attach import attach
 from ksmlens.lab.scenarios import COW_BREAK_PAGES, ScenarioRun
 from ksmlens.lens.snapshot import take_snapshot
 from ksmlens.experiments.verify import verify_smartscan
+from ksmlens.views.tables import smartscan_verify_table
 
 from conftest import boot
 
@@ -32,9 +33,9 @@ def test_forecast_and_union_hazard(vm):
         run.step("merged")
         # 1. steady state: every skip ksmd makes over a few scans is predicted
         r = verify_smartscan(vm, 4)
-        print(r.table(8))
+        print(smartscan_verify_table(r, 8))
         assert r.observed > 0 and r.predicted == r.observed
-        assert r.agree, r.table()
+        assert r.agree, smartscan_verify_table(r)
         # the forecast table from the first snapshot agrees on its own too
         fc = smartscan_forecast(r.before, r.full_scans)
         assert fc["pages_skipped_delta"][r.full_scans] == r.observed
@@ -80,9 +81,9 @@ def test_forecast_and_union_hazard(vm):
 
         # 3. let ksmd visit them: the forecast from that snapshot holds
         r = verify_smartscan(vm, 6)
-        print(r.table(12))
-        assert r.predicted == r.observed, r.table()
-        assert r.agree, r.table()
+        print(smartscan_verify_table(r, 12))
+        assert r.predicted == r.observed, smartscan_verify_table(r)
+        assert r.agree, smartscan_verify_table(r)
         written = [x for x in r.items if x["address"] in res["addresses"]]
         assert len(written) == COW_BREAK_PAGES
         # they left their stable nodes at the first visit

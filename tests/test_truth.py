@@ -19,6 +19,7 @@ from ksmlens.experiments.check import check_vm
 from ksmlens.lab.scenarios import ScenarioRun
 from ksmlens.lens.snapshot import take_snapshot
 from ksmlens.experiments.verify import verify, verify_smartscan
+from ksmlens.views.tables import smartscan_verify_table, verify_table
 
 from conftest import boot
 
@@ -109,8 +110,8 @@ def test_unmerged_and_written_pages_what_ksmd_visits():
         # the kernel: let ksmd run 2 full scans, compare pages_skipped and
         # every item's age/skips, and that the 16 are gone (freed, not read)
         res = verify_smartscan(vm, 2)
-        print(res.table())
-        assert res.agree, res.table()
+        print(smartscan_verify_table(res))
+        assert res.agree, smartscan_verify_table(res)
         gone = [r for r in res.items if r.get("freed")]
         assert len(gone) == 16 and all(r["agree"] for r in gone)
         st = ksmsys.read_ksm_stat(vm, [pid])[pid]
@@ -150,8 +151,8 @@ def test_prot_none_is_present_and_v3_still_pins():
         assert len(pn) == 64 and all(i.page_ksm and i.will_visit for i in pn)
         assert rows["KSM pages: PTEs vs mapcount"].ok
         res = verify(vm)
-        print(res.table())
-        assert res.agree, res.table()
+        print(verify_table(res))
+        assert res.agree, verify_table(res)
         pinned = {r["node"] for r in res.rows if r["predicted"] == "stays"}
         assert pinned and all(r["observed"] == "stayed" for r in res.rows if r["node"] in pinned)
 
@@ -255,11 +256,11 @@ def test_a_page_no_rmap_item_reaches_stays_everywhere(variant):
             assert set(n.unmappable_under) == {r for r in ("stock", "v3", "stored")
                                                if r != "stored" or snap.kernel.has_stored_pgoff}
         res = verify(vm)
-        print(res.table())
+        print(verify_table(res))
         rows = [r for r in res.rows if r["unreachable"]]
         assert len(rows) == 16 and all(r["predicted"] == "stays" for r in rows)
-        assert all(r["observed"] == "stayed" for r in rows), res.table()
-        assert res.agree, res.table()
+        assert all(r["observed"] == "stayed" for r in rows), verify_table(res)
+        assert res.agree, verify_table(res)
 
 
 CHURN_PAGES = int(os.environ.get("KSMLENS_CHURN_PAGES", 20000))
@@ -296,7 +297,7 @@ def test_check_verify_watch_under_churn():
                 seen["check"] += info["mid_update_seen"]
                 sharing.append(next(r.walk for r in rows if r.what == "pages_sharing"))
                 res = verify(vm)
-                assert not [r for r in res.rows if r["agree"] is False], res.table()
+                assert not [r for r in res.rows if r["agree"] is False], verify_table(res)
                 seen["verify"] += len(res.snapshot.meta["mid_update_seen"])
                 busy += sum(bool(s["busy"]) for s in res.snapshot.meta["mid_update_seen"])
                 tl = watch(prog, vm, count=2, scans=1)

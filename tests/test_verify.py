@@ -18,6 +18,7 @@ from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import Snapshot
 from ksmlens.lab.scenarios import ScenarioRun
 from ksmlens.experiments.verify import verify
+from ksmlens.views.tables import verify_table
 
 from conftest import boot
 
@@ -41,7 +42,7 @@ def test_prediction_agrees_with_migration(vm, scenario, tmp_path):
             run.step(st.name)
         run.refresh()
         res = verify(vm)
-        print(res.table())
+        print(verify_table(res))
         snap = res.snapshot
         assert res.rule == {"stock": "stock", "v3": "v3"}.get(variant, "stored")
         # Every page of every scenario process is a mapping the prediction covers.
@@ -55,7 +56,7 @@ def test_prediction_agrees_with_migration(vm, scenario, tmp_path):
         # Prediction == outcome, for every page and every stable node.
         bad = [p for p in res.pages if not p["agree"]]
         assert not bad, bad[:5]
-        assert res.agree, res.table()
+        assert res.agree, verify_table(res)
         # ... and the outcome is the bug's: v3 pins the pages it cannot unmap.
         stays = {r["observed"] for r in res.rows}
         if (variant, scenario) in EXPECT_STAY:

@@ -298,13 +298,7 @@ def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
                        "which pauses the guest")
 
 
-def format_rows(rows: list[Row], *, kernel: str = "kernel", globals: str = "globals") -> str:
-    w = max(len(r.what) for r in rows)
-    out = [f"{'counter':{w}}  {'walk':>8}  {kernel:>8}  {globals:>8}  ok"]
-    for r in rows:
-        g = "-" if r.globals is None else r.globals
-        k = "-" if r.kernel is None else r.kernel
-        ok = ("ok" if r.rule == "equal" else "ok (before <= paused <= after)") if r.ok \
-            else "MISMATCH"
-        out.append(f"{r.what:{w}}  {r.walk:>8}  {k:>8}  {g:>8}  {ok}")
-    return "\n".join(out)
+def format_rows(rows, **kw):
+    """Moved to :func:`ksmlens.views.tables.check_table` (views format, experiments measure)."""
+    raise KsmlensError("ksmlens.experiments.check.format_rows moved",
+                       "use ksmlens.views.tables.check_table(rows)")

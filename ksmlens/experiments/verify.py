@@ -20,7 +20,7 @@ finds become swap entries, a mapping it misses keeps the page mapped, and a
 page still mapped is never freed.
 
     res = verify(vm)
-    print(res.table()); assert res.agree
+    print(verify_table(res)); assert res.agree   # ksmlens.views.tables
 """
 
 from __future__ import annotations
@@ -72,25 +72,9 @@ class VerifyResult:
         return c
 
     def table(self) -> str:
-        head = ("stable node", "kpfn", "pids", "maps", "missed by rule", "predicted",
-                "observed", "agree")
-        lines = [head]
-        for r in self.rows:
-            lines.append((r["node"], f"0x{r['kpfn']:x}", ",".join(map(str, r["pids"])),
-                          str(r["mappings"]), str(r["misses"]), r["predicted"], r["observed"],
-                          "-" if r["agree"] is None else "yes" if r["agree"] else "NO"))
-        w = [max(len(str(l[k])) for l in lines) for k in range(len(head))]
-        out = ["  ".join(str(v).ljust(w[k]) for k, v in enumerate(l)).rstrip() for l in lines]
-        c = self.counts()
-        out.append(f"{self.release}: rmap_walk_ksm() rule {self.rule!r}, proven by "
-                   f"{self.by}; {c['nodes']} KSM "
-                   f"pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
-                   f"stayed: {c['observed_stayed']}; "
-                   + (f"{c['gone']} unmapped by their process meanwhile (not compared); "
-                      if c["gone"] else "")
-                   + ("prediction and kernel AGREE" if self.agree else
-                      f"{c['disagree']} DISAGREE"))
-        return "\n".join(out)
+        """Moved: :func:`ksmlens.views.tables.verify_table` (views format, experiments measure)."""
+        raise KsmlensError("VerifyResult.table() moved",
+                           "use ksmlens.views.tables.verify_table(res)")
 
     def to_dict(self) -> dict:
         return {"variant": self.variant, "release": self.release, "rule": self.rule,
@@ -366,24 +350,9 @@ class SmartScanResult:
         return self.predicted == self.observed and all(r["agree"] for r in self.items)
 
     def table(self, limit: int = 20) -> str:
-        rows = [r for r in self.items if not r["agree"]] + \
-               [r for r in self.items if r["agree"] and r["skipped"]]
-        out = [f"{'pid':>6} {'address':>14} {'state':8} {'visits':>6} {'sched':10} "
-               f"{'age':>9} {'skips':>9} agree"]
-
-        def v(x):
-            return "-" if x is None else x
-        for r in rows[:limit]:
-            out.append(f"{r['pid'] or '-':>6} {r['address']:#14x} {r['state']:8} "
-                       f"{r['visits']:>6} {r['schedule']:10} "
-                       f"{v(r['predicted_age']):>3}/{v(r['observed_age']):<5} "
-                       f"{v(r['predicted_skips']):>3}/{v(r['observed_skips']):<5} "
-                       f"{'yes' if r['agree'] else 'NO'}")
-        out.append(f"{self.release}: over {self.full_scans} full scans pages_skipped grew by "
-                   f"{self.observed}, predicted {self.predicted}; "
-                   f"{sum(r['agree'] for r in self.items)}/{len(self.items)} rmap_items "
-                   "as predicted (age/skips: predicted/observed)")
-        return "\n".join(out)
+        """Moved: :func:`ksmlens.views.tables.smartscan_verify_table`."""
+        raise KsmlensError("SmartScanResult.table() moved",
+                           "use ksmlens.views.tables.smartscan_verify_table(res, limit)")
 
 
 def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> SmartScanResult:

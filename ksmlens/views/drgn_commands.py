@@ -160,12 +160,13 @@ for item in snap.items():
 
 
 def _code_check(code: DrgnCodeBuilder, args) -> None:
-    code.add_from_import("ksmlens.experiments.check", "check_live", "format_rows")
+    code.add_from_import("ksmlens.experiments.check", "check_live")
+    code.add_from_import("ksmlens.views.tables", "check_table")
     code.append('''\
 # The walk's counts vs the kernel variables /sys/kernel/mm/ksm and
 # /proc/PID/ksm_stat print, read before and after an unpaused walk.
 rows, snap, info = check_live(prog)
-print(format_rows(rows, kernel="before", globals="after"))
+print(check_table(rows, kernel="before", globals="after"))
 ''')
 
 
@@ -215,14 +216,12 @@ def _view_smartscan(prog, args) -> None:
 
 
 def _view_check(prog, args) -> None:
-    from ksmlens.experiments.check import LIVE_NOTE, check_live, format_rows
+    from ksmlens.experiments.check import LIVE_NOTE, check_live
     from ksmlens.lab.attach import check_ksm_kernel
+    from ksmlens.views.tables import check_text
     check_ksm_kernel(prog)
     rows, snap, info = check_live(prog)
-    print(format_rows(rows, kernel="before", globals="after"))
-    bad = [r for r in rows if not r.ok]
-    print(f"check: {len(rows) - len(bad)}/{len(rows)} agree (unpaused walk of "
-          f"{len(snap.rmap_items)} rmap_items, attempt {info['attempts']})")
+    print(check_text(rows, snap, info, live=True))
     print("note: " + LIVE_NOTE)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 from ksmlens.lens.model import Snapshot
+from ksmlens.views.tables import format_table, keyvalue_table
 
 __all__ = ["stable_table", "process_table", "summary", "rmap_table", "stale_table",
-           "knobs_table", "counters_table", "smartscan_table"]
+           "knobs_table", "counters_table", "smartscan_table", "hazard_table",
+           "replay_text", "smartscan_text"]
 
 
 def summary(snap: Snapshot) -> str:
@@ -39,30 +41,28 @@ def summary(snap: Snapshot) -> str:
 
 def stable_table(snap: Snapshot, limit: int | None = 50) -> str:
     """One row per stable node: kind, kpfn, mapcount, sharers (pid:count)."""
-    rows = [f"{'node':18}  {'kind':7}  {'chain':18}  {'kpfn':>8}  {'nid':>3}  {'maps':>4}  "
-            f"{'items':>5}  sharers"]
+    rows, more = [], None
     shown = 0
     for n in snap.nodes():
         if limit is not None and shown >= limit:
-            rows.append(f"... {len(snap.stable_nodes) - shown} more (use --all)")
+            more = f"... {len(snap.stable_nodes) - shown} more (use --all)"
             break
         if n.kind == "chain":
             sharers = f"{len(n.dups)} dups"
         else:
             cnt = Counter(snap.item(i).pid for i in n.items)
             sharers = " ".join(f"{pid}:{c}" for pid, c in sorted(cnt.items(), key=str))
-        rows.append(f"{n.id:18}  {n.kind:7}  {n.chain or '':18}  "
-                    f"{'' if n.kpfn is None else n.kpfn:>8}  {n.nid:>3}  "
-                    f"{'' if n.mapcount is None else n.mapcount:>4}  {len(n.items):>5}  {sharers}")
+        rows.append((n.id, n.kind, n.chain or "", "" if n.kpfn is None else n.kpfn, n.nid,
+                     "" if n.mapcount is None else n.mapcount, len(n.items), sharers))
         shown += 1
-    return "\n".join(rows)
+    return "\n".join([format_table(("node", "kind", "chain", "kpfn", "nid", "maps", "items",
+                                    "sharers"), rows, align="<<<>>>><")]
+                     + ([more] if more else []))
 
 
 def process_table(snap: Snapshot) -> str:
     """One row per mm slot: pid, comm, items by state, and pgoff mismatches."""
-    rows = [f"{'pid':>7}  {'comm':16}  {'items':>6}  {'stable':>6}  {'unstable':>8}  "
-            f"{'none':>5}  {'no_vma':>6}  {'addr_pgoff!=lpi':>15}  {'freed_next':>10}  "
-            f"{'zero_pages':>10}  ksm_stat(items/merging/zero)"]
+    rows = []
     for s in snap.slots():
         items = [snap.item(i) for i in s.items]
         st = Counter(i.state for i in items)
@@ -72,11 +72,13 @@ def process_table(snap: Snapshot) -> str:
         freed = sum(1 for i in items if i.will_visit is False)
         pids = ",".join(map(str, s.pids)) if s.pids else (
             "exited" if s.mm_users == 0 else "-")
-        rows.append(f"{pids:>7}  {(s.comm or '-'):16}  "
-                    f"{len(items):>6}  {st['stable']:>6}  {st['unstable']:>8}  {st['none']:>5}  "
-                    f"{no_vma:>6}  {moved:>15}  {freed:>10}  {_num(s.ksm_zero_pages):>10}  "
-                    f"{s.mm_ksm_rmap_items}/{s.mm_ksm_merging_pages}/{_num(s.mm_ksm_zero_pages)}")
-    return "\n".join(rows)
+        rows.append((pids, s.comm or "-", len(items), st["stable"], st["unstable"], st["none"],
+                     no_vma, moved, freed, s.ksm_zero_pages,
+                     f"{s.mm_ksm_rmap_items}/{s.mm_ksm_merging_pages}/"
+                     f"{_num(s.mm_ksm_zero_pages)}"))
+    return format_table(("pid", "comm", "items", "stable", "unstable", "none", "no_vma",
+                         "addr_pgoff!=lpi", "freed_next", "zero_pages",
+                         "ksm_stat(items/merging/zero)"), rows, align="><" + ">" * 8 + "<")
 
 
 def _hex(v) -> str:
@@ -120,16 +122,16 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     if not items:        # a process sharing another's mm (CLONE_VM): its owner's items
         slot = next(s for s in snap.slots() if pid in (s.pids or []))
         items = sorted((snap.item(i) for i in slot.items), key=lambda i: i.address)
-    rows = [f"{'address':>14}  {'state':8}  {'stable_node':18}  {'addr_pgoff':>10}  "
-            f"{'lin_pg_idx':>10}  {'stored':>10}  {'stored_st':9}  {'S3I':3}  "
-            f"{'pte':10}  {'next':18}  pgoff_status"]
+    body = []
     for i in items[:limit]:
         status = i.pgoff_status + (f" ({i.pgoff_cause})" if i.pgoff_cause else "")
         pte = i.pte + ("*" if i.page_ksm else "")
-        rows.append(f"{i.address:>#14x}  {i.state:8}  {i.stable_node or '-':18}  "
-                    f"{_hex(i.addr_pgoff):>10}  {_hex(i.linear_page_index):>10}  "
-                    f"{_hex(i.stored_pgoff):>10}  {i.stored_status or '-':9}  "
-                    f"{_walk_cell(i):3}  {pte:10}  {_next_cell(i):18}  {status}")
+        body.append((f"{i.address:#x}", i.state, i.stable_node, _hex(i.addr_pgoff),
+                     _hex(i.linear_page_index), _hex(i.stored_pgoff), i.stored_status,
+                     _walk_cell(i), pte, _next_cell(i), status))
+    rows = [format_table(("address", "state", "stable_node", "addr_pgoff", "lin_pg_idx",
+                          "stored", "stored_st", "S3I", "pte", "next", "pgoff_status"),
+                         body, align="><<>>><<<<<")]
     if limit is not None and len(items) > limit:
         rows.append(f"... {len(items) - limit} more")
     st = Counter(i.pgoff_status for i in items)
@@ -148,14 +150,13 @@ def stale_table(snap: Snapshot, pid: int | None = None, rule: str | None = None)
     from ksmlens.analysis.core import stale_items
     items = [i for i in stale_items(snap, rule) if pid is None or i.pid == pid]
     items.sort(key=lambda i: (str(i.pid), i.address))
-    rows = [f"{'pid':>7}  {'comm':16}  {'address':>14}  {'state':8}  {'status':8}  "
-            f"{'cause':6}  {'addr_pgoff':>10}  {'lin_pg_idx':>10}  {'stored':>10}  "
-            f"{'stored_st':9}  {'S3I':3}  vm_pgoff"]
-    for i in items:
-        rows.append(f"{_num(i.pid):>7}  {(i.comm or '-'):16}  {i.address:>#14x}  {i.state:8}  "
-                    f"{i.pgoff_status:8}  {i.pgoff_cause or '-':6}  {_hex(i.addr_pgoff):>10}  "
-                    f"{_hex(i.linear_page_index):>10}  {_hex(i.stored_pgoff):>10}  "
-                    f"{i.stored_status or '-':9}  {_walk_cell(i):3}  {_hex(i.vm_pgoff)}")
+    rows = [format_table(("pid", "comm", "address", "state", "status", "cause", "addr_pgoff",
+                          "lin_pg_idx", "stored", "stored_st", "S3I", "vm_pgoff"),
+                         [(i.pid, i.comm, f"{i.address:#x}", i.state, i.pgoff_status,
+                           i.pgoff_cause, _hex(i.addr_pgoff), _hex(i.linear_page_index),
+                           _hex(i.stored_pgoff), i.stored_status, _walk_cell(i),
+                           _hex(i.vm_pgoff)) for i in items],
+                         align=">><<<<>>><<<")]
     per = Counter((i.pid, i.comm, i.pgoff_status) for i in items)
     missed = {r: sum(1 for i in items if (i.walk or {}).get(r) is False)
               for r in ("stock", "v3", "stored")}
@@ -177,7 +178,8 @@ _COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"
 
 def knobs_table(snap: Snapshot) -> str:
     """The KSM knobs (``/sys/kernel/mm/ksm`` names) as the kernel's globals hold them."""
-    return "\n".join(f"{k:36} {snap.counters[k]:>8}" for k in _KNOBS if k in snap.counters)
+    return keyvalue_table(((k, snap.counters[k]) for k in _KNOBS if k in snap.counters),
+                          align="<>")
 
 
 def counters_table(snap: Snapshot, sysfs: dict | None = None) -> str:
@@ -185,12 +187,11 @@ def counters_table(snap: Snapshot, sysfs: dict | None = None) -> str:
     globals, beside the files as the guest read them (``sysfs``, from
     :func:`ksmlens.lab.ksmsys.read_counters`) when given."""
     if sysfs is None:
-        return "\n".join(f"{k:24} {snap.counters[k]:>10}" for k in _COUNTERS
-                         if k in snap.counters)
-    rows = [f"{'counter':24} {'drgn':>10} {'sysfs':>10}"]
-    rows += [f"{k:24} {snap.counters[k]:>10} {_num(sysfs.get(k)):>10}" for k in _COUNTERS
-             if k in snap.counters and k in sysfs]
-    return "\n".join(rows)
+        return keyvalue_table(((k, snap.counters[k]) for k in _COUNTERS if k in snap.counters),
+                              align="<>")
+    return format_table(("counter", "drgn", "sysfs"),
+                        [(k, snap.counters[k], sysfs.get(k)) for k in _COUNTERS
+                         if k in snap.counters and k in sysfs], align="<>>")
 
 
 def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> str:
@@ -203,9 +204,8 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
     rows = [f"smart_scan={on}: an rmap_item whose page is not KSM ages one step per "
             "visit; from age 3 a processed visit sets remaining_skips = skip_age(age) "
             "(1, 2, 4, then 8) and each later visit skips while it counts down "
-            "(pages_skipped)." + ("" if on else " SmartScan is off: nothing is skipped."),
-            f"{'pid':>7}  {'address':>14}  {'state':8}  {'age':>3}  {'skips':>5}  "
-            f"{'next':9}  {'next ' + str(visits):>8}  note"]
+            "(pages_skipped)." + ("" if on else " SmartScan is off: nothing is skipped.")]
+    body = []
     n = Counter()
     for i in sorted(snap.items(), key=lambda i: (str(i.pid), i.address)):
         if (pid is not None and i.pid != pid) or page_is_ksm(snap, i):
@@ -213,9 +213,8 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
         r = smartscan_next(snap, i, visits)
         if r["freed"]:
             n["freed"] += 1
-            rows.append(f"{_num(i.pid):>7}  {i.address:>#14x}  {i.state:8}  {i.age:>3}  "
-                        f"{i.remaining_skips:>5}  {'freed':9}  {'-':>8}  "
-                        f"ksmd frees it unread ({i.not_visited})")
+            body.append((i.pid, f"{i.address:#x}", i.state, i.age, i.remaining_skips, "freed",
+                         "-", f"ksmd frees it unread ({i.not_visited})"))
             continue
         nxt = "skipped" if r["schedule"][:1] == "S" else "processed"
         n[nxt] += 1
@@ -224,8 +223,10 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
             note.append("reads the stored pgoff's bytes (union)")
         if r["leaves_stable_tree"]:
             note.append("leaves its stable node")
-        rows.append(f"{_num(i.pid):>7}  {i.address:>#14x}  {i.state:8}  {i.age:>3}  "
-                    f"{i.remaining_skips:>5}  {nxt:9}  {r['schedule']:>8}  {'; '.join(note)}")
+        body.append((i.pid, f"{i.address:#x}", i.state, i.age, i.remaining_skips, nxt,
+                     r["schedule"], "; ".join(note)))
+    rows.append(format_table(("pid", "address", "state", "age", "skips", "next",
+                              f"next {visits}", "note"), body, align=">><>><><"))
     rows.append(f"next visit: {n['processed']} processed, {n['skipped']} skipped, "
                 f"{n['freed']} freed unread "
                 f"(pages_skipped so far: {snap.counters.get('pages_skipped')})")
@@ -239,15 +240,16 @@ def hazard_table(snap: Snapshot) -> str:
     stored pgoff) and what ksmd's next visit reads and writes there."""
     from ksmlens.analysis.core import union_hazard
     hz = union_hazard(snap)
-    rows = [f"{'pid':>7}  {'address':>14}  {'bytes 32..39':>18}  {'stored pgoff':>12}  "
-            f"{'age':>3}  {'skips':>5}  next  {'age,skips after':>15}  bytes after"]
+    body = []
     for h in hz:
         it = snap.item(h["item"])
         after = "-" if h["pgoff_after"] is None else f"{h['pgoff_after']:#018x}"
-        rows.append(f"{_num(h['pid']):>7}  {h['address']:>#14x}  {it.raw_union:>#18x}  "
-                    f"{_hex(h['stored_pgoff']):>12}  {h['age']:>3}  {h['remaining_skips']:>5}  "
-                    f"{h['next_visit'] or '-':4}  {h['age_after']:>7},{h['skips_after']:<7}  "
-                    f"{after}")
+        body.append((h["pid"], f"{h['address']:#x}", f"{it.raw_union:#x}",
+                     _hex(h["stored_pgoff"]), h["age"], h["remaining_skips"], h["next_visit"],
+                     f"{h['age_after']},{h['skips_after']}", after))
+    rows = [format_table(("pid", "address", "bytes 32..39", "stored pgoff", "age", "skips",
+                          "next", "age,skips after", "bytes after"), body,
+                         align=">>>>>><><")]
     reads = hz[0]["smartscan_reads_stable"] if hz else None
     rows.append(f"{len(hz)} STABLE rmap_items on non-KSM pages; " + (
         "SmartScan reads age/remaining_skips from the stored pgoff (union hazard)"
@@ -255,3 +257,73 @@ def hazard_table(snap: Snapshot) -> str:
         "SmartScan leaves STABLE items alone (v8)" if reads is False else
         "no stored pgoff: SmartScan reads the item's own fields" if hz else "none"))
     return "\n".join(rows)
+
+
+def replay_text(snap: Snapshot, rule: str | None = None, limit: int | None = 20) -> str:
+    """``ksmlens replay``: the rules (:data:`ksmlens.analysis.core.RULES`),
+    then per rule how many KSM pages have every mapped mapping found by
+    ``rmap_walk_ksm()`` replayed on the recorded anon_vma trees, and a table
+    of the mappings it misses (first ``limit``; None: all): stable node,
+    kpfn, pid, address, the VMA and its ``vm_pgoff``, the walk's pass
+    (``search_new_forks``)."""
+    from ksmlens.analysis.core import RULE_HELP, RULES, walk_misses
+    rules = [rule] if rule else [r for r in RULES
+                                 if r != "stored" or snap.kernel.has_stored_pgoff]
+    out = [f"{snap.kernel.release}: rmap_walk_ksm() uses "
+           f"{snap.kernel.walk_rule or 'an unknown rule'!s}"]
+    for r in RULES:
+        mark = ("  (n/a: struct ksm_rmap_item has no pgoff)"
+                if r == "stored" and not snap.kernel.has_stored_pgoff else "")
+        out.append(f"  {r:7} {RULE_HELP[r]}{mark}")
+    nodes = [n for n in snap.nodes() if n.kind != "chain"]
+    for r in rules:
+        misses = walk_misses(snap, r)
+        bad = {m["node"] for m in misses}
+        out.append(f"\nrule {r}: {len(nodes) - len(bad)}/{len(nodes)} KSM pages: every mapping "
+                   f"found; {len(bad)} pages miss {len(misses)} mappings")
+        if misses:
+            table = format_table(
+                ("node", "kpfn", "pid", "address", "vma_start", "vma_end", "vm_pgoff", "pass"),
+                [(m["node"], f"{m['kpfn']:#x}", m["pid"], f"{m['address']:#x}",
+                  f"{m['vma_start']:#x}", f"{m['vma_end']:#x}", f"{m['vm_pgoff']:#x}",
+                  m["pass"]) for m in misses[:limit]], align="<>>>>>>>")
+            out += ["  " + line for line in table.splitlines()]
+        if limit is not None and len(misses) > limit:
+            out.append(f"  ... {len(misses) - limit} more (--all)")
+    return "\n".join(out)
+
+
+def smartscan_text(snap: Snapshot, scans: int = 8, limit: int | None = 20) -> str:
+    """``ksmlens smartscan``: the forecast ``pages_skipped`` increase after
+    each of the next ``scans`` full scans
+    (:func:`ksmlens.analysis.core.smartscan_forecast`), then the union hazard
+    (:func:`ksmlens.analysis.core.union_hazard`): STABLE rmap_items on pages
+    that are no longer KSM, what SmartScan reads from them and what ksmd's
+    next visit leaves (first ``limit``; None: all)."""
+    from ksmlens.analysis.core import smartscan_forecast, union_hazard
+    deltas = smartscan_forecast(snap, scans)["pages_skipped_delta"]
+    out = [f"{snap.kernel.release}: smart_scan={snap.counters.get('smart_scan')} "
+           f"full_scans={snap.scan.get('seqnr')} "
+           f"pages_skipped={snap.counters.get('pages_skipped')}",
+           "forecast pages_skipped increase after n more full scans: "
+           + ", ".join(f"n={n}: +{d}" for n, d in enumerate(deltas) if n)]
+    hz = union_hazard(snap)
+    if hz:
+        out.append(f"\n{len(hz)} STABLE rmap_items on pages that are no longer KSM "
+                   "(ksmd's next visit runs should_skip_rmap_item() on them):")
+        rows = []
+        for h in hz[:limit]:
+            if h["smartscan_reads_stable"] is False:
+                what = "SmartScan does not read a STABLE item (v8); its removal zeroes them"
+            else:
+                src = "the stored pgoff's bytes" if h["hazard"] else "its own fields"
+                what = (f"reads age={h['age']} remaining_skips={h['remaining_skips']} "
+                        f"from {src}")
+            rows.append((h["pid"], f"{h['address']:#x}", h["next_visit"],
+                         f"age={h['age_after']} skips={h['skips_after']}", what))
+        table = format_table(("pid", "address", "next", "then", "SmartScan"), rows,
+                             align=">><<<")
+        out += ["  " + line for line in table.splitlines()]
+        if limit is not None and len(hz) > limit:
+            out.append(f"  ... {len(hz) - limit} more (--all)")
+    return "\n".join(out)

@@ -1,0 +1,175 @@
+"""The experiments' commands: the walk and its predictions against the kernel.
+
+    ksmlens check                         prove the walk against the kernel's counters
+    ksmlens verify [--by reclaim]         predict, then let the kernel prove it
+    ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
+    ksmlens selftests [--suite S]         the kernel's KSM selftests, walk checked while paused
+
+What they print comes from :mod:`ksmlens.views` (report, tables).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ksmlens.cli.common import NAME, TARGET, Commands, arg, attach_target
+from ksmlens.errors import KsmlensError
+
+COMMANDS = Commands()
+register = COMMANDS.register
+
+
+@COMMANDS.command(
+    "check", help="prove a walk against the kernel's own counters",
+    description="Walk (guest paused) and compare with /sys/kernel/mm/ksm/* and "
+    "/proc/PID/ksm_stat read in the guest: pages_shared, pages_sharing, pages_unshared, "
+    "rmap_items, chains, dups, per-process counts. Exits 1 on any mismatch.",
+    args=(TARGET,))
+def check(a):
+    from ksmlens.experiments.check import check_vm, unreachable_note
+    from ksmlens.lab.vm import VM
+    from ksmlens.views.tables import check_text
+    prog = attach_target(a)
+    vm = prog.cache.get("ksmlens_vm") or VM(a.name)
+    rows, snap, info = check_vm(vm, prog)
+    print(check_text(rows, snap, info, notes=[unreachable_note(snap)]))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+@COMMANDS.command(
+    "verify", help="predict which KSM pages the kernel's rmap walk cannot unmap, then "
+    "migrate them and compare",
+    description="From a paused snapshot (ksmd held), replay rmap_walk_ksm() under the "
+    "kernel's rule on the guest's real anon_vma trees and write down, per KSM page, whether "
+    "it can be unmapped; then move_pages(MPOL_MF_MOVE_ALL) every mapped KSM page to the "
+    "other NUMA node and read the nodes back. Prints predicted / observed / agree per "
+    "stable node; exits 1 on any disagreement. Needs a VM with 2 NUMA nodes (`ksmlens vm "
+    "up --numa 2`). With --smartscan N: forecast SmartScan's skips over N full scans and "
+    "compare with the kernel's pages_skipped and every rmap_item's age/remaining_skips.",
+    args=(NAME,
+          arg("--rule", choices=["stock", "v3", "stored"],
+              help="predict with this rule instead of the kernel's own"),
+          arg("--smartscan", type=int, metavar="N",
+              help="verify a SmartScan forecast over N full scans instead"),
+          arg("--by", choices=["migration", "reclaim"], default="migration",
+              help="the kernel's proof: migrate every KSM page to the other node (default), "
+              "or reclaim it through memory.reclaim of its processes' cgroups (swap on zram, "
+              "set up if missing): a mapping the walk misses stays mapped, the page is never "
+              "freed"),
+          arg("--json", action="store_true", help="machine-readable"),
+          arg("--all", action="store_true", help="every row")))
+def verify(a):
+    from ksmlens.experiments.verify import verify as run_verify
+    from ksmlens.experiments.verify import verify_smartscan
+    from ksmlens.lab.vm import VM
+    from ksmlens.views.tables import smartscan_verify_table, verify_text
+    vm = VM(a.name)
+    if a.smartscan:
+        r = verify_smartscan(vm, a.smartscan)
+        if a.json:
+            print(json.dumps({"release": r.release, "full_scans": r.full_scans,
+                              "predicted": r.predicted, "observed": r.observed,
+                              "agree": r.agree, "items": r.items}, indent=1))
+        else:
+            print(smartscan_verify_table(r, limit=None if a.all else 20))
+        return 0 if r.agree else 1
+    res = run_verify(vm, rule=a.rule, by=a.by)
+    print(json.dumps(res.to_dict(), indent=1) if a.json else verify_text(res))
+    return 0 if res.agree else 1
+
+
+@COMMANDS.command(
+    "watch", help="a paused snapshot per full scan, with diffs",
+    description="Take --count paused snapshots, one after every --scans full scans of ksmd "
+    "(or every --every seconds), printing what changed (items appeared/dropped/merged/"
+    "unmerged/moved, SmartScan skips, counter deltas). -o DIR keeps the timeline "
+    "(frame-NNNN.json).",
+    args=(TARGET,
+          arg("--count", "-n", type=int, default=5, help="snapshots (default 5)"),
+          arg("--scans", type=int, default=1, help="full scans between snapshots"),
+          arg("--every", type=float, metavar="S",
+              help="seconds between snapshots instead of full scans"),
+          arg("--pace", type=int, metavar="MS",
+              help="set ksmd's sleep_millisecs to MS while watching (restored after), so "
+              "frames are exactly --scans full scans apart even when ksmd scans faster than "
+              "the host polls"),
+          arg("-o", "--output", metavar="DIR", help="save the timeline here")))
+def watch(a):
+    from ksmlens.experiments.watch import watch as run_watch
+    from ksmlens.views.report import summary
+    prog = attach_target(a)
+    vm = prog.cache.get("ksmlens_vm")
+    if vm is None:
+        raise KsmlensError("watch needs a lab VM (it waits for ksmd's full scans)",
+                           "use --name NAME, or diff saved snapshots with `ksmlens diff`")
+
+    def show(s, d):
+        print(summary(s).splitlines()[0] if d is None else d.summary(), flush=True)
+
+    tl = run_watch(prog, vm, count=a.count, scans=a.scans, seconds=a.every, on_frame=show,
+                   pace_ms=a.pace)
+    if a.output:
+        print(f"timeline saved to {tl.save(a.output)}/frame-*.json", file=sys.stderr)
+    return 0
+
+
+def _selftests_args():
+    from ksmlens.experiments.selftests import KSM_TESTS_MODES, MREMAP_SUITE, SUITES
+    return (NAME,
+            arg("--suite", action="append", choices=[*SUITES, MREMAP_SUITE],
+                help="run only this suite (repeatable; default: both kernel suites)"),
+            arg("--mode", action="append", choices=list(KSM_TESTS_MODES),
+                help="ksm_tests mode (repeatable; default: every mode): " + "; ".join(
+                    f"{k}: {' '.join(v)}" for k, v in KSM_TESTS_MODES.items())),
+            arg("--min-checks", type=int, default=30, metavar="N",
+                help="agreeing paused checks each suite needs (default 30)"),
+            arg("--gap", type=float, default=0.1, metavar="S",
+                help="pause again after a uniform random 0..S seconds (default 0.1)"),
+            arg("--seed", type=int, help="seed the random pause moments"),
+            arg("--no-verify", action="store_true",
+                help="ksm_and_mremap without `ksmlens verify` beside it"),
+            arg("--json", action="store_true", help="machine-readable"))
+
+
+@COMMANDS.command(
+    "selftests", help="the kernel's KSM selftests, the walk checked against the kernel at "
+    "random pauses while they run",
+    description="Build ksm_functional_tests and ksm_tests from Debian's linux-source-6.12 "
+    "(cached), run them in the guest (ksm_tests once per mode) and, while they run, pause "
+    "the guest at random moments and compare the walk with the kernel's own counters read "
+    "in the same pause (globals, mm->ksm_*, rmap_hlist_len). Prints one summary line; exits "
+    "0 only if both suites pass and every paused check agrees (a walk that meets ksmd "
+    "mid-update is counted separately, as classified). --suite ksm_and_mremap runs the "
+    "project's equivalent of the kernel's migrate.ksm_and_mremap (rmap.c, v7.3) beside "
+    "`ksmlens verify` (needs 2 NUMA nodes). The suites unmerge everything in the guest "
+    "(run=2); the KSM knobs are put back.",
+    args=_selftests_args)
+def selftests(a):
+    from ksmlens.experiments.selftests import (MREMAP_SUITE, SUITES, run_mremap_selftest,
+                                               run_selftests)
+    from ksmlens.lab.vm import VM
+    vm = VM(a.name)
+    suites = a.suite or list(SUITES)
+    kernel = [s for s in suites if s in SUITES]
+    ok, parts, doc = True, [], {}
+    if kernel:
+        res = run_selftests(vm, suites=kernel, modes=a.mode, min_checks=a.min_checks,
+                            gap=(0.0, a.gap), seed=a.seed,
+                            out=None if a.json else sys.stderr)
+        ok = res.ok
+        parts.append(res.summary())
+        doc = res.to_dict()
+    if MREMAP_SUITE in suites:
+        m = run_mremap_selftest(vm, with_verify=not a.no_verify)
+        ok = ok and m.passed and (m.verify is None or m.verify["agree"])
+        parts.append(m.summary())
+        doc["ksm_and_mremap"] = {"outcome": m.outcome, "rc": m.rc, "output": m.output,
+                                 "merged": m.merged, "verify": m.verify,
+                                 "summary": m.summary()}
+    if a.json:
+        doc["ok"] = ok
+        print(json.dumps(doc, indent=1))
+    else:     # one line: the kernel suites' summary, then ksm_and_mremap's
+        print("; ".join(parts) if kernel else "selftests: " + parts[0])
+    return 0 if ok else 1

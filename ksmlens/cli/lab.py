@@ -1,0 +1,256 @@
+"""The lab's commands: kernels, VMs, scenarios, the demo, the notebooks.
+
+    ksmlens vm build|up|run|status|down    patched 6.12 kernels under QEMU
+    ksmlens scenario list|run              workloads that put KSM in a known state
+    ksmlens demo                           build, boot, run mremap, print counters
+    ksmlens notebooks                      execute notebooks/*.ipynb against a VM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.cli.common import NAME, VARIANT, VARIANT_HELP, Commands, arg
+from ksmlens.errors import KsmlensError
+from ksmlens.kernel.variants import VARIANTS
+
+COMMANDS = Commands()
+register = COMMANDS.register
+
+COMMANDS.group("vm", help="build, boot and drive lab VMs",
+               description="Lab VMs: patched 6.12 kernels under QEMU (virtme-ng).",
+               metavar="VMCOMMAND")
+COMMANDS.group("scenario", help="workloads that put KSM in a known state",
+               description="Workloads (one static C program driven over its stdin) that "
+               "put KSM in a known state: merged pages, chains and dups, an mremap()ed "
+               "VMA, SmartScan skips, forks; each step checked against the kernel's "
+               "counters (/sys/kernel/mm/ksm, /proc/PID/ksm_stat, smaps).",
+               metavar="SCENARIOCOMMAND")
+
+
+# ------------------------------------------------------------------ vm
+
+@COMMANDS.command(
+    "vm build", help="build a kernel variant (cached outside the repo)",
+    description="Build a patched 6.12 kernel from Debian's linux-source-6.12. Variants "
+    "share one build tree, so a switch recompiles mm/ksm.c and relinks. " + VARIANT_HELP,
+    args=(VARIANT,
+          arg("--all", action="store_true", help="build every variant"),
+          arg("--force", action="store_true", help="rebuild even if cached"),
+          arg("--jobs", "-j", type=int, help="make -j (default: CPUs + 1)")))
+def vm_build(a):
+    variants = list(VARIANTS) if a.all else [a.variant]
+    for v in variants:        # one line per kernel as soon as it is built
+        k = kbuild.build(v, force=a.force, jobs=a.jobs)
+        print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")
+    return 0
+
+
+@COMMANDS.command(
+    "vm up", help="boot a lab VM and wait until it answers",
+    description="Boot a variant under QEMU; builds it first if needed. KVM is used only "
+    "where a probe shows a guest boots; TCG otherwise.",
+    args=(NAME, VARIANT,
+          arg("--memory", "-m", default="2G", help="guest memory (default: 2G)"),
+          arg("--cpus", "-p", type=int, default=2, help="guest CPUs (default: 2)"),
+          arg("--numa", type=int, default=1, metavar="N",
+              help="guest NUMA nodes, memory split evenly (default: 1; 2 for migration "
+              "experiments)"),
+          arg("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+              help="accelerator (default: auto = probe KVM, fall back to TCG)"),
+          arg("--timeout", type=float, default=180, help="boot timeout in s (default 180)")))
+def vm_up(a):
+    from ksmlens.lab.vm import VM
+    vm = VM.up(a.name, a.variant, memory=a.memory, cpus=a.cpus, numa=a.numa,
+               accel=a.accel, boot_timeout=a.timeout)
+    s = vm.status()
+    print(f"{s['name']}: {s['kernel_release']} up in {s['boot_seconds']} s under "
+          f"{s['accel'].upper()} ({s['accel_reason']}); drgn: drgn --qemu {s['qmp']} "
+          f"-s {s['vmlinux']}")
+    return 0
+
+
+@COMMANDS.command(
+    "vm run", help="run a command as root in the guest",
+    description="Run CMD as root in the guest; its stdout, stderr and exit code come back. "
+    "Example: ksmlens vm run -- cat /sys/kernel/mm/ksm/pages_shared",
+    args=(NAME,
+          arg("--detach", "-d", action="store_true",
+              help="start CMD in the background and return at once"),
+          arg("--timeout", type=float, default=120, help="seconds (default 120)"),
+          arg("--stdin", action="store_true", help="pass our stdin to CMD"),
+          arg("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")))
+def vm_run(a):
+    from ksmlens.lab.vm import VM
+    argv = a.cmd
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise KsmlensError("no command given", "usage: ksmlens vm run [--detach] -- CMD...")
+    vm = VM(a.name)
+    if a.detach:
+        r = vm.spawn(argv)
+        print(f"started pid {r['pid']} (handle {r['handle']}) in {a.name}")
+        return 0
+    stdin = sys.stdin.read() if a.stdin else ""
+    r = vm.run(argv, timeout=a.timeout, stdin=stdin)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    if r.timed_out:
+        print(f"ksmlens: {shlex.join(argv)} timed out after {a.timeout} s (killed)",
+              file=sys.stderr)
+        return 124
+    return r.rc
+
+
+@COMMANDS.command(
+    "vm status", help="show a VM (JSON for scripts and drgn)",
+    description="Show a lab VM: name, variant, kernel release, accelerator, QEMU's run "
+    "state and pid, the QMP socket drgn attaches to (drgn --qemu SOCK -s VMLINUX), "
+    "vmlinux, the console log. Exits 1 if it is not running.",
+    args=(NAME,
+          arg("--json", action="store_true", help="machine-readable"),
+          arg("--all", action="store_true", help="every VM ksmlens knows of")))
+def vm_status(a):
+    from ksmlens.lab.vm import VM, list_vms
+    from ksmlens.views.tables import vm_status_table, vms_table
+    if a.all:
+        vms = list_vms()
+        print(json.dumps(vms, indent=2) if a.json else vms_table(vms))
+        return 0
+    s = VM(a.name).status()
+    print(json.dumps(s, indent=2) if a.json else vm_status_table(s))
+    return 0 if s["running"] else 1
+
+
+@COMMANDS.command("vm down", help="power off a VM; no QEMU process is left",
+                  args=(NAME, arg("--all", action="store_true", help="every VM")))
+def vm_down(a):
+    from ksmlens.lab.vm import VM, list_vms
+    names = [s["name"] for s in list_vms()] if a.all else [a.name]
+    for n in names:
+        VM(n).down()
+        print(f"{n}: down")
+    return 0
+
+
+# ------------------------------------------------------------------ scenario
+
+@COMMANDS.command("scenario list", help="list scenarios and their steps")
+def scenario_list(a):
+    from ksmlens.lab.scenarios import SCENARIOS
+    from ksmlens.views.tables import scenario_table
+    print(scenario_table(SCENARIOS.values()))
+    return 0
+
+
+@COMMANDS.command(
+    "scenario run", help="run a scenario in a VM and check it against the kernel's counters",
+    description="Run every step of a scenario in the VM, printing the kernel's KSM counters "
+    "before and after; fails if KSM did not do what the scenario expects.",
+    args=(NAME,
+          arg("scenario", help="scenario name (see `ksmlens scenario list`)"),
+          arg("--keep", action="store_true",
+              help="leave the workload running (and the KSM knobs set) afterwards")))
+def scenario_run(a):
+    from ksmlens.lab.scenarios import get_scenario, run_scenario
+    from ksmlens.lab.vm import VM
+    scn = get_scenario(a.scenario)
+    vm = VM(a.name)
+    run_scenario(vm, scn, keep=a.keep, out=sys.stdout)
+    return 0
+
+
+# ------------------------------------------------------------------ demo, notebooks
+
+@COMMANDS.command(
+    "demo", help="the main job: build, boot, run the mremap scenario",
+    description="Build (or find) the default kernel variant, boot it with two NUMA nodes, "
+    "run the mremap scenario and print the kernel's KSM counters before and after; then "
+    "power the VM off.",
+    args=(NAME, VARIANT, arg("--keep", action="store_true", help="leave the VM up afterwards")))
+def demo(a):
+    """The main job: build + boot the default variant, run the mremap scenario."""
+    from ksmlens.lab.scenarios import run_scenario
+    from ksmlens.lab.vm import VM, list_vms
+    t0 = time.monotonic()
+    k = kbuild.build(a.variant)
+    print(f"demo: kernel {k.release} ready ({time.monotonic() - t0:.0f} s)")
+    running = {s["name"]: s for s in list_vms() if s["running"]}
+    started = False
+    if a.name in running and running[a.name]["variant"] == a.variant:
+        vm = VM(a.name)
+        print(f"demo: using VM {a.name!r} that is already up")
+    else:
+        vm = VM.up(a.name, a.variant, numa=2)
+        started = True
+        s = vm.status()
+        print(f"demo: VM {a.name!r} up in {s['boot_seconds']} s under {s['accel'].upper()} "
+              f"({s['accel_reason']})")
+    try:
+        print("demo: scenario mremap (merge, mremap, re-merge); the kernel's KSM counters:")
+        run_scenario(vm, "mremap", out=sys.stdout)
+    finally:
+        if started and not a.keep:
+            vm.down()
+            print(f"demo: VM {a.name!r} is down")
+    if a.keep or not started:
+        print(f"demo: the VM is still up: `ksmlens vm status --name {a.name}`, "
+              f"`ksmlens vm down --name {a.name}`")
+    print(f"demo: done in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def _notebook_args():
+    from ksmlens.views.notebook import OUT_DIR, vm_name
+    return (arg("notebooks", nargs="*", metavar="NOTEBOOK",
+                help="notebook files (default: every notebooks/*.ipynb)"),
+            arg("--name", default=vm_name(),
+                help=f"lab VM the notebooks use, as $KSMLENS_VM (default: {vm_name()})"),
+            arg("--out", "-o", default=str(OUT_DIR), metavar="DIR",
+                help="directory for the HTML (default: out/notebooks of the checkout)"),
+            arg("--timeout", type=float, default=900,
+                help="seconds one cell may take (default 900: TCG is slow)"))
+
+
+@COMMANDS.command(
+    "notebooks", help="execute the notebooks against a VM, into HTML",
+    description="Execute notebooks/*.ipynb (or the ones named) top to bottom with nbclient "
+    "against one lab VM (reused if up, else booted and powered off at the end), writing "
+    "out/notebooks/NAME.html. To work in them yourself: .venv/bin/jupyter lab notebooks/",
+    args=_notebook_args)
+def notebooks(a):
+    """Execute the notebooks against one VM (booted once if not up) into HTML."""
+    from pathlib import Path
+    from ksmlens.views.notebook import Lab, notebook_paths, run_notebook
+    paths = [Path(p) for p in a.notebooks] or notebook_paths()
+    if not paths:
+        raise KsmlensError("no notebooks found", "expected notebooks/*.ipynb in the checkout")
+    for p in paths:
+        if not p.exists():
+            raise KsmlensError(f"no notebook {p}", "give paths like notebooks/01-tour.ipynb")
+    out = Path(a.out)
+    t0 = time.monotonic()
+    lab = Lab.open(a.name)      # the notebooks reuse it; downed at the end if booted here
+    failed = []
+    try:
+        for p in paths:
+            html = out / (p.stem + ".html")
+            t = time.monotonic()
+            try:
+                run_notebook(p, html, timeout=a.timeout, vm=a.name)
+                print(f"notebooks: {p.name} ran in {time.monotonic() - t:.0f} s -> {html}")
+            except KsmlensError as e:
+                failed.append(p.name)
+                print(f"notebooks: {e}", file=sys.stderr)
+    finally:
+        lab.close()
+    print(f"notebooks: {len(paths) - len(failed)}/{len(paths)} ran in "
+          f"{time.monotonic() - t0:.0f} s; HTML in {out}/ (open in a browser). "
+          f"Run them yourself: .venv/bin/jupyter lab notebooks/")
+    return 1 if failed else 0

@@ -1,0 +1,212 @@
+"""Every text table ksmlens prints, through one formatter: drgn's ``print_table``.
+
+:func:`format_table` is :func:`drgn.helpers.common.format.print_table`
+(drgn 0.3.0 has no string-returning counterpart) written into a string,
+with a header row, one alignment per column and ``-`` for a missing value.
+The snapshot tables (:mod:`ksmlens.views.report`) and the tables below
+(``ksmlens check``, ``verify``, ``diff``, ``vm status``, ``scenario list``)
+all go through it; the CLI and ``%ksm`` only print what these return.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from drgn.helpers.common.format import CellFormat, print_table
+
+__all__ = ["format_table", "keyvalue_table", "check_table", "check_text", "verify_table",
+           "verify_text", "smartscan_verify_table", "diff_text", "vms_table",
+           "vm_status_table", "scenario_table"]
+
+
+def _cell(value: Any, align: str) -> Any:
+    if value is None:
+        value = "-"
+    elif isinstance(value, bool):     # format(True, "5") is "    1"
+        value = str(value)
+    return CellFormat(value, align) if align else value
+
+
+def format_table(header: Sequence[str] | None, rows: Iterable[Sequence[Any]], *,
+                 align: str | None = None, sep: str = "  ") -> str:
+    """The rows as a text table, columns as wide as their widest cell.
+
+    :param header: column names (a first row aligned like its column), or None.
+    :param rows: one sequence of cells per row; a cell is any value (``None``
+        prints ``-``); rows may be shorter than the header.
+    :param align: one character per column, ``<`` left or ``>`` right
+        (default: drgn's, numbers right and anything else left).
+    :param sep: between columns.
+    :returns: the lines joined by ``\\n``, trailing blanks stripped, no final
+        newline (``""`` for no header and no rows).
+    """
+    rows = list(rows)
+    width = max([len(header or ())] + [len(r) for r in rows])
+    if not width:
+        return ""
+    if align is not None and len(align) != width:
+        raise ValueError(f"align {align!r} has {len(align)} columns, the table {width}")
+    aligns = align or " " * width
+    cells = [] if header is None else [[_cell(h, a.strip()) for h, a in zip(header, aligns)]]
+    cells += [[_cell(v, a.strip()) for v, a in zip(r, aligns)] for r in rows]
+    buf = io.StringIO()
+    print_table(cells, sep=sep, file=buf)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
+
+
+def keyvalue_table(pairs: Iterable[tuple[str, Any]], *, align: str = "<<") -> str:
+    """``name  value`` lines, names padded to one width (no header)."""
+    return format_table(None, [(k, v) for k, v in pairs], align=align)
+
+
+# ------------------------------------------------------------------ ksmlens check
+
+def check_table(rows, *, kernel: str = "kernel", globals: str = "globals") -> str:
+    """One row per :class:`ksmlens.experiments.check.Row`: the walk's count,
+    the kernel's as the guest printed it (``kernel``: sysfs / ksm_stat, or
+    the variables read before an unpaused walk) and the kernel's variables
+    read by drgn (``globals``), and ``ok`` / ``MISMATCH``."""
+    def ok(r):
+        if not r.ok:
+            return "MISMATCH"
+        return "ok" if r.rule == "equal" else "ok (before <= paused <= after)"
+    return format_table(("counter", "walk", kernel, globals, "ok"),
+                        [(r.what, r.walk, r.kernel, r.globals, ok(r)) for r in rows],
+                        align="<>>><")
+
+
+def check_text(rows, snap, info: dict, *, notes: Sequence[str] = (), live: bool = False) -> str:
+    """``ksmlens check`` (paused walk against sysfs and ksm_stat) or, with
+    ``live``, ``%ksm check`` (unpaused walk against the variables read
+    before and after it): the table, ``note:`` lines, then the verdict
+    ``check: A/B agree (...)``."""
+    out = [check_table(rows, **({"kernel": "before", "globals": "after"} if live else {}))]
+    out += [f"note: {n}" for n in notes if n]
+    if info.get("note"):
+        out.append(f"note: {info['note']}")
+    if info.get("mid_update_seen"):
+        out.append(f"note: {info['mid_update_seen']} paused walk(s) landed in a half-done KSM "
+                   "update and were taken again")
+    bad = [r for r in rows if not r.ok]
+    if live:
+        how = f"unpaused walk of {len(snap.rmap_items)} rmap_items"
+    else:
+        how = (f"walk of {len(snap.rmap_items)} rmap_items, guest paused "
+               f"{snap.meta['paused_seconds']:.3f} s")
+    out.append(f"check: {len(rows) - len(bad)}/{len(rows)} agree ({how}, "
+               f"attempt {info['attempts']})")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ ksmlens verify
+
+def verify_table(res) -> str:
+    """A :class:`ksmlens.experiments.verify.VerifyResult`: per stable node
+    (one KSM page) its kpfn, the pids mapping it, its mappings, how many the
+    rule's ``rmap_walk_ksm()`` misses, predicted ``moves`` / ``stays`` and
+    what the kernel did; then one verdict line."""
+    body = format_table(
+        ("stable node", "kpfn", "pids", "maps", "missed by rule", "predicted", "observed",
+         "agree"),
+        [(r["node"], f"0x{r['kpfn']:x}", ",".join(map(str, r["pids"])), r["mappings"],
+          r["misses"], r["predicted"], r["observed"],
+          "-" if r["agree"] is None else "yes" if r["agree"] else "NO") for r in res.rows],
+        align="<<<<<<<<")
+    c = res.counts()
+    return body + "\n" + (
+        f"{res.release}: rmap_walk_ksm() rule {res.rule!r}, proven by {res.by}; {c['nodes']} "
+        f"KSM pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
+        f"stayed: {c['observed_stayed']}; "
+        + (f"{c['gone']} unmapped by their process meanwhile (not compared); "
+           if c["gone"] else "")
+        + ("prediction and kernel AGREE" if res.agree else f"{c['disagree']} DISAGREE"))
+
+
+def verify_text(res) -> str:
+    """``ksmlens verify``: :func:`verify_table`, then how the kernel proved it
+    (migration or reclaim) and how long each half took."""
+    if res.by == "reclaim":
+        rc = res.extra["reclaim"]
+        tail = (f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
+                f"memory.reclaim of {', '.join(rc['cgroups'])}: {rc['rounds']} rounds, "
+                f"{res.seconds['reclaim']} s; per page: {sum(p['agree'] for p in res.pages)}"
+                f"/{len(res.pages)} mappings as predicted)")
+    else:
+        tail = (f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
+                f"move_pages(MPOL_MF_MOVE_ALL) to the other node: "
+                f"{res.seconds['migrate']} s)")
+    return verify_table(res) + "\n" + tail
+
+
+def smartscan_verify_table(res, limit: int | None = 20) -> str:
+    """A :class:`ksmlens.experiments.verify.SmartScanResult`: the rmap_items
+    that disagree, then those SmartScan skipped (first ``limit``; None: all),
+    each with its visits, the forecast schedule (P processed, S skipped) and
+    ``age`` / ``remaining_skips`` predicted/observed; then the
+    ``pages_skipped`` verdict."""
+    rows = [r for r in res.items if not r["agree"]] + \
+           [r for r in res.items if r["agree"] and r["skipped"]]
+
+    def v(x):
+        return "-" if x is None else x
+    body = format_table(
+        ("pid", "address", "state", "visits", "sched", "age", "skips", "agree"),
+        [(r["pid"] or "-", f"{r['address']:#x}", r["state"], r["visits"], r["schedule"],
+          f"{v(r['predicted_age'])}/{v(r['observed_age'])}",
+          f"{v(r['predicted_skips'])}/{v(r['observed_skips'])}",
+          "yes" if r["agree"] else "NO") for r in rows[:limit]],
+        align=">><><>><")
+    return body + "\n" + (
+        f"{res.release}: over {res.full_scans} full scans pages_skipped grew by "
+        f"{res.observed}, predicted {res.predicted}; "
+        f"{sum(r['agree'] for r in res.items)}/{len(res.items)} rmap_items "
+        "as predicted (age/skips: predicted/observed)")
+
+
+# ------------------------------------------------------------------ ksmlens diff
+
+DIFF_KINDS = ("appeared", "dropped", "merged", "unmerged", "moved", "pgoff_changed")
+
+
+def diff_text(d, per_kind: int = 8) -> str:
+    """A :class:`ksmlens.experiments.watch.Diff`: its summary line, then per
+    kind of change the first ``per_kind`` rmap_items as ``pid:address``."""
+    rows = []
+    for what in DIFF_KINDS:
+        v = getattr(d, what)
+        if v:
+            rows.append(("", what, " ".join(f"{p}:{addr:#x}" for p, addr in v[:per_kind])
+                         + (f" ... ({len(v)})" if len(v) > per_kind else "")))
+    return "\n".join([d.summary()] + ([format_table(None, rows)] if rows else []))
+
+
+# ------------------------------------------------------------------ ksmlens vm / scenario
+
+_STATUS_KEYS = ("name", "variant", "kernel_release", "accel", "accel_reason", "running",
+                "run_state", "pid", "qmp", "vmlinux", "console_log", "memory_mb", "cpus",
+                "numa_nodes", "boot_seconds")
+
+
+def vm_status_table(s: dict) -> str:
+    """One lab VM (:meth:`ksmlens.lab.vm.VM.status`), a line per field."""
+    return keyvalue_table((k, s[k]) for k in _STATUS_KEYS if k in s)
+
+
+def vms_table(vms: Sequence[dict]) -> str:
+    """Every lab VM ksmlens knows of (:func:`ksmlens.lab.vm.list_vms`)."""
+    return format_table(("name", "kernel_release", "accel", "state", "pid"),
+                        [(s["name"], s["kernel_release"], s["accel"],
+                          "running" if s["running"] else "dead", s["pid"]) for s in vms],
+                        align="<<<<>")
+
+
+def scenario_table(scenarios: Iterable) -> str:
+    """Each scenario (:data:`ksmlens.lab.scenarios.SCENARIOS`): its name and
+    what it builds, then its steps."""
+    rows = []
+    for s in scenarios:
+        rows.append((s.name, s.summary))
+        rows.append(("", "steps: " + ", ".join(st.name for st in s.steps)))
+    return format_table(None, rows, align="<<")
