@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import ksmlens.lab.attach as attach_mod as attach as attach_mod
+import ksmlens.lab.attach as attach_mod
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.lab.scenarios import ScenarioRun
 

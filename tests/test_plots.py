@@ -13,7 +13,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from ksmlens import plots  # noqa: E402
+from ksmlens.views import plots  # noqa: E402
 from ksmlens.analysis.core import RULES, item_status  # noqa: E402
 from ksmlens.errors import KsmlensError  # noqa: E402
 
