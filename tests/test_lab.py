@@ -22,6 +22,8 @@ from ksmlens.lab.vm import VM
 
 from conftest import boot
 
+pytestmark = pytest.mark.vm      # every test here boots a guest
+
 VARIANTS = list(kbuild.VARIANTS)
 
 

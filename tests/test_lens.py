@@ -17,6 +17,8 @@ from ksmlens.lens.snapshot import take_snapshot
 
 from conftest import boot
 
+pytestmark = pytest.mark.vm      # every test here boots a guest
+
 
 @pytest.fixture(scope="module", params=["stock", "union"])
 def vm(request):
