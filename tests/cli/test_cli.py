@@ -11,7 +11,7 @@ import pytest
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.cli.main import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args):

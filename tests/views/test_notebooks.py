@@ -20,7 +20,7 @@ from ksmlens.lab.vm import VM, list_vms
 
 from conftest import _live, boot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = notebook_paths(ROOT / "notebooks")
 CELL_TIMEOUT = 1200   # TCG: a scenario takes 2-30 s, a boot 10-40 s when others boot too
 
