@@ -17,7 +17,7 @@ import ksmlens.lens.helpers as walk
 from ksmlens.lens.helpers import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 from ksmlens.lens.snapshot import take_snapshot
 
-from synthetic import (MS, RI, SN, SyntheticKernel, add_task, find_vmlinux, init_ksm_globals,
+from synthetic import (RI, SN, SyntheticKernel, add_task, find_vmlinux, init_ksm_globals,
                        link_rmap_list, new_chain, new_mm_slot, new_rmap_item, new_stable_node,
                        rb_nodes)
 
