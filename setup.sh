@@ -20,7 +20,7 @@ APT_PKGS=(
   patch xz-utils kmod rsync util-linux procps python3-venv python3-dev
   # libnuma.a for the kernel's ksm_tests (`ksmlens selftests`, linked statically)
   libnuma-dev
-  # Debian's browser and its WebDriver, for tests/test_browser.py (no browser download)
+  # Debian's browser and its WebDriver, for tests/views/test_browser.py (no browser download)
   chromium chromium-driver
 )
 

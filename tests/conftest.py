@@ -5,6 +5,11 @@ variant. At most one test VM runs at a time (2 host cores, TCG): asking for
 another variant powers the current one off first. Every VM a test started is
 downed at session end, and QEMU processes are killed by pid even if a test
 or the session itself fails.
+
+Only tests marked ``vm`` may boot: around every other test (setup, call and
+teardown) ``$KSMLENS_NO_VM`` names the test, and ``VM.up`` -- in this process
+or in any program the test starts -- raises a KsmlensError naming it. So
+``pytest -m "not vm"`` boots nothing, and an unmarked test that boots fails.
 """
 
 import atexit
@@ -13,8 +18,7 @@ import signal
 
 import pytest
 
-import ksmlens.lab.kbuild as kbuild
-from ksmlens.lab.vm import VM
+from ksmlens.lab.vm import NO_VM_ENV, VM
 
 _live: dict = {}
 _started_pids: set = set()
@@ -58,7 +62,18 @@ def lab():
     _kill_all()
 
 
-@pytest.fixture(scope="session")
-def kernels():
-    """All four variants, built (or found in the cache)."""
-    return {v: kbuild.build(v) for v in kbuild.VARIANTS}
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """$KSMLENS_NO_VM set to the test's id around a test not marked ``vm``."""
+    if item.get_closest_marker("vm") is not None:
+        yield
+        return
+    old = os.environ.get(NO_VM_ENV)
+    os.environ[NO_VM_ENV] = f"{item.nodeid} is not marked vm"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(NO_VM_ENV, None)
+        else:
+            os.environ[NO_VM_ENV] = old

@@ -33,6 +33,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import drgn
 from drgn import Object, Program, Type, TypeKind
 
+from ksmlens.lens.helpers import STABLE_NODE_CHAIN
+
 HEAP_BASE = 0xFFFF888000100000   # in the x86-64 direct map
 HEAP_SIZE = 4 << 20
 ALIGN = 64
@@ -178,8 +180,25 @@ class SyntheticKernel:
         hi = (max(b for _, b in spans) + 0xFFF) & ~0xFFF
         self.data = _Segment(lo, hi - lo, "kernel data")
         self.heap = _Segment(heap_base, heap_size, "heap")
+        self.segments = [self.data, self.heap]
         self._next = heap_base
-        for seg in (self.data, self.heap):
+        self._pid_node = 0
+        for seg in self.segments:
+            self.prog.add_memory_segment(seg.base, seg.size, self._reader(seg), False)
+
+    def add_globals(self, names: Iterable[str]) -> None:
+        """Back more kernel globals with (zeroed) memory: one segment per
+        symbol not already covered, whole pages around it."""
+        for name in names:
+            sym = self.prog.symbol(name)
+            if any(seg.contains(sym.address, max(sym.size, 1)) for seg in self.segments):
+                continue
+            lo = sym.address & ~0xFFF
+            hi = (sym.address + max(sym.size, 1) + 0xFFF) & ~0xFFF
+            if any(lo < seg.base + seg.size and seg.base < hi for seg in self.segments):
+                raise ValueError(f"{name}: its pages overlap another synthetic segment")
+            seg = _Segment(lo, hi - lo, name)
+            self.segments.append(seg)
             self.prog.add_memory_segment(seg.base, seg.size, self._reader(seg), False)
 
     # -- memory
@@ -193,13 +212,14 @@ class SyntheticKernel:
 
     def reset(self) -> None:
         """Zero all memory and free every allocation (keeps the Program)."""
-        for seg in (self.data, self.heap):
+        for seg in self.segments:
             seg.buf[:] = bytes(seg.size)
         self._next = self.heap.base
+        self._pid_node = 0
         self.reads = None
 
     def _segment(self, address: int, size: int) -> _Segment:
-        for seg in (self.data, self.heap):
+        for seg in self.segments:
             if seg.contains(address, size):
                 return seg
         raise ValueError(f"{address:#x}+{size} is outside the synthetic memory")
@@ -385,3 +405,97 @@ def add_rmap_items_to_stable_node(k: SyntheticKernel, node: int, addresses: Sequ
         items.append(item)
     k.set(node, sn, "rmap_hlist_len", k.get(node, sn, "rmap_hlist_len") + len(addresses))
     return items[::-1]
+
+
+# ------------------------------------------------------------------ tasks
+
+def add_task(k: SyntheticKernel, pid: int, comm: str, mm: int) -> int:
+    """A thread-group leader ``pid`` (< 64) using ``mm``, findable by drgn's
+    ``for_each_task()``: ``struct pid`` at index ``pid`` of ``init_pid_ns.idr``
+    (one ``struct xa_node`` of shift 0 under ``xa_head``, include/linux/xarray.h
+    ``xa_mk_node()``), its ``tasks[PIDTYPE_PID]`` hlist holding the task's
+    ``pid_links[PIDTYPE_PID]`` (kernel/pid.c ``attach_pid()``). Needs
+    ``k.add_globals(["init_pid_ns"])``. Returns the task_struct address."""
+    ts, xn = "struct task_struct", "struct xa_node"
+    chunk = k.type(xn).member("slots").type.length       # XA_CHUNK_SIZE
+    if not 0 < pid < chunk:
+        raise ValueError(f"pid {pid}: one xa_node holds indices 0..{chunk - 1}")
+    ns = k.sym("init_pid_ns")
+    if not k._pid_node:
+        k._pid_node = k.allocate(xn, align=256)
+        k.set(ns, "struct pid_namespace", "idr.idr_rt.xa_head", k._pid_node | 2)
+    node = k._pid_node
+    k.set(node, xn, "count", k.get(node, xn, "count") + 1)
+    task = k.allocate(ts)
+    k.set(task, ts, "pid", pid)
+    k.set(task, ts, "tgid", pid)
+    k.set(task, ts, "mm", mm)
+    k.write(k.addr(task, ts, "comm"), comm.encode()[:15] + b"\0")
+    spid = k.allocate("struct pid")
+    k.set(spid, "struct pid", "numbers[0].nr", pid)
+    type_pid = k.prog["PIDTYPE_PID"].value_()
+    k.hlist_add_head(k.addr(task, ts, f"pid_links[{type_pid}]"),
+                     k.addr(spid, "struct pid", f"tasks[{type_pid}]"))
+    k.set(node, xn, f"slots[{pid}]", spid)
+    return task
+
+
+SN = "struct ksm_stable_node"
+RI = "struct ksm_rmap_item"
+MS = "struct ksm_mm_slot"
+
+
+# ------------------------------------------------------------------ more builders
+
+def new_stable_node(k: SyntheticKernel, kpfn: int, nid: int = 0) -> int:
+    node = k.allocate(SN)
+    k.set(node, SN, "kpfn", kpfn)
+    k.set(node, SN, "nid", nid)
+    return node
+
+
+def new_chain(k: SyntheticKernel, ndups_items: list[list[int]], kpfn0: int,
+              nid: int = 0) -> tuple[int, list[int], list[list[int]]]:
+    """A chain head and its dups (each with rmap_items at the given addresses).
+
+    Dups are added with hlist_add_head() as stable_node_chain_add_dup() does,
+    so ``for_each_stable_node_dup`` sees them in reverse order of creation.
+    Returns (chain, dups in hlist order, items of each dup in that order).
+    """
+    chain = k.allocate(SN)
+    k.set(chain, SN, "rmap_hlist_len", STABLE_NODE_CHAIN)
+    k.set(chain, SN, "chain_prune_time", 4242)
+    k.set(chain, SN, "nid", nid)
+    dups, items = [], []
+    for i, item_addrs in enumerate(ndups_items):
+        dup = new_stable_node(k, kpfn0 + i, nid)
+        k.set(dup, SN, "head", stable_node_dup_head(k))
+        k.hlist_add_head(k.addr(dup, SN, "hlist_dup"), k.addr(chain, SN, "hlist"))
+        dups.append(dup)
+        items.append(add_rmap_items_to_stable_node(k, dup, item_addrs))
+    return chain, dups[::-1], items[::-1]
+
+
+def rb_nodes(k, addresses, type_name_, member="node"):
+    return [k.addr(a, type_name_, member) for a in addresses]
+
+
+def link_rmap_list(k: SyntheticKernel, slot: int, items: list[int]) -> None:
+    k.set(slot, MS, "rmap_list", items[0] if items else 0)
+    for item, nxt in zip(items, items[1:] + [0]):
+        k.set(item, RI, "rmap_list", nxt)
+
+
+def new_rmap_item(k: SyntheticKernel, address: int, mm: int = 0) -> int:
+    item = k.allocate(RI)
+    k.set(item, RI, "address", address)
+    k.set(item, RI, "mm", mm)
+    return item
+
+
+def new_mm_slot(k: SyntheticKernel, mm: int) -> int:
+    slot = k.allocate(MS)
+    k.set(slot, MS, "slot.mm", mm)
+    k.list_add_tail(k.addr(slot, MS, "slot.mm_node"),
+                    k.addr(k.sym("ksm_mm_head"), MS, "slot.mm_node"))
+    return slot

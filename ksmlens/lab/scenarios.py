@@ -85,7 +85,8 @@ class Scenario:
     steps: tuple[Step, ...]
     knobs: dict = dataclasses.field(default_factory=dict)
     # False for the states from issue 9's field programs: those are proven
-    # by tests/test_scenarios_field.py, the lab's six by test_lab/test_lens.
+    # by tests/lab/test_scenarios_field.py, the lab's six by tests/lab/test_lab.py
+    # and tests/lens/test_lens_vm.py.
     core: bool = True
     numa: int = 1                 # NUMA nodes the scenario needs
 

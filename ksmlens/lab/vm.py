@@ -44,6 +44,9 @@ DEFAULT_NAME = "ksmlens"
 AGENT_PORT = "org.ksmlens.agent"
 BOOT_TIMEOUT = 180.0
 DRGN_POOL = 3  # extra QMP sockets for ksmlens' own drgn Programs
+# Set (to who is asking, e.g. a test's node id) and VM.up refuses to boot;
+# tests/conftest.py sets it around every test not marked ``vm``.
+NO_VM_ENV = "KSMLENS_NO_VM"
 
 
 @dataclasses.dataclass
@@ -179,7 +182,11 @@ class VM:
            memory: str = "2G", cpus: int = 2, numa: int = 1, accel: str = "auto",
            build: bool = True, boot_timeout: float = BOOT_TIMEOUT,
            quiet: bool = False) -> "VM":
-        """Boot ``variant`` as VM ``name`` and wait until its agent answers."""
+        """Boot ``variant`` as VM ``name`` and wait until its agent answers.
+
+        Raises KsmlensError when ``$KSMLENS_NO_VM`` is set (a test not marked
+        ``vm``), after the argument checks and before anything is built or started.
+        """
         kbuild.get_variant(variant)
         qemu = _find_qemu()
         vng = _find_vng()
@@ -190,6 +197,11 @@ class VM:
                 raise KsmlensError(f"a VM named {name!r} is already up "
                                    f"({old.get('variant')}, pid {old.get('pid')})",
                                    f"`ksmlens vm down --name {name}` or pick another --name")
+        refused = os.environ.get(NO_VM_ENV)
+        if refused:
+            raise KsmlensError(f"VM.up({name!r}) refused: ${NO_VM_ENV} is set ({refused})",
+                               "this caller must not boot a guest; a test that boots one "
+                               "carries @pytest.mark.vm")
         shutil.rmtree(d, ignore_errors=True)
         kernel = kbuild.find_kernel(variant)
         if kernel is None:

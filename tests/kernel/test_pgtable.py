@@ -8,7 +8,7 @@ pte_present() semantics: PROT_NONE entries are present, with inverted PFNs.
 import numpy as np
 import pytest
 
-from ksmlens import pgtable as P
+from ksmlens.kernel import pgtable as P
 
 DM = 0xFFFF_8880_0000_0000     # a direct map base
 

@@ -106,7 +106,6 @@ def test_forecast_and_union_hazard(vm):
 def test_watch_and_diff(vm, tmp_path):
     """A timeline across the cow-break: the diff names the written pages as
     unmerged, and its SmartScan skip count is the kernel's pages_skipped."""
-    import json
     import subprocess
     import sys
     from ksmlens.lens.snapshot import take_idle_snapshot

@@ -123,11 +123,6 @@ def test_mremap_selftest_fails_only_on_v3(lab, variant):
     assert v["agree"], v
 
 
-def test_public_names_exist():
-    import ksmlens.experiments.selftests as mod
-    assert [n for n in mod.__all__ if not hasattr(mod, n)] == []
-
-
 def _replace_page_state():
     """16 mappings of one KSM page plus ksmd's cursor on a 17th page whose
     PTE it has cleared: the mapcount already counts it (as seen on guests)."""

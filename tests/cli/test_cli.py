@@ -11,7 +11,7 @@ import pytest
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args):
@@ -42,7 +42,7 @@ def test_help_names_variants_and_default():
     (["vm", "run", "--name", "no-such-vm", "--", "true"], "no VM named 'no-such-vm' is up"),
     (["scenario", "run", "bogus", "--name", "no-such-vm"], "unknown scenario 'bogus'"),
 ])
-def test_bad_input_one_line(args, needle, tmp_path, monkeypatch):
+def test_bad_input_one_line(args, needle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ksmlens", *args], capture_output=True,
                        text=True, cwd=ROOT, env={"KSMLENS_CACHE": str(tmp_path / "c"),
                                                  "PATH": "/usr/bin:/bin",

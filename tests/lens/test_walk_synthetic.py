@@ -13,10 +13,12 @@ import pytest
 from drgn.helpers.linux.rbtree import validate_rbtree
 
 import ksmlens.lens.helpers as walk
-from ksmlens.lens.helpers import SEQNR_MASK, STABLE_FLAG, STABLE_NODE_CHAIN, UNSTABLE_FLAG
+from ksmlens.lens.helpers import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 
 from synthetic import (SyntheticKernel, add_rmap_items_to_stable_node, find_vmlinux,
-                       init_ksm_globals, stable_node_dup_head, variant_of)
+                       init_ksm_globals, link_rmap_list, new_chain, new_mm_slot,
+                       new_rmap_item, new_stable_node, rb_nodes,
+                       variant_of)
 
 SN = "struct ksm_stable_node"
 RI = "struct ksm_rmap_item"
@@ -49,62 +51,6 @@ def addrs(objs) -> list[int]:
 
 def type_name(obj) -> str:
     return obj.type_.type_name()
-
-
-# ------------------------------------------------------------------ builders
-
-def new_stable_node(k: SyntheticKernel, kpfn: int, nid: int = 0) -> int:
-    node = k.allocate(SN)
-    k.set(node, SN, "kpfn", kpfn)
-    k.set(node, SN, "nid", nid)
-    return node
-
-
-def new_chain(k: SyntheticKernel, ndups_items: list[list[int]], kpfn0: int,
-              nid: int = 0) -> tuple[int, list[int], list[list[int]]]:
-    """A chain head and its dups (each with rmap_items at the given addresses).
-
-    Dups are added with hlist_add_head() as stable_node_chain_add_dup() does,
-    so ``for_each_stable_node_dup`` sees them in reverse order of creation.
-    Returns (chain, dups in hlist order, items of each dup in that order).
-    """
-    chain = k.allocate(SN)
-    k.set(chain, SN, "rmap_hlist_len", STABLE_NODE_CHAIN)
-    k.set(chain, SN, "chain_prune_time", 4242)
-    k.set(chain, SN, "nid", nid)
-    dups, items = [], []
-    for i, item_addrs in enumerate(ndups_items):
-        dup = new_stable_node(k, kpfn0 + i, nid)
-        k.set(dup, SN, "head", stable_node_dup_head(k))
-        k.hlist_add_head(k.addr(dup, SN, "hlist_dup"), k.addr(chain, SN, "hlist"))
-        dups.append(dup)
-        items.append(add_rmap_items_to_stable_node(k, dup, item_addrs))
-    return chain, dups[::-1], items[::-1]
-
-
-def rb_nodes(k, addresses, type_name_, member="node"):
-    return [k.addr(a, type_name_, member) for a in addresses]
-
-
-def link_rmap_list(k: SyntheticKernel, slot: int, items: list[int]) -> None:
-    k.set(slot, MS, "rmap_list", items[0] if items else 0)
-    for item, nxt in zip(items, items[1:] + [0]):
-        k.set(item, RI, "rmap_list", nxt)
-
-
-def new_rmap_item(k: SyntheticKernel, address: int, mm: int = 0) -> int:
-    item = k.allocate(RI)
-    k.set(item, RI, "address", address)
-    k.set(item, RI, "mm", mm)
-    return item
-
-
-def new_mm_slot(k: SyntheticKernel, mm: int) -> int:
-    slot = k.allocate(MS)
-    k.set(slot, MS, "slot.mm", mm)
-    k.list_add_tail(k.addr(slot, MS, "slot.mm_node"),
-                    k.addr(k.sym("ksm_mm_head"), MS, "slot.mm_node"))
-    return slot
 
 
 # ------------------------------------------------------------------ 1. empty state

@@ -20,9 +20,7 @@ from ksmlens.lab.vm import VM, list_vms
 
 from conftest import _live, boot
 
-pytestmark = pytest.mark.vm
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = notebook_paths(ROOT / "notebooks")
 CELL_TIMEOUT = 1200   # TCG: a scenario takes 2-30 s, a boot 10-40 s when others boot too
 
@@ -45,6 +43,7 @@ def test_notebooks_exist_and_are_stripped():
                     f"{p.name}: outputs are committed (strip them)"
 
 
+@pytest.mark.vm
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     vm = boot("union")
@@ -59,6 +58,7 @@ def test_notebook_runs(path, tmp_path):
     assert html.stat().st_size > 10_000
 
 
+@pytest.mark.vm
 def test_notebook_boots_and_downs_its_own_vm(tmp_path):
     """With no VM of that name up, a notebook boots one and powers it off."""
     for k in list(_live):             # one test VM at a time on this machine

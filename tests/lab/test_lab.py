@@ -18,9 +18,12 @@ from ksmlens.lab.attach import attach
 from ksmlens.errors import KsmlensError
 from ksmlens.lab.ksmsys import migrate_pages
 from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
+from ksmlens.lab.paths import vms_root
 from ksmlens.lab.vm import VM
 
 from conftest import boot
+
+pytestmark = pytest.mark.vm      # every test here boots a guest
 
 VARIANTS = list(kbuild.VARIANTS)
 
@@ -153,7 +156,6 @@ def test_second_vm_side_by_side_and_dead_vm():
 def test_guest_that_never_comes_up_is_reported(tmp_path):
     with pytest.raises(KsmlensError, match="guest never came up within 1 s"):
         VM.up("test-never", "stock", numa=1, cpus=1, memory="512M", boot_timeout=1)
-    assert not (VM.__module__ and os.path.exists(
-        os.path.expanduser("~/.cache/ksmlens/vms/test-never/state.json")))
+    assert not (vms_root() / "test-never" / "state.json").exists()
     out = subprocess.run(["pgrep", "-f", "vms/test-never/"], capture_output=True, text=True)
     assert out.stdout.strip() == ""

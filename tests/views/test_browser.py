@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 WIDTH, HEIGHT = 1400, 1000
