@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pandas as pd
+
 from ksmlens.lens.model import Snapshot
 from ksmlens.views.tables import format_table, keyvalue_table
 
@@ -25,9 +27,9 @@ def summary(snap: Snapshot) -> str:
                                       ("pages_shared", "pages_sharing", "pages_unshared",
                                        "pages_volatile", "full_scans", "stable_node_chains",
                                        "stable_node_dups", "ksm_zero_pages"))]
-    un = [n for n in snap.nodes() if n.unreachable]
-    if un:
-        lines.append(f"unreachable: {len(un)} KSM page(s) with {sum(n.unreachable for n in un)} "
+    un = snap.stable_nodes["unreachable"]
+    if (un > 0).any():
+        lines.append(f"unreachable: {int((un > 0).sum())} KSM page(s) with {int(un.sum())} "
                      "mapping(s) no rmap_item leads to (no kernel can unmap them)")
     mid = snap.meta.get("mid_update")
     if mid:
@@ -41,20 +43,31 @@ def summary(snap: Snapshot) -> str:
 
 def stable_table(snap: Snapshot, limit: int | None = 50) -> str:
     """One row per stable node: kind, kpfn, mapcount, sharers (pid:count)."""
-    rows, more = [], None
-    shown = 0
-    for n in snap.nodes():
-        if limit is not None and shown >= limit:
-            more = f"... {len(snap.stable_nodes) - shown} more (use --all)"
-            break
-        if n.kind == "chain":
-            sharers = f"{len(n.dups)} dups"
+    nd = snap.stable_nodes
+    more = None
+    if limit is not None and len(nd) > limit:
+        more = f"... {len(nd) - limit} more (use --all)"
+        nd = nd.iloc[:limit]
+    it = snap.rmap_items
+    it = it[it["stable_node"].isin(nd["id"])]
+    per = it.groupby(["stable_node", "pid"], observed=True, dropna=False).size()
+    sharers: dict = {}
+    for (node, pid), c in per.items():
+        sharers.setdefault(node, []).append((pid, c))
+    n_items = it.groupby("stable_node", observed=True).size().to_dict()
+    dups = snap.stable_nodes["chain"].value_counts().to_dict()
+    rows = []
+    for r in nd.itertuples(index=False):
+        if r.kind == "chain":
+            sh = f"{dups.get(r.id, 0)} dups"
+            items = dups.get(r.id, 0)
         else:
-            cnt = Counter(snap.item(i).pid for i in n.items)
-            sharers = " ".join(f"{pid}:{c}" for pid, c in sorted(cnt.items(), key=str))
-        rows.append((n.id, n.kind, n.chain or "", "" if n.kpfn is None else n.kpfn, n.nid,
-                     "" if n.mapcount is None else n.mapcount, len(n.items), sharers))
-        shown += 1
+            sh = " ".join(f"{'None' if p is pd.NA else p}:{c}" for p, c in
+                          sorted(sharers.get(r.id, []), key=lambda pc: str(pc[0])))
+            items = n_items.get(r.id, 0)
+        rows.append((r.id, r.kind, r.chain if isinstance(r.chain, str) else "",
+                     "" if r.kpfn is pd.NA else r.kpfn, r.nid,
+                     "" if r.mapcount is pd.NA else r.mapcount, items, sh))
     return "\n".join([format_table(("node", "kind", "chain", "kpfn", "nid", "maps", "items",
                                     "sharers"), rows, align="<<<>>>><")]
                      + ([more] if more else []))
