@@ -131,7 +131,8 @@ TARGET = (NAME,
           arg("--target", metavar="T", help="vm:NAME (default: the --name VM, live over "
               "QMP), a vmcore file, or /proc/kcore"),
           arg("--vmlinux", help="vmlinux with debug info (found for lab VMs)"))
-SNAPSHOT = arg("--snapshot", "-s", metavar="FILE", help="read a saved snapshot instead")
+SNAPSHOT = arg("--snapshot", "-s", metavar="FILE",
+               help="read a saved snapshot (JSON or columnar) instead of walking")
 
 
 def attach_target(a: argparse.Namespace):

@@ -25,12 +25,15 @@ RULES = ["stock", "v3", "stored"]
 
 
 @COMMANDS.command(
-    "snapshot", help="walk KSM state into a JSON snapshot",
+    "snapshot", help="walk KSM state into a snapshot (tables; JSON or Parquet file)",
     description="Walk the stable tree, chains and dups, rmap_items and mm slots with drgn "
-    "into plain data (JSON with -o). consistent mode pauses the guest for the walk; live "
-    "mode does not and counts races.",
+    "into tables (pandas DataFrames), the rmap walk replayed under every rule. consistent "
+    "mode pauses the guest for the walk; live mode does not and counts races. -o x.json "
+    "writes the JSON contract; any other name writes the columnar form (a zip of Parquet "
+    "tables, ~40 bytes per rmap_item); report/replay/diff --snapshot read both.",
     args=(TARGET,
-          arg("-o", "--output", help="write the snapshot JSON here"),
+          arg("-o", "--output", metavar="PATH",
+              help="write the snapshot here: JSON if PATH ends in .json, else columnar"),
           MODE,
           arg("--vmcore", metavar="FILE",
               help="instead dump the VM's memory to FILE (QMP dump-guest-memory)")))
@@ -49,8 +52,8 @@ def snapshot(a):
             return 0
     snap = take_snapshot(attach_target(a), mode=a.mode)
     if a.output:
-        snap.save(a.output)
-        print(f"snapshot saved to {a.output}", file=sys.stderr)
+        fmt = snap.save(a.output)
+        print(f"snapshot saved to {a.output} ({fmt})", file=sys.stderr)
     print(summary(snap))
     return 0
 
@@ -113,8 +116,8 @@ def smartscan(a):
     "on another stable node or kpfn), pgoff_status changed, SmartScan skips (the "
     "should_skip_rmap_item() model over the full scans between them), and the deltas of "
     "the KSM counters (pages_shared, pages_sharing, pages_skipped, ...).",
-    args=(arg("a", help="earlier snapshot JSON"),
-          arg("b", help="later snapshot JSON"),
+    args=(arg("a", help="earlier snapshot file (JSON or columnar)"),
+          arg("b", help="later snapshot file (JSON or columnar)"),
           arg("--json", action="store_true", help="machine-readable")))
 def diff(a):
     from ksmlens.experiments.watch import diff as snapshot_diff

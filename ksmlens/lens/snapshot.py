@@ -797,11 +797,10 @@ def finish(raw: Raw) -> Snapshot:
     replayed under every rule (``mappings``, ``walk_*``, ``unmappable_*``,
     ``reachable`` / ``unreachable``). Pure computation."""
     k = raw.kernel
-    it, nd = raw.items, raw.nodes
+    it = raw.items
     shift = k.page_shift
     n = it["addr"].size
     stable = it["state"] == rules.STATE_STABLE
-    unstable = it["state"] == rules.STATE_UNSTABLE
     has_vma = it["has_vma"]
     slot_pid = np.array([s["pid"] if s["pid"] is not None else -1 for s in raw.slots],
                         dtype=np.int64)
@@ -949,18 +948,31 @@ def _replay(raw: Raw):
         avc_mm = c["avc_mm"]
         known_mapped = c.get("mapped") is not None
         mapped_pairs = c["mapped"] if known_mapped else np.zeros(c["item"].size, bool)
-        df = pd.DataFrame({
-            "node": node_idx[keep], "pass": c["pass"][keep],
-            "hpos": it["hlist_pos"][c["item"][keep]], "avc": c["avc"][keep],
-            "mm": avc_mm[c["avc"][keep]], "address": it["address"][c["item"][keep]],
-            "item": c["item"][keep], "v3": c["v3"][keep], "stored": c["stored"][keep],
-            "mapped": mapped_pairs[keep]})
-        # the kernel's order: pass, then the hlist, then the tree's in-order
-        df = df.sort_values(["node", "pass", "hpos", "avc"], kind="stable")
-        g = df.groupby(["node", "mm", "address"], sort=False)
-        m = g.agg(first_item=("item", "first"), avc=("avc", "first"), passno=("pass", "first"),
-                  mapped=("mapped", "first"), v3=("v3", "any"), stored=("stored", "any")
-                  ).reset_index()
+        sel = np.nonzero(keep)[0]
+        r_node, r_pass = node_idx[sel], c["pass"][sel]
+        r_hpos, r_avc = it["hlist_pos"][c["item"][sel]], c["avc"][sel]
+        # the kernel's order: node, pass, then the hlist, then the tree's in-order
+        o = sel[np.lexsort((r_avc, r_hpos, r_pass, r_node))]
+        r_node = node_idx[o]
+        r_item = c["item"][o]
+        r_mm = avc_mm[c["avc"][o]]
+        r_addr = it["address"][r_item]
+        mmc = np.unique(r_mm, return_inverse=True)[1]
+        # one mapping per (node, mm, address): its first pair in that order
+        g = np.lexsort((r_addr, mmc, r_node))            # stable: kernel order inside
+        brk = np.ones(g.size, bool)
+        brk[1:] = ((r_node[g][1:] != r_node[g][:-1]) | (mmc[g][1:] != mmc[g][:-1])
+                   | (r_addr[g][1:] != r_addr[g][:-1]))
+        starts = np.flatnonzero(brk)
+        first = g[starts]
+        v3_any = np.logical_or.reduceat(c["v3"][o][g], starts)
+        st_any = np.logical_or.reduceat(c["stored"][o][g], starts)
+        out = np.argsort(first, kind="stable")
+        first, v3_any, st_any = first[out], v3_any[out], st_any[out]
+        m = pd.DataFrame({"node": r_node[first], "mm": r_mm[first], "address": r_addr[first],
+                          "first_item": r_item[first], "avc": c["avc"][o][first],
+                          "passno": c["pass"][o][first], "mapped": mapped_pairs[o][first],
+                          "v3": v3_any, "stored": st_any})
         has = k.has_stored_pgoff
         mm_ids = raw.fmt(m["mm"].to_numpy(np.uint64))
         avc_ids = np.array(avcs["avc"], dtype=object)

@@ -78,7 +78,7 @@ class Explorer:
     ``source`` is either a :class:`ksmlens.lab.scenarios.ScenarioRun` (its
     ``vm`` is the lab; the first snapshot is taken at once), an object with
     ``vm`` and ``run`` attributes (the same, spelled out), or a list of
-    :class:`~ksmlens.lens.model.Snapshot` objects or snapshot JSON paths (no lab:
+    :class:`~ksmlens.lens.model.Snapshot` objects or snapshot file paths (no lab:
     the step/wait/refresh buttons are disabled).
 
     Widgets (attributes): ``frame``, ``pid``, ``vma``, ``node`` (Dropdowns),
