@@ -105,18 +105,20 @@ class Timeline:
     def diffs(self) -> list[SnapshotDiff]:
         return [diff(a, b) for a, b in zip(self.frames, self.frames[1:])]
 
-    def save(self, directory) -> Path:
+    def save(self, directory, suffix: str = ".json") -> Path:
+        """Write ``frame-NNNN<suffix>`` per frame: JSON, or the columnar
+        form with any other suffix (``.ksm``: large snapshots)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         for k, f in enumerate(self.frames):
-            f.save(d / f"frame-{k:04d}.json")
+            f.save(d / f"frame-{k:04d}{suffix}")
         return d
 
     @classmethod
     def load(cls, directory) -> "Timeline":
-        files = sorted(Path(directory).glob("frame-*.json"))
+        files = sorted(p for p in Path(directory).glob("frame-*") if p.is_file())
         if not files:
-            raise KsmlensError(f"no frame-*.json in {directory}",
+            raise KsmlensError(f"no frame-* files in {directory}",
                                "record one with `ksmlens watch -o DIR`")
         return cls([Snapshot.load(f) for f in files])
 
