@@ -159,7 +159,7 @@ def replay_walks(snap: Snapshot) -> Snapshot:
     ``reachable`` / ``unreachable`` / ``unmappable_*`` in place (returns
     ``snap``); see :func:`ksmlens.lens.snapshot.replay_tables`. A fresh
     snapshot is already replayed: this is for saved and hand-made ones."""
-    from ksmlens.lens.snapshot import replay_tables
+    from ksmlens.lens.replay import replay_tables
     return replay_tables(snap)
 
 

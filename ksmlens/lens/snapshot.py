@@ -9,10 +9,11 @@ cache of slab pages, then decodes every ``struct ksm_rmap_item``,
 gather each. Nothing on the way creates a Python object per rmap_item.
 
 Parts, each returning values: :func:`walk_paused` (everything that must
-see one instant: run while the guest is paused), :func:`finish` (pure
-computation on what it read: tables, the rmap walk replay), and
-:func:`take_snapshot`, which pauses, retries half-done updates and calls
-both. ``pause`` is explicit: a context manager factory that stops the
+see one instant, run while the guest is paused: a
+:class:`~ksmlens.lens.raw.Raw` of arrays), :func:`~ksmlens.lens.tables.finish`
+(pure computation on it: the tables, with the rmap walk replayed by
+:mod:`ksmlens.lens.replay`), and :func:`take_snapshot`, which pauses,
+retries half-done updates and calls both. ``pause`` is explicit: a context manager factory that stops the
 target (a lab VM's QMP ``stop``/``cont``: :func:`ksmlens.lab.attach.attach`
 registers one for its Program with :func:`register_pause`).
 
@@ -27,28 +28,26 @@ import contextlib
 import random
 import struct
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from drgn import FaultError, Object, Program, ProgramFlags, offsetof
 from drgn.helpers.linux.mm import for_each_vma
 from drgn.helpers.linux.pid import for_each_task
 
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel import pgtable, rules
-from ksmlens.kernel.constants import (STABLE_NODE_CHAIN, VM_GROWSDOWN, VM_MERGEABLE)
-from ksmlens.kernel.rmap_walk import candidates
-from ksmlens.kernel.rules import RULES
+from ksmlens.kernel.constants import STABLE_NODE_CHAIN, VM_MERGEABLE
 from ksmlens.lens.helpers import ksm_counters, ksm_settings, ksm_unstable_tree_seqnr
 from ksmlens.lens.layout import Layout, Memory
 from ksmlens.lens.midupdate import on_cpu
-from ksmlens.lens.model import (ITEM_COLUMNS, MAPPING_COLUMNS, NODE_COLUMNS, ORPHAN_COLUMNS,
-                                SLOT_COLUMNS, KernelInfo, Snapshot, table)
+from ksmlens.lens.model import ORPHAN_COLUMNS, KernelInfo, Snapshot, table
+from ksmlens.lens.raw import _NV, _PTE_NAMES, _PTE_UNREAD, Raw, _hx, hex_ids
+from ksmlens.lens.replay import _node_kpfn_of_pairs, _pairs, replay_tables  # noqa: F401
+from ksmlens.lens.tables import finish
 
 __all__ = ["take_snapshot", "take_idle_snapshot", "register_pause", "walk_paused", "finish",
-           "MID_UNLINKED", "MID_HLIST_NOT_STABLE", "hex_ids"]
+           "replay_tables", "MID_UNLINKED", "MID_HLIST_NOT_STABLE", "hex_ids"]
 
 _Q = struct.Struct("<Q")
 
@@ -61,39 +60,6 @@ MID_HLIST_NOT_STABLE = ("rmap_item on a stable node without STABLE_FLAG: "
                         "remove_node_from_stable_tree() is clearing the node's items")
 _MAX_LIST = 50_000_000  # bound on any list walk: a cycle in a live walk is a race
 _U = np.uint64
-
-
-def _hx(v: int | None) -> str | None:
-    return None if not v else f"0x{v:x}"
-
-
-def hex_ids(a: np.ndarray, valid: np.ndarray | None = None) -> pd.Series:
-    """Kernel pointers (uint64) as hex-string ids (``"0xffff..."``, the
-    JSON contract's form), None where 0 or not ``valid``; no Python
-    object per value (formatted in numpy, stored as Arrow strings)."""
-    a = np.asarray(a, dtype=np.uint64)
-    n = a.size
-    b = a.astype(">u8").view(np.uint8).reshape(n, 8)
-    lut = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    out = np.empty((n, 18), dtype=np.uint8)
-    out[:, 0], out[:, 1] = ord("0"), ord("x")
-    out[:, 2::2] = lut[b >> 4]
-    out[:, 3::2] = lut[b & 15]
-    mask = a == 0 if valid is None else (a == 0) | ~np.asarray(valid, dtype=bool)
-    # an Arrow string array straight from the buffers (no per-value objects,
-    # no UTF-8 validation: the bytes are hex digits)
-    offsets = pa.py_buffer(np.arange(0, 18 * (n + 1), 18, dtype=np.int32))
-    validity = pa.py_buffer(np.packbits(~mask, bitorder="little")) if mask.any() else None
-    arr = pa.Array.from_buffers(pa.string(), n, [validity, offsets, pa.py_buffer(out)],
-                                null_count=int(mask.sum()))
-    short = ~mask & (a < _U(1 << 60))          # leading zero nibbles: rare (not kernel pointers)
-    if short.any():
-        py = arr.to_pylist()
-        for k in np.nonzero(short)[0].tolist():
-            py[k] = f"0x{int(a[k]):x}"
-        arr = pa.array(py, type=pa.string())
-    return pd.Series(arr.to_pandas(types_mapper={pa.string(): pd.StringDtype(na_value=np.nan)}
-                                   .get), dtype="str")
 
 
 # ------------------------------------------------------------------ pausing
@@ -109,29 +75,6 @@ def _pause_of(prog: Program, pause):
 
 
 # ------------------------------------------------------------------ the paused walk
-
-@dataclass
-class Raw:
-    """What :func:`walk_paused` read, as arrays: the input of :func:`finish`."""
-    kernel: KernelInfo
-    counters: dict
-    scan: dict
-    meta: dict
-    items: dict              # column -> array, one per rmap_item
-    nodes: dict              # column -> array, one per stable node
-    slots: list[dict]
-    anon_vmas: dict
-    cand: dict | None = None  # rmap_walk_ksm() pairs with their `mapped` answer
-    races: dict = field(default_factory=dict)
-    # ids: kernel addresses here; a snapshot's own string ids when replaying
-    # its tables (replay_tables): name(int) -> id, key(id) -> int, ids(array)
-    name: object = _hx
-    key: object = staticmethod(lambda s: int(s, 16))
-    ids: object = None
-
-    def fmt(self, a, valid=None):
-        return (self.ids or hex_ids)(a, valid)
-
 
 class _Walker:
     def __init__(self, prog: Program, live: bool):
@@ -430,14 +373,6 @@ def _decode_items(w: _Walker, kernel: KernelInfo, rec, addrs, slot_of, slots, pr
     return it
 
 
-# pte column codes: the model's PTE_KINDS order
-_PTE_NAMES = ("unread", "none", "present", "prot_none", "swap", "zero", "ksm_zero")
-_PTE_UNREAD = 0
-_NOT_VISITED = ("mm_exited", "no_vma", "not_mergeable", "no_anon_vma", "no_page", "swapped",
-                "zero_page", "special", "not_anon")
-_NV = {n: k for k, n in enumerate(_NOT_VISITED)}
-
-
 def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: int) -> None:
     """Read the page tables of each live mm's VM_MERGEABLE VMAs: each
     rmap_item's PTE kind, pfn, PageKsm, and whether ksmd's next pass visits
@@ -675,81 +610,6 @@ def _record_anon_vmas(w: _Walker, anon_vmas: list) -> dict:
     return out
 
 
-def _inorder(rec: dict) -> list[str]:
-    """avc ids of one recorded anon_vma tree in in-order (the kernel's
-    iteration order: by start pgoff)."""
-    n = rec["nodes"]
-    out, stack, a = [], [], rec["root"]
-    while stack or a:
-        while a:
-            stack.append(a)
-            a = n[a]["left"]
-        a = stack.pop()
-        out.append(a)
-        a = n[a]["right"]
-    return out
-
-
-def avc_table(anon_vmas: dict) -> dict:
-    """Every recorded anon_vma_chain as arrays, each tree in in-order:
-    ``anon_vma`` / ``avc`` / ``mm`` ids (lists) and ``vm_start``,
-    ``vm_end``, ``vm_pgoff`` (uint64)."""
-    av, ids, mm, vs, ve, pg = [], [], [], [], [], []
-    for a, rec in anon_vmas.items():
-        for c in _inorder(rec) if rec.get("root") else []:
-            d = rec["nodes"][c]
-            av.append(a)
-            ids.append(c)
-            mm.append(d["mm"])
-            vs.append(d["vm_start"])
-            ve.append(d["vm_end"])
-            pg.append(d["vm_pgoff"])
-    u = np.uint64
-    return {"anon_vma": av, "avc": ids, "mm": mm, "vm_start": np.array(vs, dtype=u),
-            "vm_end": np.array(ve, dtype=u), "vm_pgoff": np.array(pg, dtype=u)}
-
-
-def _pairs(raw: Raw) -> dict:
-    """The pairs ``rmap_walk_ksm()`` visits for every KSM page
-    (:func:`ksmlens.kernel.rmap_walk.candidates`) from the items and the
-    recorded anon_vma trees, plus ``avcs`` (:func:`avc_table`) and
-    ``avc_mm`` (the avcs' mm keys, comparable with ``items["mm"]``)."""
-    it = raw.items
-    avcs = avc_table(raw.anon_vmas)
-    stable = it["state"] == rules.STATE_STABLE
-    av_code = {a: k for k, a in enumerate(dict.fromkeys(avcs["anon_vma"]))}
-    avc_av = np.array([av_code[a] for a in avcs["anon_vma"]], dtype=np.int64)
-    avc_mm = np.array([raw.key(m) for m in avcs["mm"]], dtype=np.uint64)
-    item_av = np.full(it["addr"].size, -1, np.int64)
-    sidx = np.nonzero(stable & (it["anon_vma"] != 0))[0]
-    if sidx.size and av_code:
-        u, inv = np.unique(it["anon_vma"][sidx], return_inverse=True)
-        lut = np.array([av_code.get(raw.name(int(a)), -1) for a in u.tolist()],
-                       dtype=np.int64)
-        item_av[sidx] = lut[inv]
-    # mm keys as small codes for the join
-    allmm, mm_inv = np.unique(np.concatenate([it["mm"], avc_mm]), return_inverse=True)
-    item_mm = mm_inv[:it["mm"].size].astype(np.int64)
-    avc_mmc = mm_inv[it["mm"].size:].astype(np.int64)
-    stored = it["union"] if raw.kernel.has_stored_pgoff else None
-    c = candidates(item_av, item_mm, it["address"], stored, avc_av, avc_mmc,
-                   avcs["vm_start"], avcs["vm_end"], avcs["vm_pgoff"], raw.kernel.page_shift)
-    c["avcs"] = avcs
-    c["avc_mm"] = avc_mm
-    return c
-
-
-def _node_kpfn_of_pairs(raw: Raw, c: dict) -> np.ndarray:
-    naddr = raw.nodes["addr"]
-    if not naddr.size:
-        return np.zeros(c["item"].size, np.uint64)
-    order = np.argsort(naddr)
-    sn = naddr[order]
-    want = raw.items["head"][c["item"]]
-    j = np.minimum(np.searchsorted(sn, want), sn.size - 1)
-    return np.where(sn[j] == want, raw.nodes["kpfn"][order][j], _U(0))
-
-
 def _mapped_from_ptes(w: _Walker, pt, raw: Raw, c: dict) -> np.ndarray:
     """Per pair: does a PTE of the avc's mm map the node's page at that
     address (``pte_present()``: PROT_NONE mappings count)? From the page
@@ -787,348 +647,6 @@ def _pgd_of(w: _Walker, mm: int) -> int:
         return mmo.pgd.value_() if mmo.mm_users.counter.value_() else 0
     except FaultError:
         return 0
-
-
-# ------------------------------------------------------------------ tables
-
-def finish(raw: Raw) -> Snapshot:
-    """Turn what :func:`walk_paused` read into a :class:`Snapshot`: the
-    rmap_items, stable_nodes and mm_slots tables, and the rmap walk
-    replayed under every rule (``mappings``, ``walk_*``, ``unmappable_*``,
-    ``reachable`` / ``unreachable``). Pure computation."""
-    k = raw.kernel
-    it = raw.items
-    shift = k.page_shift
-    n = it["addr"].size
-    stable = it["state"] == rules.STATE_STABLE
-    has_vma = it["has_vma"]
-    slot_pid = np.array([s["pid"] if s["pid"] is not None else -1 for s in raw.slots],
-                        dtype=np.int64)
-    pid = slot_pid[it["slot"]] if n else np.zeros(0, np.int64)
-    comm_of_slot = [s["comm"] for s in raw.slots]
-    cats = list(dict.fromkeys(c for c in comm_of_slot if c is not None))
-    slot_code = np.array([cats.index(c) if c is not None else -1 for c in comm_of_slot]
-                         + [-1], dtype=np.int64)
-    comm = pd.Categorical.from_codes(slot_code[it["slot"]] if n else np.zeros(0, np.int64),
-                                     categories=cats)
-    mmhex = hex_ids(it["mm"])
-    lpi = it["lpi"]
-    # pgoff status: address >> PAGE_SHIFT against linear_page_index
-    moved = has_vma & (it["addr_pgoff"] != lpi)
-    def enum(col, codes):
-        return pd.Categorical.from_codes(codes, dtype=ITEM_COLUMNS[col])
-    P = ITEM_COLUMNS["pgoff_status"].categories.get_loc
-    status = enum("pgoff_status", np.select([~has_vma, moved], [P("no_vma"), P("moved")],
-                                            P("ok")))
-    C = ITEM_COLUMNS["pgoff_cause"].categories.get_loc
-    cause = enum("pgoff_cause", np.select(
-        [moved & it["vma_file"], moved & ((it["vm_flags"] & _U(VM_GROWSDOWN)) != 0),
-         moved & (it["vm_pgoff"] != (it["vma_start"] >> _U(shift)))],
-        [C("file"), C("stack"), C("mremap")], -1))
-    stored = it["union"]
-    hs = it["has_stored"]
-    S = ITEM_COLUMNS["stored_status"].categories.get_loc
-    st_status = enum("stored_status", np.select(
-        [~hs, ~has_vma, stored == lpi, stored == 0],
-        [-1, S("no_vma"), S("ok"), S("unset")], S("stale")))
-    # non-stable items: does the v3 range meet the item's own VMA?
-    last = rules.vma_last_pgoff(it["vma_start"], it["vma_end"], it["vm_pgoff"], shift)
-    own_v3 = has_vma & (it["vm_pgoff"] <= it["addr_pgoff"]) & (it["addr_pgoff"] <= last)
-    walk = {"stock": pd.array(np.where(has_vma, True, False), dtype="boolean"),
-            "v3": pd.array(own_v3, dtype="boolean"),
-            "stored": pd.array(np.zeros(n, bool), dtype="boolean")}
-    for r in RULES:
-        walk[r][~has_vma] = pd.NA
-    walk["stored"][:] = pd.NA
-    nodes_df, maps_df, item_walk = _replay(raw)
-    if item_walk is not None:
-        for r in RULES:
-            vals, sel = item_walk[r]
-            walk[r][stable] = pd.NA
-            walk[r][sel] = vals
-    pages_read = it["visit_known"].any() or any(s.get("leaves") is not None for s in raw.slots)
-    pte = pd.Categorical.from_codes(it["pte"].astype(np.int64), categories=list(_PTE_NAMES))
-    nv_codes = it["not_visited"].astype(np.int64)
-    visited_known = it["visit_known"]
-    data = {
-        "id": hex_ids(it["addr"]), "mm": mmhex, "pid": pd.array(
-            np.where(pid >= 0, pid, 0), dtype="Int64"),
-        "comm": comm, "address": it["address"], "flags": it["flags"],
-        "state": pd.Categorical.from_codes(it["state"].astype(np.int64),
-                                           categories=list(rules.STATE_NAMES)),
-        "seqnr": it["seqnr"], "in_unstable_tree": it["in_unstable_tree"],
-        "stable_node": hex_ids(it["head"], stable), "anon_vma": hex_ids(it["anon_vma"], stable),
-        "nid": _masked(it["nid"], it["nid_ok"], "Int64"),
-        "vma_start": _masked(it["vma_start"], has_vma, "UInt64"),
-        "vma_end": _masked(it["vma_end"], has_vma, "UInt64"),
-        "vm_pgoff": _masked(it["vm_pgoff"], has_vma, "UInt64"),
-        "vma_anon_vma": hex_ids(it["vma_anon_vma"], has_vma),
-        "vma_file": _masked(it["vma_file"], has_vma, "boolean"),
-        "addr_pgoff": it["addr_pgoff"], "linear_page_index": _masked(lpi, has_vma, "UInt64"),
-        "stored_pgoff": _masked(stored, hs, "UInt64"),
-        "oldchecksum": it["oldchecksum"], "age": it["age"],
-        "remaining_skips": it["remaining_skips"], "raw_union": it["union"],
-        "vm_flags": _masked(it["vm_flags"], has_vma, "UInt64"),
-        "pgoff_status": status, "pgoff_cause": cause, "stored_status": st_status,
-        "walk_stock": walk["stock"], "walk_v3": walk["v3"], "walk_stored": walk["stored"],
-        "pte": pte, "pfn": _masked(it["pfn"].astype(np.int64), it["pfn_ok"], "Int64"),
-        "page_ksm": _masked(it["page_ksm"] == 1, it["page_ksm"] >= 0, "boolean"),
-        "will_visit": _masked(nv_codes < 0, visited_known if pages_read
-                              else np.zeros(n, bool), "boolean"),
-        "not_visited": pd.Categorical.from_codes(np.where(nv_codes >= 0, nv_codes, -1),
-                                                 categories=list(_NOT_VISITED)),
-        "hlist_pos": _masked(it.get("hlist_pos", np.full(n, -1)),
-                             it.get("hlist_pos", np.full(n, -1)) >= 0, "Int64"),
-    }
-    data["pid"][pid < 0] = pd.NA
-    items_df = table(data, ITEM_COLUMNS)
-    slots_df = _slots_table(raw)
-    snap = Snapshot(k, raw.counters, nodes_df, items_df, slots_df, scan=raw.scan,
-                    meta=dict(raw.meta), anon_vmas=raw.anon_vmas, mappings=maps_df)
-    return snap
-
-
-def _masked(values, valid, dtype):
-    a = pd.array(np.asarray(values), dtype=dtype)
-    a[~np.asarray(valid, dtype=bool)] = pd.NA
-    return a
-
-
-def _none_if(a: np.ndarray, empty: str):
-    s = pd.Series(a, dtype=object)
-    return s.where(s != empty, None)
-
-
-def _slots_table(raw: Raw) -> pd.DataFrame:
-    S = raw.slots
-    data = {"id": [_hx(s["id"]) for s in S], "mm": [_hx(s["mm"]) for s in S],
-            "pid": [s["pid"] for s in S], "comm": [s["comm"] for s in S],
-            "rmap_items": [s["rmap_items"] for s in S],
-            "mm_ksm_rmap_items": [s["mm_ksm_rmap_items"] for s in S],
-            "mm_ksm_merging_pages": [s["mm_ksm_merging_pages"] for s in S],
-            "pids": [s["pids"] for s in S], "mm_users": [s["mm_users"] for s in S],
-            "mm_ksm_zero_pages": [s["mm_ksm_zero_pages"] for s in S],
-            "ksm_zero_pages": [s.get("ksm_zero_pages") for s in S],
-            "zero_pages": [s.get("zero_pages", []) for s in S]}
-    return table(data, SLOT_COLUMNS)
-
-
-def _replay(raw: Raw):
-    """The stable_nodes table and the replayed mappings: per KSM page, the
-    stock walk's (mm, address) pairs in the kernel's order with what each
-    rule finds; per stable item, whether each rule finds its own mapping."""
-    nd, it = raw.nodes, raw.items
-    k = raw.kernel
-    nn = nd["addr"].size
-    page = nd["kind"] != 1
-    ids = raw.fmt(nd["addr"])
-    owners = {s["mm"]: (s["pid"], s["comm"]) for s in raw.slots}
-    ptes = np.zeros(nn, np.int64)
-    mapped_pfns = it.get("mapped_pfns")
-    have_ptes = mapped_pfns is not None
-    c = raw.cand
-    pages = c is not None and c.get("mapped") is not None      # mapped answers known
-    if have_ptes and mapped_pfns.size:
-        u, cnt = np.unique(mapped_pfns, return_counts=True)
-        j = np.searchsorted(u, nd["kpfn"])
-        j = np.minimum(j, u.size - 1)
-        ptes = np.where(u[j] == nd["kpfn"], cnt[j], 0)
-    reach = np.zeros(nn, np.int64)
-    unm = {r: np.zeros(nn, bool) for r in RULES}
-    maps = None
-    item_walk = None
-    if c is not None and c["item"].size:
-        order_node = np.argsort(nd["addr"])
-        snd = nd["addr"][order_node]
-        item_node = it["head"][c["item"]]
-        j = np.minimum(np.searchsorted(snd, item_node), nn - 1)
-        node_idx = np.where(snd[j] == item_node, order_node[j], -1)
-        keep = node_idx >= 0
-        avcs = c["avcs"]
-        avc_mm = c["avc_mm"]
-        known_mapped = c.get("mapped") is not None
-        mapped_pairs = c["mapped"] if known_mapped else np.zeros(c["item"].size, bool)
-        sel = np.nonzero(keep)[0]
-        r_node, r_pass = node_idx[sel], c["pass"][sel]
-        r_hpos, r_avc = it["hlist_pos"][c["item"][sel]], c["avc"][sel]
-        # the kernel's order: node, pass, then the hlist, then the tree's in-order
-        o = sel[np.lexsort((r_avc, r_hpos, r_pass, r_node))]
-        r_node = node_idx[o]
-        r_item = c["item"][o]
-        r_mm = avc_mm[c["avc"][o]]
-        r_addr = it["address"][r_item]
-        mmc = np.unique(r_mm, return_inverse=True)[1]
-        # one mapping per (node, mm, address): its first pair in that order
-        g = np.lexsort((r_addr, mmc, r_node))            # stable: kernel order inside
-        brk = np.ones(g.size, bool)
-        brk[1:] = ((r_node[g][1:] != r_node[g][:-1]) | (mmc[g][1:] != mmc[g][:-1])
-                   | (r_addr[g][1:] != r_addr[g][:-1]))
-        starts = np.flatnonzero(brk)
-        first = g[starts]
-        v3_any = np.logical_or.reduceat(c["v3"][o][g], starts)
-        st_any = np.logical_or.reduceat(c["stored"][o][g], starts)
-        out = np.argsort(first, kind="stable")
-        first, v3_any, st_any = first[out], v3_any[out], st_any[out]
-        m = pd.DataFrame({"node": r_node[first], "mm": r_mm[first], "address": r_addr[first],
-                          "first_item": r_item[first], "avc": c["avc"][o][first],
-                          "passno": c["pass"][o][first], "mapped": mapped_pairs[o][first],
-                          "v3": v3_any, "stored": st_any})
-        has = k.has_stored_pgoff
-        mm_ids = raw.fmt(m["mm"].to_numpy(np.uint64))
-        avc_ids = np.array(avcs["avc"], dtype=object)
-        a_idx = m["avc"].to_numpy()
-        fi = m["first_item"].to_numpy()
-        vmas = (avcs["vm_start"][a_idx], avcs["vm_end"][a_idx], avcs["vm_pgoff"][a_idx])
-        pids = [owners.get(int(x), (None, None)) for x in m["mm"].to_numpy(np.uint64).tolist()]
-        maps = table({
-            "node": ids.iloc[m["node"].to_numpy()].reset_index(drop=True),
-            "mm": mm_ids, "pid": [p for p, _ in pids], "comm": [c_ for _, c_ in pids],
-            "address": m["address"].to_numpy(np.uint64), "vma_start": vmas[0],
-            "vma_end": vmas[1], "vm_pgoff": vmas[2], "item": raw.fmt(it["addr"][fi]),
-            "avc": list(avc_ids[a_idx]), "pass": m["passno"].to_numpy(np.uint8),
-            "mapped": _masked(m["mapped"].to_numpy(bool), np.full(len(m), known_mapped),
-                              "boolean"), "found_stock": np.ones(len(m), bool),
-            "found_v3": m["v3"].to_numpy(bool),
-            "found_stored": _masked(m["stored"].to_numpy(bool), np.full(len(m), has),
-                                    "boolean")}, MAPPING_COLUMNS)
-        mn = m["node"].to_numpy()
-        mapped = m["mapped"].to_numpy(bool)
-        reach = np.bincount(mn[mapped], minlength=nn)
-        for r, col in (("stock", None), ("v3", "v3"), ("stored", "stored")):
-            miss = mapped & (~m[col].to_numpy(bool) if col else np.zeros(len(m), bool))
-            unm[r] = np.bincount(mn[miss], minlength=nn) > 0
-        # each stable item: does each rule find its own (mm, address)?
-        key = pd.MultiIndex.from_arrays([mn, m["mm"].to_numpy(np.uint64),
-                                         m["address"].to_numpy(np.uint64)])
-        st = np.nonzero(it["state"] == rules.STATE_STABLE)[0]
-        inode = it["head"][st]
-        j = np.minimum(np.searchsorted(snd, inode), nn - 1)
-        ni = np.where(snd[j] == inode, order_node[j], -1)
-        q = pd.MultiIndex.from_arrays([ni, it["mm"][st], it["address"][st]])
-        pos = key.get_indexer(q)
-        hit = pos >= 0
-        item_walk = {}
-        for r, col in (("stock", None), ("v3", "v3"), ("stored", "stored")):
-            v = np.where(hit, True if col is None else m[col].to_numpy(bool)[np.maximum(pos, 0)],
-                         False)
-            vals = pd.array(v, dtype="boolean")
-            if r == "stored" and not has:
-                vals[:] = pd.NA
-            item_walk[r] = (vals, st)
-    elif c is not None:
-        st = np.nonzero(it["state"] == rules.STATE_STABLE)[0]
-        item_walk = {r: (pd.array(np.zeros(st.size, bool) if not (r == "stored" and not
-                                  k.has_stored_pgoff) else [None] * st.size, dtype="boolean"),
-                         st) for r in RULES}
-    # only for a page that is still this node's KSM page (a stale node's kpfn
-    # may have been freed and reused: its mapcount is someone else's)
-    own = page & nd["page_ksm"] & (nd["page_node"] == nd["addr"])
-    unreach = np.where(own, np.maximum(0, nd["mapcount"] - reach), 0) if pages else \
-        np.zeros(nn, np.int64)
-    for r in RULES:
-        if r == "stored" and not k.has_stored_pgoff:
-            unm[r][:] = False
-        else:
-            unm[r] |= page & (unreach > 0)
-    hv = nd["page_ok"]
-    nodes_df = table({
-        "id": ids, "kind": pd.Categorical.from_codes(nd["kind"].astype(np.int64),
-                                                     categories=["regular", "chain", "dup"]),
-        "chain": raw.fmt(nd["chain"]), "kpfn": _masked(nd["kpfn"].astype(np.int64), page, "Int64"),
-        "nid": nd["nid"], "rmap_hlist_len": nd["len"],
-        "mapcount": _masked(nd["mapcount"], page & hv, "Int64"),
-        "page_is_ksm": _masked(nd["page_ksm"], page & hv, "boolean"),
-        "page_stable_node": raw.fmt(nd["page_node"], page & hv),
-        "migrate_list": nd["migrate"], "ptes": _masked(ptes, page & have_ptes, "Int64"),
-        "reachable": _masked(reach, page & pages, "Int64"),
-        "unreachable": unreach,
-        "unmappable_stock": unm["stock"], "unmappable_v3": unm["v3"],
-        "unmappable_stored": unm["stored"]}, NODE_COLUMNS)
-    return nodes_df, maps, item_walk
-
-
-def replay_tables(snap: Snapshot) -> Snapshot:
-    """Replay ``rmap_walk_ksm()`` again on a snapshot's own tables (a saved
-    file, a hand-made snapshot): ``mappings``, each item's ``walk_*`` and
-    each node's ``reachable`` / ``unreachable`` / ``unmappable_*``, in place
-    (returns ``snap``). Whether a PTE maps each page (``mapped``) is taken
-    from the snapshot's previous replay (unknown where it had none)."""
-    it, nd = snap.rmap_items, snap.stable_nodes
-    strings = pd.concat([it["id"], it["mm"], it["stable_node"], it["anon_vma"], nd["id"],
-                         nd["chain"], nd["page_stable_node"],
-                         pd.Series([m for a in snap.anon_vmas.values()
-                                    for m in [x["mm"] for x in a["nodes"].values()]],
-                                   dtype="str")], ignore_index=True).dropna().unique()
-    names = ["?"] + [str(x) for x in strings]
-    code = {x: k for k, x in enumerate(names)}
-
-    def key(x):
-        return 0 if x is None or x != x else code[x]
-    names_arr = np.array(names, dtype=object)
-
-    def ids(a, valid=None):
-        a = np.asarray(a, dtype=np.int64)
-        out = pd.Series(names_arr[a], dtype=object)
-        bad = a == 0 if valid is None else (a == 0) | ~np.asarray(valid, bool)
-        return out.where(~bad, None).astype("str")
-
-    def col(df, c, dtype=np.uint64, fill=0):
-        return df[c].to_numpy(dtype=dtype, na_value=fill)
-
-    def keys(series):
-        return np.array([key(x) for x in series.tolist()], dtype=np.uint64)
-    state = pd.Series(it["state"]).map({n: k for k, n in enumerate(rules.STATE_NAMES)}
-                                       ).to_numpy(np.uint8)
-    stable = state == rules.STATE_STABLE
-    stored = col(it, "stored_pgoff")
-    items = {"addr": keys(it["id"]), "head": keys(it["stable_node"]),
-             "anon_vma": keys(it["anon_vma"]), "mm": keys(it["mm"]),
-             "address": col(it, "address"), "state": state,
-             "hlist_pos": col(it, "hlist_pos", np.int64, -1),
-             "union": stored, "has_stored": stable & snap.kernel.has_stored_pgoff}
-    kind = pd.Series(nd["kind"]).map({"regular": 0, "chain": 1, "dup": 2}).to_numpy(np.int8)
-    nodes = {"addr": keys(nd["id"]), "kind": kind, "chain": keys(nd["chain"]),
-             "kpfn": col(nd, "kpfn"), "nid": col(nd, "nid", np.int32),
-             "len": col(nd, "rmap_hlist_len", np.int32),
-             "mapcount": col(nd, "mapcount", np.int64), "page_ok": nd["mapcount"].notna()
-             .to_numpy(), "page_ksm": col(nd, "page_is_ksm", bool, False),
-             "page_node": keys(nd["page_stable_node"]), "migrate": col(nd, "migrate_list", bool)}
-    raw = Raw(kernel=snap.kernel, counters=snap.counters, scan=snap.scan, meta={},
-              items=items, nodes=nodes, slots=[{"mm": key(s), "pid": p, "comm": c}
-                                               for s, p, c in zip(snap.mm_slots["mm"],
-                                                                  snap.mm_slots["pid"],
-                                                                  snap.mm_slots["comm"])],
-              anon_vmas=snap.anon_vmas)
-    raw.name = lambda v: names[v] if 0 < v < len(names) else None
-    raw.key = key
-    raw.ids = ids
-    raw.cand = _pairs(raw)
-    old = snap.mappings
-    if len(old) and old["mapped"].notna().any():
-        # the previous answer per (node, mm, address)
-        prev = {(key(n), key(m), int(a)): bool(v) for n, m, a, v in zip(
-            old["node"], old["mm"], old["address"], old["mapped"]) if v is not pd.NA}
-        kp = raw.cand
-        nodes_of = items["head"][kp["item"]]
-        mms = kp["avc_mm"][kp["avc"]]
-        ad = items["address"][kp["item"]]
-        kp["mapped"] = np.array([prev.get((int(n), int(m), int(a)), False)
-                                 for n, m, a in zip(nodes_of, mms, ad)], dtype=bool)
-    nodes_df, maps_df, item_walk = _replay(raw)
-    for c in ("reachable", "unreachable", "unmappable_stock", "unmappable_v3",
-              "unmappable_stored"):
-        snap.stable_nodes[c] = nodes_df[c].to_numpy() if c.startswith("unm") or \
-            c == "unreachable" else nodes_df[c]
-    if maps_df is not None:
-        snap.mappings = maps_df
-    if item_walk is not None:
-        for r in RULES:
-            vals, sel = item_walk[r]
-            colv = snap.rmap_items[f"walk_{r}"].array.copy()
-            colv[sel] = vals
-            snap.rmap_items[f"walk_{r}"] = colv
-    snap.changed()
-    return snap
 
 
 # ------------------------------------------------------------------ the snapshot

@@ -1,0 +1,88 @@
+"""What the paused walk read, as arrays (:class:`Raw`), and the helpers
+that turn kernel values into table columns. Shared by the walk
+(:mod:`ksmlens.lens.snapshot`), the tables (:mod:`ksmlens.lens.tables`) and
+the replay (:mod:`ksmlens.lens.replay`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ksmlens.lens.model import KernelInfo
+
+__all__ = ["Raw", "hex_ids"]
+
+_U = np.uint64
+
+
+def _hx(v: int | None) -> str | None:
+    return None if not v else f"0x{v:x}"
+
+
+def hex_ids(a: np.ndarray, valid: np.ndarray | None = None) -> pd.Series:
+    """Kernel pointers (uint64) as hex-string ids (``"0xffff..."``, the
+    JSON contract's form), None where 0 or not ``valid``; no Python
+    object per value (formatted in numpy, stored as Arrow strings)."""
+    a = np.asarray(a, dtype=np.uint64)
+    n = a.size
+    b = a.astype(">u8").view(np.uint8).reshape(n, 8)
+    lut = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    out = np.empty((n, 18), dtype=np.uint8)
+    out[:, 0], out[:, 1] = ord("0"), ord("x")
+    out[:, 2::2] = lut[b >> 4]
+    out[:, 3::2] = lut[b & 15]
+    mask = a == 0 if valid is None else (a == 0) | ~np.asarray(valid, dtype=bool)
+    # an Arrow string array straight from the buffers (no per-value objects,
+    # no UTF-8 validation: the bytes are hex digits)
+    offsets = pa.py_buffer(np.arange(0, 18 * (n + 1), 18, dtype=np.int32))
+    validity = pa.py_buffer(np.packbits(~mask, bitorder="little")) if mask.any() else None
+    arr = pa.Array.from_buffers(pa.string(), n, [validity, offsets, pa.py_buffer(out)],
+                                null_count=int(mask.sum()))
+    short = ~mask & (a < _U(1 << 60))          # leading zero nibbles: rare (not kernel pointers)
+    if short.any():
+        py = arr.to_pylist()
+        for k in np.nonzero(short)[0].tolist():
+            py[k] = f"0x{int(a[k]):x}"
+        arr = pa.array(py, type=pa.string())
+    return pd.Series(arr.to_pandas(types_mapper={pa.string(): pd.StringDtype(na_value=np.nan)}
+                                   .get), dtype="str")
+
+
+@dataclass
+class Raw:
+    """What :func:`walk_paused` read, as arrays: the input of :func:`finish`."""
+    kernel: KernelInfo
+    counters: dict
+    scan: dict
+    meta: dict
+    items: dict              # column -> array, one per rmap_item
+    nodes: dict              # column -> array, one per stable node
+    slots: list[dict]
+    anon_vmas: dict
+    cand: dict | None = None  # rmap_walk_ksm() pairs with their `mapped` answer
+    races: dict = field(default_factory=dict)
+    # ids: kernel addresses here; a snapshot's own string ids when replaying
+    # its tables (replay_tables): name(int) -> id, key(id) -> int, ids(array)
+    name: object = _hx
+    key: object = staticmethod(lambda s: int(s, 16))
+    ids: object = None
+
+    def fmt(self, a, valid=None):
+        return (self.ids or hex_ids)(a, valid)
+
+
+# pte column codes: the model's PTE_KINDS order
+_PTE_NAMES = ("unread", "none", "present", "prot_none", "swap", "zero", "ksm_zero")
+_PTE_UNREAD = 0
+_NOT_VISITED = ("mm_exited", "no_vma", "not_mergeable", "no_anon_vma", "no_page", "swapped",
+                "zero_page", "special", "not_anon")
+_NV = {n: k for k, n in enumerate(_NOT_VISITED)}
+
+
+def _masked(values, valid, dtype):
+    a = pd.array(np.asarray(values), dtype=dtype)
+    a[~np.asarray(valid, dtype=bool)] = pd.NA
+    return a
