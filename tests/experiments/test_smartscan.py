@@ -87,7 +87,7 @@ def test_forecast_and_union_hazard(vm):
         written = [x for x in r.items if x["address"] in res["addresses"]]
         assert len(written) == COW_BREAK_PAGES
         # they left their stable nodes at the first visit
-        after = {(i.pid, i.address): i for i in r.after.rmap_items}
+        after = {(i.pid, i.address): i for i in r.after.items()}
         assert all(after[(res["pid"], a)].state != "stable" for a in res["addresses"])
         if variant == "union":
             # ages continue from the pgoff's byte: far above what r.full_scans visits give
