@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel import sysfs as ksm_sysfs
 from ksmlens.lens.model import Snapshot
 
 __all__ = ["Row", "walk_counts", "per_pid_counts", "page_checks", "unreachable_note",
@@ -122,9 +123,8 @@ def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict],
     w = walk_counts(snap)
     g = snap.counters
     rows = []
-    for k in ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
-              "stable_node_dups", "ksm_zero_pages", "general_profit"):
-        if k in w:
+    for k in ksm_sysfs.COUNTERS:
+        if k in w and not ksm_sysfs.BY_NAME[k].monotonic:
             rows.append(Row(k, w[k], sysfs.get(k), g.get(k)))
     # sysfs has no rmap_items; pages_volatile_show() derives from it.
     vol = sysfs.get("pages_volatile")
@@ -133,7 +133,7 @@ def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict],
     rows.append(Row("ksm_rmap_items", w["rmap_items"], kern_items, g.get("rmap_items")))
     if after is not None:
         # only grow while ksmd runs: between the reads before and after the pause
-        for k in ("pages_scanned", "pages_skipped", "full_scans"):
+        for k in (k for k in ksm_sysfs.COUNTERS if ksm_sysfs.BY_NAME[k].monotonic):
             if k in g and k in sysfs and k in after:
                 rows.append(Row(k, g[k], sysfs[k], after[k], rule="between"))
     per = per_pid_counts(snap)
@@ -160,8 +160,10 @@ def compare(snap: Snapshot, sysfs: dict, ksm_stat: dict[int, dict],
     return rows
 
 
-_STABLE_KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-                "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
+# sysfs counters that hold still while ksmd does (general_profit is derived
+# from them and rmap_items)
+_STABLE_KEYS = tuple(f.name for f in ksm_sysfs.FILES if f.kind == "counter" and f.in_sysfs
+                     and not f.monotonic and f.name != "general_profit")
 
 
 def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict]:

@@ -10,20 +10,18 @@ from __future__ import annotations
 import time
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel import sysfs
+from ksmlens.kernel.sysfs import COUNTERS, KNOBS, KSM_SYSFS
 
-__all__ = ["KSM_SYSFS", "COUNTERS", "read_counters", "read_ksm_stat", "set_knobs",
+__all__ = ["KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
            "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
            "read_smaps_ksm", "read_smaps_rollup", "read_pfns", "read_vmstat", "ensure_swap",
            "reclaim_pages"]
 
-KSM_SYSFS = "/sys/kernel/mm/ksm"
-# Read-only counters (as in Documentation/admin-guide/mm/ksm.rst).
-COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-            "pages_scanned", "pages_skipped", "full_scans", "stable_node_chains",
-            "stable_node_dups", "ksm_zero_pages", "general_profit")
-KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
-         "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode",
-         "stable_node_chains_prune_millisecs")
+# The file names, what each reads in mm/ksm.c and what writing it does:
+# ksmlens.kernel.sysfs (one table for the guest side and the drgn side).
+# COUNTERS: the read-only files; KNOBS: the writable ones.
+
 
 def _parse_value(v: str):
     v = v.strip()
@@ -219,20 +217,22 @@ def migrate_pages(vm, ranges) -> list[dict]:
 def set_knobs(vm, **knobs) -> dict:
     """Write KSM knobs in the guest, in a safe order; return the old values.
 
-    ``max_page_sharing`` can only change while nothing is merged, so it is
-    written with ``run=2`` (unmerge all) first; ``pages_to_scan`` needs
-    ``advisor_mode=none``.
+    ``max_page_sharing`` and ``merge_across_nodes`` can only change while
+    nothing is merged (``KsmFile.needs_unmerged``), so they are written
+    with ``run=2`` (unmerge all) first and ``run`` put back after;
+    ``pages_to_scan`` needs ``advisor_mode=none`` (written first).
+    The order is :data:`ksmlens.kernel.sysfs.WRITE_ORDER`. Raises
+    :class:`KsmlensError` for a name that is not a knob, before writing anything.
     """
+    for k in knobs:
+        sysfs.knob(k)          # one-line error for a counter or a typo
     old = read_counters(vm)
     saved = {k: old[k] for k in knobs if k in old}
-    order = ["advisor_mode", "max_page_sharing", "merge_across_nodes", "smart_scan",
-             "use_zero_pages", "pages_to_scan", "sleep_millisecs",
-             "stable_node_chains_prune_millisecs", "run"]
-    needs_unmerge = any(k in knobs and knobs[k] != old.get(k)
-                        for k in ("max_page_sharing", "merge_across_nodes"))
+    needs_unmerge = any(knobs[k] != old.get(k) for k in knobs
+                        if sysfs.BY_NAME[k].needs_unmerged)
     if needs_unmerge:
-        vm.write_file(f"{KSM_SYSFS}/run", "2")
-    for k in sorted(knobs, key=lambda k: order.index(k) if k in order else 99):
+        vm.write_file(f"{KSM_SYSFS}/run", str(sysfs.RUN_UNMERGE))
+    for k in sorted(knobs, key=sysfs.WRITE_ORDER.index):
         if knobs[k] == old.get(k) and not (k == "run" and needs_unmerge):
             continue
         try:

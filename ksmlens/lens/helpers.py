@@ -16,6 +16,7 @@ from drgn import Object, Program, TypeKind, container_of, offsetof
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
 
+from ksmlens.kernel import sysfs as ksm_sysfs
 from ksmlens.kernel.itree import interval_tree_foreach
 
 __all__ = [
@@ -329,26 +330,15 @@ def anon_vma_interval_tree_foreach(root: Object, start: int, last: int) -> Itera
 
 # ------------------------------------------------------------------ globals
 
-_SETTINGS = {
-    "run": "ksm_run",
-    "pages_to_scan": "ksm_thread_pages_to_scan",
-    "sleep_millisecs": "ksm_thread_sleep_millisecs",
-    "max_page_sharing": "ksm_max_page_sharing",
-    "merge_across_nodes": "ksm_merge_across_nodes",
-    "use_zero_pages": "ksm_use_zero_pages",
-    "smart_scan": "ksm_smart_scan",
-    "stable_node_chains_prune_millisecs": "ksm_stable_node_chains_prune_millisecs",
-}
-_COUNTERS = {
-    "pages_shared": "ksm_pages_shared",
-    "pages_sharing": "ksm_pages_sharing",
-    "pages_unshared": "ksm_pages_unshared",
-    "pages_scanned": "ksm_pages_scanned",
-    "pages_skipped": "ksm_pages_skipped",
-    "stable_node_chains": "ksm_stable_node_chains",
-    "stable_node_dups": "ksm_stable_node_dups",
-    "rmap_items": "ksm_rmap_items",
-}
+# file name -> the global its *_show() prints (ksmlens.kernel.sysfs): the
+# numeric knobs, and the counters that are one plain global each
+# (full_scans and ksm_zero_pages, an atomic that older kernels lack, are read
+# in ksm_counters(); pages_volatile and general_profit computed there)
+_SETTINGS = {f.name: f.variable for f in ksm_sysfs.FILES
+             if f.kind == "knob" and f.variable and not f.text}
+_COUNTERS = {f.name: f.variable for f in ksm_sysfs.FILES
+             if f.kind == "counter" and f.variable and "." not in f.variable
+             and f.name != "ksm_zero_pages"}
 
 
 def _value(prog: Program, name: str):

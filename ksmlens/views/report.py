@@ -6,6 +6,7 @@ from collections import Counter
 
 import pandas as pd
 
+from ksmlens.kernel import sysfs as ksm_sysfs
 from ksmlens.lens.model import Snapshot
 from ksmlens.views.tables import format_table, keyvalue_table
 
@@ -181,12 +182,9 @@ def stale_table(snap: Snapshot, pid: int | None = None, rule: str | None = None)
     return "\n".join(rows)
 
 
-_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
-          "merge_across_nodes", "use_zero_pages", "smart_scan",
-          "stable_node_chains_prune_millisecs")
-_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-             "pages_scanned", "pages_skipped", "full_scans", "stable_node_chains",
-             "stable_node_dups", "rmap_items", "ksm_zero_pages", "general_profit")
+# /sys/kernel/mm/ksm names, in the table's order (rmap_items too: not a file)
+_KNOBS = ksm_sysfs.KNOBS
+_COUNTERS = tuple(f.name for f in ksm_sysfs.FILES if f.kind == "counter")
 
 
 def knobs_table(snap: Snapshot) -> str:

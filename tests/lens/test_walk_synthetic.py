@@ -126,13 +126,17 @@ def test_settings(k):
     values = {"ksm_run": 1, "ksm_thread_pages_to_scan": 100, "ksm_thread_sleep_millisecs": 20,
               "ksm_max_page_sharing": 256, "ksm_merge_across_nodes": 0,
               "ksm_use_zero_pages": 1, "ksm_smart_scan": 1,
-              "ksm_stable_node_chains_prune_millisecs": 2000}
+              "ksm_stable_node_chains_prune_millisecs": 2000,
+              "ksm_advisor_max_cpu": 70, "ksm_advisor_min_pages_to_scan": 500,
+              "ksm_advisor_max_pages_to_scan": 30000, "ksm_advisor_target_scan_time": 200}
     for name, v in values.items():
         k.set_global(name, None, v)
     assert walk.ksm_settings(k.prog) == {
         "run": 1, "pages_to_scan": 100, "sleep_millisecs": 20, "max_page_sharing": 256,
         "merge_across_nodes": 0, "use_zero_pages": 1, "smart_scan": 1,
         "stable_node_chains_prune_millisecs": 2000,
+        "advisor_max_cpu": 70, "advisor_min_pages_to_scan": 500,
+        "advisor_max_pages_to_scan": 30000, "advisor_target_scan_time": 200,
     }
 
 
