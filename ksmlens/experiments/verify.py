@@ -30,6 +30,7 @@ import time
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP
 
 __all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan",
            "verify_reclaim", "VERIFY_BY"]
@@ -130,9 +131,7 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
         raise KsmlensError(f"VM {vm.name!r} has {nodes} NUMA node(s); verify migrates KSM "
                            "pages across two", f"boot it with `ksmlens vm up --name {vm.name} "
                            "--numa 2`")
-    old_run = ksmsys.read_counters(vm)["run"]
-    vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")   # hold ksmd: merged pages stay
-    try:
+    with ksmsys.held(vm):   # hold ksmd: merged pages stay
         prog = attach(f"vm:{vm.name}")
         snap = take_snapshot(prog)
         rule = rule or snap.kernel.walk_rule
@@ -154,8 +153,6 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
             ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
         res = ksmsys.migrate_pages(vm, ranges)
         t_mig = time.monotonic()
-    finally:
-        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
     pages = []
     for r in res:
         for k, p in enumerate(r["pages"]):
@@ -239,9 +236,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
     from ksmlens.lens.snapshot import take_snapshot
     t0 = time.monotonic()
     swap = ksmsys.ensure_swap(vm)
-    old_run = ksmsys.read_counters(vm)["run"]
-    vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")   # hold ksmd: rmap_items stay
-    try:
+    with ksmsys.held(vm):   # hold ksmd: rmap_items stay
         prog = attach(f"vm:{vm.name}")
         snap = take_snapshot(prog)
         rule = rule or snap.kernel.walk_rule
@@ -269,8 +264,6 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
         res = ksmsys.reclaim_pages(vm, ranges, rounds=rounds)
         after = ksmsys.read_pfns(vm, sorted({snap.node(nid).kpfn for nid in pred}))
         t_rec = time.monotonic()
-    finally:
-        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
     pages = []
     for r in res["ranges"]:
         for k, p in enumerate(r["pages"]):
@@ -366,18 +359,14 @@ def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> Smar
     if not c.get("smart_scan"):
         raise KsmlensError("SmartScan is off in the guest (smart_scan=0)",
                            "echo 1 > /sys/kernel/mm/ksm/smart_scan")
-    old_run = c["run"]
     prog = attach(f"vm:{vm.name}")
-    vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
-    try:
+    with ksmsys.held(vm):
         a = take_idle_snapshot(prog, vm)
-        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
+        ksmsys.set_run(vm, RUN_MERGE)        # let ksmd run full_scans passes
         ksmsys.wait_until(vm, lambda k: k["full_scans"] >= a.scan["seqnr"] + full_scans,
                           timeout=timeout, what=f"{full_scans} full scans")
-        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+        ksmsys.set_run(vm, RUN_STOP)
         b = take_idle_snapshot(prog, vm)
-    finally:
-        vm.write_file(f"{ksmsys.KSM_SYSFS}/run", str(old_run))
     by_key = {(i.mm, i.address): i for i in b.items()}
     rows, predicted = [], 0
     for it in a.items():

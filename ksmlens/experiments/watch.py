@@ -139,9 +139,8 @@ def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | N
     from ksmlens.lens.snapshot import take_idle_snapshot
     if count < 1:
         raise KsmlensError("watch needs --count >= 1", "")
-    saved = ksmsys.set_knobs(vm, sleep_millisecs=pace_ms) if pace_ms else {}
     tl = Timeline()
-    try:
+    with ksmsys.knobs_set(vm, **({"sleep_millisecs": pace_ms} if pace_ms else {})):
         for k in range(count):
             if k:
                 if seconds is not None:
@@ -154,7 +153,4 @@ def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | N
             tl.frames.append(s)
             if on_frame:
                 on_frame(s, d)
-    finally:
-        if saved:
-            ksmsys.set_knobs(vm, **saved)
     return tl

@@ -7,6 +7,7 @@ state is compared against these.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from ksmlens.errors import KsmlensError
@@ -16,7 +17,7 @@ from ksmlens.kernel.sysfs import COUNTERS, KNOBS, KSM_SYSFS
 __all__ = ["KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
            "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
            "read_smaps_ksm", "read_smaps_rollup", "read_pfns", "read_vmstat", "ensure_swap",
-           "reclaim_pages"]
+           "reclaim_pages", "set_run", "held", "knobs_set"]
 
 # The file names, what each reads in mm/ksm.c and what writing it does:
 # ksmlens.kernel.sysfs (one table for the guest side and the drgn side).
@@ -244,6 +245,49 @@ def set_knobs(vm, **knobs) -> dict:
     if needs_unmerge and "run" not in knobs:
         vm.write_file(f"{KSM_SYSFS}/run", str(old["run"]))
     return saved
+
+
+def set_run(vm, value: int) -> None:
+    """Write ``/sys/kernel/mm/ksm/run`` in the guest: :data:`~ksmlens.kernel.sysfs.RUN_STOP`
+    (0), ``RUN_MERGE`` (1) or ``RUN_UNMERGE`` (2); ``run_store()`` in mm/ksm.c
+    takes ksm_thread_mutex, so the write returns between two of ksmd's batches."""
+    if value not in (sysfs.RUN_STOP, sysfs.RUN_MERGE, sysfs.RUN_UNMERGE):
+        raise KsmlensError(f"run={value}: the kernel takes 0, 1 or 2",
+                           "0 stops ksmd, 1 merges, 2 unmerges everything")
+    vm.write_file(f"{KSM_SYSFS}/run", str(value))
+
+
+@contextlib.contextmanager
+def held(vm):
+    """Hold ksmd for the ``with`` block: ``run=0``, then the old ``run`` back
+    on the way out, also when the block raises.
+
+    ``run=0`` (``KSM_RUN_STOP``) only stops ksmd's scanning: merged pages
+    stay merged, stable nodes and rmap_items stay as they are (nothing is
+    unmerged; that is ``run=2``), and the pages of a process can still
+    change under it (a write COW-breaks a KSM page; ksmd notices at its next
+    visit). The write waits for ksmd's current batch (``ksm_thread_mutex``).
+    Yields the old value of ``run``. The block may write ``run`` itself
+    (:func:`set_run`); the old value is restored all the same.
+    """
+    old = read_counters(vm)["run"]
+    set_run(vm, sysfs.RUN_STOP)
+    try:
+        yield old
+    finally:
+        set_run(vm, old)
+
+
+@contextlib.contextmanager
+def knobs_set(vm, **knobs):
+    """:func:`set_knobs` for the ``with`` block, the old values put back on
+    the way out (also when the block raises); yields the old values."""
+    saved = set_knobs(vm, **knobs) if knobs else {}
+    try:
+        yield saved
+    finally:
+        if saved:
+            set_knobs(vm, **saved)
 
 
 def wait_until(vm, predicate, *, timeout: float, what: str, poll: float = 0.5):

@@ -29,6 +29,7 @@ from typing import Callable
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP, RUN_UNMERGE
 from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["SCENARIOS", "Scenario", "Step", "ScenarioRun", "get_scenario", "run_scenario",
@@ -36,7 +37,8 @@ __all__ = ["SCENARIOS", "Scenario", "Step", "ScenarioRun", "get_scenario", "run_
 
 CGROUP = "/sys/fs/cgroup/ksmlens"
 # Fast scanning for a small guest: every mergeable page is visited each wake.
-FAST_KNOBS = {"advisor_mode": "none", "pages_to_scan": 2000, "sleep_millisecs": 20, "run": 1}
+FAST_KNOBS = {"advisor_mode": "none", "pages_to_scan": 2000, "sleep_millisecs": 20,
+              "run": RUN_MERGE}
 MERGE_TIMEOUT = 120.0
 
 
@@ -130,10 +132,10 @@ class ScenarioRun:
             # Start from nothing merged (run=2 unmerges everything and frees
             # the rmap_items of exited mms), so the counters are exact.
             old_run = ksmsys.read_counters(self.vm)["run"]
-            self.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "2")
+            ksmsys.set_run(self.vm, RUN_UNMERGE)
         self.saved_knobs = ksmsys.set_knobs(self.vm, **knobs)
         if old_run is not None:
-            self.saved_knobs["run"] = 0 if old_run == 2 else old_run
+            self.saved_knobs["run"] = RUN_STOP if old_run == RUN_UNMERGE else old_run
         # The kernel's counters before the workload: scenario checks are
         # deltas from here (another KSM user in the guest keeps its share).
         self.before = ksmsys.read_counters(self.vm)
@@ -311,7 +313,7 @@ def _mremap(run: ScenarioRun) -> dict:
     pid = run.pids("sharer")[0]
     # Hold ksmd (run=0 keeps merged pages) so the moved, unmerged state can be
     # seen: with fast scanning ksmd re-merges within one pass otherwise.
-    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+    ksmsys.set_run(run.vm, RUN_STOP)
     r = run.command(f"mremap {pid}")
     run.refresh()
     # move_vma() broke the KSM pages of the old range before moving it
@@ -327,7 +329,7 @@ def _mremap(run: ScenarioRun) -> dict:
 
 
 def _remerge(run: ScenarioRun) -> dict:
-    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
+    ksmsys.set_run(run.vm, RUN_MERGE)
     return _merged_all(run)
 
 
@@ -358,7 +360,7 @@ def _cow_break(run: ScenarioRun) -> dict:
     before = ksmsys.read_smaps_ksm(run.vm, [pid])[pid]
     # Hold ksmd: the written pages' rmap_items stay STABLE, on pages that are
     # no longer KSM, until ksmd's next visit (should_skip_rmap_item()).
-    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+    ksmsys.set_run(run.vm, RUN_STOP)
     idx = list(range(COW_BREAK_PAGES))
     r = run.command(f"write {pid} data {' '.join(map(str, idx))}")
     run.refresh()
@@ -374,7 +376,7 @@ def _cow_break(run: ScenarioRun) -> dict:
 
 
 def _resume(run: ScenarioRun) -> dict:
-    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
+    ksmsys.set_run(run.vm, RUN_MERGE)
     # two increments of full_scans: every item was visited at least once, so the
     # written pages' rmap_items have left their stable nodes
     c = ksmsys.wait_full_scans(run.vm, 2, timeout=MERGE_TIMEOUT)
@@ -399,11 +401,11 @@ def _opt(run: ScenarioRun, name: str, default):
 def _hold(run: ScenarioRun):
     """run=0: ksmd stops between two batches (the write takes ksmd's mutex),
     merged pages stay and no rmap_item changes."""
-    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "0")
+    ksmsys.set_run(run.vm, RUN_STOP)
 
 
 def _go(run: ScenarioRun):
-    run.vm.write_file(f"{ksmsys.KSM_SYSFS}/run", "1")
+    ksmsys.set_run(run.vm, RUN_MERGE)
 
 
 def _delta(run: ScenarioRun, c: dict, *keys) -> dict:
