@@ -63,9 +63,15 @@ def vm_build(a):
               "experiments)"),
           arg("--accel", choices=["auto", "kvm", "tcg"], default="auto",
               help="accelerator (default: auto = probe KVM, fall back to TCG)"),
-          arg("--timeout", type=float, default=180, help="boot timeout in s (default 180)")))
+          arg("--timeout", type=float, default=180, help="boot timeout in s (default 180)"),
+          arg("--dry-run", action="store_true", help="print the QEMU command line "
+              "(shell-quoted) and exit: boots and writes nothing")))
 def vm_up(a):
     from ksmlens.lab.vm import VM
+    if a.dry_run:
+        print(VM.dry_run(a.name, a.variant, memory=a.memory, cpus=a.cpus, numa=a.numa,
+                         accel=a.accel))
+        return 0
     vm = VM.up(a.name, a.variant, memory=a.memory, cpus=a.cpus, numa=a.numa,
                accel=a.accel, boot_timeout=a.timeout)
     s = vm.status()

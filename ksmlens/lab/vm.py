@@ -10,10 +10,12 @@ A VM is named (``--name``, default ``ksmlens``) and owns a private directory
 * ``console.log``   kernel console and the agent's own output
 * ``state.json``    what ``ksmlens vm status`` reports
 
-virtme-ng builds the QEMU command line (``vng --dry-run --show-command``:
-host root shared read-only over 9p, rw overlays in the guest); ksmlens adds its
-sockets with ``--qemu-opts`` and starts QEMU itself, detached, so the VM
-outlives the command that started it (``vng`` itself needs a terminal).
+virtme-ng builds the QEMU command line (``vng --dry-run``: host root shared
+read-only over 9p, rw overlays in the guest); ksmlens adds its sockets with
+``--qemu-opts`` and starts QEMU itself, detached, so the VM outlives the
+command that started it (``vng`` itself needs a terminal). The command lines
+are pure functions in :mod:`ksmlens.lab.cmdline`; :meth:`VM.dry_run`
+(``ksmlens vm up --dry-run``) prints the QEMU one without booting.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -35,15 +36,16 @@ from pathlib import Path
 
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.variants import DEFAULT_VARIANT, get_variant
+from ksmlens.lab.cmdline import (AGENT_PORT, DRGN_POOL, LaunchSpec, numa_nodes,  # noqa: F401
+                                 parse_mem, qemu_argv, sockets, split_cpus, vng_argv)
 from ksmlens.lab.paths import cache_root, repo_root, vms_root
 from ksmlens.lab.qmp import QMP, wait_socket
 
 __all__ = ["VM", "RunResult", "probe_accel", "list_vms", "DEFAULT_NAME"]
 
 DEFAULT_NAME = "ksmlens"
-AGENT_PORT = "org.ksmlens.agent"
 BOOT_TIMEOUT = 180.0
-DRGN_POOL = 3  # extra QMP sockets for ksmlens' own drgn Programs
 # Set (to who is asking, e.g. a test's node id) and VM.up refuses to boot;
 # tests/conftest.py sets it around every test not marked ``vm``.
 NO_VM_ENV = "KSMLENS_NO_VM"
@@ -100,13 +102,16 @@ def _pid_alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- accel probe
 
-def probe_accel(kernel: kbuild.Kernel, *, force: bool = False) -> tuple[str, str]:
+def probe_accel(kernel: kbuild.Kernel, *, force: bool = False,
+                boot: bool = True) -> tuple[str, str]:
     """Return ``("kvm" | "tcg", why)``: KVM only where a guest really boots.
 
     On some hosts (nested virtualisation) /dev/kvm exists but a KVM guest
     aborts or hangs before the kernel prints anything; the probe boots the
     lab kernel briefly under KVM and looks for its first console line. The
-    result is cached per host kernel and QEMU binary.
+    result is cached per host kernel and QEMU binary. With ``boot=False``
+    (a dry run) nothing is booted or written: without a cached probe an
+    accessible /dev/kvm gives ``"kvm"``, said to be unprobed.
     """
     if not os.path.exists("/dev/kvm"):
         return "tcg", "/dev/kvm does not exist"
@@ -119,6 +124,8 @@ def probe_accel(kernel: kbuild.Kernel, *, force: bool = False) -> tuple[str, str
         c = json.loads(cache.read_text())
         if c.get("key") == key:
             return c["accel"], c["why"] + " (cached probe)"
+    if not boot:
+        return "kvm", "/dev/kvm is accessible (not probed: dry run)"
     log = cache_root() / "accel-probe.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
@@ -178,7 +185,64 @@ class VM:
     # -------------------------------------------------------- lifecycle
 
     @classmethod
-    def up(cls, name: str = DEFAULT_NAME, variant: str = kbuild.DEFAULT_VARIANT, *,
+    def _plan(cls, name: str, variant: str, *, memory: str, cpus: int, numa: int,
+              accel: str, build: bool, quiet: bool, probe: bool = True):
+        """Kernel, :class:`~ksmlens.lab.cmdline.LaunchSpec`, why this accelerator:
+        everything ``up`` decides before it runs anything in the VM's directory."""
+        get_variant(variant)
+        qemu = _find_qemu()
+        vng = _find_vng()
+        kernel = kbuild.find_kernel(variant)
+        if kernel is None:
+            if not build:
+                raise KsmlensError(f"kernel variant {variant!r} is not built",
+                                   f"run `ksmlens vm build --variant {variant}`")
+            kernel = kbuild.build(variant, quiet=quiet)
+        if accel == "auto":
+            accel, why = probe_accel(kernel, boot=probe)
+        elif accel in ("kvm", "tcg"):
+            why = "asked for"
+        else:
+            raise KsmlensError(f"unknown accelerator {accel!r}", "use auto, kvm or tcg")
+        agent_cmd = f"exec {shlex.quote(sys.executable)} " \
+                    f"{shlex.quote(str(repo_root() / 'ksmlens' / 'lab' / 'guest' / 'agent.py'))}"
+        spec = LaunchSpec(bzimage=kernel.bzimage, memory_mb=parse_mem(memory), cpus=cpus,
+                          numa=numa, accel=accel, vm_dir=vms_root() / name,
+                          agent_cmd=agent_cmd, vng=vng, qemu=qemu)
+        numa_nodes(spec.memory_mb, cpus, numa)   # one-line errors before anything runs
+        return kernel, spec, why
+
+    @staticmethod
+    def _run_vng(spec: LaunchSpec, log: Path | None = None) -> list[str]:
+        """Run ``vng --dry-run`` (it starts nothing) and return the QEMU argv."""
+        env = dict(os.environ)
+        env["PATH"] = f"{_venv_bin()}:{env.get('PATH', '')}"
+        r = subprocess.run(vng_argv(spec), env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, cwd="/")
+        if log is not None:
+            log.write_text(r.stderr)
+        if r.returncode:
+            err = r.stderr.strip().splitlines()
+            raise KsmlensError("virtme-ng could not prepare the VM"
+                               + (f": {err[-1]}" if err else ""),
+                               f"see {log}" if log else "run it with --verbose by hand")
+        return qemu_argv(spec, r.stdout, r.stderr)
+
+    @classmethod
+    def dry_run(cls, name: str = DEFAULT_NAME, variant: str = DEFAULT_VARIANT, *,
+                memory: str = "2G", cpus: int = 2, numa: int = 1,
+                accel: str = "auto") -> str:
+        """The exact QEMU command :meth:`up` would start, shell-quoted on one
+        line, as ``vng --dry-run`` prints its own. Boots nothing and writes
+        nothing: the kernel must be built already, ``accel="auto"`` takes a
+        cached KVM probe or, without one, decides without booting the probe
+        (see :func:`probe_accel`), and the VM directory is not created."""
+        _, spec, _ = cls._plan(name, variant, memory=memory, cpus=cpus, numa=numa,
+                               accel=accel, build=False, quiet=True, probe=False)
+        return shlex.join(cls._run_vng(spec))
+
+    @classmethod
+    def up(cls, name: str = DEFAULT_NAME, variant: str = DEFAULT_VARIANT, *,
            memory: str = "2G", cpus: int = 2, numa: int = 1, accel: str = "auto",
            build: bool = True, boot_timeout: float = BOOT_TIMEOUT,
            quiet: bool = False) -> "VM":
@@ -187,9 +251,9 @@ class VM:
         Raises KsmlensError when ``$KSMLENS_NO_VM`` is set (a test not marked
         ``vm``), after the argument checks and before anything is built or started.
         """
-        kbuild.get_variant(variant)
-        qemu = _find_qemu()
-        vng = _find_vng()
+        get_variant(variant)
+        _find_qemu()
+        _find_vng()
         d = vms_root() / name
         if (d / "state.json").exists():
             old = json.loads((d / "state.json").read_text())
@@ -202,76 +266,14 @@ class VM:
             raise KsmlensError(f"VM.up({name!r}) refused: ${NO_VM_ENV} is set ({refused})",
                                "this caller must not boot a guest; a test that boots one "
                                "carries @pytest.mark.vm")
+        kernel, spec, why = cls._plan(name, variant, memory=memory, cpus=cpus, numa=numa,
+                                      accel=accel, build=build, quiet=quiet)
         shutil.rmtree(d, ignore_errors=True)
-        kernel = kbuild.find_kernel(variant)
-        if kernel is None:
-            if not build:
-                raise KsmlensError(f"kernel variant {variant!r} is not built",
-                                   f"run `ksmlens vm build --variant {variant}`")
-            kernel = kbuild.build(variant, quiet=quiet)
-        if accel == "auto":
-            accel, why = probe_accel(kernel)
-        elif accel == "kvm":
-            why = "asked for"
-        elif accel == "tcg":
-            why = "asked for"
-        else:
-            raise KsmlensError(f"unknown accelerator {accel!r}", "use auto, kvm or tcg")
-        mem_mb = _parse_mem(memory)
-        if numa < 1:
-            raise KsmlensError(f"--numa {numa}: a guest needs at least one node", "use --numa 1")
-        if numa > 1:
-            _split_cpus(cpus, numa)  # one-line error if --cpus < --numa
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
-        qmp, drgn_qmp, agent = d / "qmp.sock", d / "drgn.sock", d / "agent.sock"
-        # A QMP socket serves one client at a time: drgn.sock is left for the
-        # user's own drgn; ksmlens' attach() takes the first free of the pool.
-        pool = [d / f"drgn-{i}.sock" for i in range(2, 2 + DRGN_POOL)]
-        extra = [
-            "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-qmp", f"unix:{drgn_qmp},server=on,wait=off",
-            *[a for p in pool for a in ("-qmp", f"unix:{p},server=on,wait=off")],
-            "-device", "vmcoreinfo",
-            "-device", "virtio-serial-pci,id=ksmlens-serial",
-            "-chardev", f"socket,id=ksmlens-agent,path={agent},server=on,wait=off",
-            "-device", f"virtserialport,bus=ksmlens-serial.0,chardev=ksmlens-agent,"
-                       f"name={AGENT_PORT}",
-            "-no-reboot",
-        ]
-        agent_cmd = f"exec {shlex.quote(sys.executable)} " \
-                    f"{shlex.quote(str(repo_root() / 'ksmlens' / 'lab' / 'guest' / 'agent.py'))}"
-        vng_cmd = [vng, "--dry-run", "--verbose", "--run", str(kernel.bzimage),
-                   "--force-9p", "--disable-microvm",
-                   "--memory", f"{mem_mb}M", "--cpus", str(cpus), "--cwd", "/",
-                   "--append", "panic=-1", "--append", "oops=panic",
-                   "--exec", agent_cmd]
-        if accel == "tcg":
-            vng_cmd.append("--disable-kvm")
-        if numa > 1:
-            per = mem_mb // numa
-            sizes = [per] * (numa - 1) + [mem_mb - per * (numa - 1)]
-            cpu_sets = _split_cpus(cpus, numa)
-            for sz, (a, b) in zip(sizes, cpu_sets):
-                vng_cmd += ["--numa", f"{sz}M,cpus={a}-{b}"]
-        vng_cmd.append(f"--qemu-opts={shlex.join(extra)}")
-        env = dict(os.environ)
-        env["PATH"] = f"{_venv_bin()}:{env.get('PATH', '')}"
-        with open(d / "vng-dry-run.txt", "w") as f:
-            r = subprocess.run(vng_cmd, env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=f, text=True, cwd="/")
-        lines = [l for l in r.stdout.splitlines() if "qemu-system" in l]
-        if r.returncode or not lines:
-            err = (d / "vng-dry-run.txt").read_text().strip().splitlines()
-            raise KsmlensError("virtme-ng could not prepare the VM"
-                               + (f": {err[-1]}" if err else ""),
-                               f"see {d / 'vng-dry-run.txt'}")
-        argv = shlex.split(lines[-1])
-        argv[0] = qemu
-        # vng's return-code port points at a temp file it deleted on exit: keep
-        # it in the VM's directory instead of leaving /tmp/virtme_ret* behind.
-        argv = [re.sub(r"(id=ret,path=)[^,]+", rf"\g<1>{d / 'ret'}", a) for a in argv]
+        argv = cls._run_vng(spec, d / "vng-dry-run.txt")
         (d / "qemu-cmdline.txt").write_text(shlex.join(argv) + "\n")
+        sock = sockets(d)
         console = open(d / "console.log", "wb")
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
@@ -279,10 +281,11 @@ class VM:
                                 cwd="/")
         state = {
             "name": name, "variant": variant, "kernel_release": kernel.release,
-            "accel": accel, "accel_reason": why, "qmp": str(drgn_qmp),
-            "qmp_pool": [str(p) for p in pool],
-            "control_qmp": str(qmp), "agent": str(agent), "vmlinux": str(kernel.vmlinux),
-            "bzimage": str(kernel.bzimage), "pid": proc.pid, "memory_mb": mem_mb,
+            "accel": spec.accel, "accel_reason": why, "qmp": str(sock["drgn_qmp"]),
+            "qmp_pool": [str(p) for p in sock["pool"]],
+            "control_qmp": str(sock["qmp"]), "agent": str(sock["agent"]),
+            "vmlinux": str(kernel.vmlinux),
+            "bzimage": str(kernel.bzimage), "pid": proc.pid, "memory_mb": spec.memory_mb,
             "cpus": cpus, "numa_nodes": numa, "console_log": str(d / "console.log"),
             "dir": str(d), "started_at": time.time(),
         }
@@ -523,27 +526,3 @@ class VM:
     def __repr__(self):
         return f"<VM {self.name} {self.state.get('kernel_release')} pid={self.state.get('pid')}>"
 
-
-def _parse_mem(memory: str | int) -> int:
-    if isinstance(memory, int):
-        return memory
-    m = str(memory).strip().upper()
-    try:
-        if m.endswith("G"):
-            return int(float(m[:-1]) * 1024)
-        if m.endswith("M"):
-            return int(m[:-1])
-        return int(m)
-    except ValueError:
-        raise KsmlensError(f"bad memory size {memory!r}", "use e.g. 2G or 1536M") from None
-
-
-def _split_cpus(cpus: int, nodes: int) -> list[tuple[int, int]]:
-    if cpus < nodes:
-        raise KsmlensError(f"--numa {nodes} needs --cpus >= {nodes}", "")
-    per, out, first = cpus // nodes, [], 0
-    for i in range(nodes):
-        n = per + (1 if i < cpus % nodes else 0)
-        out.append((first, first + n - 1))
-        first += n
-    return out
