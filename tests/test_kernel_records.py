@@ -252,3 +252,26 @@ def test_vm_up_dry_run_prints_the_command_and_starts_nothing(tmp_path):
     for pid in new:                                  # another agent's VM may start meanwhile
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
         assert name.encode() not in cmd
+
+
+# ------------------------------------------------------------------ pagemap bits
+
+def test_guest_pagemap_decodes_this_process(tmp_path):
+    """The guest script's named pagemap bits on the host's own pagemap: a
+    touched anonymous page is present with a pfn, an untouched one is not."""
+    import importlib.util
+    import mmap
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "guest_pagemap", ROOT / "ksmlens" / "lab" / "guest" / "pagemap.py")
+    pm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pm)
+    buf = mmap.mmap(-1, 2 * pm.PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf[0] = 1                                    # fault in the first page only
+    import ctypes
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    pages = pm.pages(os.getpid(), addr, 2)
+    assert pages[0]["present"] and not pages[0]["swapped"]
+    if os.geteuid() == 0:                          # pfns are 0 for others
+        assert pages[0]["pfn"]
+    assert not pages[1]["present"] and pages[1]["pfn"] is None

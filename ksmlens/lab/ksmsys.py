@@ -12,6 +12,7 @@ import time
 
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel import sysfs
+from ksmlens.kernel.pgtable import PAGE_SIZE
 from ksmlens.kernel.sysfs import COUNTERS, KNOBS, KSM_SYSFS
 
 __all__ = ["KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
@@ -75,7 +76,7 @@ def read_smaps_ksm(vm, pids) -> dict[int, int]:
     for p in pids:
         kv = _parse_kv(files.get(f"/proc/{p}/smaps_rollup"))
         if "KSM" in kv:
-            res[p] = int(str(kv["KSM"]).split()[0]) * 1024 // 4096
+            res[p] = int(str(kv["KSM"]).split()[0]) * 1024 // PAGE_SIZE   # kB -> pages
     return res
 
 

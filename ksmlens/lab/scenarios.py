@@ -29,6 +29,7 @@ from typing import Callable
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.pgtable import PAGE_SIZE
 from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP, RUN_UNMERGE
 from ksmlens.lab.paths import cache_root, vm_data
 
@@ -369,7 +370,7 @@ def _cow_break(run: ScenarioRun) -> dict:
            f"cow-break: pid {pid} maps {before} -> {after} KSM pages, expected "
            f"{COW_BREAK_PAGES} fewer after writing into them")
     start = next(reg["start"] for p, reg in run.regions() if p == pid and reg["name"] == "data")
-    addrs = [start + k * 4096 for k in idx]
+    addrs = [start + k * PAGE_SIZE for k in idx]
     run.written.setdefault(pid, set()).update(addrs)
     r.update(pid=pid, addresses=addrs, ksm_pages_before=before, ksm_pages_after=after)
     return r
@@ -558,7 +559,7 @@ def _unmerge_frozen(run: ScenarioRun) -> dict:
     run.command(f"madvise {pid} pairs unmergeable 16 8")
     run.command(f"write {pid} pairs 8 9 10 11")
     run.written.setdefault(pid, set()).update(
-        _region(run, pid, "pairs")["start"] + k * 4096 for k in range(8, 12))
+        _region(run, pid, "pairs")["start"] + k * PAGE_SIZE for k in range(8, 12))
     c, st = ksmsys.read_counters(run.vm), ksmsys.read_ksm_stat(run.vm, [pid])[pid]
     # unmerge_ksm_pages() and COW rewrite PTEs only: counters and
     # rmap_items wait for ksmd.

@@ -23,10 +23,16 @@ import json
 import os
 import sys
 
-SYS_move_pages = 279  # x86_64
-MPOL_MF_MOVE_ALL = 1 << 2
+SYS_move_pages = 279  # x86_64: arch/x86/entry/syscalls/syscall_64.tbl
+MPOL_MF_MOVE_ALL = 1 << 2  # include/uapi/linux/mempolicy.h
 RETRIES = 3
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# /proc/PID/pagemap: one little-endian u64 per virtual page
+# (Documentation/admin-guide/mm/pagemap.rst, fs/proc/task_mmu.c PM_*)
+PAGEMAP_ENTRY_BYTES = 8
+PM_PRESENT = 1 << 63                # PM_PRESENT: page present in RAM
+PM_SWAP = 1 << 62                   # PM_SWAP: a swap entry
+PM_PFRAME_MASK = (1 << 55) - 1      # PM_PFRAME_MASK = GENMASK_ULL(54, 0): the pfn
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -46,9 +52,9 @@ def pfns(pid, addrs):
     out = []
     with open(f"/proc/{pid}/pagemap", "rb") as f:
         for a in addrs:
-            f.seek(a // PAGE_SIZE * 8)
-            e = int.from_bytes(f.read(8), "little")
-            out.append(e & ((1 << 55) - 1) if e >> 63 else None)
+            f.seek(a // PAGE_SIZE * PAGEMAP_ENTRY_BYTES)
+            e = int.from_bytes(f.read(PAGEMAP_ENTRY_BYTES), "little")
+            out.append(e & PM_PFRAME_MASK if e & PM_PRESENT else None)
     return out
 
 

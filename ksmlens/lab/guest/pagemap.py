@@ -22,6 +22,13 @@ import os
 import struct
 import sys
 
+# /proc/PID/pagemap: one little-endian u64 per virtual page
+# (Documentation/admin-guide/mm/pagemap.rst, fs/proc/task_mmu.c PM_*)
+PAGEMAP_ENTRY_BYTES = 8
+PM_PRESENT = 1 << 63                # PM_PRESENT: page present in RAM
+PM_SWAP = 1 << 62                   # PM_SWAP: a swap entry
+PM_PFRAME_MASK = (1 << 55) - 1      # PM_PFRAME_MASK = GENMASK_ULL(54, 0): the pfn
+# /proc/kpageflags bits: include/uapi/linux/kernel-page-flags.h
 KPF_KSM = 21
 KPF_ANON = 12
 KPF_SWAPCACHE = 13
@@ -32,18 +39,18 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 def _u64s(path, index, count):
     with open(path, "rb") as f:
-        f.seek(index * 8)
-        data = f.read(count * 8)
-    return struct.unpack(f"<{len(data) // 8}Q", data)
+        f.seek(index * PAGEMAP_ENTRY_BYTES)
+        data = f.read(count * PAGEMAP_ENTRY_BYTES)
+    return struct.unpack(f"<{len(data) // PAGEMAP_ENTRY_BYTES}Q", data)
 
 
 def pages(pid, start, npages):
     entries = _u64s(f"/proc/{pid}/pagemap", start // PAGE_SIZE, npages)
     out = []
     for e in entries:
-        present = bool(e >> 63 & 1)
-        swapped = bool(e >> 62 & 1)
-        pfn = e & ((1 << 55) - 1) if present else None
+        present = bool(e & PM_PRESENT)
+        swapped = bool(e & PM_SWAP)
+        pfn = e & PM_PFRAME_MASK if present else None
         page = {"present": present, "swapped": swapped, "pfn": pfn, "kpf_ksm": False,
                 "kpf_anon": False, "kpf_zero": False, "kpf_thp": False,
                 "kpf_swapcache": False, "mapcount": None}

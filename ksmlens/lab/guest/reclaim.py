@@ -28,6 +28,12 @@ import os
 import sys
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# /proc/PID/pagemap: one little-endian u64 per virtual page
+# (Documentation/admin-guide/mm/pagemap.rst, fs/proc/task_mmu.c PM_*)
+PAGEMAP_ENTRY_BYTES = 8
+PM_PRESENT = 1 << 63                # PM_PRESENT: page present in RAM
+PM_SWAP = 1 << 62                   # PM_SWAP: a swap entry
+PM_PFRAME_MASK = (1 << 55) - 1      # PM_PFRAME_MASK = GENMASK_ULL(54, 0): the pfn
 CGROOT = "/sys/fs/cgroup"
 ROUNDS = 12
 MIN_ROUNDS = 3
@@ -36,14 +42,15 @@ STABLE = 2
 
 def pagemap(pid, start, n):
     with open(f"/proc/{pid}/pagemap", "rb") as f:
-        f.seek(start // PAGE_SIZE * 8)
-        data = f.read(n * 8)
+        f.seek(start // PAGE_SIZE * PAGEMAP_ENTRY_BYTES)
+        data = f.read(n * PAGEMAP_ENTRY_BYTES)
     out = []
     for k in range(n):
-        e = int.from_bytes(data[k * 8:k * 8 + 8], "little")
-        present = bool(e >> 63 & 1)
-        out.append({"present": present, "swapped": bool(e >> 62 & 1),
-                    "pfn": e & ((1 << 55) - 1) if present else None})
+        e = int.from_bytes(data[k * PAGEMAP_ENTRY_BYTES:(k + 1) * PAGEMAP_ENTRY_BYTES],
+                           "little")
+        present = bool(e & PM_PRESENT)
+        out.append({"present": present, "swapped": bool(e & PM_SWAP),
+                    "pfn": e & PM_PFRAME_MASK if present else None})
     return out
 
 
@@ -61,7 +68,7 @@ def reclaim(cg):
     (could not reclaim it all) is the normal answer when a page stays."""
     try:
         with open(os.path.join(cg, "memory.current")) as f:
-            want = max(int(f.read()), 1 << 20)
+            want = max(int(f.read()), 1 << 20)     # bytes: at least 1 MiB
     except OSError:
         want = 1 << 30
     try:
