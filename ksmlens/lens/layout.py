@@ -107,16 +107,25 @@ class Memory:
     """Kernel memory through a cache of 4 KiB pages, with bulk reads.
 
     ``read(addr, size)`` returns bytes or None on a fault (counted by
-    ``on_fault``). Objects of a slab cache are decoded in bulk with
-    :meth:`gather`: every page they sit on is read once (consecutive pages
-    in one read), then one numpy gather pulls ``size`` bytes per object.
+    ``on_fault``). Cached pages live in one growing arena (``arena``, a
+    bytearray; ``slot[page]`` is a page's offset in it), not one bytes
+    object each: a million rmap_items sit on ~16k slab pages, and the
+    allocator would keep their memory after they are dropped. Objects of a
+    slab cache are decoded in bulk with :meth:`gather`: every page they sit
+    on is read once (consecutive pages in one read), then one numpy gather
+    per field pulls the field of every object out of the arena.
     """
 
     def __init__(self, prog: Program, on_fault=None):
         self.prog = prog
         self.on_fault = on_fault
         self.reads = 0
-        self.pages: dict[int, bytes] = {}
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every cached page (and give the arena's memory back)."""
+        self.arena = bytearray()
+        self.slot: dict[int, int] = {}
 
     def read(self, addr: int, size: int) -> bytes | None:
         self.reads += 1
@@ -127,29 +136,37 @@ class Memory:
                 self.on_fault("fault reading kernel memory")
             return None
 
-    def page(self, page: int) -> bytes | None:
-        b = self.pages.get(page)
-        if b is None:
+    def _add(self, page: int, data) -> int:
+        off = len(self.arena)
+        self.arena += data
+        self.slot[page] = off
+        return off
+
+    def page(self, page: int) -> int | None:
+        """The arena offset of the 4 KiB page at ``page`` (read on a miss),
+        or None if it cannot be read."""
+        off = self.slot.get(page)
+        if off is None:
             b = self.read(page, _PAGE)
             if b is None:
                 return None
-            self.pages[page] = b
-        return b
+            off = self._add(page, b)
+        return off
 
     def u64(self, addr: int) -> int | None:
         off = addr & (_PAGE - 1)
         if off > _PAGE - 8:
             b = self.read(addr, 8)
             return None if b is None else _Q.unpack(b)[0]
-        b = self.page(addr - off)
-        return None if b is None else _Q.unpack_from(b, off)[0]
+        o = self.page(addr - off)
+        return None if o is None else _Q.unpack_from(self.arena, o + off)[0]
 
     def prefetch(self, pages: np.ndarray, max_run: int = 256) -> None:
         """Read the 4 KiB pages ``pages`` (addresses, any order) not yet
         cached, runs of consecutive pages in one read each."""
         want = np.unique(np.asarray(pages, dtype=np.uint64))
-        if self.pages:
-            have = np.fromiter(self.pages.keys(), dtype=np.uint64, count=len(self.pages))
+        if self.slot:
+            have = np.fromiter(self.slot.keys(), dtype=np.uint64, count=len(self.slot))
             want = want[~np.isin(want, have)]
         if not want.size:
             return
@@ -163,53 +180,48 @@ class Memory:
                     for p in part.tolist():
                         self.page(p)
                     continue
+                off = len(self.arena)
+                self.arena += b
                 for j in range(part.size):
-                    self.pages[start + j * _PAGE] = b[j * _PAGE:(j + 1) * _PAGE]
+                    self.slot[start + j * _PAGE] = off + j * _PAGE
 
     def gather(self, addrs: np.ndarray, size: int, dtype: np.dtype, drop: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Decode ``size``-byte objects at ``addrs`` (uint64) with ``dtype``.
-        Returns ``(records, ok)``: ``ok`` False where a page could not be
-        read (its record is zeros). ``drop``: forget the pages afterwards."""
+               ) -> tuple[dict, np.ndarray]:
+        """Decode ``size``-byte objects at ``addrs`` (uint64) with the
+        fields of ``dtype`` (a structured dtype with DWARF offsets).
+        Returns ``({field: array}, ok)``: ``ok`` False where a page could
+        not be read (its fields are 0). ``drop``: clear the cache after."""
         addrs = np.asarray(addrs, dtype=np.uint64)
         n = addrs.size
         if not n:
-            return np.zeros(0, dtype=dtype), np.zeros(0, dtype=bool)
+            return {f: np.zeros(0, dtype=dtype.fields[f][0]) for f in dtype.names}, \
+                np.zeros(0, dtype=bool)
         mask = np.uint64(_PAGE - 1)
         first = addrs & ~mask
         last = (addrs + np.uint64(size - 1)) & ~mask
         self.prefetch(np.concatenate([first, last[last != first]]))
+        slot = self.slot
         pages = np.unique(np.concatenate([first, last]))
-        cache = self.pages
-        have = np.fromiter((p in cache for p in pages.tolist()), dtype=bool, count=pages.size)
-        zero = bytes(_PAGE)
-        buf = b"".join([cache.get(p, zero) for p in pages.tolist()])
+        offs = np.fromiter((slot.get(p, -1) for p in pages.tolist()), dtype=np.int64,
+                           count=pages.size)
         pi = np.searchsorted(pages, first)
         li = np.searchsorted(pages, last)
-        ok = have[pi] & have[li] & ((li == pi) | (pages[li] == pages[pi] + np.uint64(_PAGE)))
-        base = pi.astype(np.int64) * _PAGE + (addrs & mask).astype(np.int64)
-        base = np.where(ok, base, 0)
-        rec = np.zeros(n, dtype=dtype)
-        if not (base % 8).any():
-            # objects are 8-byte aligned (slab, vmemmap): one typed gather per field
-            for name in dtype.names:
-                ft, off = dtype.fields[name][:2]
-                if off % ft.itemsize:
-                    break
-                view = np.frombuffer(buf, dtype=ft)
-                rec[name] = view[(base + off) // ft.itemsize]
+        # an object across two pages needs them adjacent in the arena too
+        ok = (offs[pi] >= 0) & (offs[li] >= 0) & ((li == pi) | (offs[li] == offs[pi] + _PAGE))
+        base = np.where(ok, offs[pi] + (addrs & mask).astype(np.int64), 0)
+        out = {}
+        arena = self.arena
+        aligned = not (base % 8).any() and len(arena) % 8 == 0
+        for name in dtype.names:
+            ft, off = dtype.fields[name][:2]
+            if aligned and off % ft.itemsize == 0:
+                v = np.frombuffer(arena, dtype=ft)[(base + off) // ft.itemsize]
             else:
-                rec[~ok] = np.zeros(1, dtype=dtype)
-                return self._done(rec, ok, pages, drop)
-        u8 = np.frombuffer(buf, dtype=np.uint8)
-        rows = u8[base[:, None] + np.arange(size, dtype=np.int64)]
-        rec = rows.view(dtype).reshape(n).copy()
-        if (~ok).any():
-            rec[~ok] = np.zeros(1, dtype=dtype)
-        return self._done(rec, ok, pages, drop)
-
-    def _done(self, rec, ok, pages, drop):
+                u8 = np.frombuffer(arena, dtype=np.uint8)
+                v = u8[(base + off)[:, None] + np.arange(ft.itemsize)].copy().view(ft).reshape(n)
+                del u8
+            v[~ok] = 0
+            out[name] = v
         if drop:
-            for p in pages.tolist():
-                self.pages.pop(p, None)
-        return rec, ok
+            self.clear()
+        return out, ok

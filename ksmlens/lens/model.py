@@ -177,7 +177,8 @@ class MmSlot:
 
 # ---------------------------------------------------------------- table schemas
 # Column -> pandas dtype. Nullable ("Int64", "UInt64", "boolean") where the
-# kernel object may lack the value; "str" is pandas' Arrow-backed string.
+# kernel object may lack the value; "str" is pandas' Arrow-backed string;
+# "category" for ids with few distinct values (an mm, an anon_vma, a comm).
 _STR = "str"
 
 
@@ -196,10 +197,10 @@ NOT_VISITED = ("mm_exited", "no_vma", "not_mergeable", "no_anon_vma", "no_page",
                "zero_page", "special", "not_anon")
 NODE_KINDS = ("regular", "chain", "dup")
 ITEM_COLUMNS = {
-    "id": _STR, "mm": _STR, "pid": "Int64", "comm": _STR, "address": "UInt64",
+    "id": _STR, "mm": "category", "pid": "Int64", "comm": "category", "address": "UInt64",
     "flags": "uint16", "state": _enum(*STATES), "seqnr": "uint8", "in_unstable_tree": "bool",
-    "stable_node": _STR, "anon_vma": _STR, "nid": "Int64", "vma_start": "UInt64",
-    "vma_end": "UInt64", "vm_pgoff": "UInt64", "vma_anon_vma": _STR, "vma_file": "boolean",
+    "stable_node": _STR, "anon_vma": "category", "nid": "Int64", "vma_start": "UInt64",
+    "vma_end": "UInt64", "vm_pgoff": "UInt64", "vma_anon_vma": "category", "vma_file": "boolean",
     "addr_pgoff": "UInt64", "linear_page_index": "UInt64", "stored_pgoff": "UInt64",
     "oldchecksum": "uint32", "age": "uint8", "remaining_skips": "uint8",
     "raw_union": "UInt64", "vm_flags": "UInt64", "pgoff_status": _enum(*PGOFF_STATUSES),
@@ -222,9 +223,9 @@ SLOT_COLUMNS = {
     "zero_pages": "object",
 }
 MAPPING_COLUMNS = {
-    "node": _STR, "mm": _STR, "pid": "Int64", "comm": _STR, "address": "UInt64",
+    "node": _STR, "mm": "category", "pid": "Int64", "comm": "category", "address": "UInt64",
     "vma_start": "UInt64", "vma_end": "UInt64", "vm_pgoff": "UInt64", "item": _STR,
-    "avc": _STR, "pass": "uint8", "mapped": "boolean",
+    "avc": "category", "pass": "uint8", "mapped": "boolean",
     "found_stock": "boolean", "found_v3": "boolean", "found_stored": "boolean",
 }
 ORPHAN_COLUMNS = {"node": _STR, "pid": "Int64", "comm": _STR, "mm": _STR, "address": "UInt64"}
@@ -264,7 +265,9 @@ def table(data: dict, columns: dict) -> pd.DataFrame:
         elif t in ("UInt64", "Int64") and isinstance(v, list):
             s = pd.Series(pd.array(v, dtype=t))
         else:
-            s = pd.Series(v).astype(t) if not isinstance(v, pd.Series) or v.dtype != t else v
+            s = pd.Series(v)
+            if not (t == "category" and isinstance(s.dtype, pd.CategoricalDtype)):
+                s = s.astype(t)
         out[c] = s.reset_index(drop=True)
     return pd.DataFrame(out)
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from ksmlens.lens.model import KernelInfo
 
-__all__ = ["Raw", "hex_ids"]
+__all__ = ["Raw", "hex_ids", "hex_categories"]
 
 _U = np.uint64
 
@@ -73,6 +73,9 @@ class Raw:
     def fmt(self, a, valid=None):
         return (self.ids or hex_ids)(a, valid)
 
+    def cat(self, a, valid=None):
+        return hex_categories(a, valid, fmt=self.ids or hex_ids)
+
 
 # pte column codes: the model's PTE_KINDS order
 _PTE_NAMES = ("unread", "none", "present", "prot_none", "swap", "zero", "ksm_zero")
@@ -86,3 +89,17 @@ def _masked(values, valid, dtype):
     a = pd.array(np.asarray(values), dtype=dtype)
     a[~np.asarray(valid, dtype=bool)] = pd.NA
     return a
+
+
+def hex_categories(a: np.ndarray, valid: np.ndarray | None = None, fmt=None) -> pd.Categorical:
+    """Like :func:`hex_ids` for a column with few distinct values (an mm, an
+    anon_vma): each distinct pointer formatted once, a code per row."""
+    a = np.asarray(a, dtype=np.uint64)
+    bad = a == 0 if valid is None else (a == 0) | ~np.asarray(valid, dtype=bool)
+    u, inv = np.unique(np.where(bad, _U(0), a), return_inverse=True)
+    cats = (fmt or hex_ids)(u)
+    keep = u != 0
+    remap = np.full(u.size, -1, np.int64)
+    remap[keep] = np.arange(int(keep.sum()))
+    return pd.Categorical.from_codes(remap[inv.reshape(-1)],
+                                     categories=pd.Index(cats[keep].tolist(), dtype="str"))

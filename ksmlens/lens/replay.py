@@ -99,6 +99,57 @@ def _node_kpfn_of_pairs(raw: Raw, c: dict) -> np.ndarray:
     return np.where(sn[j] == want, raw.nodes["kpfn"][order][j], _U(0))
 
 
+def _codes(uniq: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of each value in the sorted ``uniq`` (-1 where absent)."""
+    if not uniq.size:
+        return np.full(values.size, -1, np.int64)
+    j = np.minimum(np.searchsorted(uniq, values), uniq.size - 1)
+    return np.where(uniq[j] == values, j, -1)
+
+
+def _lookup(keys: tuple, queries: tuple) -> np.ndarray:
+    """For each query row (a tuple of equal-length key arrays), the index of
+    the row of ``keys`` (unique rows) equal to it, or -1: one lexsort of both
+    sets, each query matched with the last key row sorted before it."""
+    nk = keys[0].size
+    cols = [np.concatenate([np.asarray(k, dtype=np.int64) if k.dtype != np.uint64 else
+                            k.view(np.int64) ^ np.int64(-2**63),
+                            np.asarray(q, dtype=np.int64) if q.dtype != np.uint64 else
+                            q.view(np.int64) ^ np.int64(-2**63)])
+            for k, q in zip(keys, queries)]
+    tag = np.concatenate([np.zeros(nk, np.int8), np.ones(queries[0].size, np.int8)])
+    o = np.lexsort([tag] + cols[::-1])
+    is_key = tag[o] == 0
+    last = np.maximum.accumulate(np.where(is_key, np.arange(o.size), -1))
+    qpos = np.flatnonzero(~is_key)
+    lk = last[qpos]
+    ok = lk >= 0
+    src = o[np.maximum(lk, 0)]
+    for col in cols:
+        ok &= col[src] == col[o[qpos]]
+    out = np.full(queries[0].size, -1, np.int64)
+    out[o[qpos] - nk] = np.where(ok, src, -1)
+    return out
+
+
+def _owners(raw: Raw, mm: np.ndarray):
+    """pid (Int64) and comm (Categorical) of the mm slot of each mm key."""
+    smm = np.array([s["mm"] for s in raw.slots], dtype=np.uint64)
+    spid = np.array([-1 if s["pid"] is None else s["pid"] for s in raw.slots], dtype=np.int64)
+    comms = [s["comm"] for s in raw.slots]
+    cats = list(dict.fromkeys(c for c in comms if c is not None))
+    scode = np.array([-1 if c is None else cats.index(c) for c in comms], dtype=np.int64)
+    if not smm.size:
+        return (pd.array([None] * mm.size, dtype="Int64"),
+                pd.Categorical.from_codes(np.full(mm.size, -1), categories=cats))
+    o = np.argsort(smm)
+    j = np.minimum(np.searchsorted(smm[o], mm), smm.size - 1)
+    found = smm[o][j] == mm
+    k = o[j]
+    pid = _masked(spid[k], found & (spid[k] >= 0), "Int64")
+    return pid, pd.Categorical.from_codes(np.where(found, scode[k], -1), categories=cats)
+
+
 def _replay(raw: Raw):
     """The stable_nodes table and the replayed mappings: per KSM page, the
     stock walk's (mm, address) pairs in the kernel's order with what each
@@ -108,7 +159,6 @@ def _replay(raw: Raw):
     nn = nd["addr"].size
     page = nd["kind"] != 1
     ids = raw.fmt(nd["addr"])
-    owners = {s["mm"]: (s["pid"], s["comm"]) for s in raw.slots}
     ptes = np.zeros(nn, np.int64)
     mapped_pfns = it.get("mapped_pfns")
     have_ptes = mapped_pfns is not None
@@ -143,7 +193,8 @@ def _replay(raw: Raw):
         r_item = c["item"][o]
         r_mm = avc_mm[c["avc"][o]]
         r_addr = it["address"][r_item]
-        mmc = np.unique(r_mm, return_inverse=True)[1]
+        mm_u, mmc = np.unique(r_mm, return_inverse=True)
+        mmc = mmc.reshape(-1)
         # one mapping per (node, mm, address): its first pair in that order
         g = np.lexsort((r_addr, mmc, r_node))            # stable: kernel order inside
         brk = np.ones(g.size, bool)
@@ -155,49 +206,42 @@ def _replay(raw: Raw):
         st_any = np.logical_or.reduceat(c["stored"][o][g], starts)
         out = np.argsort(first, kind="stable")
         first, v3_any, st_any = first[out], v3_any[out], st_any[out]
-        m = pd.DataFrame({"node": r_node[first], "mm": r_mm[first], "address": r_addr[first],
-                          "first_item": r_item[first], "avc": c["avc"][o][first],
-                          "passno": c["pass"][o][first], "mapped": mapped_pairs[o][first],
-                          "v3": v3_any, "stored": st_any})
+        mn, mmv, maddr = r_node[first], r_mm[first], r_addr[first]
+        g_mmc = mmc[first]
+        a_idx = c["avc"][o][first]
+        fi = r_item[first]
+        mapped = mapped_pairs[o][first]
+        passno = c["pass"][o][first]
+        del r_node, r_item, r_mm, r_addr, g, brk, starts, out, o, sel
         has = k.has_stored_pgoff
-        mm_ids = raw.fmt(m["mm"].to_numpy(np.uint64))
-        avc_ids = np.array(avcs["avc"], dtype=object)
-        a_idx = m["avc"].to_numpy()
-        fi = m["first_item"].to_numpy()
+        nm = mn.size
         vmas = (avcs["vm_start"][a_idx], avcs["vm_end"][a_idx], avcs["vm_pgoff"][a_idx])
-        pids = [owners.get(int(x), (None, None)) for x in m["mm"].to_numpy(np.uint64).tolist()]
+        pid, comm = _owners(raw, mmv)
         maps = table({
-            "node": ids.iloc[m["node"].to_numpy()].reset_index(drop=True),
-            "mm": mm_ids, "pid": [p for p, _ in pids], "comm": [c_ for _, c_ in pids],
-            "address": m["address"].to_numpy(np.uint64), "vma_start": vmas[0],
-            "vma_end": vmas[1], "vm_pgoff": vmas[2], "item": raw.fmt(it["addr"][fi]),
-            "avc": list(avc_ids[a_idx]), "pass": m["passno"].to_numpy(np.uint8),
-            "mapped": _masked(m["mapped"].to_numpy(bool), np.full(len(m), known_mapped),
-                              "boolean"), "found_stock": np.ones(len(m), bool),
-            "found_v3": m["v3"].to_numpy(bool),
-            "found_stored": _masked(m["stored"].to_numpy(bool), np.full(len(m), has),
-                                    "boolean")}, MAPPING_COLUMNS)
-        mn = m["node"].to_numpy()
-        mapped = m["mapped"].to_numpy(bool)
+            "node": ids.iloc[mn].reset_index(drop=True),
+            "mm": raw.cat(mmv), "pid": pid, "comm": comm, "address": maddr,
+            "vma_start": vmas[0], "vma_end": vmas[1], "vm_pgoff": vmas[2],
+            "item": raw.fmt(it["addr"][fi]),
+            "avc": pd.Categorical.from_codes(a_idx, categories=pd.Index(avcs["avc"], dtype="str")),
+            "pass": passno,
+            "mapped": _masked(mapped, np.full(nm, known_mapped), "boolean"),
+            "found_stock": np.ones(nm, bool), "found_v3": v3_any,
+            "found_stored": _masked(st_any, np.full(nm, has), "boolean")}, MAPPING_COLUMNS)
+        del vmas, pid, comm, fi, a_idx, passno
         reach = np.bincount(mn[mapped], minlength=nn)
-        for r, col in (("stock", None), ("v3", "v3"), ("stored", "stored")):
-            miss = mapped & (~m[col].to_numpy(bool) if col else np.zeros(len(m), bool))
-            unm[r] = np.bincount(mn[miss], minlength=nn) > 0
+        unm["v3"] = np.bincount(mn[mapped & ~v3_any], minlength=nn) > 0
+        unm["stored"] = np.bincount(mn[mapped & ~st_any], minlength=nn) > 0
         # each stable item: does each rule find its own (mm, address)?
-        key = pd.MultiIndex.from_arrays([mn, m["mm"].to_numpy(np.uint64),
-                                         m["address"].to_numpy(np.uint64)])
         st = np.nonzero(it["state"] == rules.STATE_STABLE)[0]
         inode = it["head"][st]
         j = np.minimum(np.searchsorted(snd, inode), nn - 1)
         ni = np.where(snd[j] == inode, order_node[j], -1)
-        q = pd.MultiIndex.from_arrays([ni, it["mm"][st], it["address"][st]])
-        pos = key.get_indexer(q)
+        pos = _lookup((mn, g_mmc, maddr), (ni, _codes(mm_u, it["mm"][st]), it["address"][st]))
         hit = pos >= 0
+        p0 = np.maximum(pos, 0)
         item_walk = {}
-        for r, col in (("stock", None), ("v3", "v3"), ("stored", "stored")):
-            v = np.where(hit, True if col is None else m[col].to_numpy(bool)[np.maximum(pos, 0)],
-                         False)
-            vals = pd.array(v, dtype="boolean")
+        for r, found in (("stock", np.ones(nm, bool)), ("v3", v3_any), ("stored", st_any)):
+            vals = pd.array(hit & found[p0], dtype="boolean")
             if r == "stored" and not has:
                 vals[:] = pd.NA
             item_walk[r] = (vals, st)

@@ -25,6 +25,7 @@ relinked objects, short lists) instead of crashing.
 from __future__ import annotations
 
 import contextlib
+from array import array
 import random
 import struct
 import time
@@ -90,23 +91,24 @@ class _Walker:
         done (classified by :func:`take_snapshot`). Counted by kind."""
         self.races[what] = self.races.get(what, 0) + 1
 
-    def follow(self, first: int, next_off: int, stop: int = 0) -> list[int]:
-        """Addresses along a singly linked list whose next pointer sits at
-        ``next_off`` (the object's address is the pointer minus 0)."""
-        out = []
-        pages = self.mem.pages
+    def follow(self, first: int, next_off: int, stop: int = 0) -> array:
+        """Addresses (an ``array('Q')``: no int object per element) along a
+        singly linked list whose next pointer sits at ``next_off``, until a
+        NULL or ``stop``."""
+        out = array("Q")
         mem = self.mem
+        slot, arena = mem.slot, mem.arena
         ip = first
         while ip and ip != stop:
             off = ip & 0xFFF
             o = off + next_off
-            b = pages.get(ip - off) if o <= 0xFF8 else None
+            b = slot.get(ip - off) if o <= 0xFF8 else None
             if b is None:
                 v = mem.u64(ip + next_off)
                 if v is None:
                     break
             else:
-                v = _Q.unpack_from(b, o)[0]
+                v = _Q.unpack_from(arena, b + o)[0]
             out.append(ip)
             ip = v
             if len(out) > _MAX_LIST:
@@ -114,20 +116,20 @@ class _Walker:
                 break
         return out
 
-    def rb_inorder(self, root: int) -> list[int]:
+    def rb_inorder(self, root: int) -> array:
         """In-order rb_node addresses under ``root`` (raw reads through the
         page cache: stable nodes are slab objects, a few dozen per page)."""
         L, mem = self.L, self.mem
-        pages = mem.pages
+        slot, arena = mem.slot, mem.arena
         lo, ro = L.rb_left, L.rb_right
 
         def ptr(a):
             off = a & 0xFFF
-            b = pages.get(a - off) if off <= 0xFF8 else None
+            b = slot.get(a - off) if off <= 0xFF8 else None
             if b is None:
                 return mem.u64(a) or 0
-            return _Q.unpack_from(b, off)[0]
-        out, stack, node = [], [], root
+            return _Q.unpack_from(arena, b + off)[0]
+        out, stack, node = array("Q"), [], root
         while stack or node:
             while node:
                 stack.append(node)
@@ -267,7 +269,8 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
             pgd = 0
         alive = bool(f["mm_users"])     # ksm_test_exit(): VMAs and page tables are gone
         addrs = w.follow(first, L.i["rmap_list"])
-        item_addrs.append(np.array(addrs, dtype=np.uint64))
+        item_addrs.append(np.frombuffer(addrs, dtype=np.uint64) if len(addrs) else
+                          np.zeros(0, np.uint64))
         slots.append(dict(f, id=slot_addr, mm=mm, pid=procs[0][0] if procs else None,
                           comm=procs[0][1] if procs else None, pids=[p for p, _ in procs],
                           rmap_items=len(addrs), alive=alive, pgd=pgd if alive else 0,
@@ -467,46 +470,55 @@ def _walk_stable_tree(w: _Walker, kernel: KernelInfo, vmemmap: int | None) -> di
     followed by their dups), then ``migrate_nodes``."""
     L, mem, prog = w.L, w.mem, w.prog
     roots = prog["root_stable_tree"]
-    tree, tree_nid = [], []
+    parts, nids = [], []
     for nid in range(kernel.nr_node_ids):
-        rb = w.rb_inorder((roots + nid).rb_node.value_())
-        tree += [a - L.n_rb for a in rb]
-        tree_nid += [nid] * len(rb)
-    tree = np.array(tree, dtype=np.uint64)
+        rb = np.frombuffer(w.rb_inorder((roots + nid).rb_node.value_()), dtype=np.uint64)
+        parts.append(rb - _U(L.n_rb))
+        nids.append(np.full(rb.size, nid, np.int32))
+    tree = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    tree_nid = np.concatenate(nids) if nids else np.zeros(0, np.int32)
     rec, ok = mem.gather(tree, L.node_size, L.node_dtype)
     if not ok.all():
         w.race("stable node freed during walk")
-    is_chain = rec["len"] == STABLE_NODE_CHAIN
-    # order: each chain head followed by its dups
-    addr, kind, chain, nid_root = [], [], [], []
-    for a, c, nid, first in zip(tree.tolist(), is_chain.tolist(), tree_nid,
-                                rec["first"].tolist()):
-        addr.append(a)
-        kind.append(1 if c else 0)
-        chain.append(0)
-        nid_root.append(nid)
-        if c:
-            for d in w.follow(first, 0):
-                addr.append(d - L.n_hlist_dup)
-                kind.append(2)
-                chain.append(a)
-                nid_root.append(-1)
+    # order: each chain head followed by its dups (only chain heads need a loop)
+    seg_addr, seg_kind, seg_chain, seg_nid = [], [], [], []
+    start = 0
+    for ci in np.flatnonzero(rec["len"] == STABLE_NODE_CHAIN).tolist():
+        seg_addr.append(tree[start:ci + 1])
+        k = np.zeros(ci + 1 - start, np.int8)
+        k[-1] = 1
+        seg_kind.append(k)
+        seg_chain.append(np.zeros(ci + 1 - start, np.uint64))
+        seg_nid.append(tree_nid[start:ci + 1])
+        dups = np.frombuffer(w.follow(int(rec["first"][ci]), 0), dtype=np.uint64)
+        seg_addr.append(dups - _U(L.n_hlist_dup))
+        seg_kind.append(np.full(dups.size, 2, np.int8))
+        seg_chain.append(np.full(dups.size, tree[ci], np.uint64))
+        seg_nid.append(np.full(dups.size, -1, np.int32))
+        start = ci + 1
+    seg_addr.append(tree[start:])
+    seg_kind.append(np.zeros(tree.size - start, np.int8))
+    seg_chain.append(np.zeros(tree.size - start, np.uint64))
+    seg_nid.append(tree_nid[start:])
     mhead = prog["migrate_nodes"].address_
-    mig = [p - L.n_list for p in w.follow(mem.u64(mhead) or 0, 0, stop=mhead)]
-    n_tree = len(addr)
-    addr += mig
-    kind += [0] * len(mig)
-    chain += [0] * len(mig)
-    nid_root += [-1] * len(mig)
-    addr = np.array(addr, dtype=np.uint64)
+    mig = np.frombuffer(w.follow(mem.u64(mhead) or 0, 0, stop=mhead), dtype=np.uint64)
+    n_tree = sum(x.size for x in seg_addr)
+    seg_addr.append(mig - _U(L.n_list))
+    seg_kind.append(np.zeros(mig.size, np.int8))
+    seg_chain.append(np.zeros(mig.size, np.uint64))
+    seg_nid.append(np.full(mig.size, -1, np.int32))
+    addr = np.concatenate(seg_addr)
+    kind = np.concatenate(seg_kind)
+    chain = np.concatenate(seg_chain)
+    nid_root = np.concatenate(seg_nid)
+    del seg_addr, seg_kind, seg_chain, seg_nid, tree, tree_nid, parts, nids
     rec, ok = mem.gather(addr, L.node_size, L.node_dtype, drop=True)
-    kind = np.array(kind, dtype=np.int8)
-    nid = rec["nid"].astype(np.int32) if "nid" in rec.dtype.names else np.zeros(addr.size,
+    nid = rec["nid"].astype(np.int32) if "nid" in rec else np.zeros(addr.size,
                                                                               np.int32)
     # a chain head's nid is never set (alloc_stable_node_chain() leaves it
     # uninitialised): its tree root says which node
-    nid = np.where(kind == 1, np.array(nid_root, dtype=np.int32), nid)
-    nodes = {"addr": addr, "kind": kind, "chain": np.array(chain, dtype=np.uint64),
+    nid = np.where(kind == 1, nid_root, nid)
+    nodes = {"addr": addr, "kind": kind, "chain": chain,
              "kpfn": rec["kpfn"], "nid": nid, "len": rec["len"], "first": rec["first"],
              "migrate": np.arange(addr.size) >= n_tree}
     page = kind != 1

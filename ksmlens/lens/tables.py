@@ -37,7 +37,6 @@ def finish(raw: Raw) -> Snapshot:
                          + [-1], dtype=np.int64)
     comm = pd.Categorical.from_codes(slot_code[it["slot"]] if n else np.zeros(0, np.int64),
                                      categories=cats)
-    mmhex = hex_ids(it["mm"])
     lpi = it["lpi"]
     # pgoff status: address >> PAGE_SHIFT against linear_page_index
     moved = has_vma & (it["addr_pgoff"] != lpi)
@@ -67,6 +66,7 @@ def finish(raw: Raw) -> Snapshot:
         walk[r][~has_vma] = pd.NA
     walk["stored"][:] = pd.NA
     nodes_df, maps_df, item_walk = _replay(raw)
+    raw.cand = None                     # the pairs are in the mappings table now
     if item_walk is not None:
         for r in RULES:
             vals, sel = item_walk[r]
@@ -77,18 +77,18 @@ def finish(raw: Raw) -> Snapshot:
     nv_codes = it["not_visited"].astype(np.int64)
     visited_known = it["visit_known"]
     data = {
-        "id": hex_ids(it["addr"]), "mm": mmhex, "pid": pd.array(
+        "id": hex_ids(it["addr"]), "mm": raw.cat(it["mm"]), "pid": pd.array(
             np.where(pid >= 0, pid, 0), dtype="Int64"),
         "comm": comm, "address": it["address"], "flags": it["flags"],
         "state": pd.Categorical.from_codes(it["state"].astype(np.int64),
                                            categories=list(rules.STATE_NAMES)),
         "seqnr": it["seqnr"], "in_unstable_tree": it["in_unstable_tree"],
-        "stable_node": hex_ids(it["head"], stable), "anon_vma": hex_ids(it["anon_vma"], stable),
+        "stable_node": hex_ids(it["head"], stable), "anon_vma": raw.cat(it["anon_vma"], stable),
         "nid": _masked(it["nid"], it["nid_ok"], "Int64"),
         "vma_start": _masked(it["vma_start"], has_vma, "UInt64"),
         "vma_end": _masked(it["vma_end"], has_vma, "UInt64"),
         "vm_pgoff": _masked(it["vm_pgoff"], has_vma, "UInt64"),
-        "vma_anon_vma": hex_ids(it["vma_anon_vma"], has_vma),
+        "vma_anon_vma": raw.cat(it["vma_anon_vma"], has_vma),
         "vma_file": _masked(it["vma_file"], has_vma, "boolean"),
         "addr_pgoff": it["addr_pgoff"], "linear_page_index": _masked(lpi, has_vma, "UInt64"),
         "stored_pgoff": _masked(stored, hs, "UInt64"),
@@ -107,7 +107,10 @@ def finish(raw: Raw) -> Snapshot:
                              it.get("hlist_pos", np.full(n, -1)) >= 0, "Int64"),
     }
     data["pid"][pid < 0] = pd.NA
+    del it, stable, has_vma, lpi, stored, hs, pid
+    raw.items = {}                      # the table holds what it needs (no second copy)
     items_df = table(data, ITEM_COLUMNS)
+    del data
     slots_df = _slots_table(raw)
     snap = Snapshot(k, raw.counters, nodes_df, items_df, slots_df, scan=raw.scan,
                     meta=dict(raw.meta), anon_vmas=raw.anon_vmas, mappings=maps_df)
