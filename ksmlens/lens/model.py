@@ -325,7 +325,7 @@ class Snapshot:
         if rec_nodes is not None and mappings is None:
             mappings, orphans = _node_lists(rec_nodes)
             if rec_nodes and self.rmap_items.hlist_pos.isna().all():
-                self._hlist_from_records(rec_nodes)
+                self._hlist_from_records(rec_nodes, given["items"] if given else [])
         self.mappings: pd.DataFrame = (mappings if mappings is not None
                                        else empty_table(MAPPING_COLUMNS))
         self.orphans: pd.DataFrame = (orphans if orphans is not None
@@ -334,7 +334,7 @@ class Snapshot:
         if self._given:
             self._records.update(self._given)
 
-    def _hlist_from_records(self, nodes: list[StableNode]) -> None:
+    def _hlist_from_records(self, nodes: list[StableNode], records: list) -> None:
         pos = {}
         for n in nodes:
             if n.kind != "chain":
@@ -349,6 +349,9 @@ class Snapshot:
             self.rmap_items["stable_node"] = pd.Series(
                 [c if isinstance(c, str) else owner.get(i) for i, c in zip(ids, cur)],
                 dtype="str")
+            for r in records:            # the given records say the same
+                r.hlist_pos = pos.get(r.id, r.hlist_pos)
+                r.stable_node = r.stable_node or owner.get(r.id)
 
     def changed(self) -> None:
         """Forget the cached records after the tables were changed (a

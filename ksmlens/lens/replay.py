@@ -17,7 +17,7 @@ from ksmlens.kernel import rules
 from ksmlens.kernel.rmap_walk import candidates
 from ksmlens.kernel.rules import RULES
 from ksmlens.lens.model import MAPPING_COLUMNS, NODE_COLUMNS, Snapshot, table
-from ksmlens.lens.raw import Raw, _masked
+from ksmlens.lens.raw import Raw, _masked, release_memory
 
 __all__ = ["avc_table", "replay_tables"]
 
@@ -213,6 +213,7 @@ def _replay(raw: Raw):
         mapped = mapped_pairs[o][first]
         passno = c["pass"][o][first]
         del r_node, r_item, r_mm, r_addr, g, brk, starts, out, o, sel
+        release_memory()
         has = k.has_stored_pgoff
         nm = mn.size
         vmas = (avcs["vm_start"][a_idx], avcs["vm_end"][a_idx], avcs["vm_pgoff"][a_idx])

@@ -43,7 +43,7 @@ from ksmlens.lens.helpers import ksm_counters, ksm_settings, ksm_unstable_tree_s
 from ksmlens.lens.layout import Layout, Memory
 from ksmlens.lens.midupdate import on_cpu
 from ksmlens.lens.model import ORPHAN_COLUMNS, KernelInfo, Snapshot, table
-from ksmlens.lens.raw import _NV, _PTE_NAMES, _PTE_UNREAD, Raw, _hx, hex_ids
+from ksmlens.lens.raw import _NV, _PTE_NAMES, _PTE_UNREAD, Raw, _hx, hex_ids, release_memory
 from ksmlens.lens.replay import _node_kpfn_of_pairs, _pairs, replay_tables  # noqa: F401
 from ksmlens.lens.tables import finish
 
@@ -284,6 +284,8 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
         w.race("rmap_item freed during walk")
     slot_of = np.repeat(np.arange(len(slots)), n_per)
     items = _decode_items(w, kernel, rec, addrs, slot_of, slots, prog)
+    del rec, addrs, item_addrs
+    release_memory()
 
     # ---- page tables of each live mm's mergeable VMAs
     if pages:
@@ -308,6 +310,8 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     raw.meta["races"] = dict(w.races)
     raw.meta["reads"] = mem.reads
     raw.races = dict(w.races)
+    del w, mem, pt
+    release_memory()
     return raw
 
 

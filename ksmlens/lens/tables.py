@@ -9,7 +9,8 @@ from ksmlens.kernel import rules
 from ksmlens.kernel.constants import VM_GROWSDOWN
 from ksmlens.kernel.rules import RULES
 from ksmlens.lens.model import ITEM_COLUMNS, SLOT_COLUMNS, Snapshot, table
-from ksmlens.lens.raw import _NOT_VISITED, _PTE_NAMES, Raw, _hx, _masked, hex_ids
+from ksmlens.lens.raw import (_NOT_VISITED, _PTE_NAMES, Raw, _hx, _masked, hex_ids,
+                              release_memory)
 from ksmlens.lens.replay import _replay
 
 __all__ = ["finish"]
@@ -67,6 +68,7 @@ def finish(raw: Raw) -> Snapshot:
     walk["stored"][:] = pd.NA
     nodes_df, maps_df, item_walk = _replay(raw)
     raw.cand = None                     # the pairs are in the mappings table now
+    release_memory()
     if item_walk is not None:
         for r in RULES:
             vals, sel = item_walk[r]
@@ -111,6 +113,7 @@ def finish(raw: Raw) -> Snapshot:
     raw.items = {}                      # the table holds what it needs (no second copy)
     items_df = table(data, ITEM_COLUMNS)
     del data
+    release_memory()
     slots_df = _slots_table(raw)
     snap = Snapshot(k, raw.counters, nodes_df, items_df, slots_df, scan=raw.scan,
                     meta=dict(raw.meta), anon_vmas=raw.anon_vmas, mappings=maps_df)
