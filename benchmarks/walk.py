@@ -78,6 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MB = 1 << 20
+LIMITS = {"mem_cap_mb": 10240, "figure_s": 900.0}   # set from --mem-cap / --figure-limit
 KEEP_DIR = Path(os.path.expanduser("~/.cache/ksmlens-bench"))
 MERGE_KNOBS = {"advisor_mode": "none", "pages_to_scan": 100000, "sleep_millisecs": 0, "run": 1}
 REST_KNOBS = {"pages_to_scan": 100, "sleep_millisecs": 20}   # mm/ksm.c's defaults
@@ -91,15 +92,23 @@ TARGETS = {
 
 # ---------------------------------------------------------------- child runs
 
+def _cap_memory():
+    import resource
+    cap = LIMITS["mem_cap_mb"] * MB
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
 def run_child(argv, *, timeout=None, on_timeout=None) -> dict:
     """Run argv in a fresh process; wall seconds, its own peak RSS (MB), rc,
-    stdout/stderr. On timeout the process group is killed, ``on_timeout()``
-    is called and ``timed_out`` is set."""
+    stdout/stderr. On timeout (default --figure-limit) the process group is
+    killed, ``on_timeout()`` is called and ``timed_out`` is set. The child's
+    address space is capped at --mem-cap (RLIMIT_AS): the host is shared."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    timeout = LIMITS["figure_s"] if timeout is None else timeout
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.monotonic()
         p = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=str(ROOT),
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_cap_memory)
         timed_out = False
         deadline = None if timeout is None else t + timeout
         while True:
@@ -172,12 +181,25 @@ print(json.dumps({"load_s": time.monotonic() - t, "paused_seconds": m.get("pause
 """
 
 
-def snapshot_figure(args, out: Path) -> dict:
+def resume_guest(vm):
+    """``cont`` a guest a killed child may have left paused."""
+    if vm is not None:
+        with vm.qmp(timeout=30) as q:
+            q.cont()
+
+
+def snapshot_figure(args, out: Path, vm=None) -> dict:
     """One ``ksmlens snapshot ... -o out`` in a fresh process, and what it wrote."""
-    r = run_child(ksmlens_cmd("snapshot", *args, "-o", str(out)))
+    r = run_child(ksmlens_cmd("snapshot", *args, "-o", str(out)),
+                  on_timeout=lambda: resume_guest(vm))
     fig = {"wall_s": r["wall_s"], "rss_mb": r["rss_mb"]}
+    if r["timed_out"]:
+        fig["error"] = f"stopped after {r['wall_s']:.0f} s (--figure-limit)"
+        return fig
     if r["rc"] or not out.exists():
         fig["error"] = last_line(r["stderr"]) or f"exit {r['rc']}"
+        if "MemoryError" in r["stderr"]:
+            fig["error"] = f"MemoryError at the {LIMITS['mem_cap_mb']} MB --mem-cap"
         return fig
     fig["file_mb"] = path_size(out) / MB
     meta = json_meta(out) if out.is_file() else None
@@ -243,12 +265,7 @@ def naive_figure(target, vmlinux, *, limit=None, vm=None) -> dict:
     argv = [sys.executable, __file__, "--naive-child", target]
     if vmlinux:
         argv += ["--vmlinux", vmlinux]
-
-    def resume():
-        if vm is not None:
-            with vm.qmp(timeout=30) as q:
-                q.cont()
-    r = run_child(argv, timeout=limit, on_timeout=resume)
+    r = run_child(argv, timeout=limit or 1e9, on_timeout=lambda: resume_guest(vm))
     fig = {"wall_s": r["wall_s"], "rss_mb": r["rss_mb"]}
     if r["timed_out"]:
         fig["error"] = f"stopped after {limit:.0f} s"
@@ -385,32 +402,38 @@ def profile(args, out: Path) -> None:
 # ---------------------------------------------------------------- main
 
 def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=300.0,
-            naive_est=None, do_profile=False) -> dict:
+            naive_est=None, do_profile=False, skip=()) -> dict:
     figs = {}
     label = n if n else "vmcore"
-    figs["json"] = snapshot_figure(target_args, work / f"{label}.json")
-    print(f"  json: {figs['json']}", flush=True)
-    figs["columnar"] = snapshot_figure(target_args, work / f"{label}.arrow")
-    if figs["columnar"].get("format") == "json" or figs["columnar"].get("error"):
-        why = figs["columnar"].get("error") or "it wrote JSON to X.arrow"
-        print(f"  columnar: not supported by this ksmlens ({why})", flush=True)
-        figs.pop("columnar")
-    else:
-        print(f"  columnar: {figs['columnar']}", flush=True)
+    if "json" not in skip:
+        figs["json"] = snapshot_figure(target_args, work / f"{label}.json", vm)
+        print(f"  json: {figs['json']}", flush=True)
+    if "columnar" not in skip:
+        figs["columnar"] = snapshot_figure(target_args, work / f"{label}.arrow", vm)
+        if figs["columnar"].get("format") == "json" or (
+                figs["columnar"].get("error") and "rror" not in figs["columnar"]["error"]
+                and "stopped" not in figs["columnar"]["error"]):
+            why = figs["columnar"].get("error") or "it wrote JSON to X.arrow"
+            print(f"  columnar: not supported by this ksmlens ({why})", flush=True)
+            figs.pop("columnar")
+        else:
+            print(f"  columnar: {figs['columnar']}", flush=True)
     for f in work.iterdir():
         shutil.rmtree(f) if f.is_dir() else f.unlink()
-    if vm is not None:
-        figs["live"] = snapshot_figure([*target_args, "--mode", "live"], work / f"{label}-l.json")
+    if vm is not None and "live" not in skip:
+        figs["live"] = snapshot_figure([*target_args, "--mode", "live"], work / f"{label}-l.json", vm)
         print(f"  live: {figs['live']}", flush=True)
     target = target_args[target_args.index("--target") + 1] if "--target" in target_args \
         else f"vm:{vm.name}"
-    if n is None or n <= 100_000 or naive_est is None or naive_est < naive_limit:
+    if "naive" in skip:
+        pass
+    elif n is None or n <= 100_000 or naive_est is None or naive_est < naive_limit:
         figs["naive"] = naive_figure(target, vmlinux, vm=vm,
                                      limit=None if n and n <= 100_000 else naive_limit)
         print(f"  naive: {figs['naive']}", flush=True)
     else:
         print(f"  naive: skipped (estimated {naive_est:.0f} s > {naive_limit:.0f} s)")
-    if do_profile:
+    if do_profile and "json" not in skip:
         profile(target_args, work / "prof.json")
     for f in work.iterdir():
         shutil.rmtree(f) if f.is_dir() else f.unlink()
@@ -436,7 +459,7 @@ def run_size(n, a, naive_rate) -> dict:
             est = n / naive_rate if naive_rate else None
             figs = measure(n, ["--name", name], work, vm=vm, vmlinux=vml,
                            naive_limit=a.naive_limit, naive_est=est,
-                           do_profile=a.profile and n <= 200_000)
+                           do_profile=a.profile and n <= 200_000, skip=a.skip)
             core = KEEP_DIR / f"walk-{n}-{a.variant}.vmcore"
             core.unlink(missing_ok=True)
             r = run_child(ksmlens_cmd("snapshot", "--name", name, "--vmcore", str(core)))
@@ -446,6 +469,8 @@ def run_size(n, a, naive_rate) -> dict:
             figs["dump"]["paused_s"] = float(m.group(1)) if m else None
             if r["rc"]:
                 print(f"  vmcore dump failed: {last_line(r['stderr'])}")
+            elif "vmcore" in a.skip:
+                print(f"  vmcore {core} written; its snapshot skipped (--skip)")
             else:
                 figs["vmcore"] = snapshot_figure(["--target", str(core), "--vmlinux", vml],
                                                  work / f"{n}-core.json")
@@ -477,25 +502,34 @@ def main():
                          "seconds (default 300)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the json snapshot (sizes <= 200k)")
+    ap.add_argument("--skip", default="", type=lambda s: set(filter(None, s.split(","))),
+                    help="figures to leave out: json,columnar,live,vmcore,naive")
+    ap.add_argument("--mem-cap", type=int, default=LIMITS["mem_cap_mb"], metavar="MB",
+                    help="address-space cap of each measured process (default 10240): a "
+                         "figure over it reads 'MemoryError at the cap'")
+    ap.add_argument("--figure-limit", type=float, default=LIMITS["figure_s"], metavar="S",
+                    help="stop a measured process after S seconds (default 900)")
     ap.add_argument("--naive-child", metavar="TARGET", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.naive_child:
         print(json.dumps(naive_walk(a.naive_child, a.vmlinux)))
         return
+    LIMITS.update(mem_cap_mb=a.mem_cap, figure_s=a.figure_limit)
     KEEP_DIR.mkdir(parents=True, exist_ok=True)
     if a.vmcore:
         if not a.vmlinux:
             ap.error("--vmcore needs --vmlinux")
         with tempfile.TemporaryDirectory(dir=KEEP_DIR, prefix="work-") as d:
             figs = measure(None, ["--target", a.vmcore, "--vmlinux", a.vmlinux], Path(d),
-                           vmlinux=a.vmlinux, do_profile=a.profile)
-        items = (figs.get("naive") or {}).get("items") or figs["json"].get("items")
+                           vmlinux=a.vmlinux, do_profile=a.profile, skip=a.skip)
+        items = (figs.get("naive") or {}).get("items") or (figs.get("json") or {}).get("items")
         n = min(TARGETS, key=lambda k: abs(k - items)) if items else None
         if n and abs(n - items) > n * 0.05:
             n = None
         print(f"\n{a.vmcore}: {items and round(items)} rmap_items"
               + (f" (targets of {n})" if n else " (no targets for this size)"))
-        figs["vmcore"] = figs.pop("json")
+        if "json" in figs:
+            figs["vmcore"] = figs.pop("json")
         print_table(n, figs)
         return
     results, naive_rate = {}, None
