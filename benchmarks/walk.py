@@ -141,6 +141,20 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def failure(stderr: str) -> str:
+    """The error line of a child's traceback and the innermost ksmlens
+    frame it came from (``model.py:198 save``)."""
+    where = ""
+    lines = stderr.strip().splitlines()
+    for i, l in enumerate(lines):
+        if l.strip().startswith('File "') and "/ksmlens/" in l:
+            parts = l.strip().split('"')
+            fn = l.rsplit(" in ", 1)[-1]
+            line = l.split(", line ")[-1].split(",")[0]
+            where = f" in {Path(parts[1]).name}:{line} {fn}"
+    return (last_line(stderr) or "no stderr") + where
+
+
 def path_size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -197,9 +211,10 @@ def snapshot_figure(args, out: Path, vm=None) -> dict:
         fig["error"] = f"stopped after {r['wall_s']:.0f} s (--figure-limit)"
         return fig
     if r["rc"] or not out.exists():
-        fig["error"] = last_line(r["stderr"]) or f"exit {r['rc']}"
+        fig["error"] = failure(r["stderr"]) if r["stderr"].strip() else f"exit {r['rc']}"
         if "MemoryError" in r["stderr"]:
-            fig["error"] = f"MemoryError at the {LIMITS['mem_cap_mb']} MB --mem-cap"
+            fig["error"] = f"MemoryError at the {LIMITS['mem_cap_mb']} MB --mem-cap" + \
+                failure(r["stderr"]).split("MemoryError", 1)[-1]
         return fig
     fig["file_mb"] = path_size(out) / MB
     meta = json_meta(out) if out.is_file() else None
@@ -350,7 +365,7 @@ def print_table(n: int | None, figs: dict) -> None:
         if f is None:
             continue
         if f.get("error"):
-            rows.append((f"{label}", f.get("error")[:60], "", "NO" if key != "naive" else "-"))
+            rows.append((f"{label}", f.get("error")[:80], "", "NO" if key != "naive" else "-"))
             continue
         own = key in ("json", "columnar", "live", "vmcore")
         row(f"{label}: end to end", key, f["wall_s"], tg.get("wall_s") if own else None,
