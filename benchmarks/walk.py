@@ -386,7 +386,7 @@ def print_table(n: int | None, figs: dict) -> None:
         d = figs["dump"]
         row("vmcore dump: guest paused", "dump", d.get("paused_s"), None, unit=" s")
         row("vmcore dump: end to end", "dump", d.get("wall_s"), None, unit=" s")
-    nv, js = figs.get("naive"), figs.get("json")
+    nv, js = figs.get("naive"), figs.get("json") or figs.get("vmcore")
     if nv and js and not nv.get("error") and not js.get("error"):
         row("speedup vs naive (end to end)", "speedup", nv["wall_s"] / js["wall_s"],
             tg.get("speedup"), better="ge", unit="x")
