@@ -1,18 +1,74 @@
 #!/usr/bin/env python3
-"""Walk benchmark: rmap_items per second and peak memory of a full KSM walk.
+"""Issue 10's benchmark: `ksmlens snapshot` on 100k and 1M rmap_items.
 
-    .venv/bin/python benchmarks/walk.py [--sizes 10000,100000,500000] [--variant union]
+Run (from the repository, the venv's python):
 
-For each size N, a guest (memory sized for N pages) runs the `merge`
-workload with N pages in 4 processes and waits until the kernel reports
-N rmap_items; then the walk is timed live over QMP (consistent: guest
-paused, and live: not paused) and from a vmcore of the same guest. Each
-walk runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own.
+    python benchmarks/walk.py                         # --sizes 100000,1000000
+    python benchmarks/walk.py --sizes 100000 --profile
+    python benchmarks/walk.py --vmcore ~/.cache/ksmlens-bench/walk-100000-union.vmcore \\
+        --vmlinux ~/.cache/ksmlens/.../vmlinux         # offline: no guest is booted
+
+Guest (per size N, unless --vmcore): a TCG lab VM of the --variant kernel
+(default union), 8 GB for N >= 1M (else 2 x N pages + 1 GB, at least 2 GB),
+2 vCPUs. The project's workload (vm/scenarios/ksmlens-workload.c, scenario
+``merge``) runs 2 processes x N/2 pages with ``--distinct N/2``: page k of
+one process has the same content as page k of the other, and the N/2
+contents are all different. ksmd runs fast (pages_to_scan 100000,
+sleep_millisecs 0) until /sys/kernel/mm/ksm says pages_shared == N/2 and
+pages_sharing == N/2 (N rmap_items in N/2 stable nodes, two each); then the
+knobs go back to the kernel's defaults (100 pages per 20 ms) for the
+measurements. Prep times printed: boot (VM up until its agent answers),
+fill (workload start until both processes have written their pages),
+merge (ksmd switched on until the counters above hold).
+
+Figures. Every one is one fresh process (``python -m ksmlens ...``: import,
+attach, walk, write), its wall time measured here and its peak RSS from
+wait4()'s rusage (ru_maxrss of that child alone):
+
+  json      ``ksmlens snapshot -o X.json`` (consistent: guest paused over QMP):
+            wall s, peak RSS MB, file MB (st_size), and the snapshot's own
+            meta.paused_seconds (guest stopped, all walk attempts) and
+            meta.walk_seconds (last attempt), read from the file.
+  columnar  the same with ``-o X.arrow``. If the file written is JSON (this
+            ksmlens writes JSON whatever the suffix) or the CLI refuses it,
+            it prints "columnar: not supported by this ksmlens".
+  live      ``ksmlens snapshot --mode live -o X.json``: guest not paused.
+  dump      ``ksmlens snapshot --vmcore FILE``: QMP dump-guest-memory; the
+            guest is paused for the whole dump (kept, see below).
+  vmcore    ``ksmlens snapshot --target FILE --vmlinux V -o X.json``.
+  naive     this script's own ``--naive-child``: one drgn Object per step
+            with ksmlens.lens.helpers (for_each_ksm_mm_slot,
+            for_each_mm_slot_rmap_item, for_each_stable_node,
+            for_each_stable_node_rmap_item) and drgn's vma_find() per item,
+            collecting address, state, stable node, vma range, vm_pgoff and
+            linear_page_index into a list of dicts (guest paused over QMP as
+            in consistent mode). Run at N <= 100k always; above that only
+            if it ends within --naive-limit seconds (stopped, and the guest
+            resumed, otherwise). "speedup" = naive wall / the fastest of the
+            json, columnar and vmcore walls (walk only: naive walk / its walk).
+
+Targets (issue 10), checked in the table's last column:
+  1M:   end to end <= 15 s, guest paused <= 5 s, peak RSS <= 1 GB,
+        file <= 100 MB; live and vmcore in the same range.
+  100k: end to end <= 2 s, peak RSS <= 400 MB, >= 10x the naive walk.
+A size between gets no target ("-"). Timings are TCG on a shared 2-core
+machine: expect some tens of percent of noise.
+
+vmcores are kept in --keep-dir (default ~/.cache/ksmlens-bench/), named
+walk-N-VARIANT.vmcore, for re-measuring offline with --vmcore/--vmlinux
+(json, columnar, vmcore and naive figures; no live/pause figures there).
+Snapshot outputs go to a temporary directory there and are deleted.
+--profile runs the json snapshot once more under ``python -m cProfile -s
+cumtime`` (sizes <= 200k only) and prints the top 15 functions.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,78 +78,495 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ksmlens import ksmsys  # noqa: E402
-from ksmlens.lab.scenarios import ScenarioRun  # noqa: E402
-from ksmlens.lab.vm import VM  # noqa: E402
+MB = 1 << 20
+LIMITS = {"mem_cap_mb": 10240, "figure_s": 900.0}   # set from --mem-cap / --figure-limit
+KEEP_DIR = Path(os.path.expanduser("~/.cache/ksmlens-bench"))
+MERGE_KNOBS = {"advisor_mode": "none", "pages_to_scan": 100000, "sleep_millisecs": 0, "run": 1}
+REST_KNOBS = {"pages_to_scan": 100, "sleep_millisecs": 20}   # mm/ksm.c's defaults
 
-CHILD = r"""
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[1])
-from ksmlens.lab.attach import attach
-from ksmlens.lens.snapshot import take_snapshot
-target, mode, vmlinux = sys.argv[2], sys.argv[3], sys.argv[4]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# (figure, size) -> target; the unit is in the figure's name.
+TARGETS = {
+    1_000_000: {"wall_s": 15.0, "paused_s": 5.0, "rss_mb": 1024.0, "file_mb": 100.0},
+    100_000: {"wall_s": 2.0, "rss_mb": 400.0, "speedup": 10.0},
+}
+
+
+# ---------------------------------------------------------------- child runs
+
+def _cap_memory():
+    import resource
+    cap = LIMITS["mem_cap_mb"] * MB
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def run_child(argv, *, timeout=None, on_timeout=None) -> dict:
+    """Run argv in a fresh process; wall seconds, its own peak RSS (MB), rc,
+    stdout/stderr. On timeout (default --figure-limit) the process group is
+    killed, ``on_timeout()`` is called and ``timed_out`` is set. The child's
+    address space is capped at --mem-cap (RLIMIT_AS): the host is shared."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    timeout = LIMITS["figure_s"] if timeout is None else timeout
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.monotonic()
+        p = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=str(ROOT),
+                             start_new_session=True, preexec_fn=_cap_memory)
+        timed_out = False
+        deadline = None if timeout is None else t + timeout
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                os.killpg(p.pid, signal.SIGKILL)
+                pid, status, ru = os.wait4(p.pid, 0)
+                timed_out = True
+                if on_timeout:
+                    on_timeout()
+                break
+            time.sleep(0.01)
+        wall = time.monotonic() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"wall_s": wall, "rss_mb": ru.ru_maxrss / 1024, "rc": p.returncode,
+                "timed_out": timed_out, "stdout": out.read().decode(errors="replace"),
+                "stderr": err.read().decode(errors="replace")}
+
+
+def ksmlens_cmd(*args):
+    return [sys.executable, "-m", "ksmlens", *args]
+
+
+def last_line(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def failure(stderr: str) -> str:
+    """The error line of a child's traceback and the innermost ksmlens
+    frame it came from (``model.py:198 save``)."""
+    where = ""
+    lines = stderr.strip().splitlines()
+    for i, l in enumerate(lines):
+        if l.strip().startswith('File "') and "/ksmlens/" in l:
+            parts = l.strip().split('"')
+            fn = l.rsplit(" in ", 1)[-1]
+            line = l.split(", line ")[-1].split(",")[0]
+            where = f" in {Path(parts[1]).name}:{line} {fn}"
+    return (last_line(stderr) or "no stderr") + where
+
+
+def path_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def json_meta(path: Path) -> dict | None:
+    """``meta`` of a JSON snapshot without loading the file (it comes near
+    the start, before the per-item lists); None if the file is not JSON."""
+    dec = json.JSONDecoder()
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if not head.lstrip().startswith(b"{"):
+            return None
+        chunk = 1 << 20
+        while True:
+            i = head.find(b'"meta":')
+            if i >= 0:
+                text = head[i + len('"meta":'):].decode(errors="replace").lstrip()
+                try:
+                    return dec.raw_decode(text)[0]
+                except json.JSONDecodeError:
+                    pass
+            more = f.read(chunk)
+            if not more:
+                return {}
+            head += more
+
+
+META_CHILD = r"""
+import json, sys, time
+from ksmlens.lens.model import Snapshot
 t = time.monotonic()
-prog = attach(target, vmlinux=vmlinux)
-t_attach = time.monotonic() - t
-snap = take_snapshot(prog, mode=mode)
-print(json.dumps({"items": len(snap.rmap_items), "walk": snap.meta["walk_seconds"],
-                  "paused": snap.meta.get("paused_seconds", 0), "attach": t_attach,
-                  "races": snap.meta.get("races", {}),
-                  "replay": snap.meta.get("replay_seconds", 0),
-                  "pte": snap.meta.get("pte_seconds", 0),
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "base_mb": base / 1024}))
+s = Snapshot.load(sys.argv[1])
+m = dict(s.meta) if isinstance(getattr(s, "meta", None), dict) else {}
+print(json.dumps({"load_s": time.monotonic() - t, "paused_seconds": m.get("paused_seconds"),
+                  "walk_seconds": m.get("walk_seconds")}))
 """
 
 
-def measure(target, mode, vmlinux):
-    r = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), target, mode, vmlinux],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr)
-    return json.loads(r.stdout)
+def resume_guest(vm):
+    """``cont`` a guest a killed child may have left paused."""
+    if vm is not None:
+        with vm.qmp(timeout=30) as q:
+            q.cont()
+
+
+def snapshot_figure(args, out: Path, vm=None) -> dict:
+    """One ``ksmlens snapshot ... -o out`` in a fresh process, and what it wrote."""
+    r = run_child(ksmlens_cmd("snapshot", *args, "-o", str(out)),
+                  on_timeout=lambda: resume_guest(vm))
+    fig = {"wall_s": r["wall_s"], "rss_mb": r["rss_mb"]}
+    if r["timed_out"]:
+        fig["error"] = f"stopped after {r['wall_s']:.0f} s (--figure-limit)"
+        return fig
+    if r["rc"] or not out.exists():
+        fig["error"] = failure(r["stderr"]) if r["stderr"].strip() else f"exit {r['rc']}"
+        if "MemoryError" in r["stderr"]:
+            fig["error"] = f"MemoryError at the {LIMITS['mem_cap_mb']} MB --mem-cap" + \
+                failure(r["stderr"]).split("MemoryError", 1)[-1]
+        return fig
+    fig["file_mb"] = path_size(out) / MB
+    meta = json_meta(out) if out.is_file() else None
+    fig["format"] = "json" if meta is not None else "other"
+    if meta is None:
+        m = run_child([sys.executable, "-c", META_CHILD, str(out)])
+        meta = json.loads(m["stdout"]) if m["rc"] == 0 else {}
+        if m["rc"]:
+            fig["note"] = "its meta unreadable: " + last_line(m["stderr"])
+        else:
+            fig["load_s"] = meta.get("load_s")
+    fig["paused_s"] = meta.get("paused_seconds")
+    fig["walk_s"] = meta.get("walk_seconds")
+    if meta.get("items_per_second"):
+        fig["items"] = meta["items_per_second"] * (meta.get("walk_seconds") or 0)
+    return fig
+
+
+# ---------------------------------------------------------------- naive walk
+
+def naive_walk(target: str, vmlinux: str | None) -> dict:
+    """The naive drgn walk (see the module doc); runs in --naive-child."""
+    from drgn.helpers.linux.mm import vma_find
+
+    from ksmlens.lab.attach import attach
+    from ksmlens.lens import helpers as H
+
+    prog = attach(target, vmlinux=vmlinux)
+    vm = prog.cache.get("ksmlens_vm") if target.startswith("vm:") else None
+    q = vm.qmp(timeout=30) if vm is not None else None
+    items, nodes = [], []
+    try:
+        if q is not None:
+            q.stop()
+        t = time.monotonic()
+        for slot in H.for_each_ksm_mm_slot(prog):
+            for item in H.for_each_mm_slot_rmap_item(slot):
+                addr = H.rmap_item_address(item)
+                state = H.rmap_item_state(item)
+                d = {"rmap_item": item.value_(), "mm": item.mm.value_(), "address": addr,
+                     "state": state,
+                     "stable_node": item.head.value_() if state == "stable" else None,
+                     "vma": None}
+                vma = vma_find(item.mm, addr)
+                if vma:
+                    d["vma"] = (vma.vm_start.value_(), vma.vm_end.value_())
+                    d["vm_pgoff"] = vma.vm_pgoff.value_()
+                    d["linear_page_index"] = H.linear_page_index(vma, addr)
+                items.append(d)
+        for node in H.for_each_stable_node(prog):
+            nodes.append({"stable_node": node.value_(), "kpfn": node.kpfn.value_(),
+                          "rmap_items": [i.value_() for i in
+                                         H.for_each_stable_node_rmap_item(node)]})
+        walk = time.monotonic() - t
+    finally:
+        if q is not None:
+            q.cont()
+            q.close()
+    return {"items": len(items), "stable_nodes": len(nodes),
+            "stable_items": sum(len(n["rmap_items"]) for n in nodes), "walk_s": walk}
+
+
+def naive_figure(target, vmlinux, *, limit=None, vm=None) -> dict:
+    argv = [sys.executable, __file__, "--naive-child", target]
+    if vmlinux:
+        argv += ["--vmlinux", vmlinux]
+    r = run_child(argv, timeout=limit or 1e9, on_timeout=lambda: resume_guest(vm))
+    fig = {"wall_s": r["wall_s"], "rss_mb": r["rss_mb"]}
+    if r["timed_out"]:
+        fig["error"] = f"stopped after {limit:.0f} s"
+    elif r["rc"]:
+        fig["error"] = last_line(r["stderr"]) or f"exit {r['rc']}"
+    else:
+        fig.update(json.loads(last_line(r["stdout"])))
+        fig["paused_s"] = fig["walk_s"] if target.startswith("vm:") else None
+    return fig
+
+
+# ---------------------------------------------------------------- guest
+
+def guest_memory_mb(n: int) -> int:
+    return 8192 if n >= 1_000_000 else max(2048, n * 4096 * 2 // MB + 1024)
+
+
+def prepare_guest(vm, n: int) -> tuple[int, dict]:
+    """Start the workload (2 x n/2 pairwise identical pages) and let ksmd
+    merge them; returns (workload handle, prep seconds)."""
+    from ksmlens.lab import ksmsys
+    from ksmlens.lab.scenarios import workload_binary
+    from ksmlens.errors import KsmlensError
+    half = n // 2
+    before = ksmsys.read_counters(vm)
+    if before["pages_shared"] or before["pages_sharing"]:
+        raise KsmlensError(f"the fresh guest already has KSM pages ({before['pages_shared']})",
+                           "boot a clean VM")
+    t = time.monotonic()
+    h = vm.spawn([str(workload_binary()), "merge", "--procs", "2", "--pages", str(half),
+                  "--distinct", str(half)])["handle"]
+    first = vm.send(h, None, timeout=3600)
+    if not (first.get("line") or "").startswith("ready "):
+        err = (first.get("stderr") or "").strip().splitlines()
+        raise KsmlensError(f"workload did not start: {err[-1] if err else first}", "")
+    fill = time.monotonic() - t
+    print(f"  fill: 2 x {half} pages written in {fill:.0f} s", flush=True)
+    ksmsys.set_knobs(vm, **MERGE_KNOBS)
+    t = time.monotonic()
+    last = [t]
+
+    def merged(c):
+        if time.monotonic() - last[0] > 60:
+            last[0] = time.monotonic()
+            print(f"    {time.monotonic() - t:.0f} s: full_scans {c['full_scans']} "
+                  f"pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
+                  f"unshared {c['pages_unshared']}", flush=True)
+        return c["pages_shared"] == half and c["pages_sharing"] == half
+    c = ksmsys.wait_until(vm, merged, timeout=4 * 3600, what=f"{half} pairs merged", poll=2)
+    merge = time.monotonic() - t
+    ksmsys.set_knobs(vm, **REST_KNOBS)
+    print(f"  merge: pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
+          f"after {merge:.0f} s ({c['full_scans']} full scans)", flush=True)
+    return h, {"fill_s": fill, "merge_s": merge}
+
+
+# ---------------------------------------------------------------- table
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    return f"{v}{unit}"
+
+
+def print_table(n: int | None, figs: dict) -> None:
+    tg = TARGETS.get(n, {}) if n else {}
+    rows = []
+
+    def row(name, key, value, limit, better="le", unit=""):
+        met = "-" if limit is None or value is None else \
+            ("yes" if (value <= limit if better == "le" else value >= limit) else "NO")
+        op = "<=" if better == "le" else ">="
+        rows.append((name, fmt(value, unit), "-" if limit is None else f"{op} {limit:g}{unit}",
+                     met))
+
+    for key, label in (("json", "snapshot -o X.json"), ("columnar", "snapshot -o X.arrow"),
+                       ("live", "snapshot --mode live"), ("vmcore", "snapshot of vmcore"),
+                       ("naive", "naive drgn walk")):
+        f = figs.get(key)
+        if f is None:
+            continue
+        if f.get("error"):
+            rows.append((f"{label}", f.get("error")[:80], "", "NO" if key != "naive" else "-"))
+            continue
+        own = key in ("json", "columnar", "live", "vmcore")
+        row(f"{label}: end to end", key, f["wall_s"], tg.get("wall_s") if own else None,
+            unit=" s")
+        if f.get("paused_s") is not None and key in ("json", "columnar", "naive"):
+            row(f"{label}: guest paused", key, f["paused_s"],
+                tg.get("paused_s") if key in ("json", "columnar") and not figs.get("offline")
+                else None, unit=" s")
+        if f.get("walk_s") is not None:
+            row(f"{label}: walk", key, f["walk_s"], None, unit=" s")
+        row(f"{label}: peak RSS", key, f["rss_mb"], tg.get("rss_mb") if own else None,
+            unit=" MB")
+        if f.get("file_mb") is not None:
+            row(f"{label}: file", key, f["file_mb"], tg.get("file_mb") if own else None,
+                unit=" MB")
+        if f.get("load_s") is not None:
+            row(f"{label}: Snapshot.load", key, f["load_s"], None, unit=" s")
+    if figs.get("dump"):
+        d = figs["dump"]
+        row("vmcore dump: guest paused", "dump", d.get("paused_s"), None, unit=" s")
+        row("vmcore dump: end to end", "dump", d.get("wall_s"), None, unit=" s")
+    nv = figs.get("naive")
+    own = [f for k in ("json", "columnar", "vmcore") if (f := figs.get(k)) and not f.get("error")]
+    js = min(own, key=lambda f: f["wall_s"]) if own else None   # the fastest way to a file
+    if nv and js and not nv.get("error"):
+        row("speedup vs naive (end to end)", "speedup", nv["wall_s"] / js["wall_s"],
+            tg.get("speedup"), better="ge", unit="x")
+        if js.get("walk_s"):
+            row("speedup vs naive (walk only)", "speedup", nv["walk_s"] / js["walk_s"], None,
+                better="ge", unit="x")
+    w = [max(len(r[i]) for r in rows + [("figure", "measured", "target", "met?")])
+         for i in range(4)]
+    for r in [("figure", "measured", "target", "met?")] + rows:
+        print("  " + "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i])
+                               for i, c in enumerate(r)))
+
+
+def profile(args, out: Path) -> None:
+    prof = [sys.executable, "-m", "cProfile", "-s", "cumtime", "-m", "ksmlens", "snapshot",
+            *args, "-o", str(out)]
+    r = run_child(prof)
+    lines = r["stdout"].splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip().startswith("ncalls")), None)
+    print(f"  cProfile (wall {r['wall_s']:.1f} s under the profiler), top 15 by cumtime:")
+    if start is None:
+        print("   ", last_line(r["stderr"]))
+        return
+    for l in lines[start:start + 16]:
+        print("   ", l)
+
+
+# ---------------------------------------------------------------- main
+
+def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=300.0,
+            naive_est=None, do_profile=False, skip=()) -> dict:
+    figs = {}
+    label = n if n else "vmcore"
+    if "json" not in skip:
+        figs["json"] = snapshot_figure(target_args, work / f"{label}.json", vm)
+        print(f"  json: {figs['json']}", flush=True)
+    if "columnar" not in skip:
+        figs["columnar"] = snapshot_figure(target_args, work / f"{label}.arrow", vm)
+        if figs["columnar"].get("format") == "json" or (
+                figs["columnar"].get("error") and "rror" not in figs["columnar"]["error"]
+                and "stopped" not in figs["columnar"]["error"]):
+            why = figs["columnar"].get("error") or "it wrote JSON to X.arrow"
+            print(f"  columnar: not supported by this ksmlens ({why})", flush=True)
+            figs.pop("columnar")
+        else:
+            print(f"  columnar: {figs['columnar']}", flush=True)
+    for f in work.iterdir():
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if vm is not None and "live" not in skip:
+        figs["live"] = snapshot_figure([*target_args, "--mode", "live"], work / f"{label}-l.json", vm)
+        print(f"  live: {figs['live']}", flush=True)
+    target = target_args[target_args.index("--target") + 1] if "--target" in target_args \
+        else f"vm:{vm.name}"
+    if "naive" in skip:
+        pass
+    elif n is None or n <= 100_000 or naive_est is None or naive_est < naive_limit:
+        figs["naive"] = naive_figure(target, vmlinux, vm=vm,
+                                     limit=None if n and n <= 100_000 else naive_limit)
+        print(f"  naive: {figs['naive']}", flush=True)
+    else:
+        print(f"  naive: skipped (estimated {naive_est:.0f} s > {naive_limit:.0f} s)")
+    if do_profile and "json" not in skip:
+        profile(target_args, work / "prof.json")
+    for f in work.iterdir():
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return figs
+
+
+def run_size(n, a, naive_rate) -> dict:
+    from ksmlens.lab.vm import VM
+    mem = guest_memory_mb(n)
+    name = f"bench-walk-{n}"
+    print(f"N={n}: booting {a.variant} with {mem} MB, 2 vCPUs", flush=True)
+    t = time.monotonic()
+    vm = VM.up(name, a.variant, memory=f"{mem}M", cpus=2, numa=1)
+    prep = {"boot_s": time.monotonic() - t}
+    handle = None
+    try:
+        print(f"  boot: {prep['boot_s']:.0f} s ({vm.state.get('accel')})", flush=True)
+        handle, p = prepare_guest(vm, n)
+        prep.update(p)
+        vml = vm.state["vmlinux"]
+        with tempfile.TemporaryDirectory(dir=KEEP_DIR, prefix="work-") as d:
+            work = Path(d)
+            est = n / naive_rate if naive_rate else None
+            figs = measure(n, ["--name", name], work, vm=vm, vmlinux=vml,
+                           naive_limit=a.naive_limit, naive_est=est,
+                           do_profile=a.profile and n <= 200_000, skip=a.skip)
+            core = KEEP_DIR / f"walk-{n}-{a.variant}.vmcore"
+            core.unlink(missing_ok=True)
+            r = run_child(ksmlens_cmd("snapshot", "--name", name, "--vmcore", str(core)))
+            figs["dump"] = {"wall_s": r["wall_s"]}
+            import re
+            m = re.search(r"guest paused ([0-9.]+) s", r["stderr"])
+            figs["dump"]["paused_s"] = float(m.group(1)) if m else None
+            if r["rc"]:
+                print(f"  vmcore dump failed: {last_line(r['stderr'])}")
+            elif "vmcore" in a.skip:
+                print(f"  vmcore {core} written; its snapshot skipped (--skip)")
+            else:
+                figs["vmcore"] = snapshot_figure(["--target", str(core), "--vmlinux", vml],
+                                                 work / f"{n}-core.json")
+                print(f"  vmcore {core} ({core.stat().st_size / MB:.0f} MB): "
+                      f"{figs['vmcore']}", flush=True)
+    finally:
+        if handle is not None:
+            try:
+                vm.kill(handle)
+            except Exception:
+                pass
+        vm.down()
+    figs["prep"] = prep
+    figs["vmcore_path"] = str(core)
+    figs["vmlinux"] = vml
+    return figs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000,500000")
-    ap.add_argument("--variant", default="union")
+    ap.add_argument("--sizes", default="100000,1000000",
+                    help="rmap_items per guest, comma separated (default 100000,1000000)")
+    ap.add_argument("--variant", default="union", help="kernel variant (default union)")
+    ap.add_argument("--vmcore", help="re-measure from this kept vmcore; no guest is booted")
+    ap.add_argument("--vmlinux", help="the vmcore's vmlinux (with --vmcore)")
+    ap.add_argument("--naive-limit", type=float, default=300.0,
+                    help="above 100k, run the naive walk only if it ends within this many "
+                         "seconds (default 300)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the json snapshot (sizes <= 200k)")
+    ap.add_argument("--skip", default="", type=lambda s: set(filter(None, s.split(","))),
+                    help="figures to leave out: json,columnar,live,vmcore,naive")
+    ap.add_argument("--mem-cap", type=int, default=LIMITS["mem_cap_mb"], metavar="MB",
+                    help="address-space cap of each measured process (default 10240): a "
+                         "figure over it reads 'MemoryError at the cap'")
+    ap.add_argument("--figure-limit", type=float, default=LIMITS["figure_s"], metavar="S",
+                    help="stop a measured process after S seconds (default 900)")
+    ap.add_argument("--naive-child", metavar="TARGET", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.naive_child:
+        print(json.dumps(naive_walk(a.naive_child, a.vmlinux)))
+        return
+    LIMITS.update(mem_cap_mb=a.mem_cap, figure_s=a.figure_limit)
+    KEEP_DIR.mkdir(parents=True, exist_ok=True)
+    if a.vmcore:
+        if not a.vmlinux:
+            ap.error("--vmcore needs --vmlinux")
+        with tempfile.TemporaryDirectory(dir=KEEP_DIR, prefix="work-") as d:
+            figs = measure(None, ["--target", a.vmcore, "--vmlinux", a.vmlinux], Path(d),
+                           vmlinux=a.vmlinux, do_profile=a.profile, skip=a.skip)
+        items = (figs.get("naive") or {}).get("items") or (figs.get("json") or {}).get("items")
+        n = min(TARGETS, key=lambda k: abs(k - items)) if items else None
+        if n and abs(n - items) > n * 0.05:
+            n = None
+        print(f"\n{a.vmcore}: {items and round(items)} rmap_items"
+              + (f" (targets of {n})" if n else " (no targets for this size)"))
+        if "json" in figs:
+            figs["vmcore"] = figs.pop("json")
+        figs["offline"] = True      # a vmcore: nothing is paused
+        print_table(n, figs)
+        return
+    results, naive_rate = {}, None
     for n in [int(x) for x in a.sizes.split(",")]:
-        mem_mb = max(2048, (n * 4096 * 3) // (1 << 20) + 1024)
-        vm = VM.up(f"bench-walk", a.variant, memory=f"{mem_mb}M", numa=1)
-        try:
-            per = n // 4
-            with ScenarioRun(vm, "merge", extra_args=("--procs", "4", "--pages", str(per),
-                                                      "--distinct", "64")) as run:
-                t = time.monotonic()
-                ksmsys.wait_until(vm, lambda c: c["pages_shared"] + c["pages_sharing"]
-                                  + c["pages_unshared"] + c["pages_volatile"] >= per * 4,
-                                  timeout=1800, what=f"{n} rmap_items")
-                print(f"N={n}: guest {mem_mb} MB, {per * 4} rmap_items after "
-                      f"{time.monotonic() - t:.0f} s of scanning")
-                vml = vm.state["vmlinux"]
-                for mode in ("consistent", "live"):
-                    m = measure(f"vm:{vm.name}", mode, vml)
-                    print(f"  live QMP {mode:10}: {m['items']} items in {m['walk']:.2f} s = "
-                          f"{m['items'] / m['walk']:,.0f} items/s, paused {m['paused']:.2f} s, "
-                          f"peak RSS {m['maxrss_mb']:.0f} MB, races {m['races']} (anon_vma trees + "
-                          f"PTEs {m['pte']:.2f} s of the walk; walk replay after it "
-                          f"{m['replay']:.2f} s)")
-                with tempfile.TemporaryDirectory(dir=os.path.expanduser("~/.cache")) as d:
-                    core = os.path.join(d, "vm.core")
-                    with vm.qmp(timeout=600) as q:
-                        t = time.monotonic()
-                        q.command("dump-guest-memory", paging=False, protocol=f"file:{core}")
-                        dump = time.monotonic() - t
-                    m = measure(core, "consistent", vml)
-                    print(f"  vmcore (dump {dump:.1f} s): {m['items']} items in {m['walk']:.2f} s"
-                          f" = {m['items'] / m['walk']:,.0f} items/s, peak RSS "
-                          f"{m['maxrss_mb']:.0f} MB")
-        finally:
-            vm.down()
+        figs = run_size(n, a, naive_rate)
+        nv = figs.get("naive") or {}
+        if nv.get("items") and nv.get("wall_s"):
+            naive_rate = nv["items"] / nv["wall_s"]
+        results[n] = figs
+        print(f"\nN={n} ({n} rmap_items, {n // 2} stable nodes), variant {a.variant}, TCG")
+        p = figs["prep"]
+        print(f"  prep: boot {p['boot_s']:.0f} s, fill {p['fill_s']:.0f} s, "
+              f"merge {p['merge_s']:.0f} s")
+        print_table(n, figs)
+        print(f"  vmcore kept: {figs['vmcore_path']} (vmlinux {figs['vmlinux']}, "
+              f"variant {a.variant})\n", flush=True)
 
 
 if __name__ == "__main__":
