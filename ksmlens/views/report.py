@@ -76,20 +76,27 @@ def stable_table(snap: Snapshot, limit: int | None = 50) -> str:
 
 def process_table(snap: Snapshot) -> str:
     """One row per mm slot: pid, comm, items by state, and pgoff mismatches."""
+    it = snap.rmap_items
+    lpi = it["linear_page_index"]
+    per = pd.DataFrame({
+        "mm": it["mm"].astype(object), "stable": it["state"] == "stable",
+        "unstable": it["state"] == "unstable", "none": it["state"] == "none",
+        "no_vma": lpi.isna(),
+        "moved": (lpi.notna() & (lpi != it["addr_pgoff"])).fillna(False).astype(bool),
+        "freed": (it["will_visit"] == False).fillna(False).astype(bool),  # noqa: E712
+    }).groupby("mm").agg(["sum", "size"]) if len(it) else None
     rows = []
-    for s in snap.slots():
-        items = [snap.item(i) for i in s.items]
-        st = Counter(i.state for i in items)
-        no_vma = sum(1 for i in items if i.linear_page_index is None)
-        moved = sum(1 for i in items if i.linear_page_index is not None
-                    and i.linear_page_index != i.addr_pgoff)
-        freed = sum(1 for i in items if i.will_visit is False)
-        pids = ",".join(map(str, s.pids)) if s.pids else (
+    for s in snap.mm_slots.itertuples(index=False):
+        have = per is not None and s.mm in per.index
+        cnt = (lambda c: int(per.at[s.mm, (c, "sum")]) if have else 0)
+        n = int(per.at[s.mm, ("stable", "size")]) if have else 0
+        pids = ",".join(map(str, s.pids)) if s.pids is not None and len(s.pids) else (
             "exited" if s.mm_users == 0 else "-")
-        rows.append((pids, s.comm or "-", len(items), st["stable"], st["unstable"], st["none"],
-                     no_vma, moved, freed, s.ksm_zero_pages,
+        rows.append((pids, s.comm if isinstance(s.comm, str) else "-", n, cnt("stable"),
+                     cnt("unstable"), cnt("none"), cnt("no_vma"), cnt("moved"), cnt("freed"),
+                     None if s.ksm_zero_pages is pd.NA else s.ksm_zero_pages,
                      f"{s.mm_ksm_rmap_items}/{s.mm_ksm_merging_pages}/"
-                     f"{_num(s.mm_ksm_zero_pages)}"))
+                     f"{_num(None if s.mm_ksm_zero_pages is pd.NA else s.mm_ksm_zero_pages)}"))
     return format_table(("pid", "comm", "items", "stable", "unstable", "none", "no_vma",
                          "addr_pgoff!=lpi", "freed_next", "zero_pages",
                          "ksm_stat(items/merging/zero)"), rows, align="><" + ">" * 8 + "<")
@@ -286,11 +293,11 @@ def replay_text(snap: Snapshot, rule: str | None = None, limit: int | None = 20)
         mark = ("  (n/a: struct ksm_rmap_item has no pgoff)"
                 if r == "stored" and not snap.kernel.has_stored_pgoff else "")
         out.append(f"  {r:7} {RULE_HELP[r]}{mark}")
-    nodes = [n for n in snap.nodes() if n.kind != "chain"]
+    n_pages = int((snap.stable_nodes["kind"] != "chain").sum())
     for r in rules:
         misses = walk_misses(snap, r)
         bad = {m["node"] for m in misses}
-        out.append(f"\nrule {r}: {len(nodes) - len(bad)}/{len(nodes)} KSM pages: every mapping "
+        out.append(f"\nrule {r}: {n_pages - len(bad)}/{n_pages} KSM pages: every mapping "
                    f"found; {len(bad)} pages miss {len(misses)} mappings")
         if misses:
             table = format_table(
