@@ -55,46 +55,52 @@ class SnapshotDiff:
         return d
 
 
-def _key(snap: Snapshot, it) -> tuple:
-    return (it.pid, it.address)
-
-
 def diff(a: Snapshot, b: Snapshot) -> SnapshotDiff:
     """What changed from snapshot ``a`` to snapshot ``b`` (``b`` later)."""
     if a.kernel.release != b.kernel.release:
         raise KsmlensError(f"snapshots of two kernels ({a.kernel.release} vs "
                            f"{b.kernel.release})", "diff two snapshots of one VM")
-    ia = {(i.mm, i.address): i for i in a.items()}
-    ib = {(i.mm, i.address): i for i in b.items()}
-    both = ia.keys() & ib.keys()
-    kpfn_a = {n.id: n.kpfn for n in a.nodes()}
-    kpfn_b = {n.id: n.kpfn for n in b.nodes()}
-    merged, unmerged, moved, pg, skipped = [], [], [], [], {}
-    for k in sorted(both):
-        x, y = ia[k], ib[k]
-        key = _key(b, y)
-        if x.state != "stable" and y.state == "stable":
-            merged.append(key)
-        elif x.state == "stable" and y.state != "stable":
-            unmerged.append(key)
-        elif x.state == y.state == "stable" and (
-                x.stable_node != y.stable_node
-                or kpfn_a.get(x.stable_node) != kpfn_b.get(y.stable_node)):
-            moved.append(key)
-        if x.pgoff_status != y.pgoff_status:
-            pg.append(key)
-        v = visits_between(a, b, x)
-        if v > 0 and b.counters.get("smart_scan", 1):
-            s = smartscan_next(a, x, v)["skipped"]
-            if s:
-                skipped[key] = s
+    cols = ["id", "mm", "address", "pid", "state", "stable_node", "pgoff_status", "page_ksm"]
+
+    def frame(s: Snapshot):
+        f = s.rmap_items[cols].copy()
+        for c in ("mm", "state", "pgoff_status"):
+            f[c] = f[c].astype(object)
+        kp = dict(zip(s.stable_nodes["id"], s.stable_nodes["kpfn"]))
+        f["kpfn"] = f["stable_node"].map(kp)
+        return f
+    m = frame(a).merge(frame(b), on=["mm", "address"], how="outer", suffixes=("_a", "_b"),
+                       indicator=True, sort=True)
+
+    def keys(rows, side) -> list[tuple]:
+        pid = rows[f"pid_{side}"].astype(object).where(rows[f"pid_{side}"].notna(), None)
+        return list(zip(pid.tolist(), rows["address"].astype(int).tolist()))
+    both = m[m["_merge"] == "both"]
+    sa, sb = both["state_a"] == "stable", both["state_b"] == "stable"
+    moved_mask = sa & sb & ((both["stable_node_a"] != both["stable_node_b"])
+                            | (both["kpfn_a"].astype(object) != both["kpfn_b"].astype(object)))
+    skipped = {}
+    if b.counters.get("smart_scan", 1):
+        # SmartScan never skips a KSM page (smartscan_next): only the others
+        # are replayed one by one
+        maybe = both[both["page_ksm_a"].fillna(False) != True]  # noqa: E712
+        for iid, key in zip(maybe["id_a"].tolist(), keys(maybe, "b")):
+            x = a.item(iid)
+            v = visits_between(a, b, x)
+            if v > 0:
+                n = smartscan_next(a, x, v)["skipped"]
+                if n:
+                    skipped[key] = n
     counters = {k: b.counters[k] - a.counters[k] for k in b.counters
                 if isinstance(b.counters.get(k), int) and isinstance(a.counters.get(k), int)}
     return SnapshotDiff(full_scans=(a.scan.get("seqnr"), b.scan.get("seqnr")),
-                        appeared=sorted(_key(b, ib[k]) for k in ib.keys() - ia.keys()),
-                        dropped=sorted(_key(a, ia[k]) for k in ia.keys() - ib.keys()),
-                        merged=merged, unmerged=unmerged, moved=moved, skipped=skipped,
-                        pgoff_changed=pg, counters=counters)
+                        appeared=sorted(keys(m[m["_merge"] == "right_only"], "b"), key=str),
+                        dropped=sorted(keys(m[m["_merge"] == "left_only"], "a"), key=str),
+                        merged=keys(both[~sa & sb], "b"), unmerged=keys(both[sa & ~sb], "b"),
+                        moved=keys(both[moved_mask], "b"),
+                        skipped=skipped, pgoff_changed=keys(
+                            both[both["pgoff_status_a"] != both["pgoff_status_b"]], "b"),
+                        counters=counters)
 
 
 @dataclasses.dataclass
