@@ -368,10 +368,17 @@ class Snapshot:
             r = self._records["items"] = _item_records(self.rmap_items)
         return r
 
-    def nodes(self) -> list[StableNode]:
+    def nodes(self, mappings: bool = True) -> list[StableNode]:
         """Every stable node as a :class:`StableNode` (cached) with its
-        ``items`` (hlist order), ``dups``, ``mappings`` and orphans filled."""
+        ``items`` (hlist order), ``dups``, ``mappings`` and orphans filled.
+        ``mappings=False``: without ``mappings`` / ``orphan_mappings`` (empty
+        lists; much faster for a million mappings: read ``snap.mappings``)."""
         r = self._records.get("nodes")
+        if r is None and not mappings:
+            r = self._records.get("nodes_lite")
+            if r is None:
+                r = self._records["nodes_lite"] = _node_records(self, mappings=False)
+            return r
         if r is None:
             r = self._records["nodes"] = _node_records(self)
         return r
@@ -485,26 +492,20 @@ def _item_records(df: pd.DataFrame) -> list[RmapItem]:
     return [RmapItem(*row) for row in zip(*cols)]   # walk None: no VMA, nothing answered
 
 
-def _node_records(snap: Snapshot) -> list[StableNode]:
+def _node_records(snap: Snapshot, mappings: bool = True) -> list[StableNode]:
     df = snap.stable_nodes
     names = [f.name for f in fields(StableNode) if f.name not in _NODE_DERIVED]
     cols = {n: _col(df, n) for n in names}
     unm = {r: df[f"unmappable_{r}"].tolist() for r in RULES}
     # items per node, in hlist order
     it = snap.rmap_items
-    st = it[it["stable_node"].notna()]
-    if len(st):
-        st = st.assign(_p=st["hlist_pos"].fillna(1 << 30)).sort_values(
-            ["stable_node", "_p"], kind="stable")
-        items_of = st.groupby("stable_node", sort=False, observed=True)["id"].agg(list).to_dict()
-    else:
-        items_of = {}
+    items_of = _ids_by(it, "stable_node", order="hlist_pos")
     dups_of: dict = {}
     for i, k, c in zip(cols["id"], cols["kind"], cols["chain"]):
         if k == "dup" and c is not None:
             dups_of.setdefault(c, []).append(i)
-    maps_of = _rows_by(snap.mappings, "node", _mapping_dict)
-    orph_of = _rows_by(snap.orphans, "node",
+    maps_of = _rows_by(snap.mappings, "node", _mapping_dict) if mappings else {}
+    orph_of = {} if not mappings else _rows_by(snap.orphans, "node",
                        lambda r: {"pid": r["pid"], "comm": r["comm"], "mm": r["mm"],
                                   "address": r["address"]})
     out = []
@@ -520,6 +521,26 @@ def _node_records(snap: Snapshot) -> list[StableNode]:
         n.unmappable_under = [r for r in RULES if unm[r][k]]
         out.append(n)
     return out
+
+
+def _ids_by(df: pd.DataFrame, key: str, order: str | None = None) -> dict:
+    """key value -> list of ``id`` of the rows with it (rows with no key
+    left out), in ``order`` (then table order) within each key."""
+    sel = df[df[key].notna()]
+    if not len(sel):
+        return {}
+    codes, uniq = pd.factorize(sel[key])
+    if order is not None:
+        o = np.lexsort((sel[order].to_numpy(dtype=np.int64, na_value=1 << 40), codes))
+    else:
+        o = np.argsort(codes, kind="stable")
+    c = codes[o]
+    ids = sel["id"].to_numpy(dtype=object)[o]
+    cut = np.flatnonzero(np.diff(c)) + 1
+    starts = np.concatenate([[0], cut]).tolist()
+    ends = np.concatenate([cut, [c.size]]).tolist()
+    names = list(uniq)
+    return {names[c[a]]: ids[a:b].tolist() for a, b in zip(starts, ends)}
 
 
 def _mapping_dict(r: dict) -> dict:
@@ -544,8 +565,7 @@ def _slot_records(snap: Snapshot) -> list[MmSlot]:
     names = [f.name for f in fields(MmSlot) if f.name not in _SLOT_DERIVED]
     cols = {n: _col(df, n) for n in names}
     it = snap.rmap_items
-    items_of = it.groupby("mm", sort=False, observed=True)["id"].agg(list).to_dict() \
-        if len(it) else {}
+    items_of = _ids_by(it, "mm")
     out = []
     for k in range(len(df)):
         s = MmSlot(**{n: cols[n][k] for n in names})

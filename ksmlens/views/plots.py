@@ -74,14 +74,23 @@ def _proc_label(pid, comm):
     return f"pid {pid}" + (f" {comm}" if comm else "") if pid is not None else "exited mm"
 
 
-def _sharers(snap: Snapshot, node) -> tuple:
-    """Sorted ((pid, comm), n_items) of a regular node or dup."""
-    cnt = Counter()
-    for iid in node.items:
-        it = snap._by_id("items").get(iid)
-        if it is not None:
-            cnt[(it.pid, it.comm)] += 1
-    return tuple(sorted(cnt.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0)))
+def _sharers_by_node(snap: Snapshot) -> dict:
+    """node id -> sorted ((pid, comm), n_items) of its rmap_items (one
+    groupby over the rmap_items table)."""
+    it = snap.rmap_items
+    it = it[it["stable_node"].notna()]
+    if not len(it):
+        return {}
+    cnt = it.groupby(["stable_node", "pid", "comm"], dropna=False, sort=False,
+                     observed=True).size()
+    cnt = cnt[cnt > 0]
+    out: dict = {}
+    for (node, pid, comm), c in cnt.items():
+        pid = None if pid is None or pid != pid else int(pid)
+        comm = None if comm is None or comm != comm else comm
+        out.setdefault(node, []).append(((pid, comm), int(c)))
+    return {k: tuple(sorted(v, key=lambda kv: (kv[0][0] is None, kv[0][0] or 0)))
+            for k, v in out.items()}
 
 
 # ------------------------------------------------------------------ address space
@@ -265,16 +274,17 @@ def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300, label_nodes: int 
     """
     from matplotlib.collections import LineCollection
 
-    nodes = [n for n in snap.nodes() if not (n.migrate_list and n.kind == "dup")]
+    nodes = [n for n in snap.nodes(mappings=False) if not (n.migrate_list and n.kind == "dup")]
+    sharers = _sharers_by_node(snap)
     leaves = [n for n in nodes if n.kind != "chain"]
     chains = [n for n in nodes if n.kind == "chain"]
     mode = "grouped" if len(leaves) > max_nodes else \
         "rows" if len(leaves) <= label_nodes else "blocks"
-    by_id = snap._by_id("nodes")
+    by_id = {n.id for n in nodes}
 
     boxes: dict = {}
     for n in leaves:
-        sh = _sharers(snap, n)
+        sh = sharers.get(n.id, ())
         parent = n.chain if n.kind == "dup" else ("root", n.nid)
         key = (n.kind, parent, n.id) if mode == "rows" else \
             (n.kind, parent, tuple(p for p, _ in sh))
