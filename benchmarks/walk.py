@@ -32,10 +32,10 @@ wait4()'s rusage (ru_maxrss of that child alone):
   columnar  the same with ``-o X.arrow``. If the file written is JSON (this
             ksmlens writes JSON whatever the suffix) or the CLI refuses it,
             it prints "columnar: not supported by this ksmlens".
-  live      ``ksmlens snapshot --mode live -o X.json``: guest not paused.
+  live      ``ksmlens snapshot --mode live -o X.arrow``: guest not paused.
   dump      ``ksmlens snapshot --vmcore FILE``: QMP dump-guest-memory; the
             guest is paused for the whole dump (kept, see below).
-  vmcore    ``ksmlens snapshot --target FILE --vmlinux V -o X.json``.
+  vmcore    ``ksmlens snapshot --target FILE --vmlinux V -o X.arrow``.
   naive     this script's own ``--naive-child``: one drgn Object per step
             with ksmlens.lens.helpers (for_each_ksm_mm_slot,
             for_each_mm_slot_rmap_item, for_each_stable_node,
@@ -441,7 +441,8 @@ def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=30
     for f in work.iterdir():
         shutil.rmtree(f) if f.is_dir() else f.unlink()
     if vm is not None and "live" not in skip:
-        figs["live"] = snapshot_figure([*target_args, "--mode", "live"], work / f"{label}-l.json", vm)
+        figs["live"] = snapshot_figure([*target_args, "--mode", "live"], work / f"{label}-l.arrow",
+                                       vm)
         print(f"  live: {figs['live']}", flush=True)
     target = target_args[target_args.index("--target") + 1] if "--target" in target_args \
         else f"vm:{vm.name}"
@@ -493,7 +494,7 @@ def run_size(n, a, naive_rate) -> dict:
                 print(f"  vmcore {core} written; its snapshot skipped (--skip)")
             else:
                 figs["vmcore"] = snapshot_figure(["--target", str(core), "--vmlinux", vml],
-                                                 work / f"{n}-core.json")
+                                                 work / f"{n}-core.arrow")
                 print(f"  vmcore {core} ({core.stat().st_size / MB:.0f} MB): "
                       f"{figs['vmcore']}", flush=True)
     finally:
