@@ -104,6 +104,18 @@ def predict(snap, rule: str | None = None) -> dict:
     return out
 
 
+def _node_row(n, rule: str) -> dict:
+    """What a verify row says of a KSM page before the kernel acts: its
+    sharers, its mapped mappings, its mapcount, and how many mappings
+    ``rule`` misses (plus those no rmap_item reaches)."""
+    mapped = [m for m in n.mappings if m["mapped"]]
+    return {"node": n.id, "kpfn": n.kpfn,
+            "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
+                            if m["pid"] is not None}),
+            "mappings": len(mapped), "mapcount": n.mapcount, "unreachable": n.unreachable,
+            "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable}
+
+
 def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
     """Contiguous (start, npages) runs of sorted page addresses."""
     out = []
@@ -183,15 +195,7 @@ def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResul
         ps = [p for p in pages if p["node"] == n.id]
         obs = {p["observed"] for p in ps} - {"gone"}
         observed = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
-        mapped = [m for m in n.mappings if m["mapped"]]
-        rows.append({"node": n.id, "kpfn": n.kpfn,
-                     "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
-                                     if m["pid"] is not None}),
-                     "mappings": len(mapped), "mapcount": n.mapcount,
-                     "unreachable": n.unreachable,
-                     # mappings the rule misses, and those no rmap_item reaches
-                     "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable,
-                     "predicted": pred[n.id], "observed": observed,
+        rows.append({**_node_row(n, rule), "predicted": pred[n.id], "observed": observed,
                      "agree": (None if observed == "gone" else
                                (pred[n.id] == "moves") == (observed == "moved")
                                and observed in ("moved", "stayed"))})
@@ -299,14 +303,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             observed = "stayed"         # still mapped somewhere: never freed
         else:
             observed = "reclaimed"
-        mapped = [m for m in n.mappings if m["mapped"]]
-        rows.append({"node": n.id, "kpfn": n.kpfn,
-                     "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
-                                     if m["pid"] is not None}),
-                     "mappings": len(mapped), "mapcount": n.mapcount,
-                     "unreachable": n.unreachable,
-                     # mappings the rule misses, and those no rmap_item reaches
-                     "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable,
+        rows.append({**_node_row(n, rule),
                      "swapped": sum(p["observed"] == "swapped" for p in ps),
                      "kpfn_after": {k: kp.get(k) for k in ("mapcount", "kpf_swapcache")},
                      "predicted": pred[n.id], "observed": observed,
