@@ -27,7 +27,9 @@ install the kernel's debug package or pass ``--vmlinux``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -179,6 +181,28 @@ def register_finder(prog: Program) -> None:
         prog.register_debug_info_finder(FINDER, _finder(prog), enable_index=0)
 
 
+@contextlib.contextmanager
+def _drgn_quiet():
+    """Keep drgn's own warnings ("missing debugging symbols ...", "provided
+    file ... did not match") off stderr while ksmlens searches: its one-line
+    error says what was tried. Yields the records drgn logged."""
+    log = logging.getLogger("drgn")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h, propagate = Keep(), log.propagate
+    log.addHandler(h)
+    log.propagate = False
+    try:
+        yield records
+    finally:
+        log.removeHandler(h)
+        log.propagate = propagate
+
+
 def load_kernel_debug_info(prog: Program, vmlinux=None, *, what: str = "the kernel") -> str:
     """Load the kernel's debug info into ``prog`` and return the vmlinux used.
 
@@ -203,7 +227,8 @@ def load_kernel_debug_info(prog: Program, vmlinux=None, *, what: str = "the kern
         saved = prog.enabled_debug_info_finders()
         prog.set_enabled_debug_info_finders([])
         try:
-            prog.load_debug_info([str(vmlinux)], main=True)
+            with _drgn_quiet():
+                prog.load_debug_info([str(vmlinux)], main=True)
         except MissingDebugInfoError:
             pass
         finally:
@@ -218,7 +243,8 @@ def load_kernel_debug_info(prog: Program, vmlinux=None, *, what: str = "the kern
         return str(vmlinux)
     register_finder(prog)
     try:
-        prog.load_debug_info(main=True)
+        with _drgn_quiet():
+            prog.load_debug_info(main=True)
     except MissingDebugInfoError:
         pass
     main = prog.main_module()
