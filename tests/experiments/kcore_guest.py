@@ -34,7 +34,8 @@ def cli(*argv) -> dict:
 
 def main() -> None:
     wrong = sys.argv[1]
-    res = {"sysfs_before": sysfs(), "uname": os.uname().release}
+    res = {"sysfs_before": sysfs(), "uname": os.uname().release,
+           "npy_disabled": os.environ.get("NPY_DISABLE_CPU_FEATURES")}
     t = time.monotonic()
     # a plain drgn Program, as `drgn` makes one: the ksmlens plugin's finder
     # (drgn_prog_set) finds the lab's vmlinux before drgn's standard one
