@@ -251,7 +251,9 @@ def check_vm(vm, prog, *, attempts: int = 20,
             "mid_update_seen": len(snap.meta.get("mid_update_seen") or ()),
             "note": f"KSM kept changing during {attempts} attempts ({', '.join(moved) or 'ksm_stat'}"
                     " moved between the sysfs reads): the kernel column is the variables "
-                    "sysfs and ksm_stat print, read by drgn in the same pause as the walk"}
+                    "sysfs and ksm_stat print, read by drgn "
+                    + ("during the unpaused walk" if mode == "live"
+                       else "in the same pause as the walk")}
     changed = [k for k in _STABLE_KEYS if not last[0].get(k) == last[1].get(k) == last[2][k]]
     if last[3]:
         changed.append("paused walks landed in half-done updates: "

@@ -127,6 +127,7 @@ def test_kcore_vmlinux_report_snapshot_ksm_in_guest(held_chain):
     agree = re.search(r"check: (\d+)/(\d+) agree", res["ksm_check"])
     assert agree and agree[1] == agree[2], res["ksm_check"]
     assert res["ksm_check"].count("nothing can pause it") == 1
+    assert "nothing can pause it" not in res["ksm_stable"]      # once per Program
     assert f"pages_shared = {want['pages_shared']}" in res["ksm_stable"]
     # refusals, one line each, with what to do
     for key, cause in (("consistent", "nothing can pause it"),
