@@ -30,7 +30,7 @@ from ksmlens.kernel.variants import DEFAULT_VARIANT, VARIANTS
 from ksmlens.lab.vm import DEFAULT_NAME
 
 __all__ = ["Arg", "arg", "Commands", "NAME", "VARIANT", "TARGET", "SNAPSHOT", "attach_target",
-           "snapshot_or_live"]
+           "snapshot_or_live", "walk_mode"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +129,10 @@ VARIANT = arg("--variant", "-V", default=DEFAULT_VARIANT, metavar="V",
 # what drgn reads: a lab VM live over QMP, a vmcore, or /proc/kcore
 TARGET = (NAME,
           arg("--target", metavar="T", help="vm:NAME (default: the --name VM, live over "
-              "QMP), a vmcore file, or /proc/kcore"),
-          arg("--vmlinux", help="vmlinux with debug info (found for lab VMs)"))
+              "QMP), a vmcore file, or /proc/kcore (this machine's running kernel, as root)"),
+          arg("--vmlinux", help="vmlinux with debug info (default: the lab VM's; for "
+              "/proc/kcore and vmcores searched by build ID: the lab's builds, "
+              "/usr/lib/debug, /boot, /lib/modules/RELEASE, then drgn's finders)"))
 SNAPSHOT = arg("--snapshot", "-s", metavar="FILE",
                help="read a saved snapshot (JSON or columnar) instead of walking")
 
@@ -141,11 +143,39 @@ def attach_target(a: argparse.Namespace):
     return attach(a.target or f"vm:{a.name}", vmlinux=a.vmlinux)
 
 
+_said_kcore = False
+
+
+def walk_mode(a: argparse.Namespace, prog) -> str:
+    """``--mode``, or its default: consistent (the guest paused for the walk),
+    but live on /proc/kcore, which nothing can pause: said once per process
+    on stderr (:data:`ksmlens.lab.host.KCORE_NOTE`); ``--mode consistent``
+    there is refused in one line."""
+    global _said_kcore
+    import sys
+    from ksmlens.errors import KsmlensError
+    from ksmlens.lab.host import KCORE_NOTE, is_kcore
+    mode = getattr(a, "mode", None)
+    if not is_kcore(prog):
+        return mode or "consistent"
+    if mode == "consistent":
+        raise KsmlensError("a consistent walk needs the kernel paused, and /proc/kcore is the "
+                           "running kernel: nothing can pause it",
+                           "leave --mode out (a live walk that counts races), hold ksmd with "
+                           "`echo 0 > /sys/kernel/mm/ksm/run`, or walk a lab VM or a vmcore")
+    if not _said_kcore:
+        print(f"ksmlens: note: {KCORE_NOTE}", file=sys.stderr)
+        _said_kcore = True
+    return "live"
+
+
 def snapshot_or_live(a: argparse.Namespace):
     """The snapshot saved in ``--snapshot FILE``, else a walk of the target
-    (``--mode``, default consistent: the guest paused for the walk)."""
+    (``--mode``, default consistent: the guest paused for the walk; live on
+    /proc/kcore, see :func:`walk_mode`)."""
     from ksmlens.lens.model import Snapshot
     if getattr(a, "snapshot", None):
         return Snapshot.load(a.snapshot)
     from ksmlens.lens.snapshot import take_snapshot
-    return take_snapshot(attach_target(a), mode=getattr(a, "mode", "consistent"))
+    prog = attach_target(a)
+    return take_snapshot(prog, mode=walk_mode(a, prog))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ksmlens.cli.common import NAME, TARGET, Commands, arg, attach_target
+from ksmlens.cli.common import NAME, TARGET, Commands, arg, attach_target, walk_mode
 from ksmlens.errors import KsmlensError
 
 COMMANDS = Commands()
@@ -24,15 +24,21 @@ register = COMMANDS.register
     "check", help="prove a walk against the kernel's own counters",
     description="Walk (guest paused) and compare with /sys/kernel/mm/ksm/* and "
     "/proc/PID/ksm_stat read in the guest: pages_shared, pages_sharing, pages_unshared, "
-    "rmap_items, chains, dups, per-process counts. Exits 1 on any mismatch.",
+    "rmap_items, chains, dups, per-process counts. With --target /proc/kcore (as root): "
+    "this machine's kernel and its own sysfs, the walk live (nothing pauses a running "
+    "kernel; hold ksmd with run=0 for a steady state). Exits 1 on any mismatch.",
     args=(TARGET,))
 def check(a):
     from ksmlens.experiments.check import check_vm, unreachable_note
+    from ksmlens.lab.host import LocalKernel, is_kcore
     from ksmlens.lab.vm import VM
     from ksmlens.views.tables import check_text
     prog = attach_target(a)
-    vm = prog.cache.get("ksmlens_vm") or VM(a.name)
-    rows, snap, info = check_vm(vm, prog)
+    if is_kcore(prog):      # this machine's kernel: its own sysfs, a live walk
+        rows, snap, info = check_vm(LocalKernel(), prog, mode=walk_mode(a, prog))
+    else:
+        vm = prog.cache.get("ksmlens_vm") or VM(a.name)
+        rows, snap, info = check_vm(vm, prog)
     print(check_text(rows, snap, info, notes=[unreachable_note(snap)]))
     return 0 if all(r.ok for r in rows) else 1
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import sys
 
-from ksmlens.cli.common import SNAPSHOT, TARGET, Commands, arg, attach_target, snapshot_or_live
+from ksmlens.cli.common import (SNAPSHOT, TARGET, Commands, arg, attach_target, snapshot_or_live,
+                                walk_mode)
 
 COMMANDS = Commands()
 register = COMMANDS.register
 
-MODE = arg("--mode", choices=["consistent", "live"], default="consistent",
-           help="pause the guest for the walk (default) or not")
+MODE = arg("--mode", choices=["consistent", "live"], default=None,
+           help="pause the guest for the walk (consistent, the default) or not (live; "
+           "the only mode on /proc/kcore)")
 RULES = ["stock", "v3", "stored"]
 
 
@@ -50,7 +52,8 @@ def snapshot(a):
               file=sys.stderr)
         if not a.output:
             return 0
-    snap = take_snapshot(attach_target(a), mode=a.mode)
+    prog = attach_target(a)
+    snap = take_snapshot(prog, mode=walk_mode(a, prog))
     if a.output:
         fmt = snap.save(a.output)
         print(f"snapshot saved to {a.output} ({fmt})", file=sys.stderr)

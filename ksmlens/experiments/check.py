@@ -166,8 +166,14 @@ _STABLE_KEYS = tuple(f.name for f in ksm_sysfs.FILES if f.kind == "counter" and 
                      and not f.monotonic and f.name != "general_profit")
 
 
-def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict]:
+def check_vm(vm, prog, *, attempts: int = 20,
+             mode: str = "consistent") -> tuple[list[Row], Snapshot, dict]:
     """Walk ``vm`` (paused) between two reads of its sysfs and ksm_stat.
+
+    ``vm`` is a lab VM, or :class:`ksmlens.lab.host.LocalKernel` for
+    /proc/kcore with ``mode="live"``: the running kernel cannot be paused, so
+    the walk is unpaused, and a walk that raced (``meta["races"]``) or
+    disagreed is taken again like a paused walk that met a half-done update.
 
     The comparison only means something if the kernel's state at the pause
     is the state sysfs showed: retry while the counters differ between the
@@ -189,11 +195,14 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
         pids = ksmsys.ksm_pids(vm)
         before = ksmsys.read_counters(vm)
         stat_before = ksmsys.read_ksm_stat(vm, pids)
-        snap = take_snapshot(prog, mode="consistent", vm=vm)
+        snap = take_snapshot(prog, mode=mode, vm=vm if mode == "consistent" else None)
         after = ksmsys.read_counters(vm)
         stat_after = ksmsys.read_ksm_stat(vm, pids)
         paused = {k: snap.counters.get(k) for k in _STABLE_KEYS}
         mid = snap.meta.get("mid_update")
+        if mode == "live" and snap.meta.get("races"):
+            races = snap.meta["races"]
+            mid = {"what": dict(races), "busy": [f"the unpaused walk raced: {k}" for k in races]}
         if not mid:
             settled = snap
         if (not mid and all(before.get(k) == after.get(k) == paused[k] for k in _STABLE_KEYS)
@@ -202,6 +211,8 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
             bad = [r for r in rows if not r.ok]
             # a count a task on a CPU had half updated in this pause: pause again
             why = classify(snap, bad, snap.meta.get("on_cpu")) if bad else None
+            if bad and not why and mode == "live":
+                why = "the unpaused walk disagreed (KSM changed under it)"
             if not why:
                 return rows, snap, {
                     "attempts": attempt, "windows": windows,
@@ -240,7 +251,9 @@ def check_vm(vm, prog, *, attempts: int = 20) -> tuple[list[Row], Snapshot, dict
             "mid_update_seen": len(snap.meta.get("mid_update_seen") or ()),
             "note": f"KSM kept changing during {attempts} attempts ({', '.join(moved) or 'ksm_stat'}"
                     " moved between the sysfs reads): the kernel column is the variables "
-                    "sysfs and ksm_stat print, read by drgn in the same pause as the walk"}
+                    "sysfs and ksm_stat print, read by drgn "
+                    + ("during the unpaused walk" if mode == "live"
+                       else "in the same pause as the walk")}
     changed = [k for k in _STABLE_KEYS if not last[0].get(k) == last[1].get(k) == last[2][k]]
     if last[3]:
         changed.append("paused walks landed in half-done updates: "

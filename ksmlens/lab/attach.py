@@ -5,8 +5,10 @@
     prog = attach("dump.vmcore")       # a QEMU dump-guest-memory file
     prog = attach("/proc/kcore")       # the running kernel (inside a guest, or as root)
 
-For lab VMs the right vmlinux is found from the VM's state; elsewhere give
-``vmlinux=`` or let drgn look in its default places.
+For lab VMs the right vmlinux is found from the VM's state; for /proc/kcore
+and vmcores it is searched for by build ID (the lab's builds, the standard
+debug paths, then drgn's own finders: :mod:`ksmlens.lab.debuginfo`), or
+given as ``vmlinux=`` (refused unless its build ID is the kernel's).
 """
 
 from __future__ import annotations
@@ -14,80 +16,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from drgn import MissingDebugInfoError, Program
+from drgn import Program
 
 from ksmlens.errors import KsmlensError
+from ksmlens.lab.debuginfo import elf_build_id, load_kernel_debug_info
 
 __all__ = ["attach", "check_ksm_kernel", "dump_vmcore", "elf_build_id"]
 
 
-def elf_build_id(path) -> bytes | None:
-    """The GNU build ID note of an ELF file (vmlinux), or None."""
-    import struct
-    with open(path, "rb") as f:
-        ehdr = f.read(64)
-        if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
-            return None
-        shoff, = struct.unpack_from("<Q", ehdr, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", ehdr, 0x3A)
-        f.seek(shoff)
-        shdrs = f.read(shentsize * shnum)
-        for i in range(shnum):
-            sh_type, = struct.unpack_from("<I", shdrs, i * shentsize + 4)
-            if sh_type != 7:  # SHT_NOTE
-                continue
-            off, size = struct.unpack_from("<QQ", shdrs, i * shentsize + 0x18)
-            f.seek(off)
-            data = f.read(size)
-            pos = 0
-            while pos + 12 <= len(data):
-                namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
-                name = data[pos + 12:pos + 12 + namesz]
-                dpos = pos + 12 + ((namesz + 3) & ~3)
-                if ntype == 3 and name.rstrip(b"\0") == b"GNU":
-                    return data[dpos:dpos + descsz]
-                pos = dpos + ((descsz + 3) & ~3)
-    return None
-
-
-def _vmcoreinfo_build_id(prog: Program) -> str | None:
-    try:
-        raw = bytes(prog.vmcoreinfo) if hasattr(prog, "vmcoreinfo") else None
-    except Exception:
-        raw = None
-    text = raw.decode(errors="replace") if raw else ""
-    for line in text.splitlines():
-        if line.startswith("BUILD-ID="):
-            return line.split("=", 1)[1].strip()
-    return None
-
-
 def _load_vmlinux(prog: Program, vmlinux, what: str) -> None:
-    if vmlinux is None:
-        try:
-            prog.load_default_debug_info()
-        except MissingDebugInfoError as e:
-            raise KsmlensError(f"no debug info for the kernel of {what} ({e})",
-                               "pass vmlinux= (the kernel's unstripped vmlinux)") from None
-        return
-    vmlinux = Path(vmlinux)
-    if not vmlinux.exists():
-        raise KsmlensError(f"vmlinux {vmlinux} does not exist",
-                           "rebuild it with `ksmlens vm build`, or give the right path")
-    want = _vmcoreinfo_build_id(prog)
-    have = elf_build_id(vmlinux)
-    if want and have is not None and have.hex() != want.lower():
-        raise KsmlensError(f"{vmlinux} is not the running kernel's vmlinux (build ID "
-                           f"{have.hex()[:16]}... vs {want[:16]}...)",
-                           "use the vmlinux of the booted build (`ksmlens vm status`)")
-    if have is None:
-        raise KsmlensError(f"{vmlinux} has no build ID / is not an ELF vmlinux",
-                           "give the unstripped vmlinux from the kernel build")
-    try:
-        prog.load_debug_info([str(vmlinux)])
-    except MissingDebugInfoError as e:
-        raise KsmlensError(f"{vmlinux} does not match {what} ({e})",
-                           "use the vmlinux of the booted build") from None
+    prog.cache["ksmlens_vmlinux_path"] = load_kernel_debug_info(prog, vmlinux, what=what)
 
 
 def check_ksm_kernel(prog: Program) -> None:
@@ -168,11 +106,17 @@ def attach(target: str | None = None, *, vmlinux=None) -> Program:
         prog.cache["ksmlens_pause"] = vm.paused
         prog.cache["ksmlens_source"] = f"qmp:{sock}"
     elif target in ("kcore", "/proc/kcore"):
-        prog = Program()
         if os.geteuid() != 0:
-            raise KsmlensError("/proc/kcore needs root", "run as root")
-        prog.set_kernel()
-        what = f"the running kernel ({os.uname().release})"
+            raise KsmlensError("/proc/kcore needs root (CAP_SYS_RAWIO)",
+                               "run ksmlens as root, e.g. sudo .venv/bin/ksmlens ...")
+        prog = Program()
+        try:
+            prog.set_kernel()
+        except (OSError, ValueError) as e:
+            raise KsmlensError(f"cannot open the running kernel through /proc/kcore ({e})",
+                               "the kernel needs CONFIG_PROC_KCORE=y; run as root") from None
+        what = f"the running kernel {os.uname().release}"
+        prog.cache["ksmlens_source"] = "kcore"
     else:
         prog = Program()
         if not os.path.exists(target):

@@ -50,13 +50,25 @@ _EPILOG = "Views:\n\n" + "\n\n".join(f"{k}: {v}." for k, v in VIEWS.items()) + "
 
 The walk does not pause the guest (drgn holds the QMP socket ksmlens would
 pause it with): what raced with ksmd is counted and shown. For a paused walk
-checked against sysfs, run `ksmlens check` on the host."""
+checked against sysfs, run `ksmlens check` on the host. On /proc/kcore (drgn
+on the running kernel, as root) nothing can pause the kernel: hold ksmd with
+`echo 0 > /sys/kernel/mm/ksm/run` for a steady state; `%ksm check` there
+reads /sys/kernel/mm/ksm and /proc/PID/ksm_stat itself."""
+
+
+def _kcore_note(prog: Program) -> None:
+    """On /proc/kcore, say once per Program that nothing pauses the kernel."""
+    from ksmlens.lab.host import KCORE_NOTE, is_kcore
+    if is_kcore(prog) and not prog.cache.get("ksmlens_kcore_said"):
+        prog.cache["ksmlens_kcore_said"] = True
+        print(f"note: {KCORE_NOTE}")
 
 
 def _snapshot(prog: Program):
     from ksmlens.lab.attach import check_ksm_kernel
     from ksmlens.lens.snapshot import take_snapshot
     check_ksm_kernel(prog)
+    _kcore_note(prog)
     return take_snapshot(prog, mode="live")
 
 
@@ -216,10 +228,16 @@ def _view_smartscan(prog, args) -> None:
 
 
 def _view_check(prog, args) -> None:
-    from ksmlens.experiments.check import LIVE_NOTE, check_live
+    from ksmlens.experiments.check import LIVE_NOTE, check_live, check_vm, unreachable_note
     from ksmlens.lab.attach import check_ksm_kernel
+    from ksmlens.lab.host import LocalKernel, is_kcore
     from ksmlens.views.tables import check_text
     check_ksm_kernel(prog)
+    if is_kcore(prog):      # this machine's kernel: its sysfs and ksm_stat are here
+        _kcore_note(prog)
+        rows, snap, info = check_vm(LocalKernel(), prog, mode="live")
+        print(check_text(rows, snap, info, notes=[unreachable_note(snap)]))
+        return
     rows, snap, info = check_live(prog)
     print(check_text(rows, snap, info, live=True))
     print("note: " + LIVE_NOTE)
@@ -268,4 +286,12 @@ def _cmd_ksm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
 
 
 def drgn_prog_set(prog: Program) -> None:
-    """drgn plugin hook: importing this module (the entry point) registers ``%ksm``."""
+    """drgn plugin hook, called when a Program is set to a kernel: importing
+    this module (the entry point) registers ``%ksm``; for a kernel this adds
+    ksmlens' vmlinux finder (the lab's builds, the standard debug paths, by
+    build ID: :mod:`ksmlens.lab.debuginfo`) before drgn's own, so a plain
+    ``drgn`` on /proc/kcore in a lab guest finds the lab's vmlinux."""
+    from drgn import ProgramFlags
+    if prog.flags & ProgramFlags.IS_LINUX_KERNEL:
+        from ksmlens.lab.debuginfo import register_finder
+        register_finder(prog)

@@ -86,11 +86,14 @@ def check_text(rows, snap, info: dict, *, notes: Sequence[str] = (), live: bool 
     out += [f"note: {n}" for n in notes if n]
     if info.get("note"):
         out.append(f"note: {info['note']}")
+    unpaused = live or snap.meta.get("mode") == "live"
     if info.get("mid_update_seen"):
-        out.append(f"note: {info['mid_update_seen']} paused walk(s) landed in a half-done KSM "
-                   "update and were taken again")
+        out.append(f"note: {info['mid_update_seen']} "
+                   + ("unpaused walk(s) raced with KSM" if unpaused else
+                      "paused walk(s) landed in a half-done KSM update")
+                   + " and were taken again")
     bad = [r for r in rows if not r.ok]
-    if live:
+    if unpaused:
         how = f"unpaused walk of {len(snap.rmap_items)} rmap_items"
     else:
         how = (f"walk of {len(snap.rmap_items)} rmap_items, guest paused "
