@@ -75,13 +75,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             walk_rule="stored", stored_pgoff=True, smartscan_reads_stable=True,
             notes="the seed mail's proposal: `pgoff` in a union with "
                   "`{oldchecksum, age, remaining_skips}`"),
-    Variant("v8", "final fix: stored pgoff reset on removal; SmartScan ignores "
-            "stable items", ("union-0001-stored-pgoff-union.patch",
-                             "v8-0002-reset-pgoff-smartscan.patch"),
+    Variant("v8", "the series as posted in v8 (2026-06-09) plus the two collect_procs_ksm() "
+            "follow-ups: linear_page_index in the union, reset on removal, SmartScan "
+            "ignores stable items",
+            ("v8-0001-ksm-add-linear_page_index-into-ksm_rmap_item.patch",
+             "v8-0002-ksm-optimize-rmap_walk_ksm-by-passing-a-suitable-page-index.patch",
+             "v8-0003-mm-ksm-initialize-the-addr-only-once-in-collect_procs_ksm.patch",
+             "v8-0004-ksm-use-precise-linear_page_index-in-collect_procs_ksm.patch"),
             walk_rule="stored", stored_pgoff=True, smartscan_reads_stable=False,
             pgoff_reset_on_removal=True,
-            notes="the final fix: pgoff reset on removal, SmartScan leaves stable "
-                  "items alone"),
+            notes="v8 of the series (2026-06-09) and the two memory-failure follow-ups, "
+                  "as merged: `linear_page_index` in the union, reset on removal and in "
+                  "`break_cow()`, SmartScan leaves stable items alone, "
+                  "`collect_procs_ksm()` searches `[linear_page_index]` too"),
 ]}
 DEFAULT_VARIANT = "union"
 
