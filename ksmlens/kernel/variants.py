@@ -10,7 +10,8 @@ Every variant is Debian's 6.12 source with the patch series
 What a record says is behaviour, not structure: the walk rule and whether
 SmartScan reads a STABLE item are known for these kernels only; for another
 kernel the lens can tell ``stored`` from the DWARF of ``struct
-ksm_rmap_item`` (a ``pgoff`` member) and nothing more.
+ksm_rmap_item`` (a stored index member under any of
+:data:`ksmlens.kernel.constants.STORED_INDEX_MEMBERS`) and nothing more.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANT", "RELEASE_TAG", "WalkRule",
 # What rmap_walk_ksm() hands anon_vma_interval_tree_foreach() as [start, last]:
 #   stock   [0, ULONG_MAX], then the address filter (unmodified 6.12)
 #   v3      [address >> PAGE_SHIFT, same]  (the series v1-v3)
-#   stored  [rmap_item->pgoff, same]       (the union and v8 kernels)
+#   stored  [stored index, same]           (union: ->pgoff; v8: ->linear_page_index)
 WalkRule = Literal["stock", "v3", "stored"]
 
 RELEASE_TAG = "-ksmlens"  # CONFIG_LOCALVERSION of vm/config/ksmlens.config
@@ -41,8 +42,9 @@ class Variant:
     ``description``: str, one line (``ksmlens vm build --help``).
     ``patches``: file names under ``vm/patches/``, applied in order with ``patch -p1``.
     ``walk_rule``: the pgoff range ``rmap_walk_ksm()`` searches (see :data:`WalkRule`).
-    ``stored_pgoff``: ``struct ksm_rmap_item`` has a ``pgoff`` member (the union
-    with ``{oldchecksum, age, remaining_skips}``).
+    ``stored_pgoff``: ``struct ksm_rmap_item`` stores the page index (``pgoff``
+    on union, ``linear_page_index`` on v8) in the union with ``{oldchecksum, age,
+    remaining_skips}``.
     ``smartscan_reads_stable``: ``should_skip_rmap_item()`` reads ``age`` /
     ``remaining_skips`` of a STABLE item (whose page is no longer KSM); False
     where the patch returns before (v8).
