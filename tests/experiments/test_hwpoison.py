@@ -17,7 +17,7 @@ import json
 import os
 
 import pytest
-from drgn import offsetof
+from drgn import Object, offsetof
 from drgn.helpers.linux.mm import vma_find
 
 import conftest
@@ -55,7 +55,7 @@ def test_v8_stores_linear_page_index(tmp_path):
         mms = {}
         for r in stable.itertuples():
             # linear_page_index(vma, address), from the VMA the kernel has there
-            mm = mms.setdefault(r.mm, prog.object("struct mm_struct", address=int(r.mm, 16)))
+            mm = mms.setdefault(r.mm, Object(prog, "struct mm_struct *", int(r.mm, 16)))
             vma = vma_find(mm, r.address)
             assert vma, (r.id, hex(r.address))
             want = ((r.address - vma.vm_start.value_()) >> 12) + vma.vm_pgoff.value_()
