@@ -131,3 +131,23 @@ def test_verify_hwpoison(fresh, variant, early_kill):
         assert others and set(others.values()) == {BUS_MCEERR_AO}
     else:
         assert not others
+
+
+def test_verify_hwpoison_cli(fresh):
+    """`ksmlens verify --by hwpoison --early-kill --json` on v3 (where the
+    moved mappings stay): the JSON says what the kernel did."""
+    import subprocess
+    import sys
+    vm = fresh("v3")
+    r = subprocess.run([sys.executable, "-m", "ksmlens", "verify", "--name", vm.name,
+                        "--by", "hwpoison", "--early-kill", "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    hw, row = d["hwpoison"], d["rows"][0]
+    assert d["agree"] and d["by"] == "hwpoison" and d["rule"] == "v3" and hw["early_kill"]
+    assert hw["madvise"] == "EBUSY" and row["observed"] == "stayed"
+    # every workload process that got a SIGBUS is in the kernel's log
+    signalled = {int(p) for p, s in hw["signals"].items() if s}
+    assert signalled and signalled == {int(line.rsplit(":", 1)[1].split()[0])
+                                       for line in hw["dmesg"] if "Sending SIGBUS" in line}
