@@ -58,11 +58,16 @@ def check(a):
               help="predict with this rule instead of the kernel's own"),
           arg("--smartscan", type=int, metavar="N",
               help="verify a SmartScan forecast over N full scans instead"),
-          arg("--by", choices=["migration", "reclaim"], default="migration",
+          arg("--by", choices=["migration", "reclaim", "hwpoison"], default="migration",
               help="the kernel's proof: migrate every KSM page to the other node (default), "
               "or reclaim it through memory.reclaim of its processes' cgroups (swap on zram, "
               "set up if missing): a mapping the walk misses stays mapped, the page is never "
-              "freed"),
+              "freed; or hwpoison: run the mremap scenario and poison one KSM page with "
+              "MADV_HWPOISON (who is unmapped, who gets SIGBUS; irreversible: a fresh VM "
+              "each time)"),
+          arg("--early-kill", action="store_true",
+              help="with --by hwpoison: vm.memory_failure_early_kill=1 during the injection "
+              "(every process mapping the page is signalled, not only the poisoning one)"),
           arg("--json", action="store_true", help="machine-readable"),
           arg("--all", action="store_true", help="every row")))
 def verify(a):
@@ -80,7 +85,7 @@ def verify(a):
         else:
             print(smartscan_verify_table(r, limit=None if a.all else 20))
         return 0 if r.agree else 1
-    res = run_verify(vm, rule=a.rule, by=a.by)
+    res = run_verify(vm, rule=a.rule, by=a.by, early_kill=a.early_kill)
     print(json.dumps(res.to_dict(), indent=1) if a.json else verify_text(res))
     return 0 if res.agree else 1
 

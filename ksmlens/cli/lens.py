@@ -84,8 +84,8 @@ def report(a):
 @COMMANDS.command(
     "replay", help="which mappings each rmap walk rule finds or misses",
     description="Replay rmap_walk_ksm() for every KSM page under each rule: stock [0, "
-    "ULONG_MAX], v3 [address >> PAGE_SHIFT], stored [rmap_item->pgoff] (union/v8 kernels), "
-    "on the recorded anon_vma interval trees, both passes (search_new_forks). Lists the "
+    "ULONG_MAX], v3 [address >> PAGE_SHIFT], stored [the stored index: ->pgoff on union, "
+    "->linear_page_index on v8], on the recorded anon_vma interval trees, both passes (search_new_forks). Lists the "
     "mapped mappings a rule misses.",
     args=(TARGET, SNAPSHOT,
           arg("--rule", choices=RULES, help="only this rule"),

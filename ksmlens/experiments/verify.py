@@ -21,6 +21,13 @@ page still mapped is never freed.
 
     res = verify(vm)
     print(verify_table(res)); assert res.agree   # ksmlens.views.tables
+
+Memory failure is the third (:func:`verify_hwpoison`, ``verify(vm,
+by="hwpoison")``): a process mapping a KSM page poisons it with
+``madvise(MADV_HWPOISON)``; ``memory_failure()`` collects the processes to
+signal with ``collect_procs_ksm()`` and unmaps the page with
+``try_to_unmap()`` (``rmap_walk_ksm()`` again). It cannot be undone: one
+experiment per guest.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from ksmlens.errors import KsmlensError
 from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP
 
 __all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan",
-           "verify_reclaim", "VERIFY_BY"]
+           "verify_reclaim", "verify_hwpoison", "collect_rule", "VERIFY_BY"]
 
-VERIFY_BY = ("migration", "reclaim")
+VERIFY_BY = ("migration", "reclaim", "hwpoison")
 
 
 @dataclasses.dataclass
@@ -127,14 +134,20 @@ def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
     return [tuple(r) for r in out]
 
 
-def verify(vm, *, rule: str | None = None, by: str = "migration") -> VerifyResult:
+def verify(vm, *, rule: str | None = None, by: str = "migration",
+           early_kill: bool = False) -> VerifyResult:
     """Predict from a paused snapshot, then migrate every mapped KSM page of
     ``vm`` (a :class:`ksmlens.lab.vm.VM` with 2 NUMA nodes) and compare.
-    ``by="reclaim"``: reclaim them instead (:func:`verify_reclaim`)."""
+    ``by="reclaim"``: reclaim them instead (:func:`verify_reclaim`);
+    ``by="hwpoison"``: poison one KSM page of the mremap scenario
+    (:func:`verify_hwpoison`, ``early_kill`` its
+    ``vm.memory_failure_early_kill``)."""
     if by not in VERIFY_BY:
         raise KsmlensError(f"verify by {by!r}: unknown proof", f"use one of {VERIFY_BY}")
     if by == "reclaim":
         return verify_reclaim(vm, rule=rule)
+    if by == "hwpoison":
+        return verify_hwpoison(vm, rule=rule, early_kill=early_kill)
     from ksmlens.lab.attach import attach
     from ksmlens.lens.snapshot import take_snapshot
     t0 = time.monotonic()
@@ -317,6 +330,199 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
                         seconds={"predict": round(t_pred - t0, 2),
                                  "reclaim": round(t_rec - t_pred, 2),
                                  "total": round(time.monotonic() - t0, 2)})
+
+
+# ------------------------------------------------------------------ memory failure
+
+# si_code of a memory-failure SIGBUS (include/uapi/asm-generic/siginfo.h)
+BUS_MCEERR_AR = 4       # action required: the task that touched (here: poisoned) the page
+BUS_MCEERR_AO = 5       # action optional: an "early kill" task that maps it
+KPF_DIRTY = 4           # /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h)
+KPF_HWPOISON = 19
+EARLY_KILL = "/proc/sys/vm/memory_failure_early_kill"
+
+
+def collect_rule(kernel) -> str:
+    """The pgoff range ``collect_procs_ksm()`` (mm/ksm.c, memory failure)
+    searches in each rmap_item's anon_vma: ``stored`` where the kernel has
+    the merged series' follow-up "ksm: use precise linear_page_index instead
+    of the whole address space" (it came with the ``linear_page_index``
+    member: the lab's v8 kernel, mainline from v7.3), else ``stock``
+    ([0, ULONG_MAX]: 6.12, and the v3 and union patches, which change only
+    ``rmap_walk_ksm()``)."""
+    return "stored" if kernel.stored_index_member == "linear_page_index" else "stock"
+
+
+def _hwpoison_target(snap, rule: str, pids: set[int]):
+    """The KSM page to poison and who poisons it: the stable node whose
+    mapped mappings ``rule`` misses most (then: most processes), and as the
+    injector a workload process whose mapping of it is where it was merged
+    (``address >> PAGE_SHIFT`` is its linear_page_index: rule ``v3`` finds
+    it), so a moved process is a bystander."""
+    best = None
+    for n in snap.nodes():
+        if n.kind == "chain" or n.kpfn is None:
+            continue
+        mapped = [m for m in n.mappings if m["mapped"] and m["pid"] in pids]
+        if len({m["pid"] for m in mapped}) < 2:
+            continue
+        key = (sum(not m["found"][rule] for m in mapped), len({m["pid"] for m in mapped}),
+               -n.kpfn)
+        if best is None or key > best[0]:
+            best = (key, n, mapped)
+    if best is None:
+        raise KsmlensError("no KSM page mapped by two workload processes",
+                           "run the mremap scenario up to its remerged step")
+    _, n, mapped = best
+    inj = next((m for m in mapped if m["found"]["v3"]), mapped[0])
+    return n, inj
+
+
+def verify_hwpoison(vm, *, rule: str | None = None, early_kill: bool = False,
+                    run=None) -> VerifyResult:
+    """Poison one KSM page shared by a moved VMA and compare what
+    ``memory_failure()`` does with the walk replay's prediction.
+
+    ``run``: a :class:`ksmlens.lab.scenarios.ScenarioRun` of the ``mremap``
+    scenario past its ``remerged`` step; None starts one in ``vm`` (and stops
+    it afterwards). The poison cannot be undone: use a fresh guest for each
+    experiment. ``early_kill``: ``vm.memory_failure_early_kill`` during the
+    injection (put back after).
+
+    The page (see :func:`_hwpoison_target`) is poisoned by one of its
+    processes with ``madvise(MADV_HWPOISON)`` (mm/madvise.c
+    ``madvise_inject_error()``: ``memory_failure(pfn, MF_ACTION_REQUIRED |
+    ...)``). mm/memory-failure.c ``hwpoison_user_mappings()`` then
+
+    * collects the processes to signal (``collect_procs_ksm()``): per
+      rmap_item, every process with a VMA in its anon_vma over the
+      :func:`collect_rule` range (approximated by the rule's answer for the
+      rmap_item's own mapping: exact without fork), if it is the poisoning
+      process (``force_early``) or an early-kill one
+      (``task_early_kill()``);
+    * unmaps the page (``try_to_unmap()``, i.e. ``rmap_walk_ksm()`` under
+      ``rule``): a mapping the rule finds becomes a hwpoison entry
+      (pagemap: not present, swap), one it misses stays mapped, and then
+      unmapping failed (``madvise`` returns EBUSY);
+    * signals the collected processes only if the page was dirty
+      (``/proc/kpageflags`` before) or unmapping failed (``forcekill``):
+      ``BUS_MCEERR_AR`` to the poisoning process, ``BUS_MCEERR_AO`` to others.
+
+    Observed: pagemap of every mapping, each workload process's SIGBUS
+    (si_code, si_addr; the workload survives them), ``/proc/PID/status``,
+    kpageflags of the page, and the kernel's "Memory failure: ..." lines.
+    One row (the page); ``pages`` per mapping; ``extra["hwpoison"]`` the
+    signals, madvise result and dmesg. ``agree`` needs the mappings, the
+    madvise result and the signalled processes (with their si_code) to
+    match.
+    """
+    from ksmlens.lab.attach import attach
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.snapshot import take_snapshot
+    t0 = time.monotonic()
+    own = run is None
+    if own:
+        run = ScenarioRun(vm, "mremap")
+        run.start()
+    try:
+        if own:
+            for step in ("merged", "mremap", "remerged"):
+                run.step(step)
+        info = run.refresh()
+        workers = set(run.pids())
+        dmesg_from = len(vm.run(["dmesg"], check=True).stdout.splitlines())
+        t_setup = time.monotonic()
+        with ksmsys.held(vm):   # hold ksmd: the stable tree stays as predicted
+            snap = take_snapshot(attach(f"vm:{vm.name}"))
+            rule = rule or snap.kernel.walk_rule
+            if rule is None:
+                raise KsmlensError(f"the rmap walk rule of {snap.kernel.release} is unknown",
+                                   "pass rule='stock'|'v3'|'stored'")
+            crule = collect_rule(snap.kernel)
+            n, inj = _hwpoison_target(snap, rule, workers)
+            page = 1 << snap.kernel.page_shift
+            mapped = [m for m in n.mappings if m["mapped"]]
+            cands = mapped + [m for m in n.orphan_mappings if m["pid"] is not None]
+            before = ksmsys.read_pfns(vm, [n.kpfn])[n.kpfn]
+            dirty = bool(before["flags"] >> KPF_DIRTY & 1)
+            unmap_ok = all(m["found"][rule] for m in mapped) and not n.unreachable
+            collected = {m["pid"] for m in mapped if m["found"][crule]} | {inj["pid"]}
+            eligible = set(workers) if early_kill else {inj["pid"]}
+            pred_sig = ({p: BUS_MCEERR_AR if p == inj["pid"] else BUS_MCEERR_AO
+                         for p in sorted(collected & eligible)}
+                        if dirty or not unmap_ok else {})
+            pred_madvise = "ok" if unmap_ok else "EBUSY"
+            t_pred = time.monotonic()
+            reg = next(r for p in info["procs"] if p["pid"] == inj["pid"]
+                       for r in p["regions"]
+                       if r["start"] <= inj["address"] < r["start"] + r["pages"] * page)
+            idx = (inj["address"] - reg["start"]) // page
+            old_early = (vm.read_files(paths=[EARLY_KILL]).get(EARLY_KILL) or "0").strip()
+            vm.write_file(EARLY_KILL, str(int(early_kill)))
+            try:
+                try:
+                    run.command(f"madvise {inj['pid']} {reg['name']} hwpoison {idx} 1")
+                    madv = "ok"
+                except KsmlensError as e:
+                    if "busy" not in str(e).lower():
+                        raise
+                    madv = "EBUSY"
+            finally:
+                vm.write_file(EARLY_KILL, old_early)
+            got = ksmsys.read_pages(vm, [(m["pid"], m["address"], 1) for m in cands])
+            after = ksmsys.read_pfns(vm, [n.kpfn])[n.kpfn]
+            sig = {p: run.command(f"sigbus {p}")["signals"] for p in sorted(workers)}
+            files = vm.read_files(paths=[f"/proc/{p}/status" for p in sorted(workers)])
+            status = {p: {k: v for k, v in (ln.split(":\t", 1) for ln in
+                                            (files.get(f"/proc/{p}/status") or "").splitlines()
+                                            if ":\t" in ln)
+                          if k in ("State", "SigPnd", "ShdPnd", "SigCgt")}
+                      for p in sorted(workers)}
+            dmesg = [line for line in vm.run(["dmesg"], check=True).stdout.splitlines()
+                     [dmesg_from:] if "emory failure" in line]
+            t_obs = time.monotonic()
+    finally:
+        if own:
+            run.stop()
+    pages = []
+    for m, g in zip(cands, got):
+        p = (g.get("pages") or [{}])[0]
+        mp = bool(m["mapped"])
+        found = bool(m["found"][rule]) if mp and m in mapped else False
+        if p.get("present") and p.get("pfn") == n.kpfn:
+            obs = "mapped"
+        elif not p.get("present") and p.get("swapped"):
+            obs = "unmapped"          # a hwpoison swap entry (no swap device here)
+        else:
+            obs = "gone"
+        pr = "unmapped" if found else "mapped"
+        pages.append({"pid": m["pid"], "address": m["address"], "node": n.id, "pfn": n.kpfn,
+                      "found": found, "predicted": pr, "observed": obs,
+                      "agree": None if obs == "gone" else pr == obs})
+    obs_sig = {p: v[0][0] for p, v in sig.items() if v}
+    compared = [p for p in pages if p["agree"] is not None]
+    observed = ("gone" if not compared else
+                "unmapped" if all(p["observed"] == "unmapped" for p in compared) else "stayed")
+    predicted = "unmapped" if unmap_ok else "stays"
+    agree = (None if observed == "gone" else
+             (predicted == "unmapped") == (observed == "unmapped")
+             and all(p["agree"] for p in compared) and obs_sig == pred_sig
+             and madv == pred_madvise)
+    row = {**_node_row(n, rule), "predicted": predicted, "observed": observed,
+           "injector": inj["pid"], "predicted_signals": pred_sig, "observed_signals": obs_sig,
+           "predicted_madvise": pred_madvise, "observed_madvise": madv, "agree": agree}
+    return VerifyResult(
+        variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
+        rows=[row], pages=pages, snapshot=snap, by="hwpoison",
+        extra={"hwpoison": {
+            "early_kill": early_kill, "collect_rule": crule, "dirty": dirty,
+            "injector": {"pid": inj["pid"], "address": inj["address"],
+                         "region": reg["name"], "page": idx},
+            "madvise": madv, "signals": sig, "kpageflags_after": after["flags"],
+            "hwpoison_flag": bool(after["flags"] >> KPF_HWPOISON & 1),
+            "mapcount_after": after["mapcount"], "status": status, "dmesg": dmesg}},
+        seconds={"setup": round(t_setup - t0, 2), "predict": round(t_pred - t_setup, 2),
+                 "hwpoison": round(t_obs - t_pred, 2), "total": round(time.monotonic() - t0, 2)})
 
 
 # ------------------------------------------------------------------ SmartScan

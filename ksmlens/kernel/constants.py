@@ -22,11 +22,21 @@ STABLE_NODE_CHAIN = -1024   # stable_node->rmap_hlist_len of a chain head
 U8_MAX = 255                # SmartScan's age saturates here (include/linux/limits.h)
 # The member of struct ksm_rmap_item that stores the page index rmap_walk_ksm()
 # searches, under every name it was posted with (newest first); the walk
-# detects whichever the kernel's DWARF has:
+# detects whichever the kernel's DWARF has (ksmlens.lens.layout) and records it
+# as kernel.stored_index_member (the JSON field stays `stored_pgoff`):
 STORED_INDEX_MEMBERS = (
-    "linear_page_index",  # v5..v8 and the merged fix (mm-stable 2026-08-18, for v7.3)
-    "vm_pgoff",           # v4 of the series
-    "pgoff",              # the seed mail's proposal (the lab's union and v8 kernels)
+    # "[PATCH v8 1/3] ksm: add linear_page_index into ksm_rmap_item", xu xin,
+    # 2026-06-09 (https://lkml.iu.edu/2606.1/03138.html), merged for v7.3
+    # (mm-stable 2026-08-18); the lab's v8 kernel. (v5-v7 are not in the
+    # stored public pages: whether the name is older than v8 is not known here.)
+    "linear_page_index",
+    # "[PATCH v4 3/5] ksm: add vm_pgoff into ksm_rmap_item", xu xin, 2026-05-03
+    # (https://lkml.iu.edu/2605.0/01823.html).
+    "vm_pgoff",
+    # David Hildenbrand's diff in the v3 review, "Re: [PATCH v3 2/2] ksm:
+    # Optimize rmap_walk_ksm by passing a suitable address range", 2026-04-09
+    # (the seed mail; https://lkml.iu.edu/2604.1/02806.html); the lab's union kernel.
+    "pgoff",
 )
 
 # ---- include/linux/page-flags.h (before the folio->mapping flag rename)

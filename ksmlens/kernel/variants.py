@@ -10,7 +10,8 @@ Every variant is Debian's 6.12 source with the patch series
 What a record says is behaviour, not structure: the walk rule and whether
 SmartScan reads a STABLE item are known for these kernels only; for another
 kernel the lens can tell ``stored`` from the DWARF of ``struct
-ksm_rmap_item`` (a ``pgoff`` member) and nothing more.
+ksm_rmap_item`` (a stored index member under any of
+:data:`ksmlens.kernel.constants.STORED_INDEX_MEMBERS`) and nothing more.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANT", "RELEASE_TAG", "WalkRule",
 # What rmap_walk_ksm() hands anon_vma_interval_tree_foreach() as [start, last]:
 #   stock   [0, ULONG_MAX], then the address filter (unmodified 6.12)
 #   v3      [address >> PAGE_SHIFT, same]  (the series v1-v3)
-#   stored  [rmap_item->pgoff, same]       (the union and v8 kernels)
+#   stored  [stored index, same]           (union: ->pgoff; v8: ->linear_page_index)
 WalkRule = Literal["stock", "v3", "stored"]
 
 RELEASE_TAG = "-ksmlens"  # CONFIG_LOCALVERSION of vm/config/ksmlens.config
@@ -41,8 +42,9 @@ class Variant:
     ``description``: str, one line (``ksmlens vm build --help``).
     ``patches``: file names under ``vm/patches/``, applied in order with ``patch -p1``.
     ``walk_rule``: the pgoff range ``rmap_walk_ksm()`` searches (see :data:`WalkRule`).
-    ``stored_pgoff``: ``struct ksm_rmap_item`` has a ``pgoff`` member (the union
-    with ``{oldchecksum, age, remaining_skips}``).
+    ``stored_pgoff``: ``struct ksm_rmap_item`` stores the page index (``pgoff``
+    on union, ``linear_page_index`` on v8) in the union with ``{oldchecksum, age,
+    remaining_skips}``.
     ``smartscan_reads_stable``: ``should_skip_rmap_item()`` reads ``age`` /
     ``remaining_skips`` of a STABLE item (whose page is no longer KSM); False
     where the patch returns before (v8).
@@ -75,13 +77,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             walk_rule="stored", stored_pgoff=True, smartscan_reads_stable=True,
             notes="the seed mail's proposal: `pgoff` in a union with "
                   "`{oldchecksum, age, remaining_skips}`"),
-    Variant("v8", "final fix: stored pgoff reset on removal; SmartScan ignores "
-            "stable items", ("union-0001-stored-pgoff-union.patch",
-                             "v8-0002-reset-pgoff-smartscan.patch"),
+    Variant("v8", "the series as posted in v8 (2026-06-09) plus the two collect_procs_ksm() "
+            "follow-ups: linear_page_index in the union, reset on removal, SmartScan "
+            "ignores stable items",
+            ("v8-0001-ksm-add-linear_page_index-into-ksm_rmap_item.patch",
+             "v8-0002-ksm-optimize-rmap_walk_ksm-by-passing-a-suitable-page-index.patch",
+             "v8-0003-mm-ksm-initialize-the-addr-only-once-in-collect_procs_ksm.patch",
+             "v8-0004-ksm-use-precise-linear_page_index-in-collect_procs_ksm.patch"),
             walk_rule="stored", stored_pgoff=True, smartscan_reads_stable=False,
             pgoff_reset_on_removal=True,
-            notes="the final fix: pgoff reset on removal, SmartScan leaves stable "
-                  "items alone"),
+            notes="v8 of the series (2026-06-09) and the two memory-failure follow-ups, "
+                  "as merged: `linear_page_index` in the union, reset on removal and in "
+                  "`break_cow()`, SmartScan leaves stable items alone, "
+                  "`collect_procs_ksm()` searches `[linear_page_index]` too"),
 ]}
 DEFAULT_VARIANT = "union"
 

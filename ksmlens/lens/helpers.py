@@ -17,13 +17,15 @@ from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
 
 from ksmlens.kernel import sysfs as ksm_sysfs
+from ksmlens.kernel.constants import STORED_INDEX_MEMBERS
 from ksmlens.kernel.itree import interval_tree_foreach
 
 __all__ = [
     "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN",
     "PAGE_MAPPING_ANON", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS", "VM_GROWSDOWN",
     "VM_MERGEABLE",
-    "ksm_has_stored_pgoff", "ksm_stable_tree_roots", "for_each_stable_tree_node",
+    "ksm_has_stored_pgoff", "ksm_stored_index_member", "ksm_stable_tree_roots",
+    "for_each_stable_tree_node",
     "for_each_stable_node", "is_stable_node_chain", "is_stable_node_dup",
     "for_each_stable_node_dup", "for_each_stable_node_rmap_item",
     "for_each_migrate_node", "stable_node_page", "for_each_ksm_mm_slot",
@@ -55,9 +57,19 @@ def _page_shift(prog: Program) -> int:
     return prog["PAGE_SHIFT"].value_()
 
 
+def ksm_stored_index_member(prog: Program) -> Optional[str]:
+    """The member of ``struct ksm_rmap_item`` holding the stored page index
+    (one of :data:`ksmlens.kernel.constants.STORED_INDEX_MEMBERS`:
+    ``linear_page_index`` on v8 and mainline, ``vm_pgoff`` on v4, ``pgoff``
+    on the union kernel), or None."""
+    it = prog.type("struct ksm_rmap_item")
+    return next((m for m in STORED_INDEX_MEMBERS if it.has_member(m)), None)
+
+
 def ksm_has_stored_pgoff(prog: Program) -> bool:
-    """Whether ``struct ksm_rmap_item`` has a ``pgoff`` member (union/v8 kernels)."""
-    return prog.type("struct ksm_rmap_item").has_member("pgoff")
+    """Whether ``struct ksm_rmap_item`` stores a page index, under any of its
+    posted names (union/v8 kernels, mainline)."""
+    return ksm_stored_index_member(prog) is not None
 
 
 # ------------------------------------------------------------------ stable tree
@@ -233,10 +245,12 @@ def rmap_item_tasks(item: Object) -> Iterator[Object]:
 
 
 def rmap_item_stored_pgoff(item: Object) -> Optional[int]:
-    """``rmap_item->pgoff`` where the running kernel has one, else None."""
-    if not item.type_.type.has_member("pgoff"):
+    """The stored page index (``rmap_item->linear_page_index``, ``->vm_pgoff``
+    or ``->pgoff``) where the running kernel has one, else None."""
+    member = ksm_stored_index_member(item.prog_)
+    if member is None:
         return None
-    return item.pgoff.value_()
+    return item.member_(member).value_()
 
 
 def rmap_item_addr_pgoff(item: Object) -> int:

@@ -130,7 +130,20 @@ def verify_table(res) -> str:
 def verify_text(res) -> str:
     """``ksmlens verify``: :func:`verify_table`, then how the kernel proved it
     (migration or reclaim) and how long each half took."""
-    if res.by == "reclaim":
+    if res.by == "hwpoison":
+        hw, r = res.extra["hwpoison"], res.rows[0]
+
+        def sigs(d):
+            return ", ".join(f"{p}:{'AR' if c == 4 else 'AO' if c == 5 else c}"
+                             for p, c in sorted(d.items())) or "none"
+        tail = (f"(pid {hw['injector']['pid']} poisoned the page with MADV_HWPOISON, "
+                f"early kill {'on' if hw['early_kill'] else 'off'}, collect_procs_ksm() "
+                f"rule {hw['collect_rule']!r}; madvise: predicted {r['predicted_madvise']}, "
+                f"got {r['observed_madvise']}; SIGBUS predicted {sigs(r['predicted_signals'])}"
+                f", observed {sigs(r['observed_signals'])}; per mapping: "
+                f"{sum(bool(p['agree']) for p in res.pages)}/{len(res.pages)} as predicted)\n"
+                + "\n".join(hw["dmesg"]))
+    elif res.by == "reclaim":
         rc = res.extra["reclaim"]
         tail = (f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
                 f"memory.reclaim of {', '.join(rc['cgroups'])}: {rc['rounds']} rounds, "

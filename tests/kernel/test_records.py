@@ -8,6 +8,7 @@ import pytest
 
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel import sysfs, variants
+from ksmlens.kernel.constants import STORED_INDEX_MEMBERS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,8 +28,11 @@ def test_stored_pgoff_follows_the_patch_text():
     for v in variants.VARIANTS.values():
         text = "".join((ROOT / "vm" / "patches" / p).read_text() for p in v.patches)
         added = [l for l in text.splitlines() if l.startswith("+") and not l.startswith("+++")]
-        assert v.stored_pgoff == any(re.search(r"\bpgoff;", l) for l in added), v.name
-        assert v.pgoff_reset_on_removal == any("rmap_item->pgoff = 0" in l for l in added), v.name
+        members = "|".join(STORED_INDEX_MEMBERS)   # any of its posted names
+        assert v.stored_pgoff == any(re.search(rf"\bpgoff_t ({members});", l)
+                                     for l in added), v.name
+        assert v.pgoff_reset_on_removal == any(re.search(rf"rmap_item->({members}) = 0;", l)
+                                               for l in added), v.name
         assert (v.walk_rule == "stored") == v.stored_pgoff, v.name
 
 
@@ -58,7 +62,7 @@ def test_the_readme_variants_table_is_the_records():
     """README's table: one row per variant, in order, with its walk rule
     and the record's notes."""
     searches = {"stock": "`[0, ULONG_MAX]`", "v3": "`[address >> PAGE_SHIFT]`",
-                "stored": "`[rmap_item->pgoff]`"}
+                "stored": "`[rmap_item->"}   # then the member: pgoff (union), linear_page_index (v8)
     text = (ROOT / "README.md").read_text()
     head = text.index("| variant | `rmap_walk_ksm()` searches | notes |")
     rows = []
@@ -69,6 +73,11 @@ def test_the_readme_variants_table_is_the_records():
     assert [r[0].split()[0].strip("`") for r in rows] == list(variants.VARIANTS)
     for (name, search, notes), v in zip(rows, variants.VARIANTS.values()):
         assert search.startswith(searches[v.walk_rule]), v.name
+        if v.walk_rule == "stored":
+            member = search[len(searches["stored"]):].split("]")[0]
+            assert member in STORED_INDEX_MEMBERS, (v.name, member)
+            assert any(f"pgoff_t {member};" in (ROOT / "vm" / "patches" / p).read_text()
+                       for p in v.patches), (v.name, member)
         assert notes == v.notes, v.name
         assert ("(default)" in name) == (v.name == variants.DEFAULT_VARIANT)
 

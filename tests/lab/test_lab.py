@@ -14,6 +14,7 @@ from drgn import Program
 
 import ksmlens.lab.kbuild as kbuild
 import ksmlens.lab.ksmsys as ksmsys
+from ksmlens.kernel.constants import STORED_INDEX_MEMBERS
 from ksmlens.lab.attach import attach
 from ksmlens.errors import KsmlensError
 from ksmlens.lab.ksmsys import migrate_pages
@@ -41,8 +42,9 @@ def test_variant_identifies_itself(vm):
     assert kbuild.variant_of_release(r.stdout.strip()) == variant
     # The patch is really in this kernel: its DWARF has the stored pgoff or not.
     prog = attach(f"vm:{vm.name}")
-    has_pgoff = prog.type("struct ksm_rmap_item").has_member("pgoff")
-    assert has_pgoff == (variant in ("union", "v8"))
+    members = [m for m in STORED_INDEX_MEMBERS
+               if prog.type("struct ksm_rmap_item").has_member(m)]
+    assert members == {"union": ["pgoff"], "v8": ["linear_page_index"]}.get(variant, [])
     assert prog.type("struct ksm_rmap_item").size == 64
 
 

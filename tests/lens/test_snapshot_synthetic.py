@@ -68,9 +68,9 @@ def _kernel(variant: str):
     return k and SyntheticKernel(k.vmlinux, k.release)
 
 
-@pytest.fixture(scope="module", params=["stock", "union"])
+@pytest.fixture(scope="module", params=["stock", "union", "v8"])
 def k(request):
-    """A synthetic kernel of that variant (union: rmap_item->pgoff exists)."""
+    """A synthetic kernel of that variant (union: rmap_item->pgoff, v8: ->linear_page_index)."""
     kernel = _kernel(request.param)
     if kernel is None:
         pytest.skip(f"no {request.param} kernel built (`ksmlens vm build --variant "
@@ -91,8 +91,9 @@ def _stable(k, node: int, address: int, mm: int, anon_vma: int, pgoff: int) -> i
     item = new_rmap_item(k, address | STABLE_FLAG | 0x2A, mm)
     k.set(item, RI, "head", node)
     k.set(item, RI, "anon_vma", anon_vma)
-    if k.prog.type(RI).has_member("pgoff"):
-        k.set(item, RI, "pgoff", pgoff)
+    member = walk.ksm_stored_index_member(k.prog)
+    if member:
+        k.set(item, RI, member, pgoff)
     else:
         k.set(item, RI, "oldchecksum", pgoff & 0xFFFFFFFF)
         k.set(item, RI, "age", 3)
@@ -148,7 +149,7 @@ def test_fast_walk_equals_helper_walk(k):
         {o.value_() for o in walk.for_each_unstable_rmap_item(k.prog)} == set(built["in_tree"])
     assert {d["state"] for d in slow} == {"stable", "unstable", "none"}
     assert {d["pid"] for d in slow} == {11, 12}
-    has_pgoff = k.prog.type(RI).has_member("pgoff")
+    has_pgoff = walk.ksm_has_stored_pgoff(k.prog)
     assert any(d["stored_pgoff"] is not None for d in slow) == has_pgoff
     # item by item, field by field
     assert len(fast) == len(slow)

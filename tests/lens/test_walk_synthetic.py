@@ -346,11 +346,14 @@ def test_rmap_item_stored_pgoff(k):
     item = new_rmap_item(k, 0x7f0000005000 | STABLE_FLAG)
     variant = variant_of(k.release)
     if variant in ("union", "v8"):
-        k.set(item, RI, "pgoff", 0xABCDE)
+        member = {"union": "pgoff", "v8": "linear_page_index"}[variant]
+        assert walk.ksm_stored_index_member(k.prog) == member
+        k.set(item, RI, member, 0xABCDE)
         assert walk.ksm_has_stored_pgoff(k.prog) is True
         assert walk.rmap_item_stored_pgoff(k.obj(item, RI)) == 0xABCDE
     else:
-        # stock (and v3) 6.12: struct ksm_rmap_item has no pgoff member
+        # stock (and v3) 6.12: struct ksm_rmap_item has no stored index
+        assert walk.ksm_stored_index_member(k.prog) is None
         assert walk.ksm_has_stored_pgoff(k.prog) is False
         assert walk.rmap_item_stored_pgoff(k.obj(item, RI)) is None
 

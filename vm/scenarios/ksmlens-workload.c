@@ -33,7 +33,7 @@
  * touch | merge | unmerge | mremap [PID [REGION]] | fork [PID] |
  * pause-volatile | resume-volatile | madvise PID REGION ADVICE FIRST COUNT |
  * mprotect PID REGION none|read|rw FIRST COUNT | read PID REGION FIRST COUNT |
- * pin PID REGION I | unpin PID | clone-vm [PID] | kill PID |
+ * pin PID REGION I | unpin PID | clone-vm [PID] | kill PID | sigbus PID |
  * churn PID PAGES MS | quit.
  * "step" in the state JSON counts the command lines handled before the
  * current one (0 in "ready").
@@ -46,6 +46,10 @@
  * holds a reference on the page (so reclaim cannot free it) until "unpin".
  * "clone-vm" makes a clone(CLONE_VM) child that is not a thread (same mm,
  * own tgid); it only sleeps.  "kill" SIGKILLs and reaps a process.
+ * "madvise PID REGION hwpoison I 1" injects a memory failure into page I
+ * (MADV_HWPOISON, needs CONFIG_MEMORY_FAILURE); every process records the
+ * SIGBUS it gets (si_code BUS_MCEERR_AR/AO, si_addr) and survives it;
+ * "sigbus PID" reports them.
  * "churn" starts a thread in the process that, until "churn PID 0 0",
  * maps PAGES pages of 16 repeating contents, MADV_MERGEABLE, sleeps MS
  * milliseconds and munmaps them, again and again: ksmd keeps merging and
@@ -82,6 +86,12 @@
 #endif
 #ifndef MADV_COLD
 #define MADV_COLD 20
+#endif
+#ifndef MADV_HWPOISON
+#define MADV_HWPOISON 100
+#endif
+#ifndef BUS_MCEERR_AR
+#define BUS_MCEERR_AR 4
 #endif
 #ifndef MADV_PAGEOUT
 #define MADV_PAGEOUT 21
@@ -663,8 +673,34 @@ static const struct { const char *name; int advice; } advices[] = {
 	{ "mergeable", MADV_MERGEABLE }, { "unmergeable", MADV_UNMERGEABLE },
 	{ "dontneed", MADV_DONTNEED }, { "pageout", MADV_PAGEOUT },
 	{ "cold", MADV_COLD }, { "hugepage", MADV_HUGEPAGE },
-	{ "nohugepage", MADV_NOHUGEPAGE },
+	{ "nohugepage", MADV_NOHUGEPAGE }, { "hwpoison", MADV_HWPOISON },
 };
+
+/* SIGBUS received (memory failure: BUS_MCEERR_AR / BUS_MCEERR_AO), kept
+ * for the "sigbus" command; the process survives them. */
+#define MAX_SIGBUS 16
+static volatile sig_atomic_t nsigbus;
+static struct { int code; unsigned long addr; } sigbus_seen[MAX_SIGBUS];
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig; (void)uc;
+	if (nsigbus < MAX_SIGBUS) {
+		sigbus_seen[nsigbus].code = si->si_code;
+		sigbus_seen[nsigbus].addr = (unsigned long)si->si_addr;
+	}
+	nsigbus++;
+}
+
+/* "sigbus": "ok N CODE:ADDR ..." (the first MAX_SIGBUS). */
+static void child_sigbus(void)
+{
+	fprintf(ctl_out, "ok %d", (int)nsigbus);
+	for (int i = 0; i < nsigbus && i < MAX_SIGBUS; i++)
+		fprintf(ctl_out, " %d:%lu", sigbus_seen[i].code,
+			sigbus_seen[i].addr);
+	fprintf(ctl_out, "\n");
+}
 
 /* "advise REGION ADVICE FIRST COUNT": madvise() on pages of a region. */
 static void child_advise(struct region *r, char **save)
@@ -858,6 +894,8 @@ static void child_command(char *line)
 			child_protect(r, &save);
 		else
 			child_pin(r, &save);
+	} else if (!strcmp(cmd, "sigbus")) {
+		child_sigbus();
 	} else if (!strcmp(cmd, "unpin")) {
 		while (npins)
 			close(pins[--npins]);
@@ -910,6 +948,12 @@ static void child_main(int cfd, int rfd)
 	signal(SIGTERM, SIG_DFL);
 	signal(SIGINT, SIG_DFL);
 	signal(SIGHUP, SIG_DFL);
+	{	/* memory failure signals are recorded, not fatal ("sigbus") */
+		struct sigaction sa = { .sa_sigaction = on_sigbus,
+					.sa_flags = SA_SIGINFO | SA_RESTART };
+		sigemptyset(&sa.sa_mask);
+		sigaction(SIGBUS, &sa, NULL);
+	}
 	/* stdin/stdout carry the driver protocol: keep our hands off them. */
 	if ((devnull = open("/dev/null", O_RDONLY)) >= 0) {
 		dup2(devnull, 0);
@@ -1414,6 +1458,35 @@ static void cmd_proc_op(int argc, char **argv)
 	printf("ok {\"clone_vm\":%d,\"mm_of\":%d}\n", cpid, (int)procs[i].pid);
 }
 
+/* "sigbus PID": the SIGBUS the process received, as
+ * {"pid":P,"count":N,"signals":[[SI_CODE,ADDR],...]}. */
+static void cmd_sigbus(int argc, char **argv)
+{
+	int i = argc == 2 ? find_pid(argv[1]) : -1;
+	char buf[512], *p, *end;
+	long n;
+
+	if (i < 0) {
+		printf("err %s\n", argc != 2 ? "usage: sigbus PID" : "no such pid");
+		return;
+	}
+	if (proc_cmd(i, buf, sizeof(buf), "sigbus")) {
+		printf("err %s\n", buf);
+		return;
+	}
+	n = strtol(buf, &p, 10);
+	printf("ok {\"pid\":%d,\"count\":%ld,\"signals\":[", (int)procs[i].pid, n);
+	for (int k = 0; *p; k++) {
+		long code = strtol(p, &end, 10);
+		unsigned long addr = *end == ':' ? strtoul(end + 1, &end, 10) : 0;
+		if (end == p)
+			break;
+		printf("%s[%ld,%lu]", k ? "," : "", code, addr);
+		p = end;
+	}
+	printf("]}\n");
+}
+
 /* "churn PID PAGES MS": forwarded to the process as churn PAGES MS. */
 static void cmd_churn(int argc, char **argv)
 {
@@ -1502,6 +1575,8 @@ static void command(int argc, char **argv)
 		cmd_region_op(argc, argv);
 	} else if (!strcmp(c, "unpin") || !strcmp(c, "clone-vm")) {
 		cmd_proc_op(argc, argv);
+	} else if (!strcmp(c, "sigbus")) {
+		cmd_sigbus(argc, argv);
 	} else if (!strcmp(c, "kill")) {
 		cmd_kill(argc, argv);
 	} else if (!strcmp(c, "churn")) {
