@@ -190,7 +190,7 @@ def _fragments_bytes(source: Source) -> bytes:
     return b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in frags)
 
 
-_KCONFIG_SYMBOL = re.compile(r"^\s*(?:menu)?config\s+([A-Za-z0-9_]+)\s*$", re.M)
+_KCONFIG_SYMBOL = re.compile(r"^[ \t]*(?:menu)?config[ \t]+([A-Za-z0-9_]+)[ \t]*$", re.M)
 
 
 def kconfig_symbols(src: Path) -> set[str]:
