@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Optional
 
-from drgn import Object, Program, TypeKind, container_of, offsetof
+from drgn import Object, Program, TypeKind, offsetof
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
 
