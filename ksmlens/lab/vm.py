@@ -329,7 +329,10 @@ class VM:
             try:
                 self._request({"op": "ping"}, timeout=min(5.0, deadline - time.monotonic()))
                 return
-            except TimeoutError:
+            except (TimeoutError, ConnectionResetError):
+                # a reset while the guest brings its virtio console up (seen
+                # once booting 6.1 under TCG): not up yet
+                time.sleep(0.2)
                 continue
         raise KsmlensError(f"guest never came up within {timeout:.0f} s: "
                            f"{self._console_tail()}",
