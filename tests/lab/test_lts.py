@@ -100,6 +100,8 @@ def test_reclaim_agrees(vm):
         res = verify(vm, by="reclaim")
         print(verify_table(res))
         assert res.agree, verify_table(res)
+        stays = [r for r in res.rows if r["predicted"] == "stays"]
+        assert bool(stays) == (vm.state["variant"] == "v3"), verify_table(res)
 
 
 def test_smartscan_refused_in_one_line(vm, tmp_path):
