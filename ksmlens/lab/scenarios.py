@@ -125,7 +125,7 @@ def missing_need(vm, scenario: "Scenario") -> None:
     for need in scenario.needs:
         if need.startswith("ksym:"):
             r = vm.run(["grep", "-qE", rf" {need[5:]}$", "/proc/kallsyms"])
-            ok = r.returncode == 0
+            ok = r.rc == 0
         else:
             ok = need in files
         if not ok:

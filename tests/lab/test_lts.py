@@ -130,3 +130,20 @@ def test_smartscan_refused_in_one_line(vm, tmp_path):
     assert r.returncode == 2, r.stderr
     assert re.fullmatch(r"ksmlens: error: verify --smartscan: this kernel has no SmartScan"
                         r"[^\n]*\n", r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("scenario,need", [("smartscan", "smart_scan"),
+                                           ("zero-pages", "ksm_zero_pages"),
+                                           ("prctl", "ksym:ksm_enable_merge_any")])
+def test_scenarios_refuse_what_the_kernel_lacks(vm, scenario, need):
+    """A scenario that needs what the guest kernel has not refuses in one line
+    before it starts anything; the guest says what it lacks."""
+    if need.startswith("ksym:"):
+        lacks = vm.run(["grep", "-q", f" {need[5:]}$", "/proc/kallsyms"]).rc != 0
+    else:
+        lacks = need not in ksmsys.read_counters(vm)
+    assert lacks        # 6.1 has none of them
+    with pytest.raises(KsmlensError, match=f"scenario {scenario} cannot run on this kernel"
+                       ) as e:
+        ScenarioRun(vm, scenario).start()
+    assert "\n" not in str(e.value)
