@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PKGS=(
-  linux-source-6.12 qemu-system-x86 qemu-utils
+  linux-source-6.12 linux-source-6.1 qemu-system-x86 qemu-utils
   build-essential libc6-dev bc flex bison libelf-dev libssl-dev dwarves cpio
   patch xz-utils kmod rsync util-linux procps python3-venv python3-dev
   # libnuma.a for the kernel's ksm_tests (`ksmlens selftests`, linked statically)

@@ -41,15 +41,18 @@ def _kill_all():
 atexit.register(_kill_all)
 
 
-def boot(variant: str, numa: int = 2, cpus: int = 2, memory: str = "2G") -> VM:
-    key = (variant, numa, cpus, memory)
+def boot(variant: str, numa: int = 2, cpus: int = 2, memory: str = "2G",
+         source: str | None = None) -> VM:
+    """``source``: a kernel source of ksmlens.lab.kbuild.SOURCES ("6.1"), None: the default."""
+    key = (variant, numa, cpus, memory, source)
     vm = _live.get(key)
     if vm is not None and vm.alive():
         return vm
     for k in list(_live):
         _live.pop(k).down(quiet=True)
-    name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-{os.getpid()}-{variant}"
-    vm = VM.up(name, variant, numa=numa, cpus=cpus, memory=memory, quiet=False)
+    name = (f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-{os.getpid()}-"
+            f"{source + '-' if source else ''}{variant}")
+    vm = VM.up(name, variant, numa=numa, cpus=cpus, memory=memory, quiet=False, source=source)
     _started_pids.add(vm.state["pid"])
     _live[key] = vm
     return vm

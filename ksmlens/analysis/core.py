@@ -278,7 +278,7 @@ def smartscan_next(snap: Snapshot, item: RmapItem, visits: int = 1) -> dict:
         res.update(freed=item.not_visited, reads=None,
                    leaves_stable_tree=1 if item.state == "stable" else None)
         return res
-    if ksm or not snap.counters.get("smart_scan", 1) or visits <= 0:
+    if ksm or not smartscan_on(snap) or visits <= 0:
         return res
     age, skips = item.age, item.remaining_skips
     sched = []
@@ -335,6 +335,27 @@ def visits_between(a: Snapshot, b: Snapshot, item: RmapItem) -> int:
     return d + _pending(a, item) - _pending(b, item)
 
 
+NO_SMARTSCAN = ("this kernel has no SmartScan (struct ksm_rmap_item has no age/remaining_skips, "
+                "no /sys/kernel/mm/ksm/smart_scan: they came with commit 5e924ff54d08, "
+                "\"mm/ksm: add \"smart\" page scanning mode\", 6.7)")
+
+
+def require_smartscan(has_smartscan: bool, what: str) -> None:
+    """Raise :class:`KsmlensError` in one line, naming ``what`` (a command),
+    when the kernel has no SmartScan (``KernelInfo.smartscan`` /
+    :attr:`ksmlens.lens.helpers.KsmKernel.smartscan`)."""
+    if not has_smartscan:
+        raise KsmlensError(f"{what}: {NO_SMARTSCAN}",
+                           "run it on a kernel with SmartScan (the 6.12 lab kernels)")
+
+
+def smartscan_on(snap: Snapshot) -> bool:
+    """Whether ksmd skips anything: the kernel has SmartScan and ``smart_scan``
+    is 1 (a snapshot without the counter, from before ksmlens read it, counts
+    as on)."""
+    return bool(snap.kernel.smartscan and snap.counters.get("smart_scan", 1))
+
+
 def smartscan_forecast(snap: Snapshot, full_scans: int) -> dict:
     """Predict, from ``snap`` alone, the ``pages_skipped`` increase over the
     next ``full_scans`` full scans (per count 0..full_scans) and each
@@ -362,7 +383,7 @@ def union_hazard(snap: Snapshot) -> list[dict]:
     item: pid, address, stored pgoff, the bytes SmartScan reads, and what
     the next visit does."""
     out = []
-    if not snap.counters.get("smart_scan", 1):
+    if not smartscan_on(snap):
         return out       # should_skip_rmap_item() returns before it reads anything
     reads = _smartscan_reads_stable(snap)
     union = UnionLayout(**snap.kernel.union_layout)

@@ -17,7 +17,21 @@ import time
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.cli.common import NAME, VARIANT, VARIANT_HELP, Commands, arg
 from ksmlens.errors import KsmlensError
-from ksmlens.kernel.variants import VARIANTS
+
+# --kernel picks the source (kbuild.SOURCES); --variant then defaults to the
+# source's own default (6.12: union, 6.1: stock)
+KERNEL = arg("--kernel", "-k", default=kbuild.DEFAULT_SOURCE, choices=list(kbuild.SOURCES),
+             help=f"kernel source (default: {kbuild.DEFAULT_SOURCE}); "
+             + "; ".join(f"{s.name}: Debian's {s.package}, variants {', '.join(s.variants)}"
+                         for s in kbuild.SOURCES.values()))
+KVARIANT = arg("--variant", "-V", default=None, metavar="V",
+               help=f"kernel variant (default: {kbuild.DEFAULT_VARIANT}, or the --kernel's "
+               f"first variant where it has none). {VARIANT_HELP}")
+
+
+def _variant(a) -> str:
+    return a.variant or kbuild.default_variant(a.kernel)
+
 
 COMMANDS = Commands()
 register = COMMANDS.register
@@ -39,14 +53,14 @@ COMMANDS.group("scenario", help="workloads that put KSM in a known state",
     "vm build", help="build a kernel variant (cached outside the repo)",
     description="Build a patched 6.12 kernel from Debian's linux-source-6.12. Variants "
     "share one build tree, so a switch recompiles mm/ksm.c and relinks. " + VARIANT_HELP,
-    args=(VARIANT,
-          arg("--all", action="store_true", help="build every variant"),
+    args=(KVARIANT, KERNEL,
+          arg("--all", action="store_true", help="build every variant of the --kernel"),
           arg("--force", action="store_true", help="rebuild even if cached"),
           arg("--jobs", "-j", type=int, help="make -j (default: CPUs + 1)")))
 def vm_build(a):
-    variants = list(VARIANTS) if a.all else [a.variant]
+    variants = list(kbuild.get_source(a.kernel).variants) if a.all else [_variant(a)]
     for v in variants:        # one line per kernel as soon as it is built
-        k = kbuild.build(v, force=a.force, jobs=a.jobs)
+        k = kbuild.build(v, source=a.kernel, force=a.force, jobs=a.jobs)
         print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")
     return 0
 
@@ -55,7 +69,7 @@ def vm_build(a):
     "vm up", help="boot a lab VM and wait until it answers",
     description="Boot a variant under QEMU; builds it first if needed. KVM is used only "
     "where a probe shows a guest boots; TCG otherwise.",
-    args=(NAME, VARIANT,
+    args=(NAME, KVARIANT, KERNEL,
           arg("--memory", "-m", default="2G", help="guest memory (default: 2G)"),
           arg("--cpus", "-p", type=int, default=2, help="guest CPUs (default: 2)"),
           arg("--numa", type=int, default=1, metavar="N",
@@ -69,11 +83,11 @@ def vm_build(a):
 def vm_up(a):
     from ksmlens.lab.vm import VM
     if a.dry_run:
-        print(VM.dry_run(a.name, a.variant, memory=a.memory, cpus=a.cpus, numa=a.numa,
-                         accel=a.accel))
+        print(VM.dry_run(a.name, _variant(a), memory=a.memory, cpus=a.cpus, numa=a.numa,
+                         accel=a.accel, source=a.kernel))
         return 0
-    vm = VM.up(a.name, a.variant, memory=a.memory, cpus=a.cpus, numa=a.numa,
-               accel=a.accel, boot_timeout=a.timeout)
+    vm = VM.up(a.name, _variant(a), memory=a.memory, cpus=a.cpus, numa=a.numa,
+               accel=a.accel, boot_timeout=a.timeout, source=a.kernel)
     s = vm.status()
     print(f"{s['name']}: {s['kernel_release']} up in {s['boot_seconds']} s under "
           f"{s['accel'].upper()} ({s['accel_reason']}); drgn: drgn --qemu {s['qmp']} "

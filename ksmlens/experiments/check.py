@@ -63,9 +63,14 @@ def walk_counts(snap: Snapshot) -> dict:
         "stable_node_chains": sum(1 for n in snap.nodes() if n.kind == "chain"),
         "stable_node_dups": sum(1 for n in snap.nodes() if n.kind == "dup"),
     }
-    if all(s.ksm_zero_pages is not None for s in snap.slots()):
+    # a kernel without KSM zero-page counting (before e2942062e01d, 6.6) has
+    # no ksm_zero_pages to compare, one without general_profit (before
+    # d21077fbc2fc, 6.4) no profit: the counters drgn read say which
+    if snap.kernel.zero_pages and all(s.ksm_zero_pages is not None for s in snap.slots()):
         c["ksm_zero_pages"] = sum(s.ksm_zero_pages for s in snap.slots())
-        c["general_profit"] = ((c["pages_sharing"] + c["ksm_zero_pages"])
+    if "general_profit" in snap.counters and (c.get("ksm_zero_pages") is not None
+                                              or not snap.kernel.zero_pages):
+        c["general_profit"] = ((c["pages_sharing"] + c.get("ksm_zero_pages", 0))
                                * (1 << snap.kernel.page_shift)
                                - c["rmap_items"] * snap.kernel.rmap_item_size)
     return c

@@ -554,11 +554,14 @@ class SmartScanResult:
 def verify_smartscan(vm, full_scans: int = 6, *, timeout: float = 180.0) -> SmartScanResult:
     """Forecast SmartScan from a paused snapshot taken with ksmd held, then
     let ksmd run ``full_scans`` full scans and compare the kernel's
-    ``pages_skipped`` and every rmap_item's age / remaining_skips."""
-    from ksmlens.analysis.core import smartscan_next, visits_between
+    ``pages_skipped`` and every rmap_item's age / remaining_skips.
+    :class:`KsmlensError` in one line on a kernel without SmartScan."""
+    from ksmlens.analysis.core import require_smartscan, smartscan_next, visits_between
     from ksmlens.lab.attach import attach
     from ksmlens.lens.snapshot import take_idle_snapshot
     c = ksmsys.read_counters(vm)
+    # no /sys/kernel/mm/ksm/smart_scan: a kernel before SmartScan (5e924ff54d08)
+    require_smartscan("smart_scan" in c, "verify --smartscan")
     if not c.get("smart_scan"):
         raise KsmlensError("SmartScan is off in the guest (smart_scan=0)",
                            "echo 1 > /sys/kernel/mm/ksm/smart_scan")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ksmlens.analysis.core import smartscan_next, visits_between
+from ksmlens.analysis.core import (require_smartscan, smartscan_next, smartscan_on,
+                                   visits_between)
 from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import Snapshot
 
@@ -80,7 +81,7 @@ def diff(a: Snapshot, b: Snapshot) -> SnapshotDiff:
     moved_mask = sa & sb & ((both["stable_node_a"] != both["stable_node_b"])
                             | (both["kpfn_a"].astype(object) != both["kpfn_b"].astype(object)))
     skipped = {}
-    if b.counters.get("smart_scan", 1):
+    if smartscan_on(b):
         # SmartScan never skips a KSM page (smartscan_next): only the others
         # are replayed one by one
         maybe = both[both["page_ksm_a"].fillna(False) != True]  # noqa: E712
@@ -140,11 +141,17 @@ def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | N
     A fast-scanning ksmd can finish several passes while the host polls
     ``full_scans``; ``pace_ms`` sets ksmd's ``sleep_millisecs`` to that for
     the watch (and puts it back after), so each frame lands in the sleep
-    right after the pass it waits for: frames exactly ``scans`` apart."""
+    right after the pass it waits for: frames exactly ``scans`` apart.
+    :class:`KsmlensError` for ``pace_ms`` on a kernel without SmartScan."""
     import ksmlens.lab.ksmsys as ksmsys
     from ksmlens.lens.snapshot import take_idle_snapshot
     if count < 1:
         raise KsmlensError("watch needs --count >= 1", "")
+    if pace_ms:
+        # pacing lands each frame exactly --scans passes apart, for SmartScan's
+        # replayed skips: refused where there is no SmartScan
+        from ksmlens.lens.helpers import ksm_kernel
+        require_smartscan(ksm_kernel(prog).smartscan, "watch --pace")
     tl = Timeline()
     with ksmsys.knobs_set(vm, **({"sleep_millisecs": pace_ms} if pace_ms else {})):
         for k in range(count):

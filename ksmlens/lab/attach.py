@@ -31,7 +31,10 @@ def _load_vmlinux(prog: Program, vmlinux, what: str) -> None:
 def check_ksm_kernel(prog: Program) -> None:
     """Raise a one-line error unless the kernel has KSM and its debug info."""
     try:
-        prog.type("struct ksm_rmap_item")
+        try:
+            prog.type("struct ksm_rmap_item")
+        except LookupError:     # its name before 21fbd59136e0 (6.1)
+            prog.type("struct rmap_item")
     except LookupError:
         raise KsmlensError("the kernel's debug info has no struct ksm_rmap_item "
                            "(CONFIG_KSM off, or no DWARF debug info)",

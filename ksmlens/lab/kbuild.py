@@ -1,15 +1,22 @@
-"""Build the lab's patched 6.12 kernels from Debian's ``linux-source-6.12``.
+"""Build the lab's patched kernels from Debian's kernel sources: ``linux-source-6.12``
+(the default) and ``linux-source-6.1`` (the LTS of Debian 12), one
+:class:`Source` record each in :data:`SOURCES`.
 
 Layout under the cache (see :mod:`ksmlens.lab.paths`)::
 
     src/<debversion>/           the extracted source (patched in place, per build)
     src/<debversion>.pristine/  pristine copies of every file a patch touches
-    tree/<debversion>/          one shared ``make O=`` tree: variants differ only
-                                in mm/ksm.c, so switching costs one file + link
+    tree/<debversion>/          one shared ``make O=`` tree per source: variants differ
+                                only in mm/ksm.c, so switching costs one file + link
     kernels/<variant>-<key>/    bzImage, vmlinux, config, meta.json, build.log
+                                (the default source; another source's builds are
+                                ``kernels/<source>-<variant>-<key>/``)
 
-``<key>`` hashes the source version, the config fragment and the variant's
-patches: change any of them and the variant is rebuilt; otherwise it is found.
+``<key>`` hashes the source's Debian version, the config fragment and the
+variant's patches (their names and contents): change any of them and the
+variant is rebuilt; otherwise it is found. Two sources never share a key (their
+versions differ), and the default source's keys are those it had before there
+were several sources.
 """
 
 from __future__ import annotations
@@ -34,11 +41,88 @@ from ksmlens.kernel.variants import (DEFAULT_VARIANT, RELEASE_TAG, VARIANTS, Var
 from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
+           "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
+           "fragments", "kconfig_symbols", "unset_lines",
            "find_kernel", "build", "source_version", "variant_of_release"]
 
-TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
-PACKAGE = "linux-source-6.12"
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One kernel source the lab builds from.
+
+    ``name``: str, what ``--kernel`` takes (``"6.12"``, ``"6.1"``).
+    ``package``: the Debian package that installs ``tarball`` (``apt-get install``).
+    ``tarball``: Path of the ``.tar.xz`` the package installs under ``/usr/src``.
+    ``variants``: the variants that exist for this source (their patches apply),
+    in :data:`~ksmlens.kernel.variants.VARIANTS` order.
+    ``patch_dir``: a folder under ``vm/patches/`` holding this source's ports:
+    ``vm/patches/<patch_dir>/<name>`` is used in place of ``vm/patches/<name>``
+    where it exists ("" : none).
+    ``config``: a second fragment under ``vm/config/`` merged after
+    ``ksmlens.config`` for this source only ("" : none), for what the source's
+    Kconfig needs beyond the shared fragment.
+    """
+
+    name: str
+    package: str
+    tarball: Path
+    variants: tuple[str, ...]
+    patch_dir: str = ""
+    config: str = ""
+
+    @property
+    def prefix(self) -> str:
+        """The build directories' prefix under ``kernels/``: "" for the default
+        source (so its cache from before there were several sources stays
+        valid), ``"<name>-"`` for another."""
+        return "" if self.name == DEFAULT_SOURCE else f"{self.name}-"
+
+
+DEFAULT_SOURCE = "6.12"
+SOURCES: dict[str, Source] = {s.name: s for s in [
+    Source("6.12", "linux-source-6.12", Path("/usr/src/linux-source-6.12.tar.xz"),
+           tuple(VARIANTS)),
+    # 6.1 LTS: no SmartScan (6.7), so the union/v8 patches (which put the
+    # stored index in a union with age/remaining_skips) do not apply; v3's
+    # one-hunk change to rmap_walk_ksm() applies as it is (mm/ksm.c offset).
+    # 6.1.config: 6.1's ZRAM depends on a crypto compressor (6.12 has its
+    # own backends, ZRAM_BACKEND_LZO).
+    Source("6.1", "linux-source-6.1", Path("/usr/src/linux-source-6.1.tar.xz"),
+           ("stock", "v3"), patch_dir="6.1", config="6.1.config"),
+]}
+# kept for callers that name the default source's files
+TARBALL = SOURCES[DEFAULT_SOURCE].tarball
+PACKAGE = SOURCES[DEFAULT_SOURCE].package
+
+
+def get_source(name: str | Source | None = None) -> Source:
+    """The record of source ``name`` (None: the default); :class:`KsmlensError`
+    naming the known ones."""
+    if isinstance(name, Source):
+        return name
+    try:
+        return SOURCES[name or DEFAULT_SOURCE]
+    except KeyError:
+        raise KsmlensError(f"unknown kernel source {name!r}",
+                           f"choose one of {', '.join(SOURCES)}") from None
+
+
+def default_variant(source: str | Source | None = None) -> str:
+    """The variant a command builds or boots from ``source`` when none is named:
+    :data:`DEFAULT_VARIANT` where it exists, else the source's first (6.1: stock)."""
+    src = get_source(source)
+    return DEFAULT_VARIANT if DEFAULT_VARIANT in src.variants else src.variants[0]
+
+
+def _variant_of(variant: str, source: Source) -> Variant:
+    v = get_variant(variant)
+    if v.name not in source.variants:
+        raise KsmlensError(f"variant {v.name!r} does not exist for {source.name} "
+                           f"(its patches do not apply there)",
+                           f"choose one of {', '.join(source.variants)} with --kernel {source.name}")
+    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,24 +133,27 @@ class Kernel:
     vmlinux: Path
     config: Path
     key: str
+    source: str = DEFAULT_SOURCE
 
     @property
     def directory(self) -> Path:
         return self.bzimage.parent
 
 
-def _need_tarball() -> Path:
-    if not TARBALL.exists():
-        raise KsmlensError(f"{TARBALL} not found ({PACKAGE} is not installed)",
-                           f"run `apt-get install {PACKAGE}` (./setup.sh does it)")
-    return TARBALL
+def _need_tarball(source: Source) -> Path:
+    if not source.tarball.exists():
+        raise KsmlensError(f"{source.tarball} not found ({source.package} is not installed)",
+                           f"run `apt-get install {source.package}` (./setup.sh does it)")
+    return source.tarball
 
 
-def source_version() -> str:
-    """The Debian package version of the kernel source, e.g. 6.12.117-1~deb12u1."""
-    tarball = _need_tarball()
+def source_version(source: str | Source | None = None) -> str:
+    """The Debian package version of the kernel source, e.g. 6.12.117-1~deb12u1
+    (``source``: a :data:`SOURCES` name, None for the default)."""
+    source = get_source(source)
+    tarball = _need_tarball(source)
     try:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", PACKAGE],
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", source.package],
                              capture_output=True, text=True, check=True).stdout
         if out.strip():
             return out.strip()
@@ -76,42 +163,118 @@ def source_version() -> str:
     return f"tar-{st.st_size}-{int(st.st_mtime)}"
 
 
-def _dirname() -> str:
+def _dirname(source: Source) -> str:
     """source_version() made safe for a path (make dislikes '~')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", source_version())
+    return re.sub(r"[^A-Za-z0-9._-]", "_", source_version(source))
 
 
 def _fragment() -> Path:
     return vm_data() / "config" / "ksmlens.config"
 
 
+def fragments(source: str | Source | None = None) -> list[Path]:
+    """The config fragments merged over ``allnoconfig`` for ``source``, in order."""
+    src = get_source(source)
+    out = [_fragment()]
+    if src.config:
+        out.append(vm_data() / "config" / src.config)
+    return out
+
+
+def _fragments_bytes(source: Source) -> bytes:
+    """What the key and the tree's stamp hash: the shared fragment alone for a
+    source without its own (so the 6.12 keys did not change), else both."""
+    frags = fragments(source)
+    if len(frags) == 1:
+        return frags[0].read_bytes()
+    return b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in frags)
+
+
+_KCONFIG_SYMBOL = re.compile(r"^[ \t]*(?:menu)?config[ \t]+([A-Za-z0-9_]+)[ \t]*$", re.M)
+
+
+def kconfig_symbols(src: Path) -> set[str]:
+    """Every symbol some ``Kconfig*`` file of the tree ``src`` defines
+    (``config X`` / ``menuconfig X``), without the ``CONFIG_`` prefix."""
+    out: set[str] = set()
+    for dirpath, _, names in os.walk(src):
+        for n in names:
+            if n.startswith("Kconfig"):
+                try:
+                    out.update(_KCONFIG_SYMBOL.findall(
+                        Path(dirpath, n).read_text(errors="replace")))
+                except OSError:
+                    pass
+    return out
+
+
+def unset_lines(config_text: str, fragment_lines: list[str], symbols: set[str] | None
+                ) -> tuple[list[str], list[str]]:
+    """The fragment's ``CONFIG_X=...`` lines a resolved ``.config`` lacks, split
+    in two: (did not stick, absent from this source's Kconfig). A line whose
+    symbol no Kconfig defines cannot stick and is not an error: the shared
+    fragment names options of the newest source, e.g. ``ZRAM_BACKEND_LZO``
+    (zram's own compression backends, 6.12) and ``VMCORE_INFO`` (split out of
+    ``CRASH_CORE`` in 6.9, "crash: split vmcoreinfo exporting code out from
+    crash_core.c"), which 6.1 does not have. ``symbols`` None: every line counts
+    as existing."""
+    have = set(config_text.splitlines())
+    missing, absent = [], []
+    for line in fragment_lines:
+        if not line.startswith("CONFIG_") or line in have:
+            continue
+        sym = line.split("=", 1)[0][len("CONFIG_"):]
+        (absent if symbols is not None and sym not in symbols else missing).append(line)
+    return missing, absent
+
+
 def _patch_path(name: str) -> Path:
     return vm_data() / "patches" / name
 
 
-def artifact_key(variant: Variant) -> str:
+def patch_files(variant: Variant | str, source: str | Source | None = None) -> list[str]:
+    """The patches of ``variant`` for ``source``, as paths relative to
+    ``vm/patches/``: the source's port (``<patch_dir>/<name>``) where one
+    exists, else the patch itself."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    src = get_source(source)
+    out = []
+    for p in v.patches:
+        port = f"{src.patch_dir}/{p}" if src.patch_dir else ""
+        out.append(port if port and _patch_path(port).exists() else p)
+    return out
+
+
+def artifact_key(variant: Variant, source: str | Source | None = None) -> str:
+    src = get_source(source)
     h = hashlib.sha256()
-    h.update(f"format={BUILD_FORMAT}\nsource={source_version()}\n".encode())
-    h.update(_fragment().read_bytes())
-    for p in variant.patches:
+    h.update(f"format={BUILD_FORMAT}\nsource={source_version(src)}\n".encode())
+    h.update(_fragments_bytes(src))
+    for p in patch_files(variant, src):
         h.update(p.encode() + b"\0" + _patch_path(p).read_bytes())
     return h.hexdigest()[:12]
 
 
-def _kernel_dir(variant: Variant, key: str) -> Path:
-    return cache_root() / "kernels" / f"{variant.name}-{key}"
+def _kernel_dir(variant: Variant, key: str, source: Source) -> Path:
+    return cache_root() / "kernels" / f"{source.prefix}{variant.name}-{key}"
 
 
-def find_kernel(variant: str = DEFAULT_VARIANT) -> Kernel | None:
-    """The built kernel of ``variant`` for the current source/config/patches."""
-    v = get_variant(variant)
-    key = artifact_key(v)
-    d = _kernel_dir(v, key)
+def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = None
+                ) -> Kernel | None:
+    """The built kernel of ``variant`` from ``source`` (a :data:`SOURCES` name,
+    None: the default) for the current source version, config and patches;
+    None if it is not built. :class:`KsmlensError` for a variant that does not
+    exist for that source."""
+    src = get_source(source)
+    v = _variant_of(variant, src)
+    key = artifact_key(v, src)
+    d = _kernel_dir(v, key, src)
     meta = d / "meta.json"
     if not meta.exists():
         return None
     m = json.loads(meta.read_text())
-    return Kernel(v.name, m["release"], d / "bzImage", d / "vmlinux", d / "config", key)
+    return Kernel(v.name, m["release"], d / "bzImage", d / "vmlinux", d / "config", key,
+                  src.name)
 
 
 class BuildLock:
@@ -136,32 +299,32 @@ class BuildLock:
         self.f.close()
 
 
-def _all_patched_files() -> set[str]:
+def _all_patched_files(source: Source) -> set[str]:
     files = set()
-    for v in VARIANTS.values():
-        for p in v.patches:
+    for name in source.variants:
+        for p in patch_files(name, source):
             for line in _patch_path(p).read_text().splitlines():
                 if line.startswith("+++ "):
                     files.add(line[4:].split("\t")[0].split("/", 1)[1])
     return files
 
 
-def _source_tree(log) -> Path:
-    ver = _dirname()
+def _source_tree(source: Source, log) -> Path:
+    ver = _dirname(source)
     src = cache_root() / "src" / ver
     pristine = cache_root() / "src" / f"{ver}.pristine"
     if not (src / "Makefile").exists():
         tmp = cache_root() / "src" / f"{ver}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        log(f"extracting {TARBALL} ({ver})")
-        subprocess.run(["tar", "xJf", str(_need_tarball()), "-C", str(tmp)], check=True)
+        log(f"extracting {source.tarball} ({ver})")
+        subprocess.run(["tar", "xJf", str(_need_tarball(source)), "-C", str(tmp)], check=True)
         (top,) = list(tmp.iterdir())
         shutil.rmtree(src, ignore_errors=True)
         top.rename(src)
         shutil.rmtree(tmp)
         shutil.rmtree(pristine, ignore_errors=True)
-    for rel in _all_patched_files():
+    for rel in _all_patched_files(source):
         dst = pristine / rel
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -169,21 +332,22 @@ def _source_tree(log) -> Path:
     return src
 
 
-def _apply_patches(src: Path, variant: Variant, log) -> None:
-    ver = _dirname()
+def _apply_patches(src: Path, variant: Variant, source: Source, log) -> None:
+    ver = _dirname(source)
     pristine = cache_root() / "src" / f"{ver}.pristine"
-    for rel in _all_patched_files():
+    for rel in _all_patched_files(source):
         want = (pristine / rel).read_bytes()
         if (src / rel).read_bytes() != want:
             (src / rel).write_bytes(want)  # new mtime: make rebuilds it
-    for p in variant.patches:
+    for p in patch_files(variant, source):
         log(f"applying {p}")
         r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(_patch_path(p))],
                            cwd=src, capture_output=True, text=True)
         if r.returncode:
             raise KsmlensError(f"patch {p} does not apply to {ver}: "
                                f"{(r.stdout + r.stderr).strip().splitlines()[-1]}",
-                               "refresh the patch in vm/patches against this source")
+                               f"refresh the patch against this source (a port goes in "
+                               f"vm/patches/{source.patch_dir or source.name}/)")
     _stamp = src / ".ksmlens-variant"
     _stamp.write_text(variant.name)
 
@@ -208,29 +372,34 @@ def _make(src: Path, tree: Path, args: list[str], logf, progress=None) -> None:
                            f"full log: {logf.name}")
 
 
-def _configure(src: Path, tree: Path, logf, log) -> None:
-    """(Re)create tree/.config from allnoconfig + our fragment; verify it."""
-    frag = _fragment()
+def _configure(src: Path, tree: Path, source: Source, logf, log) -> None:
+    """(Re)create tree/.config from allnoconfig + our fragments; verify that
+    every line stuck (or names a symbol this source does not define)."""
+    frags = fragments(source)
+    want = _fragments_bytes(source)
     stamp = tree / ".ksmlens-fragment"
-    if stamp.exists() and stamp.read_bytes() == frag.read_bytes() and (tree / ".config").exists():
+    if stamp.exists() and stamp.read_bytes() == want and (tree / ".config").exists():
         return
-    log("configuring (allnoconfig + vm/config/ksmlens.config)")
+    log(f"configuring (allnoconfig + {' + '.join('vm/config/' + f.name for f in frags)})")
     tree.mkdir(parents=True, exist_ok=True)
     _make(src, tree, ["allnoconfig"], logf)
     r = subprocess.run([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(tree),
-                        str(tree / ".config"), str(frag)], cwd=src,
+                        str(tree / ".config"), *map(str, frags)], cwd=src,
                        capture_output=True, text=True)
     logf.write(r.stdout + r.stderr)
     if r.returncode:
         raise KsmlensError("merging the config fragment failed", f"see {logf.name}")
     _make(src, tree, ["olddefconfig"], logf)
-    have = set((tree / ".config").read_text().splitlines())
-    missing = [l for l in frag.read_text().splitlines()
-               if l.startswith("CONFIG_") and l not in have]
+    lines = [l for f in frags for l in f.read_text().splitlines()]
+    missing, absent = unset_lines((tree / ".config").read_text(), lines,
+                                  kconfig_symbols(src))
+    if absent:
+        logf.write(f"ksmlens: not in this source's Kconfig (skipped): {', '.join(absent)}\n")
     if missing:
         raise KsmlensError(f"config options did not stick: {', '.join(missing)}",
-                           "add their dependencies to vm/config/ksmlens.config")
-    stamp.write_bytes(frag.read_bytes())
+                           "add their dependencies to vm/config/"
+                           + (source.config or "ksmlens.config"))
+    stamp.write_bytes(want)
 
 
 class _Progress:
@@ -261,12 +430,16 @@ class _Progress:
         self.stream.flush()
 
 
-def build(variant: str = DEFAULT_VARIANT, *, force: bool = False, jobs: int | None = None,
-          quiet: bool = False) -> Kernel:
-    """Build ``variant`` (or find it in the cache) and return its :class:`Kernel`."""
-    v = get_variant(variant)
+def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
+          force: bool = False, jobs: int | None = None, quiet: bool = False) -> Kernel:
+    """Build ``variant`` from ``source`` (a :data:`SOURCES` name, None: the
+    default) or find it in the cache, and return its :class:`Kernel`.
+    :class:`KsmlensError` for a variant the source does not have, a missing
+    package, a patch that does not apply or a failed build."""
+    src_rec = get_source(source)
+    v = _variant_of(variant, src_rec)
     if not force:
-        k = find_kernel(variant)
+        k = find_kernel(variant, src_rec)
         if k:
             return k
 
@@ -279,26 +452,26 @@ def build(variant: str = DEFAULT_VARIANT, *, force: bool = False, jobs: int | No
             raise KsmlensError(f"{tool} not found (needed to build the kernel)",
                                "run ./setup.sh, or apt-get install build-essential "
                                "flex bison bc patch libelf-dev libssl-dev")
-    key = artifact_key(v)
+    key = artifact_key(v, src_rec)
     root = cache_root()
     with BuildLock(root / "build.lock"):
-        src = _source_tree(log)
-        tree = root / "tree" / _dirname()
+        src = _source_tree(src_rec, log)
+        tree = root / "tree" / _dirname(src_rec)
         tree.mkdir(parents=True, exist_ok=True)
-        out = _kernel_dir(v, key)
+        out = _kernel_dir(v, key, src_rec)
         tmp_out = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp_out, ignore_errors=True)
         tmp_out.mkdir(parents=True)
         t0 = time.monotonic()
         with open(tmp_out / "build.log", "w", buffering=1) as logf:
-            _apply_patches(src, v, log)
-            _configure(src, tree, logf, log)
+            _apply_patches(src, v, src_rec, log)
+            _configure(src, tree, src_rec, logf, log)
             counts = tree / ".ksmlens-objcount"
             expected = int(counts.read_text()) if counts.exists() else None
             prog = None if quiet else _Progress(v.name, expected)
             localversion = f"LOCALVERSION=-{v.name}"
             jobs = jobs or (os.cpu_count() or 1) + 1
-            log(f"building {v.name} in {tree} (log: {out}/build.log)")
+            log(f"building {src_rec.name} {v.name} in {tree} (log: {out}/build.log)")
             _make(src, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
             if prog:
                 prog.show("done", end=True)
@@ -311,16 +484,20 @@ def build(variant: str = DEFAULT_VARIANT, *, force: bool = False, jobs: int | No
         shutil.copy2(tree / "vmlinux", tmp_out / "vmlinux")
         shutil.copy2(tree / ".config", tmp_out / "config")
         meta = {"variant": v.name, "release": release, "key": key,
-                "source": source_version(), "patches": list(v.patches),
+                "source": source_version(src_rec), "source_name": src_rec.name,
+                "patches": patch_files(v, src_rec),
                 "build_seconds": round(time.monotonic() - t0, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp_out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp_out.rename(out)
-        for old in out.parent.glob(f"{v.name}-*"):  # superseded builds of this variant
-            if old != out and not old.name.endswith(".tmp"):
+        # superseded builds of this variant from this source (another source's
+        # names start with its own prefix, and a key has no '-')
+        for old in out.parent.glob(f"{src_rec.prefix}{v.name}-*"):
+            if old != out and not old.name.endswith(".tmp") \
+                    and "-" not in old.name[len(f"{src_rec.prefix}{v.name}-"):]:
                 shutil.rmtree(old, ignore_errors=True)
         log(f"built {release} in {meta['build_seconds']}s: {out}")
-    k = find_kernel(variant)
+    k = find_kernel(variant, src_rec)
     assert k is not None
     return k

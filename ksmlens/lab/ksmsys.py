@@ -48,12 +48,27 @@ def read_counters(vm) -> dict:
 
 
 def read_ksm_stat(vm, pids) -> dict:
-    """``/proc/PID/ksm_stat`` of each pid: {pid: {ksm_rmap_items: ..., ...}}."""
+    """``/proc/PID/ksm_stat`` of each pid: {pid: {ksm_rmap_items: ..., ...}}.
+
+    Which fields a kernel prints is its own: 6.1 prints only
+    ``ksm_rmap_items`` (commit cb4df4cae4f2) and has ``ksm_merging_pages`` in
+    a file of its own, ``/proc/PID/ksm_merging_pages`` (commit 7609385337a4);
+    ``ksm_stat`` gained ``ksm_merging_pages`` and ``ksm_process_profit`` with
+    d21077fbc2fc (6.4) and ``ksm_zero_pages`` with 6080d19f0704 (6.6). Where
+    ``ksm_stat`` lacks ``ksm_merging_pages`` it is read from that file."""
     pids = [int(p) for p in pids]
     if not pids:
         return {}
-    files = vm.read_files(paths=[f"/proc/{p}/ksm_stat" for p in pids])
-    return {p: _parse_kv(files.get(f"/proc/{p}/ksm_stat")) for p in pids}
+    paths = [f"/proc/{p}/{f}" for p in pids for f in ("ksm_stat", "ksm_merging_pages")]
+    files = vm.read_files(paths=paths)
+    out = {}
+    for p in pids:
+        st = _parse_kv(files.get(f"/proc/{p}/ksm_stat"))
+        merging = files.get(f"/proc/{p}/ksm_merging_pages")
+        if st and "ksm_merging_pages" not in st and merging and merging.strip().isdigit():
+            st["ksm_merging_pages"] = int(merging)
+        out[p] = st
+    return out
 
 
 def _parse_kv(text) -> dict:
@@ -67,16 +82,41 @@ def _parse_kv(text) -> dict:
 
 def read_smaps_ksm(vm, pids) -> dict[int, int]:
     """KSM pages per process, from the ``KSM:`` line of /proc/PID/smaps_rollup
-    (the kernel counts ``folio_test_ksm()`` pages of each mapping)."""
+    (the kernel counts ``folio_test_ksm()`` pages of each mapping).
+
+    A kernel without that line (it came with commit 8b47933544a6, "proc/ksm:
+    add ksm stats to /proc/pid/smaps", 6.6; 6.1 lacks it) is answered from
+    the pages themselves: KPF_KSM of every present page of the process's
+    VM_MERGEABLE VMAs (VmFlags ``mg`` in /proc/PID/smaps), through
+    /proc/PID/pagemap and /proc/kpageflags (where KPF_KSM is PageKsm())."""
     pids = [int(p) for p in pids]
     if not pids:
         return {}
     files = vm.read_files(paths=[f"/proc/{p}/smaps_rollup" for p in pids])
-    res = {}
+    res, missing = {}, []
     for p in pids:
-        kv = _parse_kv(files.get(f"/proc/{p}/smaps_rollup"))
+        text = files.get(f"/proc/{p}/smaps_rollup")
+        kv = _parse_kv(text)
         if "KSM" in kv:
             res[p] = int(str(kv["KSM"]).split()[0]) * 1024 // PAGE_SIZE   # kB -> pages
+        elif text:
+            missing.append(p)
+    if missing:
+        smaps = vm.read_files(paths=[f"/proc/{p}/smaps" for p in missing])
+        ranges, owner = [], []
+        for p in missing:
+            start = end = None
+            for line in (smaps.get(f"/proc/{p}/smaps") or "").splitlines():
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):
+                    a, b = head.split("-")
+                    start, end = int(a, 16), int(b, 16)
+                elif head == "VmFlags:" and start is not None and " mg" in f" {line}":
+                    ranges.append((p, start, (end - start) // PAGE_SIZE))
+                    owner.append(p)
+            res[p] = 0
+        for p, page in zip(owner, read_pages(vm, ranges) if ranges else []):
+            res[p] += sum(1 for x in page.get("pages", []) if x.get("kpf_ksm"))
     return res
 
 
@@ -229,6 +269,17 @@ def set_knobs(vm, **knobs) -> dict:
     for k in knobs:
         sysfs.knob(k)          # one-line error for a counter or a typo
     old = read_counters(vm)
+    knobs = dict(knobs)
+    for k in [k for k in knobs if k not in old]:
+        # a file this kernel does not have (KsmFile.since): setting what the
+        # kernel does without it (smart_scan=0, advisor_mode=none) is a no-op
+        f = sysfs.BY_NAME[k]
+        if f.absent_as is not None and knobs[k] == f.absent_as:
+            del knobs[k]
+            continue
+        raise KsmlensError(f"this kernel has no {KSM_SYSFS}/{k}"
+                           + (f" (added by {f.since})" if f.since else ""),
+                           "run this on a kernel that has it (e.g. the 6.12 lab kernels)")
     saved = {k: old[k] for k in knobs if k in old}
     needs_unmerge = any(knobs[k] != old.get(k) for k in knobs
                         if sysfs.BY_NAME[k].needs_unmerged)

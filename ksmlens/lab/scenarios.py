@@ -34,7 +34,7 @@ from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP, RUN_UNMERGE
 from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["SCENARIOS", "Scenario", "Step", "ScenarioRun", "get_scenario", "run_scenario",
-           "workload_binary", "CGROUP"]
+           "workload_binary", "CGROUP", "missing_need"]
 
 CGROUP = "/sys/fs/cgroup/ksmlens"
 # Fast scanning for a small guest: every mergeable page is visited each wake.
@@ -92,6 +92,9 @@ class Scenario:
     # and tests/lens/test_lens_vm.py.
     core: bool = True
     numa: int = 1                 # NUMA nodes the scenario needs
+    # What the kernel must have, found in the guest (never by version): a
+    # /sys/kernel/mm/ksm file name, or "ksym:NAME" (a symbol in /proc/kallsyms)
+    needs: tuple[str, ...] = ()
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -99,6 +102,37 @@ class Scenario:
                 return s
         raise KsmlensError(f"scenario {self.name!r} has no step {name!r}",
                            f"its steps: {', '.join(s.name for s in self.steps)}")
+
+
+# what each need is, for the one-line refusal
+_NEEDS = {
+    "smart_scan": "SmartScan (commit 5e924ff54d08, \"mm/ksm: add \"smart\" page scanning "
+                  "mode\", 6.7)",
+    "ksm_zero_pages": "KSM zero-page counting (commit e2942062e01d, \"ksm: count all zero "
+                      "pages placed by KSM\", 6.6)",
+    "ksym:ksm_enable_merge_any": "prctl(PR_SET_MEMORY_MERGE) (commit d7597f59d1d3, \"mm: "
+                                 "add new api to enable ksm per process\", 6.4)",
+}
+
+
+def missing_need(vm, scenario: "Scenario") -> None:
+    """Raise :class:`KsmlensError` in one line if the guest kernel lacks what
+    ``scenario.needs``: a ``/sys/kernel/mm/ksm`` file, or a kernel symbol
+    (``ksym:NAME``, looked up in the guest's /proc/kallsyms)."""
+    if not scenario.needs:
+        return
+    files = set(ksmsys.read_counters(vm))
+    for need in scenario.needs:
+        if need.startswith("ksym:"):
+            r = vm.run(["grep", "-qE", rf" {need[5:]}$", "/proc/kallsyms"])
+            ok = r.rc == 0
+        else:
+            ok = need in files
+        if not ok:
+            what = _NEEDS.get(need, need)
+            raise KsmlensError(f"scenario {scenario.name} cannot run on this kernel: it has "
+                               f"no {what}",
+                               "run it on a kernel that has it (the 6.12 lab kernels)")
 
 
 class ScenarioRun:
@@ -119,6 +153,7 @@ class ScenarioRun:
 
     # -- lifecycle
     def start(self) -> dict:
+        missing_need(self.vm, self.scenario)
         binary = workload_binary()
         knobs = dict(FAST_KNOBS)
         knobs.update(self.scenario.knobs)
@@ -870,7 +905,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
                    "STABLE until ksmd's next visit (the union hazard)", _cow_break),
               Step("resume", "let ksmd run again (run=1) for two full scans: the "
                    "written pages' rmap_items leave their stable nodes", _resume)),
-             knobs={"smart_scan": 1}),
+             knobs={"smart_scan": 1}, needs=("smart_scan",)),
     Scenario("fork", "merge, then fork: the child shares KSM pages through the "
              "anon_vma hierarchy", (),
              (MERGED, Step("fork", "the first sharer forks a child that keeps the "
@@ -895,7 +930,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
                    "ksm_zero_pages +16", _zero_fork),
               Step("resume", "run=1: the child's 32 rmap_items join the same stable nodes "
                    "(pages_sharing +32, pages_shared unchanged)", _zero_resume)),
-             knobs={"use_zero_pages": 1, "smart_scan": 0}, core=False),
+             knobs={"use_zero_pages": 1, "smart_scan": 0}, core=False,
+             needs=("ksm_zero_pages",)),
     Scenario("unmerge", "16 contents x 2 pages merged; with ksmd stopped 8 contents "
              "MADV_UNMERGEABLE and 4 pages written (COW): counters lag", (),
              (Step("merged", MERGED.help + "; check pages_shared 16, pages_sharing 16",
@@ -953,7 +989,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("prctl", "2 processes x 64 pattern pages merged through "
              "prctl(PR_SET_MEMORY_MERGE), no madvise", (),
              (Step("merged", MERGED.help + "; every VMA VM_MERGEABLE (smaps VmFlags mg)",
-                   _prctl_merged),), core=False),
+                   _prctl_merged),), core=False, needs=("ksym:ksm_enable_merge_any",)),
     Scenario("thp", "one 2 MiB THP of pattern pages per process (2 processes); KSM "
              "splits it to merge", (),
              (Step("huge", "ksmd held (run=0): each process maps one THP "

@@ -186,18 +186,21 @@ class VM:
 
     @classmethod
     def _plan(cls, name: str, variant: str, *, memory: str, cpus: int, numa: int,
-              accel: str, build: bool, quiet: bool, probe: bool = True):
+              accel: str, build: bool, quiet: bool, probe: bool = True,
+              source: str | None = None):
         """Kernel, :class:`~ksmlens.lab.cmdline.LaunchSpec`, why this accelerator:
         everything ``up`` decides before it runs anything in the VM's directory."""
         get_variant(variant)
+        src = kbuild.get_source(source)
         qemu = _find_qemu()
         vng = _find_vng()
-        kernel = kbuild.find_kernel(variant)
+        kernel = kbuild.find_kernel(variant, src)
         if kernel is None:
             if not build:
-                raise KsmlensError(f"kernel variant {variant!r} is not built",
-                                   f"run `ksmlens vm build --variant {variant}`")
-            kernel = kbuild.build(variant, quiet=quiet)
+                kopt = "" if src.name == kbuild.DEFAULT_SOURCE else f" --kernel {src.name}"
+                raise KsmlensError(f"kernel variant {variant!r} ({src.name}) is not built",
+                                   f"run `ksmlens vm build{kopt} --variant {variant}`")
+            kernel = kbuild.build(variant, source=src, quiet=quiet)
         if accel == "auto":
             accel, why = probe_accel(kernel, boot=probe)
         elif accel in ("kvm", "tcg"):
@@ -236,27 +239,31 @@ class VM:
     @classmethod
     def dry_run(cls, name: str = DEFAULT_NAME, variant: str = DEFAULT_VARIANT, *,
                 memory: str = "2G", cpus: int = 2, numa: int = 1,
-                accel: str = "auto") -> str:
+                accel: str = "auto", source: str | None = None) -> str:
         """The exact QEMU command :meth:`up` would start, shell-quoted on one
         line, as ``vng --dry-run`` prints its own. Boots nothing and writes
         nothing: the kernel must be built already, ``accel="auto"`` takes a
         cached KVM probe or, without one, decides without booting the probe
         (see :func:`probe_accel`), and the VM directory is not created."""
         _, spec, _ = cls._plan(name, variant, memory=memory, cpus=cpus, numa=numa,
-                               accel=accel, build=False, quiet=True, probe=False)
+                               accel=accel, build=False, quiet=True, probe=False,
+                               source=source)
         return shlex.join(cls._run_vng(spec))
 
     @classmethod
     def up(cls, name: str = DEFAULT_NAME, variant: str = DEFAULT_VARIANT, *,
            memory: str = "2G", cpus: int = 2, numa: int = 1, accel: str = "auto",
            build: bool = True, boot_timeout: float = BOOT_TIMEOUT,
-           quiet: bool = False) -> "VM":
-        """Boot ``variant`` as VM ``name`` and wait until its agent answers.
+           quiet: bool = False, source: str | None = None) -> "VM":
+        """Boot ``variant`` built from kernel ``source`` (a
+        :data:`ksmlens.lab.kbuild.SOURCES` name such as ``"6.1"``; None: the
+        default, 6.12) as VM ``name`` and wait until its agent answers.
 
         Raises KsmlensError when ``$KSMLENS_NO_VM`` is set (a test not marked
         ``vm``), after the argument checks and before anything is built or started.
         """
         get_variant(variant)
+        kbuild.get_source(source)
         _find_qemu()
         _find_vng()
         d = vms_root() / name
@@ -272,7 +279,8 @@ class VM:
                                "this caller must not boot a guest; a test that boots one "
                                "carries @pytest.mark.vm")
         kernel, spec, why = cls._plan(name, variant, memory=memory, cpus=cpus, numa=numa,
-                                      accel=accel, build=build, quiet=quiet)
+                                      accel=accel, build=build, quiet=quiet,
+                                      source=source)
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
@@ -286,6 +294,7 @@ class VM:
                                 cwd="/")
         state = {
             "name": name, "variant": variant, "kernel_release": kernel.release,
+            "source": kernel.source,
             "accel": spec.accel, "accel_reason": why, "qmp": str(sock["drgn_qmp"]),
             "qmp_pool": [str(p) for p in sock["pool"]],
             "control_qmp": str(sock["qmp"]), "agent": str(sock["agent"]),
@@ -320,7 +329,10 @@ class VM:
             try:
                 self._request({"op": "ping"}, timeout=min(5.0, deadline - time.monotonic()))
                 return
-            except TimeoutError:
+            except (TimeoutError, ConnectionResetError):
+                # a reset while the guest brings its virtio console up (seen
+                # once booting 6.1 under TCG): not up yet
+                time.sleep(0.2)
                 continue
         raise KsmlensError(f"guest never came up within {timeout:.0f} s: "
                            f"{self._console_tail()}",

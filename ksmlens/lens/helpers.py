@@ -10,9 +10,10 @@ lab kernels), never by version numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Optional
 
-from drgn import Object, Program, TypeKind, container_of, offsetof
+from drgn import Object, Program, TypeKind, offsetof
 from drgn.helpers.linux.list import hlist_for_each_entry, list_for_each_entry
 from drgn.helpers.linux.rbtree import rb_parent, rbtree_inorder_for_each_entry
 
@@ -35,7 +36,7 @@ __all__ = [
     "rmap_item_vma", "rmap_item_tasks", "ksm_scan_cursor",
     "for_each_unstable_rmap_item", "anon_vma_interval_tree_foreach",
     "avc_start_pgoff", "avc_last_pgoff", "ksm_settings", "ksm_counters",
-    "folio_stable_node", "ksm_unstable_tree_seqnr",
+    "folio_stable_node", "ksm_unstable_tree_seqnr", "KsmKernel", "ksm_kernel",
 ]
 
 # mm/ksm.c
@@ -57,12 +58,112 @@ def _page_shift(prog: Program) -> int:
     return prog["PAGE_SHIFT"].value_()
 
 
+# ------------------------------------------------------------------ what this kernel has
+
+@dataclasses.dataclass(frozen=True)
+class KsmKernel:
+    """What the running kernel's KSM has, found in its DWARF and symbols
+    (never from the version): :func:`ksm_kernel` detects it once per program.
+
+    ``rmap_item``, ``stable_node``, ``mm_slot``: the C type names (``"struct
+    ksm_rmap_item"`` ...); without the ``ksm_`` prefix (``"struct rmap_item"``)
+    before commit 21fbd59136e0 ("ksm: add the ksm prefix to the names of the
+    ksm private structures", merged for 6.1).
+    ``generic_mm_slot``: the mm slot embeds the generic ``struct mm_slot`` as
+    ``slot`` (``slot.mm_node``, ``slot.mm``), since commit 58730ab6c7ca ("ksm:
+    convert to use common struct mm_slot", merged for 6.1); before, KSM's own
+    ``struct mm_slot`` has ``mm_list`` and ``mm``. (So every 6.1 has the new
+    names and slot; the old ones are 6.0 and older, which ksmlens does not
+    build: that path is untested.)
+    ``slot_list``, ``slot_mm``: the member paths of the scan-list link and the
+    mm within the slot type.
+    ``smartscan``: the rmap_item has ``age``/``remaining_skips`` and the kernel
+    ``ksm_smart_scan``: commit 5e924ff54d08 ("mm/ksm: add smart page scanning
+    mode", 6.7).
+    ``zero_pages``: the ``ksm_zero_pages`` counter and ``mm->ksm_zero_pages``,
+    with KSM's zero-page PTEs marked dirty: commit e2942062e01d ("ksm: count
+    all zero pages placed by KSM", 6.6) and 6080d19f0704 ("ksm: add ksm zero
+    pages for each process"). Without it a KSM zero page cannot be told from a
+    read fault's.
+    ``process_profit``: ``ksm_process_profit()`` and ``general_profit``
+    (sysfs) / ``ksm_merging_pages`` + ``ksm_process_profit`` in
+    ``/proc/PID/ksm_stat``: commit d21077fbc2fc ("mm: add new KSM process and
+    sysfs knobs", 6.4); ``prctl(PR_SET_MEMORY_MERGE)`` came beside it
+    (d7597f59d1d3, "mm: add new api to enable ksm per process").
+    ``pages_scanned``: the ``ksm_pages_scanned`` counter: commit b348b5fe2b5f
+    ("mm/ksm: add pages scanned metric", 6.6).
+    ``advisor``: ``ksm_advisor``: commits 4e5fa4f5eff6 ("mm/ksm: add ksm
+    advisor") and 66790e9a735b ("mm/ksm: add sysfs knobs for advisor"), 6.8.
+    """
+
+    rmap_item: str
+    stable_node: str
+    mm_slot: str
+    generic_mm_slot: bool
+    smartscan: bool
+    zero_pages: bool
+    process_profit: bool
+    pages_scanned: bool
+    advisor: bool
+
+    @property
+    def slot_list(self) -> str:
+        return "slot.mm_node" if self.generic_mm_slot else "mm_list"
+
+    @property
+    def slot_mm(self) -> str:
+        return "slot.mm" if self.generic_mm_slot else "mm"
+
+
+def _ksm_type(prog: Program, name: str) -> str:
+    """``"struct ksm_<name>"`` if the kernel has it, else ``"struct <name>"``
+    (the names before commit 21fbd59136e0, 6.1)."""
+    for t in (f"struct ksm_{name}", f"struct {name}"):
+        try:
+            prog.type(t)
+            return t
+        except LookupError:
+            continue
+    raise LookupError(f"neither struct ksm_{name} nor struct {name} in this kernel's "
+                      "debug info (is CONFIG_KSM set, and is the vmlinux the kernel's?)")
+
+
+def _has_object(prog: Program, name: str) -> bool:
+    try:
+        prog[name]
+        return True
+    except KeyError:
+        return False
+
+
+def ksm_kernel(prog: Program) -> KsmKernel:
+    """The :class:`KsmKernel` of ``prog``, detected on first use and kept in
+    ``prog.cache``. Raises LookupError if the kernel has no KSM structures."""
+    k = prog.cache.get("ksmlens.ksm_kernel")
+    if k is not None:
+        return k
+    item = _ksm_type(prog, "rmap_item")
+    # the old KSM-private slot was named plain "struct mm_slot"; since 6.1 that
+    # name is the generic one and KSM's is "struct ksm_mm_slot"
+    slot = "struct ksm_mm_slot" if item == "struct ksm_rmap_item" else "struct mm_slot"
+    k = KsmKernel(
+        rmap_item=item, stable_node=_ksm_type(prog, "stable_node"), mm_slot=slot,
+        generic_mm_slot=prog.type(slot).has_member("slot"),
+        smartscan=prog.type(item).has_member("age") and _has_object(prog, "ksm_smart_scan"),
+        zero_pages=_has_object(prog, "ksm_zero_pages"),
+        process_profit=_has_object(prog, "ksm_process_profit"),
+        pages_scanned=_has_object(prog, "ksm_pages_scanned"),
+        advisor=_has_object(prog, "ksm_advisor"))
+    prog.cache["ksmlens.ksm_kernel"] = k
+    return k
+
+
 def ksm_stored_index_member(prog: Program) -> Optional[str]:
     """The member of ``struct ksm_rmap_item`` holding the stored page index
     (one of :data:`ksmlens.kernel.constants.STORED_INDEX_MEMBERS`:
     ``linear_page_index`` on v8 and mainline, ``vm_pgoff`` on v4, ``pgoff``
     on the union kernel), or None."""
-    it = prog.type("struct ksm_rmap_item")
+    it = prog.type(ksm_kernel(prog).rmap_item)
     return next((m for m in STORED_INDEX_MEMBERS if it.has_member(m)), None)
 
 
@@ -92,7 +193,7 @@ def for_each_stable_tree_node(prog: Program) -> Iterator[Object]:
     (see :func:`for_each_stable_node_dup`).
     """
     for _, root in ksm_stable_tree_roots(prog):
-        yield from rbtree_inorder_for_each_entry("struct ksm_stable_node", root, "node")
+        yield from rbtree_inorder_for_each_entry(ksm_kernel(prog).stable_node, root, "node")
 
 
 def is_stable_node_chain(node: Object) -> bool:
@@ -112,14 +213,14 @@ def is_stable_node_dup(node: Object) -> bool:
 
 def for_each_stable_node_dup(chain: Object) -> Iterator[Object]:
     """Yield the dups (``struct ksm_stable_node *``) of a chain head."""
-    return hlist_for_each_entry("struct ksm_stable_node", chain.hlist.address_of_(),
-                                "hlist_dup")
+    return hlist_for_each_entry(ksm_kernel(chain.prog_).stable_node,
+                                chain.hlist.address_of_(), "hlist_dup")
 
 
 def for_each_migrate_node(prog: Program) -> Iterator[Object]:
     """Yield stable nodes parked on ``migrate_nodes`` (their page moved nid)."""
-    return list_for_each_entry("struct ksm_stable_node", prog["migrate_nodes"].address_of_(),
-                               "list")
+    return list_for_each_entry(ksm_kernel(prog).stable_node,
+                               prog["migrate_nodes"].address_of_(), "list")
 
 
 def for_each_stable_node(prog: Program) -> Iterator[Object]:
@@ -135,7 +236,8 @@ def for_each_stable_node(prog: Program) -> Iterator[Object]:
 
 def for_each_stable_node_rmap_item(node: Object) -> Iterator[Object]:
     """Yield the ``struct ksm_rmap_item *`` mapping a (non-chain) stable node's page."""
-    return hlist_for_each_entry("struct ksm_rmap_item", node.hlist.address_of_(), "hlist")
+    return hlist_for_each_entry(ksm_kernel(node.prog_).rmap_item, node.hlist.address_of_(),
+                                "hlist")
 
 
 def stable_node_page(node: Object) -> Object:
@@ -149,7 +251,8 @@ def folio_stable_node(page: Object) -> Optional[Object]:
     mapping = page.mapping.value_()
     if mapping & PAGE_MAPPING_FLAGS != PAGE_MAPPING_KSM:
         return None
-    return Object(page.prog_, "struct ksm_stable_node *", mapping & ~PAGE_MAPPING_FLAGS)
+    return Object(page.prog_, ksm_kernel(page.prog_).stable_node + " *",
+                  mapping & ~PAGE_MAPPING_FLAGS)
 
 
 # ------------------------------------------------------------------ mm slots, items
@@ -157,12 +260,14 @@ def folio_stable_node(page: Object) -> Optional[Object]:
 def for_each_ksm_mm_slot(prog: Program) -> Iterator[Object]:
     """Yield every ``struct ksm_mm_slot *`` on ``ksm_mm_head`` (the scan list).
 
-    ``ksm_mm_head`` itself is the list head and is not yielded.
+    ``ksm_mm_head`` itself is the list head and is not yielded. (``struct
+    mm_slot *`` with ``mm_list`` on kernels before commit 58730ab6c7ca, 6.4:
+    see :class:`KsmKernel`.)
     """
+    k = ksm_kernel(prog)
     head = prog["ksm_mm_head"]
-    for slot in list_for_each_entry("struct mm_slot", head.slot.mm_node.address_of_(),
-                                    "mm_node"):
-        yield container_of(slot, "struct ksm_mm_slot", "slot")
+    yield from list_for_each_entry(k.mm_slot, head.subobject_(k.slot_list).address_of_(),
+                                   k.slot_list)
 
 
 def for_each_mm_slot_rmap_item(slot: Object) -> Iterator[Object]:
@@ -273,7 +378,8 @@ def for_each_unstable_rmap_item(prog: Program) -> Iterator[Object]:
     """Yield the ``struct ksm_rmap_item *`` in the current unstable tree(s)."""
     roots = prog["root_unstable_tree"]
     for nid in range(prog["ksm_nr_node_ids"].value_()):
-        yield from rbtree_inorder_for_each_entry("struct ksm_rmap_item", roots + nid, "node")
+        yield from rbtree_inorder_for_each_entry(ksm_kernel(prog).rmap_item, roots + nid,
+                                                 "node")
 
 
 # ------------------------------------------------------------------ anon_vma interval tree
@@ -373,8 +479,11 @@ def ksm_settings(prog: Program) -> dict:
 
 def ksm_counters(prog: Program) -> dict:
     """KSM counters as named in /sys/kernel/mm/ksm (plus ``rmap_items``), read
-    from the globals exactly as ``mm/ksm.c``'s ``*_show()`` functions do."""
+    from the globals exactly as ``mm/ksm.c``'s ``*_show()`` functions do. A
+    counter the kernel does not have (its variable is not in the debug info,
+    see :class:`KsmKernel`) is left out."""
     c = {k: _value(prog, v) for k, v in _COUNTERS.items()}
+    c = {k: v for k, v in c.items() if v is not None}
     c["full_scans"] = prog["ksm_scan"].seqnr.value_()
     zp = _value(prog, "ksm_zero_pages")
     if zp is not None:
@@ -382,9 +491,10 @@ def ksm_counters(prog: Program) -> dict:
     # pages_volatile_show()
     vol = c["rmap_items"] - c["pages_shared"] - c["pages_sharing"] - c["pages_unshared"]
     c["pages_volatile"] = max(vol, 0)
-    # general_profit_show()
-    page_size = 1 << _page_shift(prog)
-    item_size = prog.type("struct ksm_rmap_item").size
-    c["general_profit"] = ((c["pages_sharing"] + c.get("ksm_zero_pages", 0)) * page_size
-                           - c["rmap_items"] * item_size)
+    # general_profit_show(): commit d21077fbc2fc (6.4), with ksm_process_profit()
+    if ksm_kernel(prog).process_profit:
+        page_size = 1 << _page_shift(prog)
+        item_size = prog.type(ksm_kernel(prog).rmap_item).size
+        c["general_profit"] = ((c["pages_sharing"] + c.get("ksm_zero_pages", 0)) * page_size
+                               - c["rmap_items"] * item_size)
     return c

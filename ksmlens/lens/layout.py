@@ -41,25 +41,34 @@ class Layout:
     """
 
     def __init__(self, prog: Program):
-        it = prog.type("struct ksm_rmap_item")
+        from ksmlens.lens.helpers import ksm_kernel
+        k = self.kernel = ksm_kernel(prog)   # type names, mm slot shape, SmartScan
+        it = prog.type(k.rmap_item)
         self.item_size = it.size
         self.stored_member = next((m for m in STORED_INDEX_MEMBERS if it.has_member(m)), None)
         self.has_nid = it.has_member("nid")
+        # age/remaining_skips only with SmartScan (commit 5e924ff54d08, 6.7)
         o = {m: offsetof(it, m) for m in ("rmap_list", "anon_vma", "mm", "address",
-                                          "oldchecksum", "age", "remaining_skips", "head",
-                                          "hlist")}
+                                          "oldchecksum", "head", "hlist")
+             + (("age", "remaining_skips") if k.smartscan else ())}
         self.i = o
         if self.stored_member and offsetof(it, self.stored_member) != o["oldchecksum"]:
             raise KsmlensError(f"ksm_rmap_item {self.stored_member} does not share "
                                "oldchecksum's bytes",
                                "this kernel's stored-index patch differs from what ksmlens "
                                "knows")
-        if not (0 < o["age"] - o["oldchecksum"] < 8 and
-                0 < o["remaining_skips"] - o["oldchecksum"] < 8):
+        if not k.smartscan:
+            # no SmartScan bytes: the word at oldchecksum is the u32 and padding
+            # (the rmap_item is kmem_cache_zalloc()ed); age/skips decode as 0
+            # and nothing reads them (snap.kernel.smartscan is False)
+            self.union = UnionLayout()
+        elif not (0 < o["age"] - o["oldchecksum"] < 8 and
+                  0 < o["remaining_skips"] - o["oldchecksum"] < 8):
             raise KsmlensError("ksm_rmap_item age/remaining_skips are not next to oldchecksum",
                                "this kernel's ksm.c differs from what ksmlens knows")
-        self.union = UnionLayout(0, o["age"] - o["oldchecksum"],
-                                 o["remaining_skips"] - o["oldchecksum"])
+        else:
+            self.union = UnionLayout(0, o["age"] - o["oldchecksum"],
+                                     o["remaining_skips"] - o["oldchecksum"])
         words = {"next": o["rmap_list"], "anon_vma": o["anon_vma"], "mm": o["mm"],
                  "address": o["address"], "union": o["oldchecksum"], "head": o["head"],
                  "hnext": o["hlist"]}
@@ -69,7 +78,7 @@ class Layout:
                                "this kernel's ksm.c differs from what ksmlens knows")
         self.item_dtype = _dtype({k: (v, "<u8") for k, v in words.items()}, it.size)
 
-        sn = prog.type("struct ksm_stable_node")
+        sn = prog.type(k.stable_node)
         rb = prog.type("struct rb_node")
         n_rb = offsetof(sn, "node")
         self.node_size = sn.size
@@ -96,10 +105,12 @@ class Layout:
                                   "mapping": (offsetof(pg, "mapping"), "<u8"),
                                   "mapcount": (offsetof(pg, "_mapcount"), "<i4")}, pg.size)
 
-        ms = prog.type("struct ksm_mm_slot")
+        # KSM's own mm slot (mm_list, mm) before commit 58730ab6c7ca, 6.1; the
+        # generic struct mm_slot embedded as ``slot`` after
+        ms = prog.type(k.mm_slot)
         self.slot_size = ms.size
-        self.s_mm_node = offsetof(ms, "slot.mm_node")
-        self.s_mm = offsetof(ms, "slot.mm")
+        self.s_mm_node = offsetof(ms, k.slot_list)
+        self.s_mm = offsetof(ms, k.slot_mm)
         self.s_rmap_list = offsetof(ms, "rmap_list")
 
 

@@ -69,6 +69,13 @@ class KernelInfo:
     # the stored index shares (ksmlens.kernel.rules.UnionLayout), from DWARF
     union_layout: dict = field(default_factory=lambda: {
         "oldchecksum": 0, "age": 4, "remaining_skips": 5})
+    # SmartScan: struct ksm_rmap_item has age/remaining_skips (commit
+    # 5e924ff54d08, 6.7); without it those columns are 0 and meaningless
+    smartscan: bool = True
+    # KSM zero pages are counted (ksm_zero_pages, mm->ksm_zero_pages) and their
+    # PTEs marked dirty (commit e2942062e01d, 6.6); without it the walk cannot
+    # tell them and the slots' ksm_zero_pages are None
+    zero_pages: bool = True
 
 
 @dataclass(slots=True)

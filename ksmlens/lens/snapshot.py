@@ -212,7 +212,8 @@ def _kernel_info(prog: Program, L: Layout, shift: int) -> KernelInfo:
                    nr_node_ids=prog["ksm_nr_node_ids"].value_(), page_shift=shift,
                    rmap_item_size=L.item_size, stored_index_member=L.stored_member,
                    union_layout={"oldchecksum": L.union.oldchecksum, "age": L.union.age,
-                                 "remaining_skips": L.union.remaining_skips})
+                                 "remaining_skips": L.union.remaining_skips},
+                   smartscan=L.kernel.smartscan, zero_pages=L.kernel.zero_pages)
     k.walk_rule = kernel_walk_rule(k.variant, k.has_stored_pgoff)
     return k
 
@@ -259,7 +260,9 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
         try:
             f = {"mm_ksm_rmap_items": mmo.ksm_rmap_items.value_(),
                  "mm_ksm_merging_pages": mmo.ksm_merging_pages.value_(),
-                 "mm_ksm_zero_pages": mmo.ksm_zero_pages.counter.value_() if pages else None,
+                 # mm->ksm_zero_pages: commit e2942062e01d (6.6)
+                 "mm_ksm_zero_pages": mmo.ksm_zero_pages.counter.value_()
+                 if pages and L.kernel.zero_pages else None,
                  "mm_users": mmo.mm_users.counter.value_()}
             pgd = mmo.pgd.value_()
         except FaultError:
@@ -290,6 +293,11 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     # ---- page tables of each live mm's mergeable VMAs
     if pages:
         _read_ptes(w, pt, items, slots, zero_pfn, vmemmap)
+        if not L.kernel.zero_pages:
+            # before commit e2942062e01d (6.6) KSM's zero-page PTEs are not
+            # marked: no count of them can be decoded, nor compared
+            for s in slots:
+                s["ksm_zero_pages"] = None
 
     # ---- the stable trees, chains, dups and migrate_nodes
     nodes = _walk_stable_tree(w, kernel, vmemmap)

@@ -217,7 +217,8 @@ def smartscan_table(snap: Snapshot, pid: int | None = None, visits: int = 8) -> 
     ``remaining_skips``, whether ksmd's next visit processes or skips it and
     the next ``visits`` visits (P/S), per ``ksmlens.analysis.core.smartscan_next``
     (mm/ksm.c ``should_skip_rmap_item()``, ``skip_age()``)."""
-    from ksmlens.analysis.core import page_is_ksm, smartscan_next
+    from ksmlens.analysis.core import page_is_ksm, require_smartscan, smartscan_next
+    require_smartscan(snap.kernel.smartscan, "%ksm smartscan")
     on = snap.counters.get("smart_scan", 1)
     rows = [f"smart_scan={on}: an rmap_item whose page is not KSM ages one step per "
             "visit; from age 3 a processed visit sets remaining_skips = skip_age(age) "
@@ -318,7 +319,8 @@ def smartscan_text(snap: Snapshot, scans: int = 8, limit: int | None = 20) -> st
     (:func:`ksmlens.analysis.core.union_hazard`): STABLE rmap_items on pages
     that are no longer KSM, what SmartScan reads from them and what ksmd's
     next visit leaves (first ``limit``; None: all)."""
-    from ksmlens.analysis.core import smartscan_forecast, union_hazard
+    from ksmlens.analysis.core import require_smartscan, smartscan_forecast, union_hazard
+    require_smartscan(snap.kernel.smartscan, "ksmlens smartscan")
     deltas = smartscan_forecast(snap, scans)["pages_skipped_delta"]
     out = [f"{snap.kernel.release}: smart_scan={snap.counters.get('smart_scan')} "
            f"full_scans={snap.scan.get('seqnr')} "

@@ -65,12 +65,24 @@ def test_missing_qemu_is_one_line(monkeypatch, capsys):
                    "install qemu-system-x86"]
 
 
-def test_missing_kernel_source_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(kbuild, "TARBALL", Path("/nonexistent/linux-source-6.12.tar.xz"))
-    rc = main(["vm", "build", "--variant", "stock"])
+@pytest.mark.parametrize("kernel", ["6.12", "6.1"])
+def test_missing_kernel_source_is_one_line(monkeypatch, capsys, kernel):
+    import dataclasses
+    src = kbuild.SOURCES[kernel]
+    monkeypatch.setitem(kbuild.SOURCES, kernel, dataclasses.replace(
+        src, tarball=Path(f"/nonexistent/{src.tarball.name}")))
+    rc = main(["vm", "build", "--kernel", kernel, "--variant", "stock"])
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert "linux-source-6.12 is not installed" in err and "apt-get install" in err
+    assert f"{src.package} is not installed" in err and "apt-get install" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_variant_missing_for_a_source_is_one_line(capsys):
+    rc = main(["vm", "build", "--kernel", "6.1", "--variant", "union"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "'union' does not exist for 6.1" in err and "stock" in err
 
 
 def test_scenario_list_names_steps():
@@ -103,7 +115,8 @@ def test_variant_of_release():
 
 
 def test_patches_touch_only_ksm_c():
-    assert kbuild._all_patched_files() == {"mm/ksm.c"}
+    for source in kbuild.SOURCES.values():
+        assert kbuild._all_patched_files(source) == {"mm/ksm.c"}
 
 
 # ------------------------------------------------------------------ the parser itself

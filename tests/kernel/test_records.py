@@ -87,7 +87,7 @@ def test_the_readme_variants_table_is_the_records():
 def test_sysfs_table_matches_mm_ksm_c():
     """Each file's kind and variable as mm/ksm.c registers and prints it
     (the 6.12 source ksmlens builds from, where it is extracted)."""
-    srcs = sorted(p for p in (Path.home() / ".cache/ksmlens/src").glob("*/mm/ksm.c")
+    srcs = sorted(p for p in (Path.home() / ".cache/ksmlens/src").glob("6.12*/mm/ksm.c")
                   if ".pristine" not in str(p))
     if not srcs:
         pytest.skip("no extracted kernel source (ksmlens vm build extracts it)")
@@ -114,3 +114,20 @@ def test_sysfs_names_and_knob():
     for bad in ("pages_shared", "rnu"):
         with pytest.raises(KsmlensError):
             sysfs.knob(bad)
+
+
+def test_sysfs_table_since_matches_6_1():
+    """The files without ``since`` are exactly those 6.1's mm/ksm.c registers
+    (each later file names the commit that added it)."""
+    srcs = sorted(p for p in (Path.home() / ".cache/ksmlens/src").glob("6.1.*/mm/ksm.c")
+                  if ".pristine" not in str(p))
+    if not srcs:
+        pytest.skip("no extracted 6.1 source (ksmlens vm build --kernel 6.1 extracts it)")
+    c = srcs[0].read_text()
+    have = set(re.findall(r"^KSM_ATTR(?:_RO)?\((\w+)\);", c, re.M))
+    assert have == {f.name for f in sysfs.FILES if f.in_sysfs and not f.since}
+    for f in sysfs.FILES:
+        if f.since:
+            assert re.match(r"[0-9a-f]{12} \(\".+\", 6\.\d+\)$", f.since), f.since
+    assert sysfs.BY_NAME["smart_scan"].absent_as == 0
+    assert sysfs.BY_NAME["advisor_mode"].absent_as == "none"
