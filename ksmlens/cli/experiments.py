@@ -50,7 +50,10 @@ def check(a):
     "kernel's rule on the guest's real anon_vma trees and write down, per KSM page, whether "
     "it can be unmapped; then move_pages(MPOL_MF_MOVE_ALL) every mapped KSM page to the "
     "other NUMA node and read the nodes back. Prints predicted / observed / agree per "
-    "stable node; exits 1 on any disagreement. Needs a VM with 2 NUMA nodes (`ksmlens vm "
+    "stable node; exits 1 on any disagreement. The prediction is made under every rule "
+    "(stock, v3, and stored where the kernel has a stored index) and the kernel's outcome "
+    "names the rules it behaved like ('this kernel unmaps like rule v3'), or says that this "
+    "state cannot tell them apart. Needs a VM with 2 NUMA nodes (`ksmlens vm "
     "up --numa 2`). With --smartscan N: forecast SmartScan's skips over N full scans and "
     "compare with the kernel's pages_skipped and every rmap_item's age/remaining_skips.",
     args=(NAME,

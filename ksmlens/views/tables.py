@@ -17,7 +17,7 @@ from typing import Any
 from drgn.helpers.common.format import CellFormat, print_table
 
 __all__ = ["format_table", "keyvalue_table", "check_table", "check_text", "verify_table",
-           "verify_text", "smartscan_verify_table", "diff_text", "vms_table",
+           "verify_text", "rule_match_line", "smartscan_verify_table", "diff_text", "vms_table",
            "vm_status_table", "scenario_table"]
 
 
@@ -118,13 +118,35 @@ def verify_table(res) -> str:
           "-" if r["agree"] is None else "yes" if r["agree"] else "NO") for r in res.rows],
         align="<<<<<<<<")
     c = res.counts()
+    rule = (repr(res.rule) if res.rule else
+            f"unknown (rows judged under {getattr(res, 'rows_rule', None)!r})")
     return body + "\n" + (
-        f"{res.release}: rmap_walk_ksm() rule {res.rule!r}, proven by {res.by}; {c['nodes']} "
+        f"{res.release}: rmap_walk_ksm() rule {rule}, proven by {res.by}; {c['nodes']} "
         f"KSM pages, {c['pages']} mappings; predicted to stay: {c['predicted_stay']}, "
         f"stayed: {c['observed_stayed']}; "
         + (f"{c['gone']} unmapped by their process meanwhile (not compared); "
            if c["gone"] else "")
         + ("prediction and kernel AGREE" if res.agree else f"{c['disagree']} DISAGREE"))
+
+
+def rule_match_line(res) -> str:
+    """Which rules the kernel behaved like, from a
+    :class:`ksmlens.experiments.verify.VerifyResult`'s ``matches``: one rule
+    named, several that this state cannot tell apart, or none; then each
+    candidate's predicted-to-stay count and disagreements."""
+    how = "unmaps" if res.by == "migration" else "reclaims"
+    m, cands = list(res.matches), list(res.candidates)
+    if len(m) == 1:
+        head = f"this kernel {how} like rule {m[0]}"
+    elif m:
+        head = (f"this kernel {how} like rules {', '.join(m)}: they predict the same on this "
+                "state, so the experiment cannot tell them apart (use a scenario where they "
+                "differ: mremap, where v3 misses the moved mappings and stock and stored do not)")
+    else:
+        head = f"this kernel {how} like none of the rules {', '.join(cands)}"
+    per = "; ".join(f"{r}: {b['predicted_stay']} stay, {b['disagree']} disagree"
+                    for r, b in res.by_rule.items())
+    return f"{head} ({per})"
 
 
 def verify_text(res) -> str:
@@ -153,7 +175,7 @@ def verify_text(res) -> str:
         tail = (f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
                 f"move_pages(MPOL_MF_MOVE_ALL) to the other node: "
                 f"{res.seconds['migrate']} s)")
-    return verify_table(res) + "\n" + tail
+    return verify_table(res) + "\n" + rule_match_line(res) + "\n" + tail
 
 
 def smartscan_verify_table(res, limit: int | None = 20) -> str:
