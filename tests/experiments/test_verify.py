@@ -111,9 +111,9 @@ def test_verify_cli(vm):
         assert r.returncode == 0, r.stderr
         assert "prediction and kernel AGREE" in r.stdout
         assert "stays" in r.stdout and "stayed" in r.stdout
+        assert "this kernel unmaps like rule v3 (" in r.stdout
         r = subprocess.run([sys.executable, "-m", "ksmlens", "verify", "--name", vm.name,
                             "--json"], capture_output=True, text=True, timeout=600)
-        assert "this kernel unmaps like rule v3 (" in r.stdout
         d = json.loads(r.stdout)
         assert d["agree"] and d["rule"] == "v3" and d["counts"]["predicted_stay"] == 16
         assert d["matches"] == ["v3"] and d["candidates"] == ["stock", "v3"]
