@@ -9,7 +9,7 @@ What is needed beside :mod:`ksmlens.lab.kbuild`'s make and config steps:
 * :func:`tree_digest`: the content key of DIR, fast: the ``git`` tree id of
   a clean git checkout (``git status`` clean, untracked files included),
   else every file's path, mode and bytes hashed (BLAKE2b, two threads), with
-  a stat cache (path, size, mtime, inode -> digest) so a warm hash reads
+  a stat cache (path, size, mtime -> digest) so a warm hash reads
   only what changed.
 * :func:`read_patches`: ``git format-patch`` files, a series of them, or an
   mbox saved from the list with several messages (split with
@@ -114,6 +114,9 @@ def _file_digest(path: str) -> bytes:
     return h.digest()
 
 
+_STAT_FORMAT = 1   # the stat cache: {"format": 1, "files": {rel: [size, mtime_ns, digest]}}
+
+
 def tree_digest(src: Path, *, stat_cache: Path | None = None) -> dict:
     """The content key of the kernel tree ``src``: ``{"kind": "git" |
     "content", "id": hex, "files": n, "read": files read, "seconds": s}``.
@@ -121,8 +124,9 @@ def tree_digest(src: Path, *, stat_cache: Path | None = None) -> dict:
     ``git``: the tree id of a clean checkout (what its files are, by git's
     own hashes). ``content``: BLAKE2b over every file's relative path, mode
     (executable bit; a symlink's target) and bytes, ``.git`` left out,
-    in sorted order. A file whose (size, mtime_ns, inode) equals the entry
-    of ``stat_cache`` (a JSON file, rewritten) is not read again."""
+    in sorted order. A file whose (size, mtime_ns) equals its entry in
+    ``stat_cache`` (a JSON file, rewritten) is not read again: an edit
+    changes the mtime, and the same tarball unpacked again hits."""
     src = Path(src)
     t0 = time.monotonic()
     gid = _git_tree_id(src)
@@ -132,8 +136,9 @@ def tree_digest(src: Path, *, stat_cache: Path | None = None) -> dict:
     old: dict = {}
     if stat_cache and stat_cache.exists():
         try:
-            old = json.loads(stat_cache.read_text())
-        except ValueError:
+            d = json.loads(stat_cache.read_text())
+            old = d["files"] if d.get("format") == _STAT_FORMAT else {}
+        except (ValueError, AttributeError, KeyError):
             old = {}
     entries: list[tuple[str, str, str | None]] = []   # rel, kind/mode, symlink target
     todo: dict[str, tuple] = {}
@@ -150,10 +155,12 @@ def tree_digest(src: Path, *, stat_cache: Path | None = None) -> dict:
             if not stat.S_ISREG(st.st_mode):
                 continue
             mode = "x" if st.st_mode & 0o111 else "f"
-            sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+            # git's racy-clean check also uses ctime and inode; those change
+            # when the same tarball is unpacked again, size and mtime do not
+            sig = [st.st_size, st.st_mtime_ns]
             entries.append((rel, mode, None))
             o = old.get(rel)
-            if o and o[:3] == sig:
+            if o and o[:2] == sig:
                 new[rel] = o
             else:
                 todo[rel] = sig
@@ -164,11 +171,11 @@ def tree_digest(src: Path, *, stat_cache: Path | None = None) -> dict:
     h = hashlib.blake2b(digest_size=20)
     for rel, mode, target in sorted(entries):
         h.update(f"{rel}\0{mode}\0".encode())
-        h.update((target or new[rel][3]).encode() + b"\n")
+        h.update((target or new[rel][2]).encode() + b"\n")
     if stat_cache:
         stat_cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = stat_cache.with_name(stat_cache.name + ".tmp")
-        tmp.write_text(json.dumps(new))
+        tmp.write_text(json.dumps({"format": _STAT_FORMAT, "files": new}))
         tmp.replace(stat_cache)
     return {"kind": "content", "id": h.hexdigest(), "files": len(entries), "read": len(todo),
             "seconds": round(time.monotonic() - t0, 2)}
@@ -186,8 +193,15 @@ class Patch:
     text: str
 
     @property
+    def diff(self) -> str:
+        """The patch from its first diff line on: what changes the tree (the
+        mail headers and the commit message do not)."""
+        m = _DIFF.search(self.text)
+        return self.text[m.start():] if m else self.text
+
+    @property
     def sha(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+        return hashlib.sha256(self.diff.encode()).hexdigest()[:16]
 
 
 _DIFF = re.compile(r"^(diff --git |--- \S|Index: )", re.M)
@@ -336,13 +350,13 @@ OWN_FORMAT = 1   # bump when the own-tree build changes what it produces
 
 def own_key(digest: dict, series: str, config: bytes, patches: list[Patch]) -> str:
     """The artifact key of an own tree: its content digest, its series, the
-    config fragments and every patch's name and text."""
+    config fragments and every patch's diff (:attr:`Patch.diff`), in order."""
     h = hashlib.sha256()
     h.update(f"own-format={OWN_FORMAT}\ntree={digest['kind']}:{digest['id']}\n"
              f"series={series}\n".encode())
     h.update(config)
-    for p in patches:
-        h.update(p.name.encode() + b"\0" + p.text.encode() + b"\0")
+    for p in patches:       # the diffs: one patch as a file or in an mbox is one key
+        h.update(p.diff.encode() + b"\0")
     return h.hexdigest()[:12]
 
 
