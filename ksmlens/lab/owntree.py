@@ -143,27 +143,31 @@ def tree_digest(src: Path, *, stat_cache: Path | None = None) -> dict:
     entries: list[tuple[str, str, str | None]] = []   # rel, kind/mode, symlink target
     todo: dict[str, tuple] = {}
     new: dict = {}
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not (root == str(src) and d == ".git"))
-        for fn in files:
-            p = os.path.join(root, fn)
-            rel = os.path.relpath(p, src)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                entries.append((rel, "l", os.readlink(p)))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            mode = "x" if st.st_mode & 0o111 else "f"
-            # git's racy-clean check also uses ctime and inode; those change
-            # when the same tarball is unpacked again, size and mtime do not
-            sig = [st.st_size, st.st_mtime_ns]
-            entries.append((rel, mode, None))
-            o = old.get(rel)
-            if o and o[:2] == sig:
-                new[rel] = o
-            else:
-                todo[rel] = sig
+    stack = [("", str(src))]                 # (relative dir + "/", absolute dir)
+    while stack:
+        rdir, adir = stack.pop()
+        with os.scandir(adir) as it:
+            for e in it:
+                rel = rdir + e.name
+                if e.is_dir(follow_symlinks=False):
+                    if rel != ".git":
+                        stack.append((rel + "/", e.path))
+                    continue
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    entries.append((rel, "l", os.readlink(e.path)))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                # git's racy-clean check also uses ctime and inode; those change
+                # when the same tarball is unpacked again, size and mtime do not
+                sig = [st.st_size, st.st_mtime_ns]
+                entries.append((rel, "x" if st.st_mode & 0o111 else "f", None))
+                o = old.get(rel)
+                if o and o[:2] == sig:
+                    new[rel] = o
+                else:
+                    todo[rel] = sig
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:  # hashlib frees the GIL
         for rel, d in zip(todo, ex.map(_file_digest, [str(src / r) for r in todo],
                                        chunksize=64)):
