@@ -668,6 +668,10 @@ def verify_outcome(result, ax=None) -> Figure:
     nodes reclaimed/stays, mappings unmapped/mapped (swapped/mapped
     observed). Returns the Figure."""
     rule = _get(result, "rule")
+    if rule is None:     # a kernel of unknown rule: the rows are judged under rows_rule
+        rows_rule = (result.get("rows_rule") if isinstance(result, dict)
+                     else getattr(result, "rows_rule", None))
+        rule = f"{rows_rule} (kernel's own unknown)" if rows_rule else None
     by = (result.get("by") if isinstance(result, dict) else getattr(result, "by", None)) \
         or "migration"
     base_pred, base_obs = (_PRED_RECLAIM, _OBS_RECLAIM) if by == "reclaim" else (_PRED, _OBS)
