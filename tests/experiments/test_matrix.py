@@ -122,3 +122,45 @@ def test_small_matrix_repeats_the_committed_cells(tmp_path):
     assert m.cell("v3", "mremap", "migration").matches == ["v3"]
     assert "stock" in m.cell("stock", "mremap", "reclaim").matches
     assert set(COMPARED_FIELDS) <= {f.name for f in dataclasses.fields(Cell)}
+
+
+def test_rules_judged_on_one_observation():
+    """verify's judging without a guest: one observation (two KSM pages, the
+    kernel moved one and kept the other) judged under three rules; only the
+    rule that predicted exactly that matches, and a kernel of unknown rule
+    shows its rows under the match."""
+    from ksmlens.experiments.verify import VerifyResult, _judge_rules
+    from ksmlens.views.tables import rule_match_line
+    observed = {"a": "moved", "b": "stayed"}
+    predicted = {"stock": {"a": "moves", "b": "moves"}, "v3": {"a": "moves", "b": "stays"},
+                 "stored": {"a": "stays", "b": "stays"}}
+
+    def judge(r):
+        rows = [{"node": n, "predicted": predicted[r][n], "observed": o,
+                 "misses_by": {x: int(predicted[x][n] == "stays") for x in predicted},
+                 "agree": (predicted[r][n] == "moves") == (o == "moved")}
+                for n, o in observed.items()]
+        return rows, []
+    rules = ["stock", "v3", "stored"]
+    got = _judge_rules(None, rules, rules, judge, "stays")
+    assert got["matches"] == ["v3"] and got["rows_rule"] == "v3"
+    assert got["by_rule"]["stock"] == {"predicted_stay": 0, "misses": 0, "disagree": 1,
+                                       "agree": False}
+    res = VerifyResult(variant="mine", release="r", rule=None, seconds={}, **got)
+    assert res.agree and res.distinguished
+    assert rule_match_line(res).startswith("this kernel unmaps like rule v3 (stock: 0 stay, "
+                                           "1 disagree; v3: 1 stay, 0 disagree;")
+    # the kernel's known rule stays the rows' rule even where it is not the match
+    got = _judge_rules("stock", rules, rules, judge, "stays")
+    assert got["rows_rule"] == "stock" and got["matches"] == ["v3"]
+    # nothing compared (every page gone): no rule matches
+    observed = {"a": "gone"}
+    predicted = {r: {"a": "moves"} for r in rules}
+
+    def judge_gone(r):
+        return [{"node": "a", "predicted": "moves", "observed": "gone",
+                 "misses_by": dict.fromkeys(rules, 0), "agree": None}], []
+    got = _judge_rules(None, rules, rules, judge_gone, "stays")
+    assert got["matches"] == [] and got["rows_rule"] == "stock"
+    res = VerifyResult(variant="mine", release="r", rule=None, seconds={}, **got)
+    assert not res.agree and "like none of the rules stock, v3, stored" in rule_match_line(res)
