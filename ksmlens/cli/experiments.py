@@ -200,8 +200,9 @@ def _matrix_args():
                 help=f"a scenario (repeatable; default: {', '.join(MATRIX_SCENARIOS)})"),
             arg("--by", action="append", choices=list(MATRIX_BY),
                 help="the kernel's proof (repeatable; default: both)"),
-            arg("-o", "--output", metavar="DIR", default="out/matrix",
-                help="write DIR/matrix.json and DIR/matrix.png (default: out/matrix)"),
+            arg("-o", "--output", metavar="DIR",
+                help="write DIR/matrix.json and DIR/matrix.png (default: out/matrix; with "
+                "--from: the picture only, and only if given)"),
             arg("--from", dest="from_file", metavar="FILE",
                 help="do not run: render a saved matrix.json (table, picture, --readme)"),
             arg("--readme", nargs="?", const="README.md", metavar="README",
@@ -232,6 +233,11 @@ def matrix(a):
             raise KsmlensError("--from renders a saved matrix: --variant/--scenario/--by "
                                "select what to run", "drop them, or drop --from")
         m = Matrix.load(a.from_file)
+        if a.output:
+            out = Path(a.output)
+            out.mkdir(parents=True, exist_ok=True)
+            matrix_figure(m).savefig(out / "matrix.png", dpi=100)
+            print(f"matrix: saved {out / 'matrix.png'}", file=sys.stderr)
     else:
         def show(c):
             print(f"matrix: {c.variant} {c.scenario} by {c.by}: {c.outcome}, "
@@ -240,7 +246,7 @@ def matrix(a):
                   file=sys.stderr, flush=True)
         m = run_matrix(a.variant or list(VARIANTS), a.scenario or list(MATRIX_SCENARIOS),
                        a.by or list(MATRIX_BY), name=a.name, on_cell=show)
-        out = Path(a.output)
+        out = Path(a.output or "out/matrix")
         m.save(out / "matrix.json")
         fig = matrix_figure(m)
         fig.savefig(out / "matrix.png", dpi=100)

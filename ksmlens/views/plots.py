@@ -749,9 +749,11 @@ def matrix_figure(m, ax=None) -> Figure:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=_MATRIX_COLORS[kind],
                                    edgecolor="white", lw=2, hatch=None if c.agree else "xx",
                                    gid=f"cell:{v}:{s}:{b}"))
-            like = ("no rule" if not c.matches else c.matches[0] if len(c.matches) == 1
-                    else "all alike" if c.matches == c.candidates else " = ".join(c.matches))
-            ax.text(j, i, f"{c.outcome}\n{c.pages_stayed}/{c.pages} stay\nlike {like}",
+            like = ("like no rule" if not c.matches else
+                    f"like {c.matches[0]}" if len(c.matches) == 1 else
+                    "all rules alike" if c.matches == c.candidates else
+                    "like " + " = ".join(c.matches))
+            ax.text(j, i, f"{c.outcome}\n{c.pages_stayed}/{c.pages} stay\n{like}",
                     ha="center", va="center", fontsize=8)
     ax.set_xlim(-0.5, len(cols) - 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)
