@@ -137,7 +137,7 @@ def rule_match_line(res) -> str:
     :class:`ksmlens.experiments.verify.VerifyResult`'s ``matches``: one rule
     named, several that this state cannot tell apart, or none; then each
     candidate's predicted-to-stay count and disagreements."""
-    how = "unmaps" if res.by == "migration" else "reclaims"
+    how = "reclaims" if res.by == "reclaim" else "unmaps"
     m, cands = list(res.matches), list(res.candidates)
     if len(m) == 1:
         head = f"this kernel {how} like rule {m[0]}"
@@ -178,7 +178,9 @@ def verify_text(res) -> str:
         tail = (f"(predicted from a paused snapshot in {res.seconds['predict']} s, then "
                 f"move_pages(MPOL_MF_MOVE_ALL) to the other node: "
                 f"{res.seconds['migrate']} s)")
-    return verify_table(res) + "\n" + rule_match_line(res) + "\n" + tail
+    # the rules named by experiment (migration, reclaim; hwpoison judges one rule)
+    rules = rule_match_line(res) + "\n" if getattr(res, "candidates", None) else ""
+    return verify_table(res) + "\n" + rules + tail
 
 
 # ------------------------------------------------------------------ ksmlens matrix
