@@ -18,6 +18,8 @@ import signal
 
 import pytest
 
+from ksmlens.views.tables import rule_match_line
+
 from ksmlens.lab.vm import NO_VM_ENV, VM
 
 _live: dict = {}
@@ -56,6 +58,53 @@ def boot(variant: str, numa: int = 2, cpus: int = 2, memory: str = "2G",
     _started_pids.add(vm.state["pid"])
     _live[key] = vm
     return vm
+
+
+def check_matches(res, moved: str, stayed: str) -> None:
+    """``res.matches`` against a restatement from the kernel's outcome: per
+    KSM page the set of what happened to its compared mappings (``moved`` /
+    ``stayed`` per page for migration; ``reclaimed`` / ``stayed`` per row
+    for reclaim), and per candidate rule whether that rule misses a mapped
+    mapping of it (the snapshot's ``unmappable_under``, or mappings no
+    rmap_item reaches)."""
+    snap = res.snapshot
+    cands = ["stock", "v3"] + (["stored"] if snap.kernel.has_stored_pgoff else [])
+    assert res.candidates == cands
+    if res.by == "migration":
+        did = {}
+        for p in res.pages:
+            if p["observed"] != "gone":
+                did.setdefault(p["node"], set()).add(p["observed"])
+    else:
+        did = {r["node"]: {r["observed"]} for r in res.rows if r["observed"] != "gone"}
+        # and per mapping: a swap entry where the rule finds it, still mapped
+        # where it misses it (no rmap_item reaches an orphan mapping)
+        found = {}
+        for n in snap.nodes():
+            for m in n.mappings:
+                if m["mapped"]:
+                    found[(m["pid"], m["address"])] = m["found"]
+            for m in n.orphan_mappings:
+                found[(m["pid"], m["address"])] = dict.fromkeys(cands, False)
+        per_page = [(found[(p["pid"], p["address"])], p["observed"]) for p in res.pages
+                    if p["observed"] in ("swapped", "mapped")
+                    and (p["pid"], p["address"]) in found]
+    assert did
+
+    def confirmed(rule):
+        if res.by == "reclaim" and not all(bool(f[rule]) == (obs == "swapped")
+                                           for f, obs in per_page):
+            return False
+        return all(obs == {stayed if (rule in snap.node(nid).unmappable_under
+                                      or snap.node(nid).unreachable) else moved}
+                   for nid, obs in did.items())
+    assert res.matches == [r for r in cands if confirmed(r)], res.by_rule
+    assert res.to_dict()["matches"] == res.matches
+    line = rule_match_line(res)
+    if len(res.matches) == 1:
+        assert f"like rule {res.matches[0]} (" in line
+    elif res.matches:
+        assert "cannot tell them apart" in line and ", ".join(res.matches) in line
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@
     ksmlens verify [--by reclaim]         predict, then let the kernel prove it
     ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
     ksmlens selftests [--suite S]         the kernel's KSM selftests, walk checked while paused
+    ksmlens matrix [--variant V]...       each scenario on each variant, verified: the README table
 
 Kernel builds and VM state live in ~/.cache/ksmlens ($KSMLENS_CACHE).
 """

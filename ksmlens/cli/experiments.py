@@ -4,6 +4,7 @@
     ksmlens verify [--by reclaim]         predict, then let the kernel prove it
     ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
     ksmlens selftests [--suite S]         the kernel's KSM selftests, walk checked while paused
+    ksmlens matrix [--variant V]...       each scenario on each variant, verified: the README table
 
 What they print comes from :mod:`ksmlens.views` (report, tables).
 """
@@ -50,7 +51,10 @@ def check(a):
     "kernel's rule on the guest's real anon_vma trees and write down, per KSM page, whether "
     "it can be unmapped; then move_pages(MPOL_MF_MOVE_ALL) every mapped KSM page to the "
     "other NUMA node and read the nodes back. Prints predicted / observed / agree per "
-    "stable node; exits 1 on any disagreement. Needs a VM with 2 NUMA nodes (`ksmlens vm "
+    "stable node; exits 1 on any disagreement. The prediction is made under every rule "
+    "(stock, v3, and stored where the kernel has a stored index) and the kernel's outcome "
+    "names the rules it behaved like ('this kernel unmaps like rule v3'), or says that this "
+    "state cannot tell them apart. Needs a VM with 2 NUMA nodes (`ksmlens vm "
     "up --numa 2`). With --smartscan N: forecast SmartScan's skips over N full scans and "
     "compare with the kernel's pages_skipped and every rmap_item's age/remaining_skips.",
     args=(NAME,
@@ -184,3 +188,74 @@ def selftests(a):
     else:     # one line: the kernel suites' summary, then ksm_and_mremap's
         print("; ".join(parts) if kernel else "selftests: " + parts[0])
     return 0 if ok else 1
+
+
+def _matrix_args():
+    from ksmlens.experiments.matrix import MATRIX_BY, MATRIX_SCENARIOS
+    from ksmlens.kernel.variants import VARIANTS
+    return (arg("--variant", "-V", action="append", metavar="V",
+                help=f"a kernel variant, built-in or built with `vm build --source` "
+                f"(repeatable; default: {', '.join(VARIANTS)})"),
+            arg("--scenario", "-S", action="append", metavar="S",
+                help=f"a scenario (repeatable; default: {', '.join(MATRIX_SCENARIOS)})"),
+            arg("--by", action="append", choices=list(MATRIX_BY),
+                help="the kernel's proof (repeatable; default: both)"),
+            arg("-o", "--output", metavar="DIR",
+                help="write DIR/matrix.json and DIR/matrix.png (default: out/matrix; with "
+                "--from: the picture only, and only if given)"),
+            arg("--from", dest="from_file", metavar="FILE",
+                help="do not run: render a saved matrix.json (table, picture, --readme)"),
+            arg("--readme", nargs="?", const="README.md", metavar="README",
+                help="rewrite the marked matrix block of README.md (or the file given) "
+                "with this matrix's table"),
+            arg("--name", default="matrix", help="VM name prefix (default: matrix)"),
+            arg("--json", action="store_true", help="print the JSON instead of the table"))
+
+
+@COMMANDS.command(
+    "matrix", help="run each scenario on each kernel variant and verify it: the README's "
+    "table of what the kernels do",
+    description="Boot each variant (two NUMA nodes, one guest at a time), run each scenario "
+    "to its last step and `verify` it by migration and, from a fresh run, by reclaim; print "
+    "per cell what the kernel did (KSM pages pinned or moved, freed or kept; mappings "
+    "unmapped or kept), whether the prediction agreed and which walk rules the kernel "
+    "behaved like. Saves DIR/matrix.json and DIR/matrix.png; --readme rewrites README.md's "
+    "marked table from it. Exits 1 if any prediction disagreed.",
+    args=_matrix_args)
+def matrix(a):
+    from pathlib import Path
+    from ksmlens.experiments.matrix import MATRIX_BY, MATRIX_SCENARIOS, Matrix, run_matrix
+    from ksmlens.kernel.variants import VARIANTS
+    from ksmlens.views.plots import matrix_figure
+    from ksmlens.views.tables import matrix_markdown, matrix_table, replace_marked_block
+    if a.from_file:
+        if a.variant or a.scenario or a.by:
+            raise KsmlensError("--from renders a saved matrix: --variant/--scenario/--by "
+                               "select what to run", "drop them, or drop --from")
+        m = Matrix.load(a.from_file)
+        if a.output:
+            out = Path(a.output)
+            out.mkdir(parents=True, exist_ok=True)
+            matrix_figure(m).savefig(out / "matrix.png", dpi=100)
+            print(f"matrix: saved {out / 'matrix.png'}", file=sys.stderr)
+    else:
+        def show(c):
+            print(f"matrix: {c.variant} {c.scenario} by {c.by}: {c.outcome}, "
+                  f"{c.pages_stayed}/{c.pages} stay, like {','.join(c.matches) or 'none'}"
+                  f"{'' if c.agree else ', DISAGREES'} ({c.seconds:.1f} s)",
+                  file=sys.stderr, flush=True)
+        m = run_matrix(a.variant or list(VARIANTS), a.scenario or list(MATRIX_SCENARIOS),
+                       a.by or list(MATRIX_BY), name=a.name, on_cell=show)
+        out = Path(a.output or "out/matrix")
+        m.save(out / "matrix.json")
+        fig = matrix_figure(m)
+        fig.savefig(out / "matrix.png", dpi=100)
+        print(f"matrix: saved {out / 'matrix.json'} and {out / 'matrix.png'}", file=sys.stderr)
+    if a.readme:
+        p = Path(a.readme)
+        if not p.exists():
+            raise KsmlensError(f"no {p}", "run from the checkout, or give --readme PATH")
+        p.write_text(replace_marked_block(p.read_text(), matrix_markdown(m)))
+        print(f"matrix: rewrote the matrix block of {p}", file=sys.stderr)
+    print(json.dumps(m.to_dict(), indent=1) if a.json else matrix_table(m))
+    return 0 if m.agree else 1

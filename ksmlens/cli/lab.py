@@ -56,12 +56,40 @@ COMMANDS.group("scenario", help="workloads that put KSM in a known state",
     args=(KVARIANT, KERNEL,
           arg("--all", action="store_true", help="build every variant of the --kernel"),
           arg("--force", action="store_true", help="rebuild even if cached"),
-          arg("--jobs", "-j", type=int, help="make -j (default: CPUs + 1)")))
+          arg("--jobs", "-j", type=int, help="make -j (default: CPUs + 1)"),
+          arg("--source", metavar="DIR",
+              help="build your own kernel tree DIR (a supported version: "
+              f"{', '.join(kbuild.SOURCES)}) with ksmlens's config as variant --variant NAME; "
+              "DIR is never written (built from a copy in the cache), cached by content "
+              "(git tree id of a clean checkout, else the files' bytes)"),
+          arg("--patch", action="append", metavar="FILE", default=[],
+              help="with --source: apply FILE first (repeatable, in order): a `git "
+              "format-patch` file, a unified diff, or an mbox of several patches saved from "
+              "the list (cover letter and replies skipped)")))
 def vm_build(a):
+    if a.source or a.patch:
+        return _vm_build_own(a)
     variants = list(kbuild.get_source(a.kernel).variants) if a.all else [_variant(a)]
     for v in variants:        # one line per kernel as soon as it is built
         k = kbuild.build(v, source=a.kernel, force=a.force, jobs=a.jobs)
         print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")
+    return 0
+
+
+def _vm_build_own(a):
+    from ksmlens.lab.owntree import build_own
+    if not a.source:
+        raise KsmlensError("--patch needs --source DIR",
+                           "ksmlens vm build --source DIR --patch FILE --variant NAME")
+    if not a.variant or a.all:
+        raise KsmlensError("--source needs a name for the kernel: --variant NAME (not --all)",
+                           "e.g. ksmlens vm build --source ~/linux --variant mine")
+    t = {}
+    k = build_own(a.source, a.patch, a.variant, force=a.force, jobs=a.jobs, timings=t)
+    print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")
+    print(f"ksmlens: {'found in the cache' if t.get('cache_hit') else 'built'} in "
+          f"{t.get('total')} s (content hash: {t.get('digest_kind')}, {t.get('digest')} s); "
+          f"boot it: ksmlens vm up --variant {k.variant}", file=sys.stderr)
     return 0
 
 

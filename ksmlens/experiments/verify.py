@@ -19,8 +19,18 @@ the pages out (swap on zram); ``shrink_folio_list()`` unmaps a KSM page with
 finds become swap entries, a mapping it misses keeps the page mapped, and a
 page still mapped is never freed.
 
+The rule is found by experiment too: ksmlens cannot read a kernel's walk
+rule from its code, so every verification predicts under every candidate
+rule (``stock``, ``v3``, and ``stored`` where ``struct ksm_rmap_item`` has a
+stored index member), observes once, and names the rules whose every
+prediction the kernel confirmed (``VerifyResult.matches``). Where several
+rules predict the same for this state the experiment cannot tell them
+apart (``mremap`` separates them: v3 misses the moved mappings, stock and
+stored do not).
+
     res = verify(vm)
     print(verify_table(res)); assert res.agree   # ksmlens.views.tables
+    res.matches                                  # ["v3"]: it unmaps like rule v3
 
 Memory failure is the third (:func:`verify_hwpoison`, ``verify(vm,
 by="hwpoison")``): a process mapping a KSM page poisons it with
@@ -39,8 +49,8 @@ import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP
 
-__all__ = ["VerifyResult", "verify", "predict", "SmartScanResult", "verify_smartscan",
-           "verify_reclaim", "verify_hwpoison", "collect_rule", "VERIFY_BY"]
+__all__ = ["VerifyResult", "verify", "predict", "candidate_rules", "SmartScanResult",
+           "verify_smartscan", "verify_reclaim", "verify_hwpoison", "collect_rule", "VERIFY_BY"]
 
 VERIFY_BY = ("migration", "reclaim", "hwpoison")
 
@@ -52,16 +62,36 @@ class VerifyResult:
     "misses", "predicted": "moves"|"stays", "observed":
     "moved"|"stayed"|"mixed"|"gone", "agree"}``; page: ``{"pid", "address",
     "node", "pfn", "before", "target", "after", "tries", "predicted",
-    "observed", "agree"}``."""
+    "observed", "agree"}``.
+
+    ``rule``: the kernel's own rule where ksmlens knows it (a lab variant,
+    or a stored index member: ``stored``), or the one asked for; None for a
+    kernel of unknown rule. ``rows`` / ``pages`` are judged under
+    ``rows_rule``: ``rule``, else the first of ``matches`` (matching rules
+    predict the same on every compared page), else the first candidate.
+    ``candidates``: the rules predicted under (``stock``, ``v3``, and
+    ``stored`` if the kernel has a stored index). ``matches``: those whose
+    every prediction, per KSM page and per mapping, the kernel confirmed
+    (at least one compared). ``by_rule``: per candidate ``{"predicted_stay",
+    "misses", "disagree", "agree"}`` (``misses``: mapped mappings it misses)."""
     variant: str | None
     release: str
-    rule: str
+    rule: str | None
     rows: list[dict]
     pages: list[dict]
     seconds: dict
     snapshot: object = None          # the Snapshot the prediction came from
     by: str = "migration"            # the kernel's proof: migration or reclaim
     extra: dict = dataclasses.field(default_factory=dict)   # e.g. reclaim rounds
+    candidates: list[str] = dataclasses.field(default_factory=list)
+    matches: list[str] = dataclasses.field(default_factory=list)
+    by_rule: dict = dataclasses.field(default_factory=dict)
+    rows_rule: str | None = None
+
+    @property
+    def distinguished(self) -> bool:
+        """Exactly one candidate rule matches: the experiment names the rule."""
+        return len(self.matches) == 1
 
     @property
     def agree(self) -> bool:
@@ -86,8 +116,18 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         return {"variant": self.variant, "release": self.release, "rule": self.rule,
-                "by": self.by, "agree": self.agree, "counts": self.counts(), "rows": self.rows,
+                "by": self.by, "agree": self.agree, "counts": self.counts(),
+                "candidates": self.candidates, "matches": self.matches,
+                "by_rule": self.by_rule, "rows_rule": self.rows_rule, "rows": self.rows,
                 "pages": self.pages, "seconds": self.seconds, **self.extra}
+
+
+def candidate_rules(snap) -> list[str]:
+    """The rules a verification predicts under: ``stock`` and ``v3`` on every
+    kernel, ``stored`` only where ``struct ksm_rmap_item`` has a stored index
+    member (``snap.kernel.has_stored_pgoff``): elsewhere there is nothing
+    stored to search."""
+    return ["stock", "v3"] + (["stored"] if snap.kernel.has_stored_pgoff else [])
 
 
 def predict(snap, rule: str | None = None) -> dict:
@@ -111,16 +151,57 @@ def predict(snap, rule: str | None = None) -> dict:
     return out
 
 
-def _node_row(n, rule: str) -> dict:
+def _predictions(snap, rule: str | None) -> tuple[list[str], dict[str, dict]]:
+    """The candidate rules (plus ``rule`` if asked for and not one of
+    them) and each one's :func:`predict`, written down before the experiment."""
+    rules = candidate_rules(snap)
+    if rule is not None and rule not in rules:
+        rules.append(rule)              # predict() refuses 'stored' without a member
+    return rules, {r: predict(snap, r) for r in rules}
+
+
+def _node_row(n, rule: str, rules: list[str] | None = None) -> dict:
     """What a verify row says of a KSM page before the kernel acts: its
     sharers, its mapped mappings, its mapcount, and how many mappings
-    ``rule`` misses (plus those no rmap_item reaches)."""
+    ``rule`` misses (plus those no rmap_item reaches); ``misses_by``: the
+    same for each of ``rules`` (default: ``rule`` alone)."""
     mapped = [m for m in n.mappings if m["mapped"]]
+
+    def misses(r):
+        return sum(not m["found"][r] for m in mapped) + n.unreachable
     return {"node": n.id, "kpfn": n.kpfn,
             "pids": sorted({m["pid"] for m in mapped + n.orphan_mappings
                             if m["pid"] is not None}),
             "mappings": len(mapped), "mapcount": n.mapcount, "unreachable": n.unreachable,
-            "misses": sum(not m["found"][rule] for m in mapped) + n.unreachable}
+            "misses": misses(rule), "misses_by": {r: misses(r) for r in rules or [rule]}}
+
+
+def _confirmed(rows: list[dict], pages: list[dict]) -> bool:
+    """Every compared row and page agrees, and at least one row was compared."""
+    compared = [r for r in rows if r["agree"] is not None]
+    return (bool(compared) and all(r["agree"] for r in compared)
+            and all(p["agree"] is not False for p in pages))
+
+
+def _judge_rules(rule: str | None, rules: list[str], candidates: list[str], judge,
+                 stay: str) -> dict:
+    """Judge the one observation under every rule: ``judge(r)`` returns the
+    (rows, pages) with ``predicted`` / ``agree`` under rule ``r``. Returns
+    the VerifyResult fields ``rows``, ``pages``, ``candidates``,
+    ``matches``, ``by_rule``, ``rows_rule``."""
+    judged = {r: judge(r) for r in rules}
+    matches = [r for r in candidates if _confirmed(*judged[r])]
+    by_rule = {}
+    for r, (rows, pages) in judged.items():
+        by_rule[r] = {"predicted_stay": sum(x["predicted"] == stay for x in rows),
+                      "misses": sum(x["misses_by"][r] for x in rows),
+                      "disagree": sum(x["agree"] is False for x in rows)
+                      + sum(p["agree"] is False for p in pages),
+                      "agree": r in matches}
+    shown = rule or (matches[0] if matches else candidates[0])
+    rows, pages = judged[shown]
+    return {"rows": rows, "pages": pages, "candidates": candidates, "matches": matches,
+            "by_rule": by_rule, "rows_rule": shown}
 
 
 def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
@@ -141,7 +222,11 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
     ``by="reclaim"``: reclaim them instead (:func:`verify_reclaim`);
     ``by="hwpoison"``: poison one KSM page of the mremap scenario
     (:func:`verify_hwpoison`, ``early_kill`` its
-    ``vm.memory_failure_early_kill``)."""
+    ``vm.memory_failure_early_kill``).
+
+    Migration and reclaim: the prediction is made under every
+    :func:`candidate_rules` (and ``rule``, default the kernel's own where
+    known); the result names the rules the kernel behaved like (``matches``)."""
     if by not in VERIFY_BY:
         raise KsmlensError(f"verify by {by!r}: unknown proof", f"use one of {VERIFY_BY}")
     if by == "reclaim":
@@ -160,15 +245,16 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
         prog = attach(f"vm:{vm.name}")
         snap = take_snapshot(prog)
         rule = rule or snap.kernel.walk_rule
-        pred = predict(snap, rule)          # written down before the experiment
+        rules, preds = _predictions(snap, rule)     # written down before the experiment
         t_pred = time.monotonic()
-        if not pred:
+        any_pred = preds[rules[0]]
+        if not any_pred:
             raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to verify",
                                "run a scenario first (`ksmlens scenario run mremap --keep`)")
         page = 1 << snap.kernel.page_shift
         want: dict[tuple[int, int], str] = {}     # (pid, address) -> node id
         for n in snap.nodes():
-            if n.id not in pred:
+            if n.id not in any_pred:
                 continue
             for m in [m for m in n.mappings if m["mapped"]] + n.orphan_mappings:
                 if m["pid"] is not None:
@@ -178,7 +264,8 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
             ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
         res = ksmsys.migrate_pages(vm, ranges)
         t_mig = time.monotonic()
-    pages = []
+    # the observation: once, whatever the rule
+    seen = []
     for r in res:
         for k, p in enumerate(r["pages"]):
             addr = r["start"] + k * page
@@ -194,26 +281,36 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
                 obs = "stayed"
             else:
                 obs = "gone"
-            pr = pred[nid]
-            pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["pfn"],
-                          "before": p["before"], "target": p["target"], "after": p["after"],
-                          "tries": p["tries"], "predicted": pr, "observed": obs,
-                          # a mapping its process dropped meanwhile (munmap, exit,
-                          # write) is not compared: nothing was predicted about it
-                          "agree": None if obs == "gone" else (pr == "moves") == (obs == "moved")})
-    rows = []
+            seen.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["pfn"],
+                         "before": p["before"], "target": p["target"], "after": p["after"],
+                         "tries": p["tries"], "observed": obs})
+    observed_of = {}
     for n in snap.nodes():
-        if n.id not in pred:
-            continue
-        ps = [p for p in pages if p["node"] == n.id]
-        obs = {p["observed"] for p in ps} - {"gone"}
-        observed = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
-        rows.append({**_node_row(n, rule), "predicted": pred[n.id], "observed": observed,
-                     "agree": (None if observed == "gone" else
-                               (pred[n.id] == "moves") == (observed == "moved")
-                               and observed in ("moved", "stayed"))})
+        if n.id in any_pred:
+            obs = {p["observed"] for p in seen if p["node"] == n.id} - {"gone"}
+            observed_of[n.id] = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
+
+    def judge(r):
+        pred = preds[r]
+        # a mapping its process dropped meanwhile (munmap, exit, write) is not
+        # compared: nothing was predicted about it
+        pages = [{**p, "predicted": pred[p["node"]],
+                  "agree": None if p["observed"] == "gone" else
+                  (pred[p["node"]] == "moves") == (p["observed"] == "moved")} for p in seen]
+        rows = []
+        for n in snap.nodes():
+            if n.id not in pred:
+                continue
+            observed = observed_of[n.id]
+            rows.append({**_node_row(n, r, rules), "predicted": pred[n.id],
+                         "observed": observed,
+                         "agree": (None if observed == "gone" else
+                                   (pred[n.id] == "moves") == (observed == "moved")
+                                   and observed in ("moved", "stayed"))})
+        return rows, pages
     return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
-                        rows=rows, pages=pages, snapshot=snap,
+                        snapshot=snap, **_judge_rules(rule, rules, candidate_rules(snap),
+                                                      judge, "stays"),
                         seconds={"predict": round(t_pred - t0, 2),
                                  "migrate": round(t_mig - t_pred, 2),
                                  "total": round(time.monotonic() - t0, 2)})
@@ -227,8 +324,10 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
     (``memory.reclaim``, anon only, swap on zram set up if missing) and read
     every mapping back from pagemap.
 
-    Prediction, from the walk replay under ``rule`` (default: the kernel's):
-    a KSM page whose walk finds every mapping is ``reclaimed`` (every
+    Prediction, from the walk replay under ``rule`` (default: the kernel's;
+    and, as for migration, under every :func:`candidate_rules` to name the
+    rules the kernel behaved like): a KSM page whose walk finds every
+    mapping is ``reclaimed`` (every
     mapping a swap entry); otherwise it ``stays``: each mapping the rule
     misses keeps the page mapped, each one it finds becomes a swap entry
     (``try_to_unmap()`` unmaps what the walk reaches, the folio stays in the
@@ -257,31 +356,36 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
         prog = attach(f"vm:{vm.name}")
         snap = take_snapshot(prog)
         rule = rule or snap.kernel.walk_rule
-        pred = {nid: "reclaimed" if p == "moves" else "stays"
-                for nid, p in predict(snap, rule).items()}
+        rules, moves = _predictions(snap, rule)
+        preds = {r: {nid: "reclaimed" if p == "moves" else "stays" for nid, p in m.items()}
+                 for r, m in moves.items()}
+        any_pred = preds[rules[0]]
         t_pred = time.monotonic()
-        if not pred:
+        if not any_pred:
             raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to verify",
                                "run a scenario first (`ksmlens scenario run mremap --keep`)")
         page = 1 << snap.kernel.page_shift
-        # (pid, addr) -> (node, found, mapped): every candidate of the replay
-        want: dict[tuple[int, int], tuple[str, bool, bool]] = {}
+        # (pid, addr) -> (node, {rule: found}, mapped): every candidate of the replay
+        want: dict[tuple[int, int], tuple[str, dict, bool]] = {}
         for n in snap.nodes():
-            if n.id in pred:
+            if n.id in any_pred:
                 for m in n.mappings:
                     k = (m["pid"], m["address"])
                     if m["pid"] is not None and not (k in want and want[k][2]):
-                        want[k] = (n.id, bool(m["found"][rule]), bool(m["mapped"]))
+                        want[k] = (n.id, {r: bool(m["found"][r]) for r in rules},
+                                   bool(m["mapped"]))
                 for m in n.orphan_mappings:     # no rmap_item reaches them
                     if m["pid"] is not None:
-                        want[(m["pid"], m["address"])] = (n.id, False, True)
+                        want[(m["pid"], m["address"])] = (n.id, dict.fromkeys(rules, False),
+                                                          True)
         ranges = []
         for pid in sorted({p for p, _ in want}):
             ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
         res = ksmsys.reclaim_pages(vm, ranges, rounds=rounds)
-        after = ksmsys.read_pfns(vm, sorted({snap.node(nid).kpfn for nid in pred}))
+        after = ksmsys.read_pfns(vm, sorted({snap.node(nid).kpfn for nid in any_pred}))
         t_rec = time.monotonic()
-    pages = []
+    # the observation: once, whatever the rule
+    seen = []
     for r in res["ranges"]:
         for k, p in enumerate(r["pages"]):
             addr = r["start"] + k * page
@@ -298,32 +402,49 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
                 obs = "swapped"
             else:
                 obs = "gone"
+            seen.append({"pid": r["pid"], "address": addr, "node": nid,
+                         "pfn": p["before_pfn"], "found_by": found, "mapped_before": mapped,
+                         "observed": obs})
+    observed_of = {}
+    for n in snap.nodes():
+        if n.id not in any_pred:
+            continue
+        obs = {p["observed"] for p in seen if p["node"] == n.id} - {"gone", "absent"}
+        kp = after.get(n.kpfn, {})
+        if not obs:
+            observed_of[n.id] = "gone"      # every mapping dropped by its process meanwhile
+        elif obs != {"swapped"} or (kp.get("mapcount") and kp.get("kpf_swapcache")):
+            observed_of[n.id] = "stayed"    # still mapped somewhere: never freed
+        else:
+            observed_of[n.id] = "reclaimed"
+
+    def judge(r):
+        pages = []
+        for s in seen:
+            found, mapped, obs = s["found_by"][r], s["mapped_before"], s["observed"]
             pr = "absent" if not mapped else "unmapped" if found else "mapped"
             agree = (obs == "absent" if pr == "absent" else None if obs == "gone" else
                      (pr == "unmapped") == (obs == "swapped"))
-            pages.append({"pid": r["pid"], "address": addr, "node": nid, "pfn": p["before_pfn"],
-                          "found": found, "predicted": pr, "observed": obs, "agree": agree})
-    rows = []
-    for n in snap.nodes():
-        if n.id not in pred:
-            continue
-        ps = [p for p in pages if p["node"] == n.id and p["observed"] != "absent"]
-        obs = {p["observed"] for p in ps} - {"gone"}
-        kp = after.get(n.kpfn, {})
-        if not obs:
-            observed = "gone"           # every mapping dropped by its process meanwhile
-        elif obs != {"swapped"} or (kp.get("mapcount") and kp.get("kpf_swapcache")):
-            observed = "stayed"         # still mapped somewhere: never freed
-        else:
-            observed = "reclaimed"
-        rows.append({**_node_row(n, rule),
-                     "swapped": sum(p["observed"] == "swapped" for p in ps),
-                     "kpfn_after": {k: kp.get(k) for k in ("mapcount", "kpf_swapcache")},
-                     "predicted": pred[n.id], "observed": observed,
-                     "agree": (None if observed == "gone" else
-                               (pred[n.id] == "reclaimed") == (observed == "reclaimed"))})
+            pages.append({"pid": s["pid"], "address": s["address"], "node": s["node"],
+                          "pfn": s["pfn"], "found": found, "predicted": pr, "observed": obs,
+                          "agree": agree})
+        rows = []
+        for n in snap.nodes():
+            if n.id not in preds[r]:
+                continue
+            ps = [p for p in pages if p["node"] == n.id and p["observed"] != "absent"]
+            kp = after.get(n.kpfn, {})
+            observed = observed_of[n.id]
+            rows.append({**_node_row(n, r, rules),
+                         "swapped": sum(p["observed"] == "swapped" for p in ps),
+                         "kpfn_after": {k: kp.get(k) for k in ("mapcount", "kpf_swapcache")},
+                         "predicted": preds[r][n.id], "observed": observed,
+                         "agree": (None if observed == "gone" else
+                                   (preds[r][n.id] == "reclaimed") == (observed == "reclaimed"))})
+        return rows, pages
     return VerifyResult(variant=snap.kernel.variant, release=snap.kernel.release, rule=rule,
-                        rows=rows, pages=pages, snapshot=snap, by="reclaim",
+                        snapshot=snap, by="reclaim",
+                        **_judge_rules(rule, rules, candidate_rules(snap), judge, "stays"),
                         extra={"reclaim": {"rounds": res["rounds"],
                                            "swapped_per_round": res["swapped_per_round"],
                                            "cgroups": res["cgroups"], "swap": swap}},

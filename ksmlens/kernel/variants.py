@@ -17,13 +17,17 @@ ksm_rmap_item`` (a stored index member under any of
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from ksmlens.errors import KsmlensError
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANT", "RELEASE_TAG", "WalkRule",
-           "get_variant", "variant_of_release", "kernel_walk_rule"]
+           "get_variant", "variant_of_release", "kernel_walk_rule", "custom_variants",
+           "use_custom_variants", "VARIANT_NAME"]
 
 # What rmap_walk_ksm() hands anon_vma_interval_tree_foreach() as [start, last]:
 #   stock   [0, ULONG_MAX], then the address filter (unmodified 6.12)
@@ -32,6 +36,7 @@ __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANT", "RELEASE_TAG", "WalkRule",
 WalkRule = Literal["stock", "v3", "stored"]
 
 RELEASE_TAG = "-ksmlens"  # CONFIG_LOCALVERSION of vm/config/ksmlens.config
+VARIANT_NAME = r"[A-Za-z0-9_]+"   # what a variant's name may be: the end of `uname -r`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +56,22 @@ class Variant:
     ``pgoff_reset_on_removal``: ``remove_rmap_item_from_tree()`` zeroes the
     stored pgoff (and so the SmartScan bytes sharing it).
     ``notes``: str, the README table's notes column.
+    ``source_dir``: for a reviewer's own tree (``ksmlens vm build --source DIR``),
+    the DIR it was built from, else None. Such a variant's behaviour is not
+    known: ``walk_rule``, ``stored_pgoff`` and ``smartscan_reads_stable`` are
+    None (the lens reads a stored index from the DWARF; ``verify`` finds the
+    walk rule by experiment).
     """
 
     name: str
     description: str
     patches: tuple[str, ...]
-    walk_rule: WalkRule
-    stored_pgoff: bool
-    smartscan_reads_stable: bool
-    pgoff_reset_on_removal: bool = False
+    walk_rule: WalkRule | None
+    stored_pgoff: bool | None
+    smartscan_reads_stable: bool | None
+    pgoff_reset_on_removal: bool | None = False
     notes: str = ""
+    source_dir: str | None = None
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -94,19 +105,69 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
 DEFAULT_VARIANT = "union"
 
 
+# Where the records of built own-tree variants live: the lab registers its
+# cache's directory (ksmlens.lab.paths); the kernel layer only reads it.
+_custom_dirs: list[Callable[[], Path]] = []
+
+
+def use_custom_variants(directory: Callable[[], Path]) -> None:
+    """Read own-tree variants' records (``NAME.json``, written by
+    ``ksmlens vm build --source``) from ``directory()`` too."""
+    if directory not in _custom_dirs:
+        _custom_dirs.append(directory)
+
+
+def custom_variants() -> dict[str, Variant]:
+    """The own-tree variants built so far (``ksmlens vm build --source DIR
+    --variant NAME``), by name, read from their records each call (another
+    process may have built one); unreadable records are skipped."""
+    out: dict[str, Variant] = {}
+    for d in _custom_dirs:
+        try:
+            files = sorted(d().glob("*.json"))
+        except OSError:
+            continue
+        for f in files:
+            try:
+                r = json.loads(f.read_text())
+                name = r["name"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if name in VARIANTS or not re.fullmatch(VARIANT_NAME, name):
+                continue
+            out[name] = Variant(
+                name, f"own tree {r.get('source_dir')}"
+                + (f" + {len(r.get('patches', []))} patch(es)" if r.get("patches") else ""),
+                tuple(p["name"] for p in r.get("patches", [])), walk_rule=None,
+                stored_pgoff=None, smartscan_reads_stable=None, pgoff_reset_on_removal=None,
+                notes="a reviewer's own tree: walk rule found by `verify`",
+                source_dir=r.get("source_dir"))
+    return out
+
+
 def get_variant(name: str) -> Variant:
-    """The record of variant ``name``; :class:`KsmlensError` naming the known ones."""
-    try:
+    """The record of variant ``name`` (built-in, or an own tree built with
+    ``vm build --source``); :class:`KsmlensError` naming the known ones."""
+    if name in VARIANTS:
         return VARIANTS[name]
+    custom = custom_variants()
+    try:
+        return custom[name]
     except KeyError:
         raise KsmlensError(f"unknown kernel variant {name!r}",
-                           f"choose one of {', '.join(VARIANTS)}") from None
+                           f"choose one of {', '.join([*VARIANTS, *custom])}, or build your "
+                           f"own tree: `ksmlens vm build --source DIR --variant {name}`") \
+            from None
 
 
 def variant_of_release(release: str) -> str | None:
-    """``6.12.117-ksmlens-v3`` -> ``v3``; None for a kernel not built here."""
-    m = re.search(re.escape(RELEASE_TAG) + r"-([A-Za-z0-9_]+)$", release)
-    return m.group(1) if m and m.group(1) in VARIANTS else None
+    """``6.12.117-ksmlens-v3`` -> ``v3`` (an own tree's name too); None for a
+    kernel not built here."""
+    m = re.search(re.escape(RELEASE_TAG) + r"-(" + VARIANT_NAME + r")$", release)
+    if not m:
+        return None
+    name = m.group(1)
+    return name if name in VARIANTS or name in custom_variants() else None
 
 
 def kernel_walk_rule(variant: str | None, has_stored_pgoff: bool) -> str | None:

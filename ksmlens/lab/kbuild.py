@@ -265,6 +265,9 @@ def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = No
     None: the default) for the current source version, config and patches;
     None if it is not built. :class:`KsmlensError` for a variant that does not
     exist for that source."""
+    if variant not in VARIANTS:      # an own tree (vm build --source): its record says
+        from ksmlens.lab.owntree import find_own_kernel
+        return find_own_kernel(variant)
     src = get_source(source)
     v = _variant_of(variant, src)
     key = artifact_key(v, src)
@@ -436,6 +439,12 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
     default) or find it in the cache, and return its :class:`Kernel`.
     :class:`KsmlensError` for a variant the source does not have, a missing
     package, a patch that does not apply or a failed build."""
+    if variant not in VARIANTS:      # an own tree is built by owntree.build_own(DIR, ...)
+        k = find_kernel(variant)
+        if k is None:
+            raise KsmlensError(f"own-tree variant {variant!r} is not built",
+                               f"run `ksmlens vm build --source DIR --variant {variant}`")
+        return k
     src_rec = get_source(source)
     v = _variant_of(variant, src_rec)
     if not force:

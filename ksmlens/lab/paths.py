@@ -8,7 +8,7 @@ lives outside the repository, under ``$KSMLENS_CACHE`` or
 import os
 from pathlib import Path
 
-__all__ = ["repo_root", "vm_data", "cache_root", "vms_root"]
+__all__ = ["repo_root", "vm_data", "cache_root", "vms_root", "variants_root"]
 
 
 def repo_root() -> Path:
@@ -31,3 +31,17 @@ def cache_root() -> Path:
 def vms_root() -> Path:
     """Per-VM private directories (mode 0700): sockets, console log, state."""
     return cache_root() / "vms"
+
+
+def variants_root() -> Path:
+    """Records of the own-tree variants built here (``vm build --source``),
+    ``NAME.json`` each; :mod:`ksmlens.kernel.variants` reads them."""
+    return cache_root() / "variants"
+
+
+def _register() -> None:
+    from ksmlens.kernel.variants import use_custom_variants
+    use_custom_variants(variants_root)
+
+
+_register()

@@ -36,7 +36,8 @@ from ksmlens.lens.model import Snapshot
 from ksmlens.analysis.core import RULES, item_status, smartscan_visit, skip_age
 
 __all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
-           "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome"]
+           "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome",
+           "matrix_figure"]
 
 ZERO_COLOR = "#17becf"   # a KSM zero page (the zero pfn, dirty)
 STATUS_COLORS = {"ok": "#2ca02c", "moved": "#d62728", "no_vma": "#7f7f7f",
@@ -667,6 +668,10 @@ def verify_outcome(result, ax=None) -> Figure:
     nodes reclaimed/stays, mappings unmapped/mapped (swapped/mapped
     observed). Returns the Figure."""
     rule = _get(result, "rule")
+    if rule is None:     # a kernel of unknown rule: the rows are judged under rows_rule
+        rows_rule = (result.get("rows_rule") if isinstance(result, dict)
+                     else getattr(result, "rows_rule", None))
+        rule = f"{rows_rule} (kernel's own unknown)" if rows_rule else None
     by = (result.get("by") if isinstance(result, dict) else getattr(result, "by", None)) \
         or "migration"
     base_pred, base_obs = (_PRED_RECLAIM, _OBS_RECLAIM) if by == "reclaim" else (_PRED, _OBS)
@@ -711,4 +716,60 @@ def verify_outcome(result, ax=None) -> Figure:
     ax.set_title(f"prediction vs kernel{' ' + rel if rel else ''}, rule '{rule}':\n"
                  f"{na}/{len(rows)} stable nodes and {pa}/{len(pages)} mapped pages agree",
                  fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------ ksmlens matrix
+
+_MATRIX_COLORS = {"went": "#a1d99b", "stayed": "#fc9272", "mixed": "#fdd49e"}
+
+
+def matrix_figure(m, ax=None) -> Figure:
+    """The reviewer's matrix (a :class:`ksmlens.experiments.matrix.Matrix`):
+    one row per kernel variant, one column per (scenario, proof); each cell
+    coloured by what the kernel did to the scenario's KSM pages (moved /
+    reclaimed: green; pinned / stayed: red; mixed: orange), labelled with
+    the pages that stayed and the walk rules the kernel behaved like; a
+    cell whose prediction disagreed is hatched. Cells are Rectangles with
+    gid ``"cell:<variant>:<scenario>:<by>"``. Returns the Figure."""
+    cols = [(s, b) for s in m.scenarios for b in m.bys]
+    rows = m.variants
+    if not cols or not rows:
+        raise KsmlensError("the matrix has no cells", "run `ksmlens matrix` first")
+    fig, ax = _axes(ax, (max(6.0, 1.9 * len(cols) + 2.5), 1.0 * len(rows) + 2.2))
+    for i, v in enumerate(rows):
+        for j, (s, b) in enumerate(cols):
+            c = m.cell(v, s, b)
+            if c is None:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#f0f0f0",
+                                       edgecolor="white", lw=2))
+                continue
+            kind = ("went" if c.outcome in ("moves", "reclaimed") else
+                    "mixed" if c.outcome == "mixed" else "stayed")
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=_MATRIX_COLORS[kind],
+                                   edgecolor="white", lw=2, hatch=None if c.agree else "xx",
+                                   gid=f"cell:{v}:{s}:{b}"))
+            like = ("like no rule" if not c.matches else
+                    f"like {c.matches[0]}" if len(c.matches) == 1 else
+                    "all rules alike" if c.matches == c.candidates else
+                    "like " + " = ".join(c.matches))
+            ax.text(j, i, f"{c.outcome}\n{c.pages_stayed}/{c.pages} stay\n{like}",
+                    ha="center", va="center", fontsize=8)
+    ax.set_xlim(-0.5, len(cols) - 0.5)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xticks(range(len(cols)), [f"{s}\n{b}" for s, b in cols], fontsize=8)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("scenario and the kernel's proof (move_pages / memory.reclaim)")
+    ax.set_ylabel("kernel variant")
+    ax.legend(handles=[Patch(facecolor=_MATRIX_COLORS["went"], label="every KSM page moved / freed"),
+                       Patch(facecolor=_MATRIX_COLORS["stayed"],
+                             label="pinned / never freed (a walk missed a mapping)"),
+                       Patch(facecolor=_MATRIX_COLORS["mixed"], label="some stayed"),
+                       Patch(facecolor="white", edgecolor="black", hatch="xx",
+                             label="prediction disagreed")],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ok = sum(c.agree for c in m.cells)
+    ax.set_title(f"What each kernel's rmap_walk_ksm() does: {len(m.cells)} verifications, "
+                 f"{ok} agree with the prediction\n(text: outcome, KSM pages that stayed, "
+                 "the walk rules the kernel behaved like)", fontsize=10)
     return fig

@@ -18,9 +18,10 @@ from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import Snapshot
 from ksmlens.lab.scenarios import ScenarioRun
 from ksmlens.experiments.verify import verify
+from ksmlens.kernel.variants import get_variant
 from ksmlens.views.tables import verify_table
 
-from conftest import boot
+from conftest import boot, check_matches
 
 VARIANTS = ["stock", "v3", "union", "v8"]
 # What the bug predicts, independently of the replay: only v3 misses
@@ -67,6 +68,15 @@ def test_prediction_agrees_with_migration(vm, scenario, tmp_path):
                 == {"moved"}
         else:
             assert stays == {"moved"}
+        # The rule named by experiment: each candidate rule matches iff what
+        # it predicts for each KSM page is what the kernel did to every
+        # compared mapping of it; the kernel's known rule is one of them.
+        check_matches(res, "moved", "stayed")
+        assert get_variant(variant).walk_rule in res.matches
+        if scenario in ("mremap", "file-cow"):
+            # vm_pgoff != vm_start >> PAGE_SHIFT here: v3 predicts otherwise
+            # than stock, so the experiment tells v3 from the others
+            assert ("v3" in res.matches) != ("stock" in res.matches)
         # The snapshot JSON carries the replay: per item walk, per node misses.
         d = json.loads(json.dumps(snap.to_dict()))
         for i in d["rmap_items"]:
@@ -101,10 +111,12 @@ def test_verify_cli(vm):
         assert r.returncode == 0, r.stderr
         assert "prediction and kernel AGREE" in r.stdout
         assert "stays" in r.stdout and "stayed" in r.stdout
+        assert "this kernel unmaps like rule v3 (" in r.stdout
         r = subprocess.run([sys.executable, "-m", "ksmlens", "verify", "--name", vm.name,
                             "--json"], capture_output=True, text=True, timeout=600)
         d = json.loads(r.stdout)
         assert d["agree"] and d["rule"] == "v3" and d["counts"]["predicted_stay"] == 16
+        assert d["matches"] == ["v3"] and d["candidates"] == ["stock", "v3"]
 
 
 @pytest.mark.vm

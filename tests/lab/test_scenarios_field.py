@@ -17,11 +17,12 @@ import pytest
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.variants import get_variant
 from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
 from ksmlens.experiments.verify import verify
 from ksmlens.views.tables import verify_table
 
-from conftest import boot
+from conftest import boot, check_matches
 
 VARIANTS = ["union", "stock", "v3", "v8"]      # union first: its guest is reused
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
@@ -219,6 +220,11 @@ def test_prediction_agrees_with_reclaim(vm, scenario):
         assert observed == {"reclaimed"}
         assert {p["observed"] for p in res.pages} == {"swapped"}
     assert res.extra["reclaim"]["rounds"] >= 1
+    # the rules the kernel reclaimed like, from its outcome (tests/conftest.py)
+    check_matches(res, "reclaimed", "stayed")
+    assert get_variant(variant).walk_rule in res.matches
+    if scenario in ("mremap", "file-cow"):
+        assert ("v3" in res.matches) != ("stock" in res.matches)
 
 
 @pytest.mark.vm
@@ -236,6 +242,7 @@ def test_verify_by_reclaim_cli(vm):
     assert d["by"] == "reclaim" and d["agree"] and d["rule"] == "v3"
     assert d["counts"]["predicted_stay"] == d["counts"]["observed_stayed"] == 16
     assert d["reclaim"]["swap"]["device"] == "/dev/zram0"
+    assert d["matches"] == ["v3"]
 
 
 @pytest.mark.vm

@@ -1,0 +1,211 @@
+"""The reviewer's matrix: every scenario on every kernel variant, verified.
+
+For each variant (booted once, two NUMA nodes) and each scenario, the
+scenario is run to its last step and :func:`ksmlens.experiments.verify.verify`
+predicts from a paused snapshot and lets the kernel act: by migration
+(``move_pages``) and, with the scenario run again from a clean state, by
+reclaim (``memory.reclaim``). One :class:`Cell` per (variant, scenario,
+proof) keeps what the kernel did (how many KSM pages stayed, how many
+mappings were swapped out or stayed mapped), whether the prediction under
+the kernel's own rule agreed, and which walk rules the kernel behaved like
+(``matches``). ``ksmlens matrix`` prints it as the table the README's "What
+the kernels do" shows (rendered by :mod:`ksmlens.views.tables`), saves it
+as JSON (:meth:`Matrix.save`, schema ``ksmlens-matrix/1``) and a picture
+(:func:`ksmlens.views.plots.matrix_figure`).
+
+    m = run_matrix(["stock", "v3"], ["mremap"])
+    m.cell("v3", "mremap", "migration").outcome      # "pinned"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ksmlens.errors import KsmlensError
+
+__all__ = ["Cell", "Matrix", "run_matrix", "MATRIX_SCENARIOS", "MATRIX_BY", "SCHEMA",
+           "COMPARED_FIELDS"]
+
+SCHEMA = "ksmlens-matrix/1"
+# the scenarios whose KSM pages verify can move or reclaim (README "What the kernels do")
+MATRIX_SCENARIOS = ("mremap", "fork", "file-cow")
+MATRIX_BY = ("migration", "reclaim")
+# what a cell says of the kernel (not when or how fast): two runs on the same
+# kernels give the same values, and the vm test compares exactly these
+COMPARED_FIELDS = ("variant", "scenario", "by", "rule", "candidates", "matches", "outcome",
+                   "pages", "pages_stayed", "predicted_stay", "mappings", "mappings_unmapped",
+                   "mappings_kept", "agree")
+
+
+@dataclasses.dataclass
+class Cell:
+    """One verification of one scenario on one kernel.
+
+    ``by``: ``migration`` or ``reclaim``. ``rule``: the kernel's own rule as
+    ksmlens knows it (None for a kernel of unknown rule). ``candidates`` /
+    ``matches``: the rules predicted under, and those the kernel behaved
+    like (:class:`ksmlens.experiments.verify.VerifyResult`). ``outcome``:
+    ``moves`` / ``pinned`` (migration), ``reclaimed`` / ``stays``
+    (reclaim), ``mixed`` when some KSM pages went and some stayed.
+    ``pages``: KSM pages compared (stable nodes, ``gone`` ones left out);
+    ``pages_stayed``: those that did not move / were not freed;
+    ``predicted_stay``: those the kernel's rule (else ``rows_rule``)
+    predicted to stay. ``mappings``: mapped mappings of those pages;
+    ``mappings_unmapped``: moved with their page (migration) or swap entries
+    (reclaim); ``mappings_kept``: still mapping the page that stayed.
+    ``agree``: prediction and kernel agree on every compared page and
+    mapping. ``release``, ``seconds``: the kernel's ``uname -r``, the
+    verification's wall time in s."""
+    variant: str
+    scenario: str
+    by: str
+    release: str
+    rule: str | None
+    candidates: list[str]
+    matches: list[str]
+    outcome: str
+    pages: int
+    pages_stayed: int
+    predicted_stay: int
+    mappings: int
+    mappings_unmapped: int
+    mappings_kept: int
+    agree: bool
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, variant: str, scenario: str, res) -> "Cell":
+        """The cell of a :class:`~ksmlens.experiments.verify.VerifyResult`."""
+        rows = [r for r in res.rows if r["agree"] is not None]
+        gone_pages = {"gone", "absent"}
+        pages = [p for p in res.pages if p["observed"] not in gone_pages]
+        went = "moved" if res.by == "migration" else "reclaimed"
+        stayed = sum(r["observed"] != went for r in rows)
+        unmapped = sum(p["observed"] in ("moved", "swapped") for p in pages)
+        kept = sum(p["observed"] in ("stayed", "mapped") for p in pages)
+        if res.by == "migration":
+            outcome = "moves" if not stayed else "pinned" if stayed == len(rows) else "mixed"
+        else:
+            outcome = "reclaimed" if not stayed else "stays" if stayed == len(rows) else "mixed"
+        return cls(variant=variant, scenario=scenario, by=res.by, release=res.release,
+                   rule=res.rule, candidates=list(res.candidates), matches=list(res.matches),
+                   outcome=outcome, pages=len(rows), pages_stayed=stayed,
+                   predicted_stay=sum(r["predicted"] == "stays" for r in rows),
+                   mappings=len(pages), mappings_unmapped=unmapped, mappings_kept=kept,
+                   agree=bool(res.agree), seconds=res.seconds.get("total", 0.0))
+
+    def compared(self) -> dict:
+        """The fields two runs on the same kernels must repeat (:data:`COMPARED_FIELDS`)."""
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in COMPARED_FIELDS}
+
+
+@dataclasses.dataclass
+class Matrix:
+    """Cells of scenarios x variants x proofs, in run order, and how it ran
+    (``meta``: ``seconds`` per variant and in total, ``date``)."""
+    cells: list[Cell]
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(c.variant for c in self.cells))
+
+    @property
+    def scenarios(self) -> list[str]:
+        return list(dict.fromkeys(c.scenario for c in self.cells))
+
+    @property
+    def bys(self) -> list[str]:
+        return [b for b in MATRIX_BY if any(c.by == b for c in self.cells)]
+
+    def cell(self, variant: str, scenario: str, by: str) -> Cell | None:
+        for c in self.cells:
+            if (c.variant, c.scenario, c.by) == (variant, scenario, by):
+                return c
+        return None
+
+    @property
+    def agree(self) -> bool:
+        return bool(self.cells) and all(c.agree for c in self.cells)
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "meta": self.meta,
+                "cells": [dataclasses.asdict(c) for c in self.cells]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON (``schema`` ``ksmlens-matrix/1``) to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Matrix":
+        """Read a saved matrix; another schema or a broken file is refused in one line."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise KsmlensError(f"no matrix file {path}", "run `ksmlens matrix -o DIR` first") \
+                from None
+        except (OSError, ValueError) as e:
+            raise KsmlensError(f"{path} is not a matrix JSON file ({e})",
+                               "give the matrix.json `ksmlens matrix -o DIR` wrote") from None
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise KsmlensError(f"{path}: schema {d.get('schema') if isinstance(d, dict) else None!r}"
+                               f", not {SCHEMA}", "run `ksmlens matrix` again to write it")
+        fields = {f.name for f in dataclasses.fields(Cell)}
+        return cls([Cell(**{k: v for k, v in c.items() if k in fields}) for c in d["cells"]],
+                   d.get("meta", {}))
+
+
+def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=MATRIX_BY, *, name: str = "matrix",
+               on_cell=None, memory: str = "2G") -> Matrix:
+    """Run each of ``scenarios`` on each of ``variants`` (kernel variant names,
+    built ones or ``vm build --source`` ones) and verify it by each of
+    ``bys``; one guest at a time, VM ``NAME-VARIANT`` (two NUMA nodes),
+    always powered off. Each (scenario, proof) starts from the scenario's
+    clean state (the workload quit, ``run=2`` first for non-core scenarios).
+    ``on_cell(cell)`` is called as each cell is done. Raises
+    :class:`KsmlensError` for an unknown variant, scenario or proof before
+    anything boots."""
+    from ksmlens.experiments.verify import verify
+    from ksmlens.kernel.variants import get_variant
+    from ksmlens.lab.scenarios import ScenarioRun, get_scenario
+    from ksmlens.lab.vm import VM
+    variants, scenarios, bys = list(variants), list(scenarios), list(bys)
+    for v in variants:
+        get_variant(v)
+    for s in scenarios:
+        get_scenario(s)
+    for b in bys:
+        if b not in MATRIX_BY:
+            raise KsmlensError(f"verify by {b!r}: unknown proof", f"use one of {MATRIX_BY}")
+    if not (variants and scenarios and bys):
+        raise KsmlensError("an empty matrix", "name at least one variant, scenario and proof")
+    t0 = time.monotonic()
+    cells, per_variant = [], {}
+    for v in variants:
+        tv = time.monotonic()
+        vm = VM.up(f"{name}-{v}", v, numa=2, memory=memory, quiet=True)
+        try:
+            for s in scenarios:
+                for b in bys:
+                    with ScenarioRun(vm, s) as run:
+                        for st in run.scenario.steps:
+                            run.step(st.name)
+                        res = verify(vm, by=b)
+                    cell = Cell.of(v, s, res)
+                    cells.append(cell)
+                    if on_cell:
+                        on_cell(cell)
+        finally:
+            vm.down()
+        per_variant[v] = round(time.monotonic() - tv, 1)
+    return Matrix(cells, {"seconds": round(time.monotonic() - t0, 1),
+                          "seconds_per_variant": per_variant,
+                          "date": time.strftime("%Y-%m-%d")})

@@ -1,0 +1,166 @@
+"""``ksmlens matrix``: the README's table of what the kernels do is generated.
+
+The non-vm tests hold the README's marked block to the rendering of the
+committed ``docs/matrix.json`` (a full run on real guests), and the JSON,
+table and picture code to a hand-made matrix. The vm test runs a small
+matrix (mremap on stock and v3, by migration and by reclaim) and its cells
+must repeat the committed run's: what the kernel did, not what ksmlens
+expects, is the reference.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from ksmlens.errors import KsmlensError
+from ksmlens.experiments.matrix import COMPARED_FIELDS, SCHEMA, Cell, Matrix, run_matrix
+from ksmlens.views.plots import matrix_figure
+from ksmlens.views.tables import (MATRIX_BEGIN, MATRIX_END, marked_block, matrix_markdown,
+                                  matrix_table, replace_marked_block)
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "docs" / "matrix.json"
+
+
+def _cell(variant, scenario, by, outcome, stayed, **kw):
+    d = dict(variant=variant, scenario=scenario, by=by, release=f"6.12.117-ksmlens-{variant}",
+             rule=variant if variant in ("stock", "v3") else "stored",
+             candidates=["stock", "v3"], matches=[variant], outcome=outcome, pages=16,
+             pages_stayed=stayed, predicted_stay=stayed, mappings=128,
+             mappings_unmapped=128 - 4 * stayed, mappings_kept=4 * stayed, agree=True,
+             seconds=1.0)
+    d.update(kw)
+    return Cell(**d)
+
+
+def _small():
+    return Matrix([_cell("stock", "mremap", "migration", "moves", 0),
+                   _cell("stock", "mremap", "reclaim", "reclaimed", 0),
+                   _cell("v3", "mremap", "migration", "pinned", 16),
+                   _cell("v3", "mremap", "reclaim", "stays", 16, agree=False),
+                   _cell("stock", "fork", "migration", "moves", 0, matches=["stock", "v3"])],
+                  {"seconds": 9.0})
+
+
+def test_readme_block_is_the_committed_matrix():
+    m = Matrix.load(COMMITTED)
+    readme = (ROOT / "README.md").read_text()
+    assert marked_block(readme) == matrix_markdown(m)
+    # the committed run is a full one: every built-in variant, every cell agrees
+    assert set(m.variants) >= {"stock", "v3", "union", "v8"} and m.agree
+    assert len(m.cells) == len(m.variants) * len(m.scenarios) * len(m.bys)
+
+
+def test_matrix_round_trip_and_rendering(tmp_path):
+    m = _small()
+    again = Matrix.load(m.save(tmp_path / "m.json"))
+    assert again.cells == m.cells and again.meta == m.meta
+    assert json.loads((tmp_path / "m.json").read_text())["schema"] == SCHEMA
+    md = matrix_markdown(m).splitlines()
+    assert md[0] == "| | mremap | fork |"
+    stock, v3 = md[2], md[3]
+    assert stock.startswith("| `stock` | migrates; swapped out; like stock |")
+    assert "every rule alike here" in stock          # fork: stock and v3 both matched
+    assert "**pinned**: 16 of 16 KSM pages stay, 64 mappings keep them" in v3
+    assert "64 become swap entries (**prediction disagreed**); like v3" in v3
+    assert v3.endswith("|  |")                        # v3 fork not run
+    t = matrix_table(m)
+    assert "1 DISAGREE" in t and "(9.0 s)" in t
+    # the marked block: replaced between the markers, refused without them
+    text = f"a\n{MATRIX_BEGIN}\nold\n{MATRIX_END}\nb\n"
+    new = replace_marked_block(text, "| new |")
+    assert new == f"a\n{MATRIX_BEGIN}\n| new |\n{MATRIX_END}\nb\n"
+    assert marked_block(new) == "| new |"
+    with pytest.raises(KsmlensError, match="marked matrix block"):
+        replace_marked_block("no markers", "x")
+
+
+def test_matrix_figure():
+    m = _small()
+    fig = matrix_figure(m)
+    ax = fig.axes[0]
+    cells = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+    assert set(cells) == {f"cell:{c.variant}:{c.scenario}:{c.by}" for c in m.cells}
+    assert cells["cell:v3:mremap:reclaim"].get_hatch() == "xx"      # disagreed
+    assert cells["cell:stock:mremap:migration"].get_hatch() is None
+    assert cells["cell:v3:mremap:migration"].get_facecolor() != \
+        cells["cell:stock:mremap:migration"].get_facecolor()
+    assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_legend()
+
+
+def test_matrix_load_refuses(tmp_path):
+    with pytest.raises(KsmlensError, match="no matrix file"):
+        Matrix.load(tmp_path / "none.json")
+    (tmp_path / "x.json").write_text('{"schema": "other"}')
+    with pytest.raises(KsmlensError, match="schema 'other'"):
+        Matrix.load(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text("{")
+    with pytest.raises(KsmlensError, match="not a matrix JSON"):
+        Matrix.load(tmp_path / "y.json")
+    with pytest.raises(KsmlensError, match="unknown kernel variant"):
+        run_matrix(["v99"], ["mremap"])
+    with pytest.raises(KsmlensError, match="unknown scenario|no scenario"):
+        run_matrix(["stock"], ["nothing"])
+
+
+@pytest.mark.vm
+def test_small_matrix_repeats_the_committed_cells(tmp_path):
+    """mremap on stock and v3, both proofs, on real guests: each cell's
+    kernel outcome, counts, rule matches and agreement equal the committed
+    full run's for the same cells."""
+    committed = Matrix.load(COMMITTED)
+    import os
+    name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-matrix-{os.getpid()}"
+    m = run_matrix(["stock", "v3"], ["mremap"], name=name)
+    assert len(m.cells) == 4
+    for c in m.cells:
+        want = committed.cell(c.variant, c.scenario, c.by)
+        assert want is not None
+        assert c.compared() == want.compared(), (c, want)
+    assert m.cell("v3", "mremap", "migration").matches == ["v3"]
+    assert "stock" in m.cell("stock", "mremap", "reclaim").matches
+    assert set(COMPARED_FIELDS) <= {f.name for f in dataclasses.fields(Cell)}
+
+
+def test_rules_judged_on_one_observation():
+    """verify's judging without a guest: one observation (two KSM pages, the
+    kernel moved one and kept the other) judged under three rules; only the
+    rule that predicted exactly that matches, and a kernel of unknown rule
+    shows its rows under the match."""
+    from ksmlens.experiments.verify import VerifyResult, _judge_rules
+    from ksmlens.views.tables import rule_match_line
+    observed = {"a": "moved", "b": "stayed"}
+    predicted = {"stock": {"a": "moves", "b": "moves"}, "v3": {"a": "moves", "b": "stays"},
+                 "stored": {"a": "stays", "b": "stays"}}
+
+    def judge(r):
+        rows = [{"node": n, "predicted": predicted[r][n], "observed": o,
+                 "misses_by": {x: int(predicted[x][n] == "stays") for x in predicted},
+                 "agree": (predicted[r][n] == "moves") == (o == "moved")}
+                for n, o in observed.items()]
+        return rows, []
+    rules = ["stock", "v3", "stored"]
+    got = _judge_rules(None, rules, rules, judge, "stays")
+    assert got["matches"] == ["v3"] and got["rows_rule"] == "v3"
+    assert got["by_rule"]["stock"] == {"predicted_stay": 0, "misses": 0, "disagree": 1,
+                                       "agree": False}
+    res = VerifyResult(variant="mine", release="r", rule=None, seconds={}, **got)
+    assert res.agree and res.distinguished
+    assert rule_match_line(res).startswith("this kernel unmaps like rule v3 (stock: 0 stay, "
+                                           "1 disagree; v3: 1 stay, 0 disagree;")
+    # the kernel's known rule stays the rows' rule even where it is not the match
+    got = _judge_rules("stock", rules, rules, judge, "stays")
+    assert got["rows_rule"] == "stock" and got["matches"] == ["v3"]
+    # nothing compared (every page gone): no rule matches
+    observed = {"a": "gone"}
+    predicted = {r: {"a": "moves"} for r in rules}
+
+    def judge_gone(r):
+        return [{"node": "a", "predicted": "moves", "observed": "gone",
+                 "misses_by": dict.fromkeys(rules, 0), "agree": None}], []
+    got = _judge_rules(None, rules, rules, judge_gone, "stays")
+    assert got["matches"] == [] and got["rows_rule"] == "stock"
+    res = VerifyResult(variant="mine", release="r", rule=None, seconds={}, **got)
+    assert not res.agree and "like none of the rules stock, v3, stored" in rule_match_line(res)
