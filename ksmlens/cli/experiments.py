@@ -199,7 +199,9 @@ def _matrix_args():
             arg("--scenario", "-S", action="append", metavar="S",
                 help=f"a scenario (repeatable; default: {', '.join(MATRIX_SCENARIOS)})"),
             arg("--by", action="append", choices=list(MATRIX_BY),
-                help="the kernel's proof (repeatable; default: both)"),
+                help="the kernel's proof: migration (move_pages), reclaim (memory.reclaim), "
+                "hwpoison (MADV_HWPOISON on the mremap scenario, last on each guest: a "
+                "poisoned page stays poisoned) (repeatable; default: migration and reclaim)"),
             arg("-o", "--output", metavar="DIR",
                 help="write DIR/matrix.json and DIR/matrix.png (default: out/matrix; with "
                 "--from: the picture only, and only if given)"),
@@ -224,7 +226,7 @@ def _matrix_args():
     args=_matrix_args)
 def matrix(a):
     from pathlib import Path
-    from ksmlens.experiments.matrix import MATRIX_BY, MATRIX_SCENARIOS, Matrix, run_matrix
+    from ksmlens.experiments.matrix import DEFAULT_BY, MATRIX_SCENARIOS, Matrix, run_matrix
     from ksmlens.kernel.variants import VARIANTS
     from ksmlens.views.plots import matrix_figure
     from ksmlens.views.tables import matrix_markdown, matrix_table, replace_marked_block
@@ -245,7 +247,7 @@ def matrix(a):
                   f"{'' if c.agree else ', DISAGREES'} ({c.seconds:.1f} s)",
                   file=sys.stderr, flush=True)
         m = run_matrix(a.variant or list(VARIANTS), a.scenario or list(MATRIX_SCENARIOS),
-                       a.by or list(MATRIX_BY), name=a.name, on_cell=show)
+                       a.by or list(DEFAULT_BY), name=a.name, on_cell=show)
         out = Path(a.output or "out/matrix")
         m.save(out / "matrix.json")
         fig = matrix_figure(m)

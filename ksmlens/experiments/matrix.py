@@ -4,7 +4,9 @@ For each variant (booted once, two NUMA nodes) and each scenario, the
 scenario is run to its last step and :func:`ksmlens.experiments.verify.verify`
 predicts from a paused snapshot and lets the kernel act: by migration
 (``move_pages``) and, with the scenario run again from a clean state, by
-reclaim (``memory.reclaim``). One :class:`Cell` per (variant, scenario,
+reclaim (``memory.reclaim``) and, where asked, by memory failure
+(``MADV_HWPOISON``, the ``mremap`` scenario only, last on each guest: a
+poisoned page stays poisoned). One :class:`Cell` per (variant, scenario,
 proof) keeps what the kernel did (how many KSM pages stayed, how many
 mappings were swapped out or stayed mapped), whether the prediction under
 the kernel's own rule agreed, and which walk rules the kernel behaved like
@@ -25,19 +27,24 @@ import time
 from pathlib import Path
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.constants import BUS_MCEERR_AO, BUS_MCEERR_AR
 
-__all__ = ["Cell", "Matrix", "run_matrix", "MATRIX_SCENARIOS", "MATRIX_BY", "SCHEMA",
-           "COMPARED_FIELDS"]
+__all__ = ["Cell", "Matrix", "run_matrix", "MATRIX_SCENARIOS", "MATRIX_BY", "DEFAULT_BY",
+           "HWPOISON_SCENARIOS", "SCHEMA", "COMPARED_FIELDS"]
 
 SCHEMA = "ksmlens-matrix/1"
 # the scenarios whose KSM pages verify can move or reclaim (README "What the kernels do")
 MATRIX_SCENARIOS = ("mremap", "fork", "file-cow")
-MATRIX_BY = ("migration", "reclaim")
+# the proofs, in the order a guest runs them: hwpoison last (irreversible)
+MATRIX_BY = ("migration", "reclaim", "hwpoison")
+DEFAULT_BY = ("migration", "reclaim")
+# verify_hwpoison() poisons a page of the mremap scenario's moved VMA only
+HWPOISON_SCENARIOS = ("mremap",)
 # what a cell says of the kernel (not when or how fast): two runs on the same
 # kernels give the same values, and the vm test compares exactly these
 COMPARED_FIELDS = ("variant", "scenario", "by", "rule", "candidates", "matches", "outcome",
                    "pages", "pages_stayed", "predicted_stay", "mappings", "mappings_unmapped",
-                   "mappings_kept", "agree")
+                   "mappings_kept", "madvise", "signalled", "agree")
 
 
 @dataclasses.dataclass
@@ -49,13 +56,20 @@ class Cell:
     ``matches``: the rules predicted under, and those the kernel behaved
     like (:class:`ksmlens.experiments.verify.VerifyResult`). ``outcome``:
     ``moves`` / ``pinned`` (migration), ``reclaimed`` / ``stays``
-    (reclaim), ``mixed`` when some KSM pages went and some stayed.
+    (reclaim), ``unmapped`` / ``kept`` (hwpoison: every mapping became a
+    hwpoison entry / some stayed mapped), ``mixed`` when some KSM pages went
+    and some stayed.
     ``pages``: KSM pages compared (stable nodes, ``gone`` ones left out);
     ``pages_stayed``: those that did not move / were not freed;
     ``predicted_stay``: those the kernel's rule (else ``rows_rule``)
     predicted to stay. ``mappings``: mapped mappings of those pages;
     ``mappings_unmapped``: moved with their page (migration) or swap entries
-    (reclaim); ``mappings_kept``: still mapping the page that stayed.
+    (reclaim) or hwpoison entries; ``mappings_kept``: still mapping the page
+    that stayed. hwpoison only (else ""/[]): ``madvise``, what
+    ``madvise(MADV_HWPOISON)`` returned (``ok`` / ``EBUSY``); ``signalled``,
+    the SIGBUS each process got, by role: ``poisoner:AR`` (``BUS_MCEERR_AR``
+    to the process that poisoned), ``other:AO``. hwpoison judges under the
+    kernel's rule only: ``candidates`` / ``matches`` are empty.
     ``agree``: prediction and kernel agree on every compared page and
     mapping. ``release``, ``seconds``: the kernel's ``uname -r``, the
     verification's wall time in s."""
@@ -75,10 +89,14 @@ class Cell:
     mappings_kept: int
     agree: bool
     seconds: float = 0.0
+    madvise: str = ""
+    signalled: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, variant: str, scenario: str, res) -> "Cell":
         """The cell of a :class:`~ksmlens.experiments.verify.VerifyResult`."""
+        if res.by == "hwpoison":
+            return cls._of_hwpoison(variant, scenario, res)
         rows = [r for r in res.rows if r["agree"] is not None]
         gone_pages = {"gone", "absent"}
         pages = [p for p in res.pages if p["observed"] not in gone_pages]
@@ -96,6 +114,23 @@ class Cell:
                    predicted_stay=sum(r["predicted"] == "stays" for r in rows),
                    mappings=len(pages), mappings_unmapped=unmapped, mappings_kept=kept,
                    agree=bool(res.agree), seconds=res.seconds.get("total", 0.0))
+
+    @classmethod
+    def _of_hwpoison(cls, variant: str, scenario: str, res) -> "Cell":
+        (row,) = res.rows
+        pages = [p for p in res.pages if p["observed"] != "gone"]
+        kept = sum(p["observed"] == "mapped" for p in pages)
+        code = {BUS_MCEERR_AR: "AR", BUS_MCEERR_AO: "AO"}
+        signalled = sorted(f"{'poisoner' if pid == row['injector'] else 'other'}:"
+                           f"{code.get(c, c)}" for pid, c in row["observed_signals"].items())
+        return cls(variant=variant, scenario=scenario, by="hwpoison", release=res.release,
+                   rule=res.rule, candidates=[], matches=[],
+                   outcome="kept" if kept else "unmapped", pages=1, pages_stayed=int(bool(kept)),
+                   predicted_stay=int(row["predicted"] == "stays"), mappings=len(pages),
+                   mappings_unmapped=sum(p["observed"] == "unmapped" for p in pages),
+                   mappings_kept=kept, agree=bool(res.agree),
+                   seconds=res.seconds.get("total", 0.0), madvise=row["observed_madvise"],
+                   signalled=signalled)
 
     def compared(self) -> dict:
         """The fields two runs on the same kernels must repeat (:data:`COMPARED_FIELDS`)."""
@@ -163,11 +198,13 @@ class Matrix:
                    d.get("meta", {}))
 
 
-def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=MATRIX_BY, *, name: str = "matrix",
+def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=DEFAULT_BY, *, name: str = "matrix",
                on_cell=None, memory: str = "2G") -> Matrix:
     """Run each of ``scenarios`` on each of ``variants`` (kernel variant names,
     built ones or ``vm build --source`` ones) and verify it by each of
-    ``bys``; one guest at a time, VM ``NAME-VARIANT`` (two NUMA nodes),
+    ``bys`` (``hwpoison``: on :data:`HWPOISON_SCENARIOS` only, after every
+    other cell of the guest, vm.memory_failure_early_kill left at 0); one
+    guest at a time, VM ``NAME-VARIANT`` (two NUMA nodes),
     always powered off. Each (scenario, proof) starts from the scenario's
     clean state (the workload quit, ``run=2`` first for non-core scenarios).
     ``on_cell(cell)`` is called as each cell is done. Raises
@@ -187,22 +224,31 @@ def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=MATRIX_BY, *, name: str
             raise KsmlensError(f"verify by {b!r}: unknown proof", f"use one of {MATRIX_BY}")
     if not (variants and scenarios and bys):
         raise KsmlensError("an empty matrix", "name at least one variant, scenario and proof")
+    if bys == ["hwpoison"] and not set(scenarios) & set(HWPOISON_SCENARIOS):
+        raise KsmlensError(f"hwpoison runs on the {', '.join(HWPOISON_SCENARIOS)} scenario only",
+                           "add --scenario mremap")
+    bys = [b for b in MATRIX_BY if b in bys]       # hwpoison last on each guest
+    plan = [(s, b) for b in bys for s in scenarios
+            if b != "hwpoison" or s in HWPOISON_SCENARIOS]
+    plan.sort(key=lambda sb: (sb[1] == "hwpoison", scenarios.index(sb[0]), bys.index(sb[1])))
     t0 = time.monotonic()
     cells, per_variant = [], {}
     for v in variants:
         tv = time.monotonic()
         vm = VM.up(f"{name}-{v}", v, numa=2, memory=memory, quiet=True)
         try:
-            for s in scenarios:
-                for b in bys:
+            for s, b in plan:
+                if b == "hwpoison":
+                    res = verify(vm, by=b)      # runs its own mremap scenario
+                else:
                     with ScenarioRun(vm, s) as run:
                         for st in run.scenario.steps:
                             run.step(st.name)
                         res = verify(vm, by=b)
-                    cell = Cell.of(v, s, res)
-                    cells.append(cell)
-                    if on_cell:
-                        on_cell(cell)
+                cell = Cell.of(v, s, res)
+                cells.append(cell)
+                if on_cell:
+                    on_cell(cell)
         finally:
             vm.down()
         per_variant[v] = round(time.monotonic() - tv, 1)

@@ -47,6 +47,8 @@ import time
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.constants import BUS_MCEERR_AO, BUS_MCEERR_AR
+from ksmlens.lab.guest.pagemap import KPF_DIRTY, KPF_HWPOISON
 from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP
 
 __all__ = ["VerifyResult", "verify", "predict", "candidate_rules", "SmartScanResult",
@@ -455,11 +457,6 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
 
 # ------------------------------------------------------------------ memory failure
 
-# si_code of a memory-failure SIGBUS (include/uapi/asm-generic/siginfo.h)
-BUS_MCEERR_AR = 4       # action required: the task that touched (here: poisoned) the page
-BUS_MCEERR_AO = 5       # action optional: an "early kill" task that maps it
-KPF_DIRTY = 4           # /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h)
-KPF_HWPOISON = 19
 EARLY_KILL = "/proc/sys/vm/memory_failure_early_kill"
 
 

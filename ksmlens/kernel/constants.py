@@ -12,6 +12,7 @@ __all__ = [
     "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN", "U8_MAX",
     "PAGE_MAPPING_ANON", "PAGE_MAPPING_MOVABLE", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS",
     "VM_GROWSDOWN", "VM_MERGEABLE", "ULONG_MAX", "STORED_INDEX_MEMBERS",
+    "BUS_MCEERR_AR", "BUS_MCEERR_AO",
 ]
 
 # ---- mm/ksm.c
@@ -51,3 +52,7 @@ VM_MERGEABLE = 1 << 31      # KSM may merge identical pages (madvise/prctl)
 
 # ---- include/linux/limits.h
 ULONG_MAX = (1 << 64) - 1
+
+# ---- include/uapi/asm-generic/siginfo.h: si_code of a memory-failure SIGBUS
+BUS_MCEERR_AR = 4       # action required: the task that touched (here: poisoned) the page
+BUS_MCEERR_AO = 5       # action optional: an "early kill" task that maps it

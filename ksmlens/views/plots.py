@@ -744,12 +744,13 @@ def matrix_figure(m, ax=None) -> Figure:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#f0f0f0",
                                        edgecolor="white", lw=2))
                 continue
-            kind = ("went" if c.outcome in ("moves", "reclaimed") else
+            kind = ("went" if c.outcome in ("moves", "reclaimed", "unmapped") else
                     "mixed" if c.outcome == "mixed" else "stayed")
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=_MATRIX_COLORS[kind],
                                    edgecolor="white", lw=2, hatch=None if c.agree else "xx",
                                    gid=f"cell:{v}:{s}:{b}"))
-            like = ("like no rule" if not c.matches else
+            like = ("madvise " + c.madvise if c.by == "hwpoison" else
+                    "like no rule" if not c.matches else
                     f"like {c.matches[0]}" if len(c.matches) == 1 else
                     "all rules alike" if c.matches == c.candidates else
                     "like " + " = ".join(c.matches))
@@ -759,11 +760,13 @@ def matrix_figure(m, ax=None) -> Figure:
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xticks(range(len(cols)), [f"{s}\n{b}" for s, b in cols], fontsize=8)
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("scenario and the kernel's proof (move_pages / memory.reclaim)")
+    ax.set_xlabel("scenario and the kernel's proof (move_pages / memory.reclaim / "
+                  "MADV_HWPOISON)")
     ax.set_ylabel("kernel variant")
-    ax.legend(handles=[Patch(facecolor=_MATRIX_COLORS["went"], label="every KSM page moved / freed"),
+    ax.legend(handles=[Patch(facecolor=_MATRIX_COLORS["went"], label="every KSM page moved / freed / unmapped"),
                        Patch(facecolor=_MATRIX_COLORS["stayed"],
-                             label="pinned / never freed (a walk missed a mapping)"),
+                             label="pinned / never freed / still mapped (a walk missed a "
+                             "mapping)"),
                        Patch(facecolor=_MATRIX_COLORS["mixed"], label="some stayed"),
                        Patch(facecolor="white", edgecolor="black", hatch="xx",
                              label="prediction disagreed")],

@@ -202,14 +202,31 @@ def _like(cells) -> str:
         if c.matches == c.candidates:
             return "every rule alike here"
         return f"like {' or '.join(c.matches)} (alike here)"
+    cells = [c for c in cells if c.candidates]      # hwpoison judges one rule
+    if not cells:
+        return ""
     said = {one(c) for c in cells}
     if len(said) == 1:
         return said.pop()
     return "; ".join(f"{c.by} {one(c)}" for c in cells)
 
 
+def _signals_words(c) -> str:
+    role = {"poisoner": "the poisoning process", "other": "the other"}
+    return ("SIGBUS " + ", ".join(f"{role.get(r, r)} ({code})" for r, code in
+                                  (s.split(":", 1) for s in c.signalled))
+            if c.signalled else "no SIGBUS")
+
+
 def _outcome_words(c) -> str:
-    if c.by == "migration":
+    if c.by == "hwpoison":
+        if c.outcome == "unmapped":
+            words = (f"memory failure: all {c.mappings} mappings unmapped, madvise "
+                     f"{c.madvise}; {_signals_words(c)}")
+        else:
+            words = (f"memory failure: **{c.mappings_kept} of {c.mappings} mappings stay "
+                     f"mapped**, madvise {c.madvise}; {_signals_words(c)}")
+    elif c.by == "migration":
         if c.outcome == "moves":
             words = "migrates"
         else:
@@ -235,7 +252,8 @@ def matrix_markdown(m) -> str:
         cells = []
         for s in m.scenarios:
             cs = [c for b in m.bys if (c := m.cell(v, s, b)) is not None]
-            cells.append("; ".join(_outcome_words(c) for c in cs) + "; " + _like(cs)
+            like = _like(cs)
+            cells.append("; ".join([_outcome_words(c) for c in cs] + ([like] if like else []))
                          if cs else "")
         lines.append(f"| `{v}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,12 +10,14 @@ expects, is the reference.
 
 import dataclasses
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
 from ksmlens.errors import KsmlensError
-from ksmlens.experiments.matrix import COMPARED_FIELDS, SCHEMA, Cell, Matrix, run_matrix
+from ksmlens.experiments.matrix import (COMPARED_FIELDS, HWPOISON_SCENARIOS, SCHEMA, Cell,
+                                       Matrix, run_matrix)
 from ksmlens.views.plots import matrix_figure
 from ksmlens.views.tables import (MATRIX_BEGIN, MATRIX_END, marked_block, matrix_markdown,
                                   matrix_table, replace_marked_block)
@@ -50,7 +52,9 @@ def test_readme_block_is_the_committed_matrix():
     assert marked_block(readme) == matrix_markdown(m)
     # the committed run is a full one: every built-in variant, every cell agrees
     assert set(m.variants) >= {"stock", "v3", "union", "v8"} and m.agree
-    assert len(m.cells) == len(m.variants) * len(m.scenarios) * len(m.bys)
+    assert len(m.cells) == len(m.variants) * sum(
+        len(m.scenarios) if b != "hwpoison" else len(set(m.scenarios) & set(HWPOISON_SCENARIOS))
+        for b in m.bys)
 
 
 def test_matrix_round_trip_and_rendering(tmp_path):
@@ -75,6 +79,39 @@ def test_matrix_round_trip_and_rendering(tmp_path):
     assert marked_block(new) == "| new |"
     with pytest.raises(KsmlensError, match="marked matrix block"):
         replace_marked_block("no markers", "x")
+
+
+def _hwpoison_result(kept: int, signals: dict, madvise: str):
+    """A verify_hwpoison() result of the shape Cell.of reads: 8 mappings, the
+    last ``kept`` still mapped, pid 10 the poisoner."""
+    pages = [{"observed": "mapped" if i >= 8 - kept else "unmapped"} for i in range(8)]
+    pages.append({"observed": "gone"})
+    row = {"injector": 10, "predicted": "stays" if kept else "unmapped",
+           "observed_signals": signals, "observed_madvise": madvise}
+    return SimpleNamespace(by="hwpoison", rows=[row], pages=pages, release="r", rule="v3",
+                           agree=True, seconds={"total": 3.0})
+
+
+def test_hwpoison_cells():
+    v3 = Cell.of("v3", "mremap", _hwpoison_result(4, {10: 4, 11: 5}, "EBUSY"))
+    assert (v3.outcome, v3.mappings, v3.mappings_kept, v3.mappings_unmapped) == ("kept", 8, 4, 4)
+    assert v3.signalled == ["other:AO", "poisoner:AR"] and v3.madvise == "EBUSY"
+    assert (v3.pages_stayed, v3.predicted_stay, v3.matches, v3.candidates) == (1, 1, [], [])
+    stock = Cell.of("stock", "mremap", _hwpoison_result(0, {10: 4}, "ok"))
+    assert (stock.outcome, stock.mappings_unmapped, stock.signalled) == ("unmapped", 8, ["poisoner:AR"])
+    m = Matrix(_small().cells + [stock, v3])
+    md = matrix_markdown(m).splitlines()
+    assert ("memory failure: all 8 mappings unmapped, madvise ok; SIGBUS the poisoning "
+            "process (AR); like stock |") in md[2]
+    assert ("memory failure: **4 of 8 mappings stay mapped**, madvise EBUSY; SIGBUS the other "
+            "(AO), the poisoning process (AR); like v3") in md[3]
+    fig = matrix_figure(m)
+    gids = {p.get_gid(): p for p in fig.axes[0].patches if p.get_gid()}
+    assert gids["cell:v3:mremap:hwpoison"].get_facecolor() != \
+        gids["cell:stock:mremap:hwpoison"].get_facecolor()
+    assert "cell:stock:fork:hwpoison" not in gids
+    with pytest.raises(KsmlensError, match="mremap scenario only"):
+        run_matrix(["stock"], ["fork"], ["hwpoison"])
 
 
 def test_matrix_figure():

@@ -29,6 +29,8 @@ PM_PRESENT = 1 << 63                # PM_PRESENT: page present in RAM
 PM_SWAP = 1 << 62                   # PM_SWAP: a swap entry
 PM_PFRAME_MASK = (1 << 55) - 1      # PM_PFRAME_MASK = GENMASK_ULL(54, 0): the pfn
 # /proc/kpageflags bits: include/uapi/linux/kernel-page-flags.h
+KPF_DIRTY = 4
+KPF_HWPOISON = 19
 KPF_KSM = 21
 KPF_ANON = 12
 KPF_SWAPCACHE = 13
