@@ -2,8 +2,11 @@
 builds them), the lens (which names the variant of a release) and the
 analysis (which replays their ``rmap_walk_ksm()`` and SmartScan).
 
-Every variant is Debian's 6.12 source with the patch series
-``vm/patches/<patches...>`` applied in order; a build names itself in
+A built-in variant is a Debian kernel source (6.12, the default, or the 6.1
+LTS where its patches apply: :data:`ksmlens.lab.kbuild.SOURCES`) with the
+patch series ``vm/patches/<patches...>`` applied in order; a reviewer's own
+tree (``ksmlens vm build --source``) gets a record too, kept in the cache
+(walk rule unknown: ``verify`` finds it by experiment). A build names itself in
 ``uname -r`` as ``<version>-ksmlens-<name>`` (``CONFIG_LOCALVERSION`` is
 ``-ksmlens``, ``make LOCALVERSION=-<name>`` adds the rest).
 
