@@ -243,7 +243,8 @@ def matrix(a):
     else:
         def show(c):
             print(f"matrix: {c.variant} {c.scenario} by {c.by}: {c.outcome}, "
-                  f"{c.pages_stayed}/{c.pages} stay, like {','.join(c.matches) or 'none'}"
+                  f"{c.pages_stayed}/{c.pages} stay"
+                  f"{', like ' + (','.join(c.matches) or 'none') if c.candidates else ''}"
                   f"{'' if c.agree else ', DISAGREES'} ({c.seconds:.1f} s)",
                   file=sys.stderr, flush=True)
         m = run_matrix(a.variant or list(VARIANTS), a.scenario or list(MATRIX_SCENARIOS),

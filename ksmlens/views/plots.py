@@ -732,8 +732,9 @@ def matrix_figure(m, ax=None) -> Figure:
     the pages that stayed and the walk rules the kernel behaved like; a
     cell whose prediction disagreed is hatched. Cells are Rectangles with
     gid ``"cell:<variant>:<scenario>:<by>"``. Returns the Figure."""
-    cols = [(s, b) for s in m.scenarios for b in m.bys]
     rows = m.variants
+    cols = [(s, b) for s in m.scenarios for b in m.bys      # hwpoison: mremap only
+            if any(m.cell(v, s, b) is not None for v in rows)]
     if not cols or not rows:
         raise KsmlensError("the matrix has no cells", "run `ksmlens matrix` first")
     fig, ax = _axes(ax, (max(6.0, 1.9 * len(cols) + 2.5), 1.0 * len(rows) + 2.2))
@@ -754,7 +755,9 @@ def matrix_figure(m, ax=None) -> Figure:
                     f"like {c.matches[0]}" if len(c.matches) == 1 else
                     "all rules alike" if c.matches == c.candidates else
                     "like " + " = ".join(c.matches))
-            ax.text(j, i, f"{c.outcome}\n{c.pages_stayed}/{c.pages} stay\n{like}",
+            stay = (f"{c.mappings_kept}/{c.mappings} mappings kept" if c.by == "hwpoison" else
+                    f"{c.pages_stayed}/{c.pages} stay")
+            ax.text(j, i, f"{c.outcome}\n{stay}\n{like}",
                     ha="center", va="center", fontsize=8)
     ax.set_xlim(-0.5, len(cols) - 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)

@@ -269,7 +269,8 @@ def matrix_table(m) -> str:
          "behaved like", "agree", "s"),
         [(c.variant, c.scenario, c.by, c.outcome, f"{c.pages_stayed}/{c.pages}",
           f"{c.mappings_unmapped}/{c.mappings_kept}", c.predicted_stay,
-          ",".join(c.matches) or "none", "yes" if c.agree else "NO", f"{c.seconds:.1f}")
+          ",".join(c.matches) or ("none" if c.candidates else "-"),
+          "yes" if c.agree else "NO", f"{c.seconds:.1f}")
          for c in m.cells], align="<<<<>>><<>")
     bad = sum(not c.agree for c in m.cells)
     secs = m.meta.get("seconds")
