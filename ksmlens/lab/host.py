@@ -10,10 +10,10 @@ guest. It cannot pause the kernel (``paused`` is None).
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 
+from ksmlens.lab.guest.agent import read_files
 from ksmlens.lab.vm import RunResult
 
 __all__ = ["LocalKernel", "KCORE_NOTE", "is_kcore"]
@@ -31,17 +31,7 @@ class LocalKernel:
     def read_files(self, paths=(), globs=()) -> dict:
         """Many small files (sysfs, procfs): {path: text or None}; the agent's
         ``read_files`` (ksmlens/lab/guest/agent.py), globs sorted."""
-        paths = list(paths)
-        for g in globs:
-            paths += sorted(glob.glob(g))
-        out = {}
-        for p in paths:
-            try:
-                with open(p, "rb") as f:
-                    out[p] = f.read().decode(errors="replace")
-            except OSError:
-                out[p] = None
-        return out
+        return read_files(paths, globs)
 
     def read_file(self, path: str) -> str:
         with open(path, "rb") as f:

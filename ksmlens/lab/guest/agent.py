@@ -23,6 +23,24 @@ import time
 PORT_NAME = "org.ksmlens.agent"
 
 
+def read_files(paths=(), globs=()):
+    """{path: text or None} for ``paths`` and every match of ``globs`` (sorted);
+    an unreadable file comes back as None. Also the host's reader for
+    /proc/kcore (ksmlens.lab.host), so both read procfs the same way."""
+    import glob
+    paths = list(paths)
+    for g in globs:
+        paths += sorted(glob.glob(g))
+    out = {}
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                out[p] = f.read().decode(errors="replace")
+        except OSError:
+            out[p] = None
+    return out
+
+
 def find_port(name=PORT_NAME):
     base = "/sys/class/virtio-ports"
     for _ in range(200):
@@ -172,20 +190,8 @@ class Agent:
             return {"data": f.read().decode(errors="replace")}
 
     def op_read_files(self, req):
-        """Many small files (sysfs, procfs) without a fork each: ``paths`` and
-        ``globs``; unreadable ones come back as None."""
-        import glob
-        paths = list(req.get("paths", []))
-        for g in req.get("globs", []):
-            paths += sorted(glob.glob(g))
-        out = {}
-        for p in paths:
-            try:
-                with open(p, "rb") as f:
-                    out[p] = f.read().decode(errors="replace")
-            except OSError:
-                out[p] = None
-        return {"files": out}
+        """Many small files (sysfs, procfs) without a fork each: see :func:`read_files`."""
+        return {"files": read_files(req.get("paths", []), req.get("globs", []))}
 
     def op_write_file(self, req):
         with open(req["path"], "w") as f:
