@@ -10,6 +10,19 @@ In a notebook::
 
 From the shell, ``ksmlens notebooks`` executes every ``notebooks/*.ipynb``
 (nbclient) against one VM and writes ``out/notebooks/NAME.html``.
+
+Exercises. Each notebook ends with one or two exercises. The student's cell
+is tagged ``exercise`` and carries ``metadata["ksmlens"] = {"exercise":
+"03-1", "solution": "<code>"}``; it starts as ``answer = ...``. The cell
+after it is tagged ``exercise-check`` and ``hide-input``
+(``metadata["jupyter"]["source_hidden"]``): it works out the truth from the
+kernel (a ``verify`` result, ``/proc/PID/ksm_stat``, sysfs) and calls
+:func:`check_answer`. ``run_notebook(..., solutions=True)`` (what the tests
+do) puts each exercise's ``solution`` in its cell and makes a wrong answer
+an error, so a solution that no longer matches the kernel fails the run::
+
+    answer = ...                                   # tagged exercise
+    check_answer("03-1", answer, truth, hint="...")   # tagged exercise-check
 """
 
 from __future__ import annotations
@@ -22,12 +35,14 @@ from pathlib import Path
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.variants import DEFAULT_VARIANT
 
-__all__ = ["Lab", "vm_name", "notebook_paths", "run_notebook", "NOTEBOOKS_DIR", "OUT_DIR"]
+__all__ = ["Lab", "vm_name", "notebook_paths", "run_notebook", "check_answer", "exercises",
+           "NOTEBOOKS_DIR", "OUT_DIR", "ENV_EXERCISES"]
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS_DIR = ROOT / "notebooks"
 OUT_DIR = ROOT / "out" / "notebooks"
 ENV_VM = "KSMLENS_VM"
+ENV_EXERCISES = "KSMLENS_EXERCISES"   # "strict": a wrong or missing answer raises
 
 
 def vm_name() -> str:
@@ -90,14 +105,83 @@ class Lab:
         return f"<Lab {self.describe()}>"
 
 
+def _same(answer, truth) -> bool:
+    """Answers compare as values; a list, tuple or set of hashables compares
+    as a set (the order a student lists pids or addresses in is no answer)."""
+    def norm(x):
+        if isinstance(x, (list, tuple, set, frozenset)):
+            try:
+                return frozenset(norm(v) for v in x)
+            except TypeError:
+                return x
+        if isinstance(x, dict):
+            return {k: norm(v) for k, v in x.items()}
+        return x
+    return norm(answer) == norm(truth)
+
+
+def check_answer(exercise: str, answer, truth, *, hint: str = "", explain: str = "") -> bool | None:
+    """Check a student's ``answer`` to ``exercise`` (e.g. ``"03-1"``) against
+    ``truth``, which the calling cell works out from the kernel.
+
+    Prints one line: not answered yet (``answer`` is ``...``), correct (with
+    ``explain``), or not yet (with ``hint``; the truth is not printed).
+    Returns None, True or False. With ``$KSMLENS_EXERCISES=strict`` (set by
+    ``run_notebook(solutions=True)``) anything but a correct answer raises
+    ``AssertionError``, so a test run fails on it.
+    """
+    strict = os.environ.get(ENV_EXERCISES) == "strict"
+    if answer is ...:
+        print(f"Exercise {exercise}: not answered yet: set `answer` in the cell above and "
+              "run both cells again")
+        if strict:
+            raise AssertionError(f"exercise {exercise} has no answer")
+        return None
+    if _same(answer, truth):
+        print(f"Exercise {exercise}: correct." + (f" {explain}" if explain else ""))
+        return True
+    print(f"Exercise {exercise}: not yet." + (f" Hint: {hint}" if hint else ""))
+    if strict:
+        raise AssertionError(f"exercise {exercise}: answer {answer!r} is not the kernel's {truth!r}")
+    return False
+
+
+def exercises(nb) -> list[dict]:
+    """The exercises of a notebook node: ``[{"exercise", "solution", "cell",
+    "check"}]`` (cell indexes of the student's cell and its check cell).
+    Raises :class:`KsmlensError` for an exercise cell without a solution or
+    a check cell right after it."""
+    found = []
+    for i, c in enumerate(nb.cells):
+        tags = c.get("metadata", {}).get("tags", [])
+        if "exercise" not in tags:
+            continue
+        meta = c.metadata.get("ksmlens", {})
+        nxt = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
+        if not meta.get("exercise") or not meta.get("solution"):
+            raise KsmlensError(f"cell {i} is tagged exercise but has no "
+                               "metadata.ksmlens.exercise/solution",
+                               "add both (see ksmlens.views.notebook)")
+        if nxt is None or "exercise-check" not in nxt.get("metadata", {}).get("tags", []):
+            raise KsmlensError(f"exercise {meta['exercise']} (cell {i}) has no "
+                               "exercise-check cell after it", "add the hidden check cell")
+        found.append({"exercise": meta["exercise"], "solution": meta["solution"],
+                      "cell": i, "check": i + 1})
+    return found
+
+
 def notebook_paths(directory: Path | str = NOTEBOOKS_DIR) -> list[Path]:
     return sorted(Path(directory).glob("*.ipynb"))
 
 
 def run_notebook(path, html: Path | str | None = None, *, timeout: float = 900,
-                 vm: str | None = None):
+                 vm: str | None = None, solutions: bool = False):
     """Execute a notebook with nbclient (cell timeout ``timeout`` s) in its own
     directory, with ``$KSMLENS_VM`` set to ``vm``; write HTML to ``html``.
+
+    ``solutions``: put each exercise's solution in its cell (see
+    :func:`exercises`) and run with ``$KSMLENS_EXERCISES=strict``, so a
+    solution the kernel no longer agrees with fails the run.
 
     Returns the executed notebook. Raises :class:`KsmlensError` naming the
     failing cell on the first error (the HTML, if asked for, is written anyway).
@@ -107,9 +191,14 @@ def run_notebook(path, html: Path | str | None = None, *, timeout: float = 900,
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
-    old = os.environ.get(ENV_VM)
+    if solutions:
+        for ex in exercises(nb):
+            nb.cells[ex["cell"]].source = ex["solution"]
+    saved = {k: os.environ.get(k) for k in (ENV_VM, ENV_EXERCISES)}
     if vm:
         os.environ[ENV_VM] = vm
+    if solutions:
+        os.environ[ENV_EXERCISES] = "strict"
     from jupyter_client.manager import KernelManager
     km = KernelManager(kernel_name="python3", transport="ipc",   # not TCP: local only
                        ip=str(Path(tempfile.mkdtemp(prefix="ksmlens-kernel-")) / "k"))
@@ -123,11 +212,11 @@ def run_notebook(path, html: Path | str | None = None, *, timeout: float = 900,
     finally:
         if km.has_kernel:
             km.shutdown_kernel(now=True)
-        if vm:
-            if old is None:
-                os.environ.pop(ENV_VM, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[ENV_VM] = old
+                os.environ[k] = v
     if html is not None:
         from nbconvert import HTMLExporter
         body, _ = HTMLExporter().from_notebook_node(nb)
