@@ -50,12 +50,13 @@ from pathlib import Path
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.lab.kbuild import BuildLock
 from ksmlens.errors import KsmlensError
-from ksmlens.lens.midupdate import (classify, exit_mmap_window, munmap_window, on_cpu,  # noqa: F401
-                        pte_update_window, replace_page_window, rmap_list_window)
+from ksmlens.lens.midupdate import (classify, exit_mmap_window, in_flight_window,  # noqa: F401
+                                   munmap_window, on_cpu, pte_update_window,
+                                   replace_page_window, rmap_list_window)
 from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "classify", "on_cpu", "replace_page_window", "rmap_list_window",
-           "pte_update_window", "munmap_window", "exit_mmap_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
+           "pte_update_window", "munmap_window", "exit_mmap_window", "in_flight_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
            "SelftestsResult", "paused_check", "run_selftests", "mremap_selftest_binary",
            "MremapResult", "run_mremap_selftest"]
 
@@ -246,15 +247,20 @@ def paused_check(prog, vm, suite: str = "", mode: str | None = None,
     ``mid-update`` check, its counts not compared. The guest is stopped
     first to record which task each CPU runs (:func:`on_cpu`), then walked
     in the same pause (``take_snapshot``'s own stop is a no-op then; it
-    resumes the guest); mismatches that one of those tasks, or ksmd, is
-    visibly in the middle of are classified too (:func:`classify`)."""
+    resumes the guest), with each vCPU's kernel stack unwound from its
+    registers; mismatches that one of those tasks, or ksmd, is visibly in
+    the middle of are classified too (:func:`classify`)."""
     from ksmlens.lens.snapshot import take_snapshot
     # The control socket serves one client: stop, read, let go; take_snapshot
     # connects itself (its stop is a no-op on a stopped guest) and resumes.
     with vm.qmp(timeout=30) as q:
         q.stop()
+        try:
+            regs = q.cpu_registers()
+        except KsmlensError:
+            regs = None
     try:
-        cpus = on_cpu(prog)
+        cpus = on_cpu(prog, regs)
         snap = take_snapshot(prog, mode="consistent", vm=vm, retries=1)
     except BaseException:
         with vm.qmp(timeout=30) as q:

@@ -8,12 +8,18 @@ drgn gets a QMP socket of its own (a QMP socket serves one client at a time).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
 from ksmlens.errors import KsmlensError
 
-__all__ = ["QMP"]
+__all__ = ["QMP", "parse_registers"]
+
+# `info registers -a` (HMP, target/i386/cpu-dump.c x86_cpu_dump_state()):
+# "CPU#0\nRAX=... RBX=...\nR8 =... RIP=... RFL=..." per vCPU
+_CPU = re.compile(r"^CPU#(\d+)", re.M)
+_REG = re.compile(r"\b(R[A-Z0-9]{1,2}|RIP|RFL)\s*=([0-9a-f]{8,16})\b")
 
 
 class QMP:
@@ -68,6 +74,13 @@ class QMP:
     def cont(self) -> None:
         self.command("cont")
 
+    def cpu_registers(self) -> list[dict]:
+        """Every vCPU's general registers, ``[{"cpu": 0, "rip": int, "rsp":
+        int, ...}]`` (lower-case x86-64 names, ``rfl`` the flags), from HMP
+        ``info registers -a``. Meaningful while the guest is stopped."""
+        return parse_registers(self.command("human-monitor-command",
+                                            **{"command-line": "info registers -a"}))
+
     def close(self) -> None:
         try:
             self.f.close()
@@ -80,6 +93,22 @@ class QMP:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def parse_registers(text: str) -> list[dict]:
+    """Parse HMP ``info registers -a`` output (x86-64): one dict per vCPU,
+    ``{"cpu": N, "rax": int, ..., "r15": int, "rip": int, "rfl": int}``.
+    Raises :class:`KsmlensError` if no vCPU is found."""
+    starts = [(m.start(), int(m.group(1))) for m in _CPU.finditer(text)]
+    if not starts:
+        raise KsmlensError("QMP info registers printed no CPU",
+                           f"QEMU answered {text[:80]!r}; is this an x86-64 guest?")
+    out = []
+    for (pos, cpu), nxt in zip(starts, [p for p, _ in starts[1:]] + [len(text)]):
+        regs = {"cpu": cpu}
+        regs.update((k.lower(), int(v, 16)) for k, v in _REG.findall(text[pos:nxt]))
+        out.append(regs)
+    return out
 
 
 def wait_socket(path: str, timeout: float) -> bool:

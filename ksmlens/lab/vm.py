@@ -518,10 +518,23 @@ class VM:
         instant of the guest."""
         with self.qmp(timeout=timeout) as q:
             q.stop()
+            self._held = q
             try:
                 yield self
             finally:
+                self._held = None
                 q.cont()
+
+    def cpu_registers(self) -> list[dict]:
+        """Each vCPU's registers (:meth:`ksmlens.lab.qmp.QMP.cpu_registers`)
+        inside a :meth:`paused` block, on its QMP connection (the control
+        socket serves one client); outside one, on a connection of its own
+        (meaningful only if the guest is stopped)."""
+        q = getattr(self, "_held", None)
+        if q is not None:
+            return q.cpu_registers()
+        with self.qmp() as q:
+            return q.cpu_registers()
 
     def status(self) -> dict:
         s = dict(self.state)

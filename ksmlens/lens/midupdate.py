@@ -8,24 +8,63 @@ is set), ksmd between counting an rmap_item and linking it, a task changing a
 PTE of a KSM page (COW break, zap, fork), ``munmap()`` between detaching the
 VMAs and zapping them, ``exit_mmap()`` under way. Each window below is
 recognised only with its evidence (who is on a CPU: :func:`on_cpu`, read in
-the same pause, and exactly which counts differ, by how much, where), so a
-real mismatch is never explained away. ``ksmlens check`` retries a pause
+the same pause, with each vCPU's kernel stack unwound from its registers
+(:func:`cpu_stacks`), and exactly which counts differ, by how much, where),
+so a real mismatch is never explained away. ``ksmlens check`` retries a pause
 that landed in one; ``ksmlens selftests`` counts it as "mid-update
 (classified)".
 """
 
 from __future__ import annotations
 
-__all__ = ["on_cpu", "classify", "replace_page_window", "rmap_list_window",
-           "pte_update_window", "munmap_window", "exit_mmap_window"]
+__all__ = ["on_cpu", "cpu_stacks", "classify", "replace_page_window", "rmap_list_window",
+           "pte_update_window", "munmap_window", "exit_mmap_window", "in_flight_window",
+           "PTE_UPDATERS", "KSM_UPDATERS"]
+
+# Kernel functions (6.12) inside which a paused CPU can hold a KSM page's
+# PTE and its folio's mapcount apart: the PTE is set or cleared in one step,
+# the mapcount (folio_add_anon_rmap_ptes(), folio_remove_rmap_ptes(),
+# folio_try_dup_anon_rmap_ptes()) in another. One CPU, one small page: one
+# mapping in flight.
+PTE_UPDATERS = frozenset({
+    # mm/ksm.c
+    "replace_page", "try_to_merge_one_page", "break_ksm", "ksm_might_unmap_zero_page",
+    # mm/memory.c
+    "wp_page_copy", "do_wp_page", "zap_pte_range", "zap_present_ptes",
+    "zap_present_folio_ptes", "copy_pte_range", "copy_present_ptes", "copy_present_page",
+    "do_swap_page", "restore_exclusive_pte",
+    # mm/rmap.c, mm/migrate.c
+    "folio_add_anon_rmap_ptes", "folio_remove_rmap_ptes", "try_to_unmap_one",
+    "try_to_migrate_one", "remove_migration_pte",
+})
+# mm/ksm.c functions that change an rmap_item's lists and the counters
+# that count them in more than one store: ksm_rmap_items and
+# mm->ksm_rmap_items (alloc_rmap_item(), free_rmap_item()), ksm_pages_shared
+# / ksm_pages_sharing / mm->ksm_merging_pages / rmap_hlist_len
+# (stable_tree_append(), remove_rmap_item_from_tree()), ksm_pages_unshared
+# (unstable_tree_search_insert()), the chain and dup counts, the KSM zero
+# pages (ksm_map_zero_page() via replace_page(), ksm_might_unmap_zero_page()).
+KSM_UPDATERS = frozenset({
+    "get_next_rmap_item", "alloc_rmap_item", "free_rmap_item", "remove_trailing_rmap_items",
+    "remove_rmap_item_from_tree", "stable_tree_append", "remove_node_from_stable_tree",
+    "remove_stable_node", "remove_all_stable_nodes", "unstable_tree_search_insert",
+    "stable_tree_insert", "stable_node_dup_del", "free_stable_node_chain",
+    "__stable_node_chain", "stable_node_dup", "try_to_merge_with_ksm_page",
+    "try_to_merge_two_pages", "unmerge_and_remove_all_rmap_items", "__ksm_exit",
+    "replace_page", "ksm_might_unmap_zero_page", "break_ksm", "cmp_and_merge_page",
+})
 
 
-def on_cpu(prog) -> list[dict]:
-    """The task each online CPU runs (``cpu_curr()``), idle tasks left out:
-    drgn cannot unwind a running task, but its mm says which pages it can
-    be changing."""
+def on_cpu(prog, registers=None) -> list[dict]:
+    """The task each online CPU runs (``cpu_curr()``), idle tasks left out.
+    With ``registers`` (each vCPU's, :meth:`ksmlens.lab.vm.VM.cpu_registers`,
+    read in the same pause) each entry also has ``mode`` (``"kernel"`` or
+    ``"user"``) and ``stack``, the function names of its kernel stack,
+    innermost first (:func:`cpu_stacks`): drgn cannot unwind a running task
+    from memory, but it can from the registers QEMU holds."""
     from drgn.helpers.linux.cpumask import for_each_online_cpu
     from drgn.helpers.linux.sched import cpu_curr
+    stacks = {s["cpu"]: s for s in cpu_stacks(prog, registers)} if registers else {}
     out = []
     for cpu in for_each_online_cpu(prog):
         t = cpu_curr(prog, cpu)
@@ -33,19 +72,55 @@ def on_cpu(prog) -> list[dict]:
         if tid == 0:
             continue
         mm = t.mm.value_()
-        out.append({"cpu": cpu, "pid": t.tgid.value_(), "tid": tid,
-                    "comm": t.comm.string_().decode(errors="replace"),
-                    "mm": f"0x{mm:x}" if mm else None})
+        e = {"cpu": cpu, "pid": t.tgid.value_(), "tid": tid,
+             "comm": t.comm.string_().decode(errors="replace"),
+             "mm": f"0x{mm:x}" if mm else None}
+        if cpu in stacks:
+            e.update({k: stacks[cpu][k] for k in ("mode", "ip", "stack")})
+        out.append(e)
+    return out
+
+
+# x86-64: the kernel half of the address space (arch/x86/include/asm/page_64_types.h)
+_KERNEL_HALF = 0xffff800000000000
+_PT_REGS = {"ip": "rip", "sp": "rsp", "bp": "rbp", "ax": "rax", "bx": "rbx", "cx": "rcx",
+            "dx": "rdx", "si": "rsi", "di": "rdi", "r8": "r8", "r9": "r9", "r10": "r10",
+            "r11": "r11", "r12": "r12", "r13": "r13", "r14": "r14", "r15": "r15",
+            "flags": "rfl"}
+
+
+def cpu_stacks(prog, registers) -> list[dict]:
+    """Unwind each vCPU's kernel stack from its registers: ``[{"cpu", "mode",
+    "ip", "stack"}]``, ``stack`` the function names innermost first (a
+    ``struct pt_regs`` built from the registers, unwound by drgn's
+    ``Program.stack_trace()`` with the kernel's ORC data), ``None`` with
+    ``error`` if it cannot be unwound; a CPU in user mode has ``stack``
+    ``[]``. x86-64 only (the walk's platform)."""
+    from drgn import Object
+    out = []
+    for regs in registers or ():
+        ip = regs.get("rip", 0)
+        e = {"cpu": regs["cpu"], "mode": "kernel" if ip >= _KERNEL_HALF else "user",
+             "ip": f"0x{ip:x}", "stack": []}
+        if e["mode"] == "kernel":
+            try:
+                pt = Object(prog, "struct pt_regs",
+                            value={k: regs[r] for k, r in _PT_REGS.items() if r in regs})
+                e["stack"] = [f.name or f"0x{f.pc:x}" for f in prog.stack_trace(pt)]
+            except Exception as ex:       # a frame drgn cannot unwind: say so
+                e["stack"], e["error"] = None, f"{type(ex).__name__}: {ex}"
+        out.append(e)
     return out
 
 
 def classify(snap, bad_rows, cpus=None) -> str | None:
     """What half-done update explains every mismatch of a paused check, or
     None: :func:`replace_page_window`, :func:`rmap_list_window`,
-    :func:`pte_update_window`, :func:`exit_mmap_window`."""
+    :func:`pte_update_window`, :func:`munmap_window`, :func:`exit_mmap_window`,
+    :func:`in_flight_window` (by the CPUs' kernel stacks)."""
     return (replace_page_window(snap, bad_rows, cpus) or rmap_list_window(snap, bad_rows, cpus)
             or pte_update_window(snap, bad_rows, cpus) or munmap_window(snap, bad_rows, cpus)
-            or exit_mmap_window(snap, bad_rows))
+            or exit_mmap_window(snap, bad_rows) or in_flight_window(snap, bad_rows, cpus))
 
 
 def _mapcount_ahead(bad_rows, cpus, snap) -> list:
@@ -223,3 +298,77 @@ def replace_page_window(snap, bad_rows, cpus=None) -> str | None:
             return (f"ksmd in replace_page(): {label} {cur.address:#x} counted as a KSM zero "
                     f"page (ksm_map_zero_page()), its PTE {cur.pte} not yet the zero page")
     return None
+
+
+def _in(stack, names) -> str | None:
+    """The innermost function of ``names`` on ``stack`` (innermost first)."""
+    return next((f for f in (stack or ()) if f in names), None)
+
+
+def in_flight_window(snap, bad_rows, cpus=None) -> str | None:
+    """Every mismatch within what the CPUs' kernel stacks show in flight.
+
+    Needs each CPU's stack (:func:`on_cpu` with registers). A CPU inside a
+    :data:`PTE_UPDATERS` function can hold one mapping of one KSM page
+    apart from its mapcount; inside a :data:`KSM_UPDATERS` function, one
+    rmap_item apart from each count of it. So: every KSM page whose
+    mapcount differs from its PTEs must differ by at most the PTE updaters
+    that may touch it (ksmd for any page; another task only if its mm has an
+    rmap_item on the page's node), each counter row by at most the KSM
+    updaters (for ``pid N ...`` rows, those running that mm, or ksmd), and
+    ``general_profit`` exactly as the other rows' differences make it
+    (``general_profit_show()``). Anything else is not explained."""
+    if not cpus or any(c.get("stack") is None for c in cpus):
+        return None
+    ksmd_pid = (snap.meta.get("ksmd") or {}).get("pid")
+    pte = [(c, _in(c["stack"], PTE_UPDATERS)) for c in cpus]
+    pte = [(c, f) for c, f in pte if f]
+    ksm = [(c, _in(c["stack"], KSM_UPDATERS)) for c in cpus]
+    ksm = [(c, f) for c, f in ksm if f]
+    if not pte and not ksm:
+        return None
+    items = {i.id: i for i in snap.items()}
+    page = 1 << snap.kernel.page_shift
+    delta = {}
+    for r in bad_rows:
+        if r.kernel is None or r.walk is None:
+            return None
+        delta[r.what] = r.kernel - r.walk
+    used = set()
+    for what, d in delta.items():
+        if what == "KSM pages: PTEs vs mapcount":
+            off = [n for n in snap.nodes()
+                   if n.kind in ("regular", "dup") and n.page_is_ksm and n.ptes is not None
+                   and n.mapcount is not None and n.ptes != n.mapcount]
+            for n in off:
+                mms = {items[i].mm for i in n.items if i in items}
+                may = [(c, f) for c, f in pte if c["tid"] == ksmd_pid or c["mm"] in mms]
+                if not may or abs(n.mapcount - n.ptes) > len(may):
+                    return None
+                used |= {(c["cpu"], f) for c, f in may}
+        elif what == "general_profit":
+            continue
+        elif what.startswith(("pid ", "mm ")):
+            label, _, counter = what.rpartition(" ")
+            slot = next((sl for sl in snap.slots()
+                         if (f"pid {sl.pid}" if sl.pid is not None else f"mm {sl.mm}") == label),
+                        None)
+            may = [(c, f) for c, f in ksm if slot is not None
+                   and (c["tid"] == ksmd_pid or c["mm"] == slot.mm)]
+            if not may or abs(d) > len(may):
+                return None
+            used |= {(c["cpu"], f) for c, f in may}
+        else:
+            if not ksm or abs(d) > len(ksm):
+                return None
+            used |= {(c["cpu"], f) for c, f in ksm}
+    if "general_profit" in delta:
+        want = ((delta.get("pages_sharing", 0) + delta.get("ksm_zero_pages", 0)) * page
+                - delta.get("ksm_rmap_items", 0) * snap.kernel.rmap_item_size)
+        if delta["general_profit"] != want:
+            return None
+    if not used:
+        return None
+    who = "; ".join(f"CPU {cpu} in {f}()" for cpu, f in sorted(used))
+    return (f"{who} (its kernel stack, unwound from the paused registers): "
+            + ", ".join(f"{w} {d:+d}" for w, d in delta.items()) + " in flight")

@@ -71,6 +71,19 @@ def register_pause(prog: Program, pause) -> None:
     prog.cache["ksmlens_pause"] = pause
 
 
+def _registers(held):
+    """Each vCPU's registers from what a pause yielded (a lab VM's
+    ``paused()`` yields the VM: ``cpu_registers()``), or None where the
+    pause gives none (the CPUs' stacks are then not unwound)."""
+    read = getattr(held, "cpu_registers", None)
+    if read is None:
+        return None
+    try:
+        return read()
+    except Exception:       # an older QEMU without HMP passthrough: no stacks
+        return None
+
+
 def _pause_of(prog: Program, pause):
     return pause or prog.cache.get("ksmlens_pause")
 
@@ -713,11 +726,11 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", pause=None,
     paused_total = 0.0
     for attempt in range(1, max(1, retries) + 1):
         busy = None
-        with (pause() if hold else contextlib.nullcontext()):
+        with (pause() if hold else contextlib.nullcontext()) as held:
             t_paused = time.monotonic()
             raw = walk_paused(prog, live=(mode == "live" and is_live_target), pages=pages)
-            if hold:        # who runs on each CPU in this pause (ksmlens.lens.midupdate)
-                raw.meta["on_cpu"] = on_cpu(prog)
+            if hold:        # who runs on each CPU in this pause, and its kernel stack
+                raw.meta["on_cpu"] = on_cpu(prog, _registers(held))
             if mode == "consistent" and raw.races:
                 busy = _ksm_busy(prog, raw.meta.get("ksmd"))
             t_end = time.monotonic()

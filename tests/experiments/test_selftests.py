@@ -57,6 +57,18 @@ def test_summary_line_shows_classified_states_apart():
     assert not res2.ok and "(fewer than 30)" in res2.summary()
 
 
+def _disagreements(doc) -> str:
+    """The summary and every disagreeing pause whole: rows, ksmd, and what
+    each CPU ran with its kernel stack, so a failure says what it saw."""
+    lines = [doc["summary"]]
+    for s in doc["suites"]:
+        for c in s["checks"]:
+            if c["outcome"] == "disagree":
+                lines.append(json.dumps({k: c.get(k) for k in (
+                    "suite", "mode", "at", "mismatches", "ksmd", "on_cpu", "evidence")}))
+    return "\n".join(lines)
+
+
 @pytest.mark.vm
 def test_selftests_on_union_agree_at_every_pause(lab):
     vm = lab("union")
@@ -67,7 +79,7 @@ def test_selftests_on_union_agree_at_every_pause(lab):
     print(p.stderr[-3000:])
     doc = json.loads(p.stdout)
     print(doc["summary"])
-    assert p.returncode == 0, doc["summary"]
+    assert p.returncode == 0, _disagreements(doc)
     found = {m["suite"]: m for m in SUMMARY.finditer(doc["summary"])}
     assert set(found) == {"ksm_functional_tests", "ksm_tests"}, doc["summary"]
     suites = {s["name"]: s for s in doc["suites"]}
@@ -237,3 +249,104 @@ def test_munmap_window_needs_items_without_a_vma_of_a_running_mm():
     n.ptes = 12                                              # 4 missing, 3 detached
     bad = [r for r in compare_paused(snap) if not r.ok]
     assert munmap_window(snap, bad, task) is None
+
+
+def test_in_flight_window_needs_a_stack_inside_an_updater():
+    from ksmlens.experiments.check import Row
+    from ksmlens.experiments.selftests import compare_paused, in_flight_window
+    snap, n, cur = _replace_page_state()
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    mm = n_mm(snap)
+
+    def cpu(stack, tid=7, mm=mm):
+        return [{"cpu": 0, "pid": tid, "tid": tid, "comm": "t", "mm": mm,
+                 "mode": "kernel", "ip": "0x0", "stack": stack}]
+    zap = cpu(["_raw_spin_lock", "zap_pte_range", "unmap_page_range", "do_exit"])
+    why = in_flight_window(snap, bad, zap)
+    assert why and "CPU 0 in zap_pte_range()" in why
+    # in user mode, or in a function that changes no PTE: nothing in flight
+    assert in_flight_window(snap, bad, cpu([])) is None
+    assert in_flight_window(snap, bad, cpu(["memcmp_pages", "cmp_and_merge_page"])) is None
+    # a task whose mm has no item on the page cannot be changing its PTEs...
+    assert in_flight_window(snap, bad, cpu(zap[0]["stack"], tid=8, mm="0xmm8")) is None
+    # ...but ksmd can (replace_page() on any page)
+    ksmd = cpu(["flush_tlb_mm_range", "replace_page", "try_to_merge_one_page",
+                "ksm_scan_thread", "kthread"], tid=35, mm=None)
+    assert "replace_page()" in in_flight_window(snap, bad, ksmd)
+    # a stack that could not be unwound explains nothing
+    assert in_flight_window(snap, bad, [dict(zap[0], stack=None)]) is None
+    # two mappings apart is more than one CPU holds
+    n.mapcount = 18
+    assert in_flight_window(snap, [r for r in compare_paused(snap) if not r.ok], zap) is None
+    n.mapcount = 17
+    # counters: one item per CPU inside mm/ksm.c's list updaters, general_profit to match
+    rows = [Row("ksm_rmap_items", 17, 18, None), Row("pid 7 ksm_rmap_items", 17, 18, None),
+            Row("general_profit", 1000, 1000 - snap.kernel.rmap_item_size, None)]
+    alloc = cpu(["kmem_cache_alloc_noprof", "alloc_rmap_item", "get_next_rmap_item",
+                 "scan_get_next_rmap_item", "ksm_do_scan"], tid=35, mm=None)
+    assert "alloc_rmap_item" in in_flight_window(snap, rows, alloc)
+    assert in_flight_window(snap, rows, zap) is None        # zapping does not count items
+    rows[2] = Row("general_profit", 1000, 999, None)        # profit off by something else
+    assert in_flight_window(snap, rows, alloc) is None
+
+
+# `info registers -a` as QEMU 7.2 printed it for a 2-vCPU guest (6.12, TCG)
+REGS = """CPU#0
+RAX=0000000000000000 RBX=0000000000000000 RCX=0000000000000000 RDX=0000000000000000
+RSI=ffffffff819a90c1 RDI=0000000000040b14 RBP=ffffffff81c0a040 RSP=ffffffff81c03e98
+R8 =0000000000040b14 R9 =0000000000000000 R10=0000000000000015 R11=0000000000000000
+R12=0000000000000000 R13=0000000000000000 R14=0000000000000000 R15=0000000000000000
+RIP=ffffffff815d00a3 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+CPU#1
+RAX=0000000000000001 RBX=00007ffd1c2e3f40 RCX=0000000000000000 RDX=0000000000000000
+RSI=0000000000000000 RDI=0000000000000000 RBP=00007ffd1c2e3f90 RSP=00007ffd1c2e3f20
+R8 =0000000000000000 R9 =0000000000000000 R10=0000000000000000 R11=0000000000000246
+R12=0000000000000000 R13=0000000000000000 R14=0000000000000000 R15=0000000000000000
+RIP=0000555555555189 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0
+"""
+
+
+def test_parse_registers_reads_every_vcpu():
+    from ksmlens.errors import KsmlensError
+    from ksmlens.lab.qmp import parse_registers
+    regs = parse_registers(REGS)
+    assert [r["cpu"] for r in regs] == [0, 1]
+    assert regs[0]["rip"] == 0xffffffff815d00a3 and regs[0]["r8"] == 0x40b14
+    assert regs[1]["rsp"] == 0x7ffd1c2e3f20 and regs[1]["rfl"] == 0x202
+    assert len(regs[0]) == 1 + 18
+    with pytest.raises(KsmlensError, match="no CPU"):
+        parse_registers("unknown command")
+
+
+@pytest.mark.vm
+def test_paused_stacks_are_the_running_tasks_own(lab):
+    """The stacks unwound from QEMU's registers are the kernel's: ksmd,
+    kept busy by a workload, is seen inside ksm_scan_thread() whenever
+    cpu_curr() says it is on a CPU in kernel mode, and an idle vCPU in
+    do_idle()."""
+    from ksmlens.lab.attach import attach
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.midupdate import on_cpu
+    vm = lab("union")
+    prog = attach(f"vm:{vm.name}")
+    seen_ksmd = seen_idle = 0
+    with ScenarioRun(vm, "chain") as run:
+        run.start()
+        for _ in range(40):
+            with vm.paused():
+                regs = vm.cpu_registers()
+                cpus = on_cpu(prog, regs)
+                from ksmlens.lens.midupdate import cpu_stacks
+                stacks = cpu_stacks(prog, regs)
+            assert len(regs) == 2 and all(s["stack"] is not None for s in stacks), stacks
+            for s in stacks:
+                if s["stack"] and "do_idle" in s["stack"]:
+                    seen_idle += 1
+            for c in cpus:
+                if c["comm"] == "ksmd" and c["mode"] == "kernel":
+                    seen_ksmd += 1
+                    assert c["stack"][-3:] == ["ksm_scan_thread", "kthread", "ret_from_fork"] \
+                        or "ksm_scan_thread" in c["stack"], c
+            if seen_ksmd >= 3 and seen_idle:
+                break
+    assert seen_ksmd >= 1 and seen_idle >= 1, (seen_ksmd, seen_idle)
