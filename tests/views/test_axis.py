@@ -1,0 +1,191 @@
+"""The address-axis picture (issue 12): ``analysis.core.address_axis_frame``
+and ``plots.address_axis`` / ``address_axis_timeline`` on small hand-made
+snapshots (mremap-like: a moved VMA, merged and written pages), then on a
+union guest after mremap, checked against /proc/PID/ksm_stat, verify and
+the kernel's own SmartScan state."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from ksmlens.analysis.core import (AXIS_RULE_STATUSES, AXIS_VISITS, address_axis_frame,  # noqa: E402
+                                   address_axis_frames, smartscan_next)
+from ksmlens.errors import KsmlensError  # noqa: E402
+from ksmlens.lens.model import Snapshot  # noqa: E402
+from ksmlens.views import plots, report  # noqa: E402
+
+from smallsnap import PAGE, item, snapshot  # noqa: E402
+
+OLD = 0x7F0000000000
+NEW = OLD + (1 << 30)
+
+
+def moved_snap(n=64, written=8, ages=None, full_scans=10, variant="union", walk_rule="stored"):
+    """pid 10: a VMA moved 1 GiB up (vm_pgoff kept) whose first ``written``
+    pages are not KSM (ages 0.. or ``ages``), the others STABLE on KSM pages
+    (v3 misses them), and one item that outlived its old VMA; pid 11: an
+    unmoved sharer."""
+    V = (NEW, NEW + n * PAGE, OLD >> 12)
+    its = []
+    for k in range(n):
+        if k < written:
+            a = (ages or {}).get(k, k)
+            it = item(10, NEW + k * PAGE, vma=V, state="unstable", age=a, skips=a % 3)
+            it.page_ksm = False
+        else:
+            it = item(10, NEW + k * PAGE, vma=V, state="stable", node=f"n{k % 16}")
+            it.walk = {"stock": True, "v3": False, "stored": True}
+            it.page_ksm = True
+        it.pte, it.will_visit = "present", True
+        its.append(it)
+    V2 = (OLD + (2 << 30), OLD + (2 << 30) + n * PAGE, (OLD + (2 << 30)) >> 12)
+    for k in range(n):
+        it = item(11, V2[0] + k * PAGE, vma=V2, state="stable", node=f"n{k % 16}")
+        it.walk = {"stock": True, "v3": True, "stored": True}
+        it.page_ksm, it.pte, it.will_visit = True, "present", True
+        its.append(it)
+    it = item(10, OLD + 100 * PAGE, vma=None, state="none")
+    it.will_visit, it.not_visited = False, "no_vma"
+    its.append(it)
+    return snapshot(its, variant=variant, walk_rule=walk_rule, full_scans=full_scans)
+
+
+# ------------------------------------------------------------------ data
+
+def test_frame_rows_rules_and_smartscan():
+    s = moved_snap()
+    df = address_axis_frame(s, 10, visits=6)
+    items = sorted(s.items_of(10), key=lambda i: i.address)
+    assert list(df["item"]) == [i.id for i in items]
+    assert list(df["address"]) == sorted(df["address"])
+    assert set(df["rule_v3"]) <= set(AXIS_RULE_STATUSES)
+    st = df.set_index("item")
+    for i in items:
+        r = st.loc[i.id]
+        if i.vma_start is None:
+            assert r["rule_stock"] == r["rule_v3"] == "no_vma" and r["next"] == "freed"
+            assert r["freed_why"] == "no_vma" and pd.isna(r["visit_2"])
+            continue
+        assert r["vma_shift"] == i.vm_pgoff - (i.vma_start >> 12) == -(1 << 18)
+        if i.state == "stable":
+            for rule in ("stock", "v3", "stored"):
+                assert r[f"rule_{rule}"] == ("found" if i.walk[rule] else "missed")
+            assert r["schedule"] == "P" * 6          # a KSM page is never skipped
+        else:
+            assert r["rule_v3"] == "not_stable"
+            nxt = smartscan_next(s, i, 6)
+            assert r["schedule"] == nxt["schedule"] and r["skipped"] == nxt["skipped"]
+            assert [r[f"visit_{k}"] for k in range(1, 7)] == [
+                {"P": "processed", "S": "skipped"}[c] for c in nxt["schedule"]]
+            assert (r["age_after"], r["skips_after"]) == (nxt["age"], nxt["remaining_skips"])
+    assert set(df["next"]) <= set(AXIS_VISITS)
+    assert (df["rule_v3"] == "missed").sum() == 56 and (df["rule_stored"] == "missed").sum() == 0
+    assert df.attrs["walk_rule"] == "stored" and df.attrs["visits"] == 6
+    # the ages 3..7 of the written pages do skip
+    assert df["skipped"].sum() > 0
+
+
+def test_frame_stored_rule_na_without_a_stored_index_and_errors():
+    s = moved_snap(variant="v3", walk_rule="v3")
+    df = address_axis_frame(s, 10)
+    assert set(df.loc[df["vma_start"].notna(), "rule_stored"]) == {"n/a"}
+    with pytest.raises(KsmlensError, match=r"pid 99 .*\[10, 11\]"):
+        address_axis_frame(s, 99)
+    with pytest.raises(KsmlensError):
+        address_axis_frame(s, 10, visits=0)
+
+
+def test_frame_same_on_a_saved_snapshot(tmp_path):
+    s = moved_snap()
+    for name in ("s.json", "s.ksm"):
+        s.save(tmp_path / name)
+        back = address_axis_frame(Snapshot.load(tmp_path / name), 10)
+        a = address_axis_frame(s, 10)
+        cols = [c for c in a.columns if c not in ("pgoff_cause",)]
+        assert back[cols].astype(str).equals(a[cols].astype(str)), name
+
+
+def test_frames_of_a_timeline():
+    fr = [moved_snap(ages={k: k + f for k in range(8)}, full_scans=10 + f) for f in range(3)]
+    df = address_axis_frames(fr, 10, visits=2)
+    assert list(df["frame"].unique()) == [0, 1, 2]
+    assert list(df.groupby("frame")["full_scans"].first()) == [10, 11, 12]
+    assert len(df) == 3 * len(fr[0].items_of(10))
+    with pytest.raises(KsmlensError):
+        address_axis_frames(fr, 99)
+
+
+# ------------------------------------------------------------------ figure
+
+def gids(fig, prefix):
+    out = {}
+    for ax in fig.axes:
+        for c in ax.collections:
+            g = c.get_gid() or ""
+            if g.startswith(prefix):
+                out[g] = out.get(g, 0) + len(c.get_offsets())
+    return out
+
+
+def check_panels(fig, tmp_path, name, min_w=700):
+    main = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert len(main) == 4
+    assert main[0].get_title().strip()
+    assert main[-1].get_xlabel().strip()
+    for ax in main:
+        assert ax.get_ylabel().strip()
+        assert ax.get_legend() is not None and ax.get_legend().get_texts()
+    p = tmp_path / f"{name}.png"
+    fig.savefig(p, dpi=80)
+    import matplotlib.image as mpimg
+    img = mpimg.imread(p)
+    assert img.shape[1] >= min_w and img.shape[0] > 300
+    return main
+
+
+def test_address_axis_draws_the_frame(tmp_path):
+    s = moved_snap()
+    fig = plots.address_axis(s, 10, visits=5)
+    main = check_panels(fig, tmp_path, "axis")
+    df = address_axis_frame(s, 10, visits=5)
+    for rule in ("stock", "v3", "stored"):
+        got = {g.split(":")[2]: n for g, n in gids(fig, f"rule:{rule}:").items()}
+        assert got == df[f"rule_{rule}"].value_counts().to_dict()
+    for k in range(1, 6):
+        got = {g.split(":")[2]: n for g, n in gids(fig, f"visit:{k}:").items()}
+        assert got == df[f"visit_{k}"].value_counts().to_dict()
+    assert sum(gids(fig, "age:").values()) == len(df)
+    assert gids(fig, "age:ksm")["age:ksm"] == int(df["page_ksm"].sum())
+    # one shared x axis
+    lims = {ax.get_xlim() for ax in main}
+    assert len(lims) == 1
+    # the moved VMA is annotated, the kernel's rule is marked
+    assert any(t.get_gid() == "moved" and "mremap" in t.get_text() for t in main[0].texts)
+    assert any("(this kernel)" in t.get_text() for t in main[1].get_yticklabels())
+    assert "65 rmap_items" in main[0].get_title()
+
+
+def test_address_axis_readable_with_hundreds_of_items(tmp_path):
+    s = moved_snap(n=400, written=120)
+    fig = plots.address_axis(s, 10)
+    main = check_panels(fig, tmp_path, "big")
+    assert len(main[-1].get_xticks()) <= 12
+    assert sum(gids(fig, "rule:v3:").values()) == 401
+
+
+def test_address_axis_timeline(tmp_path):
+    fr = [moved_snap(ages={k: k + f for k in range(8)}, full_scans=10 + f) for f in range(4)]
+    for fig in (plots.address_axis(fr, 10, rules=["v3"]),
+                plots.address_axis_timeline(fr, 10, rules=["v3"])):
+        main = check_panels(fig, tmp_path, "tl")
+        df = address_axis_frames(fr, 10)
+        got = {g.split(":")[1]: n for g, n in gids(fig, "tl-rule:").items()}
+        assert got == df["rule_v3"].value_counts().to_dict()
+        read = int((~df["page_ksm"] & df["freed_why"].isna()).sum())
+        assert gids(fig, "tl-age")["tl-age"] == read
+        assert [t.get_text() for t in main[1].get_yticklabels()][0] == "#0 scans 10"
+    with pytest.raises(KsmlensError, match="field"):
+        plots.address_axis_timeline(fr, 10, field="oldchecksum")
