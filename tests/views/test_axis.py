@@ -189,3 +189,109 @@ def test_address_axis_timeline(tmp_path):
         assert [t.get_text() for t in main[1].get_yticklabels()][0] == "#0 scans 10"
     with pytest.raises(KsmlensError, match="field"):
         plots.address_axis_timeline(fr, 10, field="oldchecksum")
+
+
+# ------------------------------------------------------------------ text and %ksm
+
+def test_axis_table_folds_runs_and_counts():
+    s = moved_snap()
+    txt = report.axis_table(s, 10, visits=4)
+    df = address_axis_frame(s, 10, visits=4)
+    lines = txt.splitlines()
+    assert "filed -262144 pages away (mremap)" in lines[1]
+    # the 56 merged pages fold into one row; the 8 written ones differ in age
+    run = next(l for l in lines if l.split()[1:2] == ["56"])
+    assert "MISSED" in run and "PPPP" in run
+    assert sum(int(l.split()[1]) for l in lines[3:] if l.startswith("0x")) == len(df)
+    assert f"v3 {int((df['rule_v3'] == 'missed').sum())}" in lines[-1]
+    assert "stored*" in lines[2]
+    short = report.axis_table(s, 10, limit=2)
+    assert "more rows" in short
+    with pytest.raises(KsmlensError, match="pid 99"):
+        report.axis_table(s, 99)
+
+
+def test_ksm_axis_is_a_view():
+    from ksmlens.views import drgn_commands as dc
+    assert "axis" in dc.VIEWS and "axis" in dc._VIEW_FUNCS
+    assert "axis" in dc._EPILOG
+
+
+# ------------------------------------------------------------------ a real guest
+
+@pytest.mark.vm
+def test_real_v3_after_mremap(tmp_path):
+    """One v3 guest, the mremap scenario, then 8 of the moved pages written
+    (they stop being KSM and age under SmartScan). Against the kernel: the
+    items drawn per process == /proc/PID/ksm_stat ksm_rmap_items (ksmd held);
+    the SmartScan columns == what verify_smartscan observes the kernel do;
+    the moved process's items marked missed under v3 (the booted kernel's
+    rule) == its mappings that stay put when verify migrates them."""
+    from conftest import boot
+
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.experiments.verify import verify, verify_smartscan
+    from ksmlens.lab.attach import attach
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.snapshot import take_snapshot
+
+    vm = boot("v3")
+    with ScenarioRun(vm, "mremap") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        moved = run.pids("sharer")[0]
+        pids = run.pids()
+        run.command(f"write {moved} data " + " ".join(map(str, range(8))))
+        ksmsys.wait_full_scans(vm, 6)
+        with ksmsys.held(vm):
+            snap = take_snapshot(attach("vm:" + vm.name))
+            stat = ksmsys.read_ksm_stat(vm, pids)
+        assert snap.kernel.walk_rule == "v3"
+        for pid in pids:
+            df = address_axis_frame(snap, pid)
+            assert len(df) == stat[pid]["ksm_rmap_items"] > 0, pid
+            fig = plots.address_axis(snap, pid)
+            assert sum(gids(fig, "rule:v3:").values()) == len(df)
+            check_panels(fig, tmp_path, f"v3-{pid}")
+        df = address_axis_frame(snap, moved)
+        ages = df.loc[~df["page_ksm"], "age"]
+        assert len(ages) >= 8 and ages.max() >= 3       # SmartScan state that varies
+
+        ss = verify_smartscan(vm, full_scans=3)
+        assert ss.observed > 0                          # the kernel skipped pages
+        frames = {}
+        checked, skipped = 0, 0
+        for row in ss.items:
+            pid, v = row["pid"], row["visits"]
+            if (pid, v) not in frames:
+                frames[(pid, v)] = address_axis_frame(ss.before, pid,
+                                                      visits=max(v, 1)).set_index("item")
+            r = frames[(pid, v)].loc[row["item"]]
+            if row.get("freed"):
+                assert r["next"] == "freed"
+                continue
+            if v == 0:
+                continue
+            skipped += r["schedule"][:v].count("S")
+            assert (r["age_after"], r["skips_after"]) == (row["observed_age"],
+                                                          row["observed_skips"]), row
+            assert r["schedule"][:v].count("S") == row["skipped"]
+            checked += pid == moved
+        assert checked >= 8
+        assert skipped == ss.observed
+
+        res = verify(vm)
+        assert res.agree
+        stayed = {}
+        for p in res.pages:
+            if p["observed"] == "stayed":
+                stayed.setdefault(p["pid"], set()).add(p["address"])
+        missed = {}
+        for pid in pids:
+            d = address_axis_frame(res.snapshot, pid)
+            missed[pid] = set(d.loc[d["rule_v3"] == "missed", "address"].astype(int))
+        assert missed[moved] and missed[moved] == stayed.get(moved, set())
+        # the other sharer's items are all found, yet its pages stay: one physical page
+        others = [p for p in pids if p != moved]
+        assert all(not missed[p] for p in others)
+        assert any(stayed.get(p) for p in others)
