@@ -217,6 +217,26 @@ def test_ksm_axis_is_a_view():
     assert "axis" in dc._EPILOG
 
 
+def test_explorer_address_axis_tab(tmp_path):
+    import base64
+
+    from ksmlens.views.widgets import Explorer
+    fr = [moved_snap(ages={k: k + f for k in range(8)}, full_scans=10 + f) for f in range(2)]
+    ex = Explorer(fr[:1])
+    assert ex.process_tabs.titles == ("address space", "address axis")
+    assert ex.pid.value == 10
+    assert "pid 10 proc10: 65 rmap_items" in ex.figures["axis"].axes[0].get_title()
+    (o,) = ex.axis_out.outputs
+    assert base64.b64decode(o["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ex.figures["axis_timeline"] is None           # one snapshot: no timeline
+    assert "one snapshot" in ex.axis_timeline_out.outputs[0]["data"]["text/plain"]
+    ex = Explorer(fr)
+    assert "over 2 snapshots" in ex.figures["axis_timeline"].axes[0].get_title()
+    ex.pid.value = 11
+    assert ex.figures["axis"].axes[0].get_title().startswith("pid 11")
+    assert ex.figures["axis_timeline"].axes[0].get_title().startswith("pid 11")
+
+
 # ------------------------------------------------------------------ a real guest
 
 @pytest.mark.vm
@@ -295,3 +315,8 @@ def test_real_v3_after_mremap(tmp_path):
         others = [p for p in pids if p != moved]
         assert all(not missed[p] for p in others)
         assert any(stayed.get(p) for p in others)
+        print(f"v3 after mremap: rmap_items {[stat[p]['ksm_rmap_items'] for p in pids]}, "
+              f"ages of the written pages {sorted(ages.tolist())}, pages_skipped "
+              f"+{ss.observed} over {ss.full_scans} scans, {checked} items of pid {moved} "
+              f"checked; v3 missed {len(missed[moved])} = stayed {len(stayed[moved])}, "
+              f"other sharers stayed {[len(stayed.get(p, ())) for p in others]}")
