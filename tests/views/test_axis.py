@@ -320,3 +320,66 @@ def test_real_v3_after_mremap(tmp_path):
               f"+{ss.observed} over {ss.full_scans} scans, {checked} items of pid {moved} "
               f"checked; v3 missed {len(missed[moved])} = stayed {len(stayed[moved])}, "
               f"other sharers stayed {[len(stayed.get(p, ())) for p in others]}")
+
+
+@pytest.mark.vm
+def test_real_union_cow_broken_stable_items(tmp_path):
+    """One union guest, the mremap scenario, then (ksmd held) 8 moved pages
+    written: their rmap_items stay STABLE on pages that are no longer KSM.
+    The picture's data says SmartScan's next visit reads their age /
+    remaining_skips from the stored pgoff's bytes; checked against the
+    kernel: items drawn == ksm_stat, the stored rule (this kernel's) misses
+    nothing and verify sees every KSM page move, and the ages the kernel
+    leaves after its visits are the ones the SmartScan columns predict."""
+    from conftest import boot
+
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.experiments.verify import verify, verify_smartscan
+    from ksmlens.kernel.sysfs import RUN_STOP
+    from ksmlens.lab.attach import attach
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.snapshot import take_snapshot
+
+    vm = boot("union")
+    with ScenarioRun(vm, "mremap") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        moved = run.pids("sharer")[0]
+        pids = run.pids()
+        ksmsys.set_run(vm, RUN_STOP)
+        run.command(f"write {moved} data " + " ".join(map(str, range(8))))
+        snap = take_snapshot(attach("vm:" + vm.name))
+        stat = ksmsys.read_ksm_stat(vm, pids)
+        assert snap.kernel.walk_rule == "stored"
+        for pid in pids:
+            assert len(address_axis_frame(snap, pid)) == stat[pid]["ksm_rmap_items"] > 0
+        df = address_axis_frame(snap, moved)
+        broken = df[(df["state"] == "stable") & ~df["page_ksm"]]
+        assert len(broken) == 8 and broken["reads_pgoff"].all()
+        assert (broken["rule_stored"] == "found").all()
+        fig = plots.address_axis(snap, moved)
+        assert gids(fig, "age:pgoff")["age:pgoff"] == 8
+        check_panels(fig, tmp_path, "union-broken")
+
+        ss = verify_smartscan(vm, full_scans=2)          # ksmd runs again in there
+        frames, checked = {}, 0
+        for row in ss.items:
+            pid, v = row["pid"], row["visits"]
+            if pid != moved or v == 0 or row.get("freed"):
+                continue
+            if v not in frames:
+                frames[v] = address_axis_frame(ss.before, moved, visits=v).set_index("item")
+            r = frames[v].loc[row["item"]]
+            assert (r["age_after"], r["skips_after"]) == (row["observed_age"],
+                                                          row["observed_skips"]), row
+            checked += bool(r["reads_pgoff"])
+        assert checked == 8
+        res = verify(vm)
+        assert res.agree and res.counts()["observed_stayed"] == 0
+        missed = sum(int((address_axis_frame(res.snapshot, p)["rule_stored"] == "missed").sum())
+                     for p in pids)
+        assert missed == 0
+        print(f"union: rmap_items {[stat[p]['ksm_rmap_items'] for p in pids]}; 8 COW-broken "
+              f"STABLE items read age/skips {sorted(set(zip(broken['age'], broken['remaining_skips'])))} "
+              f"from the stored pgoff; {checked} checked after {ss.full_scans} scans; "
+              f"verify: {res.counts()['nodes']} KSM pages, 0 stayed")
