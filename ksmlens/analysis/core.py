@@ -43,7 +43,8 @@ __all__ = ["pgoff_status", "stored_status", "item_status", "range_walk", "STATUS
            "kernel_walk_rule", "anon_vma_query",
            "replay_walks", "walk_misses", "skip_age", "smartscan_visit",
            "smartscan_next", "smartscan_forecast", "page_is_ksm", "scan_position",
-           "visits_between", "union_hazard", "stale_items", "will_visit"]
+           "visits_between", "union_hazard", "stale_items", "will_visit",
+           "address_axis_frame", "address_axis_frames", "AXIS_RULE_STATUSES", "AXIS_VISITS"]
 
 STATUSES = ("ok", "moved", "no_vma")
 STORED_STATUSES = ("ok", "stale", "unset", "no_vma")
@@ -414,3 +415,134 @@ def stale_items(snap: Snapshot, rule: str | None = None) -> list[RmapItem]:
     return [i for i in snap.items()
             if (i.walk and any(i.walk.get(r) is False for r in rules))
             or i.stored_status in ("stale", "unset")]
+
+
+# ------------------------------------------------------------------ the address axis
+
+# What each rule's walk does for one rmap_item (address_axis_frame's rule_* columns)
+AXIS_RULE_STATUSES = ("found", "missed", "not_stable", "no_vma", "n/a")
+# What one of ksmd's next visits does to an rmap_item (visit_* columns)
+AXIS_VISITS = ("processed", "skipped", "freed")
+_VISIT_CHAR = {"P": "processed", "S": "skipped", "F": "freed"}
+
+
+def _axis_rule_status(item: RmapItem, rule: str, has_stored: bool) -> str:
+    if rule == "stored" and not has_stored:
+        return "n/a"
+    if item.vma_start is None:
+        return "no_vma"
+    if item.state != "stable":
+        return "not_stable"
+    v = (item.walk or {}).get(rule)
+    return "n/a" if v is None else ("found" if v else "missed")
+
+
+def address_axis_frame(snap: Snapshot, pid: int, visits: int = 8) -> pd.DataFrame:
+    """Plain data of the address-axis picture: one row per rmap_item of
+    ``pid``'s mm(s), by address, with where it sits, what each rmap walk
+    rule does for it and what SmartScan's next ``visits`` visits do to it.
+
+    Columns (kernel names where there is one):
+
+    * ``item``, ``pid``, ``comm``, ``address``, ``vpn`` (``address >>
+      PAGE_SHIFT``), ``state``, ``stable_node``
+    * the VMA now: ``vma_start``, ``vma_end``, ``vm_pgoff``;
+      ``vma_shift`` = ``vm_pgoff - (vm_start >> PAGE_SHIFT)`` in pages (not 0:
+      the VMA no longer sits where its pgoff says, e.g. after ``mremap()``;
+      None without a VMA); ``addr_pgoff``, ``linear_page_index``,
+      ``stored_pgoff``, ``pgoff_status``, ``pgoff_cause``, ``stored_status``
+    * ``rule_stock``, ``rule_v3``, ``rule_stored``: one of
+      :data:`AXIS_RULE_STATUSES` -- ``found`` / ``missed`` (the replayed
+      ``rmap_walk_ksm()`` under that rule finds / misses the item's own
+      mapping: ``RmapItem.walk``), ``not_stable`` (no rmap walk runs from an
+      item that is not on a stable node), ``no_vma`` (the item outlived its
+      mapping), ``n/a`` (``stored`` on a kernel without a stored index);
+      ``kernel_rule`` is the booted kernel's own rule (``walk_rule``)
+    * SmartScan (:func:`smartscan_next`, mm/ksm.c ``should_skip_rmap_item()``):
+      ``page_ksm`` (a KSM page is never skipped and does not age), ``age``,
+      ``remaining_skips``, ``reads_pgoff`` (the first visit reads those from
+      the stored pgoff's bytes: the union), ``next`` and ``visit_1`` ..
+      ``visit_<visits>``: one of :data:`AXIS_VISITS` (``freed``: ksmd frees
+      the item unread at its next pass, ``freed_why`` says why; the later
+      visits are then None), ``schedule`` ("P"/"S"/"F" per visit),
+      ``skipped``, ``age_after``, ``skips_after``, ``leaves_stable_tree``
+
+    ``df.attrs``: ``pid``, ``comm``, ``visits``, ``release``, ``variant``,
+    ``walk_rule``, ``has_stored_pgoff``, ``smartscan_on``, ``page_shift``,
+    ``full_scans``. Works on a loaded snapshot. :class:`KsmlensError` if
+    ``pid`` has no rmap_items (naming the pids that have).
+    """
+    if visits < 1:
+        raise KsmlensError(f"visits={visits}: at least one visit", "pass visits >= 1")
+    shift = snap.kernel.page_shift
+    items = sorted(snap.items_of(pid), key=lambda i: i.address)
+    if not items:
+        have = sorted({i.pid for i in snap.items() if i.pid is not None})
+        raise KsmlensError(f"pid {pid} has no rmap_items in this snapshot",
+                           f"pids with rmap_items: {have or 'none'}")
+    has = bool(snap.kernel.has_stored_pgoff)
+    on = smartscan_on(snap) and bool(snap.kernel.smartscan)
+    rows = []
+    for it in items:
+        nxt = smartscan_next(snap, it, visits)
+        if nxt["freed"]:
+            sched = "F"
+        elif nxt["schedule"]:
+            sched = nxt["schedule"]
+        else:                          # a KSM page, or SmartScan off: never skipped
+            sched = "P" * visits
+        vis = [_VISIT_CHAR[c] for c in sched] + [None] * (visits - len(sched))
+        row = {"item": it.id, "pid": it.pid, "comm": it.comm, "address": it.address,
+               "vpn": it.address >> shift, "state": it.state, "stable_node": it.stable_node,
+               "vma_start": it.vma_start, "vma_end": it.vma_end, "vm_pgoff": it.vm_pgoff,
+               "vma_shift": (None if it.vma_start is None
+                             else it.vm_pgoff - (it.vma_start >> shift)),
+               "addr_pgoff": it.addr_pgoff, "linear_page_index": it.linear_page_index,
+               "stored_pgoff": it.stored_pgoff, "pgoff_status": it.pgoff_status or None,
+               "pgoff_cause": it.pgoff_cause, "stored_status": it.stored_status}
+        for r in RULES:
+            row[f"rule_{r}"] = _axis_rule_status(it, r, has)
+        row.update({"kernel_rule": snap.kernel.walk_rule, "page_ksm": nxt["page_is_ksm"],
+                    "age": it.age, "remaining_skips": it.remaining_skips,
+                    "reads_pgoff": nxt["reads_pgoff"], "next": vis[0],
+                    "freed_why": nxt["freed"], "schedule": sched,
+                    "skipped": nxt["skipped"], "age_after": nxt["age"],
+                    "skips_after": nxt["remaining_skips"],
+                    "leaves_stable_tree": nxt["leaves_stable_tree"]})
+        row.update({f"visit_{k + 1}": v for k, v in enumerate(vis)})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for c in ("address", "vpn", "vma_start", "vma_end", "vm_pgoff", "addr_pgoff",
+              "linear_page_index", "stored_pgoff"):
+        df[c] = df[c].astype("UInt64")
+    for c in ("vma_shift", "leaves_stable_tree", "pid"):
+        df[c] = df[c].astype("Int64")
+    df.attrs.update(pid=pid, comm=next((i.comm for i in items if i.comm), None),
+                    visits=visits, release=snap.kernel.release, variant=snap.kernel.variant,
+                    walk_rule=snap.kernel.walk_rule, has_stored_pgoff=has, smartscan_on=on,
+                    page_shift=shift, full_scans=snap.counters.get("full_scans"))
+    return df
+
+
+def address_axis_frames(frames, pid: int, visits: int = 8) -> pd.DataFrame:
+    """:func:`address_axis_frame` of each snapshot of a timeline (a list of
+    :class:`Snapshot`, or an object with ``frames`` such as
+    :class:`ksmlens.experiments.watch.Timeline`), concatenated with
+    ``frame`` (0-based) and ``full_scans`` columns; a frame where ``pid`` has
+    no rmap_items adds no rows. :class:`KsmlensError` when no frame has any."""
+    frames = list(getattr(frames, "frames", frames))
+    parts = []
+    for k, s in enumerate(frames):
+        try:
+            d = address_axis_frame(s, pid, visits)
+        except KsmlensError:
+            continue
+        d.insert(0, "full_scans", s.counters.get("full_scans"))
+        d.insert(0, "frame", k)
+        parts.append(d)
+    if not parts:
+        raise KsmlensError(f"pid {pid} has no rmap_items in any of {len(frames)} snapshot(s)",
+                           "pick a pid of the scenario's processes")
+    df = pd.concat(parts, ignore_index=True)
+    df.attrs.update(parts[-1].attrs, frames=len(frames))
+    return df

@@ -8,6 +8,7 @@ started from the ksmlens venv has them, e.g.::
     >>> %ksm rmap 1234         # pid 1234's rmap_items and their pgoffs
     >>> %ksm stale             # rmap_items an rmap walk would look up at the wrong pgoff
     >>> %ksm smartscan         # SmartScan: age, remaining_skips, next visit
+    >>> %ksm axis 1234         # pid 1234 on one address axis: VMAs, walk rules, SmartScan
     >>> %ksm check             # the walk against the kernel's own counters
     >>> %ksm stale --drgn      # print the ksmlens/drgn code instead of running
 
@@ -42,6 +43,10 @@ VIEWS = {
     "smartscan": "per non-KSM rmap_item: age, remaining_skips and whether ksmd's next "
                  "visit processes it or skips it (mm/ksm.c should_skip_rmap_item(), "
                  "skip_age())",
+    "axis": "PID's rmap_items on one address axis: its VMAs and how far each sits from "
+            "its vm_pgoff (mremap), whether each rmap walk rule (stock, v3, stored) finds "
+            "each item's mapping, and SmartScan's age, remaining_skips and next visits "
+            "(processed / skipped / freed); the text of plots.address_axis",
     "check": "the walk's counts against the kernel's own counters (the variables "
              "/sys/kernel/mm/ksm and /proc/PID/ksm_stat print)",
 }
@@ -171,6 +176,20 @@ for item in snap.items():
 ''')
 
 
+def _code_axis(code: DrgnCodeBuilder, args) -> None:
+    code.add_from_import("ksmlens.lens.snapshot", "take_snapshot")
+    code.add_from_import("ksmlens.analysis.core", "address_axis_frame")
+    code.append(f'''\
+snap = take_snapshot(prog, mode="live")
+# one row per rmap_item of the pid: the VMA (vma_shift = vm_pgoff - vm_start >> 12),
+# rule_stock / rule_v3 / rule_stored (found, missed, not_stable, no_vma, n/a),
+# age, remaining_skips and visit_1..visit_8 (processed, skipped, freed)
+df = address_axis_frame(snap, {args.pid}, visits=8)
+print(df[["address", "state", "vma_shift", "rule_stock", "rule_v3", "rule_stored",
+          "page_ksm", "age", "remaining_skips", "schedule"]].to_string())
+''')
+
+
 def _code_check(code: DrgnCodeBuilder, args) -> None:
     code.add_from_import("ksmlens.experiments.check", "check_live")
     code.add_from_import("ksmlens.views.tables", "check_table")
@@ -227,6 +246,16 @@ def _view_smartscan(prog, args) -> None:
     _races(snap)
 
 
+def _view_axis(prog, args) -> None:
+    from ksmlens.views.report import axis_table
+    if args.pid is None:
+        raise KsmlensError("%ksm axis needs a PID", "e.g. %ksm axis 1234 (see %ksm stable "
+                           "for the pids KSM knows)")
+    snap = _snapshot(prog)
+    print(axis_table(snap, args.pid, limit=args.limit))
+    _races(snap)
+
+
 def _view_check(prog, args) -> None:
     from ksmlens.experiments.check import LIVE_NOTE, check_live, check_vm, unreachable_note
     from ksmlens.lab.attach import check_ksm_kernel
@@ -246,22 +275,25 @@ def _view_check(prog, args) -> None:
 _VIEW_FUNCS = {"stable": (_view_stable, _code_stable), "rmap": (_view_rmap, _code_rmap),
                "stale": (_view_stale, _code_stale),
                "smartscan": (_view_smartscan, _code_smartscan),
+               "axis": (_view_axis, _code_axis),
                "check": (_view_check, _code_check)}
 
 
 @linux_kernel_command(
     name="ksm",
     description="KSM state (stable tree, rmap_items, stale pgoffs, SmartScan) via ksmlens",
-    usage="**ksm** {stable,rmap,stale,smartscan,check} [*PID*] [--limit *N*] [--drgn] [-h]",
+    usage="**ksm** {stable,rmap,stale,smartscan,axis,check} [*PID*] [--limit *N*] [--drgn] [-h]",
     long_description="Walk the kernel's KSM structures (mm/ksm.c) with ksmlens and "
     "print one view of them.",
     epilog=_EPILOG,
     arguments=(
         argument("view", nargs="?", choices=list(VIEWS), help="what to show (see views below)"),
         argument("pid", nargs="?", type=int,
-                 help="process ID: required for rmap, a filter for stale and smartscan"),
+                 help="process ID: required for rmap and axis, a filter for stale and "
+                 "smartscan"),
         argument("--limit", type=int, default=None, metavar="N",
-                 help="stable: show only the first N nodes (default: all)"),
+                 help="stable: show only the first N nodes; axis: the first N rows "
+                 "(default: all)"),
         argument("-h", "--help", action="store_true", help="show this help"),
         drgn_argument,
     ),
@@ -272,8 +304,9 @@ def _cmd_ksm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
         return
     view, code_fn = _VIEW_FUNCS[args.view]
     if args.drgn:
-        if args.view == "rmap" and args.pid is None:
-            raise KsmlensError("%ksm rmap needs a PID", "e.g. %ksm rmap 1234 --drgn")
+        if args.view in ("rmap", "axis") and args.pid is None:
+            raise KsmlensError(f"%ksm {args.view} needs a PID",
+                               f"e.g. %ksm {args.view} 1234 --drgn")
         code = DrgnCodeBuilder(prog)
         code_fn(code, args)
         code.print()

@@ -12,7 +12,7 @@ from ksmlens.views.tables import format_table, keyvalue_table
 
 __all__ = ["stable_table", "process_table", "summary", "rmap_table", "stale_table",
            "knobs_table", "counters_table", "smartscan_table", "hazard_table",
-           "replay_text", "smartscan_text"]
+           "replay_text", "smartscan_text", "axis_table"]
 
 
 def summary(snap: Snapshot) -> str:
@@ -346,4 +346,75 @@ def smartscan_text(snap: Snapshot, scans: int = 8, limit: int | None = 20) -> st
         out += ["  " + line for line in table.splitlines()]
         if limit is not None and len(hz) > limit:
             out.append(f"  ... {len(hz) - limit} more (--all)")
+    return "\n".join(out)
+
+
+_AXIS_WORDS = {"found": "found", "missed": "MISSED", "not_stable": "not stable",
+               "no_vma": "no vma", "n/a": "n/a"}
+
+
+def axis_table(snap: Snapshot, pid: int, visits: int = 8, limit: int | None = 40) -> str:
+    """``%ksm axis PID``: the address-axis picture as text
+    (:func:`ksmlens.analysis.core.address_axis_frame`; the figure is
+    :func:`ksmlens.views.plots.address_axis`). First ``pid``'s VMAs with
+    their ``vm_pgoff`` and how far it is from ``vm_start >> PAGE_SHIFT``,
+    then the rmap_items by address, runs of neighbouring pages alike in
+    every column folded into one row: state, what each rmap walk rule
+    does for the item's own mapping (found / MISSED / not stable), whether
+    the page is KSM, SmartScan's ``age`` / ``remaining_skips`` and the next
+    ``visits`` visits (P processed, S skipped, F freed). ``limit``: rows
+    shown (None: all). :class:`KsmlensError` if ``pid`` has no rmap_items."""
+    from ksmlens.analysis.core import address_axis_frame
+    from ksmlens.kernel.rules import RULES
+    df = address_axis_frame(snap, pid, visits)
+    a = df.attrs
+    shift = a["page_shift"]
+    rules = [r for r in RULES if r != "stored" or a["has_stored_pgoff"]]
+    out = [f"pid {pid} {a['comm'] or ''}: {len(df)} rmap_items; kernel {a['release']} walks "
+           f"{a['walk_rule'] or 'an unknown rule'}; smart_scan "
+           f"{'on' if a['smartscan_on'] else 'off'}; full_scans={a['full_scans']}"]
+    vm = df[df["vma_start"].notna()].drop_duplicates("vma_start")
+    for r in vm.itertuples():
+        pages = (int(r.vma_end) - int(r.vma_start)) >> shift
+        d = int(r.vma_shift)
+        where = ("at its vm_pgoff" if d == 0 else
+                 f"filed {'+' if d > 0 else '-'}{abs(d)} pages away"
+                 + (f" ({r.pgoff_cause})" if isinstance(r.pgoff_cause, str) else ""))
+        out.append(f"  VMA {int(r.vma_start):#x}-{int(r.vma_end):#x} ({pages} pages) "
+                   f"vm_pgoff {int(r.vm_pgoff):#x}: {where}")
+    keys = ["vma_start", "state", *[f"rule_{r}" for r in rules], "page_ksm", "age",
+            "remaining_skips", "reads_pgoff", "schedule"]
+    rows, start = [], 0
+    recs = df.to_dict("records")
+    for k in range(1, len(recs) + 1):
+        if (k < len(recs) and recs[k]["vpn"] == recs[k - 1]["vpn"] + 1
+                and all(str(recs[k][c]) == str(recs[start][c]) for c in keys)):
+            continue
+        r0, r1 = recs[start], recs[k - 1]
+        span = (f"{int(r0['address']):#x}" if k - 1 == start else
+                f"{int(r0['address']):#x}-{int(r1['address']):#x}")
+        age = f"{r0['age']}" + ("*" if r0["reads_pgoff"] else "")
+        rows.append((span, k - start, r0["state"], *[_AXIS_WORDS[r0[f"rule_{r}"]] for r in rules],
+                     "yes" if r0["page_ksm"] else "no", age, r0["remaining_skips"],
+                     r0["schedule"]))
+        start = k
+    more = 0
+    if limit is not None and len(rows) > limit:
+        more, rows = len(rows) - limit, rows[:limit]
+    kr = a["walk_rule"]
+    out.append(format_table(("address", "n", "state",
+                             *[f"{r}{'*' if r == kr else ''}" for r in rules],
+                             "KSM", "age", "skips", f"next {visits}"),
+                            rows, align="<><" + "<" * len(rules) + "<>><"))
+    if more:
+        out.append(f"... {more} more rows (--limit)")
+    miss = ", ".join(f"{r} {int((df[f'rule_{r}'] == 'missed').sum())}" for r in rules)
+    nxt = Counter(df["next"])
+    out.append(f"missed own mappings: {miss}"
+               + (f" ({kr}* is this kernel's rule)" if kr in rules else "")
+               + f"; next visit: {nxt.get('processed', 0)} processed, "
+               f"{nxt.get('skipped', 0)} skipped, {nxt.get('freed', 0)} freed "
+               "(P processed, S skipped, F freed unread; a KSM page is never skipped"
+               + ("; age* = bytes of the stored pgoff (union)" if df["reads_pgoff"].any()
+                  else "") + ")")
     return "\n".join(out)

@@ -84,8 +84,12 @@ class Explorer:
     Widgets (attributes): ``frame``, ``pid``, ``vma``, ``node`` (Dropdowns),
     ``step_button``, ``scans`` (IntText), ``wait_button``, ``refresh_button``,
     ``status``, ``items_table``, ``node_table`` (HTML), ``space_out``,
-    ``node_out``, ``tree_out`` (Output). ``figures`` holds the last
-    Figure drawn for ``"space"``, ``"node"`` and ``"tree"``; ``widget`` is
+    ``node_out``, ``tree_out``, ``axis_out``, ``axis_timeline_out`` (Output),
+    ``process_tabs`` (Tab: "address space" and "address axis", the latter
+    :func:`ksmlens.views.plots.address_axis` of the process, and with two or
+    more snapshots :func:`~ksmlens.views.plots.address_axis_timeline` over
+    them all). ``figures`` holds the last Figure drawn for ``"space"``,
+    ``"axis"``, ``"axis_timeline"``, ``"node"`` and ``"tree"``; ``widget`` is
     the whole layout (also shown when the Explorer is the cell's value).
     """
 
@@ -109,7 +113,8 @@ class Explorer:
             if not self.frames:
                 raise KsmlensError("Explorer got an empty list of snapshots",
                                    "pass at least one Snapshot or snapshot path")
-        self.figures: dict = {"space": None, "node": None, "tree": None}
+        self.figures: dict = {"space": None, "axis": None, "axis_timeline": None,
+                              "node": None, "tree": None}
         self._quiet = False
 
         self.frame = W.Dropdown(description="snapshot")
@@ -127,6 +132,11 @@ class Explorer:
         self.space_out = W.Output()
         self.node_out = W.Output()
         self.tree_out = W.Output()
+        self.axis_out = W.Output()
+        self.axis_timeline_out = W.Output()
+        self.process_tabs = W.Tab(children=[self.space_out,
+                                            W.VBox([self.axis_out, self.axis_timeline_out])],
+                                  titles=("address space", "address axis"))
         lab = self.vm is not None
         for b in (self.step_button, self.wait_button, self.refresh_button):
             b.disabled = not lab
@@ -146,7 +156,7 @@ class Explorer:
                     self.refresh_button]),
             self.status,
             W.HBox([self.pid, self.vma]),
-            self.space_out, self.items_table,
+            self.process_tabs, self.items_table,
             self.node, W.HBox([self.node_out, self.tree_out]), self.node_table])
         if lab:
             self.refresh()
@@ -320,14 +330,16 @@ class Explorer:
         """The process's address space and its rmap_items table."""
         s, pid = self.snap, self.pid.value
         if pid is None:
-            self.figures["space"] = None
-            self.space_out.outputs = (_text_output("no process has rmap_items"),)
+            self.figures.update(space=None, axis=None, axis_timeline=None)
+            for out in (self.space_out, self.axis_out, self.axis_timeline_out):
+                out.outputs = (_text_output("no process has rmap_items"),)
             self.items_table.value = "<p>no rmap_items in this snapshot</p>"
             return
         vma = None if self.vma.value in (None, ALL_VMAS) else self.vma.value
         fig = plots.address_space(s, pid, vma=vma)
         self.figures["space"] = fig
         self.space_out.outputs = (_png_output(fig, self.dpi),)
+        self.render_axis()
         items = [i for i in s.items_of(pid) if vma is None or i.vma_start == vma]
         rows = [(_hx(i.address), i.state, i.pgoff_status, i.pgoff_cause, _hx(i.vma_start),
                  _hx(i.vm_pgoff), _hx(i.addr_pgoff), _hx(i.linear_page_index),
@@ -341,6 +353,22 @@ class Explorer:
                       "addr_pgoff", "linear_page_index", "stored_pgoff", "age",
                       "remaining_skips", "stable_node"), rows,
                      max(0, len(items) - MAX_TABLE_ROWS)))
+
+    def render_axis(self):
+        """The process on one address axis (its VMAs, each walk rule,
+        SmartScan), and over every snapshot when there are two or more."""
+        s, pid = self.snap, self.pid.value
+        fig = plots.address_axis(s, pid)
+        self.figures["axis"] = fig
+        self.axis_out.outputs = (_png_output(fig, self.dpi),)
+        if len(self.frames) < 2:
+            self.figures["axis_timeline"] = None
+            self.axis_timeline_out.outputs = (_text_output(
+                "one snapshot: take more (wait for scans, refresh) for the timeline"),)
+            return
+        fig = plots.address_axis_timeline(self.frames, pid)
+        self.figures["axis_timeline"] = fig
+        self.axis_timeline_out.outputs = (_png_output(fig, self.dpi),)
 
     def render_node(self):
         """The stable node's sharers and walk replay."""

@@ -16,7 +16,9 @@ runs in JupyterLab. Checked in the browser's DOM: the dropdowns list the
 snapshots and exactly the snapshot's pids, the lab buttons are disabled,
 the address-space figure is a PNG, the table counts the process's
 rmap_items by pgoff_status as the snapshot does; picking another process in
-the browser's ``<select>`` brings its table and a new figure. Screenshots go
+the browser's ``<select>`` brings its table and a new figure; its "address
+axis" tab shows the two figures of ``plots.address_axis`` and
+``address_axis_timeline`` drawn from the same snapshots. Screenshots go
 under pytest's tmp dir and are copied to ``out/screenshots/``.
 
 Server, kernels, chromedriver and browser are killed at the end; the widget
@@ -299,6 +301,19 @@ return {dropdowns: dd, buttons, imgs, tables,
 """
 
 
+# The images of the Explorer's process tab on show (not the hidden tab's).
+_AXIS_TAB_JS = r"""
+const out = [...document.querySelectorAll('.jp-OutputArea-output')]
+    .find(o => o.querySelector('.widget-dropdown'));
+const c = out && out.querySelector('.widget-tab-contents');
+if (!c) return null;
+return [...c.children].filter(e => !e.classList.contains('lm-mod-hidden'))
+  .flatMap(e => [...e.querySelectorAll('.widget-output img')])
+  .map(i => ({src: i.src, w: i.naturalWidth, h: i.naturalHeight, ok: i.complete,
+              shown: i.getBoundingClientRect().width > 0}));
+"""
+
+
 @pytest.mark.vm
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="apt-get install chromium chromium-driver (./setup.sh does)")
@@ -351,6 +366,7 @@ def test_explorer_widget_in_chromium(tmp_path):
     nbformat.write(nb, nbdir / "explorer.ipynb")
 
     shot = tmp_path / "jupyterlab-explorer-widget.png"
+    axis_shot = tmp_path / "jupyterlab-explorer-axis-tab.png"
     failshot = tmp_path / "timed-out.png"
     t0 = time.monotonic()
     driver = chromedriver = None
@@ -474,6 +490,32 @@ def test_explorer_widget_in_chromium(tmp_path):
             for r in rects:
                 assert 0 <= r["top"] and r["bottom"] <= viewport[1] and r["right"] <= WIDTH, rects
             assert driver.save_screenshot(str(shot))
+
+            # 7. the "address axis" tab: the moved process on one address axis
+            # (plots.address_axis) and over both snapshots (the timeline)
+            driver.find_element(By.XPATH, "//li[contains(@class,'lm-TabBar-tab')]"
+                                          "[normalize-space()='address axis']").click()
+
+            def axis_shown():
+                im = driver.execute_script(_AXIS_TAB_JS)
+                return im if im and len(im) == 2 and all(
+                    i["ok"] and i["w"] > 0 and i["shown"] for i in im) else None
+            im = wait("the address-axis tab's figures", axis_shown, WIDGET_TIMEOUT)
+            import matplotlib
+            matplotlib.use("Agg")
+            from ksmlens.views import plots
+            for i, fig in zip(im, (plots.address_axis(snap, moved_pid),
+                                   plots.address_axis_timeline(snaps, moved_pid))):
+                png = base64.b64decode(i["src"].split(",", 1)[1])
+                buf = __import__("io").BytesIO()
+                fig.savefig(buf, format="png", dpi=80)
+                # the figure the browser shows is the one drawn from the snapshots here
+                assert _png_size(png) == _png_size(buf.getvalue()) == (i["w"], i["h"])
+            driver.execute_script(
+                "document.querySelector('.jp-OutputArea-output .widget-tab')"
+                ".scrollIntoView({block: 'start'})")
+            time.sleep(1)
+            assert driver.save_screenshot(str(axis_shot))
             t_total = time.monotonic() - t0
         finally:
             if driver is not None:
@@ -497,5 +539,6 @@ def test_explorer_widget_in_chromium(tmp_path):
     dest = ROOT / "out" / "screenshots"
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(shot, dest / shot.name)
+    shutil.copy2(axis_shot, dest / axis_shot.name)
     print(f"widget rendered {t_render:.0f} s, all done {t_total:.0f} s after JupyterLab "
           f"came up; screenshot {dest / shot.name}")

@@ -126,7 +126,8 @@ class TestAfterMremap:
         mpid = moved["pid"]
         other = next(p for p in run.pids() if p != mpid)
         cmds = ["%ksm stable", f"%ksm rmap {mpid}", f"%ksm rmap {other}", "%ksm stale",
-                "%ksm check", "%ksm rmap 999999", "%ksm --help"]
+                "%ksm check", "%ksm rmap 999999", "%ksm --help", f"%ksm axis {mpid}",
+                "%ksm axis"]
         before = ksmsys.read_counters(vm)
         stat = ksmsys.read_ksm_stat(vm, run.pids())
         out = drgn_repl(vm, cmds)
@@ -170,6 +171,18 @@ class TestAfterMremap:
         assert {(r[0], r[4], r[5], r[10]) for r in rows} == {(str(mpid), "moved", "mremap", "+-+")}
         assert f"stale: {len(rows)} of" in out["%ksm stale"]
 
+        # axis: the moved process on one address axis: its rmap_items (folded runs
+        # add up to ksm_stat's), its VMA filed away by the mremap, every merged
+        # page MISSED by v3 and found by stored (this kernel's rule).
+        ax = out[f"%ksm axis {mpid}"]
+        rows = _table(ax, "address n state")
+        assert sum(int(r[1]) for r in rows) == stat[mpid]["ksm_rmap_items"]
+        assert sum(int(r[1]) for r in rows if r[2] == "stable" and r[4] == "MISSED"
+                   and r[3] == r[5] == "found") == stat[mpid]["ksm_merging_pages"]
+        assert re.search(r"pages away \(mremap\)", ax), ax
+        assert f"v3 {stat[mpid]['ksm_merging_pages']}, stored 0" in ax
+        assert out["%ksm axis"].strip().startswith("drgn: error: %ksm axis needs a PID")
+
         # check: every row agrees, and its kernel column is sysfs's number.
         ck = out["%ksm check"]
         m = re.search(r"check: (\d+)/(\d+) agree", ck)
@@ -182,7 +195,7 @@ class TestAfterMremap:
         assert out["%ksm rmap 999999"].strip().splitlines() == [
             "drgn: error: pid 999999 has no KSM mm slot: processes known to KSM: "
             + ", ".join(str(p) for p in sorted(run.pids()))]
-        for view in ("stable:", "rmap:", "stale:", "smartscan:", "check:", "--drgn"):
+        for view in ("stable:", "rmap:", "stale:", "smartscan:", "axis:", "check:", "--drgn"):
             assert view in out["%ksm --help"]
 
 
@@ -190,7 +203,7 @@ class TestAfterMremap:
         vm, run, moved, remerged = mremapped
         mpid = moved["pid"]
         cmds = ["%ksm stable --drgn", f"%ksm rmap {mpid} --drgn", "%ksm stale --drgn",
-                "%ksm check --drgn", f"%ksm rmap {mpid}"]
+                "%ksm check --drgn", f"%ksm rmap {mpid}", f"%ksm axis {mpid} --drgn"]
         out = drgn_repl(vm, cmds)
         shared = ksmsys.read_counters(vm)["pages_shared"]
 
@@ -207,6 +220,11 @@ class TestAfterMremap:
 
         res = drgn_exec(vm, out["%ksm stale --drgn"])
         assert res.splitlines()[-1] == f"{remerged['ksm_merging_pages'][mpid]} stale rmap_items"
+
+        res = drgn_exec(vm, out[f"%ksm axis {mpid} --drgn"])
+        rows = [l.split() for l in res.splitlines()[1:]]
+        assert len(rows) == ksmsys.read_ksm_stat(vm, [mpid])[mpid]["ksm_rmap_items"]
+        assert sum(r[5] == "missed" for r in rows) == remerged["ksm_merging_pages"][mpid]
 
         res = drgn_exec(vm, out["%ksm check --drgn"])
         assert re.search(rf"^pages_shared\s+{shared}\s+{shared}\s+{shared}\s+ok$", res, re.M), res
