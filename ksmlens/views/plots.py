@@ -875,9 +875,10 @@ def chain_growth(frames, ax=None, regular: bool = True, max_labels: int = 16) ->
     top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     last = counts.iloc[-1]
     k = frames[-1].kernel
+    shown = int(last_mps) if last_mps is not None else "?"
     top.set_title(f"A chain growing: {int(last['chains'])} chain(s) with {int(last['dups'])} "
-                  f"dups after {n} frames (max_page_sharing={int(last_mps) if last_mps is not None else '?'})"
-                  f" - kernel {k.variant or k.release}", fontsize=10)
+                  f"dups after {n} frames (max_page_sharing={shown}) - kernel "
+                  f"{k.variant or k.release}", fontsize=10)
 
     x = counts["frame"].to_numpy()
     styles = [("chains", "stable node chains", _KIND_COLORS["chain"], "-"),

@@ -169,7 +169,8 @@ def test_chain_growth_against_the_kernel(tmp_path):
         assert drawn_dups == f.meta["sysfs_after"]["stable_node_dups"]
         assert steps["count:dups"][k] == f.meta["sysfs_after"]["stable_node_dups"]
         assert steps["count:chains"][k] == f.meta["sysfs_after"]["stable_node_chains"]
-    assert (nodes["rmap_hlist_len"] <= mps).all() and (nodes["items"] == nodes["rmap_hlist_len"]).all()
+    assert (nodes["rmap_hlist_len"] <= mps).all()
+    assert (nodes["items"] == nodes["rmap_hlist_len"]).all()
     # the story: a regular node fills, then a chain of dups, all of them
     # filled to max_page_sharing in the end
     assert (counts["regular"] == 1).any() and (counts["chains"] == 0).any()
