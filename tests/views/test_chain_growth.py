@@ -80,6 +80,15 @@ def test_chain_nodes_and_counts_per_frame():
         chain_counts_frame([])
 
 
+def test_chain_growth_table():
+    from ksmlens.views.tables import chain_growth_table
+    lines = chain_growth_table(timeline()).splitlines()
+    assert lines[0].split()[:6] == ["frame", "+scanned", "regular", "chains", "dups", "sysfs"]
+    assert lines[3].split() == ["2", "12", "0", "1", "2", "-", "2", "4", "1x4", "+", "1x2"]
+    assert lines[4].split() == ["3", "18", "0", "1", "4", "4", "4", "9", "3x4", "+", "1x1"]
+    assert lines[-1] == "max_page_sharing = 4"
+
+
 def test_chain_growth_figure(tmp_path):
     fr = timeline()
     fig = plots.chain_growth(fr)
