@@ -134,20 +134,26 @@ def test_chain_growth_from_a_saved_timeline_and_at_hundreds_of_dups(tmp_path):
     fig.savefig(tmp_path / "many.png", dpi=60)
 
 
+def test_watch_batches_option_is_checked_before_any_vm(capsys):
+    from ksmlens.cli import main
+    assert main(["watch", "--name", "no-such-vm", "--batches", "12,0"]) == 2
+    assert "--batches '12,0': give pages_to_scan per batch" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ the kernel
 
 @pytest.mark.vm
-def test_chain_growth_against_the_kernel(tmp_path):
+def test_chain_growth_against_the_kernel(tmp_path, capsys):
     """Step ksmd through the ``chain`` scenario (max_page_sharing=16, 384
-    mappings of one content): at each frame the walk's chains and dups, and
-    the figure's bars and lines, equal sysfs stable_node_chains/dups read
-    just before and after the pause; no dup holds more than max_page_sharing;
-    the last frame equals the kernel's counts after the watch."""
+    mappings of one content) with ``ksmlens watch --batches``: at each frame
+    the walk's chains and dups, and the figure's bars and lines, equal sysfs
+    stable_node_chains/dups read just before and after the pause; no dup
+    holds more than max_page_sharing; the last frame equals the kernel's
+    counts after the watch."""
     from conftest import boot
 
     import ksmlens.lab.ksmsys as ksmsys
-    from ksmlens.experiments.watch import watch_batches
-    from ksmlens.lab.attach import attach
+    from ksmlens.cli import main
     from ksmlens.lab.scenarios import ScenarioRun, get_scenario
 
     vm = boot("union")
@@ -155,11 +161,12 @@ def test_chain_growth_against_the_kernel(tmp_path):
     sc = dataclasses.replace(sc, knobs={**sc.knobs, "run": 0, "sleep_millisecs": 500})
     with ScenarioRun(vm, sc) as run:
         total = sum(run.pages_of(p) for p in run.pids())
-        tl = watch_batches(attach("vm:" + vm.name), vm, [2000, 12] + [64] * 8,
-                           until=lambda s: s.counters["pages_shared"]
-                           + s.counters["pages_sharing"] >= total)
+        capsys.readouterr()
+        assert main(["watch", "--name", vm.name, "--batches", "2000,12" + ",64" * 6,
+                     "-o", str(tmp_path / "tl")]) == 0
+        out = capsys.readouterr().out
         final = ksmsys.read_counters(vm)
-        tl.save(tmp_path / "tl")
+        assert final["run"] == 0                 # the watch put ksmd back as it found it
     mps = final["max_page_sharing"]
     frames = Timeline.load(tmp_path / "tl").frames            # the figure of saved frames
     counts = chain_counts_frame(frames)
@@ -187,6 +194,47 @@ def test_chain_growth_against_the_kernel(tmp_path):
     assert last["dups"] == final["stable_node_dups"] == -(-total // mps)
     assert last["chains"] == final["stable_node_chains"] == 1
     assert last["pages_shared"] + last["pages_sharing"] == total
-    assert len(frames) >= 4
+    assert steps["count:full_dups"][-1] == final["stable_node_dups"]
+    # the CLI's table: its last row is the kernel's final state
+    row = [l for l in out.splitlines() if l.split()[:1] == [str(len(frames) - 1)]][-1].split()
+    assert row[4:8] == [str(final["stable_node_dups"])] * 2 + \
+        [str(final["pages_shared"]), str(final["pages_sharing"])]
     fig.savefig(tmp_path / "chain-growth.png", dpi=80)
     print("inspect:", tmp_path / "chain-growth.png")
+
+
+@pytest.mark.vm
+def test_the_merge_stable_tree_of_notebook_01():
+    """01-tour's figure, ``plots.stable_tree`` of the ``merge`` scenario:
+    one mark per KSM page (sysfs pages_shared), one per process, and each
+    process's label says its rmap_items as /proc/PID/ksm_stat does; the
+    labels' per-node counts add up to pages_shared + pages_sharing."""
+    import re
+
+    from conftest import boot
+
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.lab.attach import attach
+    from ksmlens.lab.scenarios import ScenarioRun
+    from ksmlens.lens.snapshot import take_snapshot
+
+    vm = boot("union")
+    with ScenarioRun(vm, "merge") as run:
+        run.step("merged")
+        with ksmsys.held(vm):
+            snap = take_snapshot(attach("vm:" + vm.name), vm=vm)
+            sysfs = ksmsys.read_counters(vm)
+            stat = run.ksm_stat()
+    ax = plots.stable_tree(snap).axes[0]
+    marks = {c.get_gid(): len(c.get_offsets()) for c in ax.collections
+             if c.get_gid() in ("nodes:regular", "procs")}
+    assert marks == {"nodes:regular": sysfs["pages_shared"], "procs": len(stat)}
+    texts = [t.get_text() for t in ax.texts]
+    per_node = [int(m.group(1)) for t in texts
+                if (m := re.match(r"kpfn 0x[0-9a-f]+ \((\d+)\)", t))]
+    assert len(per_node) == sysfs["pages_shared"]
+    assert sum(per_node) == sysfs["pages_shared"] + sysfs["pages_sharing"]
+    for pid, st in stat.items():
+        label = f"\n{st['ksm_rmap_items']} rmap_items"
+        assert any(t.startswith(f"pid {pid} ") and t.endswith(label) for t in texts), (pid, st)
+    assert f"{sysfs['pages_shared']} regular nodes" in ax.get_title()
