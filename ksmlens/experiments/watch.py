@@ -185,8 +185,8 @@ def watch_batches(prog, vm, pages, *, until: Callable[[Snapshot], bool] | None =
     Each snapshot's ``meta["sysfs_before"]`` / ``meta["sysfs_after"]`` hold
     ``/sys/kernel/mm/ksm`` as the guest read it just before and after the
     walk, ksmd held: the kernel's own counts for that frame (saved with it).
-    ``until(snapshot)`` True stops early. ``run`` is put back on return
-    (also on error). :class:`KsmlensError` on a kernel without
+    ``until(snapshot)`` True stops early. ``run`` and ``pages_to_scan`` are
+    put back on return (also on error). :class:`KsmlensError` on a kernel without
     ``pages_scanned`` (before 6.7) or if ksmd does not scan within
     ``timeout`` s.
     """
@@ -213,18 +213,22 @@ def watch_batches(prog, vm, pages, *, until: Callable[[Snapshot], bool] | None =
             raise KsmlensError("this kernel has no /sys/kernel/mm/ksm/pages_scanned "
                                "(added in 6.7): a batch cannot be seen",
                                "run it on a kernel that has it (the 6.12 lab kernels)")
-        s = frame()
-        for n in pages:
-            if until and until(s):
-                break
-            ksmsys.set_knobs(vm, pages_to_scan=n)
-            last = c["pages_scanned"]
-            ksmsys.set_run(vm, RUN_MERGE)
-            try:
-                ksmsys.wait_until(vm, lambda c: c["pages_scanned"] > last, timeout=timeout,
-                                  what=f"a batch of {n} pages", poll=0.05)
-            finally:
-                ksmsys.set_run(vm, RUN_STOP)
+        old_pages = c["pages_to_scan"]
+        try:
             s = frame()
-            c = s.meta["sysfs_after"]
+            for n in pages:
+                if until and until(s):
+                    break
+                ksmsys.set_knobs(vm, pages_to_scan=n)
+                last = c["pages_scanned"]
+                ksmsys.set_run(vm, RUN_MERGE)
+                try:
+                    ksmsys.wait_until(vm, lambda c: c["pages_scanned"] > last,
+                                      timeout=timeout, what=f"a batch of {n} pages", poll=0.05)
+                finally:
+                    ksmsys.set_run(vm, RUN_STOP)
+                s = frame()
+                c = s.meta["sysfs_after"]
+        finally:
+            ksmsys.set_knobs(vm, pages_to_scan=old_pages)
     return tl
