@@ -120,6 +120,11 @@ def test_chain_growth_from_a_saved_timeline_and_at_hundreds_of_dups(tmp_path):
     Timeline(fr).save(tmp_path / "tl")
     back = Timeline.load(tmp_path / "tl").frames
     assert chain_counts_frame(back).equals(chain_counts_frame(fr))
+    Timeline(timeline()).save(tmp_path / "col", suffix=".ksm")      # columnar, with meta
+    col = chain_counts_frame(Timeline.load(tmp_path / "col").frames)
+    assert col.equals(chain_counts_frame(timeline()))
+    assert chain_nodes_frame(Timeline.load(tmp_path / "col").frames).equals(
+        chain_nodes_frame(timeline()))
     fig = plots.chain_growth(back)
     b = bars(fig)
     assert sum(len(v) for k, v in b.items() if k[0] == 7) == 320
