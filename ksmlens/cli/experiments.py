@@ -109,10 +109,22 @@ def verify(a):
               help="set ksmd's sleep_millisecs to MS while watching (restored after), so "
               "frames are exactly --scans full scans apart even when ksmd scans faster than "
               "the host polls"),
+          arg("--batches", metavar="PAGES,...",
+              help="instead: hold ksmd and let it do one batch per frame, of PAGES pages "
+              "(pages_to_scan) each in turn (e.g. 2000,12,48,48); sysfs is read around each "
+              "walk; ends with the chains/dups table (ksmlens.views.tables.chain_growth_table)"),
           arg("-o", "--output", metavar="DIR", help="save the timeline here")))
 def watch(a):
     from ksmlens.experiments.watch import watch as run_watch
     from ksmlens.views.report import summary
+    if a.batches:
+        try:
+            pages = [int(p) for p in a.batches.split(",")]
+        except ValueError:
+            pages = []
+        if not pages or min(pages) < 1:
+            raise KsmlensError(f"--batches {a.batches!r}: give pages_to_scan per batch",
+                               "e.g. --batches 2000,12,48,48")
     prog = attach_target(a)
     vm = prog.cache.get("ksmlens_vm")
     if vm is None:
@@ -122,8 +134,14 @@ def watch(a):
     def show(s, d):
         print(summary(s).splitlines()[0] if d is None else d.summary(), flush=True)
 
-    tl = run_watch(prog, vm, count=a.count, scans=a.scans, seconds=a.every, on_frame=show,
-                   pace_ms=a.pace)
+    if a.batches:
+        from ksmlens.experiments.watch import watch_batches
+        from ksmlens.views.tables import chain_growth_table
+        tl = watch_batches(prog, vm, pages, on_frame=show)
+        print(chain_growth_table(tl.frames))
+    else:
+        tl = run_watch(prog, vm, count=a.count, scans=a.scans, seconds=a.every,
+                       on_frame=show, pace_ms=a.pace)
     if a.output:
         print(f"timeline saved to {tl.save(a.output)}/frame-*.json", file=sys.stderr)
     return 0

@@ -24,7 +24,7 @@ from ksmlens.analysis.core import (require_smartscan, smartscan_next, smartscan_
 from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import Snapshot
 
-__all__ = ["SnapshotDiff", "diff", "Timeline", "watch"]
+__all__ = ["SnapshotDiff", "diff", "Timeline", "watch", "watch_batches"]
 
 
 @dataclasses.dataclass
@@ -166,4 +166,69 @@ def watch(prog, vm, *, count: int = 5, scans: int | None = 1, seconds: float | N
             tl.frames.append(s)
             if on_frame:
                 on_frame(s, d)
+    return tl
+
+
+def watch_batches(prog, vm, pages, *, until: Callable[[Snapshot], bool] | None = None,
+                  on_frame: Callable[[Snapshot, SnapshotDiff | None], None] | None = None,
+                  timeout: float = 60.0) -> Timeline:
+    """ksmd one batch at a time: a paused snapshot with ksmd held (``run=0``)
+    now, then one after each batch of ``pages`` (a list: ``pages_to_scan``
+    for each batch in turn). Per batch: write ``pages_to_scan``, release
+    ksmd (``run=1``), wait until the kernel's ``pages_scanned`` grows (ksmd
+    did a batch: ``ksm_do_scan()``, which ends early at the end of a full
+    scan), hold it again (``run=0``: the write waits for ksmd's mutex), and
+    walk. Give ksmd a ``sleep_millisecs`` well above a guest read (e.g. 500)
+    so that it sleeps, not scans, while the hold is written: then each frame
+    is one batch.
+
+    Each snapshot's ``meta["sysfs_before"]`` / ``meta["sysfs_after"]`` hold
+    ``/sys/kernel/mm/ksm`` as the guest read it just before and after the
+    walk, ksmd held: the kernel's own counts for that frame (saved with it).
+    ``until(snapshot)`` True stops early. ``run`` and ``pages_to_scan`` are
+    put back on return (also on error). :class:`KsmlensError` on a kernel without
+    ``pages_scanned`` (before 6.7) or if ksmd does not scan within
+    ``timeout`` s.
+    """
+    import ksmlens.lab.ksmsys as ksmsys
+    from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP
+    from ksmlens.lens.snapshot import take_snapshot
+    pages = list(pages)
+    tl = Timeline()
+
+    def frame():
+        before = ksmsys.read_counters(vm)
+        s = take_snapshot(prog, vm=vm)
+        s.meta["sysfs_before"] = before
+        s.meta["sysfs_after"] = ksmsys.read_counters(vm)
+        d = diff(tl.frames[-1], s) if tl.frames else None
+        tl.frames.append(s)
+        if on_frame:
+            on_frame(s, d)
+        return s
+
+    with ksmsys.held(vm):
+        c = ksmsys.read_counters(vm)
+        if "pages_scanned" not in c:
+            raise KsmlensError("this kernel has no /sys/kernel/mm/ksm/pages_scanned "
+                               "(added in 6.7): a batch cannot be seen",
+                               "run it on a kernel that has it (the 6.12 lab kernels)")
+        old_pages = c["pages_to_scan"]
+        try:
+            s = frame()
+            for n in pages:
+                if until and until(s):
+                    break
+                ksmsys.set_knobs(vm, pages_to_scan=n)
+                last = c["pages_scanned"]
+                ksmsys.set_run(vm, RUN_MERGE)
+                try:
+                    ksmsys.wait_until(vm, lambda c: c["pages_scanned"] > last,
+                                      timeout=timeout, what=f"a batch of {n} pages", poll=0.05)
+                finally:
+                    ksmsys.set_run(vm, RUN_STOP)
+                s = frame()
+                c = s.meta["sysfs_after"]
+        finally:
+            ksmsys.set_knobs(vm, pages_to_scan=old_pages)
     return tl

@@ -21,7 +21,7 @@ from ksmlens.errors import KsmlensError
 __all__ = ["format_table", "keyvalue_table", "check_table", "check_text", "verify_table",
            "verify_text", "rule_match_line", "matrix_table", "matrix_markdown",
            "replace_marked_block", "marked_block", "MATRIX_BEGIN", "MATRIX_END", "smartscan_verify_table", "diff_text", "vms_table",
-           "vm_status_table", "scenario_table"]
+           "vm_status_table", "scenario_table", "chain_growth_table"]
 
 
 def _cell(value: Any, align: str) -> Any:
@@ -370,3 +370,39 @@ def scenario_table(scenarios: Iterable) -> str:
         rows.append((s.name, s.summary))
         rows.append(("", "steps: " + ", ".join(st.name for st in s.steps)))
     return format_table(None, rows, align="<<")
+
+
+# ------------------------------------------------------------------ chains over time
+
+def chain_growth_table(frames) -> str:
+    """A timeline's chains and dups, one row per frame (the text beside
+    :func:`ksmlens.views.plots.chain_growth`, from
+    :func:`ksmlens.analysis.chains.chain_counts_frame` and
+    :func:`~ksmlens.analysis.chains.chain_nodes_frame`): pages ksmd scanned
+    since the first frame, the walk's regular nodes, chains, dups (and the
+    kernel's ``stable_node_dups`` read just after the walk, where the frame
+    has it), ``pages_shared`` / ``pages_sharing``, and the dups' fill as
+    ``dups x rmap_hlist_len`` (e.g. ``3x16 + 1x4``)."""
+    from ksmlens.analysis.chains import chain_counts_frame, chain_nodes_frame
+    counts = chain_counts_frame(frames)
+    nodes = chain_nodes_frame(frames, regular=False)
+    first = counts["pages_scanned"].iloc[0]
+
+    def fill(k):
+        c = nodes[nodes["frame"] == k]["rmap_hlist_len"].value_counts().sort_index(
+            ascending=False)
+        return " + ".join(f"{m}x{n}" for n, m in c.items()) or "-"
+    sysfs = "sysfs_after_stable_node_dups" in counts
+    rows = []
+    for r in counts.itertuples(index=False):
+        scanned = None if first is None or r.pages_scanned is None or r.pages_scanned != \
+            r.pages_scanned else int(r.pages_scanned - first)
+        row = [r.frame, scanned, r.regular, r.chains, r.dups]
+        if sysfs:
+            v = getattr(r, "sysfs_after_stable_node_dups")
+            row.append(None if v != v else int(v))
+        rows.append(row + [r.pages_shared, r.pages_sharing, fill(r.frame)])
+    head = ["frame", "+scanned", "regular", "chains", "dups"] + \
+        (["sysfs dups"] if sysfs else []) + ["pages_shared", "pages_sharing", "dups x rmap_items"]
+    mps = counts["max_page_sharing"].iloc[-1]
+    return format_table(head, rows) + f"\nmax_page_sharing = {mps}"
