@@ -19,7 +19,7 @@ from __future__ import annotations
 
 __all__ = ["on_cpu", "cpu_stacks", "classify", "replace_page_window", "rmap_list_window",
            "pte_update_window", "munmap_window", "exit_mmap_window", "in_flight_window",
-           "PTE_UPDATERS", "KSM_UPDATERS"]
+           "unmapping", "PTE_UPDATERS", "KSM_UPDATERS", "UNMAP_CALLERS", "ZAPPERS"]
 
 # Kernel functions (6.12) inside which a paused CPU can hold a KSM page's
 # PTE and its folio's mapcount apart: the PTE is set or cleared in one step,
@@ -53,6 +53,20 @@ KSM_UPDATERS = frozenset({
     "try_to_merge_two_pages", "unmerge_and_remove_all_rmap_items", "__ksm_exit",
     "replace_page", "ksm_might_unmap_zero_page", "break_ksm", "cmp_and_merge_page",
 })
+
+
+# The zap phase of an unmap (mm/vma.c, mm/mmap.c, mm/memory.c, 6.12): the
+# VMAs are already detached (munmap) or the mm has no users (exit_mmap).
+UNMAP_CALLERS = frozenset({"do_vmi_align_munmap", "vms_complete_munmap_vmas",
+                           "vms_clear_ptes", "exit_mmap"})
+ZAPPERS = frozenset({"unmap_vmas", "unmap_single_vma", "unmap_page_range", "zap_pte_range",
+                     "zap_present_ptes", "zap_present_folio_ptes"})
+
+
+def unmapping(stack) -> bool:
+    """Is a kernel stack (innermost first) in the zap phase of ``munmap()``
+    or ``exit_mmap()``? (:data:`UNMAP_CALLERS` above :data:`ZAPPERS`)."""
+    return bool(stack) and bool(UNMAP_CALLERS & set(stack)) and bool(ZAPPERS & set(stack))
 
 
 def on_cpu(prog, registers=None) -> list[dict]:
@@ -136,13 +150,33 @@ def _mapcount_ahead(bad_rows, cpus, snap) -> list:
 
 def munmap_window(snap, bad_rows, cpus=None) -> str | None:
     """A task on a CPU is unmapping KSM pages: ``munmap()`` detaches the
-    VMAs first (``do_vmi_align_munmap()``), then ``unmap_region()`` zaps
+    VMAs first (``do_vmi_align_munmap()``), then ``vms_clear_ptes()`` zaps
     their PTEs. The walk reads PTEs through the VMAs, so a detached range
-    still mapped counts in the pages' mapcounts and not in the PTEs; every
-    missing mapping must be an rmap_item of that task's mm with no VMA."""
+    still mapped counts in the pages' mapcounts and not in the PTEs.
+
+    With the CPUs' stacks (:func:`on_cpu` with registers) the walk also read,
+    in the same pause, the present PTEs of each unmapping mm that no VMA
+    covers (``meta["detached_ptes"]``): then every KSM page's missing
+    mappings must be exactly those, page by page. Without stacks, every
+    missing mapping must be an rmap_item of a running task's mm with no
+    VMA (ksmd may not have freed them yet)."""
     off = _mapcount_ahead(bad_rows, cpus, snap)
     if not off:
         return None
+    det = snap.meta.get("detached_ptes") or {}
+    busy = {c["mm"]: c for c in cpus if c["mm"] and unmapping(c.get("stack"))}
+    if det and busy:
+        for n in off:
+            extra = sum(det.get(mm, {}).get(n.kpfn, 0) for mm in busy)
+            if n.mapcount - n.ptes != extra:
+                return None
+        tasks = ", ".join(f"pid {busy[m]['pid']} ({busy[m]['comm']}) in "
+                          f"{next(f for f in busy[m]['stack'] if f in UNMAP_CALLERS)}()"
+                          for m in sorted(busy))
+        return (f"{tasks} on a CPU zapping detached VMAs: {len(off)} KSM page(s) still "
+                f"mapped {sum(n.mapcount - n.ptes for n in off)} time(s) by PTEs no VMA "
+                "covers, each found in its page tables in this pause (munmap(): "
+                "vms_clear_ptes() after the VMAs were detached)")
     running = {c["mm"]: c for c in cpus if c["mm"]}
     items = {i.id: i for i in snap.items()}
     who = set()

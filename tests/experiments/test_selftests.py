@@ -350,3 +350,32 @@ def test_paused_stacks_are_the_running_tasks_own(lab):
             if seen_ksmd >= 3 and seen_idle:
                 break
     assert seen_ksmd >= 1 and seen_idle >= 1, (seen_ksmd, seen_idle)
+
+
+def test_munmap_window_counts_the_detached_ptes_page_by_page():
+    """As a union guest showed it (ksm_tests -H, seed 18): ksmd had already
+    freed the rmap_items of the munmapped range, the pid was in
+    zap_present_folio_ptes() under do_vmi_align_munmap(), and 18 KSM pages
+    were still mapped 256 times each by PTEs no VMA covered."""
+    from ksmlens.experiments.selftests import compare_paused, munmap_window
+    snap, n, cur = _replace_page_state()
+    mm = n_mm(snap)
+    n.mapcount, n.ptes = 16 + 256, 16
+    stack = ["zap_present_folio_ptes", "zap_present_ptes", "zap_pte_range", "unmap_page_range",
+             "unmap_single_vma", "unmap_vmas", "vms_clear_ptes", "vms_complete_munmap_vmas",
+             "do_vmi_align_munmap", "__vm_munmap", "entry_SYSCALL_64"]
+    task = [{"cpu": 1, "pid": 7, "tid": 7, "comm": "ksm_tests", "mm": mm,
+             "mode": "kernel", "ip": "0x0", "stack": stack}]
+    bad = [r for r in compare_paused(snap) if not r.ok]
+    snap.meta["detached_ptes"] = {mm: {n.kpfn: 256, 0x9999: 3}}
+    why = munmap_window(snap, bad, task)
+    assert why and "pid 7 (ksm_tests) in vms_clear_ptes()" in why and "256 time(s)" in why
+    # one mapping more than the detached PTEs: not explained
+    snap.meta["detached_ptes"] = {mm: {n.kpfn: 255}}
+    assert munmap_window(snap, bad, task) is None
+    # the PTEs are detached, but nobody is zapping them (user mode)
+    snap.meta["detached_ptes"] = {mm: {n.kpfn: 256}}
+    assert munmap_window(snap, bad, [dict(task[0], stack=[])]) is None
+    # detached PTEs of an mm no CPU is unmapping explain nothing
+    snap.meta["detached_ptes"] = {"0xmm8": {n.kpfn: 256}}
+    assert munmap_window(snap, bad, task) is None
