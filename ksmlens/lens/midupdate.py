@@ -155,15 +155,17 @@ def munmap_window(snap, bad_rows, cpus=None) -> str | None:
     still mapped counts in the pages' mapcounts and not in the PTEs.
 
     With the CPUs' stacks (:func:`on_cpu` with registers) the walk also read,
-    in the same pause, the present PTEs of each unmapping mm that no VMA
-    covers (``meta["detached_ptes"]``): then every KSM page's missing
-    mappings must be exactly those, page by page. Without stacks, every
-    missing mapping must be an rmap_item of a running task's mm with no
-    VMA (ksmd may not have freed them yet)."""
+    in the same pause, the present PTEs of each unmapping mm that it did
+    not read through VMAs (``meta["unwalked_ptes"]``: those no VMA covers
+    after ``munmap()`` detached them, every one of an mm in ``exit_mmap()``):
+    then every KSM page's missing mappings must be exactly those, page by
+    page, whether or not ksmd has freed their rmap_items yet. Without
+    stacks, every missing mapping must be an rmap_item of a running task's
+    mm with no VMA."""
     off = _mapcount_ahead(bad_rows, cpus, snap)
     if not off:
         return None
-    det = snap.meta.get("detached_ptes") or {}
+    det = snap.meta.get("unwalked_ptes") or {}
     busy = {c["mm"]: c for c in cpus if c["mm"] and unmapping(c.get("stack"))}
     if det and busy:
         for n in off:
@@ -173,10 +175,10 @@ def munmap_window(snap, bad_rows, cpus=None) -> str | None:
         tasks = ", ".join(f"pid {busy[m]['pid']} ({busy[m]['comm']}) in "
                           f"{next(f for f in busy[m]['stack'] if f in UNMAP_CALLERS)}()"
                           for m in sorted(busy))
-        return (f"{tasks} on a CPU zapping detached VMAs: {len(off)} KSM page(s) still "
-                f"mapped {sum(n.mapcount - n.ptes for n in off)} time(s) by PTEs no VMA "
-                "covers, each found in its page tables in this pause (munmap(): "
-                "vms_clear_ptes() after the VMAs were detached)")
+        return (f"{tasks} on a CPU zapping: {len(off)} KSM page(s) still mapped "
+                f"{sum(n.mapcount - n.ptes for n in off)} time(s) by PTEs the walk cannot "
+                "reach, each found in that mm's page tables in this pause (munmap(): "
+                "VMAs detached before vms_clear_ptes(); exit_mmap(): mm_users already 0)")
     running = {c["mm"]: c for c in cpus if c["mm"]}
     items = {i.id: i for i in snap.items()}
     who = set()

@@ -731,9 +731,9 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", pause=None,
             raw = walk_paused(prog, live=(mode == "live" and is_live_target), pages=pages)
             if hold:        # who runs on each CPU in this pause, and its kernel stack
                 raw.meta["on_cpu"] = on_cpu(prog, _registers(held))
-                det = _detached_ptes(prog, raw.meta["on_cpu"])
-                if det:
-                    raw.meta["detached_ptes"] = det
+                unwalked = _unwalked_ptes(prog, raw.meta["on_cpu"])
+                if unwalked:
+                    raw.meta["unwalked_ptes"] = unwalked
             if mode == "consistent" and raw.races:
                 busy = _ksm_busy(prog, raw.meta.get("ksmd"))
             t_end = time.monotonic()
@@ -832,14 +832,15 @@ def take_idle_snapshot(prog: Program, vm=None, tries: int = 40, pause=None) -> S
                        "lower pages_to_scan or raise sleep_millisecs in the guest")
 
 
-def _detached_ptes(prog: Program, cpus) -> dict:
+def _unwalked_ptes(prog: Program, cpus) -> dict:
     """For each mm a CPU is unmapping (:func:`ksmlens.lens.midupdate.unmapping`:
     its kernel stack is in the zap phase of ``munmap()`` or ``exit_mmap()``),
-    the present PTEs of its page tables that no VMA of the mm covers any
-    more, counted per pfn: ``{"0xMM": {pfn: count}}``. ``munmap()`` detaches
-    the VMAs (``vms_gather_munmap_vmas()``) before ``vms_clear_ptes()`` zaps
-    them, so in between these mappings still count in their pages'
-    mapcounts and no walk through the VMAs sees them. Read in the same
+    the present PTEs of its page tables that the walk does not read, counted
+    per pfn: ``{"0xMM": {pfn: count}}``. ``munmap()`` detaches the VMAs
+    (``vms_gather_munmap_vmas()``) before ``vms_clear_ptes()`` zaps them:
+    the PTEs no VMA covers. ``exit_mmap()`` zaps with ``mm_users`` already 0,
+    when the walk reads none of the mm's PTEs: all of them. Until zapped,
+    these mappings still count in their pages' mapcounts. Read in the same
     pause as the walk; empty when no CPU is unmapping."""
     from ksmlens.lens.midupdate import unmapping
     mms = sorted({int(c["mm"], 16) for c in cpus or () if c.get("mm") and unmapping(c.get("stack"))})
@@ -850,18 +851,23 @@ def _detached_ptes(prog: Program, cpus) -> dict:
     top = 1 << (pt.shifts[0] + 8)           # the user half: 128 TiB (4-level), 64 PiB (5-level)
     out = {}
     for mm in mms:
-        pgd = _pgd_of(w, mm)
+        try:
+            mmo = Object(prog, "struct mm_struct *", mm)
+            pgd, users = mmo.pgd.value_(), mmo.mm_users.counter.value_()
+        except FaultError:
+            continue
         if not pgd:
             continue
-        v = w.vmas(mm)
         leaves = pt.leaves(pgd, 0, top)
         la = leaves[0][leaves[2] == pgtable.PAGE_SHIFT]
+        if users and la.size:               # munmap(): only what no VMA covers
+            v = w.vmas(mm)
+            covered = np.zeros(la.size, dtype=bool)
+            for vs, ve in zip(v["start"].tolist(), v["end"].tolist()):
+                covered |= (la >= np.uint64(vs)) & (la < np.uint64(ve))
+            la = la[~covered]
         if not la.size:
             continue
-        covered = np.zeros(la.size, dtype=bool)
-        for vs, ve in zip(v["start"].tolist(), v["end"].tolist()):
-            covered |= (la >= np.uint64(vs)) & (la < np.uint64(ve))
-        la = la[~covered]
         kinds, pfns, _ = pgtable.decode(leaves, la)
         pfns = pfns[kinds == pgtable.KIND_PRESENT]
         if pfns.size:

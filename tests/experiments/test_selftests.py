@@ -367,15 +367,15 @@ def test_munmap_window_counts_the_detached_ptes_page_by_page():
     task = [{"cpu": 1, "pid": 7, "tid": 7, "comm": "ksm_tests", "mm": mm,
              "mode": "kernel", "ip": "0x0", "stack": stack}]
     bad = [r for r in compare_paused(snap) if not r.ok]
-    snap.meta["detached_ptes"] = {mm: {n.kpfn: 256, 0x9999: 3}}
+    snap.meta["unwalked_ptes"] = {mm: {n.kpfn: 256, 0x9999: 3}}
     why = munmap_window(snap, bad, task)
     assert why and "pid 7 (ksm_tests) in vms_clear_ptes()" in why and "256 time(s)" in why
     # one mapping more than the detached PTEs: not explained
-    snap.meta["detached_ptes"] = {mm: {n.kpfn: 255}}
+    snap.meta["unwalked_ptes"] = {mm: {n.kpfn: 255}}
     assert munmap_window(snap, bad, task) is None
     # the PTEs are detached, but nobody is zapping them (user mode)
-    snap.meta["detached_ptes"] = {mm: {n.kpfn: 256}}
+    snap.meta["unwalked_ptes"] = {mm: {n.kpfn: 256}}
     assert munmap_window(snap, bad, [dict(task[0], stack=[])]) is None
     # detached PTEs of an mm no CPU is unmapping explain nothing
-    snap.meta["detached_ptes"] = {"0xmm8": {n.kpfn: 256}}
+    snap.meta["unwalked_ptes"] = {"0xmm8": {n.kpfn: 256}}
     assert munmap_window(snap, bad, task) is None
