@@ -1247,6 +1247,7 @@ def chain_growth(frames, ax=None, regular: bool = True, max_labels: int = 16) ->
 _UNION_COLORS = {"oldchecksum": "#9ecae1", "age": "#fdae6b", "remaining_skips": "#a1d99b",
                  "other": "#e0e0e0"}
 _UNION_FIELDS = ("oldchecksum", "age", "remaining_skips")
+_STATE_WORDS = {"stable": "STABLE", "unstable": "UNSTABLE", "none": "in neither tree"}
 
 
 def _union_fields(layout: dict) -> list[str]:
@@ -1288,7 +1289,8 @@ def _union_cell(ax, row, others) -> None:
         top = (f"as {member}: {row['index']:#x} = oldchecksum alone: left the stable tree\n"
                "with the index reset to 0, then ksmd stored the page's checksum")
     else:
-        top = f"as {member}: {row['index']:#x}  (not an index now: item {row['state'].upper()})"
+        top = (f"as {member}: {row['index']:#x}  (not an index now: the item is "
+               f"{_STATE_WORDS.get(row['state'], row['state'])})")
     ax.plot([0.05, 0.05, 7.95, 7.95], [2.65, 2.8, 2.8, 2.65], color="#6a3d9a",
             lw=2.0 if holds_index else 1.0)
     ax.text(4, 2.9, top, ha="center", va="bottom", fontsize=9,
@@ -1398,7 +1400,8 @@ def union_bytes(data, *, address: int | None = None, fig=None) -> Figure:
             ax.set_xlabel("byte offset in struct ksm_rmap_item (memory order, little-endian)",
                           fontsize=8)
             vis = "" if r == 0 else f"\n{row['visits']} visit{'' if int(row['visits']) == 1 else 's'} later"
-            ax.set_ylabel(f"{m}\n{row['state'].upper()}\nfull_scans {row['full_scans']}"
+            ax.set_ylabel(f"{m}\n{_STATE_WORDS.get(row['state'], row['state'])}\n"
+                          f"full_scans {row['full_scans']}"
                           f"{vis}", fontsize=9)
             ax.set_title(f"{p}: pid {row['pid']} address {row['address']:#x}", fontsize=10)
     handles = [Patch(facecolor=_UNION_COLORS[f], label=f"{f} byte(s)") for f in _UNION_FIELDS]

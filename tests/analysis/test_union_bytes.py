@@ -145,3 +145,19 @@ def test_figure_address_and_errors():
         plots.union_bytes(fu, address=0x1000)
     with pytest.raises(KsmlensError):
         plots.union_bytes(fu.iloc[0:0])
+
+
+@pytest.mark.parametrize("name", ["s.json", "s.ksm"])
+def test_frame_on_saved_snapshots(tmp_path, name):
+    """The same frame from snapshots saved and loaded again (both formats)."""
+    from ksmlens.lens.model import Snapshot
+    m = union_moments()
+    back = {}
+    for label, snap in m.items():
+        snap.save(tmp_path / f"{label}-{name}")
+        back[label] = Snapshot.load(tmp_path / f"{label}-{name}")
+    assert back["before"].kernel.union_offset == 32
+    a, b = union_bytes_frame(m), union_bytes_frame(back)
+    cols = ["moment", "address", "raw", "bytes", "index", "offset", "age",
+            "remaining_skips", "holds", "next_reads_pgoff", "left_stable"]
+    assert a[cols].to_dict("records") == b[cols].to_dict("records")

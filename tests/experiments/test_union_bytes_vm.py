@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 from drgn import offsetof  # noqa: E402
+from drgn.helpers.linux.mm import pfn_to_virt  # noqa: E402
 
 import ksmlens.lab.ksmsys as ksmsys  # noqa: E402
 from ksmlens.analysis.core import smartscan_visit  # noqa: E402
@@ -41,16 +42,64 @@ def vm(request):
     return boot(request.param)
 
 
+_M = (1 << 64) - 1
+_P1, _P2, _P3, _P4, _P5 = (11400714785074694791, 14029467366897019727, 1609587929392839161,
+                           9650029242287828579, 2870177450012600261)
+
+
+def _rotl(x, r):
+    return ((x << r) | (x >> (64 - r))) & _M
+
+
+def _round(acc, v):
+    return _rotl((acc + v * _P2) & _M, 31) * _P1 & _M
+
+
+def xxh64(data: bytes, seed: int = 0) -> int:
+    """XXH64 (lib/xxhash.c xxh64()), what ``calc_checksum()`` in mm/ksm.c
+    takes of a page (``xxhash()`` on 64-bit), truncated to u32 there."""
+    n, i = len(data), 0
+    if n >= 32:
+        v = [(seed + _P1 + _P2) & _M, (seed + _P2) & _M, seed, (seed - _P1) & _M]
+        while i + 32 <= n:
+            for k in range(4):
+                v[k] = _round(v[k], int.from_bytes(data[i + 8 * k:i + 8 * k + 8], "little"))
+            i += 32
+        h = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) & _M
+        for x in v:
+            h = ((h ^ _round(0, x)) * _P1 + _P4) & _M
+    else:
+        h = (seed + _P5) & _M
+    h = (h + n) & _M
+    while i + 8 <= n:
+        h = (_rotl(h ^ _round(0, int.from_bytes(data[i:i + 8], "little")), 27) * _P1 + _P4) & _M
+        i += 8
+    if i + 4 <= n:
+        h = (_rotl(h ^ (int.from_bytes(data[i:i + 4], "little") * _P1 & _M), 23) * _P2
+             + _P3) & _M
+        i += 4
+    while i < n:
+        h = _rotl(h ^ (data[i] * _P5 & _M), 11) * _P1 & _M
+        i += 1
+    h ^= h >> 33
+    h = h * _P2 & _M
+    h ^= h >> 29
+    h = h * _P3 & _M
+    return h ^ (h >> 32)
+
+
 def paused_read(vm, prog, pid, addresses):
     """A snapshot and, in the same pause, drgn's own read of the 8 bytes at
     offsetof(struct ksm_rmap_item, oldchecksum) of each item at
-    ``addresses`` of ``pid``: ``(snap, {address: bytes}, offset)``."""
+    ``addresses`` of ``pid`` and of the page mapped there (the snapshot's
+    pfn): ``(snap, {address: 8 bytes}, {address: page bytes}, offset)``."""
     off = offsetof(prog.type("struct ksm_rmap_item"), "oldchecksum")
     with vm.paused():
         snap = take_snapshot(prog, pause=contextlib.nullcontext)
-        mem = {i.address: prog.read(int(i.id, 16) + off, 8)
-               for i in snap.items() if i.pid == pid and i.address in addresses}
-    return snap, mem, off
+        mine = [i for i in snap.items() if i.pid == pid and i.address in addresses]
+        mem = {i.address: prog.read(int(i.id, 16) + off, 8) for i in mine}
+        page = {i.address: prog.read(pfn_to_virt(prog, i.pfn).value_(), 4096) for i in mine}
+    return snap, mem, page, off
 
 
 def test_union_bytes_against_the_kernel(vm, tmp_path):
@@ -60,12 +109,12 @@ def test_union_bytes_against_the_kernel(vm, tmp_path):
         run.step("merged")
         w = run.step("cow-break")            # ksmd held (run=0) from here
         pid, addrs = w["pid"], set(w["addresses"])
-        before, mem_b, off = paused_read(vm, prog, pid, addrs)
+        before, mem_b, _, off = paused_read(vm, prog, pid, addrs)
         # ksmd's visit: with pages_to_scan above the scenario's pages a wake is
         # one full scan; a long sleep after it keeps it to one (held again after)
         with ksmsys.knobs_set(vm, sleep_millisecs=60_000):
             r = verify_smartscan(vm, 1)
-        after, mem_a, _ = paused_read(vm, prog, pid, addrs)
+        after, mem_a, page_a, _ = paused_read(vm, prog, pid, addrs)
     assert len(mem_b) == len(addrs) == COW_BREAK_PAGES and set(mem_a) == addrs
 
     f = union_bytes_frame({"before": before, "after": after})
@@ -95,6 +144,11 @@ def test_union_bytes_against_the_kernel(vm, tmp_path):
         assert fa.loc[a, "visits"] == obs[a]["visits"] >= 1
         assert fb.loc[a, "state"] == "stable" and fa.loc[a, "state"] != "stable"
         assert fa.loc[a, "left_stable"]
+    # ...and its first 4 bytes, oldchecksum, are the checksum cmp_and_merge_page()
+    # took of the page after the item left the stable tree
+    assert xxh64(b"abc") == 0x44BC2CF5AD770999      # the reference's test vector
+    for a in addrs:
+        assert mem_a[a][:4] == (xxh64(page_a[a]) & 0xFFFFFFFF).to_bytes(4, "little"), hex(a)
     # 3. before the visit the bytes are the stored index the walk reports (its
     # mapping's linear_page_index: cow-break moves nothing)
     for a in addrs:
