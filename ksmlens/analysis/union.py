@@ -134,7 +134,6 @@ def union_bytes_frame(moments, *, addresses: Iterable[int] | None = None,
             reads = (smartscan_on(snap) and not nxt["page_is_ksm"]
                      and nxt["reads"] is not None)
             a0 = start.get((mm, addr))
-            prev = it.state
             rows.append({
                 "panel": label, "variant": sk.variant, "release": sk.release,
                 "moment": mlabel, "moment_index": n,
@@ -151,7 +150,7 @@ def union_bytes_frame(moments, *, addresses: Iterable[int] | None = None,
                 "next_reads_smartscan": reads, "next_reads_pgoff": bool(nxt["reads_pgoff"]),
                 "left_stable": prev_state.get((mm, addr)) == "stable" and it.state != "stable",
                 "layout": dict(k.union_layout)})
-            prev_state[(mm, addr)] = prev
+            prev_state[(mm, addr)] = it.state
     df = pd.DataFrame(rows, columns=list(UNION_COLUMNS), dtype=object)
     # whole numbers stay Python ints (a u64 may not fit int64) and None
     # stays None in the nullable ones; the rest get their natural dtypes
