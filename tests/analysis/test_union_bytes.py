@@ -161,3 +161,20 @@ def test_frame_on_saved_snapshots(tmp_path, name):
     cols = ["moment", "address", "raw", "bytes", "index", "offset", "age",
             "remaining_skips", "holds", "next_reads_pgoff", "left_stable"]
     assert a[cols].to_dict("records") == b[cols].to_dict("records")
+
+
+def test_text_table_beside_the_figure():
+    from ksmlens.views.tables import union_bytes_table
+    f = union_bytes_frame(union_moments())
+    text = union_bytes_table(f)
+    lines = text.splitlines()
+    assert "bytes 32..39" in lines[0] and "as index" in lines[0]
+    lpi = (ADDRS[0] - VMA[0] >> 12) + VMA[2]
+    row = next(line for line in lines if f"{ADDRS[0]:#x}" in line and "before" in line)
+    assert " ".join(f"{b:02x}" for b in lpi.to_bytes(8, "little")) in row
+    assert f"{lpi:#x}" in row and "PGOFF" in row and row.split()[-2] == "index"
+    after = next(line for line in lines if f"{ADDRS[0]:#x}" in line and "after" in line)
+    assert after.split()[-4:] == ["8", "4", "smartscan", "age,skips"]
+    short = union_bytes_table(f, limit=1)
+    assert short.endswith("... 4 more rows (limit=1)")
+    assert union_bytes_table(f.iloc[0:0]) == "no rmap_items"

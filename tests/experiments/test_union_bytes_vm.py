@@ -31,6 +31,7 @@ from ksmlens.lab.attach import attach  # noqa: E402
 from ksmlens.lab.scenarios import COW_BREAK_PAGES, ScenarioRun  # noqa: E402
 from ksmlens.lens.snapshot import take_snapshot  # noqa: E402
 from ksmlens.views import plots  # noqa: E402
+from ksmlens.views.tables import union_bytes_table  # noqa: E402
 
 from conftest import boot  # noqa: E402
 
@@ -201,3 +202,9 @@ def test_union_bytes_against_the_kernel(vm, tmp_path):
     assert ticks == [str(off + k) for k in range(8)]
     assert f"bytes {off}..{off + 7}" in fig._suptitle.get_text()
     fig.savefig(tmp_path / f"union-bytes-{variant}.png", dpi=80)
+    # 5. and the text beside it
+    text = union_bytes_table(f, limit=None)
+    for m, mem in (("before", mem_b), ("after", mem_a)):
+        for a in addrs:
+            line = next(x for x in text.splitlines() if f" {m} " in x and f"{a:#x}" in x)
+            assert " ".join(f"{b:02x}" for b in mem[a]) in line, (line, mem[a].hex())
