@@ -69,6 +69,9 @@ class KernelInfo:
     # the stored index shares (ksmlens.kernel.rules.UnionLayout), from DWARF
     union_layout: dict = field(default_factory=lambda: {
         "oldchecksum": 0, "age": 4, "remaining_skips": 5})
+    # offsetof(struct ksm_rmap_item, oldchecksum) from DWARF: where those 8
+    # bytes sit in the item (32 on 6.12 x86-64); None in older snapshots
+    union_offset: int | None = None
     # SmartScan: struct ksm_rmap_item has age/remaining_skips (commit
     # 5e924ff54d08, 6.7); without it those columns are 0 and meaningless
     smartscan: bool = True

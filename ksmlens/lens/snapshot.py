@@ -226,6 +226,7 @@ def _kernel_info(prog: Program, L: Layout, shift: int) -> KernelInfo:
                    rmap_item_size=L.item_size, stored_index_member=L.stored_member,
                    union_layout={"oldchecksum": L.union.oldchecksum, "age": L.union.age,
                                  "remaining_skips": L.union.remaining_skips},
+                   union_offset=L.i["oldchecksum"],
                    smartscan=L.kernel.smartscan, zero_pages=L.kernel.zero_pages)
     k.walk_rule = kernel_walk_rule(k.variant, k.has_stored_pgoff)
     return k

@@ -406,3 +406,39 @@ def chain_growth_table(frames) -> str:
         (["sysfs dups"] if sysfs else []) + ["pages_shared", "pages_sharing", "dups x rmap_items"]
     mps = counts["max_page_sharing"].iloc[-1]
     return format_table(head, rows) + f"\nmax_page_sharing = {mps}"
+
+
+# ------------------------------------------------------------------ the union, in text
+
+__all__ += ["union_bytes_table"]
+
+
+def union_bytes_table(frame, limit: int | None = 20) -> str:
+    """The text beside :func:`ksmlens.views.plots.union_bytes`, from a
+    :func:`ksmlens.analysis.union.union_bytes_frame` (or several,
+    concatenated): one row per (kernel, moment, rmap_item), the first
+    ``limit`` per kernel and moment (None: all): the 8 bytes in memory
+    order (hex), the word read as the stored index, the same bytes read as
+    ``oldchecksum`` / ``age`` / ``remaining_skips``, which reading the kernel
+    holds, and what ksmd's next visit reads there (``age,skips``; ``PGOFF``
+    when they are the stored index's bytes; ``-`` nothing)."""
+    if len(frame) == 0:
+        return "no rmap_items"
+    off = frame["offset"].dropna()
+    span = f"bytes {int(off.iloc[0])}..{int(off.iloc[0]) + 7}" if len(off) else "bytes"
+    rows, left = [], 0
+    for _, g in frame.groupby(["panel", "moment_index"], sort=False):
+        for k, r in enumerate(g.itertuples(index=False)):
+            if limit is not None and k >= limit:
+                left += len(g) - limit
+                break
+            reads = ("PGOFF" if r.next_reads_pgoff else "age,skips") \
+                if r.next_reads_smartscan else "-"
+            rows.append((r.panel, r.moment, r.pid, f"{r.address:#x}", r.state,
+                         " ".join(f"{b:02x}" for b in r.bytes),
+                         "-" if r.index is None else f"{r.index:#x}",
+                         f"{r.oldchecksum:#010x}", r.age, r.remaining_skips, r.holds, reads))
+    out = format_table(("kernel", "moment", "pid", "address", "state", span,
+                        "as index", "oldchecksum", "age", "skips", "holds", "next reads"),
+                       rows, align="<<><<<>>>><<")
+    return out + (f"\n... {left} more rows (limit={limit})" if left else "")
