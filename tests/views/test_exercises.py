@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from ksmlens.errors import KsmlensError
-from ksmlens.views.notebook import check_answer, exercises
+from ksmlens.views.notebook import check_answer, exercises, notebook_paths
 
 
 def test_check_answer_says_unanswered_correct_and_not_yet(capsys, monkeypatch):
@@ -48,3 +48,22 @@ def test_exercises_finds_pairs_and_refuses_half_ones():
     bare = nbformat.v4.new_code_cell("answer = ...", metadata={"tags": ["exercise"]})
     with pytest.raises(KsmlensError, match="no metadata.ksmlens"):
         exercises(_nb(bare, chk))
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_every_notebook_teaches_goals_and_ends_with_exercises(path):
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and "You will learn" in first.source, \
+        f"{path.name}: the first cell says what the reader will learn"
+    found = exercises(nb)
+    assert 1 <= len(found) <= 2, f"{path.name}: one or two exercises"
+    for ex in found:
+        assert ex["exercise"].startswith(path.stem[:2] + "-")
+        check = nb.cells[ex["check"]]
+        assert "check_answer(" in check.source
+        assert check.metadata.get("jupyter", {}).get("source_hidden") is True
+        assert "hide-input" in check.metadata["tags"]
+        assert nb.cells[ex["cell"]].source.strip().endswith("answer = ...")
+    # exercises come last (the clean-up may follow them)
+    assert found[-1]["check"] >= len(nb.cells) - 3
