@@ -19,7 +19,7 @@ from __future__ import annotations
 
 __all__ = ["on_cpu", "cpu_stacks", "classify", "replace_page_window", "rmap_list_window",
            "pte_update_window", "munmap_window", "exit_mmap_window", "in_flight_window",
-           "unmapping", "PTE_UPDATERS", "KSM_UPDATERS", "UNMAP_CALLERS", "ZAPPERS"]
+           "unmapping", "unmapping_mm", "PTE_UPDATERS", "KSM_UPDATERS", "UNMAP_CALLERS", "ZAPPERS"]
 
 # Kernel functions (6.12) inside which a paused CPU can hold a KSM page's
 # PTE and its folio's mapcount apart: the PTE is set or cleared in one step,
@@ -63,6 +63,17 @@ ZAPPERS = frozenset({"unmap_vmas", "unmap_single_vma", "unmap_page_range", "zap_
                      "zap_present_ptes", "zap_present_folio_ptes"})
 
 
+def unmapping_mm(c: dict) -> str | None:
+    """The mm a CPU entry of :func:`on_cpu` is unmapping, or None: its
+    ``mm``, or in ``exit_mmap()`` (``current->mm`` already NULL) its
+    ``active_mm``."""
+    if not unmapping(c.get("stack")):
+        return None
+    if c.get("mm"):
+        return c["mm"]
+    return c.get("active_mm") if "exit_mmap" in c["stack"] else None
+
+
 def unmapping(stack) -> bool:
     """Is a kernel stack (innermost first) in the zap phase of ``munmap()``
     or ``exit_mmap()``? (:data:`UNMAP_CALLERS` above :data:`ZAPPERS`)."""
@@ -89,6 +100,11 @@ def on_cpu(prog, registers=None) -> list[dict]:
         e = {"cpu": cpu, "pid": t.tgid.value_(), "tid": tid,
              "comm": t.comm.string_().decode(errors="replace"),
              "mm": f"0x{mm:x}" if mm else None}
+        if not mm:
+            # exit_mm() clears current->mm before mmput() -> exit_mmap(): the
+            # mm being torn down is still the task's active_mm (lazy TLB)
+            amm = t.active_mm.value_()
+            e["active_mm"] = f"0x{amm:x}" if amm else None
         if cpu in stacks:
             e.update({k: stacks[cpu][k] for k in ("mode", "ip", "stack")})
         out.append(e)
@@ -166,7 +182,7 @@ def munmap_window(snap, bad_rows, cpus=None) -> str | None:
     if not off:
         return None
     det = snap.meta.get("unwalked_ptes") or {}
-    busy = {c["mm"]: c for c in cpus if c["mm"] and unmapping(c.get("stack"))}
+    busy = {unmapping_mm(c): c for c in cpus if unmapping_mm(c)}
     if det and busy:
         for n in off:
             extra = sum(det.get(mm, {}).get(n.kpfn, 0) for mm in busy)

@@ -843,8 +843,8 @@ def _unwalked_ptes(prog: Program, cpus) -> dict:
     when the walk reads none of the mm's PTEs: all of them. Until zapped,
     these mappings still count in their pages' mapcounts. Read in the same
     pause as the walk; empty when no CPU is unmapping."""
-    from ksmlens.lens.midupdate import unmapping
-    mms = sorted({int(c["mm"], 16) for c in cpus or () if c.get("mm") and unmapping(c.get("stack"))})
+    from ksmlens.lens.midupdate import unmapping_mm
+    mms = sorted({int(unmapping_mm(c), 16) for c in cpus or () if unmapping_mm(c)})
     if not mms:
         return {}
     w = _Walker(prog, live=False)

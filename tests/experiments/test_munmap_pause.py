@@ -61,10 +61,15 @@ class Gdb:
         self.p.stdin.write(line + "\n")
         self.p.stdin.flush()
 
-    def wait_for(self, pattern: str, timeout: float) -> str | None:
+    def mark(self) -> int:
+        """Where gdb's output stands: pass it to :meth:`wait_for` to see
+        what comes after a command sent next (a hit can print at once)."""
+        return len(self.out)
+
+    def wait_for(self, pattern: str, timeout: float, since: int) -> str | None:
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
-        seen = len(self.out)
+        seen = since
         while time.monotonic() < deadline:
             for line in self.out[seen:]:
                 if rx.search(line):
@@ -106,8 +111,9 @@ def test_a_pause_inside_munmap_is_explained_by_its_detached_ptes(lab):
                      f"(struct mm_struct *){mm:#x}")
             explained = None
             for attempt in range(6):
+                mark = gdb.mark()
                 gdb.send("continue")
-                hit = gdb.wait_for(r"Breakpoint \d+,|unmap_vmas \(", 120)
+                hit = gdb.wait_for(r"Breakpoint \d+,|unmap_vmas \(", 120, mark)
                 assert hit, "".join(gdb.out[-20:])
                 # the guest is stopped by gdb: walk this instant (no pause of our own)
                 snap = take_snapshot(prog, mode="consistent",
@@ -140,3 +146,51 @@ def test_a_pause_inside_munmap_is_explained_by_its_detached_ptes(lab):
             run.command(f"churn {pid} 0 0")
             ksmsys.set_knobs(vm, **saved)
 
+
+def test_a_pause_inside_exit_mmap_is_explained_by_its_unwalked_ptes(lab):
+    """The same for a process killed with merged pages: exit_mmap() zaps
+    with mm_users already 0, when the walk reads none of its PTEs."""
+    from drgn.helpers.linux.pid import find_task
+    vm = lab("union")
+    prog = attach(f"vm:{vm.name}")
+    with ScenarioRun(vm, "merge") as run:
+        run.start()
+        run.step("merged")
+        victim = run.pids()[1]
+        mm = find_task(prog, victim).mm.value_()
+        gdb = Gdb(vm)
+        try:
+            gdb.send(f"hbreak unmap_vmas if ((struct mmu_gather *)$rdi)->mm == "
+                     f"(struct mm_struct *){mm:#x}")
+            mark = gdb.mark()
+            gdb.send("continue")
+            time.sleep(2)
+            # the workload reaps it: its answer comes once gdb lets the guest go
+            killer = threading.Thread(target=lambda: run.command(f"kill {victim}", timeout=300),
+                                      daemon=True)
+            killer.start()
+            assert gdb.wait_for(r"Breakpoint \d+,|unmap_vmas \(", 120, mark), "".join(gdb.out[-20:])
+            snap = take_snapshot(prog, mode="consistent",
+                                 pause=lambda: contextlib.nullcontext(vm), retries=1)
+            cpus = snap.meta["on_cpu"]
+            # exit_mm() has set current->mm to NULL: the mm is its active_mm
+            me = [c for c in cpus if c["pid"] == victim]
+            assert me and me[0]["mm"] is None and me[0]["active_mm"] == f"0x{mm:x}", cpus
+            assert "exit_mmap" in me[0]["stack"], me
+            slot = next(s for s in snap.slots() if s.mm == f"0x{mm:x}")
+            assert slot.mm_users == 0
+            unwalked = snap.meta["unwalked_ptes"][f"0x{mm:x}"]
+            ksm = [n for n in snap.nodes()
+                   if n.kind in ("regular", "dup") and n.page_is_ksm and n.mapcount]
+            # every KSM page: the kernel's mapcount = the PTEs the walk read
+            # + the dying mm's, found in its page tables in this pause
+            assert ksm and all(n.mapcount == n.ptes + unwalked.get(n.kpfn, 0) for n in ksm)
+            assert sum(unwalked.get(n.kpfn, 0) for n in ksm) == 64   # its 64 merged pages
+            bad = [r for r in compare_paused(snap) if not r.ok]
+            assert {r.what for r in bad} == {"KSM pages: PTEs vs mapcount"}, bad
+            why = classify(snap, bad, cpus)
+            assert why and ("exit_mmap" in why), why
+            print(why)
+        finally:
+            gdb.close()
+            killer.join(timeout=60)
