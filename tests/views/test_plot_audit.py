@@ -1,7 +1,8 @@
 """An audit of every public figure of :mod:`ksmlens.views.plots` at a few
 hundred nodes (issue 12's standard): each Axes that draws data has a title
 (or the Figure a suptitle), a labelled x and y axis and a legend (its own or
-the Figure's), and on the drawn PNG no two tick labels of one axis overlap.
+the Figure's), and on the drawn figure no two tick labels of one axis, nor
+two of its texts (annotations, node labels), overlap by more than a fifth.
 
 The functions come from ``plots.__all__``, so a figure added later is
 audited too: it is called with the synthetic inputs below by the names of
@@ -168,16 +169,16 @@ def _axes_problems(fig: Figure) -> list[str]:
             bad.append(f"{who}: no y label")
         if ax.get_legend() is None and not fig_legend:
             bad.append(f"{who}: no legend")
-        for axis, labels in (("x", ax.get_xticklabels()), ("y", ax.get_yticklabels())):
-            boxes = sorted((t.get_window_extent(r) for t in labels
-                            if t.get_visible() and t.get_text().strip()),
-                           key=lambda b: (b.x0, b.y0))
+        for what, labels in (("x tick label", ax.get_xticklabels()),
+                             ("y tick label", ax.get_yticklabels()),
+                             ("text (annotation)", ax.texts)):
+            boxes = [t.get_window_extent(r) for t in labels
+                     if t.get_visible() and t.get_text().strip()]
             hits = sum(1 for a, b in itertools.combinations(boxes, 2)
-                       if a.overlaps(b) and _overlap_area(a, b) > 0.2 * min(
-                           a.width * a.height, b.width * b.height))
+                       if _overlap_area(a, b) > 0.2 * min(a.width * a.height,
+                                                          b.width * b.height))
             if hits:
-                bad.append(f"{who}: {hits} overlapping {axis} tick label pair(s) "
-                           f"of {len(boxes)}")
+                bad.append(f"{who}: {hits} overlapping {what} pair(s) of {len(boxes)}")
     return bad
 
 
@@ -232,5 +233,8 @@ def test_the_audit_finds_what_is_missing():
     ax.legend()
     ax.set_yticks(range(200), [f"label {k}" for k in range(200)])
     assert any("overlapping y tick label" in p for p in _axes_problems(fig))
+    ax.text(10, 10, "a note")
+    ax.text(10, 10, "a note too")
+    assert any("overlapping text (annotation) pair" in p for p in _axes_problems(fig))
     fig.suptitle("s")
     assert _axes_problems(F()) == ["no Axes draws data"]
