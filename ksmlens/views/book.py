@@ -200,7 +200,8 @@ def build_book(notebooks, out_dir=BOOK_DIR, *, title: str = TITLE,
 
     Writes a Sphinx project (``conf.py``, the generated ``index.md``, the
     notebooks, their first pictures) into ``out_dir/_src`` and runs
-    ``python -m sphinx -b html`` on it (a subprocess, ``timeout`` s).
+    ``python -m sphinx -b html`` on it (a subprocess, ``timeout`` s; its
+    warnings go to ``out_dir/_src/warnings.txt``).
     A previous book in ``out_dir`` is replaced; a non-empty ``out_dir`` that
     is no book is refused. Returns the path of ``index.html``.
 

@@ -82,6 +82,7 @@ def _soup(path: Path) -> BeautifulSoup:
 def test_index_lists_each_notebook_with_summary_and_first_picture(built):
     d, out, index, pngs = built
     assert index == out / "index.html"
+    assert (out / "_src" / "warnings.txt").read_text() == "", "Sphinx warned"
     soup = _soup(index)
     article = soup.select_one("article")
     heads = article.select("h2")
