@@ -67,7 +67,8 @@ exclude_patterns = ["_build"]
 
 def executed_paths(notebooks) -> list[Path]:
     """The ``.ipynb`` files named by ``notebooks``: a directory (its
-    ``*.ipynb``, sorted), one path, or an iterable of paths and directories.
+    ``*.ipynb``), one path, or an iterable of paths and directories; in the
+    order of their file names (``01-...``, ``02-...``), each once.
     Raises :class:`KsmlensError` for a path that does not exist or no
     notebook at all."""
     if isinstance(notebooks, (str, Path)):
@@ -85,7 +86,7 @@ def executed_paths(notebooks) -> list[Path]:
     if not out:
         raise KsmlensError("no executed notebooks to build a book from",
                            "run `ksmlens notebooks` first: it writes out/notebooks/NAME.ipynb")
-    return out
+    return sorted(dict.fromkeys(out), key=lambda p: p.name)    # 01-..., 02-...: the book's order
 
 
 def _title_and_body(source: str) -> tuple[str, str]:

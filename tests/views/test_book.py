@@ -154,13 +154,15 @@ def test_cli_builds_from_executed_notebooks(built, tmp_path):
     out.mkdir()
     (out / ".buildinfo").write_text("# Sphinx build info")   # a previous book: replaced
     (out / "stale.html").write_text("old")
-    r = subprocess.run([sys.executable, "-m", "ksmlens", "book", str(d / "01-first.ipynb"),
-                        str(d / "02-second.ipynb"), "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ksmlens", "book", str(d / "02-second.ipynb"),
+                        str(d / "01-first.ipynb"), "-o", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert f"book: {out / 'index.html'}" in r.stdout
     assert (out / "01-first.html").exists() and (out / "02-second.html").exists()
     assert not (out / "03-student.html").exists() and not (out / "stale.html").exists()
+    heads = _soup(out / "index.html").select("article h2 a.reference")
+    assert [a["href"] for a in heads] == ["01-first.html", "02-second.html"]   # by name
     r = subprocess.run([sys.executable, "-m", "ksmlens", "notebooks", "--help"],
                        capture_output=True, text=True, cwd=ROOT)
     assert "--book DIR" in r.stdout
