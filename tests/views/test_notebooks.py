@@ -197,8 +197,8 @@ def test_book_of_the_executed_notebooks_in_chromium(tmp_path):
             if s["learn"]:
                 assert "You will learn" in text, stem
             assert e["href"] == (BOOK / f"{stem}.html").as_uri()
-            assert first_image(nb) is not None, \
-                f"{stem} draws no figure (issue 12: every notebook shows its picture)"
+            picture = first_image(nb) is not None
+            assert picture, f"{stem} draws no figure (issue 12: every notebook shows its picture)"
             assert len(e["imgs"]) == 1 and e["imgs"][0]["ok"], (stem, e["imgs"])
 
         # every page: its figures loaded, no error, exercise solutions collapsed
