@@ -15,8 +15,8 @@ Exercise cells follow the tags of :mod:`ksmlens.views.notebook`: a cell
 tagged ``hide-input`` (the hidden ``exercise-check`` cells) shows its output
 with its source collapsed (myst-nb's ``<details>``); an ``exercise`` cell
 holding its solution (a ``run_notebook(..., solutions=True)`` run) is shown
-collapsed the same way; the prompts say which is the solution and which the
-check.
+collapsed the same way, below the student's cell as it was (open); the
+prompts say which is the solution and which the check.
 
 >>> from ksmlens.views.book import build_book
 >>> build_book("out/notebooks", "out/book")          # doctest: +SKIP
@@ -151,15 +151,23 @@ def _executed(nb) -> bool:
 def _for_the_book(nb):
     """A copy of ``nb`` for the book: an ``exercise`` cell whose source is its
     ``metadata.ksmlens.solution`` (a test run) gets the ``hide-input`` tag,
-    and it and the ``exercise-check`` cells get prompts that say what is
-    collapsed (myst-nb's cell-level ``mystnb.code_prompt_show``)."""
+    and before it, open, the student's cell as it was
+    (``metadata.ksmlens.student_source``, which ``run_notebook(...,
+    solutions=True)`` keeps: the question in its comments, ``answer = ...``).
+    The solution and the ``exercise-check`` cells get prompts that say what
+    is collapsed (myst-nb's cell-level ``mystnb.code_prompt_show``)."""
+    import nbformat
     nb = copy.deepcopy(nb)
+    cells = []
     for c in nb.cells:
         md = c.get("metadata", {})
         tags = md.get("tags", [])
         ex = md.get("ksmlens", {})
         if "exercise" in tags and ex.get("solution") and \
                 c.source.strip() == ex["solution"].strip():
+            if ex.get("student_source", "").strip():
+                cells.append(nbformat.v4.new_code_cell(
+                    ex["student_source"], metadata={"tags": ["exercise-question"]}))
             if "hide-input" not in tags:
                 md["tags"] = tags = [*tags, "hide-input"]
             md["mystnb"] = {**md.get("mystnb", {}),
@@ -170,6 +178,8 @@ def _for_the_book(nb):
             md["mystnb"] = {**md.get("mystnb", {}),
                             "code_prompt_show": "Show the check (it asks the kernel)",
                             "code_prompt_hide": "Hide the check"}
+        cells.append(c)
+    nb.cells = cells
     return nb
 
 

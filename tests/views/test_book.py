@@ -51,7 +51,9 @@ def _notebook(title: str, png: bytes | None, learn=True, exercise="01-1"):
             "image/png": base64.b64encode(png).decode(), "text/plain": "<Figure>"})]
         nb.cells.append(c)
     nb.cells.append(new_code_cell("answer = 16", execution_count=3, metadata={
-        "tags": ["exercise"], "ksmlens": {"exercise": exercise, "solution": "answer = 16"}}))
+        "tags": ["exercise"], "ksmlens": {
+            "exercise": exercise, "solution": "answer = 16",
+            "student_source": f"# Exercise {exercise}. How many KSM pages?\nanswer = ..."}}))
     c = new_code_cell(f"check_answer({exercise!r}, answer, int(open('pages_shared').read()))",
                       execution_count=4, metadata={"tags": ["exercise-check", "hide-input"],
                                                    "jupyter": {"source_hidden": True}})
@@ -114,7 +116,12 @@ def test_notebook_page_collapses_solution_and_check(built):
     assert "pages_shared 16" in soup.get_text()
     imgs = soup.select(".cell_output img")
     assert len(imgs) == 1 and (out / imgs[0]["src"]).read_bytes() == pngs["01-first"]
+    # the student's cell, open, then the solution, collapsed
+    question = soup.select_one(".cell.tag_exercise-question")
+    assert "Exercise 01-1. How many KSM pages?" in question.get_text()
+    assert "answer = ..." in question.get_text() and question.select("details") == []
     sol = soup.select_one(".cell.tag_exercise")
+    assert question in sol.find_all_previous(class_="tag_exercise-question")
     det = sol.select_one("details")
     assert "answer = 16" in det.get_text() and not det.has_attr("open")
     assert "Show the solution of exercise 01-1" in det.summary.get_text()
@@ -130,8 +137,10 @@ def test_notebook_page_collapses_solution_and_check(built):
 
 def test_a_student_answer_stays_open(built):
     d, out, index, pngs = built
-    cell = _soup(out / "03-student.html").select_one(".cell.tag_exercise")
+    soup = _soup(out / "03-student.html")
+    cell = soup.select_one(".cell.tag_exercise")
     assert cell.select("details") == [] and "answer = ..." in cell.get_text()
+    assert soup.select(".cell.tag_exercise-question") == []       # shown once
 
 
 def test_refuses_unexecuted_and_foreign_dirs(tmp_path, built):

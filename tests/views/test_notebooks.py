@@ -122,6 +122,8 @@ return {
   solutions: [...art.querySelectorAll('.cell.tag_exercise')].map(c => ({
       collapsed: !!c.querySelector('details:not([open])'),
       summary: (c.querySelector('details summary') || {}).innerText || ''})),
+  questions: [...art.querySelectorAll('.cell.tag_exercise-question')].map(c => ({
+      text: c.innerText, open: !c.querySelector('details')})),
   links: [...document.querySelectorAll('a[href]')].map(a => a.href),
 };
 """
@@ -213,6 +215,9 @@ def test_book_of_the_executed_notebooks_in_chromium(tmp_path):
             n_ex = sum(1 for c in nb.cells if "exercise" in c.metadata.get("tags", []))
             assert len(st["solutions"]) == n_ex
             assert all(x["collapsed"] and "solution" in x["summary"] for x in st["solutions"])
+            # above each solution, open, the student's cell (its question, answer = ...)
+            assert len(st["questions"]) == n_ex
+            assert all(q["open"] and "answer = ..." in q["text"] for q in st["questions"])
             driver.save_screenshot(str(tmp_path / f"book-{stem}.png"))
             # links: every link into the book leads to one of its files
             for url in st["links"]:
