@@ -5,11 +5,14 @@
 #                       build + boot the default kernel variant, run the
 #                       mremap scenario, print the kernel's KSM counters;
 #                       then execute notebooks/*.ipynb against a VM into
-#                       out/notebooks/*.html
+#                       out/notebooks/*.html (and the executed *.ipynb), and
+#                       build them as a static site, the book: out/book/
 #   ./setup.sh --deps   install only (what .ci/run uses)
 #
 # Installs Debian packages (kernel source, QEMU, build tools), creates the
-# git-ignored venv .venv/ with ksmlens in editable mode; `ksmlens` is then
+# git-ignored venv .venv/ with ksmlens in editable mode and pyproject.toml's
+# pinned dependencies (drgn, the notebooks' Jupyter, the book's Sphinx +
+# myst-nb + sphinx-book-theme, selenium for the browser tests); `ksmlens` is then
 # .venv/bin/ksmlens. Kernel builds are cached in ~/.cache/ksmlens.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,8 +54,9 @@ if [ "${1:-}" = "--deps" ]; then
 fi
 .venv/bin/ksmlens demo
 # The notebooks, executed top to bottom against the default VM (booted for
-# them and powered off after, or reused if it is up).
-.venv/bin/ksmlens notebooks
-echo "setup: done. The executed notebooks: $(pwd)/out/notebooks/*.html (open them in a browser)."
+# them and powered off after, or reused if it is up), then the book of them.
+.venv/bin/ksmlens notebooks --book out/book
+echo "setup: done. The executed notebooks: $(pwd)/out/notebooks/*.html, and as a book:"
+echo "setup: $(pwd)/out/book/index.html (open them in a browser)."
 echo "setup: to run them yourself: .venv/bin/jupyter lab notebooks/  (it prints a"
 echo "setup: http://localhost:8888/lab?token=... link; as root add --allow-root)"

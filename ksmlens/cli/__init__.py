@@ -9,6 +9,7 @@
     ksmlens scenario run NAME             run one to its merged state, checked
     ksmlens demo                          build, boot, run mremap, print counters
     ksmlens notebooks [NOTEBOOK...]       execute notebooks/*.ipynb against a VM into HTML
+    ksmlens book [IPYNB...] [-o DIR]      the executed notebooks as a static site (Sphinx)
     ksmlens snapshot [-o FILE.json]       walk KSM state with drgn (guest paused)
     ksmlens report [--snapshot FILE]      stable nodes and processes, as tables
     ksmlens replay                        which mappings each rmap walk rule misses

@@ -4,6 +4,7 @@
     ksmlens scenario list|run              workloads that put KSM in a known state
     ksmlens demo                           build, boot, run mremap, print counters
     ksmlens notebooks                      execute notebooks/*.ipynb against a VM
+    ksmlens book                           the executed notebooks as a static site
 """
 
 from __future__ import annotations
@@ -263,18 +264,23 @@ def _notebook_args():
             arg("--out", "-o", default=str(OUT_DIR), metavar="DIR",
                 help="directory for the HTML (default: out/notebooks of the checkout)"),
             arg("--timeout", type=float, default=900,
-                help="seconds one cell may take (default 900: TCG is slow)"))
+                help="seconds one cell may take (default 900: TCG is slow)"),
+            arg("--book", metavar="DIR",
+                help="then build the executed notebooks as a static site (Sphinx) into DIR"))
 
 
 @COMMANDS.command(
     "notebooks", help="execute the notebooks against a VM, into HTML",
     description="Execute notebooks/*.ipynb (or the ones named) top to bottom with nbclient "
     "against one lab VM (reused if up, else booted and powered off at the end), writing "
-    "out/notebooks/NAME.html. To work in them yourself: .venv/bin/jupyter lab notebooks/",
+    "out/notebooks/NAME.html and the executed out/notebooks/NAME.ipynb; with --book DIR, "
+    "then the book of them (`ksmlens book`). To work in them yourself: "
+    ".venv/bin/jupyter lab notebooks/",
     args=_notebook_args)
 def notebooks(a):
     """Execute the notebooks against one VM (booted once if not up) into HTML."""
     from pathlib import Path
+    import nbformat
     from ksmlens.views.notebook import Lab, notebook_paths, run_notebook
     paths = [Path(p) for p in a.notebooks] or notebook_paths()
     if not paths:
@@ -290,8 +296,11 @@ def notebooks(a):
         for p in paths:
             html = out / (p.stem + ".html")
             t = time.monotonic()
+            executed = out / p.name
+            executed.unlink(missing_ok=True)       # a failed run leaves no stale one
             try:
-                run_notebook(p, html, timeout=a.timeout, vm=a.name)
+                nb = run_notebook(p, html, timeout=a.timeout, vm=a.name)
+                nbformat.write(nb, executed)
                 print(f"notebooks: {p.name} ran in {time.monotonic() - t:.0f} s -> {html}")
             except KsmlensError as e:
                 failed.append(p.name)
@@ -301,4 +310,31 @@ def notebooks(a):
     print(f"notebooks: {len(paths) - len(failed)}/{len(paths)} ran in "
           f"{time.monotonic() - t0:.0f} s; HTML in {out}/ (open in a browser). "
           f"Run them yourself: .venv/bin/jupyter lab notebooks/")
+    if a.book:
+        from ksmlens.views.book import build_book
+        done = [out / p.name for p in paths if p.name not in failed]
+        if done:
+            print(f"notebooks: the book -> {build_book(done, a.book)}")
     return 1 if failed else 0
+
+
+@COMMANDS.command(
+    "book", help="the executed notebooks as a static site (Sphinx + myst-nb)",
+    description="Build executed notebooks (the out/notebooks/NAME.ipynb that `ksmlens "
+    "notebooks` writes) into a static site readable in any browser: index.html lists each "
+    "notebook with its summary and first figure, NAME.html is the notebook. Nothing is "
+    "executed; no VM is needed.",
+    args=lambda: (arg("executed", nargs="*", metavar="IPYNB_OR_DIR",
+                      help="executed notebooks or directories of them "
+                           "(default: out/notebooks of the checkout)"),
+                  arg("--out", "-o", default=None, metavar="DIR",
+                      help="directory for the site (default: out/book of the checkout; "
+                           "a previous book there is replaced)")))
+def book(a):
+    """Build the book from already executed notebooks."""
+    from ksmlens.views.book import BOOK_DIR, build_book
+    from ksmlens.views.notebook import OUT_DIR
+    t0 = time.monotonic()
+    index = build_book(a.executed or [OUT_DIR], a.out or BOOK_DIR)
+    print(f"book: {index} in {time.monotonic() - t0:.0f} s (open it in a browser)")
+    return 0

@@ -180,8 +180,11 @@ def run_notebook(path, html: Path | str | None = None, *, timeout: float = 900,
     directory, with ``$KSMLENS_VM`` set to ``vm``; write HTML to ``html``.
 
     ``solutions``: put each exercise's solution in its cell (see
-    :func:`exercises`) and run with ``$KSMLENS_EXERCISES=strict``, so a
-    solution the kernel no longer agrees with fails the run.
+    :func:`exercises`; the student's source is kept in the cell's
+    ``metadata.ksmlens.student_source``, which :mod:`ksmlens.views.book`
+    shows above the collapsed solution) and run with
+    ``$KSMLENS_EXERCISES=strict``, so a solution the kernel no longer agrees
+    with fails the run.
 
     Returns the executed notebook. Raises :class:`KsmlensError` naming the
     failing cell on the first error (the HTML, if asked for, is written anyway).
@@ -193,7 +196,9 @@ def run_notebook(path, html: Path | str | None = None, *, timeout: float = 900,
     nb = nbformat.read(path, as_version=4)
     if solutions:
         for ex in exercises(nb):
-            nb.cells[ex["cell"]].source = ex["solution"]
+            cell = nb.cells[ex["cell"]]
+            cell.metadata["ksmlens"]["student_source"] = cell.source   # the book shows it
+            cell.source = ex["solution"]
     saved = {k: os.environ.get(k) for k in (ENV_VM, ENV_EXERCISES)}
     if vm:
         os.environ[ENV_VM] = vm

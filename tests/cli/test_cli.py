@@ -21,7 +21,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("args", [[], ["vm"], ["vm", "build"], ["vm", "up"], ["vm", "run"],
                                   ["vm", "status"], ["vm", "down"], ["scenario"],
-                                  ["scenario", "run"], ["demo"], ["notebooks"]])
+                                  ["scenario", "run"], ["demo"], ["notebooks"], ["book"]])
 def test_help_everywhere(args):
     r = run_cli(*args, "--help")
     assert r.returncode == 0, r.stderr
