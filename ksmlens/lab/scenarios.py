@@ -153,6 +153,12 @@ class ScenarioRun:
 
     # -- lifecycle
     def start(self) -> dict:
+        if self.handle is not None:
+            # a second workload would replace the first's handle, and stop()
+            # could no longer end the first: its processes would stay merged
+            raise KsmlensError(f"scenario {self.scenario.name} is already running "
+                               "(`with ScenarioRun(...)` starts it)",
+                               "call start() once, or stop() first")
         missing_need(self.vm, self.scenario)
         binary = workload_binary()
         knobs = dict(FAST_KNOBS)

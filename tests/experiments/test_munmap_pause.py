@@ -98,7 +98,6 @@ def test_a_pause_inside_munmap_is_explained_by_its_detached_ptes(lab):
     vm = lab("union")
     prog = attach(f"vm:{vm.name}")
     with ScenarioRun(vm, "merge") as run:
-        run.start()
         run.step("merged")
         pid = run.pids()[0]
         saved = ksmsys.set_knobs(vm, pages_to_scan=2000, sleep_millisecs=10)
@@ -154,7 +153,6 @@ def test_a_pause_inside_exit_mmap_is_explained_by_its_unwalked_ptes(lab):
     vm = lab("union")
     prog = attach(f"vm:{vm.name}")
     with ScenarioRun(vm, "merge") as run:
-        run.start()
         run.step("merged")
         victim = run.pids()[1]
         mm = find_task(prog, victim).mm.value_()

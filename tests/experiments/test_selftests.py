@@ -58,10 +58,15 @@ def test_summary_line_shows_classified_states_apart():
 
 
 def _disagreements(doc) -> str:
-    """The summary and every disagreeing pause whole: rows, ksmd, and what
-    each CPU ran with its kernel stack, so a failure says what it saw."""
+    """The summary, the last lines of every failed run of the kernel's
+    tests, and every disagreeing pause whole: rows, ksmd, and what each CPU
+    ran with its kernel stack, so a failure says what it saw."""
     lines = [doc["summary"]]
     for s in doc["suites"]:
+        for r in s["runs"]:
+            if r["rc"] not in (0, 4) or r["failed"]:
+                lines.append(f"{s['name']} {r['mode']}: rc {r['rc']}: "
+                             + " | ".join(r["output"][-8:]))
         for c in s["checks"]:
             if c["outcome"] == "disagree":
                 lines.append(json.dumps({k: c.get(k) for k in (
@@ -331,7 +336,6 @@ def test_paused_stacks_are_the_running_tasks_own(lab):
     prog = attach(f"vm:{vm.name}")
     seen_ksmd = seen_idle = 0
     with ScenarioRun(vm, "chain") as run:
-        run.start()
         for _ in range(40):
             with vm.paused():
                 regs = vm.cpu_registers()
