@@ -161,3 +161,14 @@ def test_guest_that_never_comes_up_is_reported(tmp_path):
     assert not (vms_root() / "test-never" / "state.json").exists()
     out = subprocess.run(["pgrep", "-f", "vms/test-never/"], capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_scenario_starts_once():
+    """A second start() would replace the first workload's handle, and
+    stop() could no longer end it: refused before the guest is touched."""
+    from ksmlens.errors import KsmlensError
+    from ksmlens.lab.scenarios import ScenarioRun
+    run = ScenarioRun(object(), "merge")
+    run.handle = 7                       # as start() leaves it
+    with pytest.raises(KsmlensError, match="already running"):
+        run.start()
