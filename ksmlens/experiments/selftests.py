@@ -140,7 +140,7 @@ def build_selftests(*, force: bool = False, quiet: bool = False) -> dict[str, Pa
     if not Path("/usr/include/numa.h").exists():
         raise KsmlensError("numa.h not found: ksm_tests needs libnuma-dev",
                            "apt-get install libnuma-dev (./setup.sh does it)")
-    tarball = kbuild._need_tarball()
+    tarball = kbuild.source_tarball()
     with BuildLock(cache_root() / "selftests" / "build.lock", "selftests build"):
         if not force and (top / "meta.json").exists() and all(p.exists() for p in want.values()):
             return want

@@ -43,7 +43,7 @@ from ksmlens.lab.paths import cache_root, vm_data
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
            "fragments", "kconfig_symbols", "unset_lines",
-           "find_kernel", "build", "source_version", "variant_of_release"]
+           "find_kernel", "build", "source_tarball", "source_version", "variant_of_release"]
 
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
 
@@ -140,7 +140,12 @@ class Kernel:
         return self.bzimage.parent
 
 
-def _need_tarball(source: Source) -> Path:
+def source_tarball(source: str | Source | None = None) -> Path:
+    """The ``.tar.xz`` of kernel source ``source`` (a :data:`SOURCES` name or
+    record, None: the default), as its Debian package installs it under
+    ``/usr/src``. :class:`KsmlensError` naming the package to install when it
+    is missing."""
+    source = get_source(source)
     if not source.tarball.exists():
         raise KsmlensError(f"{source.tarball} not found ({source.package} is not installed)",
                            f"run `apt-get install {source.package}` (./setup.sh does it)")
@@ -151,7 +156,7 @@ def source_version(source: str | Source | None = None) -> str:
     """The Debian package version of the kernel source, e.g. 6.12.117-1~deb12u1
     (``source``: a :data:`SOURCES` name, None for the default)."""
     source = get_source(source)
-    tarball = _need_tarball(source)
+    tarball = source_tarball(source)
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", source.package],
                              capture_output=True, text=True, check=True).stdout
@@ -321,7 +326,7 @@ def _source_tree(source: Source, log) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         log(f"extracting {source.tarball} ({ver})")
-        subprocess.run(["tar", "xJf", str(_need_tarball(source)), "-C", str(tmp)], check=True)
+        subprocess.run(["tar", "xJf", str(source_tarball(source)), "-C", str(tmp)], check=True)
         (top,) = list(tmp.iterdir())
         shutil.rmtree(src, ignore_errors=True)
         top.rename(src)
