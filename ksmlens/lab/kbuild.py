@@ -43,7 +43,7 @@ from ksmlens.lab.paths import cache_root, vm_data
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
            "fragments", "kconfig_symbols", "unset_lines",
-           "find_kernel", "build", "source_tarball", "source_version", "variant_of_release"]
+           "find_kernel", "build", "make", "configure", "Progress", "source_tarball", "source_version", "variant_of_release"]
 
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
 
@@ -360,7 +360,11 @@ def _apply_patches(src: Path, variant: Variant, source: Source, log) -> None:
     _stamp.write_text(variant.name)
 
 
-def _make(src: Path, tree: Path, args: list[str], logf, progress=None) -> None:
+def make(src: Path, tree: Path, args: list[str], logf, progress=None) -> None:
+    """``make O=tree ARCH=x86_64 ARGS`` in the source ``src``, its output into
+    the open log ``logf`` (and each line to ``progress``, a :class:`Progress`,
+    if given). :class:`KsmlensError` with the first error line on failure.
+    Used by :func:`build` and :func:`ksmlens.lab.owntree.build_own`."""
     cmd = ["make", f"O={tree}", "ARCH=x86_64"] + args
     logf.write(f"$ {' '.join(cmd)}\n")
     logf.flush()
@@ -380,7 +384,7 @@ def _make(src: Path, tree: Path, args: list[str], logf, progress=None) -> None:
                            f"full log: {logf.name}")
 
 
-def _configure(src: Path, tree: Path, source: Source, logf, log) -> None:
+def configure(src: Path, tree: Path, source: Source, logf, log) -> None:
     """(Re)create tree/.config from allnoconfig + our fragments; verify that
     every line stuck (or names a symbol this source does not define)."""
     frags = fragments(source)
@@ -390,14 +394,14 @@ def _configure(src: Path, tree: Path, source: Source, logf, log) -> None:
         return
     log(f"configuring (allnoconfig + {' + '.join('vm/config/' + f.name for f in frags)})")
     tree.mkdir(parents=True, exist_ok=True)
-    _make(src, tree, ["allnoconfig"], logf)
+    make(src, tree, ["allnoconfig"], logf)
     r = subprocess.run([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(tree),
                         str(tree / ".config"), *map(str, frags)], cwd=src,
                        capture_output=True, text=True)
     logf.write(r.stdout + r.stderr)
     if r.returncode:
         raise KsmlensError("merging the config fragment failed", f"see {logf.name}")
-    _make(src, tree, ["olddefconfig"], logf)
+    make(src, tree, ["olddefconfig"], logf)
     lines = [l for f in frags for l in f.read_text().splitlines()]
     missing, absent = unset_lines((tree / ".config").read_text(), lines,
                                   kconfig_symbols(src))
@@ -410,8 +414,9 @@ def _configure(src: Path, tree: Path, source: Source, logf, log) -> None:
     stamp.write_bytes(want)
 
 
-class _Progress:
-    """Counts compiled objects; prints a line now and then (stderr)."""
+class Progress:
+    """Counts compiled objects of a :func:`make`; prints a line now and then
+    (stderr): every second on a terminal, every 30 s otherwise."""
 
     def __init__(self, name: str, expected: int | None, stream=sys.stderr):
         self.name, self.expected, self.stream = name, expected, stream
@@ -479,14 +484,14 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
         t0 = time.monotonic()
         with open(tmp_out / "build.log", "w", buffering=1) as logf:
             _apply_patches(src, v, src_rec, log)
-            _configure(src, tree, src_rec, logf, log)
+            configure(src, tree, src_rec, logf, log)
             counts = tree / ".ksmlens-objcount"
             expected = int(counts.read_text()) if counts.exists() else None
-            prog = None if quiet else _Progress(v.name, expected)
+            prog = None if quiet else Progress(v.name, expected)
             localversion = f"LOCALVERSION=-{v.name}"
             jobs = jobs or (os.cpu_count() or 1) + 1
             log(f"building {src_rec.name} {v.name} in {tree} (log: {out}/build.log)")
-            _make(src, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
+            make(src, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
             if prog:
                 prog.show("done", end=True)
                 if prog.count > 500:

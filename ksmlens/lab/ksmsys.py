@@ -15,7 +15,7 @@ from ksmlens.kernel import sysfs
 from ksmlens.kernel.pgtable import PAGE_SIZE
 from ksmlens.kernel.sysfs import COUNTERS, KNOBS, KSM_SYSFS
 
-__all__ = ["KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
+__all__ = ["parse_kv", "KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
            "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
            "read_smaps_ksm", "read_smaps_rollup", "read_pfns", "read_vmstat", "ensure_swap",
            "reclaim_pages", "set_run", "held", "knobs_set"]
@@ -63,7 +63,7 @@ def read_ksm_stat(vm, pids) -> dict:
     files = vm.read_files(paths=paths)
     out = {}
     for p in pids:
-        st = _parse_kv(files.get(f"/proc/{p}/ksm_stat"))
+        st = parse_kv(files.get(f"/proc/{p}/ksm_stat"))
         merging = files.get(f"/proc/{p}/ksm_merging_pages")
         if st and "ksm_merging_pages" not in st and merging and merging.strip().isdigit():
             st["ksm_merging_pages"] = int(merging)
@@ -71,7 +71,7 @@ def read_ksm_stat(vm, pids) -> dict:
     return out
 
 
-def _parse_kv(text) -> dict:
+def parse_kv(text) -> dict:
     res = {}
     for line in (text or "").splitlines():
         if line.strip():
@@ -96,7 +96,7 @@ def read_smaps_ksm(vm, pids) -> dict[int, int]:
     res, missing = {}, []
     for p in pids:
         text = files.get(f"/proc/{p}/smaps_rollup")
-        kv = _parse_kv(text)
+        kv = parse_kv(text)
         if "KSM" in kv:
             res[p] = int(str(kv["KSM"]).split()[0]) * 1024 // PAGE_SIZE   # kB -> pages
         elif text:
@@ -127,7 +127,7 @@ def read_smaps_rollup(vm, pids) -> dict[int, dict]:
     files = vm.read_files(paths=[f"/proc/{p}/smaps_rollup" for p in pids]) if pids else {}
     out = {}
     for p in pids:
-        kv = _parse_kv(files.get(f"/proc/{p}/smaps_rollup"))
+        kv = parse_kv(files.get(f"/proc/{p}/smaps_rollup"))
         out[p] = {k: int(str(v).split()[0]) for k, v in kv.items()
                   if str(v).split()[:1] and str(v).split()[0].isdigit()}
     return out
@@ -146,7 +146,7 @@ def ksm_pids(vm) -> list[int]:
     files = vm.read_files(globs=["/proc/[0-9]*/ksm_stat"])
     out = []
     for path, text in files.items():
-        kv = _parse_kv(text)
+        kv = parse_kv(text)
         if any(kv.get(k) for k in ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")):
             out.append(int(path.split("/")[2]))
     return sorted(out)

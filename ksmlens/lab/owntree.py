@@ -458,12 +458,12 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
         tmp_out.mkdir(parents=True)
         tb = time.monotonic()
         with open(tmp_out / "build.log", "w", buffering=1) as logf:
-            kbuild._configure(copy, tree, source, logf, log)
-            prog = None if quiet else kbuild._Progress(name, None)
+            kbuild.configure(copy, tree, source, logf, log)
+            prog = None if quiet else kbuild.Progress(name, None)
             localversion = f"LOCALVERSION=-{name}"
             jobs = jobs or (os.cpu_count() or 1) + 1
             log(f"building {name} ({src}) in {tree} (log: {out}/build.log)")
-            kbuild._make(copy, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
+            kbuild.make(copy, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
             if prog:
                 prog.show("done", end=True)
             release = subprocess.run(

@@ -878,7 +878,7 @@ def _clone_vm(run: ScenarioRun) -> dict:
     threads = {int(p.split("/")[4]) for p in f if "/task/" in p}
     _check(tgid == cpid and cpid not in threads,
            f"clone-vm: pid {cpid} has Tgid {tgid}, threads of {pid}: {sorted(threads)}")
-    a, b = (ksmsys._parse_kv(f[f"/proc/{p}/ksm_stat"]) for p in (pid, cpid))
+    a, b = (ksmsys.parse_kv(f[f"/proc/{p}/ksm_stat"]) for p in (pid, cpid))
     _check(a == b and a.get("ksm_merging_pages", 0) >= run.pages_of(pid),
            f"clone-vm: ksm_stat of {pid} {a} and of its CLONE_VM child {cpid} {b}")
     return {"pid": pid, "clone_vm": cpid, "ksm_stat": a}

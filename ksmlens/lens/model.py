@@ -42,7 +42,7 @@ import pandas as pd
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.rules import RULES
 
-__all__ = ["SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot",
+__all__ = ["column_values", "SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot",
            "ITEM_COLUMNS", "NODE_COLUMNS", "SLOT_COLUMNS", "MAPPING_COLUMNS",
            "ORPHAN_COLUMNS"]
 
@@ -282,7 +282,7 @@ def table(data: dict, columns: dict) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _col(df: pd.DataFrame, c: str) -> list:
+def column_values(df: pd.DataFrame, c: str) -> list:
     """A column as Python values, None for missing."""
     s = df[c]
     if s.dtype == object:
@@ -492,20 +492,20 @@ def _node_lists(nodes: list[StableNode]):
 def _item_records(df: pd.DataFrame) -> list[RmapItem]:
     names = [f.name for f in fields(RmapItem)]
     cols = []
-    walks = list(zip(*[_col(df, f"walk_{r}") for r in RULES])) if len(df) else []
+    walks = list(zip(*[column_values(df, f"walk_{r}") for r in RULES])) if len(df) else []
     for n in names:
         if n == "walk":
             cols.append([None if w == (None, None, None) else dict(zip(RULES, w))
                          for w in walks])
         else:
-            cols.append(_col(df, n))
+            cols.append(column_values(df, n))
     return [RmapItem(*row) for row in zip(*cols)]   # walk None: no VMA, nothing answered
 
 
 def _node_records(snap: Snapshot, mappings: bool = True) -> list[StableNode]:
     df = snap.stable_nodes
     names = [f.name for f in fields(StableNode) if f.name not in _NODE_DERIVED]
-    cols = {n: _col(df, n) for n in names}
+    cols = {n: column_values(df, n) for n in names}
     unm = {r: df[f"unmappable_{r}"].tolist() for r in RULES}
     # items per node, in hlist order
     it = snap.rmap_items
@@ -562,7 +562,7 @@ def _mapping_dict(r: dict) -> dict:
 def _rows_by(df: pd.DataFrame, key: str, make) -> dict:
     if not len(df):
         return {}
-    cols = {c: _col(df, c) for c in df.columns}
+    cols = {c: column_values(df, c) for c in df.columns}
     out: dict = {}
     for k in range(len(df)):
         r = {c: v[k] for c, v in cols.items()}
@@ -573,7 +573,7 @@ def _rows_by(df: pd.DataFrame, key: str, make) -> dict:
 def _slot_records(snap: Snapshot) -> list[MmSlot]:
     df = snap.mm_slots
     names = [f.name for f in fields(MmSlot) if f.name not in _SLOT_DERIVED]
-    cols = {n: _col(df, n) for n in names}
+    cols = {n: column_values(df, n) for n in names}
     it = snap.rmap_items
     items_of = _ids_by(it, "mm")
     out = []

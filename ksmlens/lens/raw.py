@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ksmlens.lens.model import KernelInfo
+from ksmlens.lens.model import NOT_VISITED as model_NOT_VISITED, PTE_KINDS, KernelInfo
 
-__all__ = ["Raw", "hex_ids", "hex_categories", "release_memory"]
+__all__ = ["Raw", "hex_ids", "hex_categories", "release_memory", "hx", "masked",
+           "PTE_NAMES", "PTE_UNREAD", "NOT_VISITED", "NOT_VISITED_CODE"]
 
 
 def release_memory() -> None:
@@ -38,7 +39,7 @@ _trim = None
 _U = np.uint64
 
 
-def _hx(v: int | None) -> str | None:
+def hx(v: int | None) -> str | None:
     return None if not v else f"0x{v:x}"
 
 
@@ -86,7 +87,7 @@ class Raw:
     races: dict = field(default_factory=dict)
     # ids: kernel addresses here; a snapshot's own string ids when replaying
     # its tables (replay_tables): name(int) -> id, key(id) -> int, ids(array)
-    name: object = _hx
+    name: object = hx
     key: object = staticmethod(lambda s: int(s, 16))
     ids: object = None
 
@@ -98,17 +99,16 @@ class Raw:
 
 
 # pte column codes: the model's PTE_KINDS order
-_PTE_NAMES = ("unread", "none", "present", "prot_none", "swap", "zero", "ksm_zero")
-_PTE_UNREAD = 0
-_NOT_VISITED = ("mm_exited", "no_vma", "not_mergeable", "no_anon_vma", "no_page", "swapped",
-                "zero_page", "special", "not_anon")
-_NV = {n: k for k, n in enumerate(_NOT_VISITED)}
+PTE_NAMES = PTE_KINDS
+PTE_UNREAD = 0
+NOT_VISITED = model_NOT_VISITED
+NOT_VISITED_CODE = {n: k for k, n in enumerate(NOT_VISITED)}
 
 
 _NUMPY_OF = {"Int64": np.int64, "UInt64": np.uint64, "Int32": np.int32, "boolean": np.bool_}
 
 
-def _masked(values, valid, dtype):
+def masked(values, valid, dtype):
     """A nullable pandas array of ``values`` (None where not ``valid``)
     that shares ``values``' memory when its numpy dtype already matches."""
     mask = ~np.asarray(valid, dtype=bool)

@@ -17,9 +17,9 @@ from ksmlens.kernel import rules
 from ksmlens.kernel.rmap_walk import candidates
 from ksmlens.kernel.rules import RULES
 from ksmlens.lens.model import MAPPING_COLUMNS, NODE_COLUMNS, Snapshot, table
-from ksmlens.lens.raw import Raw, _masked, release_memory
+from ksmlens.lens.raw import Raw, masked, release_memory
 
-__all__ = ["avc_table", "replay_tables"]
+__all__ = ["avc_table", "replay_tables", "replay_raw", "visit_pairs", "node_kpfn_of_pairs"]
 
 _U = np.uint64
 
@@ -58,7 +58,7 @@ def avc_table(anon_vmas: dict) -> dict:
             "vm_end": np.array(ve, dtype=u), "vm_pgoff": np.array(pg, dtype=u)}
 
 
-def _pairs(raw: Raw) -> dict:
+def visit_pairs(raw: Raw) -> dict:
     """The pairs ``rmap_walk_ksm()`` visits for every KSM page
     (:func:`ksmlens.kernel.rmap_walk.candidates`) from the items and the
     recorded anon_vma trees, plus ``avcs`` (:func:`avc_table`) and
@@ -88,7 +88,7 @@ def _pairs(raw: Raw) -> dict:
     return c
 
 
-def _node_kpfn_of_pairs(raw: Raw, c: dict) -> np.ndarray:
+def node_kpfn_of_pairs(raw: Raw, c: dict) -> np.ndarray:
     naddr = raw.nodes["addr"]
     if not naddr.size:
         return np.zeros(c["item"].size, np.uint64)
@@ -146,11 +146,11 @@ def _owners(raw: Raw, mm: np.ndarray):
     j = np.minimum(np.searchsorted(smm[o], mm), smm.size - 1)
     found = smm[o][j] == mm
     k = o[j]
-    pid = _masked(spid[k], found & (spid[k] >= 0), "Int64")
+    pid = masked(spid[k], found & (spid[k] >= 0), "Int64")
     return pid, pd.Categorical.from_codes(np.where(found, scode[k], -1), categories=cats)
 
 
-def _replay(raw: Raw):
+def replay_raw(raw: Raw):
     """The stable_nodes table and the replayed mappings: per KSM page, the
     stock walk's (mm, address) pairs in the kernel's order with what each
     rule finds; per stable item, whether each rule finds its own mapping."""
@@ -225,9 +225,9 @@ def _replay(raw: Raw):
             "item": raw.fmt(it["addr"][fi]),
             "avc": pd.Categorical.from_codes(a_idx, categories=pd.Index(avcs["avc"], dtype="str")),
             "pass": passno,
-            "mapped": _masked(mapped, np.full(nm, known_mapped), "boolean"),
+            "mapped": masked(mapped, np.full(nm, known_mapped), "boolean"),
             "found_stock": np.ones(nm, bool), "found_v3": v3_any,
-            "found_stored": _masked(st_any, np.full(nm, has), "boolean")}, MAPPING_COLUMNS)
+            "found_stored": masked(st_any, np.full(nm, has), "boolean")}, MAPPING_COLUMNS)
         del vmas, pid, comm, fi, a_idx, passno
         reach = np.bincount(mn[mapped], minlength=nn)
         unm["v3"] = np.bincount(mn[mapped & ~v3_any], minlength=nn) > 0
@@ -265,13 +265,13 @@ def _replay(raw: Raw):
     nodes_df = table({
         "id": ids, "kind": pd.Categorical.from_codes(nd["kind"].astype(np.int64),
                                                      categories=["regular", "chain", "dup"]),
-        "chain": raw.fmt(nd["chain"]), "kpfn": _masked(nd["kpfn"].astype(np.int64), page, "Int64"),
+        "chain": raw.fmt(nd["chain"]), "kpfn": masked(nd["kpfn"].astype(np.int64), page, "Int64"),
         "nid": nd["nid"], "rmap_hlist_len": nd["len"],
-        "mapcount": _masked(nd["mapcount"], page & hv, "Int64"),
-        "page_is_ksm": _masked(nd["page_ksm"], page & hv, "boolean"),
+        "mapcount": masked(nd["mapcount"], page & hv, "Int64"),
+        "page_is_ksm": masked(nd["page_ksm"], page & hv, "boolean"),
         "page_stable_node": raw.fmt(nd["page_node"], page & hv),
-        "migrate_list": nd["migrate"], "ptes": _masked(ptes, page & have_ptes, "Int64"),
-        "reachable": _masked(reach, page & pages, "Int64"),
+        "migrate_list": nd["migrate"], "ptes": masked(ptes, page & have_ptes, "Int64"),
+        "reachable": masked(reach, page & pages, "Int64"),
         "unreachable": unreach,
         "unmappable_stock": unm["stock"], "unmappable_v3": unm["v3"],
         "unmappable_stored": unm["stored"]}, NODE_COLUMNS)
@@ -333,7 +333,7 @@ def replay_tables(snap: Snapshot) -> Snapshot:
     raw.name = lambda v: names[v] if 0 < v < len(names) else None
     raw.key = key
     raw.ids = ids
-    raw.cand = _pairs(raw)
+    raw.cand = visit_pairs(raw)
     old = snap.mappings
     if len(old) and old["mapped"].notna().any():
         # the previous answer per (node, mm, address)
@@ -345,7 +345,7 @@ def replay_tables(snap: Snapshot) -> Snapshot:
         ad = items["address"][kp["item"]]
         kp["mapped"] = np.array([prev.get((int(n), int(m), int(a)), False)
                                  for n, m, a in zip(nodes_of, mms, ad)], dtype=bool)
-    nodes_df, maps_df, item_walk = _replay(raw)
+    nodes_df, maps_df, item_walk = replay_raw(raw)
     for c in ("reachable", "unreachable", "unmappable_stock", "unmappable_v3",
               "unmappable_stored"):
         snap.stable_nodes[c] = nodes_df[c].to_numpy() if c.startswith("unm") or \

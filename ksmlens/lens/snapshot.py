@@ -43,8 +43,8 @@ from ksmlens.lens.helpers import ksm_counters, ksm_settings, ksm_unstable_tree_s
 from ksmlens.lens.layout import Layout, Memory
 from ksmlens.lens.midupdate import on_cpu
 from ksmlens.lens.model import ORPHAN_COLUMNS, KernelInfo, Snapshot, table
-from ksmlens.lens.raw import _NV, _PTE_NAMES, _PTE_UNREAD, Raw, _hx, hex_ids, release_memory
-from ksmlens.lens.replay import _node_kpfn_of_pairs, _pairs, replay_tables  # noqa: F401
+from ksmlens.lens.raw import NOT_VISITED_CODE, PTE_NAMES, PTE_UNREAD, Raw, hx, hex_ids, release_memory
+from ksmlens.lens.replay import node_kpfn_of_pairs, visit_pairs, replay_tables  # noqa: F401
 from ksmlens.lens.tables import finish
 
 __all__ = ["take_snapshot", "take_idle_snapshot", "register_pause", "walk_paused", "finish",
@@ -247,8 +247,8 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     counters = ksm_counters(prog)
     counters.update(ksm_settings(prog))
     so = prog["ksm_scan"]
-    scan = {"mm_slot": _hx(so.mm_slot.value_()), "address": so.address.value_(),
-            "seqnr": so.seqnr.value_(), "rmap_list": _hx(so.rmap_list.value_()),
+    scan = {"mm_slot": hx(so.mm_slot.value_()), "address": so.address.value_(),
+            "seqnr": so.seqnr.value_(), "rmap_list": hx(so.rmap_list.value_()),
             # ksm_scan.mm_slot == &ksm_mm_head: the next visit starts a new pass
             "at_pass_start": so.mm_slot.value_() == prog["ksm_mm_head"].address_}
     owners = w.mm_owners()
@@ -320,11 +320,11 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     # ---- anon_vma trees of the stable items, and the rmap_walk_ksm() pairs
     stable = items["state"] == rules.STATE_STABLE
     av = np.unique(items["anon_vma"][stable])
-    anon_vmas = _record_anon_vmas(w, [_hx(int(a)) for a in av.tolist() if a])
+    anon_vmas = _record_anon_vmas(w, [hx(int(a)) for a in av.tolist() if a])
     raw = Raw(kernel=kernel, counters=counters, scan=scan, meta={}, items=items, nodes=nodes,
               slots=slots, anon_vmas=anon_vmas)
     t = time.monotonic()
-    raw.cand = _pairs(raw)
+    raw.cand = visit_pairs(raw)
     if pages:
         raw.cand["mapped"] = _mapped_from_ptes(w, pt, raw, raw.cand)
     raw.meta["pte_seconds"] = round(time.monotonic() - t, 4)
@@ -393,7 +393,7 @@ def _decode_items(w: _Walker, kernel: KernelInfo, rec, addrs, slot_of, slots, pr
     # the stored index: only STABLE items' bytes hold one
     it["has_stored"] = stable & kernel.has_stored_pgoff
     # page tables (filled by _read_ptes): kind code, pfn, page flags, visit
-    it["pte"] = np.full(n, _PTE_UNREAD, np.uint8)
+    it["pte"] = np.full(n, PTE_UNREAD, np.uint8)
     it["pfn"] = np.zeros(n, np.uint64)
     it["pfn_ok"] = np.zeros(n, bool)
     it["page_ksm"] = np.zeros(n, np.int8) - 1      # -1: no page
@@ -428,7 +428,7 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
             # exit_mmap() zapped the page tables (each KSM zero page
             # decremented the counters as it went): nothing is mapped
             s["ksm_zero_pages"], s["zero_pages"] = 0, []
-            it["not_visited"][sl] = _NV["mm_exited"]
+            it["not_visited"][sl] = NOT_VISITED_CODE["mm_exited"]
             it["visit_known"][sl] = True
             continue
         v = s["vmas"]
@@ -460,15 +460,15 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
     has_vma = it["has_vma"]
     merg = (it["vm_flags"] & _U(VM_MERGEABLE)) != 0
     nv = it["not_visited"]
-    nv[known & ~has_vma] = _NV["no_vma"]
-    nv[known & has_vma & ~merg] = _NV["not_mergeable"]
+    nv[known & ~has_vma] = NOT_VISITED_CODE["no_vma"]
+    nv[known & has_vma & ~merg] = NOT_VISITED_CODE["not_mergeable"]
     read = known & has_vma & merg
     is_page = read & ((kinds == pgtable.KIND_PRESENT) | (kinds == pgtable.KIND_PROT_NONE))
     zero = is_page & (it["pfn"] == _U(zero_pfn))
     dirty = (ents & _U(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
     pte = it["pte"]
     pte[read] = kinds[read] + 1                      # KIND_NAMES shifted past "unread"
-    pte[zero] = np.where(dirty[zero], _PTE_NAMES.index("ksm_zero"), _PTE_NAMES.index("zero"))
+    pte[zero] = np.where(dirty[zero], PTE_NAMES.index("ksm_zero"), PTE_NAMES.index("zero"))
     it["pfn_ok"] = is_page
     page = is_page & ~zero
     anon = np.zeros(it["addr"].size, bool)
@@ -487,7 +487,7 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
                       (kinds == pgtable.KIND_SWAP, "swapped"), (zero, "zero_page"),
                       (special, "special"), ((it["page_ksm"] < 0) | ~anon, "not_anon")):
         hit = rest & cond
-        nv[hit] = _NV[why]
+        nv[hit] = NOT_VISITED_CODE[why]
         rest &= ~cond
 
 
@@ -628,20 +628,20 @@ def _record_anon_vmas(w: _Walker, anon_vmas: list) -> dict:
                 vma = avc.vma
                 left, right = avc.rb.rb_left.value_(), avc.rb.rb_right.value_()
                 parent = avc.rb.__rb_parent_color.value_() & ~3
-                nodes[_hx(a)] = {
-                    "vma": _hx(vma.value_()), "mm": _hx(vma.vm_mm.value_()),
+                nodes[hx(a)] = {
+                    "vma": hx(vma.value_()), "mm": hx(vma.vm_mm.value_()),
                     "vm_start": vma.vm_start.value_(), "vm_end": vma.vm_end.value_(),
                     "vm_pgoff": vma.vm_pgoff.value_(),
-                    "left": _hx(left - rb_off) if left else None,
-                    "right": _hx(right - rb_off) if right else None,
-                    "parent": _hx(parent - rb_off) if parent else None,
+                    "left": hx(left - rb_off) if left else None,
+                    "right": hx(right - rb_off) if right else None,
+                    "parent": hx(parent - rb_off) if parent else None,
                     "subtree_last": avc.rb_subtree_last.value_()}
                 stack += [x for x in (right, left) if x]
                 if len(nodes) > _MAX_LIST:
                     w.race("anon_vma tree walk did not end")
                     break
-            out[av] = {"root": _hx(root - rb_off) if root else None,
-                       "leftmost": _hx(leftmost - rb_off) if leftmost else None,
+            out[av] = {"root": hx(root - rb_off) if root else None,
+                       "leftmost": hx(leftmost - rb_off) if leftmost else None,
                        "nodes": nodes}
         except FaultError:
             w.race("anon_vma freed during walk")
@@ -654,7 +654,7 @@ def _mapped_from_ptes(w: _Walker, pt, raw: Raw, c: dict) -> np.ndarray:
     tables read in this pause (the slots' mergeable VMAs; one lookup each
     for the rest)."""
     it = raw.items
-    kpfn = _node_kpfn_of_pairs(raw, c)
+    kpfn = node_kpfn_of_pairs(raw, c)
     mapped = np.zeros(c["item"].size, bool)
     by_mm = {s["mm"]: s for s in raw.slots}
     cm = c["avc_mm"][c["avc"]]
@@ -873,7 +873,7 @@ def _unwalked_ptes(prog: Program, cpus) -> dict:
         pfns = pfns[kinds == pgtable.KIND_PRESENT]
         if pfns.size:
             u, n = np.unique(pfns, return_counts=True)
-            out[_hx(mm)] = dict(zip(u.tolist(), n.tolist()))
+            out[hx(mm)] = dict(zip(u.tolist(), n.tolist()))
     return out
 
 
@@ -902,7 +902,7 @@ def _find_orphan_mappings(prog: Program, snap: Snapshot, nodes: pd.DataFrame) ->
             for a, pfn in zip(la[hit].tolist(), pfns[hit].tolist()):
                 pid, comm = procs[0]
                 for c, val in (("node", by_pfn[pfn]), ("pid", pid), ("comm", comm),
-                               ("mm", _hx(mm)), ("address", a)):
+                               ("mm", hx(mm)), ("address", a)):
                     rows[c].append(val)
     m = snap.mappings
     known = set(zip(m["node"][m["mapped"].fillna(False)].tolist(),

@@ -26,7 +26,7 @@ import pandas as pd
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.rules import RULES
 from ksmlens.lens.model import (ITEM_COLUMNS, MAPPING_COLUMNS, NODE_COLUMNS, ORPHAN_COLUMNS,
-                                SCHEMA, SLOT_COLUMNS, KernelInfo, Snapshot, _col, table)
+                                SCHEMA, SLOT_COLUMNS, KernelInfo, Snapshot, column_values, table)
 
 __all__ = ["save", "load", "to_dict", "from_dict", "FORMATS"]
 
@@ -63,7 +63,7 @@ def save(snap: Snapshot, path) -> str:
 def _rows(df: pd.DataFrame, start: int, stop: int) -> tuple[list, list]:
     part = df.iloc[start:stop]
     names = list(df.columns)
-    return names, [_col(part, c) for c in names]
+    return names, [column_values(part, c) for c in names]
 
 
 def _item_dicts(df, start, stop):
@@ -170,7 +170,7 @@ def _avc_table(anon_vmas: dict) -> pd.DataFrame:
 
 def _anon_vmas(df: pd.DataFrame) -> dict:
     out: dict = {}
-    cols = {c: _col(df, c) for c in df.columns}
+    cols = {c: column_values(df, c) for c in df.columns}
     for k in range(len(df)):
         r = {c: v[k] for c, v in cols.items()}
         rec = out.setdefault(r["anon_vma"], {"root": r["root"], "leftmost": r["leftmost"],

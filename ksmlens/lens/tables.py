@@ -9,9 +9,9 @@ from ksmlens.kernel import rules
 from ksmlens.kernel.constants import VM_GROWSDOWN
 from ksmlens.kernel.rules import RULES
 from ksmlens.lens.model import ITEM_COLUMNS, SLOT_COLUMNS, Snapshot, table
-from ksmlens.lens.raw import (_NOT_VISITED, _PTE_NAMES, Raw, _hx, _masked, hex_ids,
+from ksmlens.lens.raw import (NOT_VISITED, PTE_NAMES, Raw, hx, masked, hex_ids,
                               release_memory)
-from ksmlens.lens.replay import _replay
+from ksmlens.lens.replay import replay_raw
 
 __all__ = ["finish"]
 
@@ -66,7 +66,7 @@ def finish(raw: Raw) -> Snapshot:
     for r in RULES:
         walk[r][~has_vma] = pd.NA
     walk["stored"][:] = pd.NA
-    nodes_df, maps_df, item_walk = _replay(raw)
+    nodes_df, maps_df, item_walk = replay_raw(raw)
     raw.cand = None                     # the pairs are in the mappings table now
     release_memory()
     if item_walk is not None:
@@ -75,7 +75,7 @@ def finish(raw: Raw) -> Snapshot:
             walk[r][stable] = pd.NA
             walk[r][sel] = vals
     pages_read = it["visit_known"].any() or any(s.get("leaves") is not None for s in raw.slots)
-    pte = pd.Categorical.from_codes(it["pte"].astype(np.int64), categories=list(_PTE_NAMES))
+    pte = pd.Categorical.from_codes(it["pte"].astype(np.int64), categories=list(PTE_NAMES))
     nv_codes = it["not_visited"].astype(np.int64)
     visited_known = it["visit_known"]
     data = {
@@ -86,26 +86,26 @@ def finish(raw: Raw) -> Snapshot:
                                            categories=list(rules.STATE_NAMES)),
         "seqnr": it["seqnr"], "in_unstable_tree": it["in_unstable_tree"],
         "stable_node": hex_ids(it["head"], stable), "anon_vma": raw.cat(it["anon_vma"], stable),
-        "nid": _masked(it["nid"], it["nid_ok"], "Int64"),
-        "vma_start": _masked(it["vma_start"], has_vma, "UInt64"),
-        "vma_end": _masked(it["vma_end"], has_vma, "UInt64"),
-        "vm_pgoff": _masked(it["vm_pgoff"], has_vma, "UInt64"),
+        "nid": masked(it["nid"], it["nid_ok"], "Int64"),
+        "vma_start": masked(it["vma_start"], has_vma, "UInt64"),
+        "vma_end": masked(it["vma_end"], has_vma, "UInt64"),
+        "vm_pgoff": masked(it["vm_pgoff"], has_vma, "UInt64"),
         "vma_anon_vma": raw.cat(it["vma_anon_vma"], has_vma),
-        "vma_file": _masked(it["vma_file"], has_vma, "boolean"),
-        "addr_pgoff": it["addr_pgoff"], "linear_page_index": _masked(lpi, has_vma, "UInt64"),
-        "stored_pgoff": _masked(stored, hs, "UInt64"),
+        "vma_file": masked(it["vma_file"], has_vma, "boolean"),
+        "addr_pgoff": it["addr_pgoff"], "linear_page_index": masked(lpi, has_vma, "UInt64"),
+        "stored_pgoff": masked(stored, hs, "UInt64"),
         "oldchecksum": it["oldchecksum"], "age": it["age"],
         "remaining_skips": it["remaining_skips"], "raw_union": it["union"],
-        "vm_flags": _masked(it["vm_flags"], has_vma, "UInt64"),
+        "vm_flags": masked(it["vm_flags"], has_vma, "UInt64"),
         "pgoff_status": status, "pgoff_cause": cause, "stored_status": st_status,
         "walk_stock": walk["stock"], "walk_v3": walk["v3"], "walk_stored": walk["stored"],
-        "pte": pte, "pfn": _masked(it["pfn"].astype(np.int64), it["pfn_ok"], "Int64"),
-        "page_ksm": _masked(it["page_ksm"] == 1, it["page_ksm"] >= 0, "boolean"),
-        "will_visit": _masked(nv_codes < 0, visited_known if pages_read
+        "pte": pte, "pfn": masked(it["pfn"].astype(np.int64), it["pfn_ok"], "Int64"),
+        "page_ksm": masked(it["page_ksm"] == 1, it["page_ksm"] >= 0, "boolean"),
+        "will_visit": masked(nv_codes < 0, visited_known if pages_read
                               else np.zeros(n, bool), "boolean"),
         "not_visited": pd.Categorical.from_codes(np.where(nv_codes >= 0, nv_codes, -1),
-                                                 categories=list(_NOT_VISITED)),
-        "hlist_pos": _masked(it.get("hlist_pos", np.full(n, -1)),
+                                                 categories=list(NOT_VISITED)),
+        "hlist_pos": masked(it.get("hlist_pos", np.full(n, -1)),
                              it.get("hlist_pos", np.full(n, -1)) >= 0, "Int64"),
     }
     data["pid"][pid < 0] = pd.NA
@@ -127,7 +127,7 @@ def _none_if(a: np.ndarray, empty: str):
 
 def _slots_table(raw: Raw) -> pd.DataFrame:
     S = raw.slots
-    data = {"id": [_hx(s["id"]) for s in S], "mm": [_hx(s["mm"]) for s in S],
+    data = {"id": [hx(s["id"]) for s in S], "mm": [hx(s["mm"]) for s in S],
             "pid": [s["pid"] for s in S], "comm": [s["comm"] for s in S],
             "rmap_items": [s["rmap_items"] for s in S],
             "mm_ksm_rmap_items": [s["mm_ksm_rmap_items"] for s in S],
