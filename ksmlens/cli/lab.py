@@ -177,6 +177,65 @@ def vm_status(a):
     return 0 if s["running"] else 1
 
 
+def cache_entries() -> list[dict]:
+    """What the lab builds or probes into the cache (``$KSMLENS_CACHE``, else
+    ``~/.cache/ksmlens``) and whether it is there: one dict per entry with
+    ``what``, ``state`` ("warm": built for today's sources and files;
+    "cold": the first command or test that needs it builds it) and ``path``.
+    Kernels are listed per source and variant (:func:`kbuild.find_kernel`: the
+    key hashes the source's Debian version, the config and the patches), then
+    the kernel selftests, the static guest programs (keyed by their source's
+    bytes) and the KVM probe."""
+    from ksmlens.experiments.selftests import (MREMAP_SELFTEST_SOURCE, selftests_built,
+                                               selftests_dir)
+    from ksmlens.lab.paths import cache_root, vm_data
+    from ksmlens.lab.scenarios import WORKLOAD_SOURCE, static_binary_path
+    out = []
+    for src in kbuild.SOURCES.values():
+        try:
+            kbuild.source_tarball(src)
+        except KsmlensError:
+            out.append({"what": f"kernel {src.name}", "state": "cold",
+                        "path": f"{src.tarball} missing (apt-get install {src.package})"})
+            continue
+        for v in src.variants:
+            k = kbuild.find_kernel(v, src)
+            out.append({"what": f"kernel {src.name} {v}", "state": "warm" if k else "cold",
+                        "path": str(k.directory) if k else f"{cache_root()}/kernels/"})
+    out.append({"what": "kernel selftests (ksm_tests)",
+                "state": "warm" if selftests_built() else "cold", "path": str(selftests_dir())})
+    for rel, name in ((WORKLOAD_SOURCE, "ksmlens-workload"),
+                      (MREMAP_SELFTEST_SOURCE, "ksm-mremap-migrate")):
+        p = static_binary_path(vm_data() / rel, name)
+        out.append({"what": f"guest program {name}", "state": "warm" if p.exists() else "cold",
+                    "path": str(p)})
+    probe = cache_root() / "accel-probe.json"
+    out.append({"what": "KVM probe", "state": "warm" if probe.exists() else "cold",
+                "path": str(probe)})
+    return out
+
+
+@COMMANDS.command(
+    "vm cache", help="what is built in the cache, and what the next use builds",
+    description="List the cache ($KSMLENS_CACHE, else ~/.cache/ksmlens): each kernel "
+    "source and variant, the kernel selftests, the static guest programs and the KVM probe, "
+    "'warm' where the build for today's sources and files is there, 'cold' where the first "
+    "command or test that needs it builds it. A cold run of everything: "
+    "KSMLENS_CACHE=$(mktemp -d) bash .ci/run",
+    args=(arg("--json", action="store_true", help="machine-readable"),))
+def vm_cache(a):
+    from ksmlens.views.tables import format_table
+    rows = cache_entries()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_table(["what", "state", "path"],
+                       [[r["what"], r["state"], r["path"]] for r in rows]))
+    warm = sum(r["state"] == "warm" for r in rows)
+    print(f"{warm} warm, {len(rows) - warm} cold")
+    return 0
+
+
 @COMMANDS.command("vm down", help="power off a VM; no QEMU process is left",
                   args=(NAME, arg("--all", action="store_true", help="every VM")))
 def vm_down(a):

@@ -55,7 +55,7 @@ from ksmlens.lens.midupdate import (classify, exit_mmap_window, in_flight_window
                                    replace_page_window, rmap_list_window)
 from ksmlens.lab.paths import cache_root, vm_data
 
-__all__ = ["SUITES", "MREMAP_SUITE", "compare_paused", "classify", "on_cpu", "replace_page_window", "rmap_list_window",
+__all__ = ["selftests_dir", "selftests_built", "MREMAP_SELFTEST_SOURCE", "SUITES", "MREMAP_SUITE", "compare_paused", "classify", "on_cpu", "replace_page_window", "rmap_list_window",
            "pte_update_window", "munmap_window", "exit_mmap_window", "in_flight_window", "parse_tap", "SelftestRun", "KSM_TESTS_MODES", "build_selftests", "PausedCheck", "SuiteResult",
            "SelftestsResult", "paused_check", "run_selftests", "mremap_selftest_binary",
            "MremapResult", "run_mremap_selftest"]
@@ -92,7 +92,9 @@ _MEMBERS = ("Makefile", "Kbuild", "Kconfig", "scripts", "include", "arch/x86", "
 
 # ------------------------------------------------------------------ building
 
-def _selftests_dir() -> Path:
+def selftests_dir() -> Path:
+    """``<cache>/selftests/<source version>-f<format>``: where
+    :func:`build_selftests` keeps its build (``bin/``, ``meta.json``)."""
     ver = re.sub(r"[^A-Za-z0-9._-]", "_", kbuild.source_version())
     return cache_root() / "selftests" / f"{ver}-f{BUILD_FORMAT}"
 
@@ -110,6 +112,12 @@ def _run_logged(cmd, cwd, logf, what: str) -> None:
                            f"{err.strip()[:200]}", f"full log: {logf.name}")
 
 
+def selftests_built() -> bool:
+    """True when :func:`build_selftests` would find its build in the cache."""
+    top = selftests_dir()
+    return (top / "meta.json").exists() and all((top / "bin" / n).exists() for n in SUITES)
+
+
 def build_selftests(*, force: bool = False, quiet: bool = False) -> dict[str, Path]:
     """Build ``ksm_functional_tests`` and ``ksm_tests`` (statically linked, so
     the guest needs nothing from the host's libraries) from the
@@ -123,7 +131,7 @@ def build_selftests(*, force: bool = False, quiet: bool = False) -> dict[str, Pa
     ``KHDR_INCLUDES`` pointing at them, ``-static`` added, ``-lnuma`` from
     Debian's ``libnuma-dev`` (``libnuma.a``).
     """
-    top = _selftests_dir()
+    top = selftests_dir()
     bindir = top / "bin"
     want = {n: bindir / n for n in SUITES}
     if not force and (top / "meta.json").exists() and all(p.exists() for p in want.values()):
@@ -594,11 +602,14 @@ def _restore_knobs(vm, old: dict) -> None:
 
 # ------------------------------------------------------------------ mremap + migrate
 
+MREMAP_SELFTEST_SOURCE = "selftests/ksm-mremap-migrate.c"   # under vm/
+
+
 def mremap_selftest_binary() -> Path:
     """Compile ``vm/selftests/ksm-mremap-migrate.c`` (static, host gcc) once
     per source version into ``<cache>/bin/``."""
     from ksmlens.lab.scenarios import static_binary
-    return static_binary(vm_data() / "selftests" / "ksm-mremap-migrate.c",
+    return static_binary(vm_data() / MREMAP_SELFTEST_SOURCE,
                          "ksm-mremap-migrate", "the mremap selftest")
 
 

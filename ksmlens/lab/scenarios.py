@@ -34,7 +34,8 @@ from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP, RUN_UNMERGE
 from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["SCENARIOS", "Scenario", "Step", "ScenarioRun", "get_scenario", "run_scenario",
-           "workload_binary", "CGROUP", "missing_need"]
+           "workload_binary", "static_binary", "static_binary_path", "WORKLOAD_SOURCE",
+           "CGROUP", "missing_need"]
 
 CGROUP = "/sys/fs/cgroup/ksmlens"
 # Fast scanning for a small guest: every mergeable page is visited each wake.
@@ -43,13 +44,19 @@ FAST_KNOBS = {"advisor_mode": "none", "pages_to_scan": 2000, "sleep_millisecs": 
 MERGE_TIMEOUT = 120.0
 
 
-def static_binary(src: Path, name: str, what: str) -> Path:
-    """Compile the guest program ``src`` (static, host gcc) once per source
-    version into ``<cache>/bin/NAME-<digest>``; ``what`` names it in errors."""
+def static_binary_path(src: Path, name: str) -> Path:
+    """Where :func:`static_binary` keeps ``src``'s build: ``<cache>/bin/NAME-<digest>``,
+    the digest that of the source's bytes (built or not)."""
     if not src.exists():
         raise KsmlensError(f"{src} is missing", "is the repository complete?")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    out = cache_root() / "bin" / f"{name}-{digest}"
+    return cache_root() / "bin" / f"{name}-{digest}"
+
+
+def static_binary(src: Path, name: str, what: str) -> Path:
+    """Compile the guest program ``src`` (static, host gcc) once per source
+    version into :func:`static_binary_path`; ``what`` names it in errors."""
+    out = static_binary_path(src, name)
     if out.exists():
         return out
     gcc = shutil.which("gcc")
@@ -67,9 +74,12 @@ def static_binary(src: Path, name: str, what: str) -> Path:
     return out
 
 
+WORKLOAD_SOURCE = "scenarios/ksmlens-workload.c"   # under vm/
+
+
 def workload_binary() -> Path:
     """Compile the workload (static, host gcc) once per source version."""
-    return static_binary(vm_data() / "scenarios" / "ksmlens-workload.c", "ksmlens-workload",
+    return static_binary(vm_data() / WORKLOAD_SOURCE, "ksmlens-workload",
                          "the scenario workload")
 
 
