@@ -46,7 +46,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]'
+# pyproject.toml pins every dependency exactly (==): pip installs those
+# versions or fails; say so in one line after its own message
+if ! .venv/bin/python -m pip install -q -e '.[test]'; then
+  echo "setup: error: pip could not install pyproject.toml's pinned packages (its message is above): is PyPI reachable, and does it still serve those versions?" >&2
+  exit 1
+fi
 echo "setup: ksmlens is .venv/bin/ksmlens"
 
 if [ "${1:-}" = "--deps" ]; then
