@@ -223,7 +223,7 @@ def _smartscan_reads_stable(snap: Snapshot) -> bool | None:
     age/remaining_skips? Every 6.12 kernel does, except v8 (a behaviour,
     not a structure: known for the lab variants only,
     ``Variant.smartscan_reads_stable``; None for another kernel)."""
-    v = VARIANTS.get(snap.kernel.variant)
+    v = VARIANTS.get(snap.kernel.variant or "")
     return None if v is None else v.smartscan_reads_stable
 
 

@@ -83,7 +83,7 @@ class Commands:
                              "metavar": metavar}
 
     def command(self, path: str, *, help: str, description: str | None = None,
-                args: Iterable = ()) -> Callable:
+                args: Iterable | Callable[[], Iterable] = ()) -> Callable:
         """Declare the decorated function as ``ksmlens PATH``: ``help`` is its
         line in the parent's list, ``description`` its ``--help`` (default:
         ``help``), ``args`` its arguments (:func:`arg`, tuples of them, or a

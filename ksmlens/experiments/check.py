@@ -289,7 +289,7 @@ def check_live(prog, *, attempts: int = 10) -> tuple[list[Row], Snapshot, dict]:
     from ksmlens.lens.helpers import ksm_counters
     keys = ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains",
             "stable_node_dups", "rmap_items")
-    last = None
+    last: list[str] = []
     for attempt in range(1, attempts + 1):
         before = ksm_counters(prog)
         snap = take_snapshot(prog, mode="live")

@@ -289,8 +289,8 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
     observed_of = {}
     for n in snap.nodes():
         if n.id in any_pred:
-            obs = {p["observed"] for p in seen if p["node"] == n.id} - {"gone"}
-            observed_of[n.id] = obs.pop() if len(obs) == 1 else ("mixed" if obs else "gone")
+            kinds = {p["observed"] for p in seen if p["node"] == n.id} - {"gone"}
+            observed_of[n.id] = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "gone")
 
     def judge(r):
         pred = preds[r]
@@ -412,7 +412,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
         if n.id not in any_pred:
             continue
         obs = {p["observed"] for p in seen if p["node"] == n.id} - {"gone", "absent"}
-        kp = after.get(n.kpfn, {})
+        kp = after.get(n.kpfn, {}) if n.kpfn is not None else {}
         if not obs:
             observed_of[n.id] = "gone"      # every mapping dropped by its process meanwhile
         elif obs != {"swapped"} or (kp.get("mapcount") and kp.get("kpf_swapcache")):
@@ -435,7 +435,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
             if n.id not in preds[r]:
                 continue
             ps = [p for p in pages if p["node"] == n.id and p["observed"] != "absent"]
-            kp = after.get(n.kpfn, {})
+            kp = after.get(n.kpfn, {}) if n.kpfn is not None else {}
             observed = observed_of[n.id]
             rows.append({**_node_row(n, r, rules),
                          "swapped": sum(p["observed"] == "swapped" for p in ps),

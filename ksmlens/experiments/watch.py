@@ -29,7 +29,7 @@ __all__ = ["SnapshotDiff", "diff", "Timeline", "watch", "watch_batches"]
 
 @dataclasses.dataclass
 class SnapshotDiff:
-    full_scans: tuple[int, int]
+    full_scans: tuple[int | None, int | None]   # None: a snapshot without a scan cursor
     appeared: list[tuple]          # (pid, address)
     dropped: list[tuple]
     merged: list[tuple]            # became STABLE

@@ -22,7 +22,7 @@ here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, Final
 
 from ksmlens.errors import KsmlensError
 
@@ -77,7 +77,8 @@ class KsmFile:
         return self.kind == "knob"
 
 
-_C, _K = "counter", "knob"
+_C: Final = "counter"   # Final: mypy reads them as the Literal kinds
+_K: Final = "knob"
 _SMART_SCAN = '5e924ff54d08 ("mm/ksm: add \"smart\" page scanning mode", 6.7)'
 _ADVISOR = '66790e9a735b ("mm/ksm: add sysfs knobs for advisor", 6.8)'
 FILES: tuple[KsmFile, ...] = (

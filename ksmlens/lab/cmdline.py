@@ -24,7 +24,9 @@ from typing import Literal
 
 from ksmlens.errors import KsmlensError
 
-__all__ = ["LaunchSpec", "sockets", "vng_argv", "qemu_argv", "parse_mem", "split_cpus",
+Accel = Literal["kvm", "tcg"]   # what LaunchSpec.accel may be
+
+__all__ = ["Accel", "LaunchSpec", "sockets", "vng_argv", "qemu_argv", "parse_mem", "split_cpus",
            "numa_nodes", "AGENT_PORT", "DRGN_POOL"]
 
 AGENT_PORT = "org.ksmlens.agent"   # the guest agent's virtserialport name
@@ -47,7 +49,7 @@ class LaunchSpec:
     memory_mb: int
     cpus: int
     numa: int
-    accel: Literal["kvm", "tcg"]
+    accel: Accel
     vm_dir: Path
     agent_cmd: str
     vng: str = "vng"

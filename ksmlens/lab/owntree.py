@@ -40,6 +40,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.variants import VARIANT_NAME, VARIANTS
@@ -252,7 +253,8 @@ def read_patches(files) -> list[Patch]:
         except OSError as e:
             raise KsmlensError(f"patch {f}: {e.strerror}", "give --patch an existing file") \
                 from None
-        msgs = []
+        # (k, subject, body) per mbox message; a plain diff appends a marker
+        msgs: list[Any] = []
         if data.startswith("From "):            # mbox: a format-patch file is one too
             box = mailbox.mbox(str(f), create=False)
             try:

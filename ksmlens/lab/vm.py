@@ -33,11 +33,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.variants import DEFAULT_VARIANT, get_variant
-from ksmlens.lab.cmdline import (AGENT_PORT, DRGN_POOL, LaunchSpec, numa_nodes,  # noqa: F401
+from ksmlens.lab.cmdline import (Accel, AGENT_PORT, DRGN_POOL, LaunchSpec, numa_nodes,  # noqa: F401
                                  parse_mem, qemu_argv, sockets, split_cpus, vng_argv)
 from ksmlens.lab.paths import cache_root, repo_root, vms_root
 from ksmlens.lab.qmp import QMP, wait_socket
@@ -215,7 +216,7 @@ class VM:
         agent_cmd = f"{npy}exec {shlex.quote(sys.executable)} " \
                     f"{shlex.quote(str(repo_root() / 'ksmlens' / 'lab' / 'guest' / 'agent.py'))}"
         spec = LaunchSpec(bzimage=kernel.bzimage, memory_mb=parse_mem(memory), cpus=cpus,
-                          numa=numa, accel=accel, vm_dir=vms_root() / name,
+                          numa=numa, accel=cast(Accel, accel), vm_dir=vms_root() / name,
                           agent_cmd=agent_cmd, vng=vng, qemu=qemu)
         numa_nodes(spec.memory_mb, cpus, numa)   # one-line errors before anything runs
         return kernel, spec, why

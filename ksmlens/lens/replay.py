@@ -164,7 +164,7 @@ def replay_raw(raw: Raw):
     have_ptes = mapped_pfns is not None
     c = raw.cand
     pages = c is not None and c.get("mapped") is not None      # mapped answers known
-    if have_ptes and mapped_pfns.size:
+    if mapped_pfns is not None and mapped_pfns.size:
         u, cnt = np.unique(mapped_pfns, return_counts=True)
         j = np.searchsorted(u, nd["kpfn"])
         j = np.minimum(j, u.size - 1)

@@ -254,7 +254,7 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     owners = w.mm_owners()
     pt = pgtable.PageTables.of(prog, mem.read) if pages else None
     zero_pfn = prog["zero_pfn"].value_() if pages else 0
-    vmemmap = None
+    vmemmap: int | None = None        # read only when pages (the stable tree tests it)
     if pages:
         from drgn.helpers.linux.mm import pfn_to_page
         vmemmap = pfn_to_page(prog, 0).value_()
@@ -295,17 +295,18 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
 
     # ---- every rmap_item, decoded at once
     n_per = np.array([s["rmap_items"] for s in slots], dtype=np.int64)
-    addrs = np.concatenate(item_addrs) if item_addrs else np.zeros(0, np.uint64)
-    rec, ok = mem.gather(addrs, L.item_size, L.item_dtype, drop=True)
+    item_ptrs = np.concatenate(item_addrs) if item_addrs else np.zeros(0, np.uint64)
+    rec, ok = mem.gather(item_ptrs, L.item_size, L.item_dtype, drop=True)
     if not ok.all():
         w.race("rmap_item freed during walk")
     slot_of = np.repeat(np.arange(len(slots)), n_per)
-    items = _decode_items(w, kernel, rec, addrs, slot_of, slots, prog)
-    del rec, addrs, item_addrs
+    items = _decode_items(w, kernel, rec, item_ptrs, slot_of, slots, prog)
+    del rec, item_ptrs, item_addrs
     release_memory()
 
     # ---- page tables of each live mm's mergeable VMAs
     if pages:
+        assert vmemmap is not None      # read above whenever pages
         _read_ptes(w, pt, items, slots, zero_pfn, vmemmap)
         if not L.kernel.zero_pages:
             # before commit e2942062e01d (6.6) KSM's zero-page PTEs are not
@@ -844,7 +845,7 @@ def _unwalked_ptes(prog: Program, cpus) -> dict:
     these mappings still count in their pages' mapcounts. Read in the same
     pause as the walk; empty when no CPU is unmapping."""
     from ksmlens.lens.midupdate import unmapping_mm
-    mms = sorted({int(unmapping_mm(c), 16) for c in cpus or () if unmapping_mm(c)})
+    mms = sorted({int(m, 16) for c in cpus or () if (m := unmapping_mm(c))})
     if not mms:
         return {}
     w = _Walker(prog, live=False)

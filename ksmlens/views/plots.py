@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 
 import matplotlib
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -236,7 +237,7 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     ax.set_ylabel("VMAs holding rmap_items")
     st = Counter(item_status(i) for i in items)
     ss = Counter(i.state for i in items)
-    handles = [Patch(facecolor="#c6dbef", edgecolor="#08519c", label="VMA [vm_start, vm_end)"),
+    handles: list[Artist] = [Patch(facecolor="#c6dbef", edgecolor="#08519c", label="VMA [vm_start, vm_end)"),
                Patch(facecolor="none", edgecolor="#08519c", hatch="////",
                      label="[vm_pgoff, +pages): what the walk searches")]
     handles += [Line2D([], [], ls="", marker="s", color=STATUS_COLORS[s],
@@ -1199,7 +1200,7 @@ def chain_growth(frames, ax=None, regular: bool = True, max_labels: int = 16) ->
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("rmap_items per KSM page\n(rmap_hlist_len)")
     last_mps = mps.dropna().iloc[-1] if mps.notna().any() else None
-    handles = [Patch(facecolor=colors["dup"], edgecolor="black", label="dup of a chain"),
+    handles: list[Artist] = [Patch(facecolor=colors["dup"], edgecolor="black", label="dup of a chain"),
                Patch(facecolor=colors["newdup"], edgecolor="black",
                      label="dup new in this frame")]
     if regular:
