@@ -19,6 +19,13 @@ from ksmlens.lab.vm import RunResult
 __all__ = ["LocalKernel", "KCORE_NOTE", "is_kcore"]
 
 
+def _text(out: bytes | str | None) -> str:
+    """What a timed-out run had printed (TimeoutExpired keeps bytes even with text=True)."""
+    if isinstance(out, bytes):
+        return out.decode(errors="replace")
+    return out or ""
+
+
 class LocalKernel:
     """The running kernel of this machine, read as root (no agent, no QMP)."""
 
@@ -51,7 +58,7 @@ class LocalKernel:
                                text=True, timeout=timeout, env={**os.environ, **(env or {})})
             res = RunResult(list(argv), p.returncode, p.stdout, p.stderr)
         except subprocess.TimeoutExpired as e:
-            res = RunResult(list(argv), None, e.stdout or "", e.stderr or "", timed_out=True)
+            res = RunResult(list(argv), None, _text(e.stdout), _text(e.stderr), timed_out=True)
         return res.check() if check else res
 
     def __repr__(self) -> str:
