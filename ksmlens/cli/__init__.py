@@ -20,6 +20,7 @@
     ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
     ksmlens selftests [--suite S]         the kernel's KSM selftests, walk checked while paused
     ksmlens matrix [--variant V]...       each scenario on each variant, verified: the README table
+    ksmlens cost [--measure]              rmap_walk_ksm()'s work per KSM page and rule, counted
 
 Kernel builds and VM state live in ~/.cache/ksmlens ($KSMLENS_CACHE).
 """

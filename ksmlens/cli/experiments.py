@@ -5,6 +5,7 @@
     ksmlens watch [-n K] [--scans N]      a snapshot per full scan, with diffs
     ksmlens selftests [--suite S]         the kernel's KSM selftests, walk checked while paused
     ksmlens matrix [--variant V]...       each scenario on each variant, verified: the README table
+    ksmlens cost [--measure]              rmap_walk_ksm()'s work per KSM page and rule, counted
 
 What they print comes from :mod:`ksmlens.views` (report, tables).
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ksmlens.cli.common import NAME, TARGET, Commands, arg, attach_target, walk_mode
+from ksmlens.cli.common import (NAME, SNAPSHOT, TARGET, Commands, arg, attach_target,
+                                snapshot_or_live, walk_mode)
 from ksmlens.errors import KsmlensError
 
 COMMANDS = Commands()
@@ -280,3 +282,67 @@ def matrix(a):
         print(f"matrix: rewrote the matrix block of {p}", file=sys.stderr)
     print(json.dumps(m.to_dict(), indent=1) if a.json else matrix_table(m))
     return 0 if m.agree else 1
+
+
+@COMMANDS.command(
+    "cost", help="rmap_walk_ksm()'s work per KSM page and rule: the pages that would hold "
+    "the anon_vma lock longest; --measure: the kernel counts it",
+    description="Predict, from the anon_vma interval trees of a snapshot (live guest, "
+    "vmcore, /proc/kcore or a saved file), how much work rmap_walk_ksm() does for each KSM "
+    "page under each rule (stock [0, ULONG_MAX], v3 [address >> PAGE_SHIFT], stored [the "
+    "stored index]): the VMAs the interval tree yields (returned), those the vm_start/vm_end "
+    "check skips, the rmap_one calls, the mappings missed; for a walk that never stops "
+    "early (--walk full, the default) or as migration (try_to_migrate, which stops once the "
+    "page is unmapped, then remove_migration_ptes) or reclaim (folio_referenced, "
+    "try_to_unmap) would run it. Prints the worst pages and the totals. --measure (a lab "
+    "VM with 2 NUMA nodes): hold ksmd, predict, then migrate every KSM page with tracefs "
+    "kprobes counting each walk's interval-tree calls, rmap_one calls and duration in the "
+    "kernel; prints predicted against counted, exits 1 on any difference. Durations "
+    "include the probes' cost: reported, never judged.",
+    args=(TARGET, SNAPSHOT,
+          arg("--rule", action="append", choices=["stock", "v3", "stored"],
+              help="predict under this rule (repeatable; default: every rule the kernel "
+              "can have)"),
+          arg("--walk", choices=["full", "migrate", "reclaim"], default="full",
+              help="which kernel work: full (no early stop, the worst case; default), "
+              "migrate, reclaim"),
+          arg("--top", type=int, default=20, metavar="K", help="the K worst pages (default 20)"),
+          arg("--measure", action="store_true",
+              help="count the walks in the guest kernel (tracefs kprobes) and compare"),
+          arg("--by", choices=["migrate"], default="migrate",
+              help="with --measure: the walks to drive (migrate: move_pages to the other "
+              "node)"),
+          arg("--json", action="store_true", help="machine-readable"),
+          arg("--all", action="store_true", help="every page / walk")))
+def cost(a):
+    from ksmlens.analysis.cost import cost_totals, walk_cost, worst_pages
+    from ksmlens.views.tables import cost_measure_text, cost_table, cost_totals_table
+    if a.measure:
+        from ksmlens.experiments.cost import measure_cost
+        from ksmlens.lab.vm import VM
+        if a.snapshot or (a.target and not a.target.startswith("vm:")):
+            raise KsmlensError("--measure drives walks in a lab VM: not in a snapshot, a "
+                               "vmcore or /proc/kcore", "leave --snapshot/--target out, or "
+                               "give --target vm:NAME")
+        vm = VM(a.target[3:] if a.target else a.name)
+        res = measure_cost(vm, by=a.by, rules=a.rule)
+        print(json.dumps(res.to_dict(), indent=1) if a.json else
+              cost_measure_text(res, limit=None if a.all else 20))
+        return 0 if res.agree else 1
+    snap = snapshot_or_live(a)
+    c = walk_cost(snap, a.rule, kinds=(a.walk,))
+    rules = list(c["rule"].unique())
+    worst = worst_pages(c, None if a.all else a.top)
+    totals = cost_totals(c)
+    if a.json:
+        print(json.dumps({"release": snap.kernel.release, "walk": a.walk, "rules": rules,
+                          "pages": json.loads(worst.to_json(orient="records")),
+                          "totals": json.loads(totals.to_json(orient="records"))}, indent=1))
+        return 0
+    print(f"{snap.kernel.release}: {c['node'].nunique()} KSM pages; VMAs the anon_vma "
+          f"interval tree yields per {a.walk} walk (the anon_vma lock is held meanwhile), "
+          "worst first")
+    print(cost_table(worst, rules))
+    print()
+    print(cost_totals_table(totals))
+    return 0

@@ -264,13 +264,30 @@ def scenario_list(a):
     args=(NAME,
           arg("scenario", help="scenario name (see `ksmlens scenario list`)"),
           arg("--keep", action="store_true",
-              help="leave the workload running (and the KSM knobs set) afterwards")))
+              help="leave the workload running (and the KSM knobs set) afterwards"),
+          arg("--vmas", type=int, metavar="N",
+              help="many-vmas: VMAs in the one anon_vma (default 20000; at most the "
+              "guest's vm.max_map_count per process)"),
+          arg("--shape", choices=["split", "fork"],
+              help="many-vmas: one region split into N one-page VMAs (split, the default), "
+              "or N/(C+1) of them in a parent and C forked children (fork)"),
+          arg("--pages", type=int, metavar="P", help="many-vmas: KSM pages, two rmap_items "
+              "each (default 16)"),
+          arg("--forks", type=int, metavar="C", help="many-vmas --shape fork: children "
+              "(default 9)"),
+          arg("--mremap", type=int, metavar="K", help="many-vmas: move the first page of K "
+              "KSM pages with mremap() (default 0)")))
 def scenario_run(a):
     from ksmlens.lab.scenarios import get_scenario, run_scenario
     from ksmlens.lab.vm import VM
     scn = get_scenario(a.scenario)
+    extra = [x for k in ("vmas", "shape", "pages", "forks", "mremap")
+             if getattr(a, k) is not None for x in (f"--{k}", str(getattr(a, k)))]
+    if extra and scn.name != "many-vmas":
+        raise KsmlensError(f"{' '.join(extra[::2])}: options of the many-vmas scenario, "
+                           f"not of {scn.name}", "leave them out, or run many-vmas")
     vm = VM(a.name)
-    run_scenario(vm, scn, keep=a.keep, out=sys.stdout)
+    run_scenario(vm, scn, keep=a.keep, out=sys.stdout, extra_args=tuple(extra))
     return 0
 
 

@@ -51,7 +51,7 @@ from ksmlens.kernel.constants import BUS_MCEERR_AO, BUS_MCEERR_AR
 from ksmlens.lab.guest.pagemap import KPF_DIRTY, KPF_HWPOISON
 from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP
 
-__all__ = ["VerifyResult", "verify", "predict", "candidate_rules", "SmartScanResult",
+__all__ = ["VerifyResult", "verify", "predict", "candidate_rules", "page_runs", "SmartScanResult",
            "verify_smartscan", "verify_reclaim", "verify_hwpoison", "collect_rule", "VERIFY_BY"]
 
 VERIFY_BY = ("migration", "reclaim", "hwpoison")
@@ -206,7 +206,7 @@ def _judge_rules(rule: str | None, rules: list[str], candidates: list[str], judg
             "by_rule": by_rule, "rows_rule": shown}
 
 
-def _runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
+def page_runs(addrs: list[int], page: int) -> list[tuple[int, int]]:
     """Contiguous (start, npages) runs of sorted page addresses."""
     out = []
     for a in sorted(set(addrs)):
@@ -263,7 +263,7 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
                     want[(m["pid"], m["address"])] = n.id
         ranges = []
         for pid in sorted({p for p, _ in want}):
-            ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
+            ranges += [(pid, s, k) for s, k in page_runs([a for p, a in want if p == pid], page)]
         res = ksmsys.migrate_pages(vm, ranges)
         t_mig = time.monotonic()
     # the observation: once, whatever the rule
@@ -382,7 +382,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
                                                           True)
         ranges = []
         for pid in sorted({p for p, _ in want}):
-            ranges += [(pid, s, k) for s, k in _runs([a for p, a in want if p == pid], page)]
+            ranges += [(pid, s, k) for s, k in page_runs([a for p, a in want if p == pid], page)]
         res = ksmsys.reclaim_pages(vm, ranges, rounds=rounds)
         after = ksmsys.read_pfns(vm, sorted({snap.node(nid).kpfn for nid in any_pred}))
         t_rec = time.monotonic()

@@ -30,7 +30,43 @@ import numpy as np
 
 from ksmlens.kernel.rules import vma_last_pgoff
 
-__all__ = ["candidates"]
+__all__ = ["candidates", "WALKS", "WALK_KINDS", "STOP_UNMAPPED", "STOP_REFERENCED",
+           "walk_of_rmap_one"]
+
+# How each rmap_walk_ksm() caller ends its walk early (mm/ksm.c: the walk
+# returns when ``rwc->rmap_one()`` returns false, or when ``rwc->done()``
+# says so after a call):
+# STOP_UNMAPPED: ``rwc->done = folio_not_mapped`` (mm/rmap.c try_to_migrate(),
+#   try_to_unmap()): after the call that unmapped the folio's last PTE;
+# STOP_REFERENCED: folio_referenced_one() returns false once ``pra->mapcount``
+#   (folio_mapcount() at the start, less one per PTE each call finds) is 0;
+#   a mapping visited twice is counted twice;
+# None: remove_migration_ptes() (mm/migrate.c) restores every migration entry,
+#   no early stop.
+STOP_UNMAPPED, STOP_REFERENCED = "unmapped", "referenced"
+
+# walk -> (its rmap_one callback, how it stops, the caller in the kernel)
+WALKS = {
+    "full": (None, None, "a walk that never stops early: the worst case"),
+    "try_to_migrate": ("try_to_migrate_one", STOP_UNMAPPED, "mm/rmap.c try_to_migrate()"),
+    "remove_migration_ptes": ("remove_migration_pte", None,
+                              "mm/migrate.c remove_migration_ptes()"),
+    "folio_referenced": ("folio_referenced_one", STOP_REFERENCED, "mm/rmap.c folio_referenced()"),
+    "try_to_unmap": ("try_to_unmap_one", STOP_UNMAPPED, "mm/rmap.c try_to_unmap()"),
+}
+# what each kind of work walks, in order (mm/migrate.c migrate_folio_unmap()
+# then migrate_folio_move() or the undo; mm/vmscan.c shrink_folio_list():
+# folio_check_references() then try_to_unmap())
+WALK_KINDS = {
+    "full": ("full",),
+    "migrate": ("try_to_migrate", "remove_migration_ptes"),
+    "reclaim": ("folio_referenced", "try_to_unmap"),
+}
+
+
+def walk_of_rmap_one(fn: str) -> str | None:
+    """The walk (a :data:`WALKS` key) whose ``rwc->rmap_one`` is ``fn``."""
+    return next((w for w, (f, _, _) in WALKS.items() if f == fn), None)
 
 _MAX_ROWS = 20_000_000   # item x avc pairs per chunk before the address filter
 

@@ -721,10 +721,11 @@ def _fmt_counters(c: dict) -> str:
     return "  ".join(f"{k}={c.get(k)}" for k in keys)
 
 
-def run_scenario(vm, scenario: Scenario | str, *, keep: bool = False, out=sys.stdout
-                 ) -> ScenarioRun:
-    """Run every step of a scenario, printing the kernel's counters."""
-    run = ScenarioRun(vm, scenario)
+def run_scenario(vm, scenario: Scenario | str, *, keep: bool = False, out=sys.stdout,
+                 extra_args: tuple = ()) -> ScenarioRun:
+    """Run every step of a scenario (its program given ``extra_args`` too),
+    printing the kernel's counters."""
+    run = ScenarioRun(vm, scenario, extra_args=extra_args)
     print(f"before: {_fmt_counters(ksmsys.read_counters(vm))}", file=out)
     run.start()
     try:

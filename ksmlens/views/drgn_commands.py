@@ -10,6 +10,7 @@ started from the ksmlens venv has them, e.g.::
     >>> %ksm smartscan         # SmartScan: age, remaining_skips, next visit
     >>> %ksm axis 1234         # pid 1234 on one address axis: VMAs, walk rules, SmartScan
     >>> %ksm check             # the walk against the kernel's own counters
+    >>> %ksm cost              # rmap_walk_ksm()'s work per KSM page and rule, worst first
     >>> %ksm stale --drgn      # print the ksmlens/drgn code instead of running
 
 Each view walks the kernel unpaused (``take_snapshot(prog, mode="live")``)
@@ -49,6 +50,10 @@ VIEWS = {
             "(processed / skipped / freed); the text of plots.address_axis",
     "check": "the walk's counts against the kernel's own counters (the variables "
              "/sys/kernel/mm/ksm and /proc/PID/ksm_stat print)",
+    "cost": "rmap_walk_ksm()'s work per KSM page under each rule (stock, v3, stored): the "
+            "VMAs the anon_vma interval tree yields per walk, worst first (the pages that "
+            "would hold the anon_vma lock longest), then the totals "
+            "(ksmlens.analysis.cost.walk_cost)",
 }
 
 _EPILOG = "Views:\n\n" + "\n\n".join(f"{k}: {v}." for k, v in VIEWS.items()) + """
@@ -272,17 +277,41 @@ def _view_check(prog, args) -> None:
     print("note: " + LIVE_NOTE)
 
 
+def _code_cost(code: DrgnCodeBuilder, args) -> None:
+    code.add_from_import("ksmlens.lens.snapshot", "take_snapshot")
+    code.add_from_import("ksmlens.analysis.cost", "walk_cost", "worst_pages", "cost_totals")
+    code.append(f'''\
+snap = take_snapshot(prog, mode="live")
+cost = walk_cost(snap, kinds=("full",))   # a DataFrame: one row per (page, rule, walk)
+print(worst_pages(cost, {args.limit or 20}).to_string(index=False))
+print(cost_totals(cost).to_string(index=False))
+''')
+
+
+def _view_cost(prog, args) -> None:
+    from ksmlens.analysis.cost import cost_totals, walk_cost, worst_pages
+    from ksmlens.views.tables import cost_table, cost_totals_table
+    snap = _snapshot(prog)
+    c = walk_cost(snap, kinds=("full",))
+    print(f"kernel {snap.kernel.release}: VMAs the anon_vma interval tree yields per full "
+          "rmap_walk_ksm() of each KSM page (the anon_vma lock held), worst first")
+    print(cost_table(worst_pages(c, args.limit or 20), list(c["rule"].unique())))
+    print(cost_totals_table(cost_totals(c)))
+    _races(snap)
+
+
 _VIEW_FUNCS = {"stable": (_view_stable, _code_stable), "rmap": (_view_rmap, _code_rmap),
                "stale": (_view_stale, _code_stale),
                "smartscan": (_view_smartscan, _code_smartscan),
                "axis": (_view_axis, _code_axis),
-               "check": (_view_check, _code_check)}
+               "check": (_view_check, _code_check),
+               "cost": (_view_cost, _code_cost)}
 
 
 @linux_kernel_command(
     name="ksm",
     description="KSM state (stable tree, rmap_items, stale pgoffs, SmartScan) via ksmlens",
-    usage="**ksm** {stable,rmap,stale,smartscan,axis,check} [*PID*] [--limit *N*] [--drgn] [-h]",
+    usage="**ksm** {stable,rmap,stale,smartscan,axis,check,cost} [*PID*] [--limit *N*] [--drgn] [-h]",
     long_description="Walk the kernel's KSM structures (mm/ksm.c) with ksmlens and "
     "print one view of them.",
     epilog=_EPILOG,
@@ -293,7 +322,7 @@ _VIEW_FUNCS = {"stable": (_view_stable, _code_stable), "rmap": (_view_rmap, _cod
                  "smartscan"),
         argument("--limit", type=int, default=None, metavar="N",
                  help="stable: show only the first N nodes; axis: the first N rows "
-                 "(default: all)"),
+                 "(default: all); cost: the N worst pages (default 20)"),
         argument("-h", "--help", action="store_true", help="show this help"),
         drgn_argument,
     ),

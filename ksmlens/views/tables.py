@@ -21,7 +21,8 @@ from ksmlens.errors import KsmlensError
 __all__ = ["format_table", "keyvalue_table", "check_table", "check_text", "verify_table",
            "verify_text", "rule_match_line", "matrix_table", "matrix_markdown",
            "replace_marked_block", "marked_block", "MATRIX_BEGIN", "MATRIX_END", "smartscan_verify_table", "diff_text", "vms_table",
-           "vm_status_table", "scenario_table", "chain_growth_table"]
+           "vm_status_table", "scenario_table", "chain_growth_table", "cost_table",
+           "cost_totals_table", "cost_measure_text"]
 
 
 def _cell(value: Any, align: str) -> Any:
@@ -442,3 +443,52 @@ def union_bytes_table(frame, limit: int | None = 20) -> str:
                         "as index", "oldchecksum", "age", "skips", "holds", "next reads"),
                        rows, align="<<><<<>>>><<")
     return out + (f"\n... {left} more rows (limit={limit})" if left else "")
+
+
+def cost_table(worst, rules: Sequence[str], by: str = "returned") -> str:
+    """``ksmlens cost``: the pages whose walks would hold the anon_vma lock
+    longest (:func:`ksmlens.analysis.cost.worst_pages`), ``by`` per rule."""
+    head = ["kpfn", "rmap_items", *[f"{by} {r}" for r in rules]]
+    rows = [[r["kpfn"], r["rmap_items"], *[r.get(f"{by}_{x}") for x in rules]]
+            for r in worst.to_dict("records")]
+    return format_table(head, rows, align=">" * len(head))
+
+
+def cost_totals_table(totals) -> str:
+    """Totals per rule and walk (:func:`ksmlens.analysis.cost.cost_totals`)."""
+    cols = ["rule", "walk", "pages", "first", "next", "returned", "skipped", "rmap_one",
+            "missed", "max_returned", "ratio"]
+    return format_table(cols, totals[cols].astype(object).where(totals[cols].notna(), None)
+                        .values.tolist(), align="<<" + ">" * (len(cols) - 2))
+
+
+def cost_measure_text(res, limit: int | None = 20) -> str:
+    """``ksmlens cost --measure``: predicted against counted, per walk, then
+    the totals per walk and the rules the counts matched."""
+    r = res.rule
+    w = res.walks
+    head = ["kpfn", "walk", "returned pred", "returned kernel", "rmap_one pred",
+            "rmap_one kernel", "first/next pred", "first/next kernel", "ms", "agree"]
+    rows = [[x["kpfn"], x["walk"], x[f"{r}_returned"], x["m_returned"], x[f"{r}_rmap_one"],
+             x["m_rmap_one"], f"{x[f'{r}_first']}/{x[f'{r}_next']}",
+             f"{x['m_first']}/{x['m_next']}",
+             None if x["us"] is None or x["us"] != x["us"] else round(x["us"] / 1000, 2),
+             x["agree"]] for x in w.to_dict("records")]
+    shown = rows if limit is None else rows[:limit]
+    out = [f"{res.release}: {len(w)} rmap_walk_ksm() walks counted in the kernel (--by "
+           f"{res.by}), predicted under rule {r}",
+           format_table(head, shown, align=">>" + ">" * (len(head) - 2))]
+    if limit is not None and len(rows) > limit:
+        out.append(f"... {len(rows) - limit} more walks (--all)")
+    s = res.summary()
+    out += ["", format_table(list(s.columns), s.values.tolist(),
+                             align="<" + ">" * (len(s.columns) - 1))]
+    m = res.rule_matches
+    out.append("")
+    out.append(f"the kernel's counts equal the prediction of rule {', '.join(m)} on every walk"
+               if m else "the kernel's counts match no rule's prediction on every walk")
+    bad = int((~w["agree"]).sum())
+    out.append(f"{'AGREE' if not bad else 'DISAGREE'}: {len(w) - bad} of {len(w)} walks equal "
+               f"the prediction under {r}; durations include the probes' cost (reported, "
+               "not judged)")
+    return "\n".join(out)

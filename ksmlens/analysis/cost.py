@@ -1,0 +1,316 @@
+"""The cost of ``rmap_walk_ksm()``, per KSM page, per rule and per walk, from a snapshot.
+
+mm/ksm.c ``rmap_walk_ksm()`` (6.12: mm/ksm.c:3110) runs, for one KSM page,
+one loop per rmap_item of its stable node's hlist, twice (``search_new_forks``
+0, then 1); each loop is an ``anon_vma_interval_tree_foreach()`` over the
+item's anon_vma (``anon_vma_interval_tree_iter_first()`` once, then
+``_iter_next()`` until it returns NULL) under the anon_vma lock. Every VMA
+the tree yields is an iteration; it is *skipped* when the address is
+outside ``[vm_start, vm_end)``, passed over when its mm is not the pass's,
+and otherwise given to ``rwc->rmap_one()``. The walk ends early when the
+caller says so (:data:`ksmlens.kernel.rmap_walk.WALKS`).
+
+:func:`walk_cost` predicts every counter the kernel's loop produces, exactly,
+from the snapshot's recorded anon_vma interval trees: the tree yields the
+VMAs whose pgoff range ``[vm_pgoff, vma_last_pgoff()]`` meets the rule's
+query, in its in-order. The rules (:data:`ksmlens.kernel.rules.RULES`):
+``stock`` ``[0, ULONG_MAX]``, ``v3`` ``[address >> PAGE_SHIFT]``,
+``stored`` ``[the stored index]`` (union, v8, mainline ``linear_page_index``).
+
+One row per (KSM page, rule, walk), the columns (ints unless said):
+
+==============  ==============================================================
+``node``        the stable node (a regular node or a dup: one KSM page) id
+``kpfn``        its page frame number
+``rule``        the rule
+``walk``        ``full``, ``try_to_migrate``, ``remove_migration_ptes``,
+                ``folio_referenced``, ``try_to_unmap``
+``rmap_items``  items on the node's hlist (the loop runs over them per pass)
+``first``       ``anon_vma_interval_tree_iter_first()`` calls (loops run)
+``first_null``  of which returned NULL (an empty query)
+``next``        ``anon_vma_interval_tree_iter_next()`` calls
+``next_null``   of which returned NULL (loops that ran to their end)
+``returned``    VMAs the iteration yielded (``first + next - nulls``)
+``skipped``     yielded, but the address is outside ``vm_start``/``vm_end``
+``other_mm``    yielded, in range, left for the other pass
+``rmap_one``    calls that reached ``rwc->rmap_one()``
+``missed``      mapped mappings of the page the rule never reaches (its own
+                misses, plus those no rmap_item leads to)
+``stopped``     bool: the walk ended early (the caller's stop condition held)
+==============  ==============================================================
+
+Assumes an uncontended walk: ``anon_vma_trylock_read()`` succeeds (no
+``rwc->contended`` return under ``try_lock``), ``rmap_one()`` succeeds, and
+``rwc->invalid_vma`` rejects nothing (reclaim through the memory cgroup of
+every process mapping the page).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ksmlens.errors import KsmlensError
+from ksmlens.kernel.rmap_walk import STOP_REFERENCED, STOP_UNMAPPED, WALK_KINDS, WALKS, candidates
+from ksmlens.kernel.rules import RULES, vma_last_pgoff
+from ksmlens.lens.model import Snapshot
+from ksmlens.lens.replay import avc_table
+
+__all__ = ["walk_cost", "cost_rules", "COST_COLUMNS", "COUNTERS", "worst_pages",
+           "cost_by_node", "cost_by_process", "cost_totals"]
+
+COUNTERS = ("first", "first_null", "next", "next_null", "returned", "skipped", "other_mm",
+            "rmap_one")
+COST_COLUMNS = ("node", "kpfn", "rule", "walk", "rmap_items", *COUNTERS, "missed", "stopped")
+
+
+def cost_rules(snap: Snapshot, rules=None) -> list[str]:
+    """The rules to predict under: ``rules`` (checked), else every rule the
+    kernel could have (``stored`` only where it stores an index)."""
+    have = [r for r in RULES if r != "stored" or snap.kernel.has_stored_pgoff]
+    if rules is None:
+        return have
+    for r in rules:
+        if r not in RULES:
+            raise KsmlensError(f"unknown rmap walk rule {r!r}", f"choose one of {', '.join(RULES)}")
+        if r not in have:
+            raise KsmlensError(f"rule {r!r}: {snap.kernel.release} stores no page index in "
+                               "struct ksm_rmap_item", f"ask for {' or '.join(have)}")
+    return list(rules)
+
+
+def _walks(kinds) -> list[str]:
+    out = []
+    for k in kinds:
+        if k not in WALK_KINDS:
+            raise KsmlensError(f"unknown walk kind {k!r}", f"choose from {', '.join(WALK_KINDS)}")
+        out += [w for w in WALK_KINDS[k] if w not in out]
+    return out
+
+
+def _str(s: pd.Series) -> np.ndarray:
+    return s.astype(object).where(s.notna(), None).to_numpy()
+
+
+def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate")) -> pd.DataFrame:
+    """Predict each KSM page's walk cost (the table in the module doc),
+    for each of ``rules`` (default :func:`cost_rules`) and each walk of
+    ``kinds`` (keys of :data:`ksmlens.kernel.rmap_walk.WALK_KINDS`: ``full``,
+    ``migrate``, ``reclaim``).
+
+    Raises :class:`KsmlensError` for an unknown rule or kind, a rule the
+    kernel lacks, or a snapshot without KSM pages or recorded anon_vma trees."""
+    rules = cost_rules(snap, rules)
+    walks = _walks(kinds)
+    k = snap.kernel
+    nodes = snap.stable_nodes
+    pages = nodes[nodes["kind"] != "chain"].reset_index(drop=True)
+    if not len(pages):
+        raise KsmlensError("this snapshot has no KSM page (no stable node)",
+                           "merge something first, e.g. `ksmlens scenario run many-vmas --keep`")
+    it = snap.rmap_items
+    st = it[(it["state"] == "stable") & it["stable_node"].isin(pages["id"])
+            & it["anon_vma"].isin(list(snap.anon_vmas))]
+    avcs = avc_table(snap.anon_vmas)
+    av_ids = list(dict.fromkeys(avcs["anon_vma"]))
+    av_code = {a: i for i, a in enumerate(av_ids)}
+    avc_av = np.array([av_code[a] for a in avcs["anon_vma"]], dtype=np.int64)
+    tree_lo = np.searchsorted(avc_av, np.arange(len(av_ids)))      # trees are contiguous
+    tree_n = np.bincount(avc_av, minlength=len(av_ids))
+    start = avcs["vm_pgoff"]
+    last = vma_last_pgoff(avcs["vm_start"], avcs["vm_end"], start, k.page_shift)
+
+    # the items, by page then hlist order
+    page_of = {x: i for i, x in enumerate(pages["id"])}
+    i_page = st["stable_node"].map(page_of).to_numpy(np.int64)
+    i_hpos = st["hlist_pos"].to_numpy(np.int64, na_value=0)
+    o = np.lexsort((i_hpos, i_page))
+    i_page, i_hpos = i_page[o], i_hpos[o]
+    i_av = np.array([av_code[a] for a in _str(st["anon_vma"])], dtype=np.int64)[o]
+    mm_all = pd.Index(pd.concat([st["mm"].astype(str), pd.Series(avcs["mm"], dtype=str)]).unique())
+    i_mm = mm_all.get_indexer(st["mm"].astype(str))[o]
+    avc_mm = mm_all.get_indexer(pd.Series(avcs["mm"], dtype=str))
+    i_addr = st["address"].to_numpy(np.uint64)[o]
+    i_stored = st["stored_pgoff"].to_numpy(np.uint64, na_value=0)[o] \
+        if k.has_stored_pgoff else None
+    n_pages, n_items = len(pages), i_page.size
+    items_per_page = np.bincount(i_page, minlength=n_pages)
+
+    # every (item, VMA) pair within the address: what rmap_one can be given
+    c = candidates(i_av, i_mm, i_addr, i_stored, avc_av, avc_mm, avcs["vm_start"],
+                   avcs["vm_end"], start, k.page_shift)
+    p_item, p_avc, p_pass = c["item"], c["avc"], c["pass"]
+    p_page = i_page[p_item]
+    mapped, kpfn_mapcount = _mapped(snap, pages, p_page, avc_mm, mm_all, p_avc, i_addr[p_item])
+    rows = []
+    for rule in rules:
+        q = None if rule == "stock" else (i_addr >> np.uint64(k.page_shift) if rule == "v3"
+                                          else i_stored)
+        R = tree_n[i_av] if q is None else _point_counts(avc_av, start, last, tree_lo, i_av, q)
+        match = np.ones(p_item.size, bool) if rule == "stock" else c[rule]
+        A = np.bincount(p_item[match], minlength=n_items)          # in range, either pass
+        missed = _missed(snap, pages, rule)
+        for walk in walks:
+            stop = WALKS[walk][1]
+            res = _full(i_page, R, A, n_pages)
+            stopped = np.zeros(n_pages, bool)
+            if stop is not None:
+                _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_page,
+                       p_item[match], p_avc[match], p_pass[match], p_page[match], mapped[match],
+                       avc_mm, i_addr, kpfn_mapcount, tree_lo, last)
+            rows.append(pd.DataFrame({
+                "node": pages["id"].to_numpy(object), "kpfn": pages["kpfn"].to_numpy(),
+                "rule": rule, "walk": walk, "rmap_items": items_per_page, **res,
+                "missed": missed, "stopped": stopped}))
+    out = pd.concat(rows, ignore_index=True)
+    out["rule"] = pd.Categorical(out["rule"], categories=list(RULES))
+    out["walk"] = pd.Categorical(out["walk"], categories=list(WALKS))
+    return out[list(COST_COLUMNS)]
+
+
+def _point_counts(avc_av, start, last, tree_lo, i_av, q) -> np.ndarray:
+    """Per item, the VMAs of its tree whose [start, last] contains q:
+    #(start <= q) - #(last < q) (last < q implies start < q)."""
+    vals, inv = np.unique(np.concatenate([start, last, q]), return_inverse=True)
+    n = start.size
+    rs, rl, rq = inv[:n], inv[n:2 * n], inv[2 * n:]
+    big = np.int64(vals.size + 1)
+    ks = np.sort(avc_av * big + rs)
+    kl = np.sort(avc_av * big + rl)
+    kq = i_av * big + rq
+    le = np.searchsorted(ks, kq, side="right") - tree_lo[i_av]
+    lt = np.searchsorted(kl, kq, side="left") - tree_lo[i_av]
+    return (le - lt).astype(np.int64)
+
+
+def _full(i_page, R, A, n_pages) -> dict:
+    """A walk to its end: every item's loop, both passes."""
+    def per_page(v):
+        return np.bincount(i_page, weights=v, minlength=n_pages).astype(np.int64)
+    Rp, Ap = per_page(R), per_page(A)
+    return {"first": 2 * np.bincount(i_page, minlength=n_pages),
+            "first_null": 2 * per_page((R == 0).astype(np.int64)),
+            "next": 2 * Rp, "next_null": 2 * per_page((R > 0).astype(np.int64)),
+            "returned": 2 * Rp, "skipped": 2 * (Rp - Ap), "other_mm": Ap.copy(), "rmap_one": Ap}
+
+
+def _mapped(snap, pages, p_page, avc_mm, mm_all, p_avc, p_addr):
+    """Per pair: does a PTE of its VMA's mm map the page at the address (the
+    replay's ``mapped``); per page: folio_mapcount() (-1 unknown)."""
+    m = snap.mappings
+    key = pd.MultiIndex.from_arrays([m["node"].astype(str), m["mm"].astype(str),
+                                     m["address"].to_numpy(np.uint64)])
+    val = m["mapped"].fillna(False).to_numpy(bool)
+    q = pd.MultiIndex.from_arrays([pages["id"].to_numpy(object)[p_page].astype(str),
+                                   np.asarray(mm_all)[avc_mm[p_avc]].astype(str), p_addr])
+    j = key.get_indexer(q) if len(key) else np.full(len(q), -1)
+    mapped = np.where(j >= 0, val[np.maximum(j, 0)], False) if len(val) else \
+        np.zeros(len(q), bool)
+    mc = pages["mapcount"].to_numpy(np.int64, na_value=-1)
+    return mapped, mc
+
+
+def _missed(snap, pages, rule) -> np.ndarray:
+    m = snap.mappings
+    miss = m[m["mapped"].fillna(False) & ~m[f"found_{rule}"].fillna(True).astype(bool)]
+    n = miss["node"].value_counts()
+    return (pages["id"].map(n).fillna(0).to_numpy(np.int64)
+            + pages["unreachable"].to_numpy(np.int64))
+
+
+def _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_page,
+           c_item, c_avc, c_pass, c_page, c_mapped, avc_mm, i_addr, mapcount, tree_lo, last):
+    """Where a walk with a stop condition ends, and its counters up to there."""
+    # the calls in the kernel's order: page, pass, hlist position (item order), tree in-order
+    o = np.lexsort((c_avc, c_item, c_pass, c_page))
+    c_item, c_avc, c_pass, c_page, c_mapped = (x[o] for x in (c_item, c_avc, c_pass, c_page,
+                                                              c_mapped))
+    if stop == STOP_UNMAPPED:       # a mapping counts once: the first call unmaps it
+        key = pd.MultiIndex.from_arrays([c_page, avc_mm[c_avc], i_addr[c_item]])
+        hit = c_mapped & ~key.duplicated()
+    else:                           # STOP_REFERENCED: every call finding the PTE counts
+        hit = c_mapped
+    cum = np.cumsum(hit)
+    brk = np.flatnonzero(np.r_[True, c_page[1:] != c_page[:-1]]) if c_page.size else \
+        np.zeros(0, np.int64)
+    base = np.repeat(cum[brk] - hit[brk], np.diff(np.r_[brk, c_page.size]))
+    got = cum - base
+    done = hit & (got == mapcount[c_page]) & (mapcount[c_page] > 0)
+    if not done.any():
+        return
+    # the first call of each page after which the walk stops
+    s = np.flatnonzero(done)
+    s = s[np.r_[True, c_page[s][1:] != c_page[s][:-1]]]
+    item_lo = np.r_[0, np.cumsum(items_per_page)[:-1]]
+    page_lo = np.searchsorted(c_page, np.arange(items_per_page.size))
+    for j in s.tolist():
+        pg, it, ps, avc = int(c_page[j]), int(c_item[j]), int(c_pass[j]), int(c_avc[j])
+        lo, n = int(item_lo[pg]), int(items_per_page[pg])
+        # the loops run to their end before the stopping one: pass 1 whole if
+        # the stop is in pass 2, then this pass's items before `it`
+        full = np.r_[np.arange(lo, lo + n) if ps == 2 else np.zeros(0, np.int64),
+                     np.arange(lo, it)].astype(np.int64)
+        Rb, Ab = int(R[full].sum()), int(A[full].sum())
+        nulls = int(np.count_nonzero(R[full] == 0))
+        # the stopping loop yields the tree's VMAs up to and including avc
+        lo_t = int(tree_lo[i_av[it]])
+        k = avc - lo_t + 1 if q is None else \
+            int(np.count_nonzero(last[lo_t:avc] >= q[it])) + 1
+        mine = np.flatnonzero(c_item[page_lo[pg]:j + 1] == it) + page_lo[pg]
+        in_range = int(np.count_nonzero(c_avc[c_item == it] <= avc))   # either pass
+        cs = int(np.count_nonzero(c_pass[mine] == ps))     # its calls up to j
+        calls = int(j - page_lo[pg]) + 1
+        res["first"][pg] = full.size + 1
+        res["first_null"][pg] = nulls
+        res["next"][pg] = Rb + k - 1
+        res["next_null"][pg] = full.size - nulls
+        res["returned"][pg] = Rb + k
+        res["skipped"][pg] = (Rb - Ab) + (k - in_range)
+        res["rmap_one"][pg] = calls
+        res["other_mm"][pg] = (Ab - (calls - cs)) + (in_range - cs)
+        stopped[pg] = True
+
+
+# ------------------------------------------------------------------ totals
+
+def worst_pages(cost: pd.DataFrame, top: int | None = 20, by: str = "returned") -> pd.DataFrame:
+    """The KSM pages whose walks do the most work (the anon_vma lock held
+    longest): one row per page, the rules side by side (``by`` per rule,
+    summed over the walks asked for), sorted by the worst rule, ``top`` rows."""
+    t = cost.pivot_table(index=["node", "kpfn", "rmap_items"], columns="rule", values=by,
+                         aggfunc="sum", observed=True)
+    t.columns = [f"{by}_{r}" for r in t.columns]
+    t = t.assign(worst=t.max(axis=1)).sort_values("worst", ascending=False).drop(columns="worst")
+    return (t.head(top) if top else t).reset_index()
+
+
+def cost_by_node(snap: Snapshot, cost: pd.DataFrame) -> pd.DataFrame:
+    """Totals per stable node: a chain's dups summed under its chain head."""
+    nd = snap.stable_nodes.set_index("id")
+    head = cost["node"].map(lambda n: nd.at[n, "chain"] if isinstance(nd.at[n, "chain"], str)
+                            else n)
+    cols = ["rmap_items", *COUNTERS, "missed"]
+    return cost.assign(stable_node=head).groupby(["stable_node", "rule", "walk"], observed=True
+                                                 )[cols].sum().reset_index()
+
+
+def cost_by_process(snap: Snapshot, cost: pd.DataFrame) -> pd.DataFrame:
+    """Totals per process: each page's walks counted for every process that
+    maps it (the walk holds the lock of that process's anon_vma)."""
+    m = snap.mappings
+    who = m[m["mapped"].fillna(False)][["node", "pid"]].dropna().drop_duplicates()
+    cols = [*COUNTERS, "missed"]
+    j = cost.merge(who, on="node")
+    return j.groupby(["pid", "rule", "walk"], observed=True)[cols].sum().reset_index()
+
+
+def cost_totals(cost: pd.DataFrame) -> pd.DataFrame:
+    """Totals per (rule, walk) over the snapshot, with ``pages``, the
+    ``max_returned`` of one walk and the ``ratio`` of yielded VMAs to
+    rmap_one calls."""
+    g = cost.groupby(["rule", "walk"], observed=True)
+    t = g[list(COUNTERS) + ["missed"]].sum()
+    t.insert(0, "pages", g.size())
+    t["max_returned"] = g["returned"].max()
+    t["ratio"] = (t["returned"] / t["rmap_one"].where(t["rmap_one"] > 0)).round(1)
+    return t.reset_index()
