@@ -53,7 +53,9 @@ def test_every_walk_counted_equals_the_prediction(variant, shape):
         # the series' reason: each loop yields the whole tree, 2 items x 2 passes
         assert (full["m_returned"] == 4 * N).all(), text
     else:
-        assert (full["m_returned"] < 20).all(), text
+        # a point query: the one VMA per process that holds the index, at most
+        procs = 5 if shape == "fork" else 1
+        assert (full["m_returned"] <= 4 * procs).all(), text
     # the iteration count is the recorded tree's, node by node (the kernel's
     # interval-tree query replayed independently of the cost model)
     snap = res.snapshot
