@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/walk_cost.py [--vmas 20000] [--pages 4] [--variant V]...
                                              [--shape split|fork] [--mremap K] [--json F]
+                                             [--sweep PNG]
 
 For each variant (default stock, v3, v8), one after the other in one run: boot
 a 2-node guest, run the many-vmas scenario (N VMAs in one anon_vma, P KSM
@@ -17,6 +18,11 @@ Prints per variant: VMAs yielded per walk (the loop's iterations) and
 rmap_one calls, for try_to_migrate and remove_migration_ptes, the longest
 walk in ms with iteration probes and without, and the time the prediction
 took. No pass/fail on times: the figures are what they are (TCG or KVM).
+
+``--sweep PNG``: instead, on each variant the cost against N (100, 1,000,
+10,000, 20,000; ``ksmlens.experiments.cost.cost_sweep``), every variant's
+counts beside the predictions, drawn into PNG (``costplots.cost_vs_vmas``:
+README's picture) and printed.
 """
 
 import argparse
@@ -65,6 +71,28 @@ def one(variant: str, a) -> dict:
     return out
 
 
+def sweep(a) -> int:
+    import pandas as pd
+    from ksmlens.experiments.cost import cost_sweep
+    from ksmlens.views.costplots import cost_vs_vmas
+    frames = []
+    for v in a.variant or ["stock", "v3", "v8"]:
+        vm = VM.up(f"cost-{v}", v, numa=2, cpus=2, memory="2G", quiet=True)
+        try:
+            frames.append(cost_sweep(vm, shape=a.shape, pages=a.pages, mremap=a.mremap))
+        finally:
+            vm.down()
+    d = pd.concat(frames, ignore_index=True)
+    counted = d[d["measured"].notna()]
+    cost_vs_vmas(d).savefig(a.sweep, dpi=90)
+    cols = ["variant", "vmas", "walk", "rule", "predicted", "measured", "rmap_one", "max_ms",
+            "agree"]
+    print(format_table(cols, counted[cols].values.tolist(), align="<><<>>>><"))
+    if a.json:
+        Path(a.json).write_text(d.to_json(orient="records", indent=1))
+    return 0 if counted["agree"].all() else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +102,10 @@ def main():
     ap.add_argument("--mremap", type=int, default=0)
     ap.add_argument("--variant", action="append")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--sweep", metavar="PNG")
     a = ap.parse_args()
+    if a.sweep:
+        return sweep(a)
     res = [one(v, a) for v in a.variant or ["stock", "v3", "v8"]]
     head = ["variant", "walk", "walks", "VMAs yielded/walk", "max", "rmap_one/walk",
             "longest ms (probed)", "longest ms", "= prediction"]

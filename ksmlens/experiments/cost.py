@@ -28,6 +28,7 @@ import dataclasses
 import json
 import sys
 import time
+from typing import Any
 
 import pandas as pd
 
@@ -37,7 +38,8 @@ from ksmlens.errors import KsmlensError
 from ksmlens.kernel.rmap_walk import WALK_KINDS, WALKS, walk_of_rmap_one
 from ksmlens.kernel.constants import PAGE_MAPPING_FLAGS
 
-__all__ = ["CostResult", "measure_cost", "MEASURE_BY", "MEASURED", "trace_walks"]
+__all__ = ["CostResult", "measure_cost", "MEASURE_BY", "MEASURED", "trace_walks", "cost_sweep",
+           "SWEEP_VMAS"]
 
 MEASURE_BY = ("migrate",)
 # what the probes count per walk (the predicted counters the kernel can show)
@@ -62,7 +64,7 @@ class CostResult:
     cost: pd.DataFrame
     events: int
     seconds: dict
-    snapshot: object = None     # the paused snapshot predicted from
+    snapshot: Any = None        # the paused Snapshot predicted from
 
     @property
     def agree(self) -> bool:
@@ -221,3 +223,39 @@ def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True
                       seconds={"predict": round(t1 - t0, 2), "walks": round(t2 - t1, 2),
                                "total": round(time.monotonic() - t0, 2)})
 
+
+
+SWEEP_VMAS = (100, 1000, 10000, 20000)
+
+
+def cost_sweep(vm, vmas=SWEEP_VMAS, *, shape: str = "split", pages: int = 4,
+               mremap: int = 0) -> pd.DataFrame:
+    """The walk's cost against N: for each N of ``vmas``, the many-vmas
+    scenario in ``vm`` and :func:`measure_cost` on it. One row per (N, rule,
+    walk): ``vmas``, ``variant``, ``release``, ``rule``, ``walk``,
+    ``predicted`` (VMAs yielded per walk, mean over the pages),
+    ``rmap_one`` (predicted per walk), and for the kernel's own rule
+    ``measured`` (the kernel's count, mean per walk), ``max_ms`` (the
+    longest walk, probes on) and ``agree``; NaN for the other rules, which
+    this kernel does not run."""
+    from ksmlens.lab.scenarios import ScenarioRun
+    rows = []
+    for n in vmas:
+        args = ("--vmas", str(n), "--shape", shape, "--pages", str(pages), "--mremap",
+                str(mremap))
+        with ScenarioRun(vm, "many-vmas", extra_args=args) as run:
+            for st in run.scenario.steps:
+                run.step(st.name)
+            res = measure_cost(vm)
+        w = res.walks
+        for (rule, walk), g in res.cost.groupby(["rule", "walk"], observed=True):
+            row = {"vmas": n, "variant": res.snapshot.kernel.variant, "release": res.release,
+                   "rule": rule, "walk": walk, "predicted": g["returned"].mean(),
+                   "rmap_one": g["rmap_one"].mean(), "measured": float("nan"),
+                   "max_ms": float("nan"), "agree": None}
+            mw = w[w["walk"] == walk]
+            if rule == res.rule and len(mw):
+                row.update(measured=mw["m_returned"].mean(), max_ms=mw["us"].max() / 1000,
+                           agree=bool(mw["agree"].all()))
+            rows.append(row)
+    return pd.DataFrame(rows)
