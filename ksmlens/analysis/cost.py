@@ -243,6 +243,7 @@ def _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_pa
     s = s[np.r_[True, c_page[s][1:] != c_page[s][:-1]]]
     item_lo = np.r_[0, np.cumsum(items_per_page)[:-1]]
     page_lo = np.searchsorted(c_page, np.arange(items_per_page.size))
+    page_hi = np.searchsorted(c_page, np.arange(items_per_page.size), side="right")
     for j in s.tolist():
         pg, it, ps, avc = int(c_page[j]), int(c_item[j]), int(c_pass[j]), int(c_avc[j])
         lo, n = int(item_lo[pg]), int(items_per_page[pg])
@@ -257,7 +258,8 @@ def _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_pa
         k = avc - lo_t + 1 if q is None else \
             int(np.count_nonzero(last[lo_t:avc] >= q[it])) + 1
         mine = np.flatnonzero(c_item[page_lo[pg]:j + 1] == it) + page_lo[pg]
-        in_range = int(np.count_nonzero(c_avc[c_item == it] <= avc))   # either pass
+        sl = slice(int(page_lo[pg]), int(page_hi[pg]))                 # the page's calls
+        in_range = int(np.count_nonzero((c_item[sl] == it) & (c_avc[sl] <= avc)))  # either pass
         cs = int(np.count_nonzero(c_pass[mine] == ps))     # its calls up to j
         calls = int(j - page_lo[pg]) + 1
         res["first"][pg] = full.size + 1
