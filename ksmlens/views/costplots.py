@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ksmlens.errors import KsmlensError
-from ksmlens.views.plots import _NotebookFigure
+from ksmlens.views.plots import NotebookFigure
 
 __all__ = ["RULE_COLORS", "cost_vs_vmas", "page_cost"]
 
@@ -30,7 +30,7 @@ def cost_vs_vmas(sweep: pd.DataFrame, walk: str = "remove_migration_ptes") -> Fi
     if not len(d):
         raise KsmlensError(f"the sweep has no {walk} walks",
                            f"walks in it: {', '.join(map(str, sweep['walk'].unique()))}")
-    fig = _NotebookFigure(figsize=(11, 4.2), layout="constrained")
+    fig = NotebookFigure(figsize=(11, 4.2), layout="constrained")
     a, b = fig.subplots(1, 2)
     for rule, g in d.groupby("rule", observed=True):
         c = RULE_COLORS.get(str(rule), "k")
@@ -68,7 +68,7 @@ def page_cost(cost: pd.DataFrame, walk: str = "full", top: int = 30) -> Figure:
     t = d.pivot_table(index="kpfn", columns="rule", values="returned", aggfunc="sum",
                       observed=True)
     t = t.loc[t.max(axis=1).sort_values(ascending=False).index[:top]]
-    fig = _NotebookFigure(figsize=(max(7, 0.35 * len(t) + 3), 4), layout="constrained")
+    fig = NotebookFigure(figsize=(max(7, 0.35 * len(t) + 3), 4), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(t))
     w = 0.8 / max(1, len(t.columns))

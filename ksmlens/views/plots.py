@@ -59,6 +59,9 @@ class _NotebookFigure(Figure):
         return buf.getvalue()
 
 
+NotebookFigure = _NotebookFigure     # for the other views' modules (costplots)
+
+
 def _axes(ax, size):
     """(fig, ax): ``ax`` as given, or a new Figure of ``size`` (no pyplot)."""
     if ax is not None:
