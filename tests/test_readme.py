@@ -22,6 +22,35 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_and_guide_links_lead_somewhere():
+    """Every relative link of README.md and docs/guide/*.md names a file of
+    the checkout, and its #anchor a heading of that file (GitHub's slugs);
+    README links each guide page and shows one picture."""
+    docs = sorted((README.parent / "docs" / "guide").glob("*.md"))
+    assert docs
+    for md in [README, *docs]:
+        text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^()\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (md.parent / file).resolve() if file else md
+            assert dest.exists(), (md.name, target)
+            if anchor:
+                heads = re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", dest.read_text(),
+                                                        flags=re.S), re.M)
+                assert anchor in {_slug(h) for h in heads}, (md.name, target)
+    readme = README.read_text()
+    for page in docs:
+        assert f"](docs/guide/{page.name})" in readme, page.name
+    assert len(re.findall(r"!\[[^\]]*\]\(", readme)) == 1
+
+
 def test_readme_has_the_examples():
     blocks = python_blocks()
     assert len(blocks) >= 2

@@ -398,7 +398,8 @@ def notebooks(a):
     "book", help="the executed notebooks as a static site (Sphinx + myst-nb)",
     description="Build executed notebooks (the out/notebooks/NAME.ipynb that `ksmlens "
     "notebooks` writes) into a static site readable in any browser: index.html lists each "
-    "notebook with its summary and first figure, NAME.html is the notebook. Nothing is "
+    "notebook with its summary and first figure, NAME.html is the notebook, guide/PAGE.html "
+    "a page of the guide (docs/guide/*.md). Nothing is "
     "executed; no VM is needed.",
     args=lambda: (arg("executed", nargs="*", metavar="IPYNB_OR_DIR",
                       help="executed notebooks or directories of them "

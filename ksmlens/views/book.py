@@ -9,7 +9,13 @@ kernel, no guest) and sphinx-book-theme:
   its first paragraph and its "**You will learn**" list (from the notebook's
   first cell), and its first picture (the first ``image/png`` output,
   written to a file for Sphinx);
-* ``NAME.html`` per notebook, readable in any browser without Jupyter.
+* ``NAME.html`` per notebook, readable in any browser without Jupyter;
+* ``guide/PAGE.html`` per Markdown page of the guide (``docs/guide/*.md``,
+  the long version of the README), listed on the index and in the sidebar
+  after the notebooks, in the order ``docs/guide/README.md`` links them.
+  Links between guide pages and the pictures of ``docs/`` they show are
+  kept; a link that leaves ``docs/`` (the README, a source file) becomes its
+  text, so every link of the book stays in the book.
 
 Exercise cells follow the tags of :mod:`ksmlens.views.notebook`: a cell
 tagged ``hide-input`` (the hidden ``exercise-check`` cells) shows its output
@@ -36,11 +42,14 @@ from pathlib import Path
 
 from ksmlens.errors import KsmlensError
 
-__all__ = ["build_book", "executed_paths", "notebook_summary", "first_image", "BOOK_DIR"]
+__all__ = ["build_book", "executed_paths", "notebook_summary", "first_image", "guide_pages",
+           "BOOK_DIR", "GUIDE_DIR"]
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOK_DIR = ROOT / "out" / "book"
 TITLE = "ksmlens: KSM in a live kernel"
+GUIDE_DIR = ROOT / "docs" / "guide"
+LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^()\s]+)\)")       # [text](target), ![alt](target)
 LEARN = re.compile(r"^\s*\*\*You will learn\*\*", re.I | re.M)
 
 # conf.py of the generated Sphinx project (kept beside the index in the
@@ -53,6 +62,7 @@ extensions = ["myst_nb"]
 nb_execution_mode = "off"        # the notebooks are executed already (against a guest)
 nb_merge_streams = True          # one block per cell for print() output
 myst_enable_extensions = ["colon_fence"]
+myst_heading_anchors = 3         # the guide's page.md#heading links, as GitHub makes them
 html_theme = "sphinx_book_theme"
 html_title = {title!r}
 html_theme_options = {{
@@ -183,14 +193,61 @@ def _for_the_book(nb):
     return nb
 
 
-def _index(title: str, entries: list[dict]) -> str:
+def guide_pages(guide=GUIDE_DIR) -> list[Path]:
+    """The Markdown pages of the guide directory ``guide``: its ``*.md``
+    but its ``README.md``, in the order that ``README.md`` links them, then
+    any other by name. Raises :class:`KsmlensError` if ``guide`` is no
+    directory."""
+    guide = Path(guide)
+    if not guide.is_dir():
+        raise KsmlensError(f"no guide directory {guide}",
+                           "give a directory of Markdown pages (docs/guide)")
+    pages = sorted(p for p in guide.glob("*.md") if p.name != "README.md")
+    readme = guide / "README.md"
+    order = [m.group(3).split("#")[0] for m in LINK.finditer(readme.read_text())] \
+        if readme.exists() else []
+    return sorted(pages, key=lambda p: (order.index(p.name) if p.name in order else len(order),
+                                        p.name))
+
+
+def _guide_page(page: Path, guide: Path, src: Path) -> str:
+    """The text of guide page ``page`` for the book's ``src/guide/``: links
+    to other guide pages and to web addresses are kept; a picture inside
+    ``guide``'s parent (``docs/``) is copied to the same place relative to
+    ``src``; any other link (the README, a source file) becomes its text."""
+    docs = guide.parent.resolve()
+
+    def link(m: re.Match) -> str:
+        bang, text, target = m.groups()
+        path = target.split("#")[0]
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or not path:
+            return m.group(0)                       # https://..., mailto:, #anchor
+        dest = (page.parent / path).resolve()
+        if not bang and dest.parent == guide.resolve() and dest.suffix == ".md" \
+                and dest.exists() and dest.name != "README.md":
+            return m.group(0)                       # another page of the guide
+        if bang and dest.is_file() and docs in dest.parents:
+            copy_to = src / dest.relative_to(docs)
+            copy_to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dest, copy_to)
+            return m.group(0)                       # ../matrix.png: src/matrix.png
+        return text                                 # leaves the book: its text alone
+    return LINK.sub(link, page.read_text())
+
+
+def _index(title: str, entries: list[dict], guide: list[dict] = ()) -> str:
     out = [f"# {title}", "",
            "The ksmlens notebooks, executed against a lab guest (a patched 6.12 kernel in "
            "QEMU) and rendered without Jupyter. Each page shows the notebook's code and "
            "what the kernel answered; hidden checks and exercise solutions are collapsed "
            "(click to open).", "",
-           "```{toctree}", ":hidden:", ":maxdepth: 1", "",
+           "```{toctree}", ":hidden:", ":maxdepth: 1", ":caption: Notebooks", "",
            *[e["page"] for e in entries], "```", ""]
+    if guide:
+        out += ["```{toctree}", ":hidden:", ":maxdepth: 1", ":caption: Guide", "",
+                *[g["page"] for g in guide], "```", "",
+                "The guide, the long version of the README: " +
+                " · ".join(f"[{g['title']}]({g['page']}.md)" for g in guide) + ".", ""]
     for e in entries:
         out += ["", f"## [{e['title']}]({e['page']}.ipynb)", ""]
         if e["paragraph"]:
@@ -205,12 +262,15 @@ def _index(title: str, entries: list[dict]) -> str:
 
 
 def build_book(notebooks, out_dir=BOOK_DIR, *, title: str = TITLE,
-               timeout: float = 600) -> Path:
+               timeout: float = 600, guide=GUIDE_DIR) -> Path:
     """Build the book of the executed notebooks ``notebooks`` (a directory
     of ``.ipynb``, or paths; see :func:`executed_paths`) into ``out_dir``.
 
     Writes a Sphinx project (``conf.py``, the generated ``index.md``, the
-    notebooks, their first pictures) into ``out_dir/_src`` and runs
+    notebooks, their first pictures, the pages of ``guide`` (a directory
+    of Markdown pages, see :func:`guide_pages`; None: no guide; the default
+    ``docs/guide`` is left out where the checkout has none) in ``guide/``)
+    into ``out_dir/_src`` and runs
     ``python -m sphinx -b html`` on it (a subprocess, ``timeout`` s; its
     warnings go to ``out_dir/_src/warnings.txt``).
     A previous book in ``out_dir`` is replaced; a non-empty ``out_dir`` that
@@ -221,6 +281,9 @@ def build_book(notebooks, out_dir=BOOK_DIR, *, title: str = TITLE,
     """
     import nbformat
     paths = executed_paths(notebooks)
+    if guide is not None and Path(guide) == GUIDE_DIR and not GUIDE_DIR.is_dir():
+        guide = None                                 # an installed ksmlens: no docs/
+    pages = guide_pages(guide) if guide is not None else []
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / ".buildinfo").exists():
         raise KsmlensError(f"{out} is not empty and holds no book",
@@ -250,7 +313,15 @@ def build_book(notebooks, out_dir=BOOK_DIR, *, title: str = TITLE,
         nbformat.write(_for_the_book(nb), src / p.name)
         entries.append({**summary, "title": summary["title"] or p.stem, "page": p.stem,
                         "image": image})
-    (src / "index.md").write_text(_index(title, entries))
+    guide_entries = []
+    if pages:
+        (src / "guide").mkdir()
+        for page in pages:
+            text = _guide_page(page, Path(guide), src)
+            (src / "guide" / page.name).write_text(text)
+            guide_entries.append({"title": _title_and_body(text)[0] or page.stem,
+                                  "page": f"guide/{page.stem}"})
+    (src / "index.md").write_text(_index(title, entries, guide_entries))
     (src / "conf.py").write_text(CONF.format(title=title))
     with tempfile.TemporaryDirectory(prefix="ksmlens-book-") as tmp:
         cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-E",

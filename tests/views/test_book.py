@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from ksmlens.errors import KsmlensError
-from ksmlens.views.book import build_book, first_image, notebook_summary
+from ksmlens.views.book import (GUIDE_DIR, build_book, first_image, guide_pages,
+                                notebook_summary)
 from ksmlens.views.notebook import notebook_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,3 +189,68 @@ def test_summaries_of_the_real_notebooks():
         if "**You will learn**" in nb.cells[0].source:
             assert s["learn"].count("\n") >= 2, (p.name, s["learn"])
         assert first_image(nb) is None                # committed without outputs
+
+
+def test_the_guide_is_in_the_book(built):
+    """Each page of docs/guide is a page of the book, in the order the guide's
+    README.md gives, listed on the index and in the sidebar; its links lead
+    to pages, headings and pictures of the book, none out of it."""
+    d, out, index, pngs = built
+    pages = guide_pages(GUIDE_DIR)
+    assert [p.name for p in pages][:3] == ["lab.md", "lens.md", "proofs.md"]
+    assert {p.name for p in GUIDE_DIR.glob("*.md")} == {p.name for p in pages} | {"README.md"}
+    soup = _soup(index)
+    hrefs = [a["href"] for a in soup.select("article p a.reference")]
+    assert [h for h in hrefs if h.startswith("guide/")] == \
+        [f"guide/{p.stem}.html" for p in pages]
+    nav = [a["href"] for a in soup.select("nav a.reference")]
+    assert all(f"guide/{p.stem}.html" in nav for p in pages)
+    n_images = 0
+    for p in pages:
+        html = out / "guide" / f"{p.stem}.html"
+        s = _soup(html)
+        title = p.read_text().splitlines()[0].lstrip("# ")
+        h1 = s.select_one("article h1").get_text().rstrip("#").replace("\u2019", "'")
+        assert " ".join(h1.split()) == \
+            " ".join(title.replace("`", "").split()), p.name
+        for a in s.select("article a[href]"):
+            href = a["href"]
+            if href.startswith(("http:", "https:")):
+                continue
+            file, _, anchor = href.partition("#")
+            target = (html.parent / file).resolve() if file else html
+            assert target.is_file() and out.resolve() in target.parents, (p.name, href)
+            if anchor:
+                assert f'id="{anchor}"' in target.read_text(), (p.name, href)
+        for img in s.select("article img"):
+            n_images += 1
+            src = (html.parent / img["src"]).resolve()
+            assert src.is_file() and out.resolve() in src.parents, (p.name, img["src"])
+        assert not s.select('article a[href*="README"]')            # left as text
+    assert n_images >= 1                                            # docs/matrix.png
+
+
+def test_guide_links_in_the_book(tmp_path):
+    """A guide page's links for the book: pages and web links kept, a picture
+    of docs/ copied beside, a link out of docs/ (README, sources) its text."""
+    from ksmlens.views.book import _guide_page
+    docs = tmp_path / "docs"
+    (docs / "guide").mkdir(parents=True)
+    (docs / "pic.png").write_bytes(b"png")
+    (docs / "guide" / "b.md").write_text("# B\n")
+    page = docs / "guide" / "a.md"
+    page.write_text("# A\n\nSee [B](b.md#x), [web](https://example.org/a_(b)), [here](#h),\n"
+                    "the [README](../../README.md), [code](../../ksmlens/x.py), "
+                    "[gone](c.md), `[0, N]` and ![pic](../pic.png).\n")
+    (tmp_path / "README.md").write_text("r")
+    src = tmp_path / "src"
+    src.mkdir()
+    text = _guide_page(page, docs / "guide", src)
+    assert "[B](b.md#x)" in text and "[here](#h)" in text and "https://example.org" in text
+    assert "the README, code, gone, `[0, N]`" in text
+    assert "![pic](../pic.png)" in text and (src / "pic.png").read_bytes() == b"png"
+    assert [p.name for p in guide_pages(docs / "guide")] == ["a.md", "b.md"]
+    (docs / "guide" / "README.md").write_text("* [B](b.md)\n* [A](a.md)\n")
+    assert [p.name for p in guide_pages(docs / "guide")] == ["b.md", "a.md"]
+    with pytest.raises(KsmlensError, match="no guide directory"):
+        guide_pages(tmp_path / "nowhere")
