@@ -201,7 +201,6 @@ def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True
     walks["kpfn"] = walks["node"].map(kpfn)
     matches = []
     for r in rules:
-        ok_all = True
         for c in MEASURED:
             walks[f"{r}_{c}"] = [int(pred.at[(n, w, r), c]) if (n, w, r) in pred.index else -1
                                  for n, w in zip(walks["node"], walks["walk"])]
@@ -209,8 +208,7 @@ def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True
         for c in MEASURED:
             eq &= walks[f"{r}_{c}"] == walks[f"m_{c}"]
         walks[f"agree_{r}"] = eq
-        ok_all = bool(eq.all())
-        if ok_all and iterations:
+        if bool(eq.all()) and iterations:
             matches.append(r)
     rule = snap.kernel.walk_rule or (matches[0] if matches else rules[0])
     walks["agree"] = walks[f"agree_{rule}"] if iterations else True
