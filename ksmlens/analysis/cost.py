@@ -24,7 +24,7 @@ One row per (KSM page, rule, walk), the columns (ints unless said):
 ``kpfn``        its page frame number
 ``rule``        the rule
 ``walk``        ``full``, ``try_to_migrate``, ``remove_migration_ptes``,
-                ``folio_referenced``, ``try_to_unmap``
+                ``folio_referenced``, ``try_to_unmap``, ``collect_procs_ksm``
 ``rmap_items``  items on the node's hlist (the loop runs over them per pass)
 ``first``       ``anon_vma_interval_tree_iter_first()`` calls (loops run)
 ``first_null``  of which returned NULL (an empty query)
@@ -51,7 +51,9 @@ import numpy as np
 import pandas as pd
 
 from ksmlens.errors import KsmlensError
-from ksmlens.kernel.rmap_walk import STOP_REFERENCED, STOP_UNMAPPED, WALK_KINDS, WALKS, candidates
+from ksmlens.kernel.constants import mce_early_kill
+from ksmlens.kernel.rmap_walk import (COLLECT, STOP_REFERENCED, STOP_UNMAPPED, WALK_KINDS, WALKS,
+                                      candidates)
 from ksmlens.kernel.rules import RULES, vma_last_pgoff
 from ksmlens.lens.model import Snapshot
 from ksmlens.lens.replay import avc_table
@@ -92,17 +94,33 @@ def _str(s: pd.Series) -> np.ndarray:
     return s.astype(object).where(s.notna(), None).to_numpy()
 
 
-def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate")) -> pd.DataFrame:
+def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
+              early_kill: bool | None = None, injector: str | None = None) -> pd.DataFrame:
     """Predict each KSM page's walk cost (the table in the module doc),
     for each of ``rules`` (default :func:`cost_rules`) and each walk of
     ``kinds`` (keys of :data:`ksmlens.kernel.rmap_walk.WALK_KINDS`: ``full``,
-    ``migrate``, ``reclaim``).
+    ``migrate``, ``reclaim``, ``hwpoison``).
+
+    ``hwpoison`` adds ``collect_procs_ksm`` (memory failure's own loop, see
+    :data:`ksmlens.kernel.rmap_walk.COLLECT`; its rule is the range that
+    loop searches, its ``rmap_one`` the ``add_to_kill_ksm()`` calls, its
+    ``other_mm`` the VMAs of processes not collected) before
+    ``try_to_unmap``. Who it collects comes from the snapshot's tasks
+    (``KernelInfo.mce``): ``early_kill`` the sysctl
+    ``vm.memory_failure_early_kill`` to assume (default: the recorded one),
+    ``injector`` the mm (id) of the task that hits the page
+    (``force_early``; default: per page, the mm of its first rmap_item).
 
     Raises :class:`KsmlensError` for an unknown rule or kind, a rule the
-    kernel lacks, or a snapshot without KSM pages or recorded anon_vma trees."""
+    kernel lacks, a snapshot without KSM pages or recorded anon_vma trees,
+    and ``hwpoison`` on a snapshot that did not record the tasks."""
     rules = cost_rules(snap, rules)
     walks = _walks(kinds)
     k = snap.kernel
+    if COLLECT in walks and k.mce is None:
+        raise KsmlensError("this snapshot did not record the tasks' memory-failure policy "
+                           "(a kernel without CONFIG_MEMORY_FAILURE, or a snapshot taken "
+                           "before ksmlens did)", "take a new snapshot, or leave hwpoison out")
     nodes = snap.stable_nodes
     pages = nodes[nodes["kind"] != "chain"].reset_index(drop=True)
     if not len(pages):
@@ -152,8 +170,12 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate")) -> pd.DataF
         missed = _missed(snap, pages, rule)
         for walk in walks:
             stop = WALKS[walk][1]
-            res = _full(i_page, R, A, n_pages)
             stopped = np.zeros(n_pages, bool)
+            if walk == COLLECT:
+                res = _collect(k.mce, early_kill, injector, i_page, i_av, q, R, mm_all,
+                               i_mm, avc_av, avc_mm, start, last, n_pages, len(av_ids))
+            else:
+                res = _full(i_page, R, A, n_pages)
             if stop is not None:
                 _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_page,
                        p_item[match], p_avc[match], p_pass[match], p_page[match], mapped[match],
@@ -192,6 +214,59 @@ def _full(i_page, R, A, n_pages) -> dict:
             "first_null": 2 * per_page((R == 0).astype(np.int64)),
             "next": 2 * Rp, "next_null": 2 * per_page((R > 0).astype(np.int64)),
             "returned": 2 * Rp, "skipped": 2 * (Rp - Ap), "other_mm": Ap.copy(), "rmap_one": Ap}
+
+
+def _collect(mce, early_kill, injector, i_page, i_av, q, R, mm_all, i_mm, avc_av, avc_mm,
+             start, last, n_pages, n_trees) -> dict:
+    """collect_procs_ksm() for every page: per rmap_item, one tree query
+    per collected process (:data:`ksmlens.kernel.rmap_walk.COLLECT`)."""
+    sysctl = mce["early_kill"] if early_kill is None else int(early_kill)
+    procs = [(str(mm), mce_early_kill(flags, sysctl)) for _, mm, flags in mce["processes"]]
+    early = [mm for mm, e in procs if e]
+    n_items = i_page.size
+    # the poisoning task's mm, per page: given, or the page's first rmap_item's
+    item_lo = np.searchsorted(i_page, np.arange(n_pages))
+    mm_names = np.asarray(mm_all).astype(str)
+    if injector is not None:
+        inj = np.full(n_pages, str(injector), dtype=object)
+    else:
+        has = item_lo < n_items
+        inj = np.where(has, mm_names[i_mm[np.minimum(item_lo, max(n_items - 1, 0))]]
+                       if n_items else "", "").astype(object)
+    # per page: how many processes of each mm are collected
+    weight: dict[str, np.ndarray] = {}
+    for mm in early:
+        weight.setdefault(mm, np.zeros(n_pages, np.int64))[:] += 1
+    for mm in set(inj.tolist()) - {""}:
+        late = sum(1 for m, e in procs if m == mm and not e)
+        if late or not any(m == mm for m, _ in procs):
+            w = weight.setdefault(mm, np.zeros(n_pages, np.int64))
+            w += np.where(inj == mm, max(late, 1), 0)
+    n_proc = sum(weight.values()) if weight else np.zeros(n_pages, np.int64)
+    e_item = np.asarray(n_proc)[i_page] if n_items else np.zeros(0, np.int64)
+    k_item = np.zeros(n_items, np.int64)
+    code = {m: i for i, m in enumerate(mm_names)}
+    for mm, w in weight.items():
+        c = code.get(mm)
+        if c is None or not w.any():
+            continue                  # no VMA of this mm in any tree
+        sel = avc_mm == c
+        if q is None:
+            per_tree = np.bincount(avc_av[sel], minlength=n_trees)
+            kk = per_tree[i_av]
+        else:
+            sub_av = avc_av[sel]
+            kk = _point_counts(sub_av, np.asarray(start)[sel], np.asarray(last)[sel],
+                               np.searchsorted(sub_av, np.arange(n_trees)), i_av, q)
+        k_item += w[i_page] * kk
+
+    def per_page(v):
+        return np.bincount(i_page, weights=v, minlength=n_pages).astype(np.int64)
+    ret = per_page(e_item * R)
+    one = per_page(k_item)
+    return {"first": per_page(e_item), "first_null": per_page(e_item * (R == 0)),
+            "next": ret.copy(), "next_null": per_page(e_item * (R > 0)), "returned": ret,
+            "skipped": np.zeros(n_pages, np.int64), "other_mm": ret - one, "rmap_one": one}
 
 
 def _mapped(snap, pages, p_page, avc_mm, mm_all, p_avc, p_addr):

@@ -293,25 +293,33 @@ def matrix(a):
     "stored index]): the VMAs the interval tree yields (returned), those the vm_start/vm_end "
     "check skips, the rmap_one calls, the mappings missed; for a walk that never stops "
     "early (--walk full, the default) or as migration (try_to_migrate, which stops once the "
-    "page is unmapped, then remove_migration_ptes) or reclaim (folio_referenced, "
-    "try_to_unmap) would run it. Prints the worst pages and the totals. --measure (a lab "
-    "VM with 2 NUMA nodes): hold ksmd, predict, then migrate every KSM page with tracefs "
-    "kprobes counting each walk's interval-tree calls, rmap_one calls and duration in the "
-    "kernel; prints predicted against counted, exits 1 on any difference. Durations "
-    "include the probes' cost: reported, never judged.",
+    "page is unmapped, then remove_migration_ptes), reclaim (folio_referenced, "
+    "try_to_unmap) or memory failure (collect_procs_ksm: the tree once per rmap_item and "
+    "collected process, then try_to_unmap) would run it. Prints the worst pages and the "
+    "totals. --measure (a lab VM): hold ksmd, predict, then make the kernel walk (--by "
+    "migrate, reclaim or hwpoison) with tracefs kprobes counting each walk's interval-tree "
+    "calls, rmap_one calls and duration in the kernel; prints predicted against counted, "
+    "exits 1 on any difference. Durations include the probes' cost: reported, never "
+    "judged.",
     args=(TARGET, SNAPSHOT,
           arg("--rule", action="append", choices=["stock", "v3", "stored"],
               help="predict under this rule (repeatable; default: every rule the kernel "
               "can have)"),
-          arg("--walk", choices=["full", "migrate", "reclaim"], default="full",
+          arg("--walk", choices=["full", "migrate", "reclaim", "hwpoison"], default="full",
               help="which kernel work: full (no early stop, the worst case; default), "
-              "migrate, reclaim"),
+              "migrate, reclaim, hwpoison (memory failure: collect_procs_ksm(), then "
+              "try_to_unmap())"),
           arg("--top", type=int, default=20, metavar="K", help="the K worst pages (default 20)"),
           arg("--measure", action="store_true",
               help="count the walks in the guest kernel (tracefs kprobes) and compare"),
-          arg("--by", choices=["migrate"], default="migrate",
-              help="with --measure: the walks to drive (migrate: move_pages to the other "
-              "node)"),
+          arg("--by", choices=["migrate", "reclaim", "hwpoison"], default="migrate",
+              help="with --measure: the walks to drive. migrate: move_pages() to the other "
+              "node (2 NUMA nodes); reclaim: memory.reclaim of the processes' cgroups (swap "
+              "on zram); hwpoison: start a many-vmas run (2,000 VMAs, split) and "
+              "madvise(MADV_HWPOISON) one of its KSM pages: irreversible, use a fresh VM"),
+          arg("--early-kill", action="store_true",
+              help="--walk/--by hwpoison: assume (set, while poisoning) "
+              "vm.memory_failure_early_kill=1: every process is collected"),
           arg("--json", action="store_true", help="machine-readable"),
           arg("--all", action="store_true", help="every page / walk")))
 def cost(a):
@@ -325,12 +333,12 @@ def cost(a):
                                "vmcore or /proc/kcore", "leave --snapshot/--target out, or "
                                "give --target vm:NAME")
         vm = VM(a.target[3:] if a.target else a.name)
-        res = measure_cost(vm, by=a.by, rules=a.rule)
+        res = measure_cost(vm, by=a.by, rules=a.rule, early_kill=a.early_kill)
         print(json.dumps(res.to_dict(), indent=1) if a.json else
               cost_measure_text(res, limit=None if a.all else 20))
         return 0 if res.agree else 1
     snap = snapshot_or_live(a)
-    c = walk_cost(snap, a.rule, kinds=(a.walk,))
+    c = walk_cost(snap, a.rule, kinds=(a.walk,), early_kill=True if a.early_kill else None)
     rules = list(c["rule"].unique())
     worst = worst_pages(c, None if a.all else a.top)
     totals = cost_totals(c)

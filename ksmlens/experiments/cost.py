@@ -6,8 +6,11 @@ tracefs kprobes in the guest (``ksmlens/lab/guest/walktrace.py``: no module
 of our own, only ``CONFIG_KPROBE_EVENTS``), makes the kernel walk each page
 for real (``--by migrate``: ``move_pages(MPOL_MF_MOVE_ALL)`` of every mapped
 KSM page to the other NUMA node, i.e. ``try_to_migrate()`` then
-``remove_migration_ptes()``), and reads back, per ``rmap_walk_ksm()`` call,
-the interval-tree calls (``anon_vma_interval_tree_iter_first`` / ``_next``
+``remove_migration_ptes()``; ``--by reclaim``: ``memory.reclaim``, i.e.
+``folio_referenced()`` then ``try_to_unmap()``; ``--by hwpoison``:
+``madvise(MADV_HWPOISON)`` of one page, i.e. ``collect_procs_ksm()`` then
+``try_to_unmap()``), and reads back, per ``rmap_walk_ksm()`` (or
+``collect_procs_ksm()``) call, the interval-tree calls (``anon_vma_interval_tree_iter_first`` / ``_next``
 and their NULL returns), the ``rmap_one`` calls and the walk's duration.
 
 Each measured walk is matched to its page (``folio->mapping``: the stable
@@ -35,26 +38,36 @@ import pandas as pd
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.analysis.cost import cost_rules, walk_cost
 from ksmlens.errors import KsmlensError
-from ksmlens.kernel.rmap_walk import WALK_KINDS, WALKS, walk_of_rmap_one
+from ksmlens.kernel.rmap_walk import COLLECT, WALK_KINDS, WALKS, walk_of_rmap_one
 from ksmlens.kernel.constants import PAGE_MAPPING_FLAGS
+from ksmlens.experiments.verify import EARLY_KILL
 
 __all__ = ["CostResult", "measure_cost", "MEASURE_BY", "MEASURED", "trace_walks", "cost_sweep",
-           "SWEEP_VMAS"]
+           "SWEEP_VMAS", "LEAVES_UNMAPPED", "HWPOISON_ARGS"]
 
-MEASURE_BY = ("migrate",)
+MEASURE_BY = ("migrate", "reclaim", "hwpoison")
+# the many-vmas run measure_cost(by="hwpoison") starts when given none
+HWPOISON_ARGS = ("--vmas", "2000", "--shape", "split", "--pages", "4", "--mremap", "1")
 # what the probes count per walk (the predicted counters the kernel can show)
 MEASURED = ("first", "first_null", "next", "next_null", "returned", "rmap_one")
 
 
 @dataclasses.dataclass
 class CostResult:
-    """Prediction and count. ``walks``: one row per measured walk: ``node``,
-    ``kpfn``, ``walk``, ``us`` (its duration with the probes on), each of
-    :data:`MEASURED` measured (``m_first`` ...) and predicted under each rule
-    (``stock_first`` ...), and ``agree`` under ``rule``. ``rule``: the
-    kernel's own where known, else the first of ``rule_matches``.
-    ``rule_matches``: the rules whose every prediction the kernel's counts
-    equalled. ``cost``: the prediction (:func:`ksmlens.analysis.cost.walk_cost`)."""
+    """Prediction and count. ``walks``: one row per measured walk, in the
+    kernel's order: ``node``, ``kpfn``, ``walk``, ``rule`` (the rule it is
+    judged under: ``rule``, or ``collect_rule`` for ``collect_procs_ksm``),
+    ``after`` (walked after a ``try_to_unmap`` left the page mapped:
+    predicted as the ``full`` walk), ``us`` (its duration with the probes
+    on), each of :data:`MEASURED` measured (``m_first`` ...), predicted
+    under its ``rule`` (``p_first`` ...) and under each rule (``stock_first``
+    ...), ``agree_R`` per rule, and ``agree`` under its ``rule``. ``rule``:
+    the kernel's own where known, else the first of ``rule_matches``.
+    ``rule_matches``: the rules whose every prediction of the
+    ``rmap_walk_ksm()`` walks the kernel's counts equalled;
+    ``collect_matches``: the same for ``collect_procs_ksm``. ``cost``: the
+    prediction (:func:`ksmlens.analysis.cost.walk_cost`). ``extra``
+    (hwpoison): what the workload saw: ``madvise``, ``signals``."""
     release: str
     rule: str | None
     by: str
@@ -65,20 +78,23 @@ class CostResult:
     events: int
     seconds: dict
     snapshot: Any = None        # the paused Snapshot predicted from
+    collect_rule: str | None = None   # hwpoison: the range collect_procs_ksm() searches
+    collect_matches: list = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)   # hwpoison: madvise, signals
 
     @property
     def agree(self) -> bool:
         return bool(len(self.walks)) and bool(self.walks["agree"].all())
 
     def summary(self) -> pd.DataFrame:
-        """Per (walk): walks measured, predicted and measured sums, the
-        longest walk (ms), under ``rule``."""
+        """Per (walk): walks measured, predicted (under each walk's ``rule``)
+        and measured sums, the longest walk (ms)."""
         w = self.walks
         r = self.rule
         g = w.groupby("walk", observed=True)
         out = pd.DataFrame({"walks": g.size()})
         for c in ("returned", "rmap_one"):
-            out[f"{c}_predicted"] = g[f"{r}_{c}"].sum()
+            out[f"{c}_predicted"] = g[f"p_{c}"].sum()
             out[f"{c}_measured"] = g[f"m_{c}"].sum()
         out["max_ms"] = (g["us"].max() / 1000).round(2)
         out["agree"] = g["agree"].all()
@@ -86,8 +102,9 @@ class CostResult:
 
     def to_dict(self) -> dict:
         return {"release": self.release, "rule": self.rule, "by": self.by, "rules": self.rules,
-                "rule_matches": self.rule_matches, "agree": self.agree, "events": self.events,
-                "seconds": self.seconds,
+                "rule_matches": self.rule_matches, "collect_rule": self.collect_rule,
+                "collect_matches": self.collect_matches, "agree": self.agree,
+                "events": self.events, "seconds": self.seconds, **self.extra,
                 "walks": json.loads(self.walks.to_json(orient="records"))}
 
 
@@ -127,6 +144,8 @@ def trace_walks(vm, prog, walks: list[str], action, *, iterations: bool = True) 
         argv += ["--rmap-one", f]
     if not iterations:
         argv.append("--no-iterations")
+    if COLLECT in walks:
+        argv.append("--collect")
     _guest(vm, *argv)
     try:
         action()
@@ -138,7 +157,8 @@ def trace_walks(vm, prog, walks: list[str], action, *, iterations: bool = True) 
                            "measure fewer pages at a time (a smaller --vmas)")
     for w in out["walks"]:
         w["node"] = hex(w["mapping"] & ~PAGE_MAPPING_FLAGS)
-        w["walk"] = walk_of_rmap_one(names.get(w["rmap_one"], ""))
+        w["walk"] = COLLECT if w.get("fn") == COLLECT else \
+            walk_of_rmap_one(names.get(w["rmap_one"], ""))
         w["returned"] = w["first"] - w["first_null"] + w["next"] - w["next_null"]
         w["rmap_one_calls"] = sum(w["calls"].values())
     return out
@@ -156,42 +176,128 @@ def _targets(snap) -> list[tuple[int, int, int]]:
     return out
 
 
-def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True
-                 ) -> CostResult:
+def _victim(snap, run, pair: int):
+    """(stable node id, injector mm, injector pid) of the many-vmas ``run``'s
+    pair ``pair``: its second page, in the parent (never moved)."""
+    if run.scenario.name != "many-vmas":
+        raise KsmlensError(f"cost --measure --by hwpoison poisons a page of the many-vmas "
+                           f"scenario, not of {run.scenario.name}",
+                           "run many-vmas (measure_cost starts one when run is None)")
+    info = run.refresh()
+    if not 0 <= pair < len(info["pairs"]):
+        raise KsmlensError(f"pair {pair}: the run has pairs 0..{len(info['pairs']) - 1}", "")
+    pid, addr = info["pid"], info["pairs"][pair][1]
+    m = snap.mappings
+    hit = m[(m["pid"] == pid) & (m["address"] == addr) & m["mapped"].fillna(False)]
+    if not len(hit):
+        raise KsmlensError(f"pair {pair}'s page at {addr:#x} (pid {pid}) is not a mapped KSM "
+                           "page", "run the scenario to its merged step first")
+    return str(hit["node"].iloc[0]), str(hit["mm"].iloc[0]), pid
+
+
+# walks after which the page stays as the walk left it: try_to_unmap() makes
+# swap or hwpoison entries of what it reached (no undo, unlike migration's
+# remove_migration_ptes()); if it missed a mapping the folio stays mapped and
+# may be walked again, then finding nothing it could stop at: such a walk runs
+# to its end, its counters those of the ``full`` walk
+LEAVES_UNMAPPED = ("try_to_unmap",)
+
+
+def _action(vm, by: str, snap, run, pair: int, early_kill: bool):
+    """What makes the kernel walk (see measure_cost), and the pages it walks."""
+    if by == "hwpoison":
+        node, _, _ = _victim(snap, run, pair)
+        old = (vm.read_files(paths=[EARLY_KILL]).get(EARLY_KILL) or "0").strip()
+        box = {}
+
+        def poison():
+            vm.write_file(EARLY_KILL, str(int(early_kill)))
+            try:
+                box.update(run.command(f"hwpoison {pair}")["hwpoison"])
+            finally:
+                vm.write_file(EARLY_KILL, old)
+        return poison, [node], box
+    ranges = _targets(snap)
+    if not ranges:
+        raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to walk",
+                           "run a scenario first (`ksmlens scenario run many-vmas --keep`)")
+    if by == "reclaim":
+        return (lambda: ksmsys.reclaim_pages(vm, ranges)), None, {}
+    return (lambda: ksmsys.migrate_pages(vm, ranges)), None, {}
+
+
+def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True, run=None,
+                 pair: int = 0, early_kill: bool = False) -> CostResult:
     """Predict, then count (see the module doc). ``vm``: a lab
-    :class:`~ksmlens.lab.vm.VM` with 2 NUMA nodes and KSM pages. ``rules``:
-    the rules to predict under (default :func:`ksmlens.analysis.cost.cost_rules`).
-    ``iterations=False`` probes only the walks' entry and exit (their
-    durations without the iteration probes' cost; the counts are then not
-    compared). Raises :class:`KsmlensError` in one line for: an unknown
-    ``by``, no KSM page, one NUMA node, tracefs or kprobes missing."""
+    :class:`~ksmlens.lab.vm.VM` with KSM pages. ``by``:
+
+    * ``migrate`` (2 NUMA nodes): ``move_pages()`` of every mapped KSM page
+      (``try_to_migrate``, then ``remove_migration_ptes``);
+    * ``reclaim``: ``memory.reclaim`` of their processes' cgroups, round
+      after round (:func:`ksmlens.lab.ksmsys.reclaim_pages`; swap on zram
+      set up if missing): ``folio_referenced`` each round, ``try_to_unmap``
+      when the kernel reclaims; a page left mapped by a missed mapping is
+      walked again, predicted as the ``full`` walk (:data:`LEAVES_UNMAPPED`);
+    * ``hwpoison``: ``madvise(MADV_HWPOISON)`` of pair ``pair``'s page of
+      the many-vmas ``run`` (None: one is started with
+      :data:`HWPOISON_ARGS`, and stopped after) by its parent process,
+      ``vm.memory_failure_early_kill`` set to ``early_kill`` meanwhile:
+      ``collect_procs_ksm`` (judged under
+      :func:`ksmlens.experiments.verify.collect_rule`), then
+      ``try_to_unmap``. Irreversible: the page stays poisoned.
+
+    ``rules``: the rules to predict under (default
+    :func:`ksmlens.analysis.cost.cost_rules`). ``iterations=False`` probes
+    only the walks' entry and exit (their durations without the iteration
+    probes' cost; the counts are then not compared). Raises
+    :class:`KsmlensError` in one line for: an unknown ``by``, no KSM page,
+    one NUMA node (migrate), tracefs or kprobes missing, a lost event."""
+    from ksmlens.lab.scenarios import ScenarioRun
+    if by not in MEASURE_BY:
+        raise KsmlensError(f"cost --measure --by {by!r}: not a walk ksmlens can drive",
+                           f"use {', '.join(MEASURE_BY)}")
+    if by == "migrate":
+        nodes = int(vm.sh("ls -d /sys/devices/system/node/node[0-9]* | wc -l").strip() or 0)
+        if nodes < 2:
+            raise KsmlensError(f"VM {vm.name!r} has {nodes} NUMA node(s); --by migrate moves "
+                               "KSM pages across two", f"boot it with `ksmlens vm up --name "
+                               f"{vm.name} --numa 2`")
+    if by == "reclaim":
+        ksmsys.ensure_swap(vm)
+    own = by == "hwpoison" and run is None
+    if own:
+        run = ScenarioRun(vm, "many-vmas", extra_args=HWPOISON_ARGS)
+        run.start()
+    try:
+        if own:
+            for st in run.scenario.steps:
+                run.step(st.name)
+        return _measure(vm, by, rules, iterations, run, pair, early_kill)
+    finally:
+        if own:
+            run.stop()
+
+
+def _measure(vm, by, rules, iterations, run, pair, early_kill) -> CostResult:
+    from ksmlens.experiments.verify import collect_rule
     from ksmlens.lab.attach import attach
     from ksmlens.lens.snapshot import take_snapshot
-    if by not in MEASURE_BY:
-        raise KsmlensError(f"cost --measure --by {by!r}: not a walk ksmlens can drive yet",
-                           f"use {' or '.join(MEASURE_BY)}")
     t0 = time.monotonic()
-    nodes = int(vm.sh("ls -d /sys/devices/system/node/node[0-9]* | wc -l").strip() or 0)
-    if nodes < 2:
-        raise KsmlensError(f"VM {vm.name!r} has {nodes} NUMA node(s); --by migrate moves "
-                           "KSM pages across two", f"boot it with `ksmlens vm up --name "
-                           f"{vm.name} --numa 2`")
     with ksmsys.held(vm):
         prog = attach(f"vm:{vm.name}")
         snap = take_snapshot(prog)
         rules = cost_rules(snap, rules)
-        cost = walk_cost(snap, rules, kinds=(by,))       # written down before the walks
-        ranges = _targets(snap)
-        if not ranges:
-            raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to walk",
-                               "run a scenario first (`ksmlens scenario run many-vmas --keep`)")
+        injector = _victim(snap, run, pair)[1] if by == "hwpoison" else None
+        kinds = (by,) if by == "migrate" else ("full", by)
+        cost = walk_cost(snap, rules, kinds=kinds, early_kill=early_kill,   # written down
+                         injector=injector)                                # before the walks
+        action, only, got = _action(vm, by, snap, run, pair, early_kill)
         t1 = time.monotonic()
-        out = trace_walks(vm, prog, list(WALK_KINDS[by]),
-                          lambda: ksmsys.migrate_pages(vm, ranges), iterations=iterations)
+        out = trace_walks(vm, prog, list(WALK_KINDS[by]), action, iterations=iterations)
         t2 = time.monotonic()
     walks = pd.DataFrame(out["walks"])
     if not len(walks):
-        raise KsmlensError("the kernel walked no KSM page during the migration",
+        raise KsmlensError(f"the kernel walked no KSM page (--by {by})",
                            "were the pages KSM pages? see `ksmlens report`")
     walks = walks.rename(columns={"rmap_one_calls": "m_rmap_one"})
     for c in MEASURED[:-1]:
@@ -199,28 +305,51 @@ def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True
     pred = cost.set_index(["node", "walk", "rule"])
     kpfn = dict(zip(cost["node"], cost["kpfn"]))
     walks["kpfn"] = walks["node"].map(kpfn)
-    matches = []
+    crule = collect_rule(snap.kernel)
+    collect = walks["walk"] == COLLECT
+    matches, collect_matches = [], []
     for r in rules:
+        left: set[str] = set()          # pages a try_to_unmap under r left mapped
+        keys, after = [], []
+        for n, w in zip(walks["node"], walks["walk"]):
+            late = n in left
+            keys.append((n, "full" if late and w != COLLECT else w, r))
+            after.append(late)
+            if w in LEAVES_UNMAPPED and (n, w, r) in pred.index \
+                    and not bool(pred.at[(n, w, r), "stopped"]):
+                left.add(n)
+        walks[f"after_{r}"] = after
         for c in MEASURED:
-            walks[f"{r}_{c}"] = [int(pred.at[(n, w, r), c]) if (n, w, r) in pred.index else -1
-                                 for n, w in zip(walks["node"], walks["walk"])]
+            walks[f"{r}_{c}"] = [int(pred.at[k, c]) if k in pred.index else -1 for k in keys]
         eq = pd.Series(True, index=walks.index)
         for c in MEASURED:
             eq &= walks[f"{r}_{c}"] == walks[f"m_{c}"]
         walks[f"agree_{r}"] = eq
-        if bool(eq.all()) and iterations:
+        if iterations and bool(eq[~collect].all()) and (~collect).any():
             matches.append(r)
+        if iterations and collect.any() and bool(eq[collect].all()):
+            collect_matches.append(r)
     rule = snap.kernel.walk_rule or (matches[0] if matches else rules[0])
-    walks["agree"] = walks[f"agree_{rule}"] if iterations else True
-    keep = ["node", "kpfn", "walk", "us", *[f"m_{c}" for c in MEASURED],
+    walks["rule"] = [crule if w == COLLECT else rule for w in walks["walk"]]
+    for c in MEASURED:
+        walks[f"p_{c}"] = [walks.at[i, f"{r}_{c}"] if r in rules else -1
+                           for i, r in zip(walks.index, walks["rule"])]
+    walks["after"] = [bool(walks.at[i, f"after_{r}"]) if r in rules else False
+                      for i, r in zip(walks.index, walks["rule"])]
+    walks["agree"] = ([bool(walks.at[i, f"agree_{r}"]) if r in rules else False
+                       for i, r in zip(walks.index, walks["rule"])] if iterations else True)
+    if only is not None:                 # hwpoison: the poisoned page, and only it
+        walks.loc[~walks["node"].isin(only), "agree"] = False
+    keep = ["node", "kpfn", "walk", "rule", "after", "us", *[f"m_{c}" for c in MEASURED],
+            *[f"p_{c}" for c in MEASURED],
             *[f"{r}_{c}" for r in rules for c in MEASURED], *[f"agree_{r}" for r in rules],
             "agree"]
     return CostResult(release=snap.kernel.release, rule=rule, by=by, rules=rules,
                       rule_matches=matches, walks=walks[keep], cost=cost, events=out["events"],
-                      snapshot=snap,
+                      snapshot=snap, collect_rule=crule if by == "hwpoison" else None,
+                      collect_matches=collect_matches, extra={"hwpoison": got} if got else {},
                       seconds={"predict": round(t1 - t0, 2), "walks": round(t2 - t1, 2),
                                "total": round(time.monotonic() - t0, 2)})
-
 
 
 SWEEP_VMAS = (100, 1000, 10000, 20000)

@@ -12,7 +12,7 @@ __all__ = [
     "SEQNR_MASK", "UNSTABLE_FLAG", "STABLE_FLAG", "STABLE_NODE_CHAIN", "U8_MAX",
     "PAGE_MAPPING_ANON", "PAGE_MAPPING_MOVABLE", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS",
     "VM_GROWSDOWN", "VM_MERGEABLE", "ULONG_MAX", "STORED_INDEX_MEMBERS",
-    "BUS_MCEERR_AR", "BUS_MCEERR_AO",
+    "BUS_MCEERR_AR", "BUS_MCEERR_AO", "PF_MCE_PROCESS", "PF_MCE_EARLY", "mce_early_kill",
 ]
 
 # ---- mm/ksm.c
@@ -52,6 +52,22 @@ VM_MERGEABLE = 1 << 31      # KSM may merge identical pages (madvise/prctl)
 
 # ---- include/linux/limits.h
 ULONG_MAX = (1 << 64) - 1
+
+# ---- include/linux/sched.h: task_struct->flags, the memory-failure kill policy
+# a thread set with prctl(PR_MCE_KILL) (kernel/sys.c); without PF_MCE_PROCESS
+# the sysctl vm.memory_failure_early_kill decides
+PF_MCE_PROCESS = 0x00000080     # the thread has its own policy
+PF_MCE_EARLY = 0x08000000       # ... and it is "early kill"
+
+
+def mce_early_kill(thread_flags, sysctl_early_kill: int) -> bool:
+    """Whether a process whose threads have ``thread_flags`` (each
+    ``task_struct->flags``) is an early-kill process: mm/memory-failure.c
+    ``find_early_kill_thread()`` finds a thread with PF_MCE_PROCESS and
+    PF_MCE_EARLY, or one without PF_MCE_PROCESS while the sysctl is set."""
+    return any((f & PF_MCE_PROCESS and f & PF_MCE_EARLY)
+               or (not f & PF_MCE_PROCESS and sysctl_early_kill) for f in thread_flags)
+
 
 # ---- include/uapi/asm-generic/siginfo.h: si_code of a memory-failure SIGBUS
 BUS_MCEERR_AR = 4       # action required: the task that touched (here: poisoned) the page

@@ -31,7 +31,7 @@ import numpy as np
 from ksmlens.kernel.rules import vma_last_pgoff
 
 __all__ = ["candidates", "WALKS", "WALK_KINDS", "STOP_UNMAPPED", "STOP_REFERENCED",
-           "walk_of_rmap_one"]
+           "COLLECT", "walk_of_rmap_one"]
 
 # How each rmap_walk_ksm() caller ends its walk early (mm/ksm.c: the walk
 # returns when ``rwc->rmap_one()`` returns false, or when ``rwc->done()``
@@ -53,7 +53,32 @@ WALKS = {
                               "mm/migrate.c remove_migration_ptes()"),
     "folio_referenced": ("folio_referenced_one", STOP_REFERENCED, "mm/rmap.c folio_referenced()"),
     "try_to_unmap": ("try_to_unmap_one", STOP_UNMAPPED, "mm/rmap.c try_to_unmap()"),
+    # not rmap_walk_ksm(): memory failure's own loop (see COLLECT)
+    "collect_procs_ksm": ("add_to_kill_ksm", None,
+                          "mm/ksm.c collect_procs_ksm(), from mm/memory-failure.c "
+                          "collect_procs()"),
 }
+# mm/ksm.c collect_procs_ksm(), for one KSM page (6.12)::
+#
+#     hlist_for_each_entry(rmap_item, &stable_node->hlist, hlist) {
+#         anon_vma_lock_read(av);
+#         for_each_process(tsk) {
+#             t = task_early_kill(tsk, force_early);   /* mm/memory-failure.c */
+#             if (!t) continue;
+#             anon_vma_interval_tree_foreach(vmac, &av->rb_root, START, LAST)
+#                 if (vmac->vma->vm_mm == t->mm)
+#                     add_to_kill_ksm(t, page, vma, to_kill, addr);
+#         }
+#     }
+#
+# one pass, no address check, the whole tree once per early-kill process;
+# [START, LAST] is [0, ULONG_MAX], or [linear_page_index] with the merged
+# follow-up (ksmlens.experiments.verify.collect_rule). task_early_kill():
+# a process whose leader has an mm, and either is the poisoning task's
+# (force_early: MF_ACTION_REQUIRED, as madvise(MADV_HWPOISON) and a real
+# machine check on access pass it) or has an early-kill thread
+# (ksmlens.kernel.constants.mce_early_kill).
+COLLECT = "collect_procs_ksm"
 # what each kind of work walks, in order (mm/migrate.c migrate_folio_unmap()
 # then migrate_folio_move() or the undo; mm/vmscan.c shrink_folio_list():
 # folio_check_references() then try_to_unmap())
@@ -61,6 +86,9 @@ WALK_KINDS = {
     "full": ("full",),
     "migrate": ("try_to_migrate", "remove_migration_ptes"),
     "reclaim": ("folio_referenced", "try_to_unmap"),
+    # mm/memory-failure.c hwpoison_user_mappings(): collect_procs(), then
+    # unmap_poisoned_folio() -> try_to_unmap()
+    "hwpoison": ("collect_procs_ksm", "try_to_unmap"),
 }
 
 

@@ -79,6 +79,11 @@ class KernelInfo:
     # PTEs marked dirty (commit e2942062e01d, 6.6); without it the walk cannot
     # tell them and the slots' ksm_zero_pages are None
     zero_pages: bool = True
+    # memory failure (mm/ksm.c collect_procs_ksm()): {"early_kill": the sysctl
+    # vm.memory_failure_early_kill, "processes": [[tgid, mm, [thread flags]]]}
+    # for every process whose leader has an mm; None without
+    # CONFIG_MEMORY_FAILURE, and in snapshots before 2026-12-06
+    mce: dict | None = None
 
 
 @dataclass(slots=True)

@@ -163,12 +163,19 @@ class _Walker:
         a clone(CLONE_VM) child that is not a thread (or a vfork child before
         exec) shares its owner's mm, and /proc/PID/ksm_stat of either shows it."""
         owners: dict[int, dict[int, str]] = {}
+        # for memory failure's collect_procs_ksm(): each process's leader mm
+        # and its threads' task->flags (see KernelInfo.mce)
+        self.leader_mm: dict[int, int] = {}
+        self.thread_flags: dict[int, list[int]] = {}
         for task in for_each_task(self.prog):
             try:
                 mm = task.mm.value_()
+                tgid = task.tgid.value_()
+                self.thread_flags.setdefault(tgid, []).append(task.flags.value_())
+                if task.pid.value_() == tgid:
+                    self.leader_mm[tgid] = mm
                 if not mm:
                     continue
-                tgid = task.tgid.value_()
                 procs = owners.setdefault(mm, {})
                 if tgid not in procs:
                     procs[tgid] = task.comm.string_().decode(errors="replace")
@@ -215,6 +222,21 @@ _VMA_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("pgoff", "<u8"), ("ano
                        ("file", "?"), ("flags", "<u8")])
 
 
+def _mce(prog: Program, w: "_Walker") -> dict | None:
+    """What mm/memory-failure.c ``collect_procs_ksm()`` needs of the tasks:
+    ``early_kill`` (sysctl ``vm.memory_failure_early_kill``) and, per process
+    whose leader has an mm (``task_early_kill()``: ``for_each_process``,
+    ``tsk->mm``), ``[tgid, mm, [task->flags of each thread]]``. None on a
+    kernel without CONFIG_MEMORY_FAILURE. Call after :meth:`_Walker.mm_owners`."""
+    try:
+        early = prog["sysctl_memory_failure_early_kill"].value_()
+    except (KeyError, LookupError):
+        return None
+    procs = [[tgid, hx(mm), w.thread_flags.get(tgid, [])]
+             for tgid, mm in sorted(w.leader_mm.items()) if mm]
+    return {"early_kill": int(early), "processes": procs}
+
+
 def _kernel_info(prog: Program, L: Layout, shift: int) -> KernelInfo:
     # The variant and its walk rule: a lab kernel names itself in its release
     # (ksmlens.kernel.variants); elsewhere a stored index means "stored".
@@ -252,6 +274,7 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
             # ksm_scan.mm_slot == &ksm_mm_head: the next visit starts a new pass
             "at_pass_start": so.mm_slot.value_() == prog["ksm_mm_head"].address_}
     owners = w.mm_owners()
+    kernel.mce = _mce(prog, w)
     pt = pgtable.PageTables.of(prog, mem.read) if pages else None
     zero_pfn = prog["zero_pfn"].value_() if pages else 0
     vmemmap: int | None = None        # read only when pages (the stable tree tests it)

@@ -467,17 +467,21 @@ def cost_measure_text(res, limit: int | None = 20) -> str:
     the totals per walk and the rules the counts matched."""
     r = res.rule
     w = res.walks
-    head = ["kpfn", "walk", "returned pred", "returned kernel", "rmap_one pred",
+    head = ["kpfn", "walk", "rule", "returned pred", "returned kernel", "rmap_one pred",
             "rmap_one kernel", "first/next pred", "first/next kernel", "ms", "agree"]
-    rows = [[x["kpfn"], x["walk"], x[f"{r}_returned"], x["m_returned"], x[f"{r}_rmap_one"],
-             x["m_rmap_one"], f"{x[f'{r}_first']}/{x[f'{r}_next']}",
-             f"{x['m_first']}/{x['m_next']}",
+    rows = [[x["kpfn"], x["walk"] + (" (again)" if x["after"] else ""), x["rule"],
+             x["p_returned"], x["m_returned"], x["p_rmap_one"], x["m_rmap_one"],
+             f"{x['p_first']}/{x['p_next']}", f"{x['m_first']}/{x['m_next']}",
              None if x["us"] is None or x["us"] != x["us"] else round(x["us"] / 1000, 2),
              x["agree"]] for x in w.to_dict("records")]
     shown = rows if limit is None else rows[:limit]
-    out = [f"{res.release}: {len(w)} rmap_walk_ksm() walks counted in the kernel (--by "
-           f"{res.by}), predicted under rule {r}",
-           format_table(head, shown, align=">>" + ">" * (len(head) - 2))]
+    out = [f"{res.release}: {len(w)} walks counted in the kernel (--by {res.by}), each "
+           f"predicted under the kernel's rule ({r}"
+           + (f"; collect_procs_ksm() searches {res.collect_rule}" if res.collect_rule else "")
+           + ")", format_table(head, shown, align="<<<" + ">" * (len(head) - 3))]
+    if w["after"].any():
+        out.append("(again): walked after try_to_unmap() left the page mapped (a mapping "
+                   "missed): nothing left to find, the walk runs to its end")
     if limit is not None and len(rows) > limit:
         out.append(f"... {len(rows) - limit} more walks (--all)")
     s = res.summary()
@@ -485,10 +489,18 @@ def cost_measure_text(res, limit: int | None = 20) -> str:
                              align="<" + ">" * (len(s.columns) - 1))]
     m = res.rule_matches
     out.append("")
-    out.append(f"the kernel's counts equal the prediction of rule {', '.join(m)} on every walk"
-               if m else "the kernel's counts match no rule's prediction on every walk")
+    out.append(f"the kernel's counts equal the prediction of rule {', '.join(m)} on every "
+               "rmap_walk_ksm() walk" if m else
+               "the kernel's counts match no rule's prediction on every rmap_walk_ksm() walk")
+    if res.collect_rule:
+        cm = res.collect_matches
+        out.append(f"collect_procs_ksm(): the counts equal rule {', '.join(cm)}'s" if cm else
+                   "collect_procs_ksm(): the counts match no rule")
+    hw = res.extra.get("hwpoison")
+    if hw:
+        out.append(f"madvise(MADV_HWPOISON) of {hw['address']:#x}: {hw['madvise']}; SIGBUS "
+                   f"to the poisoning process: {hw['signals'] or 'none'}")
     bad = int((~w["agree"]).sum())
     out.append(f"{'AGREE' if not bad else 'DISAGREE'}: {len(w) - bad} of {len(w)} walks equal "
-               f"the prediction under {r}; durations include the probes' cost (reported, "
-               "not judged)")
+               "the prediction; durations include the probes' cost (reported, not judged)")
     return "\n".join(out)

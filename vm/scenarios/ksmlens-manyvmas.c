@@ -24,6 +24,10 @@
  *                 away (mremap(MAYMOVE|FIXED)): vm_pgoff stays, the address
  *                 does not (move_vma() breaks the KSM page; ksmd re-merges it)
  *   fork          (fork shape) C children that keep the mappings and sleep
+ *   hwpoison K    madvise(MADV_HWPOISON) the second page of pair K (never moved):
+ *                 memory_failure() of its KSM page (irreversible); answers
+ *                 the madvise result and the SIGBUSes this process got
+ *                 (si_code, si_addr): it survives them
  *   quit
  * This program never touches /sys/kernel/mm/ksm: the driver sets KSM knobs.
  *
@@ -53,6 +57,10 @@ static pid_t kids[MAX_FORKS];
 static size_t nkids, nmoved;
 static unsigned long moved[MAX_PAIRS];	/* new address of pair k's first page */
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
+#define MAX_SIGNALS 16
+static volatile sig_atomic_t nsig;
+static int sig_code[MAX_SIGNALS];
+static unsigned long sig_addr[MAX_SIGNALS];
 
 static void die(const char *fmt, ...)
 {
@@ -178,6 +186,38 @@ static int do_fork(void)
 	return 1;
 }
 
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig;
+	(void)uc;
+	if (nsig < MAX_SIGNALS) {
+		sig_code[nsig] = si->si_code;
+		sig_addr[nsig] = (unsigned long)si->si_addr;
+		nsig++;
+	}
+}
+
+static void do_hwpoison(size_t k)
+{
+	char *page = region + pair_page(k, 1) * pagesz;
+	const char *res = "ok";
+
+	if (k >= pairs) {
+		printf("err hwpoison takes a pair 0..%zu\n", pairs - 1);
+		fflush(stdout);
+		return;
+	}
+	nsig = 0;
+	if (madvise(page, pagesz, MADV_HWPOISON))
+		res = errno == EBUSY ? "EBUSY" : strerror(errno);
+	printf("ok {\"hwpoison\":{\"pair\":%zu,\"address\":%lu,\"madvise\":\"%s\","
+	       "\"signals\":[", k, (unsigned long)page, res);
+	for (int i = 0; i < nsig; i++)
+		printf("%s[%d,%lu]", i ? "," : "", sig_code[i], sig_addr[i]);
+	printf("]}}\n");
+	fflush(stdout);
+}
+
 static void cleanup(void)
 {
 	for (size_t i = 0; i < nkids; i++)
@@ -232,6 +272,12 @@ int main(int argc, char **argv)
 	if (want_moved > pairs)
 		die("--mremap %zu: more than the %zu pairs", want_moved, pairs);
 	signal(SIGPIPE, SIG_IGN);
+	{
+		struct sigaction sa = { .sa_sigaction = on_sigbus, .sa_flags = SA_SIGINFO };
+
+		sigemptyset(&sa.sa_mask);
+		sigaction(SIGBUS, &sa, NULL);	/* children inherit it */
+	}
 	setup();
 	printf("ready ");
 	state();
@@ -251,7 +297,10 @@ int main(int argc, char **argv)
 			ok = do_mremap(k);
 		else if (!strcmp(cmd, "fork"))
 			ok = do_fork();
-		else if (strcmp(cmd, "info"))
+		else if (!strcmp(cmd, "hwpoison")) {
+			do_hwpoison(k);		/* answers its own line */
+			continue;
+		} else if (strcmp(cmd, "info"))
 			ok = (printf("err unknown command %s", cmd), 0);
 		if (ok) {
 			printf("ok ");

@@ -1,7 +1,7 @@
 """Count ``rmap_walk_ksm()``'s work in the kernel with tracefs kprobes (runs in the guest).
 
     python3 walktrace.py start --mapping-offset N --rmap-one-offset N [--rmap-one FN]...
-                               [--no-iterations]
+                               [--collect] [--no-iterations]
     python3 walktrace.py stop
 
 ``start`` mounts tracefs if needed, makes the trace buffer large, and
@@ -11,6 +11,10 @@ defines kprobe events in the group ``ksmlens`` (Documentation/trace/kprobetrace.
   (the stable node | PAGE_MAPPING_KSM) and ``rwc->rmap_one`` (offsets from
   the kernel's DWARF, given by the host);
 * ``walk_end``: its return;
+* with ``--collect``, ``collect`` / ``collect_end``: entry (with
+  ``folio->mapping``) and return of ``collect_procs_ksm(folio, ...)``
+  (mm/ksm.c, memory failure: its own loop over the stable node's
+  rmap_items, the anon_vma tree per early-kill process), a walk of its own;
 * ``first`` / ``next``: returns of ``anon_vma_interval_tree_iter_first`` /
   ``_iter_next`` (mm/interval_tree.c) with the VMA chain they return;
 * ``one_FN``: entry of each named rmap_one callback (``try_to_migrate_one``,
@@ -20,11 +24,13 @@ defines kprobe events in the group ``ksmlens`` (Documentation/trace/kprobetrace.
 without the cost of the iteration probes). ``stop`` disables them, reads the trace, attributes every event to the walk
 its task is inside (between ``walk`` and ``walk_end`` of the same pid: the
 interval tree is iterated by other code too), removes the events and prints
-one JSON line: ``{"walks": [{"pid", "mapping", "rmap_one", "first",
+one JSON line: ``{"walks": [{"fn", "pid", "mapping", "rmap_one", "first",
 "first_null", "next", "next_null", "calls": {FN: n}, "us"}], "lost": N,
 "events": N}``. ``lost``: events the ring buffer overran (then the counts
 are wrong: the host refuses them), with the kprobes' ``nmissed``
-(kprobe_profile). Standard library only.
+(kprobe_profile). ``fn``: ``rmap_walk_ksm`` or ``collect_procs_ksm`` (its
+``rmap_one`` 0). The trace clock is ``global``: the events of a task that
+moves between CPUs stay in order. Standard library only.
 """
 
 import json
@@ -73,7 +79,8 @@ def start(argv):
     opts = {"--mapping-offset": None, "--rmap-one-offset": None}
     funcs = []
     iterations = "--no-iterations" not in argv
-    argv = [a for a in argv if a != "--no-iterations"]
+    collect = "--collect" in argv
+    argv = [a for a in argv if a not in ("--no-iterations", "--collect")]
     k = 0
     while k < len(argv):
         if argv[k] == "--rmap-one":
@@ -86,12 +93,15 @@ def start(argv):
     remove()
     w("current_tracer", "nop")
     w("buffer_size_kb", str(BUFFER_KB))
-    w("trace_clock", "local")
+    w("trace_clock", "global")
     probes = [
         f"p:{GROUP}/walk rmap_walk_ksm mapping=+{opts['--mapping-offset']}($arg1):x64 "
         f"rmap_one=+{opts['--rmap-one-offset']}($arg2):x64",
         f"r:{GROUP}/walk_end rmap_walk_ksm",
     ] + ([
+        f"p:{GROUP}/collect collect_procs_ksm mapping=+{opts['--mapping-offset']}($arg1):x64",
+        f"r:{GROUP}/collect_end collect_procs_ksm",
+    ] if collect else []) + ([
         f"r:{GROUP}/first anon_vma_interval_tree_iter_first ret=$retval:x64",
         f"r:{GROUP}/next anon_vma_interval_tree_iter_next ret=$retval:x64",
     ] if iterations else []) + [f"p:{GROUP}/one_{fn} {fn}" for fn in funcs]
@@ -135,9 +145,10 @@ def stop():
             events += 1
             pid, ts, ev = int(m.group(1)), float(m.group(2)), m.group(3)
             args = dict(ARG.findall(m.group(5)))
-            if ev == "walk":
-                cur = {"pid": pid, "mapping": int(args["mapping"], 16),
-                       "rmap_one": int(args["rmap_one"], 16), "first": 0, "first_null": 0,
+            if ev in ("walk", "collect"):
+                cur = {"fn": "rmap_walk_ksm" if ev == "walk" else "collect_procs_ksm",
+                       "pid": pid, "mapping": int(args["mapping"], 16),
+                       "rmap_one": int(args.get("rmap_one", "0"), 16), "first": 0, "first_null": 0,
                        "next": 0, "next_null": 0, "calls": {}, "t0": ts}
                 open_[pid] = cur
                 walks.append(cur)
@@ -145,7 +156,7 @@ def stop():
             cur = open_.get(pid)
             if cur is None:
                 continue
-            if ev == "walk_end":
+            if ev in ("walk_end", "collect_end"):
                 cur["us"] = round((ts - cur.pop("t0")) * 1e6, 1)
                 del open_[pid]
             elif ev in ("first", "next"):
