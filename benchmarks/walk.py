@@ -32,6 +32,10 @@ wait4()'s rusage (ru_maxrss of that child alone):
   columnar  the same with ``-o X.arrow``. If the file written is JSON (this
             ksmlens writes JSON whatever the suffix) or the CLI refuses it,
             it prints "columnar: not supported by this ksmlens".
+  cost      ``walk_cost()`` of the columnar file, every walk kind (full,
+            migrate, reclaim, hwpoison), in a fresh process: load s, cost s,
+            peak RSS; at 1M the cost's seconds are held against the
+            columnar snapshot's end to end (issue 19).
   live      ``ksmlens snapshot --mode live -o X.arrow``: guest not paused.
   dump      ``ksmlens snapshot --vmcore FILE``: QMP dump-guest-memory; the
             guest is paused for the whole dump (kept, see below).
@@ -294,6 +298,31 @@ def naive_figure(target, vmlinux, *, limit=None, vm=None) -> dict:
     return fig
 
 
+def cost_child(path) -> dict:
+    """``walk_cost`` of a saved snapshot, every walk kind (runs in --cost-child)."""
+    from ksmlens.analysis.cost import walk_cost
+    from ksmlens.lens.store import load
+    t = time.monotonic()
+    snap = load(path)
+    t1 = time.monotonic()
+    kinds = ("full", "migrate", "reclaim") + (("hwpoison",) if snap.kernel.mce else ())
+    c = walk_cost(snap, kinds=kinds)
+    return {"load_s": round(t1 - t, 2), "cost_s": round(time.monotonic() - t1, 2),
+            "rows": len(c), "kinds": list(kinds)}
+
+
+def cost_figure(path: Path) -> dict:
+    """The cost model on the columnar snapshot ``path``, in a fresh process:
+    issue 19's "at 1M rmap_items, cost adds at most the snapshot's own time"."""
+    r = run_child([sys.executable, __file__, "--cost-child", str(path)])
+    fig = {"wall_s": r["wall_s"], "rss_mb": r["rss_mb"]}
+    if r["rc"] or r["timed_out"]:
+        fig["error"] = last_line(r["stderr"]) or f"exit {r['rc']}"
+    else:
+        fig.update(json.loads(last_line(r["stdout"])))
+    return fig
+
+
 # ---------------------------------------------------------------- guest
 
 def guest_memory_mb(n: int) -> int:
@@ -385,6 +414,15 @@ def print_table(n: int | None, figs: dict) -> None:
                 unit=" MB")
         if f.get("load_s") is not None:
             row(f"{label}: Snapshot.load", key, f["load_s"], None, unit=" s")
+    cf, sn = figs.get("cost"), figs.get("columnar")
+    if cf and not cf.get("error"):
+        # issue 19: at 1M rmap_items the cost model adds at most the snapshot's time
+        row("cost model, every walk kind (walk_cost)", "cost", cf["cost_s"],
+            sn["wall_s"] if sn and n and n >= 1_000_000 else None, unit=" s")
+        row("cost: end to end (load + walk_cost)", "cost", cf["wall_s"], None, unit=" s")
+        row("cost: peak RSS", "cost", cf["rss_mb"], None, unit=" MB")
+    elif cf:
+        rows.append(("cost model", cf["error"][:80], "", "NO"))
     if figs.get("dump"):
         d = figs["dump"]
         row("vmcore dump: guest paused", "dump", d.get("paused_s"), None, unit=" s")
@@ -438,6 +476,9 @@ def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=30
             figs.pop("columnar")
         else:
             print(f"  columnar: {figs['columnar']}", flush=True)
+            if "cost" not in skip and (work / f"{label}.arrow").exists():
+                figs["cost"] = cost_figure(work / f"{label}.arrow")
+                print(f"  cost: {figs['cost']}", flush=True)
     for f in work.iterdir():
         shutil.rmtree(f) if f.is_dir() else f.unlink()
     if vm is not None and "live" not in skip:
@@ -524,16 +565,20 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile the json snapshot (sizes <= 200k)")
     ap.add_argument("--skip", default="", type=lambda s: set(filter(None, s.split(","))),
-                    help="figures to leave out: json,columnar,live,vmcore,naive")
+                    help="figures to leave out: json,columnar,cost,live,vmcore,naive")
     ap.add_argument("--mem-cap", type=int, default=LIMITS["mem_cap_mb"], metavar="MB",
                     help="address-space cap of each measured process (default 10240): a "
                          "figure over it reads 'MemoryError at the cap'")
     ap.add_argument("--figure-limit", type=float, default=LIMITS["figure_s"], metavar="S",
                     help="stop a measured process after S seconds (default 900)")
     ap.add_argument("--naive-child", metavar="TARGET", help=argparse.SUPPRESS)
+    ap.add_argument("--cost-child", metavar="FILE", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.naive_child:
         print(json.dumps(naive_walk(a.naive_child, a.vmlinux)))
+        return
+    if a.cost_child:
+        print(json.dumps(cost_child(a.cost_child)))
         return
     LIMITS.update(mem_cap_mb=a.mem_cap, figure_s=a.figure_limit)
     KEEP_DIR.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,24 @@ def pytest_runtest_protocol(item, nextitem):
             os.environ.pop(NO_VM_ENV, None)
         else:
             os.environ[NO_VM_ENV] = old
+
+
+@pytest.fixture
+def fresh():
+    """A fresh guest per hwpoison experiment (a poisoned page stays poisoned);
+    the session's shared test VM is powered off first (one TCG guest at a time)."""
+    vms = []
+
+    def up(variant):
+        for k in list(_live):
+            _live.pop(k).down(quiet=True)
+        name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-{os.getpid()}-hw-{variant}"
+        vm = VM.up(name, variant, quiet=False)
+        _started_pids.add(vm.state["pid"])
+        vms.append(vm)
+        return vm
+    try:
+        yield up
+    finally:
+        for vm in vms:
+            vm.down(quiet=True)

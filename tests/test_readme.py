@@ -83,3 +83,19 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     moved = items[(items.pgoff_status == "moved") & (items.state == "stable")]
     assert len(moved) > 0 and not moved.walk_v3.any() and moved.walk_stored.all()
     assert (tmp_path / "snap.ksm").stat().st_size < 40 * len(items) + 200_000
+
+
+def test_readme_cost_block_is_the_committed_benchmark():
+    """README's cost columns are docs/walk-cost.json (benchmarks/walk_cost.py),
+    a full run: every variant, every kind of walk, every count equal to the
+    prediction."""
+    import json
+
+    from ksmlens.views.tables import COST_BEGIN, COST_END, marked_block, walk_cost_markdown
+    doc = json.loads((README.parent / "docs" / "walk-cost.json").read_text())
+    assert doc["schema"] == "ksmlens-walk-cost/1"
+    readme = README.read_text()
+    assert marked_block(readme, COST_BEGIN, COST_END) == walk_cost_markdown(doc)
+    assert [v["variant"] for v in doc["variants"]] == ["stock", "v3", "union", "v8"]
+    for v in doc["variants"]:
+        assert set(v["kinds"]) == {"migrate", "reclaim", "hwpoison"} and v["agree"], v

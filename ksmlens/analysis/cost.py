@@ -94,6 +94,27 @@ def _str(s: pd.Series) -> np.ndarray:
     return s.astype(object).where(s.notna(), None).to_numpy()
 
 
+def _index_in(values, keys) -> np.ndarray:
+    """int64: each of ``values``' position in ``keys`` (-1 absent or null),
+    by pyarrow (string columns: no Python object per value)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    def arrow(x):
+        a = pa.array(x.array if isinstance(x, (pd.Series, pd.Index)) else
+                     (x if isinstance(x, np.ndarray) else list(x)), from_pandas=True)
+        if isinstance(a, pa.ChunkedArray):
+            a = a.combine_chunks()
+        if pa.types.is_dictionary(a.type):
+            a = a.dictionary_decode()
+        if pa.types.is_large_string(a.type) or pa.types.is_null(a.type):
+            a = a.cast(pa.string())
+        return a
+    v, ks = arrow(values), arrow(keys)
+    if ks.type != v.type:
+        ks = ks.cast(v.type)
+    return pc.fill_null(pc.index_in(v, value_set=ks), -1).to_numpy().astype(np.int64)
+
+
 def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
               early_kill: bool | None = None, injector: str | None = None) -> pd.DataFrame:
     """Predict each KSM page's walk cost (the table in the module doc),
@@ -127,27 +148,30 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
         raise KsmlensError("this snapshot has no KSM page (no stable node)",
                            "merge something first, e.g. `ksmlens scenario run many-vmas --keep`")
     it = snap.rmap_items
-    st = it[(it["state"] == "stable") & it["stable_node"].isin(pages["id"])
-            & it["anon_vma"].isin(list(snap.anon_vmas))]
     avcs = avc_table(snap.anon_vmas)
     av_ids = list(dict.fromkeys(avcs["anon_vma"]))
-    av_code = {a: i for i, a in enumerate(av_ids)}
-    avc_av = np.array([av_code[a] for a in avcs["anon_vma"]], dtype=np.int64)
+    page_ids = pages["id"]
+    # the stable items of KSM pages whose anon_vma tree is recorded
+    i_page = _index_in(it["stable_node"], page_ids)
+    i_av = _index_in(it["anon_vma"], av_ids)
+    keep = np.flatnonzero((it["state"] == "stable").to_numpy(bool) & (i_page >= 0)
+                          & (i_av >= 0))
+    st = it.take(keep)
+    i_page, i_av = i_page[keep], i_av[keep]
+    avc_av = _index_in(avcs["anon_vma"], av_ids)
     tree_lo = np.searchsorted(avc_av, np.arange(len(av_ids)))      # trees are contiguous
     tree_n = np.bincount(avc_av, minlength=len(av_ids))
     start = avcs["vm_pgoff"]
     last = vma_last_pgoff(avcs["vm_start"], avcs["vm_end"], start, k.page_shift)
 
     # the items, by page then hlist order
-    page_of = {x: i for i, x in enumerate(pages["id"])}
-    i_page = st["stable_node"].map(page_of).to_numpy(np.int64)
     i_hpos = st["hlist_pos"].to_numpy(np.int64, na_value=0)
     o = np.lexsort((i_hpos, i_page))
-    i_page, i_hpos = i_page[o], i_hpos[o]
-    i_av = np.array([av_code[a] for a in _str(st["anon_vma"])], dtype=np.int64)[o]
-    mm_all = pd.Index(pd.concat([st["mm"].astype(str), pd.Series(avcs["mm"], dtype=str)]).unique())
-    i_mm = mm_all.get_indexer(st["mm"].astype(str))[o]
-    avc_mm = mm_all.get_indexer(pd.Series(avcs["mm"], dtype=str))
+    i_page, i_hpos, i_av = i_page[o], i_hpos[o], i_av[o]
+    mm_all = pd.Index(pd.unique(np.concatenate([_str(st["mm"]).astype(str),
+                                                np.asarray(avcs["mm"], dtype=str)])))
+    i_mm = _index_in(st["mm"], mm_all)[o]
+    avc_mm = _index_in(avcs["mm"], mm_all)
     i_addr = st["address"].to_numpy(np.uint64)[o]
     i_stored = st["stored_pgoff"].to_numpy(np.uint64, na_value=0)[o] \
         if k.has_stored_pgoff else None
@@ -159,7 +183,9 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
                    avcs["vm_end"], start, k.page_shift)
     p_item, p_avc, p_pass = c["item"], c["avc"], c["pass"]
     p_page = i_page[p_item]
-    mapped, kpfn_mapcount = _mapped(snap, pages, p_page, avc_mm, mm_all, p_avc, i_addr[p_item])
+    m_node = _index_in(snap.mappings["node"], page_ids)     # each mapping's page
+    mapped, kpfn_mapcount = _mapped(snap, pages, m_node, p_page, avc_mm, mm_all, p_avc,
+                                    i_addr[p_item])
     rows = []
     for rule in rules:
         q = None if rule == "stock" else (i_addr >> np.uint64(k.page_shift) if rule == "v3"
@@ -167,7 +193,7 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
         R = tree_n[i_av] if q is None else _point_counts(avc_av, start, last, tree_lo, i_av, q)
         match = np.ones(p_item.size, bool) if rule == "stock" else c[rule]
         A = np.bincount(p_item[match], minlength=n_items)          # in range, either pass
-        missed = _missed(snap, pages, rule)
+        missed = _missed(snap, pages, m_node, rule)
         for walk in walks:
             stop = WALKS[walk][1]
             stopped = np.zeros(n_pages, bool)
@@ -180,14 +206,24 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
                 _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_page,
                        p_item[match], p_avc[match], p_pass[match], p_page[match], mapped[match],
                        avc_mm, i_addr, kpfn_mapcount, tree_lo, last)
-            rows.append(pd.DataFrame({
-                "node": pages["id"].to_numpy(object), "kpfn": pages["kpfn"].to_numpy(),
-                "rule": rule, "walk": walk, "rmap_items": items_per_page, **res,
-                "missed": missed, "stopped": stopped}))
-    out = pd.concat(rows, ignore_index=True)
-    out["rule"] = pd.Categorical(out["rule"], categories=list(RULES))
-    out["walk"] = pd.Categorical(out["walk"], categories=list(WALKS))
-    return out[list(COST_COLUMNS)]
+            rows.append((rule, walk, res, missed, stopped))
+    # the frame, column by column (one array each, no per-part frames)
+    parts = len(rows)
+    node_ids = page_ids.to_numpy(object)
+    cols = {"node": np.tile(node_ids, parts),
+            "kpfn": np.tile(pages["kpfn"].to_numpy(), parts),
+            "rule": pd.Categorical.from_codes(
+                np.repeat([list(RULES).index(r) for r, *_ in rows], n_pages),
+                categories=list(RULES)),
+            "walk": pd.Categorical.from_codes(
+                np.repeat([list(WALKS).index(w) for _, w, *_ in rows], n_pages),
+                categories=list(WALKS)),
+            "rmap_items": np.tile(items_per_page.astype(np.int64), parts)}
+    for c in COUNTERS:
+        cols[c] = np.concatenate([r[2][c] for r in rows]).astype(np.int64)
+    cols["missed"] = np.concatenate([r[3] for r in rows]).astype(np.int64)
+    cols["stopped"] = np.concatenate([r[4] for r in rows])
+    return pd.DataFrame(cols, columns=list(COST_COLUMNS))
 
 
 def _point_counts(avc_av, start, last, tree_lo, i_av, q) -> np.ndarray:
@@ -269,27 +305,32 @@ def _collect(mce, early_kill, injector, i_page, i_av, q, R, mm_all, i_mm, avc_av
             "skipped": np.zeros(n_pages, np.int64), "other_mm": ret - one, "rmap_one": one}
 
 
-def _mapped(snap, pages, p_page, avc_mm, mm_all, p_avc, p_addr):
+def _mapped(snap, pages, m_node, p_page, avc_mm, mm_all, p_avc, p_addr):
     """Per pair: does a PTE of its VMA's mm map the page at the address (the
     replay's ``mapped``); per page: folio_mapcount() (-1 unknown)."""
     m = snap.mappings
-    key = pd.MultiIndex.from_arrays([m["node"].astype(str), m["mm"].astype(str),
-                                     m["address"].to_numpy(np.uint64)])
-    val = m["mapped"].fillna(False).to_numpy(bool)
-    q = pd.MultiIndex.from_arrays([pages["id"].to_numpy(object)[p_page].astype(str),
-                                   np.asarray(mm_all)[avc_mm[p_avc]].astype(str), p_addr])
-    j = key.get_indexer(q) if len(key) else np.full(len(q), -1)
-    mapped = np.where(j >= 0, val[np.maximum(j, 0)], False) if len(val) else \
-        np.zeros(len(q), bool)
     mc = pages["mapcount"].to_numpy(np.int64, na_value=-1)
-    return mapped, mc
+    if not len(m) or not p_page.size:
+        return np.zeros(p_page.size, bool), mc
+    # integer keys (page, mm, address): no Python object per mapping
+    n_mm = np.int64(len(mm_all) + 1)
+    m_key = m_node * n_mm + _index_in(m["mm"], mm_all)
+    key = pd.MultiIndex.from_arrays([m_key, m["address"].to_numpy(np.uint64)])
+    val = m["mapped"].fillna(False).to_numpy(bool)
+    q = pd.MultiIndex.from_arrays([p_page.astype(np.int64) * n_mm + avc_mm[p_avc], p_addr])
+    if not key.is_unique:
+        first = ~key.duplicated(keep="first")
+        key, val = key[first], val[first]
+    j = key.get_indexer(q)
+    return np.where(j >= 0, val[np.maximum(j, 0)], False), mc
 
 
-def _missed(snap, pages, rule) -> np.ndarray:
+def _missed(snap, pages, m_node, rule) -> np.ndarray:
     m = snap.mappings
-    miss = m[m["mapped"].fillna(False) & ~m[f"found_{rule}"].fillna(True).astype(bool)]
-    n = miss["node"].value_counts()
-    return (pages["id"].map(n).fillna(0).to_numpy(np.int64)
+    miss = (m["mapped"].fillna(False) & ~m[f"found_{rule}"].fillna(True).astype(bool)
+            ).to_numpy(bool)
+    code = m_node[miss]
+    return (np.bincount(code[code >= 0], minlength=len(pages)).astype(np.int64)
             + pages["unreachable"].to_numpy(np.int64))
 
 
@@ -301,8 +342,12 @@ def _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_pa
     c_item, c_avc, c_pass, c_page, c_mapped = (x[o] for x in (c_item, c_avc, c_pass, c_page,
                                                               c_mapped))
     if stop == STOP_UNMAPPED:       # a mapping counts once: the first call unmaps it
-        key = pd.MultiIndex.from_arrays([c_page, avc_mm[c_avc], i_addr[c_item]])
-        hit = c_mapped & ~key.duplicated()
+        k1 = c_page.astype(np.int64) * np.int64(avc_mm.max(initial=0) + 2) + avc_mm[c_avc]
+        a = i_addr[c_item]
+        o2 = np.lexsort((np.arange(k1.size), a, k1))     # equal keys: the first call first
+        dup = np.empty(k1.size, bool)
+        dup[o2] = np.r_[False, (k1[o2][1:] == k1[o2][:-1]) & (a[o2][1:] == a[o2][:-1])]
+        hit = c_mapped & ~dup
     else:                           # STOP_REFERENCED: every call finding the PTE counts
         hit = c_mapped
     cum = np.cumsum(hit)
@@ -316,36 +361,51 @@ def _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_pa
     # the first call of each page after which the walk stops
     s = np.flatnonzero(done)
     s = s[np.r_[True, c_page[s][1:] != c_page[s][:-1]]]
+    pg, it, ps, avc = c_page[s], c_item[s], c_pass[s], c_avc[s]
     item_lo = np.r_[0, np.cumsum(items_per_page)[:-1]]
     page_lo = np.searchsorted(c_page, np.arange(items_per_page.size))
-    page_hi = np.searchsorted(c_page, np.arange(items_per_page.size), side="right")
-    for j in s.tolist():
-        pg, it, ps, avc = int(c_page[j]), int(c_item[j]), int(c_pass[j]), int(c_avc[j])
-        lo, n = int(item_lo[pg]), int(items_per_page[pg])
-        # the loops run to their end before the stopping one: pass 1 whole if
-        # the stop is in pass 2, then this pass's items before `it`
-        full = np.r_[np.arange(lo, lo + n) if ps == 2 else np.zeros(0, np.int64),
-                     np.arange(lo, it)].astype(np.int64)
-        Rb, Ab = int(R[full].sum()), int(A[full].sum())
-        nulls = int(np.count_nonzero(R[full] == 0))
-        # the stopping loop yields the tree's VMAs up to and including avc
-        lo_t = int(tree_lo[i_av[it]])
-        k = avc - lo_t + 1 if q is None else \
-            int(np.count_nonzero(last[lo_t:avc] >= q[it])) + 1
-        mine = np.flatnonzero(c_item[page_lo[pg]:j + 1] == it) + page_lo[pg]
-        sl = slice(int(page_lo[pg]), int(page_hi[pg]))                 # the page's calls
-        in_range = int(np.count_nonzero((c_item[sl] == it) & (c_avc[sl] <= avc)))  # either pass
-        cs = int(np.count_nonzero(c_pass[mine] == ps))     # its calls up to j
-        calls = int(j - page_lo[pg]) + 1
-        res["first"][pg] = full.size + 1
-        res["first_null"][pg] = nulls
-        res["next"][pg] = Rb + k - 1
-        res["next_null"][pg] = full.size - nulls
-        res["returned"][pg] = Rb + k
-        res["skipped"][pg] = (Rb - Ab) + (k - in_range)
-        res["rmap_one"][pg] = calls
-        res["other_mm"][pg] = (Ab - (calls - cs)) + (in_range - cs)
-        stopped[pg] = True
+    lo, n = item_lo[pg], items_per_page[pg]
+    # the loops that ran to their end before the stopping one: pass 1 whole if
+    # the stop is in pass 2, then this pass's items before `it` (hlist order)
+    two = (ps == 2).astype(np.int64)
+
+    def before(v):
+        cum = np.r_[0, np.cumsum(v, dtype=np.int64)]
+        return two * (cum[lo + n] - cum[lo]) + (cum[it] - cum[lo])
+    Rb, Ab, nulls = before(R), before(A), before((R == 0).astype(np.int64))
+    loops = two * n + (it - lo)
+    # the stopping loop yields the tree's VMAs up to and including avc: the
+    # tree's in-order is by start pgoff, so before avc every VMA starts at or
+    # below the query, and a point query yields those whose last pgoff reaches it
+    lo_t = tree_lo[i_av[it]]
+    if q is None:
+        k = avc - lo_t + 1
+    else:
+        span = avc - lo_t
+        at = np.repeat(lo_t - np.r_[0, np.cumsum(span)[:-1]], span) + np.arange(span.sum())
+        hit_q = last[at] >= np.repeat(q[it], span)
+        k = np.bincount(np.repeat(np.arange(s.size), span), weights=hit_q,
+                        minlength=s.size).astype(np.int64) + 1
+    # calls of `it` in range (either pass) up to avc: the pairs sorted by (item, avc)
+    m = np.int64(avc_mm.size + 1)
+    pair = np.sort(c_item.astype(np.int64) * m + c_avc)
+    in_range = (np.searchsorted(pair, it.astype(np.int64) * m + avc, side="right")
+                - np.searchsorted(pair, it.astype(np.int64) * m, side="left"))
+    # its calls in this pass up to the stop: (page, pass, item) groups are contiguous
+    grp = np.r_[True, (c_page[1:] != c_page[:-1]) | (c_pass[1:] != c_pass[:-1])
+                | (c_item[1:] != c_item[:-1])]
+    grp_lo = np.maximum.accumulate(np.where(grp, np.arange(c_page.size), 0))
+    cs = s - grp_lo[s] + 1
+    calls = s - page_lo[pg] + 1
+    res["first"][pg] = loops + 1
+    res["first_null"][pg] = nulls
+    res["next"][pg] = Rb + k - 1
+    res["next_null"][pg] = loops - nulls
+    res["returned"][pg] = Rb + k
+    res["skipped"][pg] = (Rb - Ab) + (k - in_range)
+    res["rmap_one"][pg] = calls
+    res["other_mm"][pg] = (Ab - (calls - cs)) + (in_range - cs)
+    stopped[pg] = True
 
 
 # ------------------------------------------------------------------ totals

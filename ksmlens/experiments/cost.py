@@ -257,11 +257,7 @@ def measure_cost(vm, *, by: str = "migrate", rules=None, iterations: bool = True
         raise KsmlensError(f"cost --measure --by {by!r}: not a walk ksmlens can drive",
                            f"use {', '.join(MEASURE_BY)}")
     if by == "migrate":
-        nodes = int(vm.sh("ls -d /sys/devices/system/node/node[0-9]* | wc -l").strip() or 0)
-        if nodes < 2:
-            raise KsmlensError(f"VM {vm.name!r} has {nodes} NUMA node(s); --by migrate moves "
-                               "KSM pages across two", f"boot it with `ksmlens vm up --name "
-                               f"{vm.name} --numa 2`")
+        ksmsys.require_numa(vm, "--by migrate moves KSM pages across two")
     if by == "reclaim":
         ksmsys.ensure_swap(vm)
     own = by == "hwpoison" and run is None

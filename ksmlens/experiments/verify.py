@@ -238,11 +238,7 @@ def verify(vm, *, rule: str | None = None, by: str = "migration",
     from ksmlens.lab.attach import attach
     from ksmlens.lens.snapshot import take_snapshot
     t0 = time.monotonic()
-    nodes = int(vm.sh("ls -d /sys/devices/system/node/node[0-9]* | wc -l").strip() or 0)
-    if nodes < 2:
-        raise KsmlensError(f"VM {vm.name!r} has {nodes} NUMA node(s); verify migrates KSM "
-                           "pages across two", f"boot it with `ksmlens vm up --name {vm.name} "
-                           "--numa 2`")
+    ksmsys.require_numa(vm, "verify migrates KSM pages across two")
     with ksmsys.held(vm):   # hold ksmd: merged pages stay
         prog = attach(f"vm:{vm.name}")
         snap = take_snapshot(prog)

@@ -15,7 +15,7 @@ from ksmlens.kernel import sysfs
 from ksmlens.kernel.pgtable import PAGE_SIZE
 from ksmlens.kernel.sysfs import COUNTERS, KNOBS, KSM_SYSFS
 
-__all__ = ["parse_kv", "KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
+__all__ = ["numa_nodes", "require_numa", "parse_kv", "KSM_SYSFS", "COUNTERS", "KNOBS", "read_counters", "read_ksm_stat", "set_knobs",
            "wait_full_scans", "wait_until", "read_pages", "migrate_pages", "ksm_pids",
            "read_smaps_ksm", "read_smaps_rollup", "read_pfns", "read_vmstat", "ensure_swap",
            "reclaim_pages", "set_run", "held", "knobs_set"]
@@ -240,6 +240,21 @@ def reclaim_pages(vm, ranges, *, rounds: int | None = None) -> dict:
                            "echo +memory > /sys/fs/cgroup/cgroup.subtree_control (a scenario "
                            "does it for its own cgroup)")
     return res
+
+
+def numa_nodes(vm) -> int:
+    """The guest's NUMA nodes (``/sys/devices/system/node/nodeN``)."""
+    return len(vm.read_files(globs=["/sys/devices/system/node/node[0-9]*/cpulist"]))
+
+
+def require_numa(vm, what: str, need: int = 2) -> None:
+    """Raise :class:`KsmlensError` in one line, saying how to boot it, when
+    the guest has fewer than ``need`` NUMA nodes; ``what`` is the sentence's
+    subject ("verify migrates KSM pages across two")."""
+    n = numa_nodes(vm)
+    if n < need:
+        raise KsmlensError(f"VM {vm.name!r} has {n} NUMA node(s); {what}",
+                           f"boot it with `ksmlens vm up --name {vm.name} --numa {need}`")
 
 
 def migrate_pages(vm, ranges) -> list[dict]:

@@ -184,11 +184,8 @@ class ScenarioRun:
         knobs = dict(FAST_KNOBS)
         knobs.update(self.scenario.knobs)
         if self.scenario.numa > 1:
-            n = len(self.vm.read_files(globs=["/sys/devices/system/node/node[0-9]*/cpulist"]))
-            if n < self.scenario.numa:
-                raise KsmlensError(f"scenario {self.scenario.name} needs {self.scenario.numa} "
-                                   f"NUMA nodes, VM {self.vm.name!r} has {n}",
-                                   f"boot it with `ksmlens vm up --numa {self.scenario.numa}`")
+            ksmsys.require_numa(self.vm, f"scenario {self.scenario.name} needs "
+                                f"{self.scenario.numa}", self.scenario.numa)
         old_run = None
         if not self.scenario.core:
             # Start from nothing merged (run=2 unmerges everything and frees

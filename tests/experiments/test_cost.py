@@ -1,11 +1,14 @@
 """rmap_walk_ksm()'s cost, predicted from a paused snapshot, counted by the kernel.
 
 On the many-vmas scenario (2,000 VMAs in one anon_vma, both shapes, an
-mremap'd VMA among them), every walk the kernel runs to migrate each KSM
-page (try_to_migrate, then remove_migration_ptes) is counted with tracefs
-kprobes: interval-tree calls and NULL returns, VMAs yielded, rmap_one calls.
-Each must equal the prediction under the kernel's own rule, and only that
-rule's (the counts tell the rules apart: they are not all the same number).
+mremap'd VMA among them), every walk the kernel runs is counted with
+tracefs kprobes: interval-tree calls and NULL returns, VMAs yielded,
+rmap_one calls. Each must equal the prediction under the kernel's own rule,
+and only that rule's (the counts tell the rules apart: they are not all the
+same number). The walks: migration (try_to_migrate, then
+remove_migration_ptes), reclaim (folio_referenced each round, try_to_unmap:
+both stop early, at the mapcount and once unmapped) and memory failure
+(collect_procs_ksm, memory-failure's own loop, then try_to_unmap).
 """
 
 import pytest
@@ -13,6 +16,8 @@ import pytest
 from ksmlens.analysis.core import anon_vma_query
 from ksmlens.analysis.cost import walk_cost
 from ksmlens.experiments.cost import measure_cost
+from ksmlens.experiments.verify import collect_rule
+from ksmlens.kernel.constants import mce_early_kill
 from ksmlens.lab.attach import attach, dump_vmcore
 from ksmlens.lab.scenarios import ScenarioRun
 from ksmlens.lens.snapshot import take_snapshot
@@ -85,3 +90,77 @@ def test_cost_from_a_vmcore_equals_live(tmp_path):
                        kinds=("full", "migrate"))
     assert len(live) == 4 * 3 * 3           # pages x rules x walks
     assert live.equals(static)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("variant,shape", [("stock", "split"), ("v3", "fork"),
+                                           ("v8", "split")])
+def test_reclaim_walks_counted_equal_the_prediction(variant, shape):
+    vm = boot(variant)
+    with _many(vm, shape) as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        res = measure_cost(vm, by="reclaim")
+    text = cost_measure_text(res, limit=None)
+    assert res.agree, text
+    assert res.rule_matches == [RULE[variant]], text
+    w = res.walks
+    # every KSM page was aged by folio_referenced() and unmapped by try_to_unmap()
+    for walk in ("folio_referenced", "try_to_unmap"):
+        assert set(w[w["walk"] == walk]["node"]) == set(res.cost["node"]), text
+    c = res.cost
+    mine = c[c["rule"] == RULE[variant]]
+    if variant == "stock":
+        # both walks stop early: the last mapping found before the tree's end
+        ref = mine[mine["walk"] == "folio_referenced"]
+        assert ref["stopped"].all() and (ref["returned"] < 4 * N).all(), text
+    if variant == "v3":
+        # the mremap'd page: v3 misses its moved mapping, try_to_unmap runs to
+        # its end and leaves the page mapped
+        tu = mine[mine["walk"] == "try_to_unmap"]
+        assert (~tu["stopped"] & (tu["missed"] > 0)).any(), text
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("variant,shape,early_kill", [("stock", "fork", False),
+                                                      ("v3", "split", False),
+                                                      ("v8", "fork", True)])
+def test_memory_failure_walks_counted_equal_the_prediction(fresh, variant, shape, early_kill):
+    """collect_procs_ksm() and try_to_unmap() of one poisoned KSM page (a
+    fresh guest each: the page stays poisoned)."""
+    vm = fresh(variant)
+    run = _many(vm, shape)
+    run.start()
+    try:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        res = measure_cost(vm, by="hwpoison", run=run, early_kill=early_kill)
+    finally:
+        run.stop()
+    text = cost_measure_text(res, limit=None)
+    assert res.agree, text
+    assert res.rule_matches == [RULE[variant]], text
+    crule = collect_rule(res.snapshot.kernel)
+    assert crule == ("stored" if variant == "v8" else "stock")
+    assert res.collect_matches == [crule], text
+    w = res.walks
+    assert w["walk"].tolist() == ["collect_procs_ksm", "try_to_unmap"], text
+    # madvise succeeds iff try_to_unmap() reaches every mapping (the walk
+    # stops once the page is unmapped); on v3 pair 0's moved mapping is missed
+    c = res.cost
+    tu = c[(c["node"] == w.iloc[1]["node"]) & (c["walk"] == "try_to_unmap")
+           & (c["rule"] == RULE[variant])].iloc[0]
+    assert bool(tu["stopped"]) == (variant != "v3"), text
+    assert res.extra["hwpoison"]["madvise"] == ("ok" if tu["stopped"] else "EBUSY"), text
+    col = w.iloc[0]
+    # one tree query per rmap_item per collected process: the poisoning
+    # process, or every process with an mm when early kill is on
+    mce = res.snapshot.kernel.mce
+    procs = sum(mce_early_kill(f, 1) for _, _, f in mce["processes"]) if early_kill else 1
+    assert col["m_first"] == 2 * procs, text
+    if crule == "stock":
+        # the whole tree each time, and add_to_kill_ksm() for every VMA of the
+        # poisoning process in it: no address check
+        assert col["m_returned"] == 2 * N, text
+        per_proc = N // 5 if shape == "fork" else N
+        assert col["m_rmap_one"] == 2 * per_proc, text

@@ -14,18 +14,15 @@ kernel's stored index, on real guests.
 """
 
 import json
-import os
 
 import pytest
 from drgn import Object, offsetof
 from drgn.helpers.linux.mm import vma_find
 
-import conftest
 from conftest import boot
 from ksmlens.experiments.verify import BUS_MCEERR_AO, BUS_MCEERR_AR, verify
 from ksmlens.lab.attach import attach
 from ksmlens.lab.scenarios import ScenarioRun
-from ksmlens.lab.vm import VM
 from ksmlens.lens.snapshot import take_snapshot
 from ksmlens.lens.store import load
 from ksmlens.views.tables import verify_text
@@ -69,27 +66,6 @@ def test_v8_stores_linear_page_index(tmp_path):
         assert doc["kernel"]["stored_index_member"] == "linear_page_index"
         assert "stored_pgoff" in doc["rmap_items"][0]
         assert load(tmp_path / "s.json").kernel.stored_index_member == "linear_page_index"
-
-
-@pytest.fixture
-def fresh():
-    """A fresh guest per hwpoison experiment (a poisoned page stays poisoned);
-    the session's shared test VM is powered off first (one TCG guest at a time)."""
-    vms = []
-
-    def up(variant):
-        for k in list(conftest._live):
-            conftest._live.pop(k).down(quiet=True)
-        name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-{os.getpid()}-hw-{variant}"
-        vm = VM.up(name, variant, quiet=False)
-        conftest._started_pids.add(vm.state["pid"])
-        vms.append(vm)
-        return vm
-    try:
-        yield up
-    finally:
-        for vm in vms:
-            vm.down(quiet=True)
 
 
 @pytest.mark.parametrize("variant,early_kill", [("v3", False), ("v8", False), ("v3", True),

@@ -139,3 +139,23 @@ def test_kcore_vmlinux_report_snapshot_ksm_in_guest(held_chain):
         assert len(lines) == 1 and lines[0].startswith("ksmlens: error: "), out["stderr"]
         assert cause in lines[0], lines[0]
     assert "linux-image-" in res["wrong"]["stderr"] and "--vmlinux" in res["missing"]["stderr"]
+
+
+def test_kcore_cost_in_guest_equals_host_cost(held_chain):
+    """``ksmlens cost --target /proc/kcore`` in the guest: the numbers of the
+    host's paused walk (issue 19: cost on /proc/kcore as live), for the
+    worst case and for memory failure's walks."""
+    vm = held_chain
+    for walk in ("full", "hwpoison"):
+        argv = ["cost", "--walk", walk, "--json", "--all"]
+        host = subprocess.run([sys.executable, "-m", "ksmlens", *argv, "--name", vm.name],
+                              capture_output=True, text=True, env={**os.environ, **ENV})
+        assert host.returncode == 0, host.stderr
+        guest = vm.run([str(Path(sys.executable).with_name("ksmlens")), *argv, "--target",
+                        "/proc/kcore"], env=ENV, timeout=900)
+        assert guest.rc == 0, guest.stderr
+        h, g = json.loads(host.stdout), json.loads(guest.stdout)
+        assert g["pages"] == h["pages"] and g["totals"] == h["totals"], walk
+        # the chain scenario's pages: 24 dups, each walked
+        assert len(h["pages"]) == ksmsys.read_counters(vm)["pages_shared"] > 0
+        assert all(t["returned"] > 0 for t in h["totals"]), h["totals"]

@@ -119,7 +119,7 @@ def test_scenario_refuses_too_few_numa_nodes():
     vm = boot("union")
     three = dataclasses.replace(SCENARIOS["numa-nodes"], numa=3)
     before = ksmsys.read_counters(vm)
-    with pytest.raises(KsmlensError, match="needs 3 NUMA nodes, VM .* has 2"):
+    with pytest.raises(KsmlensError, match="has 2 NUMA node.*needs 3"):
         ScenarioRun(vm, three).start()
     assert ksmsys.read_counters(vm)["merge_across_nodes"] == before["merge_across_nodes"]
 
