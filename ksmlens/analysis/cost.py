@@ -90,29 +90,34 @@ def _walks(kinds) -> list[str]:
     return out
 
 
-def _str(s: pd.Series) -> np.ndarray:
-    return s.astype(object).where(s.notna(), None).to_numpy()
+def _arrow_str(x):
+    """``x`` (a Series, Index, array or list of ids) as one pyarrow string array."""
+    import pyarrow as pa
+    a = pa.array(x.array if isinstance(x, (pd.Series, pd.Index)) else
+                 (x if isinstance(x, np.ndarray) else list(x)), from_pandas=True)
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    if pa.types.is_dictionary(a.type):
+        a = a.dictionary_decode()
+    if not pa.types.is_string(a.type):
+        a = a.cast(pa.string())
+    return a
+
+
+def _unique_str(*parts) -> pd.Index:
+    """The distinct non-null ids of ``parts``, in order of appearance."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    u = pc.unique(pa.concat_arrays([_arrow_str(p) for p in parts])).drop_null()
+    return pd.Index(u.to_numpy(zero_copy_only=False), dtype=object)
 
 
 def _index_in(values, keys) -> np.ndarray:
     """int64: each of ``values``' position in ``keys`` (-1 absent or null),
     by pyarrow (string columns: no Python object per value)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
-    def arrow(x):
-        a = pa.array(x.array if isinstance(x, (pd.Series, pd.Index)) else
-                     (x if isinstance(x, np.ndarray) else list(x)), from_pandas=True)
-        if isinstance(a, pa.ChunkedArray):
-            a = a.combine_chunks()
-        if pa.types.is_dictionary(a.type):
-            a = a.dictionary_decode()
-        if pa.types.is_large_string(a.type) or pa.types.is_null(a.type):
-            a = a.cast(pa.string())
-        return a
-    v, ks = arrow(values), arrow(keys)
-    if ks.type != v.type:
-        ks = ks.cast(v.type)
-    return pc.fill_null(pc.index_in(v, value_set=ks), -1).to_numpy().astype(np.int64)
+    return pc.fill_null(pc.index_in(_arrow_str(values), value_set=_arrow_str(keys)),
+                        -1).to_numpy().astype(np.int64)
 
 
 def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
@@ -168,8 +173,7 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
     i_hpos = st["hlist_pos"].to_numpy(np.int64, na_value=0)
     o = np.lexsort((i_hpos, i_page))
     i_page, i_hpos, i_av = i_page[o], i_hpos[o], i_av[o]
-    mm_all = pd.Index(pd.unique(np.concatenate([_str(st["mm"]).astype(str),
-                                                np.asarray(avcs["mm"], dtype=str)])))
+    mm_all = _unique_str(st["mm"], avcs["mm"])
     i_mm = _index_in(st["mm"], mm_all)[o]
     avc_mm = _index_in(avcs["mm"], mm_all)
     i_addr = st["address"].to_numpy(np.uint64)[o]
@@ -193,6 +197,10 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
         R = tree_n[i_av] if q is None else _point_counts(avc_av, start, last, tree_lo, i_av, q)
         match = np.ones(p_item.size, bool) if rule == "stock" else c[rule]
         A = np.bincount(p_item[match], minlength=n_items)          # in range, either pass
+        # the rule's calls in the kernel's order: page, pass, hlist position
+        # (item order), tree in-order; for every walk that stops early
+        sel = np.flatnonzero(match)
+        sel = sel[np.lexsort((p_avc[sel], p_item[sel], p_pass[sel], p_page[sel]))]
         missed = _missed(snap, pages, m_node, rule)
         for walk in walks:
             stop = WALKS[walk][1]
@@ -204,7 +212,7 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
                 res = _full(i_page, R, A, n_pages)
             if stop is not None:
                 _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_page,
-                       p_item[match], p_avc[match], p_pass[match], p_page[match], mapped[match],
+                       p_item[sel], p_avc[sel], p_pass[sel], p_page[sel], mapped[sel],
                        avc_mm, i_addr, kpfn_mapcount, tree_lo, last)
             rows.append((rule, walk, res, missed, stopped))
     # the frame, column by column (one array each, no per-part frames)
@@ -220,8 +228,8 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
                 categories=list(WALKS)),
             "rmap_items": np.tile(items_per_page.astype(np.int64), parts)}
     for c in COUNTERS:
-        cols[c] = np.concatenate([r[2][c] for r in rows]).astype(np.int64)
-    cols["missed"] = np.concatenate([r[3] for r in rows]).astype(np.int64)
+        cols[c] = np.concatenate([r[2][c] for r in rows]).astype(np.int64, copy=False)
+    cols["missed"] = np.concatenate([r[3] for r in rows]).astype(np.int64, copy=False)
     cols["stopped"] = np.concatenate([r[4] for r in rows])
     return pd.DataFrame(cols, columns=list(COST_COLUMNS))
 
@@ -336,11 +344,8 @@ def _missed(snap, pages, m_node, rule) -> np.ndarray:
 
 def _early(res, stopped, stop, rule, q, i_page, i_hpos, i_av, R, A, items_per_page,
            c_item, c_avc, c_pass, c_page, c_mapped, avc_mm, i_addr, mapcount, tree_lo, last):
-    """Where a walk with a stop condition ends, and its counters up to there."""
-    # the calls in the kernel's order: page, pass, hlist position (item order), tree in-order
-    o = np.lexsort((c_avc, c_item, c_pass, c_page))
-    c_item, c_avc, c_pass, c_page, c_mapped = (x[o] for x in (c_item, c_avc, c_pass, c_page,
-                                                              c_mapped))
+    """Where a walk with a stop condition ends, and its counters up to there;
+    the calls ``c_*`` in the kernel's order (page, pass, item, tree in-order)."""
     if stop == STOP_UNMAPPED:       # a mapping counts once: the first call unmaps it
         k1 = c_page.astype(np.int64) * np.int64(avc_mm.max(initial=0) + 2) + avc_mm[c_avc]
         a = i_addr[c_item]
@@ -417,8 +422,10 @@ def worst_pages(cost: pd.DataFrame, top: int | None = 20, by: str = "returned") 
     t = cost.pivot_table(index=["node", "kpfn", "rmap_items"], columns="rule", values=by,
                          aggfunc="sum", observed=True)
     t.columns = [f"{by}_{r}" for r in t.columns]
-    t = t.assign(worst=t.max(axis=1)).sort_values("worst", ascending=False).drop(columns="worst")
-    return (t.head(top) if top else t).reset_index()
+    # worst first, ties by kpfn: the same state prints the same table
+    t = t.assign(worst=t.max(axis=1)).reset_index().sort_values(
+        ["worst", "kpfn"], ascending=[False, True], kind="stable").drop(columns="worst")
+    return (t.head(top) if top else t).reset_index(drop=True)
 
 
 def cost_by_node(snap: Snapshot, cost: pd.DataFrame) -> pd.DataFrame:

@@ -201,6 +201,7 @@ def _victim(snap, run, pair: int):
 # may be walked again, then finding nothing it could stop at: such a walk runs
 # to its end, its counters those of the ``full`` walk
 LEAVES_UNMAPPED = ("try_to_unmap",)
+RECLAIM_TRIES = 3
 
 
 def _action(vm, by: str, snap, run, pair: int, early_kill: bool):
@@ -222,7 +223,17 @@ def _action(vm, by: str, snap, run, pair: int, early_kill: bool):
         raise KsmlensError(f"VM {vm.name!r} has no mapped KSM page to walk",
                            "run a scenario first (`ksmlens scenario run many-vmas --keep`)")
     if by == "reclaim":
-        return (lambda: ksmsys.reclaim_pages(vm, ranges)), None, {}
+        def reclaim():
+            # reclaim's own heuristics decide when a page's turn comes (the
+            # first round activates a folio whose PTEs are young; a later one
+            # may not age the active list at all): ask again, up to
+            # RECLAIM_TRIES times, until every mapping is a swap entry
+            for _ in range(RECLAIM_TRIES):
+                res = ksmsys.reclaim_pages(vm, ranges)
+                if all(p["swapped"] and not p["present"] for r in res["ranges"]
+                       for p in r["pages"]):
+                    break
+        return reclaim, None, {}
     return (lambda: ksmsys.migrate_pages(vm, ranges)), None, {}
 
 

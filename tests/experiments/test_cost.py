@@ -164,3 +164,26 @@ def test_memory_failure_walks_counted_equal_the_prediction(fresh, variant, shape
         assert col["m_returned"] == 2 * N, text
         per_proc = N // 5 if shape == "fork" else N
         assert col["m_rmap_one"] == 2 * per_proc, text
+
+
+@pytest.mark.vm
+def test_measure_hwpoison_cli(fresh):
+    """`ksmlens cost --measure --by hwpoison --json` starts its own many-vmas
+    run (HWPOISON_ARGS: an mremap'd pair 0), poisons pair 0's page and
+    exits 0 only if every count equals the prediction."""
+    import json
+    import subprocess
+    import sys
+    vm = fresh("union")
+    r = subprocess.run([sys.executable, "-m", "ksmlens", "cost", "--measure", "--by",
+                        "hwpoison", "--json", "--name", vm.name],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    d = json.loads(r.stdout)
+    assert d["agree"] and d["by"] == "hwpoison" and d["rule"] == "stored"
+    # union's walk stores the index; its collect_procs_ksm() still searches it all
+    assert d["collect_rule"] == "stock" and d["collect_matches"] == ["stock"]
+    # the moved mapping tells stored from v3
+    assert d["rule_matches"] == ["stored"], d["rule_matches"]
+    assert d["hwpoison"]["madvise"] == "ok" and [w["walk"] for w in d["walks"]] == [
+        "collect_procs_ksm", "try_to_unmap"]

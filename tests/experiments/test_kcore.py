@@ -156,6 +156,7 @@ def test_kcore_cost_in_guest_equals_host_cost(held_chain):
         assert guest.rc == 0, guest.stderr
         h, g = json.loads(host.stdout), json.loads(guest.stdout)
         assert g["pages"] == h["pages"] and g["totals"] == h["totals"], walk
+        assert len({p["node"] for p in h["pages"]}) == len(h["pages"])
         # the chain scenario's pages: 24 dups, each walked
         assert len(h["pages"]) == ksmsys.read_counters(vm)["pages_shared"] > 0
         assert all(t["returned"] > 0 for t in h["totals"]), h["totals"]
