@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ksmlens import kbuild  # noqa: E402
+from ksmlens.lab import kbuild  # noqa: E402
 from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun  # noqa: E402
 from ksmlens.experiments.verify import verify  # noqa: E402
 from ksmlens.lab.vm import VM  # noqa: E402

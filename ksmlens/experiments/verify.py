@@ -343,7 +343,7 @@ def verify_reclaim(vm, *, rule: str | None = None, rounds: int | None = None) ->
     dropped meanwhile are ``gone``, not compared (``agree`` None).
 
     Reclaim is repeated until nothing changes (see
-    :mod:`ksmlens.guest.reclaim`): a page's first pass may only clear young
+    :mod:`ksmlens.lab.guest.reclaim`): a page's first pass may only clear young
     bits and activate it (``folio_check_references()``); no timer decides.
     """
     from ksmlens.lab.attach import attach

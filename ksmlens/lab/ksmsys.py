@@ -218,7 +218,7 @@ def reclaim_pages(vm, ranges, *, rounds: int | None = None) -> dict:
     """Make the guest kernel reclaim the pages of ``ranges`` [(pid, start,
     npages)] through their processes' memory cgroups (``memory.reclaim``,
     anon only), round after round until nothing changes, and report each
-    page before and after (see :mod:`ksmlens.guest.reclaim`). Reclaim
+    page before and after (see :mod:`ksmlens.lab.guest.reclaim`). Reclaim
     unmaps through the kernel's real rmap walk: a KSM page whose walk misses a
     mapping stays mapped there. Needs swap (:func:`ensure_swap`)."""
     import json
@@ -260,7 +260,7 @@ def require_numa(vm, what: str, need: int = 2) -> None:
 def migrate_pages(vm, ranges) -> list[dict]:
     """Make the guest kernel migrate each page of ``ranges`` [(pid, start,
     npages)] to the other NUMA node (``move_pages(MPOL_MF_MOVE_ALL)``), and
-    report before/target/status/after per page (see :mod:`ksmlens.guest.migrate`).
+    report before/target/status/after per page (see :mod:`ksmlens.lab.guest.migrate`).
 
     Migration unmaps through the kernel's real rmap walk: a KSM page whose
     walk misses a mapping stays where it is.

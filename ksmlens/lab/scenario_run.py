@@ -288,7 +288,7 @@ class ScenarioRun:
 
     def page_states(self, pid: int | None = None, region: str | None = None) -> list[dict]:
         """Per region, each page's fate as the kernel reports it (pagemap,
-        kpageflags' KPF_KSM, kpagecount): see :mod:`ksmlens.guest.pagemap`."""
+        kpageflags' KPF_KSM, kpagecount): see :mod:`ksmlens.lab.guest.pagemap`."""
         sel = [(p, r) for p, r in self.regions(mergeable_only=region is None)
                if (pid is None or p == pid) and (region is None or r["name"] == region)]
         return ksmsys.read_pages(self.vm, [(p, r["start"], r["pages"]) for p, r in sel],

@@ -15,7 +15,7 @@ bits the walk finds (``folio_check_references()`` activates a folio with two
 referenced PTEs), the next ones deactivate and reclaim it. The rounds go on
 until every page is swapped out, or until the set of swapped pages has not
 changed for STABLE rounds after MIN_ROUNDS, or N rounds (a fixpoint, not a
-timer). Needs swap (``ksmlens.ksmsys.ensure_swap``).
+timer). Needs swap (``ksmlens.lab.ksmsys.ensure_swap``).
 
 Prints one JSON line: ``{"rounds", "swapped_per_round", "cgroups",
 "ranges": [{"pid", "start", "pages": [{"before_pfn", "present", "swapped",
