@@ -217,8 +217,10 @@ def walk_cost(snap: Snapshot, rules=None, kinds=("full", "migrate"), *,
             rows.append((rule, walk, res, missed, stopped))
     # the frame, column by column (one array each, no per-part frames)
     parts = len(rows)
-    node_ids = page_ids.to_numpy(object)
-    cols = {"node": np.tile(node_ids, parts),
+    import pyarrow as pa
+    node_of = pa.array(np.tile(np.arange(n_pages, dtype=np.int64), parts))
+    cols = {"node": pd.array(_arrow_str(page_ids).take(node_of), dtype=page_ids.dtype
+                             if isinstance(page_ids.dtype, pd.StringDtype) else None),
             "kpfn": np.tile(pages["kpfn"].to_numpy(), parts),
             "rule": pd.Categorical.from_codes(
                 np.repeat([list(RULES).index(r) for r, *_ in rows], n_pages),
