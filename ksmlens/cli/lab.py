@@ -18,6 +18,7 @@ import time
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.cli.common import NAME, VARIANT, VARIANT_HELP, Commands, arg
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.arch import ARCHES, DEFAULT_ARCH
 
 # --kernel picks the source (kbuild.SOURCES); --variant then defaults to the
 # source's own default (6.12: union, 6.1: stock)
@@ -25,6 +26,10 @@ KERNEL = arg("--kernel", "-k", default=kbuild.DEFAULT_SOURCE, choices=list(kbuil
              help=f"kernel source (default: {kbuild.DEFAULT_SOURCE}); "
              + "; ".join(f"{s.name}: Debian's {s.package}, variants {', '.join(s.variants)}"
                          for s in kbuild.SOURCES.values()))
+ARCH = arg("--arch", default=DEFAULT_ARCH, metavar="ARCH",
+           help=f"guest architecture: {', '.join(ARCHES)} (default: {DEFAULT_ARCH}; "
+           "arm64 is cross-built with Debian's gcc-aarch64-linux-gnu and boots under "
+           "qemu-system-aarch64 TCG with a Debian arm64 root of its own)")
 KVARIANT = arg("--variant", "-V", default=None, metavar="V",
                help=f"kernel variant (default: {kbuild.DEFAULT_VARIANT}, or the --kernel's "
                f"first variant where it has none). {VARIANT_HELP}")
@@ -54,7 +59,7 @@ COMMANDS.group("scenario", help="workloads that put KSM in a known state",
     "vm build", help="build a kernel variant (cached outside the repo)",
     description="Build a patched 6.12 kernel from Debian's linux-source-6.12. Variants "
     "share one build tree, so a switch recompiles mm/ksm.c and relinks. " + VARIANT_HELP,
-    args=(KVARIANT, KERNEL,
+    args=(KVARIANT, KERNEL, ARCH,
           arg("--all", action="store_true", help="build every variant of the --kernel"),
           arg("--force", action="store_true", help="rebuild even if cached"),
           arg("--jobs", "-j", type=int, help="make -j (default: CPUs + 1)"),
@@ -69,10 +74,13 @@ COMMANDS.group("scenario", help="workloads that put KSM in a known state",
               "the list (cover letter and replies skipped)")))
 def vm_build(a):
     if a.source or a.patch:
+        if a.arch != DEFAULT_ARCH:
+            raise KsmlensError(f"--source/--patch build for {DEFAULT_ARCH} only so far",
+                               f"build the lab's variants for {a.arch} (no --source)")
         return _vm_build_own(a)
     variants = list(kbuild.get_source(a.kernel).variants) if a.all else [_variant(a)]
     for v in variants:        # one line per kernel as soon as it is built
-        k = kbuild.build(v, source=a.kernel, force=a.force, jobs=a.jobs)
+        k = kbuild.build(v, source=a.kernel, force=a.force, jobs=a.jobs, arch=a.arch)
         print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")
     return 0
 
@@ -98,7 +106,7 @@ def _vm_build_own(a):
     "vm up", help="boot a lab VM and wait until it answers",
     description="Boot a variant under QEMU; builds it first if needed. KVM is used only "
     "where a probe shows a guest boots; TCG otherwise.",
-    args=(NAME, KVARIANT, KERNEL,
+    args=(NAME, KVARIANT, KERNEL, ARCH,
           arg("--memory", "-m", default="2G", help="guest memory (default: 2G)"),
           arg("--cpus", "-p", type=int, default=2, help="guest CPUs (default: 2)"),
           arg("--numa", type=int, default=1, metavar="N",
@@ -113,10 +121,10 @@ def vm_up(a):
     from ksmlens.lab.vm import VM
     if a.dry_run:
         print(VM.dry_run(a.name, _variant(a), memory=a.memory, cpus=a.cpus, numa=a.numa,
-                         accel=a.accel, source=a.kernel))
+                         accel=a.accel, source=a.kernel, arch=a.arch))
         return 0
     vm = VM.up(a.name, _variant(a), memory=a.memory, cpus=a.cpus, numa=a.numa,
-               accel=a.accel, boot_timeout=a.timeout, source=a.kernel)
+               accel=a.accel, boot_timeout=a.timeout, source=a.kernel, arch=a.arch)
     s = vm.status()
     print(f"{s['name']}: {s['kernel_release']} up in {s['boot_seconds']} s under "
           f"{s['accel'].upper()} ({s['accel_reason']}); drgn: drgn --qemu {s['qmp']} "

@@ -12,7 +12,8 @@ decoded by small functions that follow the kernel's helpers of the same name
 
 :class:`PageTables` walks 4- or 5-level tables (``pgtable_l5_enabled()``),
 including 2 MiB and 1 GiB leaves, through a cache of 4 KiB table pages, and
-refuses anything but little-endian x86-64 in one line.
+refuses anything but little-endian x86-64 in one line. arm64's are
+:mod:`ksmlens.kernel.pgtable_arm64`; :func:`page_tables` picks by the kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = [
     "_PAGE_ACCESSED", "_PAGE_DIRTY", "_PAGE_PSE", "_PAGE_GLOBAL", "_PAGE_PROTNONE",
     "_PAGE_SPECIAL", "_PAGE_SAVED_DIRTY", "_PAGE_NX", "PTE_PFN_MASK",
     "pte_none", "pte_present", "pte_pfn", "pte_dirty", "pte_special", "pmd_present",
-    "pmd_leaf", "pte_kind", "check_platform", "PageTables", "decode", "KIND_NAMES",
+    "pmd_leaf", "pte_kind", "check_platform", "page_tables", "PageTables", "decode", "KIND_NAMES",
     "KIND_NONE", "KIND_PRESENT", "KIND_PROT_NONE", "KIND_SWAP",
 ]
 
@@ -106,14 +107,23 @@ def pte_kind(v: int) -> str:
 
 
 def check_platform(prog) -> None:
-    """Refuse, in one line, a kernel whose page tables ksmlens cannot read."""
-    import drgn
-    arch = prog.platform.arch
-    if arch != drgn.Architecture.X86_64:
-        raise KsmlensError(f"page tables of a {arch.name} kernel are not decoded by ksmlens",
-                           "ksmlens reads x86-64 page tables only")
-    if not prog.platform.flags & drgn.PlatformFlags.IS_LITTLE_ENDIAN:
-        raise KsmlensError("a big-endian kernel", "ksmlens reads little-endian x86-64 only")
+    """Refuse, in one line, a kernel whose page tables ksmlens cannot read
+    (x86-64 and arm64 are read: :func:`page_tables`)."""
+    from ksmlens.kernel.arch import arch_of_program
+    arch_of_program(prog)
+
+
+def page_tables(prog, read):
+    """The page-table reader for the kernel of the drgn Program ``prog``:
+    :class:`PageTables` (x86-64) or
+    :class:`ksmlens.kernel.pgtable_arm64.PageTables`; both have ``lookup``,
+    ``leaves``, ``decode``, ``dirty`` and ``special``. :class:`KsmlensError`
+    for another architecture."""
+    from ksmlens.kernel.arch import ARM64, arch_of_program
+    if arch_of_program(prog) is ARM64:
+        from ksmlens.kernel import pgtable_arm64
+        return pgtable_arm64.PageTables.of(prog, read)
+    return PageTables.of(prog, read)
 
 
 class PageTables:
@@ -133,6 +143,8 @@ class PageTables:
         self.levels = levels
         # index shift per level, top (pgd) first
         self.shifts = (48, 39, 30, 21, 12) if levels == 5 else (39, 30, 21, 12)
+        # TASK_SIZE_MAX, the user half: 128 TiB (4 levels), 64 PiB (5)
+        self.user_top = 1 << (self.shifts[0] + 8)
         self.tables: dict[int, np.ndarray | None] = {}
 
     @classmethod
@@ -140,7 +152,12 @@ class PageTables:
         """For a drgn Program; 5 levels when the kernel has them enabled
         (``__pgtable_l5_enabled``, CONFIG_X86_5LEVEL on a la57 CPU)."""
         from drgn.helpers.linux.mm import phys_to_virt
-        check_platform(prog)
+
+        from ksmlens.kernel.arch import X86_64, arch_of_program
+        arch = arch_of_program(prog)
+        if arch is not X86_64:
+            raise KsmlensError(f"x86-64 page tables asked of an {arch.name} kernel",
+                               "use ksmlens.kernel.pgtable.page_tables(prog, read)")
         levels = 4
         try:
             if prog["__pgtable_l5_enabled"].value_():
@@ -234,6 +251,23 @@ class PageTables:
                     shs.append(np.array([shift], dtype=np.uint8))
                 continue
             self._leaves(self._next(e), level + 1, s, en, addrs, ents, shs)
+
+
+    def decode(self, leaves, addrs):
+        """:func:`decode` (the module's), for a reader of either architecture."""
+        return decode(leaves, addrs)
+
+    @staticmethod
+    def dirty(ents: np.ndarray) -> np.ndarray:
+        """``pte_dirty()`` of each entry: ``_PAGE_DIRTY_BITS``, the hardware or
+        the saved dirty bit (see :data:`_PAGE_SAVED_DIRTY`)."""
+        return (np.asarray(ents, dtype=np.uint64)
+                & np.uint64(_PAGE_DIRTY | _PAGE_SAVED_DIRTY)) != 0
+
+    @staticmethod
+    def special(ents: np.ndarray) -> np.ndarray:
+        """``pte_special()`` of each entry."""
+        return (np.asarray(ents, dtype=np.uint64) & np.uint64(_PAGE_SPECIAL)) != 0
 
 
 # kinds as small integers, for the vectorised decoder

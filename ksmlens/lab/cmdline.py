@@ -43,6 +43,10 @@ class LaunchSpec:
     ``--disable-kvm``). ``vm_dir``: the VM's private directory (its sockets;
     need not exist). ``agent_cmd``: the shell command the guest runs as its
     init's payload (``vng --exec``). ``vng`` / ``qemu``: the programs' paths.
+    ``arch``: the guest's architecture (an
+    :data:`~ksmlens.kernel.arch.ARCHES` name); off the host's it boots
+    ``root`` (``vng --arch --root``, :mod:`ksmlens.lab.rootfs`) with the
+    host folders ``rodirs`` mounted read-only at their own paths.
     """
 
     bzimage: Path
@@ -54,6 +58,9 @@ class LaunchSpec:
     agent_cmd: str
     vng: str = "vng"
     qemu: str = "qemu-system-x86_64"
+    arch: str = "x86_64"
+    root: Path | None = None
+    rodirs: tuple[str, ...] = ()
 
 
 def parse_mem(memory: str | int) -> int:
@@ -126,17 +133,29 @@ def vng_argv(spec: LaunchSpec) -> list[str]:
     if spec.accel not in ("kvm", "tcg"):
         raise KsmlensError(f"unknown accelerator {spec.accel!r}", "use auto, kvm or tcg")
     nodes = numa_nodes(spec.memory_mb, spec.cpus, spec.numa)
-    argv = [spec.vng, "--dry-run", "--verbose", "--run", str(spec.bzimage),
-            "--force-9p", "--disable-microvm",
-            "--memory", f"{spec.memory_mb}M", "--cpus", str(spec.cpus), "--cwd", "/",
-            "--append", "panic=-1", "--append", "oops=panic",
-            "--exec", spec.agent_cmd]
+    argv = [spec.vng, "--dry-run", "--verbose", "--run", str(spec.bzimage), "--force-9p"]
+    if spec.root is not None:
+        # a foreign architecture: its own root, virtme-ng's shell init
+        # (virtme-ng-init is a host binary), the host's folders it needs
+        argv += ["--arch", spec.arch, "--root", str(spec.root)]
+        for d in spec.rodirs:
+            argv += ["--rodir", f"{d}={d}"]
+    else:
+        argv.append("--disable-microvm")
+    argv += ["--memory", f"{spec.memory_mb}M", "--cpus", str(spec.cpus), "--cwd", "/",
+             "--append", "panic=-1", "--append", "oops=panic",
+             "--exec", spec.agent_cmd]
     if spec.accel == "tcg":
         argv.append("--disable-kvm")
     if spec.numa > 1:
         for sz, a, b in nodes:
             argv += ["--numa", f"{sz}M,cpus={a}-{b}"]
-    argv.append(f"--qemu-opts={shlex.join(_extra_qemu_opts(spec.vm_dir))}")
+    extra = _extra_qemu_opts(spec.vm_dir)
+    if spec.arch == "arm64":
+        # virtme-ng asks for -M virt (GICv2, 8 CPUs at most); QEMU merges a
+        # second -machine into it: GICv3, as arm64 servers have
+        extra += ["-machine", "gic-version=3"]
+    argv.append(f"--qemu-opts={shlex.join(extra)}")
     return argv
 
 

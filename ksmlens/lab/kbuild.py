@@ -11,12 +11,17 @@ Layout under the cache (see :mod:`ksmlens.lab.paths`)::
     kernels/<variant>-<key>/    bzImage, vmlinux, config, meta.json, build.log
                                 (the default source; another source's builds are
                                 ``kernels/<source>-<variant>-<key>/``)
+    tree/<debversion>-arm64/    arm64's tree (``--arch arm64``, cross-built with
+                                Debian's gcc-aarch64-linux-gnu); its builds are
+                                ``kernels/arm64-[<source>-]<variant>-<key>/`` with
+                                ``Image`` for ``bzImage``
 
 ``<key>`` hashes the source's Debian version, the config fragment and the
 variant's patches (their names and contents): change any of them and the
 variant is rebuilt; otherwise it is found. Two sources never share a key (their
 versions differ), and the default source's keys are those it had before there
-were several sources.
+were several sources. Another architecture's key also hashes its name and
+its fragment (x86-64's keys are those from before there was arm64).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from pathlib import Path
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.arch import X86_64, Arch, get_arch
 # The variants live in the kernel layer (the lens reads them too); these
 # names stay importable from here.
 from ksmlens.kernel.variants import (DEFAULT_VARIANT, RELEASE_TAG, VARIANTS, Variant,  # noqa: F401
@@ -42,7 +48,7 @@ from ksmlens.lab.paths import cache_root, vm_data
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
-           "fragments", "kconfig_symbols", "unset_lines",
+           "fragments", "merged_lines", "kconfig_symbols", "unset_lines",
            "find_kernel", "build", "make", "configure", "Progress", "source_tarball", "source_version", "variant_of_release"]
 
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
@@ -127,6 +133,9 @@ def _variant_of(variant: str, source: Source) -> Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
+    """A built kernel: ``bzimage`` is the boot image (``bzImage`` on x86-64,
+    ``Image`` on arm64), ``arch`` an :data:`~ksmlens.kernel.arch.ARCHES` name."""
+
     variant: str
     release: str
     bzimage: Path
@@ -134,6 +143,7 @@ class Kernel:
     config: Path
     key: str
     source: str = DEFAULT_SOURCE
+    arch: str = X86_64.name
 
     @property
     def directory(self) -> Path:
@@ -177,32 +187,64 @@ def _fragment() -> Path:
     return vm_data() / "config" / "ksmlens.config"
 
 
-def fragments(source: str | Source | None = None) -> list[Path]:
-    """The config fragments merged over ``allnoconfig`` for ``source``, in order."""
+def fragments(source: str | Source | None = None, arch: str | Arch | None = None) -> list[Path]:
+    """The config fragments merged over ``allnoconfig`` for ``source`` built
+    for ``arch`` (None: x86-64), in order: the shared ``ksmlens.config``, the
+    source's, the architecture's (``vm/config/arm64.config``). A later
+    fragment's ``# CONFIG_X is not set`` drops an earlier ``CONFIG_X=y``, as
+    ``merge_config.sh`` does."""
     src = get_source(source)
     out = [_fragment()]
     if src.config:
         out.append(vm_data() / "config" / src.config)
+    a = get_arch(arch)
+    if a.config:
+        out.append(vm_data() / "config" / a.config)
     return out
 
 
-def _fragments_bytes(source: Source) -> bytes:
+def _fragments_bytes(source: Source, arch: Arch = X86_64) -> bytes:
     """What the key and the tree's stamp hash: the shared fragment alone for a
-    source without its own (so the 6.12 keys did not change), else both."""
-    frags = fragments(source)
+    source without its own (so the 6.12 keys did not change), else all."""
+    frags = fragments(source, arch)
     if len(frags) == 1:
         return frags[0].read_bytes()
     return b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in frags)
 
 
+_NOT_SET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
+
+
+def merged_lines(frags: list[Path]) -> list[str]:
+    """The ``CONFIG_X=...`` lines the fragments ask for, in order, after
+    ``merge_config.sh``'s rule: a later fragment's value for a symbol (also
+    ``# CONFIG_X is not set``) replaces an earlier one's."""
+    want: dict[str, str] = {}
+    for f in frags:
+        for line in f.read_text().splitlines():
+            m = _NOT_SET.match(line)
+            if m:
+                want.pop(m.group(1), None)
+            elif line.startswith("CONFIG_") and "=" in line:
+                sym = line.split("=", 1)[0]
+                want.pop(sym, None)
+                want[sym] = line
+    return list(want.values())
+
+
 _KCONFIG_SYMBOL = re.compile(r"^[ \t]*(?:menu)?config[ \t]+([A-Za-z0-9_]+)[ \t]*$", re.M)
 
 
-def kconfig_symbols(src: Path) -> set[str]:
+def kconfig_symbols(src: Path, arch: str | Arch | None = None) -> set[str]:
     """Every symbol some ``Kconfig*`` file of the tree ``src`` defines
-    (``config X`` / ``menuconfig X``), without the ``CONFIG_`` prefix."""
+    (``config X`` / ``menuconfig X``), without the ``CONFIG_`` prefix; with
+    ``arch``, only that architecture's ``arch/<srcarch>/`` of the ``arch/``
+    folders (``CONFIG_PVH`` is x86's, absent on arm64)."""
+    own = get_arch(arch).srcarch if arch is not None else None
     out: set[str] = set()
-    for dirpath, _, names in os.walk(src):
+    for dirpath, dirs, names in os.walk(src):
+        if own is not None and Path(dirpath) == Path(src) / "arch":
+            dirs[:] = [d for d in dirs if d == own]
         for n in names:
             if n.startswith("Kconfig"):
                 try:
@@ -250,39 +292,49 @@ def patch_files(variant: Variant | str, source: str | Source | None = None) -> l
     return out
 
 
-def artifact_key(variant: Variant, source: str | Source | None = None) -> str:
+def artifact_key(variant: Variant, source: str | Source | None = None,
+                 arch: str | Arch | None = None) -> str:
     src = get_source(source)
+    a = get_arch(arch)
     h = hashlib.sha256()
     h.update(f"format={BUILD_FORMAT}\nsource={source_version(src)}\n".encode())
-    h.update(_fragments_bytes(src))
+    if a is not X86_64:
+        h.update(f"arch={a.name}\n".encode())
+    h.update(_fragments_bytes(src, a))
     for p in patch_files(variant, src):
         h.update(p.encode() + b"\0" + _patch_path(p).read_bytes())
     return h.hexdigest()[:12]
 
 
-def _kernel_dir(variant: Variant, key: str, source: Source) -> Path:
-    return cache_root() / "kernels" / f"{source.prefix}{variant.name}-{key}"
+def _kernel_dir(variant: Variant, key: str, source: Source, arch: Arch = X86_64) -> Path:
+    return cache_root() / "kernels" / f"{arch.prefix}{source.prefix}{variant.name}-{key}"
 
 
-def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = None
-                ) -> Kernel | None:
+def _tree_dir(source: Source, arch: Arch) -> Path:
+    """The shared ``make O=`` tree of ``source`` for ``arch``."""
+    return cache_root() / "tree" / (_dirname(source) + (f"-{arch.name}" if arch.prefix else ""))
+
+
+def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = None,
+                arch: str | Arch | None = None) -> Kernel | None:
     """The built kernel of ``variant`` from ``source`` (a :data:`SOURCES` name,
-    None: the default) for the current source version, config and patches;
-    None if it is not built. :class:`KsmlensError` for a variant that does not
-    exist for that source."""
+    None: the default) for ``arch`` (None: x86-64) for the current source
+    version, config and patches; None if it is not built.
+    :class:`KsmlensError` for a variant that does not exist for that source."""
     if variant not in VARIANTS:      # an own tree (vm build --source): its record says
         from ksmlens.lab.owntree import find_own_kernel
         return find_own_kernel(variant)
     src = get_source(source)
+    a = get_arch(arch)
     v = _variant_of(variant, src)
-    key = artifact_key(v, src)
-    d = _kernel_dir(v, key, src)
+    key = artifact_key(v, src, a)
+    d = _kernel_dir(v, key, src, a)
     meta = d / "meta.json"
     if not meta.exists():
         return None
     m = json.loads(meta.read_text())
-    return Kernel(v.name, m["release"], d / "bzImage", d / "vmlinux", d / "config", key,
-                  src.name)
+    return Kernel(v.name, m["release"], d / a.image, d / "vmlinux", d / "config", key,
+                  src.name, a.name)
 
 
 class BuildLock:
@@ -360,12 +412,14 @@ def _apply_patches(src: Path, variant: Variant, source: Source, log) -> None:
     _stamp.write_text(variant.name)
 
 
-def make(src: Path, tree: Path, args: list[str], logf, progress=None) -> None:
-    """``make O=tree ARCH=x86_64 ARGS`` in the source ``src``, its output into
-    the open log ``logf`` (and each line to ``progress``, a :class:`Progress`,
-    if given). :class:`KsmlensError` with the first error line on failure.
-    Used by :func:`build` and :func:`ksmlens.lab.owntree.build_own`."""
-    cmd = ["make", f"O={tree}", "ARCH=x86_64"] + args
+def make(src: Path, tree: Path, args: list[str], logf, progress=None,
+         arch: str | Arch | None = None) -> None:
+    """``make O=tree ARCH=<arch> [CROSS_COMPILE=...] ARGS`` in the source
+    ``src`` (``arch`` None: x86-64), its output into the open log ``logf``
+    (and each line to ``progress``, a :class:`Progress`, if given).
+    :class:`KsmlensError` with the first error line on failure. Used by
+    :func:`build` and :func:`ksmlens.lab.owntree.build_own`."""
+    cmd = ["make", f"O={tree}", *get_arch(arch).make_args()] + args
     logf.write(f"$ {' '.join(cmd)}\n")
     logf.flush()
     proc = subprocess.Popen(cmd, cwd=src, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -384,33 +438,35 @@ def make(src: Path, tree: Path, args: list[str], logf, progress=None) -> None:
                            f"full log: {logf.name}")
 
 
-def configure(src: Path, tree: Path, source: Source, logf, log) -> None:
-    """(Re)create tree/.config from allnoconfig + our fragments; verify that
-    every line stuck (or names a symbol this source does not define)."""
-    frags = fragments(source)
-    want = _fragments_bytes(source)
+def configure(src: Path, tree: Path, source: Source, logf, log,
+              arch: str | Arch | None = None) -> None:
+    """(Re)create tree/.config from allnoconfig + our fragments for ``arch``
+    (None: x86-64); verify that every line stuck (or names a symbol this
+    source does not define for that architecture)."""
+    a = get_arch(arch)
+    frags = fragments(source, a)
+    want = _fragments_bytes(source, a)
     stamp = tree / ".ksmlens-fragment"
     if stamp.exists() and stamp.read_bytes() == want and (tree / ".config").exists():
         return
     log(f"configuring (allnoconfig + {' + '.join('vm/config/' + f.name for f in frags)})")
     tree.mkdir(parents=True, exist_ok=True)
-    make(src, tree, ["allnoconfig"], logf)
+    make(src, tree, ["allnoconfig"], logf, arch=a)
     r = subprocess.run([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(tree),
                         str(tree / ".config"), *map(str, frags)], cwd=src,
                        capture_output=True, text=True)
     logf.write(r.stdout + r.stderr)
     if r.returncode:
         raise KsmlensError("merging the config fragment failed", f"see {logf.name}")
-    make(src, tree, ["olddefconfig"], logf)
-    lines = [l for f in frags for l in f.read_text().splitlines()]
-    missing, absent = unset_lines((tree / ".config").read_text(), lines,
-                                  kconfig_symbols(src))
+    make(src, tree, ["olddefconfig"], logf, arch=a)
+    missing, absent = unset_lines((tree / ".config").read_text(), merged_lines(frags),
+                                  kconfig_symbols(src, a if a is not X86_64 else None))
     if absent:
         logf.write(f"ksmlens: not in this source's Kconfig (skipped): {', '.join(absent)}\n")
     if missing:
         raise KsmlensError(f"config options did not stick: {', '.join(missing)}",
                            "add their dependencies to vm/config/"
-                           + (source.config or "ksmlens.config"))
+                           + (a.config or source.config or "ksmlens.config"))
     stamp.write_bytes(want)
 
 
@@ -444,11 +500,14 @@ class Progress:
 
 
 def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
-          force: bool = False, jobs: int | None = None, quiet: bool = False) -> Kernel:
+          force: bool = False, jobs: int | None = None, quiet: bool = False,
+          arch: str | Arch | None = None) -> Kernel:
     """Build ``variant`` from ``source`` (a :data:`SOURCES` name, None: the
-    default) or find it in the cache, and return its :class:`Kernel`.
-    :class:`KsmlensError` for a variant the source does not have, a missing
-    package, a patch that does not apply or a failed build."""
+    default) for ``arch`` (None: x86-64; arm64 is cross-built with Debian's
+    ``gcc-aarch64-linux-gnu``) or find it in the cache, and return its
+    :class:`Kernel`. :class:`KsmlensError` for a variant the source does not
+    have, a missing package or cross compiler, a patch that does not apply or
+    a failed build."""
     if variant not in VARIANTS:      # an own tree is built by owntree.build_own(DIR, ...)
         k = find_kernel(variant)
         if k is None:
@@ -456,9 +515,10 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
                                f"run `ksmlens vm build --source DIR --variant {variant}`")
         return k
     src_rec = get_source(source)
+    a = get_arch(arch)
     v = _variant_of(variant, src_rec)
     if not force:
-        k = find_kernel(variant, src_rec)
+        k = find_kernel(variant, src_rec, a)
         if k:
             return k
 
@@ -471,38 +531,42 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
             raise KsmlensError(f"{tool} not found (needed to build the kernel)",
                                "run ./setup.sh, or apt-get install build-essential "
                                "flex bison bc patch libelf-dev libssl-dev")
-    key = artifact_key(v, src_rec)
+    if a.gcc != "gcc" and not shutil.which(a.gcc):
+        raise KsmlensError(f"{a.gcc} not found (the {a.name} cross compiler)",
+                           f"run `apt-get install {a.cross_package}` (./setup.sh does it)")
+    key = artifact_key(v, src_rec, a)
     root = cache_root()
     with BuildLock(root / "build.lock"):
         src = _source_tree(src_rec, log)
-        tree = root / "tree" / _dirname(src_rec)
+        tree = _tree_dir(src_rec, a)
         tree.mkdir(parents=True, exist_ok=True)
-        out = _kernel_dir(v, key, src_rec)
+        out = _kernel_dir(v, key, src_rec, a)
         tmp_out = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp_out, ignore_errors=True)
         tmp_out.mkdir(parents=True)
         t0 = time.monotonic()
         with open(tmp_out / "build.log", "w", buffering=1) as logf:
             _apply_patches(src, v, src_rec, log)
-            configure(src, tree, src_rec, logf, log)
+            configure(src, tree, src_rec, logf, log, a)
             counts = tree / ".ksmlens-objcount"
             expected = int(counts.read_text()) if counts.exists() else None
-            prog = None if quiet else Progress(v.name, expected)
+            prog = None if quiet else Progress(a.prefix + v.name, expected)
             localversion = f"LOCALVERSION=-{v.name}"
             jobs = jobs or (os.cpu_count() or 1) + 1
-            log(f"building {src_rec.name} {v.name} in {tree} (log: {out}/build.log)")
-            make(src, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
+            log(f"building {src_rec.name} {v.name} for {a.name} in {tree} "
+                f"(log: {out}/build.log)")
+            make(src, tree, [f"-j{jobs}", localversion, a.image], logf, prog, a)
             if prog:
                 prog.show("done", end=True)
                 if prog.count > 500:
                     counts.write_text(str(prog.count))
             release = subprocess.run(
-                ["make", "-s", f"O={tree}", "ARCH=x86_64", localversion, "kernelrelease"],
+                ["make", "-s", f"O={tree}", *a.make_args(), localversion, "kernelrelease"],
                 cwd=src, capture_output=True, text=True, check=True).stdout.strip()
-        shutil.copy2(tree / "arch/x86/boot/bzImage", tmp_out / "bzImage")
+        shutil.copy2(tree / a.image_path, tmp_out / a.image)
         shutil.copy2(tree / "vmlinux", tmp_out / "vmlinux")
         shutil.copy2(tree / ".config", tmp_out / "config")
-        meta = {"variant": v.name, "release": release, "key": key,
+        meta = {"variant": v.name, "release": release, "key": key, "arch": a.name,
                 "source": source_version(src_rec), "source_name": src_rec.name,
                 "patches": patch_files(v, src_rec),
                 "build_seconds": round(time.monotonic() - t0, 1),
@@ -512,11 +576,12 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
         tmp_out.rename(out)
         # superseded builds of this variant from this source (another source's
         # names start with its own prefix, and a key has no '-')
-        for old in out.parent.glob(f"{src_rec.prefix}{v.name}-*"):
+        stem = f"{a.prefix}{src_rec.prefix}{v.name}-"
+        for old in out.parent.glob(f"{stem}*"):
             if old != out and not old.name.endswith(".tmp") \
-                    and "-" not in old.name[len(f"{src_rec.prefix}{v.name}-"):]:
+                    and "-" not in old.name[len(stem):]:
                 shutil.rmtree(old, ignore_errors=True)
         log(f"built {release} in {meta['build_seconds']}s: {out}")
-    k = find_kernel(variant, src_rec)
+    k = find_kernel(variant, src_rec, a)
     assert k is not None
     return k

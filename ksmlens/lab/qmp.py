@@ -16,10 +16,12 @@ from ksmlens.errors import KsmlensError
 
 __all__ = ["QMP", "parse_registers"]
 
-# `info registers -a` (HMP, target/i386/cpu-dump.c x86_cpu_dump_state()):
-# "CPU#0\nRAX=... RBX=...\nR8 =... RIP=... RFL=..." per vCPU
+# `info registers -a` (HMP) per vCPU: x86-64 (target/i386/cpu-dump.c
+# x86_cpu_dump_state()) "CPU#0\nRAX=... RBX=...\nR8 =... RIP=... RFL=...";
+# arm64 (target/arm/cpu.c aarch64_cpu_dump_state()) "CPU#0\n PC=... X00=...
+# ... X30=...  SP=...\nPSTATE=..."
 _CPU = re.compile(r"^CPU#(\d+)", re.M)
-_REG = re.compile(r"\b(R[A-Z0-9]{1,2}|RIP|RFL)\s*=([0-9a-f]{8,16})\b")
+_REG = re.compile(r"\b(R[A-Z0-9]{1,2}|RIP|RFL|PC|SP|X\d\d|PSTATE)\s*=([0-9a-f]{8,16})\b")
 
 
 class QMP:
@@ -76,7 +78,8 @@ class QMP:
 
     def cpu_registers(self) -> list[dict]:
         """Every vCPU's general registers, ``[{"cpu": 0, "rip": int, "rsp":
-        int, ...}]`` (lower-case x86-64 names, ``rfl`` the flags), from HMP
+        int, ...}]`` (lower-case x86-64 names, ``rfl`` the flags; on arm64
+        ``pc``, ``sp``, ``x00``..``x30``, ``pstate``), from HMP
         ``info registers -a``. Meaningful while the guest is stopped."""
         return parse_registers(self.command("human-monitor-command",
                                             **{"command-line": "info registers -a"}))
@@ -96,13 +99,15 @@ class QMP:
 
 
 def parse_registers(text: str) -> list[dict]:
-    """Parse HMP ``info registers -a`` output (x86-64): one dict per vCPU,
-    ``{"cpu": N, "rax": int, ..., "r15": int, "rip": int, "rfl": int}``.
+    """Parse HMP ``info registers -a`` output: one dict per vCPU, x86-64
+    ``{"cpu": N, "rax": int, ..., "r15": int, "rip": int, "rfl": int}``,
+    arm64 ``{"cpu": N, "pc": int, "x00": int, ..., "x30": int, "sp": int,
+    "pstate": int}``.
     Raises :class:`KsmlensError` if no vCPU is found."""
     starts = [(m.start(), int(m.group(1))) for m in _CPU.finditer(text)]
     if not starts:
         raise KsmlensError("QMP info registers printed no CPU",
-                           f"QEMU answered {text[:80]!r}; is this an x86-64 guest?")
+                           f"QEMU answered {text[:80]!r}; is this an x86-64 or arm64 guest?")
     out = []
     for (pos, cpu), nxt in zip(starts, [p for p, _ in starts[1:]] + [len(text)]):
         regs = {"cpu": cpu}

@@ -22,6 +22,7 @@ from typing import Callable
 
 import ksmlens.lab.ksmsys as ksmsys
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.arch import Arch, get_arch
 from ksmlens.kernel.sysfs import RUN_MERGE, RUN_STOP, RUN_UNMERGE
 from ksmlens.lab.paths import cache_root, vm_data
 
@@ -48,25 +49,30 @@ FAST_KNOBS = {"advisor_mode": "none", "pages_to_scan": 2000, "sleep_millisecs": 
 MERGE_TIMEOUT = 120.0
 
 
-def static_binary_path(src: Path, name: str) -> Path:
-    """Where :func:`static_binary` keeps ``src``'s build: ``<cache>/bin/NAME-<digest>``,
-    the digest that of the source's bytes (built or not)."""
+def static_binary_path(src: Path, name: str, arch: str | Arch | None = None) -> Path:
+    """Where :func:`static_binary` keeps ``src``'s build: ``<cache>/bin/NAME-<digest>``
+    (``NAME-arm64-<digest>`` for arm64), the digest that of the source's
+    bytes (built or not)."""
     if not src.exists():
         raise KsmlensError(f"{src} is missing", "is the repository complete?")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    return cache_root() / "bin" / f"{name}-{digest}"
+    a = get_arch(arch)
+    return cache_root() / "bin" / f"{name}-{a.prefix}{digest}"
 
 
-def static_binary(src: Path, name: str, what: str) -> Path:
-    """Compile the guest program ``src`` (static, host gcc) once per source
-    version into :func:`static_binary_path`; ``what`` names it in errors."""
-    out = static_binary_path(src, name)
+def static_binary(src: Path, name: str, what: str, arch: str | Arch | None = None) -> Path:
+    """Compile the guest program ``src`` (static; the host's gcc, or the
+    cross compiler for another ``arch``) once per source version into
+    :func:`static_binary_path`; ``what`` names it in errors."""
+    a = get_arch(arch)
+    out = static_binary_path(src, name, a)
     if out.exists():
         return out
-    gcc = shutil.which("gcc")
+    gcc = shutil.which(a.gcc)
     if not gcc:
-        raise KsmlensError(f"gcc not found (needed to build {what})",
-                           "apt-get install gcc libc6-dev (./setup.sh does it)")
+        pkg = "gcc libc6-dev" if a.gcc == "gcc" else a.cross_package
+        raise KsmlensError(f"{a.gcc} not found (needed to build {what})",
+                           f"apt-get install {pkg} (./setup.sh does it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     r = subprocess.run([gcc, "-O2", "-Wall", "-static", "-pthread", "-o", str(tmp), str(src)],
@@ -81,10 +87,11 @@ def static_binary(src: Path, name: str, what: str) -> Path:
 WORKLOAD_SOURCE = "scenarios/ksmlens-workload.c"   # under vm/
 
 
-def workload_binary(source: str = WORKLOAD_SOURCE) -> Path:
+def workload_binary(source: str = WORKLOAD_SOURCE, arch: str | Arch | None = None) -> Path:
     """Compile a scenario program (``source`` under vm/; default the
-    workload) statically with the host's gcc, once per source version."""
-    return static_binary(vm_data() / source, Path(source).stem, f"the scenario program {source}")
+    workload) statically for ``arch`` (None: x86-64), once per source version."""
+    return static_binary(vm_data() / source, Path(source).stem, f"the scenario program {source}",
+                         arch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +187,7 @@ class ScenarioRun:
         missing_need(self.vm, self.scenario)
         if self.scenario.precheck is not None:
             self.scenario.precheck(self.vm, (*self.scenario.args, *self.extra_args))
-        binary = workload_binary(self.scenario.program)
+        binary = workload_binary(self.scenario.program, self.vm.arch)
         knobs = dict(FAST_KNOBS)
         knobs.update(self.scenario.knobs)
         if self.scenario.numa > 1:

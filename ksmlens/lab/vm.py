@@ -37,6 +37,7 @@ from typing import cast
 
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.arch import DEFAULT_ARCH, Arch, get_arch, host_arch
 from ksmlens.kernel.variants import DEFAULT_VARIANT, get_variant
 from ksmlens.lab.cmdline import (Accel, AGENT_PORT, DRGN_POOL, LaunchSpec, numa_nodes,  # noqa: F401
                                  parse_mem, qemu_argv, sockets, split_cpus, vng_argv)
@@ -85,12 +86,18 @@ def _find_vng() -> str:
                        "run ./setup.sh, or pip install virtme-ng into ksmlens' venv")
 
 
-def _find_qemu() -> str:
-    q = shutil.which("qemu-system-x86_64")
+def _find_qemu(arch: str | Arch | None = None) -> str:
+    a = get_arch(arch)
+    q = shutil.which(a.qemu)
     if not q:
-        raise KsmlensError("qemu-system-x86_64 not found",
-                           "run ./setup.sh, or apt-get install qemu-system-x86")
+        raise KsmlensError(f"{a.qemu} not found",
+                           f"run ./setup.sh, or apt-get install {a.qemu_package}")
     return q
+
+
+def _guest_python() -> str:
+    from ksmlens.lab.rootfs import GUEST_PYTHON
+    return GUEST_PYTHON
 
 
 def _pid_alive(pid: int) -> bool:
@@ -188,21 +195,32 @@ class VM:
     @classmethod
     def _plan(cls, name: str, variant: str, *, memory: str, cpus: int, numa: int,
               accel: str, build: bool, quiet: bool, probe: bool = True,
-              source: str | None = None):
+              source: str | None = None, arch: str | None = None):
         """Kernel, :class:`~ksmlens.lab.cmdline.LaunchSpec`, why this accelerator:
         everything ``up`` decides before it runs anything in the VM's directory."""
         get_variant(variant)
         src = kbuild.get_source(source)
-        qemu = _find_qemu()
+        a = get_arch(arch)
+        foreign = host_arch() is not a
+        qemu = _find_qemu(a)
         vng = _find_vng()
-        kernel = kbuild.find_kernel(variant, src)
+        kernel = kbuild.find_kernel(variant, src, a)
         if kernel is None:
             if not build:
                 kopt = "" if src.name == kbuild.DEFAULT_SOURCE else f" --kernel {src.name}"
-                raise KsmlensError(f"kernel variant {variant!r} ({src.name}) is not built",
-                                   f"run `ksmlens vm build{kopt} --variant {variant}`")
-            kernel = kbuild.build(variant, source=src, quiet=quiet)
-        if accel == "auto":
+                aopt = "" if a.name == DEFAULT_ARCH else f" --arch {a.name}"
+                raise KsmlensError(f"kernel variant {variant!r} ({src.name}, {a.name}) "
+                                   "is not built",
+                                   f"run `ksmlens vm build{kopt}{aopt} --variant {variant}`")
+            kernel = kbuild.build(variant, source=src, quiet=quiet, arch=a)
+        if foreign:
+            if accel == "kvm":
+                raise KsmlensError(f"KVM cannot run an {a.name} guest on this "
+                                   f"{os.uname().machine} host", "use --accel tcg (or auto)")
+            if accel not in ("auto", "tcg"):
+                raise KsmlensError(f"unknown accelerator {accel!r}", "use auto, kvm or tcg")
+            accel, why = "tcg", f"an {a.name} guest on an {os.uname().machine} host"
+        elif accel == "auto":
             accel, why = probe_accel(kernel, boot=probe)
         elif accel in ("kvm", "tcg"):
             why = "asked for"
@@ -212,12 +230,22 @@ class VM:
         # (np.unique(..., return_inverse=True) gave duplicate "unique" values in
         # 42 of 300 tries in a TCG guest, none on the host): the guest's numpy
         # keeps to its X86_V2 baseline there.
-        npy = "NPY_DISABLE_CPU_FEATURES=X86_V3 " if accel == "tcg" else ""
-        agent_cmd = f"{npy}exec {shlex.quote(sys.executable)} " \
+        npy = "NPY_DISABLE_CPU_FEATURES=X86_V3 " if accel == "tcg" and not foreign else ""
+        root, rodirs, python = None, (), sys.executable
+        if foreign:
+            from ksmlens.lab import rootfs
+            root = rootfs.find_root(a) if not build else rootfs.build_root(a, quiet=quiet)
+            if root is None:
+                raise KsmlensError(f"the {a.name} guest root is not made",
+                                   f"run `ksmlens vm up --arch {a.name}` once (it makes it)")
+            rodirs = (str(repo_root()), str(cache_root()))
+            python = rootfs.GUEST_PYTHON
+        agent_cmd = f"{npy}exec {shlex.quote(python)} " \
                     f"{shlex.quote(str(repo_root() / 'ksmlens' / 'lab' / 'guest' / 'agent.py'))}"
         spec = LaunchSpec(bzimage=kernel.bzimage, memory_mb=parse_mem(memory), cpus=cpus,
                           numa=numa, accel=cast(Accel, accel), vm_dir=vms_root() / name,
-                          agent_cmd=agent_cmd, vng=vng, qemu=qemu)
+                          agent_cmd=agent_cmd, vng=vng, qemu=qemu, arch=a.name, root=root,
+                          rodirs=rodirs)
         numa_nodes(spec.memory_mb, cpus, numa)   # one-line errors before anything runs
         return kernel, spec, why
 
@@ -240,7 +268,8 @@ class VM:
     @classmethod
     def dry_run(cls, name: str = DEFAULT_NAME, variant: str = DEFAULT_VARIANT, *,
                 memory: str = "2G", cpus: int = 2, numa: int = 1,
-                accel: str = "auto", source: str | None = None) -> str:
+                accel: str = "auto", source: str | None = None,
+                arch: str | None = None) -> str:
         """The exact QEMU command :meth:`up` would start, shell-quoted on one
         line, as ``vng --dry-run`` prints its own. Boots nothing and writes
         nothing: the kernel must be built already, ``accel="auto"`` takes a
@@ -248,14 +277,15 @@ class VM:
         (see :func:`probe_accel`), and the VM directory is not created."""
         _, spec, _ = cls._plan(name, variant, memory=memory, cpus=cpus, numa=numa,
                                accel=accel, build=False, quiet=True, probe=False,
-                               source=source)
+                               source=source, arch=arch)
         return shlex.join(cls._run_vng(spec))
 
     @classmethod
     def up(cls, name: str = DEFAULT_NAME, variant: str = DEFAULT_VARIANT, *,
            memory: str = "2G", cpus: int = 2, numa: int = 1, accel: str = "auto",
            build: bool = True, boot_timeout: float = BOOT_TIMEOUT,
-           quiet: bool = False, source: str | None = None) -> "VM":
+           quiet: bool = False, source: str | None = None,
+           arch: str | None = None) -> "VM":
         """Boot ``variant`` built from kernel ``source`` (a
         :data:`ksmlens.lab.kbuild.SOURCES` name such as ``"6.1"``; None: the
         default, 6.12) as VM ``name`` and wait until its agent answers.
@@ -265,7 +295,7 @@ class VM:
         """
         get_variant(variant)
         kbuild.get_source(source)
-        _find_qemu()
+        _find_qemu(arch)
         _find_vng()
         d = vms_root() / name
         if (d / "state.json").exists():
@@ -281,7 +311,10 @@ class VM:
                                "carries @pytest.mark.vm")
         kernel, spec, why = cls._plan(name, variant, memory=memory, cpus=cpus, numa=numa,
                                       accel=accel, build=build, quiet=quiet,
-                                      source=source)
+                                      source=source, arch=arch)
+        if spec.root is not None:
+            from ksmlens.lab import rootfs
+            rootfs.mount_points(spec.root, spec.rodirs)
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
@@ -295,7 +328,8 @@ class VM:
                                 cwd="/")
         state = {
             "name": name, "variant": variant, "kernel_release": kernel.release,
-            "source": kernel.source,
+            "source": kernel.source, "arch": spec.arch,
+            "python": sys.executable if spec.root is None else _guest_python(),
             "accel": spec.accel, "accel_reason": why, "qmp": str(sock["drgn_qmp"]),
             "qmp_pool": [str(p) for p in sock["pool"]],
             "control_qmp": str(sock["qmp"]), "agent": str(sock["agent"]),
@@ -353,6 +387,17 @@ class VM:
                                f"see {self.state['console_log']}; "
                                f"`ksmlens vm down --name {self.name}` cleans up")
         raise KsmlensError(f"VM {self.name!r}: {what}", f"see {self.state['console_log']}")
+
+    @property
+    def arch(self) -> str:
+        """The guest's architecture (an :data:`~ksmlens.kernel.arch.ARCHES` name)."""
+        return self.state.get("arch", DEFAULT_ARCH)
+
+    @property
+    def python(self) -> str:
+        """The guest's Python for ksmlens' guest scripts: the host's own
+        interpreter (the host root is the guest's), or the guest root's."""
+        return self.state.get("python", sys.executable)
 
     def alive(self) -> bool:
         return _pid_alive(self.state["pid"])

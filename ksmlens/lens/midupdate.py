@@ -117,26 +117,44 @@ _PT_REGS = {"ip": "rip", "sp": "rsp", "bp": "rbp", "ax": "rax", "bx": "rbx", "cx
             "dx": "rdx", "si": "rsi", "di": "rdi", "r8": "r8", "r9": "r9", "r10": "r10",
             "r11": "r11", "r12": "r12", "r13": "r13", "r14": "r14", "r15": "r15",
             "flags": "rfl"}
+# arm64: kernel addresses are TTBR1's, bit 63 set (arch/arm64/include/asm/memory.h);
+# struct pt_regs opens with user_pt_regs: u64 regs[31], sp, pc, pstate
+_ARM64_KERNEL = 1 << 63
+
+
+def _pt_regs(prog, regs: dict):
+    """A ``struct pt_regs`` of the vCPU registers ``regs``
+    (:meth:`ksmlens.lab.qmp.QMP.cpu_registers`), for drgn's unwinder."""
+    import struct
+
+    from drgn import Object
+    if "pc" in regs:                                  # arm64
+        size = prog.type("struct pt_regs").size
+        raw = struct.pack("<34Q", *[regs.get(f"x{i:02d}", 0) for i in range(31)],
+                          regs.get("sp", 0), regs["pc"], regs.get("pstate", 0))
+        return Object.from_bytes_(prog, "struct pt_regs", raw.ljust(size, b"\0"))
+    return Object(prog, "struct pt_regs",
+                  value={k: regs[r] for k, r in _PT_REGS.items() if r in regs})
 
 
 def cpu_stacks(prog, registers) -> list[dict]:
     """Unwind each vCPU's kernel stack from its registers: ``[{"cpu", "mode",
     "ip", "stack"}]``, ``stack`` the function names innermost first (a
     ``struct pt_regs`` built from the registers, unwound by drgn's
-    ``Program.stack_trace()`` with the kernel's ORC data), ``None`` with
-    ``error`` if it cannot be unwound; a CPU in user mode has ``stack``
-    ``[]``. x86-64 only (the walk's platform)."""
-    from drgn import Object
+    ``Program.stack_trace()``: ORC data on x86-64, frame records on arm64),
+    ``None`` with ``error`` if it cannot be unwound; a CPU in user mode has
+    ``stack`` ``[]``."""
     out = []
     for regs in registers or ():
-        ip = regs.get("rip", 0)
-        e = {"cpu": regs["cpu"], "mode": "kernel" if ip >= _KERNEL_HALF else "user",
+        arm64 = "pc" in regs
+        ip = regs.get("pc", 0) if arm64 else regs.get("rip", 0)
+        kernel = ip >= (_ARM64_KERNEL if arm64 else _KERNEL_HALF)
+        e = {"cpu": regs["cpu"], "mode": "kernel" if kernel else "user",
              "ip": f"0x{ip:x}", "stack": []}
-        if e["mode"] == "kernel":
+        if kernel:
             try:
-                pt = Object(prog, "struct pt_regs",
-                            value={k: regs[r] for k, r in _PT_REGS.items() if r in regs})
-                e["stack"] = [f.name or f"0x{f.pc:x}" for f in prog.stack_trace(pt)]
+                e["stack"] = [f.name or f"0x{f.pc:x}"
+                              for f in prog.stack_trace(_pt_regs(prog, regs))]
             except Exception as ex:       # a frame drgn cannot unwind: say so
                 e["stack"], e["error"] = None, f"{type(ex).__name__}: {ex}"
         out.append(e)

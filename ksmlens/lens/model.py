@@ -84,6 +84,11 @@ class KernelInfo:
     # for every process whose leader has an mm; None without
     # CONFIG_MEMORY_FAILURE, and in snapshots before 2026-12-06
     mce: dict | None = None
+    # the architecture's facts (ksmlens.kernel.arch): "x86_64" or "arm64", and
+    # the user VA size the page tables were read with (x86-64: 47 for 4
+    # levels, 56 for 5; arm64: VA_BITS); snapshots before 2026-12-06 are x86-64
+    arch: str = "x86_64"
+    va_bits: int = 47
 
 
 @dataclass(slots=True)

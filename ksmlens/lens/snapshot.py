@@ -251,7 +251,23 @@ def _kernel_info(prog: Program, L: Layout, shift: int) -> KernelInfo:
                    union_offset=L.i["oldchecksum"],
                    smartscan=L.kernel.smartscan, zero_pages=L.kernel.zero_pages)
     k.walk_rule = kernel_walk_rule(k.variant, k.has_stored_pgoff)
+    k.arch, k.va_bits = _arch_facts(prog)
     return k
+
+
+def _arch_facts(prog: Program) -> tuple[str, int]:
+    """``(arch, user VA bits)`` of the kernel: x86-64 47 (4-level) or 56
+    (``__pgtable_l5_enabled``), arm64 its vmcoreinfo's ``VA_BITS``."""
+    from ksmlens.kernel.arch import ARM64, arch_of_program
+    a = arch_of_program(prog)
+    if a is ARM64:
+        from ksmlens.kernel.pgtable_arm64 import vmcoreinfo_numbers
+        return a.name, int(vmcoreinfo_numbers(prog).get("VA_BITS", 48))
+    try:
+        l5 = bool(prog["__pgtable_l5_enabled"].value_())
+    except (KeyError, LookupError):
+        l5 = False
+    return a.name, 56 if l5 else 47
 
 
 def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw:
@@ -275,7 +291,7 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
             "at_pass_start": so.mm_slot.value_() == prog["ksm_mm_head"].address_}
     owners = w.mm_owners()
     kernel.mce = _mce(prog, w)
-    pt = pgtable.PageTables.of(prog, mem.read) if pages else None
+    pt = pgtable.page_tables(prog, mem.read) if pages else None
     zero_pfn = prog["zero_pfn"].value_() if pages else 0
     vmemmap: int | None = None        # read only when pages (the stable tree tests it)
     if pages:
@@ -467,15 +483,15 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
         s["leaves"] = leaves
         la, le, ls = leaves
         small = ls == pgtable.PAGE_SHIFT
-        k, pfns, en = pgtable.decode(leaves, la[small])
+        k, pfns, en = pt.decode(leaves, la[small])
         is_page = (k == pgtable.KIND_PRESENT) | (k == pgtable.KIND_PROT_NONE)
         zero = is_page & (pfns == _U(zero_pfn))
-        dirty = (en & _U(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
+        dirty = pt.dirty(en)
         s["zero_pages"] = la[small][zero & dirty].tolist()
         s["ksm_zero_pages"] = len(s["zero_pages"])
         mapped_parts.append(pfns[is_page & ~zero])
         if m:
-            k, pfns, en = pgtable.decode(leaves, it["address"][sl])
+            k, pfns, en = pt.decode(leaves, it["address"][sl])
             kinds[sl], it["pfn"][sl], ents[sl] = k, pfns, en
             it["visit_known"][sl] = True
     it["mapped_pfns"] = (np.concatenate(mapped_parts) if mapped_parts
@@ -489,7 +505,7 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
     read = known & has_vma & merg
     is_page = read & ((kinds == pgtable.KIND_PRESENT) | (kinds == pgtable.KIND_PROT_NONE))
     zero = is_page & (it["pfn"] == _U(zero_pfn))
-    dirty = (ents & _U(pgtable._PAGE_DIRTY | pgtable._PAGE_SAVED_DIRTY)) != 0
+    dirty = pt.dirty(ents)
     pte = it["pte"]
     pte[read] = kinds[read] + 1                      # KIND_NAMES shifted past "unread"
     pte[zero] = np.where(dirty[zero], PTE_NAMES.index("ksm_zero"), PTE_NAMES.index("zero"))
@@ -504,7 +520,7 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
         an = rules.folio_is_anon(ps["mapping"])
         it["page_ksm"][page] = np.where(ps["ok"][inv], ksm[inv].astype(np.int8), -1)
         anon[page] = ps["ok"][inv] & an[inv]
-    special = (ents & _U(pgtable._PAGE_SPECIAL)) != 0
+    special = pt.special(ents)
     rest = read.copy()
     for cond, why in ((it["vma_anon_vma"] == 0, "no_anon_vma"),
                       (kinds == pgtable.KIND_NONE, "no_page"),
@@ -692,7 +708,7 @@ def _mapped_from_ptes(w: _Walker, pt, raw: Raw, c: dict) -> np.ndarray:
             mv = s["mergeable"]
             vi = np.searchsorted(mv["start"], q, side="right") - 1
             covered = (vi >= 0) & (q < mv["end"][np.maximum(vi, 0)])
-            k, pfns, _ = pgtable.decode(s["leaves"], q[covered])
+            k, pfns, _ = pt.decode(s["leaves"], q[covered])
             mapped[sel[covered]] = (((k == pgtable.KIND_PRESENT) | (k == pgtable.KIND_PROT_NONE))
                                     & (pfns == kpfn[sel[covered]]))
         rest = sel[~covered]
@@ -872,8 +888,8 @@ def _unwalked_ptes(prog: Program, cpus) -> dict:
     if not mms:
         return {}
     w = _Walker(prog, live=False)
-    pt = pgtable.PageTables.of(prog, w.mem.read)
-    top = 1 << (pt.shifts[0] + 8)           # the user half: 128 TiB (4-level), 64 PiB (5-level)
+    pt = pgtable.page_tables(prog, w.mem.read)
+    top = pt.user_top                       # the user half (TASK_SIZE)
     out = {}
     for mm in mms:
         try:
@@ -893,7 +909,7 @@ def _unwalked_ptes(prog: Program, cpus) -> dict:
             la = la[~covered]
         if not la.size:
             continue
-        kinds, pfns, _ = pgtable.decode(leaves, la)
+        kinds, pfns, _ = pt.decode(leaves, la)
         pfns = pfns[kinds == pgtable.KIND_PRESENT]
         if pfns.size:
             u, n = np.unique(pfns, return_counts=True)
@@ -906,7 +922,7 @@ def _find_orphan_mappings(prog: Program, snap: Snapshot, nodes: pd.DataFrame) ->
     and that the replayed walk does not reach, from the page tables of
     every live mm's anonymous VMAs (VMAs with an anon_vma)."""
     w = _Walker(prog, live=False)
-    pt = pgtable.PageTables.of(prog, w.mem.read)
+    pt = pgtable.page_tables(prog, w.mem.read)
     kpfn = nodes["kpfn"].to_numpy(dtype=np.int64)
     by_pfn = dict(zip(kpfn.tolist(), nodes["id"].tolist()))
     want = np.array(sorted(by_pfn), dtype=np.uint64)
@@ -920,7 +936,7 @@ def _find_orphan_mappings(prog: Program, snap: Snapshot, nodes: pd.DataFrame) ->
                           v["end"][v["anon_vma"] != 0].tolist()):
             leaves = pt.leaves(pgd, vs, ve)
             la = leaves[0][leaves[2] == pgtable.PAGE_SHIFT]
-            kinds, pfns, _ = pgtable.decode(leaves, la)
+            kinds, pfns, _ = pt.decode(leaves, la)
             hit = np.isin(pfns, want) & ((kinds == pgtable.KIND_PRESENT)
                                          | (kinds == pgtable.KIND_PROT_NONE))
             for a, pfn in zip(la[hit].tolist(), pfns[hit].tolist()):

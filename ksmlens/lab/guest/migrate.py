@@ -23,7 +23,9 @@ import json
 import os
 import sys
 
-SYS_move_pages = 279  # x86_64: arch/x86/entry/syscalls/syscall_64.tbl
+# move_pages(2) by the guest's machine: x86_64 arch/x86/entry/syscalls/syscall_64.tbl,
+# aarch64 include/uapi/asm-generic/unistd.h (__NR_move_pages)
+SYS_move_pages = {"x86_64": 279, "aarch64": 239}[os.uname().machine]
 MPOL_MF_MOVE_ALL = 1 << 2  # include/uapi/linux/mempolicy.h
 RETRIES = 3
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
