@@ -44,7 +44,7 @@ from ksmlens.kernel.arch import X86_64, Arch, get_arch
 # names stay importable from here.
 from ksmlens.kernel.variants import (DEFAULT_VARIANT, RELEASE_TAG, VARIANTS, Variant,  # noqa: F401
                                      get_variant, variant_of_release)
-from ksmlens.lab.paths import cache_root, vm_data
+from ksmlens.lab.paths import cache_root, variants_root, vm_data
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
@@ -315,6 +315,32 @@ def _tree_dir(source: Source, arch: Arch) -> Path:
     return cache_root() / "tree" / (_dirname(source) + (f"-{arch.name}" if arch.prefix else ""))
 
 
+def read_record(name: str) -> dict | None:
+    """An own-tree variant's record, ``<cache>/variants/NAME.json``
+    (:func:`ksmlens.lab.owntree.write_record`), or None."""
+    p = variants_root() / f"{name}.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_own_kernel(name: str) -> Kernel | None:
+    """The last build of own-tree variant ``name`` (its record's key), as a
+    :class:`Kernel`; None if it is not built (any more).
+    :class:`KsmlensError` for a name that is no variant at all."""
+    get_variant(name)
+    rec = read_record(name)
+    if not rec:
+        return None
+    d = cache_root() / "kernels" / f"{name}-{rec['key']}"
+    if not (d / "meta.json").exists():
+        return None
+    m = json.loads((d / "meta.json").read_text())
+    return Kernel(name, m["release"], d / "bzImage", d / "vmlinux", d / "config", rec["key"],
+                  rec.get("series", ""))
+
+
 def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = None,
                 arch: str | Arch | None = None) -> Kernel | None:
     """The built kernel of ``variant`` from ``source`` (a :data:`SOURCES` name,
@@ -322,7 +348,6 @@ def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = No
     version, config and patches; None if it is not built.
     :class:`KsmlensError` for a variant that does not exist for that source."""
     if variant not in VARIANTS:      # an own tree (vm build --source): its record says
-        from ksmlens.lab.owntree import find_own_kernel
         return find_own_kernel(variant)
     src = get_source(source)
     a = get_arch(arch)

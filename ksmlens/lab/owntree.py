@@ -36,14 +36,20 @@ import json
 import mailbox
 import os
 import re
+import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.variants import VARIANT_NAME, VARIANTS
+from ksmlens.lab import kbuild
+# finding an own tree's build is kbuild's (it finds every kernel); the names
+# stay importable from here
+from ksmlens.lab.kbuild import find_own_kernel, read_record  # noqa: F401
 from ksmlens.lab.paths import cache_root, variants_root
 
 __all__ = ["tree_version", "check_version", "tree_digest", "Patch", "read_patches", "build_own",
@@ -341,14 +347,6 @@ def write_record(name: str, record: dict) -> Path:
     return p
 
 
-def read_record(name: str) -> dict | None:
-    p = variants_root() / f"{name}.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ------------------------------------------------------------------ build, find
 
 OWN_FORMAT = 1   # bump when the own-tree build changes what it produces
@@ -366,24 +364,6 @@ def own_key(digest: dict, series: str, config: bytes, patches: list[Patch]) -> s
     return h.hexdigest()[:12]
 
 
-def find_own_kernel(name: str):
-    """The last build of own-tree variant ``name`` (its record's key), as a
-    :class:`ksmlens.lab.kbuild.Kernel`; None if it is not built (any more).
-    :class:`KsmlensError` for a name that is no variant at all."""
-    from ksmlens.kernel.variants import get_variant
-    from ksmlens.lab.kbuild import Kernel
-    get_variant(name)
-    rec = read_record(name)
-    if not rec:
-        return None
-    d = cache_root() / "kernels" / f"{name}-{rec['key']}"
-    if not (d / "meta.json").exists():
-        return None
-    m = json.loads((d / "meta.json").read_text())
-    return Kernel(name, m["release"], d / "bzImage", d / "vmlinux", d / "config", rec["key"],
-                  rec.get("series", ""))
-
-
 def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = False,
               jobs: int | None = None, quiet: bool = False, timings: dict | None = None):
     """Build the kernel tree ``source_dir`` with ``patch_files`` applied
@@ -399,9 +379,6 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
     ``build`` and ``total`` (s). Refused in one line: a version the config
     does not support, a tree built in place, a patch that does not apply, a
     failed build."""
-    import shutil
-    import sys
-    from ksmlens.lab import kbuild
     t0 = time.monotonic()
     timings = {} if timings is None else timings
     name = check_name(name)
