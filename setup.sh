@@ -25,6 +25,10 @@ APT_PKGS=(
   libnuma-dev
   # Debian's browser and its WebDriver, for tests/views/test_browser.py (no browser download)
   chromium chromium-driver
+  # the arm64 lab (--arch arm64): the cross compiler (kernel and guest programs,
+  # static glibc from libc6-dev-arm64-cross), the emulator, and debootstrap for
+  # the guest's Debian root
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm debootstrap
 )
 
 missing=()

@@ -44,17 +44,19 @@ atexit.register(_kill_all)
 
 
 def boot(variant: str, numa: int = 2, cpus: int = 2, memory: str = "2G",
-         source: str | None = None) -> VM:
-    """``source``: a kernel source of ksmlens.lab.kbuild.SOURCES ("6.1"), None: the default."""
-    key = (variant, numa, cpus, memory, source)
+         source: str | None = None, arch: str | None = None) -> VM:
+    """``source``: a kernel source of ksmlens.lab.kbuild.SOURCES ("6.1"), None: the default;
+    ``arch``: "arm64" for the arm64 lab, None: x86-64."""
+    key = (variant, numa, cpus, memory, source, arch)
     vm = _live.get(key)
     if vm is not None and vm.alive():
         return vm
     for k in list(_live):
         _live.pop(k).down(quiet=True)
     name = (f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-{os.getpid()}-"
-            f"{source + '-' if source else ''}{variant}")
-    vm = VM.up(name, variant, numa=numa, cpus=cpus, memory=memory, quiet=False, source=source)
+            f"{source + '-' if source else ''}{arch + '-' if arch else ''}{variant}")
+    vm = VM.up(name, variant, numa=numa, cpus=cpus, memory=memory, quiet=False, source=source,
+               arch=arch)
     _started_pids.add(vm.state["pid"])
     _live[key] = vm
     return vm

@@ -190,13 +190,15 @@ def cache_entries() -> list[dict]:
     ``~/.cache/ksmlens``) and whether it is there: one dict per entry with
     ``what``, ``state`` ("warm": built for today's sources and files;
     "cold": the first command or test that needs it builds it) and ``path``.
-    Kernels are listed per source and variant (:func:`kbuild.find_kernel`: the
-    key hashes the source's Debian version, the config and the patches), then
-    the kernel selftests, the static guest programs (keyed by their source's
-    bytes) and the KVM probe."""
+    Kernels are listed per source, architecture and variant
+    (:func:`kbuild.find_kernel`: the key hashes the source's Debian version,
+    the config and the patches), then the kernel selftests, the static guest
+    programs per architecture (keyed by their source's bytes), the arm64
+    guest's root (:mod:`ksmlens.lab.rootfs`) and the KVM probe."""
     from ksmlens.experiments.selftests import (MREMAP_SELFTEST_SOURCE, selftests_built,
                                                selftests_dir)
     from ksmlens.lab.paths import cache_root, vm_data
+    from ksmlens.lab.manyvmas import SOURCE as MANYVMAS_SOURCE
     from ksmlens.lab.scenarios import WORKLOAD_SOURCE, static_binary_path
     out = []
     for src in kbuild.SOURCES.values():
@@ -206,17 +208,29 @@ def cache_entries() -> list[dict]:
             out.append({"what": f"kernel {src.name}", "state": "cold",
                         "path": f"{src.tarball} missing (apt-get install {src.package})"})
             continue
-        for v in src.variants:
-            k = kbuild.find_kernel(v, src)
-            out.append({"what": f"kernel {src.name} {v}", "state": "warm" if k else "cold",
-                        "path": str(k.directory) if k else f"{cache_root()}/kernels/"})
+        for arch in ARCHES.values():
+            for v in src.variants:
+                k = kbuild.find_kernel(v, src, arch)
+                what = f"kernel {src.name} {v}" + ("" if arch.name == DEFAULT_ARCH
+                                                   else f" {arch.name}")
+                out.append({"what": what, "state": "warm" if k else "cold",
+                            "path": str(k.directory) if k else f"{cache_root()}/kernels/"})
     out.append({"what": "kernel selftests (ksm_tests)",
                 "state": "warm" if selftests_built() else "cold", "path": str(selftests_dir())})
-    for rel, name in ((WORKLOAD_SOURCE, "ksmlens-workload"),
-                      (MREMAP_SELFTEST_SOURCE, "ksm-mremap-migrate")):
-        p = static_binary_path(vm_data() / rel, name)
-        out.append({"what": f"guest program {name}", "state": "warm" if p.exists() else "cold",
-                    "path": str(p)})
+    for arch in ARCHES.values():
+        suffix = "" if arch.name == DEFAULT_ARCH else f" {arch.name}"
+        for rel, name in ((WORKLOAD_SOURCE, "ksmlens-workload"),
+                          (MANYVMAS_SOURCE, "ksmlens-manyvmas"),
+                          (MREMAP_SELFTEST_SOURCE, "ksm-mremap-migrate")):
+            p = static_binary_path(vm_data() / rel, name, arch)
+            out.append({"what": f"guest program {name}{suffix}",
+                        "state": "warm" if p.exists() else "cold", "path": str(p)})
+    from ksmlens.lab import rootfs
+    for arch in ARCHES.values():
+        if arch.name != DEFAULT_ARCH:
+            root = rootfs.find_root(arch)
+            out.append({"what": f"guest root {arch.name}", "state": "warm" if root else "cold",
+                        "path": str(root or rootfs.root_dir(arch))})
     probe = cache_root() / "accel-probe.json"
     out.append({"what": "KVM probe", "state": "warm" if probe.exists() else "cold",
                 "path": str(probe)})

@@ -37,7 +37,7 @@ from drgn import MissingDebugInfoError, ModuleFileStatus, Program, ProgramFlags
 
 from ksmlens.errors import KsmlensError
 
-__all__ = ["FINDER", "elf_build_id", "lab_vmlinuxes", "standard_vmlinuxes",
+__all__ = ["FINDER", "elf_arch", "elf_build_id", "lab_vmlinuxes", "standard_vmlinuxes",
            "vmlinux_candidates", "find_vmlinux", "register_finder", "load_kernel_debug_info",
            "kernel_release", "DEBUG_PACKAGE_HINT"]
 
@@ -46,6 +46,31 @@ DEBUG_DIR = "/usr/lib/debug"
 DEBUG_PACKAGE_HINT = ("install your kernel's debug info (Debian: linux-image-{r}-dbg; "
                       "Ubuntu: linux-image-{r}-dbgsym; Fedora: kernel-debuginfo-{r}) or pass "
                       "--vmlinux with your build's vmlinux")
+
+
+# e_machine of the architectures ksmlens reads (include/uapi/linux/elf-em.h)
+_EM = {62: "x86_64", 183: "arm64"}
+
+
+def elf_arch(path) -> str | None:
+    """The architecture an ELF file is for: ``"x86_64"``, ``"arm64"``,
+    ``"e_machine N"`` for another, None when it is not ELF. Raises OSError if
+    the file cannot be read."""
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    machine = struct.unpack_from("<H" if head[5] == 1 else ">H", head, 18)[0]
+    return _EM.get(machine, f"e_machine {machine}")
+
+
+def _platform_arch(prog: Program) -> str | None:
+    import drgn
+    if prog.platform is None:
+        return None
+    return {drgn.Architecture.X86_64: "x86_64", drgn.Architecture.AARCH64: "arm64"}.get(
+        prog.platform.arch, prog.platform.arch.name.lower())
 
 
 def elf_build_id(path) -> bytes | None:
@@ -224,6 +249,11 @@ def load_kernel_debug_info(prog: Program, vmlinux=None, *, what: str = "the kern
         if have is None:
             raise KsmlensError(f"{vmlinux} has no build ID: not an ELF vmlinux",
                                "give the unstripped vmlinux from the kernel build")
+        file_arch, kernel_arch = elf_arch(vmlinux), _platform_arch(prog)
+        if file_arch and kernel_arch and file_arch != kernel_arch:
+            raise KsmlensError(f"{vmlinux} is an {file_arch} vmlinux; {what} is {kernel_arch}",
+                               f"pass the vmlinux of the {kernel_arch} build "
+                               "(`ksmlens vm status` names a lab guest's)")
         saved = prog.enabled_debug_info_finders()
         prog.set_enabled_debug_info_finders([])
         try:

@@ -31,9 +31,12 @@ def cold(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def static_x86_64(path) -> bool:
-    """An ELF64 little-endian x86-64 executable without a program interpreter
-    (PT_INTERP), i.e. statically linked."""
+EM_X86_64, EM_AARCH64 = 62, 183      # e_machine (include/uapi/linux/elf-em.h)
+
+
+def static_x86_64(path, machine=EM_X86_64) -> bool:
+    """An ELF64 little-endian executable for ``machine`` (x86-64 unless
+    told) without a program interpreter (PT_INTERP), i.e. statically linked."""
     b = path.read_bytes()
     if b[:4] != b"\x7fELF" or b[4] != 2 or b[5] != 1:
         return False
@@ -42,18 +45,19 @@ def static_x86_64(path) -> bool:
     phentsize, phnum = struct.unpack_from("<HH", b, 54)
     interp = any(struct.unpack_from("<I", b, phoff + i * phentsize)[0] == 3
                  for i in range(phnum))
-    return e_machine == 62 and not interp
+    return e_machine == machine and not interp
 
 
 def test_everything_is_cold_in_an_empty_cache(cold):
     rows = cache_entries()
     assert rows and all(r["state"] == "cold" for r in rows), rows
     kernels = [r["what"] for r in rows if r["what"].startswith("kernel 6")]
-    assert kernels == [f"kernel {s.name} {v}" for s in kbuild.SOURCES.values()
-                       for v in s.variants]
+    assert kernels == [f"kernel {s.name} {v}{a}" for s in kbuild.SOURCES.values()
+                       for a in ("", " arm64") for v in s.variants]
     for s in kbuild.SOURCES.values():
         for v in s.variants:
-            assert kbuild.find_kernel(v, s) is None
+            assert kbuild.find_kernel(v, s) is None and kbuild.find_kernel(v, s, "arm64") is None
+    assert "guest root arm64" in {r["what"] for r in rows}
 
 
 @pytest.mark.parametrize("build", [scenarios.workload_binary, selftests.mremap_selftest_binary],
@@ -66,6 +70,16 @@ def test_guest_program_builds_into_an_empty_cache(cold, build):
     assert {r["what"]: r["state"] for r in cache_entries()}[name] == "warm"
     mtime = p.stat().st_mtime_ns
     assert build() == p and p.stat().st_mtime_ns == mtime      # found, not rebuilt
+
+
+def test_arm64_guest_programs_cross_build_into_an_empty_cache(cold):
+    """The workload cross-built for the arm64 guest: a static aarch64 ELF of
+    its own name, beside (not instead of) the x86-64 one."""
+    p = scenarios.workload_binary(arch="arm64")
+    assert p.is_relative_to(cold) and static_x86_64(p, EM_AARCH64), p
+    states = {r["what"]: r["state"] for r in cache_entries()}
+    assert states["guest program ksmlens-workload arm64"] == "warm"
+    assert states["guest program ksmlens-workload"] == "cold"
 
 
 def test_kernel_selftests_build_into_an_empty_cache(cold):

@@ -1,0 +1,60 @@
+"""The arm64 lab, proven on a real arm64 guest (cross-built kernel, Debian
+arm64 root, qemu-system-aarch64 under TCG), read by drgn from this x86-64 host.
+
+The fast subset CI runs: the guest is arm64 with the page layout ksmlens
+reads; on stock and union the mremap scenario's walk equals the kernel
+(``check``: /sys/kernel/mm/ksm and /proc/PID/ksm_stat around a paused walk),
+and the walk's predictions agree with real migration between two NUMA nodes
+(``verify --by migrate``).
+"""
+
+import pytest
+
+from ksmlens.experiments.check import check_vm
+from ksmlens.experiments.verify import verify
+from ksmlens.kernel.variants import get_variant
+from ksmlens.lab.attach import attach
+from ksmlens.lab.scenarios import ScenarioRun
+from ksmlens.views.tables import verify_table
+
+from conftest import boot, check_matches
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module", params=["stock", "union"])
+def vm(request):
+    return boot(request.param, arch="arm64")
+
+
+def checked(vm):
+    rows, snap, info = check_vm(vm, attach(f"vm:{vm.name}"))
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    return {r.what: r for r in rows}, snap
+
+
+def test_the_guest_is_arm64_with_the_layout_ksmlens_reads(vm):
+    r = vm.run(["/bin/sh", "-c", "uname -m; getconf PAGESIZE; grep -c ^processor /proc/cpuinfo"],
+               check=True)
+    assert r.stdout.split() == ["aarch64", "4096", "2"]
+    assert vm.state["accel"] == "tcg" and vm.arch == "arm64"
+    rows, snap = checked(vm)
+    assert (snap.kernel.arch, snap.kernel.va_bits, snap.kernel.page_shift) == ("arm64", 48, 12)
+
+
+def test_mremap_walk_equals_the_kernel_and_migration_agrees(vm):
+    variant = vm.state["variant"]
+    with ScenarioRun(vm, "mremap") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+            run.refresh()
+            rows, snap = checked(vm)
+        assert snap.items(), "the scenario left no rmap_items"
+        res = verify(vm)
+        print(verify_table(res))
+        assert res.rule == {"stock": "stock"}.get(variant, "stored")
+        assert not [p for p in res.pages if not p["agree"]]
+        assert res.agree and {r["observed"] for r in res.rows} == {"moved"}
+        check_matches(res, "moved", "stayed")
+        assert get_variant(variant).walk_rule in res.matches
