@@ -111,7 +111,7 @@ class CostResult:
 def _guest(vm, *argv, timeout: float = 600):
     from ksmlens.lab.paths import repo_root
     script = str(repo_root() / "ksmlens" / "lab" / "guest" / "walktrace.py")
-    r = vm.run([vm.python, script, *argv], timeout=timeout)
+    r = vm.run([vm.python, vm.guest_path(script), *argv], timeout=timeout)
     try:
         out = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -528,6 +528,10 @@ def run_selftests(vm, *, suites=SUITES, modes=None, min_checks: int = 30,
     afterwards; its merged pages are not (both suites unmerge all: run=2)."""
     import ksmlens.lab.ksmsys as ksmsys
     from ksmlens.lab.attach import attach
+    if vm.arch != "x86_64":
+        raise KsmlensError(f"the kernel's selftests are built for x86_64 guests only; "
+                           f"VM {vm.name!r} is {vm.arch}",
+                           "run `ksmlens selftests` on an x86_64 VM")
     for s in suites:
         if s not in SUITES:
             raise KsmlensError(f"unknown suite {s!r}", f"choose from {', '.join(SUITES)}")
@@ -605,12 +609,13 @@ def _restore_knobs(vm, old: dict) -> None:
 MREMAP_SELFTEST_SOURCE = "selftests/ksm-mremap-migrate.c"   # under vm/
 
 
-def mremap_selftest_binary() -> Path:
-    """Compile ``vm/selftests/ksm-mremap-migrate.c`` (static, host gcc) once
-    per source version into ``<cache>/bin/``."""
+def mremap_selftest_binary(arch: str | None = None) -> Path:
+    """Compile ``vm/selftests/ksm-mremap-migrate.c`` (static; host gcc, or
+    the cross compiler for another ``arch``) once per source version into
+    ``<cache>/bin/``."""
     from ksmlens.lab.scenarios import static_binary
     return static_binary(vm_data() / MREMAP_SELFTEST_SOURCE,
-                         "ksm-mremap-migrate", "the mremap selftest")
+                         "ksm-mremap-migrate", "the mremap selftest", arch)
 
 
 @dataclasses.dataclass
@@ -650,8 +655,8 @@ def run_mremap_selftest(vm, *, with_verify: bool = True,
     and :func:`ksmlens.experiments.verify.verify` predicts (paused snapshot) and
     migrates that same page first; the test then migrates it itself."""
     from ksmlens.experiments.verify import verify
-    binary = mremap_selftest_binary()
-    argv = [str(binary), "--timeout", str(int(timeout * 2 / 3))]
+    binary = mremap_selftest_binary(vm.arch)
+    argv = [vm.guest_path(binary), "--timeout", str(int(timeout * 2 / 3))]
     if with_verify:
         argv.append("--hold")
     h = vm.request({"op": "spawn", "argv": argv, "env": {}})["handle"]

@@ -46,7 +46,7 @@ class LaunchSpec:
     ``arch``: the guest's architecture (an
     :data:`~ksmlens.kernel.arch.ARCHES` name); off the host's it boots
     ``root`` (``vng --arch --root``, :mod:`ksmlens.lab.rootfs`) with the
-    host folders ``rodirs`` mounted read-only at their own paths.
+    host folders of ``rodirs`` (``"GUEST=HOST"``) mounted read-only.
     """
 
     bzimage: Path
@@ -139,11 +139,13 @@ def vng_argv(spec: LaunchSpec) -> list[str]:
         # (virtme-ng-init is a host binary), the host's folders it needs
         argv += ["--arch", spec.arch, "--root", str(spec.root)]
         for d in spec.rodirs:
-            argv += ["--rodir", f"{d}={d}"]
+            argv += ["--rodir", d]
     else:
         argv.append("--disable-microvm")
-    argv += ["--memory", f"{spec.memory_mb}M", "--cpus", str(spec.cpus), "--cwd", "/",
-             "--append", "panic=-1", "--append", "oops=panic",
+    # the guest starts in its root's "/" (vng takes --cwd as a host path in --root)
+    cwd = str(spec.root) if spec.root is not None else "/"
+    argv += ["--memory", f"{spec.memory_mb}M", "--cpus", str(spec.cpus), "--cwd", cwd,
+             "--append", "oops=panic",          # vng appends panic=-1 itself
              "--exec", spec.agent_cmd]
     if spec.accel == "tcg":
         argv.append("--disable-kvm")

@@ -157,7 +157,7 @@ def _guest_script(vm, script: str, ranges, timeout: float = 120):
     import json
     import sys
     from ksmlens.lab.paths import repo_root
-    argv = [vm.python, str(repo_root() / "ksmlens" / "lab" / "guest" / script)]
+    argv = [vm.python, vm.guest_path(repo_root() / "ksmlens" / "lab" / "guest" / script)]
     for pid, start, n in ranges:
         argv += [str(pid), str(start), str(n)]
     return json.loads(vm.run(argv, check=True, timeout=timeout).stdout)
@@ -186,7 +186,8 @@ def read_pfns(vm, pfns) -> dict[int, dict]:
     import json
     import sys
     from ksmlens.lab.paths import repo_root
-    argv = [vm.python, str(repo_root() / "ksmlens" / "lab" / "guest" / "pagemap.py"), "--pfn",
+    argv = [vm.python, vm.guest_path(repo_root() / "ksmlens" / "lab" / "guest" / "pagemap.py"),
+            "--pfn",
             *map(str, pfns)]
     return {r["pfn"]: r for r in json.loads(vm.run(argv, check=True).stdout)}
 
@@ -224,7 +225,7 @@ def reclaim_pages(vm, ranges, *, rounds: int | None = None) -> dict:
     import json
     import sys
     from ksmlens.lab.paths import repo_root
-    argv = [vm.python, str(repo_root() / "ksmlens" / "lab" / "guest" / "reclaim.py")]
+    argv = [vm.python, vm.guest_path(repo_root() / "ksmlens" / "lab" / "guest" / "reclaim.py")]
     if rounds:
         argv += ["--rounds", str(rounds)]
     for pid, start, n in ranges:

@@ -210,7 +210,7 @@ class ScenarioRun:
                    f"grep -qw memory /sys/fs/cgroup/cgroup.subtree_control || "
                    f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control")
         self.t0 = time.monotonic()
-        r = self.vm.spawn([str(binary), self.scenario.name, *self.scenario.args,
+        r = self.vm.spawn([self.vm.guest_path(binary), self.scenario.name, *self.scenario.args,
                            *self.extra_args], cgroup=CGROUP)
         self.handle = r["handle"]
         first = self.vm.send(self.handle, None, timeout=60)

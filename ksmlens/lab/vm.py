@@ -95,6 +95,26 @@ def _find_qemu(arch: str | Arch | None = None) -> str:
     return q
 
 
+def guest_mounts() -> dict[str, str]:
+    """Where a foreign architecture's guest sees the host's folders:
+    ``{guest path: host path}``, the repository at ``/ksmlens`` and the cache
+    at ``/ksmlens-cache``. Short, fixed paths: virtme-ng puts each mount on the
+    kernel command line, which for a root of its own it keeps under 896
+    bytes (else it writes the init into the root and deletes it when the
+    dry run exits, before ksmlens starts QEMU)."""
+    return {"/ksmlens": str(repo_root()), "/ksmlens-cache": str(cache_root())}
+
+
+def guest_path(host_path, mounts: dict[str, str]) -> str:
+    """``host_path`` as the guest sees it through ``mounts`` (unchanged
+    outside them, and for a guest that shares the host's root)."""
+    p = str(host_path)
+    for g, h in mounts.items():
+        if p == h or p.startswith(h.rstrip("/") + "/"):
+            return g + p[len(h.rstrip("/")):]
+    return p
+
+
 def _guest_python() -> str:
     from ksmlens.lab.rootfs import GUEST_PYTHON
     return GUEST_PYTHON
@@ -238,10 +258,12 @@ class VM:
             if root is None:
                 raise KsmlensError(f"the {a.name} guest root is not made",
                                    f"run `ksmlens vm up --arch {a.name}` once (it makes it)")
-            rodirs = (str(repo_root()), str(cache_root()))
+            rodirs = tuple(f"{g}={h}" for g, h in guest_mounts().items())
             python = rootfs.GUEST_PYTHON
-        agent_cmd = f"{npy}exec {shlex.quote(python)} " \
-                    f"{shlex.quote(str(repo_root() / 'ksmlens' / 'lab' / 'guest' / 'agent.py'))}"
+        agent = str(repo_root() / "ksmlens" / "lab" / "guest" / "agent.py")
+        if foreign:
+            agent = guest_path(agent, guest_mounts())
+        agent_cmd = f"{npy}exec {shlex.quote(python)} {shlex.quote(agent)}"
         spec = LaunchSpec(bzimage=kernel.bzimage, memory_mb=parse_mem(memory), cpus=cpus,
                           numa=numa, accel=cast(Accel, accel), vm_dir=vms_root() / name,
                           agent_cmd=agent_cmd, vng=vng, qemu=qemu, arch=a.name, root=root,
@@ -254,6 +276,9 @@ class VM:
         """Run ``vng --dry-run`` (it starts nothing) and return the QEMU argv."""
         env = dict(os.environ)
         env["PATH"] = f"{_venv_bin()}:{env.get('PATH', '')}"
+        if spec.root is not None:       # a root of its own: keep vng's init file
+            from ksmlens.lab.virtme_run import shim_dir
+            env["PATH"] = f"{shim_dir()}:{env['PATH']}"
         r = subprocess.run(vng_argv(spec), env=env, stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, cwd="/")
         if log is not None:
@@ -314,7 +339,7 @@ class VM:
                                       source=source, arch=arch)
         if spec.root is not None:
             from ksmlens.lab import rootfs
-            rootfs.mount_points(spec.root, spec.rodirs)
+            rootfs.mount_points(spec.root, guest_mounts())
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o700)
         os.chmod(d, 0o700)
@@ -330,6 +355,7 @@ class VM:
             "name": name, "variant": variant, "kernel_release": kernel.release,
             "source": kernel.source, "arch": spec.arch,
             "python": sys.executable if spec.root is None else _guest_python(),
+            "mounts": guest_mounts() if spec.root is not None else {},
             "accel": spec.accel, "accel_reason": why, "qmp": str(sock["drgn_qmp"]),
             "qmp_pool": [str(p) for p in sock["pool"]],
             "control_qmp": str(sock["qmp"]), "agent": str(sock["agent"]),
@@ -392,6 +418,13 @@ class VM:
     def arch(self) -> str:
         """The guest's architecture (an :data:`~ksmlens.kernel.arch.ARCHES` name)."""
         return self.state.get("arch", DEFAULT_ARCH)
+
+    def guest_path(self, host_path) -> str:
+        """A host file (the repository's guest scripts, the cache's guest
+        programs) as this guest sees it: the same path where the guest shares
+        the host's root, under ``/ksmlens`` or ``/ksmlens-cache`` for an arm64
+        guest (:func:`guest_mounts`)."""
+        return guest_path(host_path, self.state.get("mounts") or {})
 
     @property
     def python(self) -> str:

@@ -54,17 +54,29 @@ def test_the_arm64_vng_command_boots_its_own_root():
     spec = cmdline.LaunchSpec(bzimage=Path("/k/Image"), memory_mb=2048, cpus=2, numa=2,
                               accel="tcg", vm_dir=Path("/tmp/vm"), agent_cmd="exec agent",
                               qemu="qemu-system-aarch64", arch="arm64", root=Path("/r"),
-                              rodirs=("/repo", "/cache"))
+                              rodirs=("/ksmlens=/repo", "/ksmlens-cache=/cache"))
     argv = cmdline.vng_argv(spec)
     at = argv.index("--arch")
     assert argv[at:at + 4] == ["--arch", "arm64", "--root", "/r"]
-    assert "--rodir" in argv and "/repo=/repo" in argv and "/cache=/cache" in argv
+    assert "--rodir" in argv and "/ksmlens=/repo" in argv and "/ksmlens-cache=/cache" in argv
+    assert argv[argv.index("--cwd") + 1] == "/r"          # the root's own "/"
     assert "--disable-microvm" not in argv and "--disable-kvm" in argv
     assert argv[-1].startswith("--qemu-opts=") and "gic-version=3" in argv[-1]
     x86 = cmdline.vng_argv(cmdline.LaunchSpec(
         bzimage=Path("/k/bzImage"), memory_mb=2048, cpus=2, numa=1, accel="kvm",
         vm_dir=Path("/tmp/vm"), agent_cmd="exec agent"))
     assert "--arch" not in x86 and "--disable-microvm" in x86 and "gic-version" not in x86[-1]
+
+
+def test_host_paths_as_the_arm64_guest_sees_them():
+    from ksmlens.lab.vm import guest_path
+    mounts = {"/ksmlens": "/work/main", "/ksmlens-cache": "/root/.cache/ksmlens"}
+    assert guest_path("/work/main/ksmlens/lab/guest/agent.py", mounts) == \
+        "/ksmlens/ksmlens/lab/guest/agent.py"
+    assert guest_path("/root/.cache/ksmlens/bin/w-arm64-1", mounts) == \
+        "/ksmlens-cache/bin/w-arm64-1"
+    assert guest_path("/work/mainline/x", mounts) == "/work/mainline/x"    # not under it
+    assert guest_path("/bin/sh", {}) == "/bin/sh"
 
 
 def test_guest_programs_are_built_per_architecture(tmp_path, monkeypatch):

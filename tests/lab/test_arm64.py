@@ -5,16 +5,21 @@ The fast subset CI runs: the guest is arm64 with the page layout ksmlens
 reads; on stock and union the mremap scenario's walk equals the kernel
 (``check``: /sys/kernel/mm/ksm and /proc/PID/ksm_stat around a paused walk),
 and the walk's predictions agree with real migration between two NUMA nodes
-(``verify --by migrate``).
+(``verify --by migrate``); an arm64 vmcore of the paused guest gives the
+snapshot the live walk gives, and an x86-64 vmlinux for it is refused.
 """
 
 import pytest
 
+import ksmlens.lab.kbuild as kbuild
+from ksmlens.errors import KsmlensError
 from ksmlens.experiments.check import check_vm
 from ksmlens.experiments.verify import verify
 from ksmlens.kernel.variants import get_variant
 from ksmlens.lab.attach import attach
 from ksmlens.lab.scenarios import ScenarioRun
+from ksmlens.lens.snapshot import take_snapshot
+from ksmlens.lens.store import to_dict
 from ksmlens.views.tables import verify_table
 
 from conftest import boot, check_matches
@@ -58,3 +63,28 @@ def test_mremap_walk_equals_the_kernel_and_migration_agrees(vm):
         assert res.agree and {r["observed"] for r in res.rows} == {"moved"}
         check_matches(res, "moved", "stayed")
         assert get_variant(variant).walk_rule in res.matches
+
+
+def test_an_arm64_vmcore_gives_the_live_snapshot(vm, tmp_path):
+    with ScenarioRun(vm, "fork") as run:
+        for st in run.scenario.steps:
+            run.step(st.name)
+        prog = attach(f"vm:{vm.name}")
+        with vm.qmp(timeout=600) as q:
+            q.stop()
+            try:
+                core = tmp_path / "arm64.core"
+                q.command("dump-guest-memory", paging=False, protocol=f"file:{core}")
+                live = take_snapshot(prog, mode="live")       # paused: one state
+            finally:
+                q.cont()
+    from_core = take_snapshot(attach(str(core), vmlinux=vm.state["vmlinux"]))
+    assert live.items() and from_core.kernel.arch == "arm64"
+    a, b = to_dict(live), to_dict(from_core)
+    for d in (a, b):
+        d["kernel"].pop("source")
+        d.pop("meta", None)
+    assert a == b
+    x86 = kbuild.build("stock", quiet=True)
+    with pytest.raises(KsmlensError, match=r"is an x86_64 vmlinux; vmcore .* is arm64"):
+        attach(str(core), vmlinux=x86.vmlinux)

@@ -12,7 +12,7 @@ from ksmlens.experiments.check import check_vm, walk_counts
 from ksmlens.views.tables import check_table
 from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import SCHEMA, Snapshot
-from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun
+from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun, workload_binary
 from ksmlens.lens.snapshot import take_snapshot
 
 from conftest import boot
@@ -132,6 +132,11 @@ def test_live_walk_while_ksmd_runs_and_vmcore(vm, tmp_path):
                 core = tmp_path / "vm.core"
                 q.command("dump-guest-memory", paging=False, protocol=f"file:{core}")
                 cprog = attach(str(core), vmlinux=vm.state["vmlinux"])
+                # an arm64 ELF (the workload cross-built for the arm64 lab, a
+                # real aarch64 binary with a build ID) for this x86-64 core
+                arm64_elf = workload_binary(arch="arm64")
+                with pytest.raises(KsmlensError, match=r"is an arm64 vmlinux; vmcore .* x86_64"):
+                    attach(str(core), vmlinux=arm64_elf)
                 from_core = take_snapshot(cprog)
                 same = take_snapshot(prog, mode="live")   # guest is paused: same state
                 from ksmlens.lens.helpers import for_each_unstable_rmap_item
