@@ -9,7 +9,7 @@ Run (from the repository, the venv's python):
         --vmlinux ~/.cache/ksmlens/.../vmlinux         # offline: no guest is booted
 
 Guest (per size N, unless --vmcore): a TCG lab VM of the --variant kernel
-(default union), 8 GB for N >= 1M (else 2 x N pages + 1 GB, at least 2 GB),
+(default union) for --arch (default x86_64; arm64 for the arm64 lab), 8 GB for N >= 1M (else 2 x N pages + 1 GB, at least 2 GB),
 2 vCPUs. The project's workload (vm/scenarios/ksmlens-workload.c, scenario
 ``merge``) runs 2 processes x N/2 pages with ``--distinct N/2``: page k of
 one process has the same content as page k of the other, and the N/2
@@ -349,7 +349,8 @@ def prepare_guest(vm, n: int) -> tuple[int, dict]:
         raise KsmlensError(f"the fresh guest already has KSM pages ({before['pages_shared']})",
                            "boot a clean VM")
     t = time.monotonic()
-    h = vm.spawn([str(workload_binary()), "merge", "--procs", "2", "--pages", str(half),
+    h = vm.spawn([vm.guest_path(workload_binary(arch=vm.arch)), "merge", "--procs", "2",
+                  "--pages", str(half),
                   "--distinct", str(half)])["handle"]
     first = vm.send(h, None, timeout=3600)
     if not (first.get("line") or "").startswith("ready "):
@@ -515,10 +516,10 @@ def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=30
 def run_size(n, a, naive_rate) -> dict:
     from ksmlens.lab.vm import VM
     mem = guest_memory_mb(n)
-    name = f"bench-walk-{n}"
-    print(f"N={n}: booting {a.variant} with {mem} MB, 2 vCPUs", flush=True)
+    name = f"bench-walk-{n}" + ("" if a.arch == "x86_64" else f"-{a.arch}")
+    print(f"N={n}: booting {a.variant} ({a.arch}) with {mem} MB, 2 vCPUs", flush=True)
     t = time.monotonic()
-    vm = VM.up(name, a.variant, memory=f"{mem}M", cpus=2, numa=1)
+    vm = VM.up(name, a.variant, memory=f"{mem}M", cpus=2, numa=1, arch=a.arch)
     prep = {"boot_s": time.monotonic() - t}
     handle = None
     try:
@@ -532,7 +533,8 @@ def run_size(n, a, naive_rate) -> dict:
             figs = measure(n, ["--name", name], work, vm=vm, vmlinux=vml,
                            naive_limit=a.naive_limit, naive_est=est,
                            do_profile=a.profile and n <= 200_000, skip=a.skip)
-            core = KEEP_DIR / f"walk-{n}-{a.variant}.vmcore"
+            core = KEEP_DIR / (f"walk-{n}-{a.variant}.vmcore" if a.arch == "x86_64"
+                               else f"walk-{n}-{a.arch}-{a.variant}.vmcore")
             core.unlink(missing_ok=True)
             r = run_child(ksmlens_cmd("snapshot", "--name", name, "--vmcore", str(core)))
             figs["dump"] = {"wall_s": r["wall_s"]}
@@ -567,6 +569,9 @@ def main():
     ap.add_argument("--sizes", default="100000,1000000",
                     help="rmap_items per guest, comma separated (default 100000,1000000)")
     ap.add_argument("--variant", default="union", help="kernel variant (default union)")
+    ap.add_argument("--arch", default="x86_64", choices=["x86_64", "arm64"],
+                    help="the guest's architecture (default x86_64; arm64: the arm64 lab, "
+                    "cross-built and under qemu-system-aarch64)")
     ap.add_argument("--vmcore", help="re-measure from this kept vmcore; no guest is booted")
     ap.add_argument("--vmlinux", help="the vmcore's vmlinux (with --vmcore)")
     ap.add_argument("--naive-limit", type=float, default=300.0,
