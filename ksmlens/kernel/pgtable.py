@@ -18,6 +18,8 @@ refuses anything but little-endian x86-64 in one line. arm64's are
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ksmlens.errors import KsmlensError
@@ -27,7 +29,8 @@ __all__ = [
     "_PAGE_ACCESSED", "_PAGE_DIRTY", "_PAGE_PSE", "_PAGE_GLOBAL", "_PAGE_PROTNONE",
     "_PAGE_SPECIAL", "_PAGE_SAVED_DIRTY", "_PAGE_NX", "PTE_PFN_MASK",
     "pte_none", "pte_present", "pte_pfn", "pte_dirty", "pte_special", "pmd_present",
-    "pmd_leaf", "pte_kind", "check_platform", "page_tables", "PageTables", "decode", "KIND_NAMES",
+    "pmd_leaf", "pte_kind", "check_platform", "page_tables", "TableReader", "match_leaves",
+    "leaf_pfns", "PageTables", "decode", "KIND_NAMES",
     "KIND_NONE", "KIND_PRESENT", "KIND_PROT_NONE", "KIND_SWAP",
 ]
 
@@ -126,7 +129,157 @@ def page_tables(prog, read):
     return PageTables.of(prog, read)
 
 
-class PageTables:
+class TableReader:
+    """What the readers of both architectures share (this module's
+    :class:`PageTables`, :class:`ksmlens.kernel.pgtable_arm64.PageTables`):
+    a cache of 4 KiB table pages read once each (``self.read(addr, size)``,
+    None on a fault), and the frame of the range walk :meth:`leaves`. A
+    reader sets ``read``, ``shifts`` (index shift per level, top first),
+    ``tables`` ({} to start) and ``none_mask`` (the bits ``pte_none()``
+    looks at), and defines ``kind``/``pfn`` (a leaf entry), ``_class`` (an
+    entry above the last level) and ``_next`` (a table pointer); the
+    lookup of one address and the range walk are this class's."""
+
+    read: Callable[[int, int], bytes | None]
+    shifts: tuple[int, ...]
+    tables: dict[int, np.ndarray | None]
+    none_mask: int = 2**64 - 1
+
+    def table(self, virt: int) -> np.ndarray | None:
+        t = self.tables.get(virt, False)
+        if t is False:
+            buf = self.read(virt, PAGE_SIZE)
+            t = None if buf is None else np.frombuffer(buf, dtype="<u8")
+            self.tables[virt] = t
+        return t
+
+    def leaves(self, pgd: int, start: int, end: int):
+        """Every non-none leaf entry mapping ``[start, end)``, in address
+        order, as numpy arrays ``(addresses, entries, shifts)``: 4 KiB
+        entries and huge leaves (``shifts`` 21 or 30, ``addresses`` the
+        leaf's own first address). Missing tables are
+        skipped, so a sparse 4 TiB VMA costs only its populated tables."""
+        out: tuple[list, list, list] = ([], [], [])
+        self._leaves(pgd, 0, start, end, out)
+        if not out[0]:
+            e = np.zeros(0, dtype=np.uint64)
+            return e, e.copy(), np.zeros(0, dtype=np.uint8)
+        return tuple(np.concatenate(x) for x in out)
+
+    def _leaves(self, table, level, start, end, out):
+        shift = self.shifts[level]
+        t = self.table(table)
+        if t is None:
+            return
+        size = 1 << shift
+        lo = (start >> shift) & (PTRS_PER_TABLE - 1)
+        hi = ((end - 1) >> shift) & (PTRS_PER_TABLE - 1)
+        base = start & ~((size << 9) - 1)       # this table's first address
+        if level == len(self.shifts) - 1:
+            sl = t[lo:hi + 1]
+            keep = np.nonzero(sl & np.uint64(self.none_mask))[0]
+            if keep.size:
+                out[0].append(np.uint64(base) + (keep + lo).astype(np.uint64) * np.uint64(size))
+                out[1].append(sl[keep])
+                out[2].append(np.full(keep.size, shift, dtype=np.uint8))
+            return
+        for i in range(lo, hi + 1):
+            e = int(t[i])
+            if e & self.none_mask:
+                a = base + i * size
+                self._entry(e, a, level, max(start, a), min(end, a + size), out)
+
+    def lookup(self, pgd: int, addr: int) -> tuple[str, int | None, int]:
+        """``(kind, pfn, entry)`` of the leaf entry mapping ``addr``: kind
+        ``"none"``, ``"present"``, ``"prot_none"``, ``"swap"`` (a swap or
+        migration entry) or ``"fault"`` (a table could not be read); pfn None
+        unless present (or PROT_NONE). A huge leaf gives the 4 KiB subpage's
+        pfn."""
+        table = pgd
+        last = len(self.shifts) - 1
+        for level, shift in enumerate(self.shifts):
+            t = self.table(table)
+            if t is None:
+                return "fault", None, 0
+            e = int(t[(addr >> shift) & (PTRS_PER_TABLE - 1)])
+            if level == last:
+                kind = self.kind(e)
+                return kind, (self.pfn(e) if kind in ("present", "prot_none") else None), e
+            what = self._class(e, level)
+            if what == "table":
+                table = self._next(e)
+                continue
+            if what == "leaf":                                  # a PUD / PMD leaf
+                kind = self.kind(e)
+                span = (1 << (shift - PAGE_SHIFT)) - 1
+                return kind, (self.pfn(e) & ~span) + ((addr >> PAGE_SHIFT) & span), e
+            return what, None, e
+        return "none", None, 0
+
+    def _entry(self, e: int, a: int, level: int, start: int, end: int, out) -> None:
+        """A non-none entry ``e`` mapping from ``a`` at ``level`` (not the
+        last): a table to walk over ``[start, end)``, a huge leaf or PMD
+        migration entry to record, or nothing."""
+        what = self._class(e, level)
+        if what == "table":
+            self._leaves(self._next(e), level + 1, start, end, out)
+        elif what in ("leaf", "swap"):
+            self._leaf(out, a, e, self.shifts[level])
+
+    def _class(self, e: int, level: int) -> str:
+        """What entry ``e`` above the last level is: ``"table"``, ``"leaf"``
+        (a 2 MiB / 1 GiB mapping), ``"swap"`` (a PMD migration entry) or
+        ``"none"``."""
+        raise NotImplementedError
+
+    def _next(self, entry: int) -> int:
+        """The kernel virtual address of the table ``entry`` points to."""
+        raise NotImplementedError
+
+    def kind(self, v: int) -> str:
+        raise NotImplementedError
+
+    def pfn(self, v: int) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def _leaf(out, a: int, e: int, shift: int) -> None:
+        """One huge leaf (or PMD migration entry) at ``a``."""
+        out[0].append(np.array([a], dtype=np.uint64))
+        out[1].append(np.array([e], dtype=np.uint64))
+        out[2].append(np.array([shift], dtype=np.uint8))
+
+
+def match_leaves(leaves, addrs):
+    """The leaf entry of :meth:`TableReader.leaves` covering each address of
+    ``addrs`` (uint64, any order): ``(q, e, start, span)``, the addresses,
+    their entries (0 where none covers them), each covering leaf's first
+    address and size in bytes."""
+    la, le, ls = leaves
+    q = np.asarray(addrs, dtype=np.uint64)
+    if not la.size or not q.size:
+        z = np.zeros(q.size, dtype=np.uint64)
+        return q, z, z.copy(), np.ones(q.size, dtype=np.uint64)
+    idx = np.searchsorted(la, q, side="right").astype(np.int64) - 1
+    ok = idx >= 0
+    idx_c = np.where(ok, idx, 0)
+    span = np.left_shift(np.uint64(1), ls[idx_c].astype(np.uint64))
+    ok &= q < la[idx_c] + span
+    return q, np.where(ok, le[idx_c], np.uint64(0)), la[idx_c], span
+
+
+def leaf_pfns(kinds, base_pfn, q, start, span):
+    """The 4 KiB page each address maps where its kind is present or
+    PROT_NONE (the subpage of a huge leaf), else 0; ``base_pfn`` is the
+    leaf's output address >> PAGE_SHIFT, its bits below the leaf's size
+    ignored (x86-64 keeps PAT in bit 12 of a huge leaf)."""
+    base = base_pfn & ~((span >> np.uint64(PAGE_SHIFT)) - np.uint64(1))
+    sub = (q - start) >> np.uint64(PAGE_SHIFT)
+    return np.where((kinds == KIND_PRESENT) | (kinds == KIND_PROT_NONE), base + sub,
+                    np.uint64(0)).astype(np.uint64)
+
+
+class PageTables(TableReader):
     """Page-table lookups of user mms, through a 4 KiB page cache.
 
     ``read(addr, size) -> bytes | None`` reads kernel memory (None on a
@@ -134,6 +287,10 @@ class PageTables:
     ``levels`` 4 or 5 (``pgtable_l5_enabled()``). Table entries are read
     once per 4 KiB table page.
     """
+
+    arch = "x86_64"
+    page_shift = PAGE_SHIFT
+    none_mask = ~_PAGE_KNL_ERRATUM_MASK & (2**64 - 1)       # pte_none() ignores A/D
 
     def __init__(self, read, direct_map: int, levels: int = 4):
         if levels not in (4, 5):
@@ -166,92 +323,24 @@ class PageTables:
             pass
         return cls(read, phys_to_virt(prog, 0).value_(), levels)
 
-    def table(self, virt: int) -> np.ndarray | None:
-        t = self.tables.get(virt, False)
-        if t is False:
-            buf = self.read(virt, PAGE_SIZE)
-            t = None if buf is None else np.frombuffer(buf, dtype="<u8")
-            self.tables[virt] = t
-        return t
-
     def _next(self, entry: int) -> int:
         return self.pob + (entry & PTE_PFN_MASK)
 
-    def lookup(self, pgd: int, addr: int) -> tuple[str, int | None, int]:
-        """``(kind, pfn, entry)`` of the leaf entry mapping ``addr``: kind as
-        :func:`pte_kind`; pfn None unless present (or PROT_NONE). A huge
-        leaf gives the 4 KiB subpage's pfn."""
-        table = pgd
+    def _class(self, e: int, level: int) -> str:
         last = len(self.shifts) - 1
-        for level, shift in enumerate(self.shifts):
-            t = self.table(table)
-            if t is None:
-                return "fault", None, 0
-            e = int(t[(addr >> shift) & (PTRS_PER_TABLE - 1)])
-            if level == last:
-                kind = pte_kind(e)
-                return kind, (pte_pfn(e) if kind in ("present", "prot_none") else None), e
-            if level >= last - 2 and e & _PAGE_PSE and pmd_present(e):   # PUD / PMD leaf
-                kind = pte_kind(e)
-                span = (1 << (shift - PAGE_SHIFT)) - 1
-                return kind, (pte_pfn(e) & ~span) + ((addr >> PAGE_SHIFT) & span), e
-            if level == last - 1 and not pte_none(e) and not pmd_present(e):
-                return "swap", None, e          # a PMD migration entry
-            if not e & _PAGE_PRESENT:
-                return "none", None, e
-            table = self._next(e)
-        return "none", None, 0
+        if level >= last - 2 and e & _PAGE_PSE and pmd_present(e):
+            return "leaf"                                   # pmd_leaf() / pud_leaf()
+        if not e & _PAGE_PRESENT:
+            return "swap" if level == last - 1 and not pte_none(e) else "none"
+        return "table"
 
-    def leaves(self, pgd: int, start: int, end: int):
-        """Every non-none leaf entry mapping ``[start, end)``, in address
-        order, as numpy arrays ``(addresses, entries, shifts)``: 4 KiB
-        entries and huge leaves (``shifts`` 21 or 30, ``addresses`` the
-        leaf's own first address). Missing tables are
-        skipped, so a sparse 4 TiB VMA costs only its populated tables."""
-        addrs, ents, shs = [], [], []
-        self._leaves(pgd, 0, start, end, addrs, ents, shs)
-        if not addrs:
-            e = np.zeros(0, dtype=np.uint64)
-            return e, e.copy(), np.zeros(0, dtype=np.uint8)
-        return (np.concatenate(addrs), np.concatenate(ents), np.concatenate(shs))
+    def kind(self, v: int) -> str:
+        """:func:`pte_kind`."""
+        return pte_kind(v)
 
-    def _leaves(self, table, level, start, end, addrs, ents, shs):
-        shift = self.shifts[level]
-        last = len(self.shifts) - 1
-        t = self.table(table)
-        if t is None:
-            return
-        size = 1 << shift
-        lo = (start >> shift) & (PTRS_PER_TABLE - 1)
-        hi = ((end - 1) >> shift) & (PTRS_PER_TABLE - 1)
-        base = start & ~((size << 9) - 1)       # this table's first address
-        if level == last:
-            sl = t[lo:hi + 1]
-            keep = np.nonzero(sl & np.uint64(~_PAGE_KNL_ERRATUM_MASK & (2**64 - 1)))[0]
-            if keep.size:
-                addrs.append(np.uint64(base) + (keep + lo).astype(np.uint64) * np.uint64(size))
-                ents.append(sl[keep])
-                shs.append(np.full(keep.size, shift, dtype=np.uint8))
-            return
-        for i in range(lo, hi + 1):
-            e = int(t[i])
-            if pte_none(e):
-                continue
-            a = base + i * size
-            s, en = max(start, a), min(end, a + size)
-            if level >= last - 2 and e & _PAGE_PSE and pmd_present(e):
-                addrs.append(np.array([a], dtype=np.uint64))
-                ents.append(np.array([e], dtype=np.uint64))
-                shs.append(np.array([shift], dtype=np.uint8))
-                continue
-            if not e & _PAGE_PRESENT:
-                if level == last - 1:           # a PMD migration entry: one per 2 MiB
-                    addrs.append(np.array([a], dtype=np.uint64))
-                    ents.append(np.array([e], dtype=np.uint64))
-                    shs.append(np.array([shift], dtype=np.uint8))
-                continue
-            self._leaves(self._next(e), level + 1, s, en, addrs, ents, shs)
-
+    def pfn(self, v: int) -> int:
+        """:func:`pte_pfn`."""
+        return pte_pfn(v)
 
     def decode(self, leaves, addrs):
         """:func:`decode` (the module's), for a reader of either architecture."""
@@ -280,30 +369,15 @@ def decode(leaves, addrs: np.ndarray):
     ``leaves`` of :meth:`PageTables.leaves`: ``(kinds, pfns, entries)`` as
     numpy arrays (kinds per ``KIND_NAMES``; pfns valid where the kind is
     present or PROT_NONE, the 4 KiB subpage's pfn inside a huge leaf)."""
-    la, le, ls = leaves
-    q = np.asarray(addrs, dtype=np.uint64)
-    n = q.size
-    kinds = np.zeros(n, dtype=np.uint8)
-    pfns = np.zeros(n, dtype=np.uint64)
-    ents = np.zeros(n, dtype=np.uint64)
-    if not la.size or not n:
-        return kinds, pfns, ents
-    idx = np.searchsorted(la, q, side="right").astype(np.int64) - 1
-    ok = idx >= 0
-    idx_c = np.where(ok, idx, 0)
-    span = np.left_shift(np.uint64(1), ls[idx_c].astype(np.uint64))
-    ok &= q < la[idx_c] + span
-    e = np.where(ok, le[idx_c], np.uint64(0))
-    ents[:] = e
-    nonnone = (e & np.uint64(~_PAGE_KNL_ERRATUM_MASK & (2**64 - 1))) != 0
-    present = (e & np.uint64(_PAGE_PRESENT)) != 0
-    protnone = ~present & ((e & np.uint64(_PAGE_PROTNONE)) != 0) & nonnone
+    q, ents, start, span = match_leaves(leaves, addrs)
+    kinds = np.zeros(q.size, dtype=np.uint8)
+    nonnone = (ents & np.uint64(~_PAGE_KNL_ERRATUM_MASK & (2**64 - 1))) != 0
+    present = (ents & np.uint64(_PAGE_PRESENT)) != 0
+    protnone = ~present & ((ents & np.uint64(_PAGE_PROTNONE)) != 0) & nonnone
     kinds[nonnone] = KIND_SWAP
     kinds[present & nonnone] = KIND_PRESENT
     kinds[protnone] = KIND_PROT_NONE
-    v = np.where(present | ~nonnone, e, ~e)
-    base = (v & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)
-    base &= ~((span >> np.uint64(PAGE_SHIFT)) - np.uint64(1))   # a huge leaf's bit 12 is PAT
-    sub = (q - la[idx_c]) >> np.uint64(PAGE_SHIFT)
-    pfns[:] = np.where((kinds == KIND_PRESENT) | (kinds == KIND_PROT_NONE), base + sub, 0)
+    v = np.where(present | ~nonnone, ents, ~ents)               # PROT_NONE: inverted
+    pfns = leaf_pfns(kinds, (v & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT),
+                     q, start, span)
     return kinds, pfns, ents

@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from ksmlens.errors import KsmlensError
-from ksmlens.kernel.pgtable import KIND_NONE, KIND_PRESENT, KIND_PROT_NONE, KIND_SWAP
+from ksmlens.kernel.pgtable import (KIND_PRESENT, KIND_PROT_NONE, KIND_SWAP, TableReader,
+                                    leaf_pfns, match_leaves)
 
 __all__ = [
     "PAGE_SHIFT", "PAGE_SIZE", "PTRS_PER_TABLE", "PTE_VALID", "PTE_TYPE_MASK", "PTE_TYPE_PAGE",
@@ -92,7 +93,7 @@ def vmcoreinfo_numbers(prog) -> dict[str, str]:
     return out
 
 
-class PageTables:
+class PageTables(TableReader):
     """arm64 page-table lookups of user mms, through a 4 KiB page cache: the
     interface of :class:`ksmlens.kernel.pgtable.PageTables`.
 
@@ -172,122 +173,34 @@ class PageTables:
         """``pte_pfn()``: the output address's page number (never inverted)."""
         return (v & PTE_ADDR_LOW) >> PAGE_SHIFT
 
-    def table(self, virt: int) -> np.ndarray | None:
-        t = self.tables.get(virt, False)
-        if t is False:
-            buf = self.read(virt, PAGE_SIZE)
-            t = None if buf is None else np.frombuffer(buf, dtype="<u8")
-            self.tables[virt] = t
-        return t
-
     def _next(self, entry: int) -> int:
         return (self.linear + (entry & PTE_ADDR_LOW)) & (2**64 - 1)
 
-    def _is_table(self, e: int) -> bool:
-        return (e & PTE_TYPE_MASK) == PMD_TYPE_TABLE     # pmd_table() / pud_table()
-
-    def lookup(self, pgd: int, addr: int) -> tuple[str, int | None, int]:
-        """``(kind, pfn, entry)`` of the leaf entry mapping ``addr``, as
-        :meth:`ksmlens.kernel.pgtable.PageTables.lookup`."""
-        table = pgd
+    def _class(self, e: int, level: int) -> str:
         last = len(self.shifts) - 1
-        for level, shift in enumerate(self.shifts):
-            t = self.table(table)
-            if t is None:
-                return "fault", None, 0
-            e = int(t[(addr >> shift) & (PTRS_PER_TABLE - 1)])
-            if level == last:
-                kind = self.kind(e)
-                return kind, (self.pfn(e) if kind in ("present", "prot_none") else None), e
-            if e == 0:
-                return "none", None, 0
-            if self._is_table(e):
-                table = self._next(e)
-                continue
-            if level >= last - 2 and self.present(e):   # a block: pmd_leaf() / pud_leaf()
-                kind = self.kind(e)
-                span = (1 << (shift - PAGE_SHIFT)) - 1
-                return kind, (self.pfn(e) & ~span) + ((addr >> PAGE_SHIFT) & span), e
-            if level == last - 1:
-                return "swap", None, e          # a PMD migration entry
-            return "none", None, e
-        return "none", None, 0
+        if e == 0:
+            return "none"
+        if (e & PTE_TYPE_MASK) == PMD_TYPE_TABLE:          # pmd_table() / pud_table()
+            return "table"
+        if level >= last - 2 and self.present(e):           # a block: pmd_leaf() / pud_leaf()
+            return "leaf"
+        return "swap" if level == last - 1 else "none"      # a PMD migration entry
 
-    def leaves(self, pgd: int, start: int, end: int):
-        """Every non-none leaf entry mapping ``[start, end)``, in address
-        order, as numpy arrays ``(addresses, entries, shifts)``, as
-        :meth:`ksmlens.kernel.pgtable.PageTables.leaves`."""
-        addrs: list = []
-        ents: list = []
-        shs: list = []
-        self._leaves(pgd, 0, start, end, addrs, ents, shs)
-        if not addrs:
-            e = np.zeros(0, dtype=np.uint64)
-            return e, e.copy(), np.zeros(0, dtype=np.uint8)
-        return (np.concatenate(addrs), np.concatenate(ents), np.concatenate(shs))
-
-    def _leaves(self, table, level, start, end, addrs, ents, shs):
-        shift = self.shifts[level]
-        last = len(self.shifts) - 1
-        t = self.table(table)
-        if t is None:
-            return
-        size = 1 << shift
-        lo = (start >> shift) & (PTRS_PER_TABLE - 1)
-        hi = ((end - 1) >> shift) & (PTRS_PER_TABLE - 1)
-        base = start & ~((size << 9) - 1)
-        if level == last:
-            sl = t[lo:hi + 1]
-            keep = np.nonzero(sl)[0]
-            if keep.size:
-                addrs.append(_U(base) + (keep + lo).astype(np.uint64) * _U(size))
-                ents.append(sl[keep])
-                shs.append(np.full(keep.size, shift, dtype=np.uint8))
-            return
-        for i in range(lo, hi + 1):
-            e = int(t[i])
-            if e == 0:
-                continue
-            a = base + i * size
-            if self._is_table(e):
-                self._leaves(self._next(e), level + 1, max(start, a), min(end, a + size),
-                             addrs, ents, shs)
-            elif (level >= last - 2 and self.present(e)) or level == last - 1:
-                # a block leaf, or (at PMD level) a PMD migration entry
-                addrs.append(np.array([a], dtype=np.uint64))
-                ents.append(np.array([e], dtype=np.uint64))
-                shs.append(np.array([shift], dtype=np.uint8))
 
     # ---------------------------------------------------------- in bulk
 
     def decode(self, leaves, addrs: np.ndarray):
         """Look up every address of ``addrs`` in ``leaves``: ``(kinds, pfns,
         entries)``, as :func:`ksmlens.kernel.pgtable.decode`."""
-        la, le, ls = leaves
-        q = np.asarray(addrs, dtype=np.uint64)
-        n = q.size
-        kinds = np.zeros(n, dtype=np.uint8)
-        pfns = np.zeros(n, dtype=np.uint64)
-        ents = np.zeros(n, dtype=np.uint64)
-        if not la.size or not n:
-            return kinds, pfns, ents
-        idx = np.searchsorted(la, q, side="right").astype(np.int64) - 1
-        ok = idx >= 0
-        idx_c = np.where(ok, idx, 0)
-        span = np.left_shift(_U(1), ls[idx_c].astype(np.uint64))
-        ok &= q < la[idx_c] + span
-        e = np.where(ok, le[idx_c], _U(0))
-        ents[:] = e
-        nonnone = e != 0
-        valid = (e & _U(PTE_VALID)) != 0
-        protnone = ~valid & ((e & _U(self.prot_none)) != 0)
+        q, ents, start, span = match_leaves(leaves, addrs)
+        kinds = np.zeros(q.size, dtype=np.uint8)
+        nonnone = ents != 0
+        valid = (ents & _U(PTE_VALID)) != 0
+        protnone = ~valid & ((ents & _U(self.prot_none)) != 0)
         kinds[nonnone] = KIND_SWAP
         kinds[nonnone & valid] = KIND_PRESENT
         kinds[nonnone & protnone] = KIND_PROT_NONE
-        base = (e & _U(PTE_ADDR_LOW)) >> _U(PAGE_SHIFT)
-        base &= ~((span >> _U(PAGE_SHIFT)) - _U(1))
-        sub = (q - la[idx_c]) >> _U(PAGE_SHIFT)
-        pfns[:] = np.where((kinds == KIND_PRESENT) | (kinds == KIND_PROT_NONE), base + sub, 0)
+        pfns = leaf_pfns(kinds, (ents & _U(PTE_ADDR_LOW)) >> _U(PAGE_SHIFT), q, start, span)
         return kinds, pfns, ents
 
     @staticmethod
