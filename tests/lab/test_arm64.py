@@ -117,3 +117,16 @@ def test_the_walks_cost_counted_by_the_arm64_kernel_equals_the_prediction(vm, by
     text = cost_measure_text(res, limit=None)
     assert res.agree and len(res.walks), text
     assert res.rule_matches == [RULE[variant]], text
+
+
+def test_smartscan_forecast_holds_on_arm64(vm):
+    """SmartScan's skips over 4 full scans of the arm64 kernel, every one
+    predicted from a paused snapshot (ages and remaining_skips read from the
+    arm64 rmap_items: on union and v8 in the union with the stored index)."""
+    from ksmlens.experiments.verify import verify_smartscan
+    from ksmlens.views.tables import smartscan_verify_table
+    with ScenarioRun(vm, "smartscan") as run:
+        run.step("merged")
+        r = verify_smartscan(vm, 4)
+    assert r.observed > 0 and r.predicted == r.observed, smartscan_verify_table(r)
+    assert r.agree, smartscan_verify_table(r)
