@@ -62,6 +62,17 @@ def boot(variant: str, numa: int = 2, cpus: int = 2, memory: str = "2G",
     return vm
 
 
+def checked(vm):
+    """``ksmlens check`` (check_vm) on ``vm``: every row must agree with the
+    kernel. Returns ({row name: row}, snapshot)."""
+    from ksmlens.experiments.check import check_vm
+    from ksmlens.lab.attach import attach
+    rows, snap, info = check_vm(vm, attach(f"vm:{vm.name}"))
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    return {r.what: r for r in rows}, snap
+
+
 def check_matches(res, moved: str, stayed: str) -> None:
     """``res.matches`` against a restatement from the kernel's outcome: per
     KSM page the set of what happened to its compared mappings (``moved`` /

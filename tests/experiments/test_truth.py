@@ -21,17 +21,9 @@ from ksmlens.lens.snapshot import take_snapshot
 from ksmlens.experiments.verify import verify, verify_smartscan
 from ksmlens.views.tables import smartscan_verify_table, verify_table
 
-from conftest import boot
+from conftest import boot, checked
 
 pytestmark = pytest.mark.vm
-
-
-def checked(vm):
-    """check_vm on ``vm``: every row must agree. Returns (rows, snapshot)."""
-    rows, snap, info = check_vm(vm, attach(f"vm:{vm.name}"))
-    bad = [r for r in rows if not r.ok]
-    assert not bad, bad
-    return {r.what: r for r in rows}, snap
 
 
 def slot_of(snap, pid):

@@ -90,3 +90,15 @@ def test_guest_programs_are_built_per_architecture(tmp_path, monkeypatch):
     monkeypatch.setenv("KSMLENS_CACHE", str(tmp_path))
     with pytest.raises(KsmlensError, match="no-such-gcc not found.*gcc-aarch64-linux-gnu"):
         scenario_run.static_binary(src, "w", "the workload", "arm64")
+
+
+def test_a_missing_cross_compiler_is_refused_before_any_build(monkeypatch, tmp_path):
+    import shutil
+    monkeypatch.setenv("KSMLENS_CACHE", str(tmp_path))
+    real = shutil.which
+    monkeypatch.setattr(kbuild.shutil, "which",
+                        lambda t: None if t == "aarch64-linux-gnu-gcc" else real(t))
+    with pytest.raises(KsmlensError, match=r"aarch64-linux-gnu-gcc not found.*"
+                       r"apt-get install gcc-aarch64-linux-gnu"):
+        kbuild.build("stock", arch="arm64", force=True, quiet=True)
+    assert not (tmp_path / "tree").exists()                 # nothing was started

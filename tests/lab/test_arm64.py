@@ -14,7 +14,6 @@ import pytest
 
 import ksmlens.lab.kbuild as kbuild
 from ksmlens.errors import KsmlensError
-from ksmlens.experiments.check import check_vm
 from ksmlens.experiments.verify import verify
 from ksmlens.kernel.variants import get_variant
 from ksmlens.lab.attach import attach
@@ -23,7 +22,7 @@ from ksmlens.lens.snapshot import take_snapshot
 from ksmlens.lens.store import to_dict
 from ksmlens.views.tables import verify_table
 
-from conftest import boot, check_matches
+from conftest import boot, check_matches, checked
 
 pytestmark = pytest.mark.vm
 
@@ -31,13 +30,6 @@ pytestmark = pytest.mark.vm
 @pytest.fixture(scope="module", params=["stock", "v3", "union", "v8"])
 def vm(request):
     return boot(request.param, arch="arm64")
-
-
-def checked(vm):
-    rows, snap, info = check_vm(vm, attach(f"vm:{vm.name}"))
-    bad = [r for r in rows if not r.ok]
-    assert not bad, bad
-    return {r.what: r for r in rows}, snap
 
 
 def test_the_guest_is_arm64_with_the_layout_ksmlens_reads(vm):
