@@ -27,6 +27,7 @@ Durations are reported, never judged: they include the probes' own cost
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -43,7 +44,7 @@ from ksmlens.kernel.constants import PAGE_MAPPING_FLAGS
 from ksmlens.experiments.verify import EARLY_KILL
 
 __all__ = ["CostResult", "measure_cost", "MEASURE_BY", "MEASURED", "trace_walks", "cost_sweep",
-           "SWEEP_VMAS", "LEAVES_UNMAPPED", "HWPOISON_ARGS"]
+           "SWEEP_VMAS", "LEAVES_UNMAPPED", "HWPOISON_ARGS", "settled_tasks"]
 
 MEASURE_BY = ("migrate", "reclaim", "hwpoison")
 # the many-vmas run measure_cost(by="hwpoison") starts when given none
@@ -204,17 +205,52 @@ LEAVES_UNMAPPED = ("try_to_unmap",)
 RECLAIM_TRIES = 3
 
 
-def _action(vm, by: str, snap, run, pair: int, early_kill: bool):
+# collect_procs_ksm() collects the processes alive when the page is
+# poisoned, not those of the snapshot: a fresh guest's boot-time helpers
+# (udev workers) may still be exiting then. The tasks are read again right
+# before the poisoning, once they held still over TASKS_SETTLE seconds (up to
+# TASKS_WAIT), and after it.
+TASKS_SETTLE = 1.0
+TASKS_WAIT = 30.0
+
+
+def _task_set(mce: dict | None) -> set:
+    return {(t, mm) for t, mm, _ in (mce or {}).get("processes", [])}
+
+
+def settled_tasks(prog, settle: float = TASKS_SETTLE, wait: float = TASKS_WAIT):
+    """:func:`ksmlens.lens.snapshot.mce_tasks` once two reads ``settle``
+    seconds apart see the same processes (tgid, mm), or after ``wait``
+    seconds: (the last read, whether it settled)."""
+    from ksmlens.lens.snapshot import mce_tasks
+    last = mce_tasks(prog)
+    t_end = time.monotonic() + wait
+    while True:
+        time.sleep(settle)
+        now = mce_tasks(prog)
+        if _task_set(now) == _task_set(last):
+            return now, True
+        last = now
+        if time.monotonic() > t_end:
+            return now, False
+
+
+def _action(vm, by: str, snap, run, pair: int, early_kill: bool, prog=None):
     """What makes the kernel walk (see measure_cost), and the pages it walks."""
     if by == "hwpoison":
+        from ksmlens.lens.snapshot import mce_tasks
         node, _, _ = _victim(snap, run, pair)
         old = (vm.read_files(paths=[EARLY_KILL]).get(EARLY_KILL) or "0").strip()
-        box = {}
+        box: dict = {}
 
         def poison():
             vm.write_file(EARLY_KILL, str(int(early_kill)))
             try:
+                if prog is not None:
+                    box["tasks_before"], box["tasks_settled"] = settled_tasks(prog)
                 box.update(run.command(f"hwpoison {pair}")["hwpoison"])
+                if prog is not None:
+                    box["tasks_after"] = mce_tasks(prog)
             finally:
                 vm.write_file(EARLY_KILL, old)
         return poison, [node], box
@@ -298,10 +334,12 @@ def _measure(vm, by, rules, iterations, run, pair, early_kill) -> CostResult:
         kinds = (by,) if by == "migrate" else ("full", by)
         cost = walk_cost(snap, rules, kinds=kinds, early_kill=early_kill,   # written down
                          injector=injector)                                # before the walks
-        action, only, got = _action(vm, by, snap, run, pair, early_kill)
+        action, only, got = _action(vm, by, snap, run, pair, early_kill, prog)
         t1 = time.monotonic()
         out = trace_walks(vm, prog, list(WALK_KINDS[by]), action, iterations=iterations)
         t2 = time.monotonic()
+    if by == "hwpoison":
+        cost = _collect_as_poisoned(snap, cost, rules, got, early_kill, injector)
     walks = pd.DataFrame(out["walks"])
     if not len(walks):
         raise KsmlensError(f"the kernel walked no KSM page (--by {by})",
@@ -347,6 +385,8 @@ def _measure(vm, by, rules, iterations, run, pair, early_kill) -> CostResult:
                        for i, r in zip(walks.index, walks["rule"])] if iterations else True)
     if only is not None:                 # hwpoison: the poisoned page, and only it
         walks.loc[~walks["node"].isin(only), "agree"] = False
+    if got.get("tasks_raced"):           # collect_procs_ksm()'s processes are not known
+        walks.loc[walks["walk"] == COLLECT, "agree"] = False
     keep = ["node", "kpfn", "walk", "rule", "after", "us", *[f"m_{c}" for c in MEASURED],
             *[f"p_{c}" for c in MEASURED],
             *[f"{r}_{c}" for r in rules for c in MEASURED], *[f"agree_{r}" for r in rules],
@@ -357,6 +397,46 @@ def _measure(vm, by, rules, iterations, run, pair, early_kill) -> CostResult:
                       collect_matches=collect_matches, extra={"hwpoison": got} if got else {},
                       seconds={"predict": round(t1 - t0, 2), "walks": round(t2 - t1, 2),
                                "total": round(time.monotonic() - t0, 2)})
+
+
+def _collect_as_poisoned(snap, cost, rules, got, early_kill, injector):
+    """The ``collect_procs_ksm`` rows of ``cost`` predicted again from the
+    tasks read just before the poisoning (``got["tasks_before"]``, read
+    before the walk like the snapshot) where they differ from the
+    snapshot's; ``got["tasks_changed"]``: the processes that came or went
+    meanwhile (one line each way), ``got["tasks_raced"]``: processes came
+    or went across the poisoning itself, other than the KSM processes its
+    early kill may end (the walk's own set is then not known)."""
+    before, after = got.pop("tasks_before", None), got.pop("tasks_after", None)
+    settled = got.pop("tasks_settled", True)
+    if before is None:
+        return cost
+    snap_set, b_set = _task_set(snap.kernel.mce), _task_set(before)
+    if b_set != snap_set:
+        gone = sorted(t for t, _ in snap_set - b_set)
+        new = sorted(t for t, _ in b_set - snap_set)
+        got["tasks_changed"] = (f"the guest's processes changed between the snapshot and the "
+                                f"poisoning: gone {gone or 'none'}, new {new or 'none'}; "
+                                f"collect_procs_ksm() predicted from those alive then")
+        s2 = copy.copy(snap)                      # the same tables, the tasks of then
+        s2.kernel = dataclasses.replace(snap.kernel, mce=before)
+        again = walk_cost(s2, rules, kinds=("hwpoison",), early_kill=early_kill,
+                          injector=injector)
+        cost = pd.concat([cost[cost["walk"] != COLLECT], again[again["walk"] == COLLECT]],
+                         ignore_index=True)
+    if after is not None:
+        ksm_mms = set(snap.mm_slots["mm"].astype(str)) if len(snap.mm_slots) else set()
+        a_set = _task_set(after)
+        odd = sorted({t for t, _ in a_set - b_set}
+                     | {t for t, mm in b_set - a_set if mm not in ksm_mms})
+        if odd:
+            got["tasks_raced"] = (f"processes {odd} came or went across the poisoning: "
+                                  "collect_procs_ksm()'s own set is not known")
+    if not settled:
+        got["tasks_raced"] = got.get("tasks_raced") or (
+            f"the guest's processes did not hold still for {TASKS_SETTLE:g} s within "
+            f"{TASKS_WAIT:g} s before the poisoning")
+    return cost
 
 
 SWEEP_VMAS = (100, 1000, 10000, 20000)

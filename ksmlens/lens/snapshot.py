@@ -48,7 +48,7 @@ from ksmlens.lens.replay import node_kpfn_of_pairs, visit_pairs, replay_tables  
 from ksmlens.lens.tables import finish
 
 __all__ = ["take_snapshot", "take_idle_snapshot", "register_pause", "walk_paused", "finish",
-           "replay_tables", "MID_UNLINKED", "MID_HLIST_NOT_STABLE", "hex_ids"]
+           "replay_tables", "mce_tasks", "MID_UNLINKED", "MID_HLIST_NOT_STABLE", "hex_ids"]
 
 _Q = struct.Struct("<Q")
 
@@ -232,9 +232,37 @@ def _mce(prog: Program, w: "_Walker") -> dict | None:
         early = prog["sysctl_memory_failure_early_kill"].value_()
     except (KeyError, LookupError):
         return None
-    procs = [[tgid, hx(mm), w.thread_flags.get(tgid, [])]
-             for tgid, mm in sorted(w.leader_mm.items()) if mm]
+    return _mce_record(early, w.leader_mm, w.thread_flags)
+
+
+def _mce_record(early: int, leader_mm: dict, thread_flags: dict) -> dict:
+    procs = [[tgid, hx(mm), thread_flags.get(tgid, [])]
+             for tgid, mm in sorted(leader_mm.items()) if mm]
     return {"early_kill": int(early), "processes": procs}
+
+
+def mce_tasks(prog: Program) -> dict | None:
+    """``KernelInfo.mce`` read now, alone (for_each_task: no KSM structure):
+    who mm/memory-failure.c ``collect_procs_ksm()`` would collect at this
+    moment. For a prediction made before a poisoning in a running guest,
+    whose processes may come and go after the snapshot. None on a kernel
+    without CONFIG_MEMORY_FAILURE; tasks freed while read are left out
+    (compare two reads to know the set held still)."""
+    try:
+        early = prog["sysctl_memory_failure_early_kill"].value_()
+    except (KeyError, LookupError):
+        return None
+    leader_mm: dict[int, int] = {}
+    thread_flags: dict[int, list[int]] = {}
+    for task in for_each_task(prog):
+        try:
+            tgid = task.tgid.value_()
+            thread_flags.setdefault(tgid, []).append(task.flags.value_())
+            if task.pid.value_() == tgid:
+                leader_mm[tgid] = task.mm.value_()
+        except FaultError:
+            continue
+    return _mce_record(early, leader_mm, thread_flags)
 
 
 def _kernel_info(prog: Program, L: Layout, shift: int) -> KernelInfo:

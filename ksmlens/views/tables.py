@@ -544,6 +544,9 @@ def cost_measure_text(res, limit: int | None = 20) -> str:
     if hw:
         out.append(f"madvise(MADV_HWPOISON) of {hw['address']:#x}: {hw['madvise']}; SIGBUS "
                    f"to the poisoning process: {hw['signals'] or 'none'}")
+        for k in ("tasks_changed", "tasks_raced"):
+            if hw.get(k):
+                out.append(("RACED: " if k == "tasks_raced" else "") + hw[k])
     bad = int((~w["agree"]).sum())
     out.append(f"{'AGREE' if not bad else 'DISAGREE'}: {len(w) - bad} of {len(w)} walks equal "
                "the prediction; durations include the probes' cost (reported, not judged)")
