@@ -68,7 +68,11 @@ class CostResult:
     ``rmap_walk_ksm()`` walks the kernel's counts equalled;
     ``collect_matches``: the same for ``collect_procs_ksm``. ``cost``: the
     prediction (:func:`ksmlens.analysis.cost.walk_cost`). ``extra``
-    (hwpoison): what the workload saw: ``madvise``, ``signals``."""
+    (hwpoison): what the workload saw: ``madvise``, ``signals``; ``tasks``:
+    the processes alive at the poisoning, as ``KernelInfo.mce``, which
+    ``collect_procs_ksm``'s prediction collects; ``tasks_changed`` /
+    ``tasks_raced``: one line each, when they differ from the snapshot's /
+    changed across the poisoning."""
     release: str
     rule: str | None
     by: str
@@ -411,6 +415,7 @@ def _collect_as_poisoned(snap, cost, rules, got, early_kill, injector):
     settled = got.pop("tasks_settled", True)
     if before is None:
         return cost
+    got["tasks"] = before            # KernelInfo.mce's shape: what the prediction collected
     snap_set, b_set = _task_set(snap.kernel.mce), _task_set(before)
     if b_set != snap_set:
         gone = sorted(t for t, _ in snap_set - b_set)

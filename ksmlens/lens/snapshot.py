@@ -252,16 +252,23 @@ def mce_tasks(prog: Program) -> dict | None:
         early = prog["sysctl_memory_failure_early_kill"].value_()
     except (KeyError, LookupError):
         return None
-    leader_mm: dict[int, int] = {}
-    thread_flags: dict[int, list[int]] = {}
-    for task in for_each_task(prog):
+    for attempt in range(5):        # the task list itself changed under the read: again
+        leader_mm: dict[int, int] = {}
+        thread_flags: dict[int, list[int]] = {}
         try:
-            tgid = task.tgid.value_()
-            thread_flags.setdefault(tgid, []).append(task.flags.value_())
-            if task.pid.value_() == tgid:
-                leader_mm[tgid] = task.mm.value_()
+            for task in for_each_task(prog):
+                try:
+                    tgid = task.tgid.value_()
+                    thread_flags.setdefault(tgid, []).append(task.flags.value_())
+                    if task.pid.value_() == tgid:
+                        leader_mm[tgid] = task.mm.value_()
+                except FaultError:
+                    continue
         except FaultError:
+            if attempt == 4:
+                raise
             continue
+        break
     return _mce_record(early, leader_mm, thread_flags)
 
 
