@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from ksmlens.cli.common import (NAME, SNAPSHOT, TARGET, Commands, arg, attach_target,
                                 snapshot_or_live, walk_mode)
@@ -230,6 +231,14 @@ def _matrix_args():
             arg("--readme", nargs="?", const="README.md", metavar="README",
                 help="rewrite the marked matrix block of README.md (or the file given) "
                 "with this matrix's table"),
+            arg("--arch", action="append", metavar="ARCH",
+                help="the guests' architecture: x86_64, arm64 (repeatable, run in turn; "
+                "default: x86_64)"),
+            arg("--into", metavar="FILE",
+                help="add this run's cells to the saved matrix FILE, each replacing the cell "
+                "of the same arch, variant, scenario and proof, and save it there (with its "
+                "matrix.png): e.g. `--arch arm64 --into docs/matrix.json --readme` adds "
+                "arm64's rows"),
             arg("--name", default="matrix", help="VM name prefix (default: matrix)"),
             arg("--json", action="store_true", help="print the JSON instead of the table"))
 
@@ -250,10 +259,13 @@ def matrix(a):
     from ksmlens.kernel.variants import VARIANTS
     from ksmlens.views.plots import matrix_figure
     from ksmlens.views.tables import matrix_markdown, matrix_table, replace_marked_block
+    from ksmlens.kernel.arch import DEFAULT_ARCH, get_arch
+    archs = [get_arch(x).name for x in (a.arch or [DEFAULT_ARCH])]   # unknown: one line
+    base = Matrix.load(a.into) if a.into else None     # refused before anything boots
     if a.from_file:
-        if a.variant or a.scenario or a.by:
-            raise KsmlensError("--from renders a saved matrix: --variant/--scenario/--by "
-                               "select what to run", "drop them, or drop --from")
+        if a.variant or a.scenario or a.by or a.arch or a.into:
+            raise KsmlensError("--from renders a saved matrix: --variant/--scenario/--by/"
+                               "--arch/--into select what to run", "drop them, or drop --from")
         m = Matrix.load(a.from_file)
         if a.output:
             out = Path(a.output)
@@ -262,18 +274,25 @@ def matrix(a):
             print(f"matrix: saved {out / 'matrix.png'}", file=sys.stderr)
     else:
         def show(c):
-            print(f"matrix: {c.variant} {c.scenario} by {c.by}: {c.outcome}, "
+            print(f"matrix: {c.arch} {c.variant} {c.scenario} by {c.by}: {c.outcome}, "
                   f"{c.pages_stayed}/{c.pages} stay"
                   f"{', like ' + (','.join(c.matches) or 'none') if c.candidates else ''}"
                   f"{'' if c.agree else ', DISAGREES'} ({c.seconds:.1f} s)",
                   file=sys.stderr, flush=True)
-        m = run_matrix(a.variant or list(VARIANTS), a.scenario or list(MATRIX_SCENARIOS),
-                       a.by or list(DEFAULT_BY), name=a.name, on_cell=show)
-        out = Path(a.output or "out/matrix")
-        m.save(out / "matrix.json")
+        m = base if base is not None else Matrix([])
+        for arch in archs:
+            m = m.merged(run_matrix(a.variant or list(VARIANTS),
+                                    a.scenario or list(MATRIX_SCENARIOS),
+                                    a.by or list(DEFAULT_BY), name=a.name, on_cell=show,
+                                    arch=arch))
+        m.meta["date"] = time.strftime("%Y-%m-%d")
+        json_path = Path(a.into) if a.into else Path(a.output or "out/matrix") / "matrix.json"
+        out = Path(a.output) if a.output else json_path.parent
+        m.save(json_path)
         fig = matrix_figure(m)
+        out.mkdir(parents=True, exist_ok=True)
         fig.savefig(out / "matrix.png", dpi=100)
-        print(f"matrix: saved {out / 'matrix.json'} and {out / 'matrix.png'}", file=sys.stderr)
+        print(f"matrix: saved {json_path} and {out / 'matrix.png'}", file=sys.stderr)
     if a.readme:
         p = Path(a.readme)
         if not p.exists():

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.arch import X86_64, get_arch
 from ksmlens.kernel.constants import BUS_MCEERR_AO, BUS_MCEERR_AR
 
 __all__ = ["Cell", "Matrix", "run_matrix", "MATRIX_SCENARIOS", "MATRIX_BY", "DEFAULT_BY",
@@ -42,7 +43,7 @@ DEFAULT_BY = ("migration", "reclaim")
 HWPOISON_SCENARIOS = ("mremap",)
 # what a cell says of the kernel (not when or how fast): two runs on the same
 # kernels give the same values, and the vm test compares exactly these
-COMPARED_FIELDS = ("variant", "scenario", "by", "rule", "candidates", "matches", "outcome",
+COMPARED_FIELDS = ("arch", "variant", "scenario", "by", "rule", "candidates", "matches", "outcome",
                    "pages", "pages_stayed", "predicted_stay", "mappings", "mappings_unmapped",
                    "mappings_kept", "madvise", "signalled", "agree")
 
@@ -69,7 +70,9 @@ class Cell:
     ``madvise(MADV_HWPOISON)`` returned (``ok`` / ``EBUSY``); ``signalled``,
     the SIGBUS each process got, by role: ``poisoner:AR`` (``BUS_MCEERR_AR``
     to the process that poisoned), ``other:AO``. hwpoison judges under the
-    kernel's rule only: ``candidates`` / ``matches`` are empty.
+    kernel's rule only: ``candidates`` / ``matches`` are empty. ``arch``:
+    the guest's architecture (:mod:`ksmlens.kernel.arch` name; files from
+    before ksmlens ran arm64 load as ``x86_64``).
     ``agree``: prediction and kernel agree on every compared page and
     mapping. ``release``, ``seconds``: the kernel's ``uname -r``, the
     verification's wall time in s."""
@@ -91,10 +94,16 @@ class Cell:
     seconds: float = 0.0
     madvise: str = ""
     signalled: list[str] = dataclasses.field(default_factory=list)
+    arch: str = X86_64.name
 
     @classmethod
-    def of(cls, variant: str, scenario: str, res) -> "Cell":
-        """The cell of a :class:`~ksmlens.experiments.verify.VerifyResult`."""
+    def of(cls, variant: str, scenario: str, res, arch: str = X86_64.name) -> "Cell":
+        """The cell of a :class:`~ksmlens.experiments.verify.VerifyResult`
+        on a guest of ``arch``."""
+        return dataclasses.replace(cls._of(variant, scenario, res), arch=arch)
+
+    @classmethod
+    def _of(cls, variant: str, scenario: str, res) -> "Cell":
         if res.by == "hwpoison":
             return cls._of_hwpoison(variant, scenario, res)
         rows = [r for r in res.rows if r["agree"] is not None]
@@ -140,10 +149,20 @@ class Cell:
 
 @dataclasses.dataclass
 class Matrix:
-    """Cells of scenarios x variants x proofs, in run order, and how it ran
-    (``meta``: ``seconds`` per variant and in total, ``date``)."""
+    """Cells of scenarios x kernels (architecture, variant) x proofs, in run
+    order, and how it ran (``meta``: ``seconds`` in total and
+    ``seconds_per_kernel`` keyed ``"ARCH VARIANT"``, ``date``)."""
     cells: list[Cell]
     meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def archs(self) -> list[str]:
+        return list(dict.fromkeys(c.arch for c in self.cells))
+
+    @property
+    def kernels(self) -> list[tuple[str, str]]:
+        """(arch, variant) of each kernel, in run order."""
+        return list(dict.fromkeys((c.arch, c.variant) for c in self.cells))
 
     @property
     def variants(self) -> list[str]:
@@ -157,11 +176,26 @@ class Matrix:
     def bys(self) -> list[str]:
         return [b for b in MATRIX_BY if any(c.by == b for c in self.cells)]
 
-    def cell(self, variant: str, scenario: str, by: str) -> Cell | None:
+    def cell(self, variant: str, scenario: str, by: str,
+             arch: str = X86_64.name) -> Cell | None:
         for c in self.cells:
-            if (c.variant, c.scenario, c.by) == (variant, scenario, by):
+            if (c.arch, c.variant, c.scenario, c.by) == (arch, variant, scenario, by):
                 return c
         return None
+
+    def merged(self, other: "Matrix") -> "Matrix":
+        """This matrix with ``other``'s cells added, each replacing this one's
+        cell of the same (arch, variant, scenario, proof); kernels keep their
+        order, ``other``'s new ones after. For adding one architecture's rows
+        to a saved matrix (``ksmlens matrix --into FILE``)."""
+        key = {(c.arch, c.variant, c.scenario, c.by): c for c in other.cells}
+        cells = [key.pop((c.arch, c.variant, c.scenario, c.by), c) for c in self.cells]
+        cells += list(key.values())
+        per = {**self.meta.get("seconds_per_kernel", {}),
+               **other.meta.get("seconds_per_kernel", {})}
+        meta = {**self.meta, **other.meta, "seconds_per_kernel": per,
+                "seconds": round(sum(per.values()), 1)}
+        return Matrix(cells, meta)
 
     @property
     def agree(self) -> bool:
@@ -194,17 +228,22 @@ class Matrix:
             raise KsmlensError(f"{path}: schema {d.get('schema') if isinstance(d, dict) else None!r}"
                                f", not {SCHEMA}", "run `ksmlens matrix` again to write it")
         fields = {f.name for f in dataclasses.fields(Cell)}
+        meta = dict(d.get("meta", {}))
+        if "seconds_per_variant" in meta:       # written before ksmlens ran arm64
+            meta["seconds_per_kernel"] = {f"{X86_64.name} {v}": t for v, t in
+                                          meta.pop("seconds_per_variant").items()}
         return cls([Cell(**{k: v for k, v in c.items() if k in fields}) for c in d["cells"]],
-                   d.get("meta", {}))
+                   meta)
 
 
 def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=DEFAULT_BY, *, name: str = "matrix",
-               on_cell=None, memory: str = "2G") -> Matrix:
+               on_cell=None, memory: str = "2G", arch: str = X86_64.name) -> Matrix:
     """Run each of ``scenarios`` on each of ``variants`` (kernel variant names,
-    built ones or ``vm build --source`` ones) and verify it by each of
+    built ones or ``vm build --source`` ones) of architecture ``arch``
+    (:func:`ksmlens.kernel.arch.get_arch` names) and verify it by each of
     ``bys`` (``hwpoison``: on :data:`HWPOISON_SCENARIOS` only, after every
     other cell of the guest, vm.memory_failure_early_kill left at 0); one
-    guest at a time, VM ``NAME-VARIANT`` (two NUMA nodes),
+    guest at a time, VM ``NAME-VARIANT`` (``NAME-arm64-VARIANT``; two NUMA nodes),
     always powered off. Each (scenario, proof) starts from the scenario's
     clean state (the workload quit, ``run=2`` first for non-core scenarios).
     ``on_cell(cell)`` is called as each cell is done. Raises
@@ -215,6 +254,7 @@ def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=DEFAULT_BY, *, name: st
     from ksmlens.lab.scenarios import ScenarioRun, get_scenario
     from ksmlens.lab.vm import VM
     variants, scenarios, bys = list(variants), list(scenarios), list(bys)
+    a = get_arch(arch)
     for v in variants:
         get_variant(v)
     for s in scenarios:
@@ -235,7 +275,8 @@ def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=DEFAULT_BY, *, name: st
     cells, per_variant = [], {}
     for v in variants:
         tv = time.monotonic()
-        vm = VM.up(f"{name}-{v}", v, numa=2, memory=memory, quiet=True)
+        vm_name = f"{name}-{v}" if a is X86_64 else f"{name}-{a.name}-{v}"
+        vm = VM.up(vm_name, v, numa=2, memory=memory, quiet=True, arch=a.name)
         try:
             for s, b in plan:
                 if b == "hwpoison":
@@ -245,13 +286,13 @@ def run_matrix(variants, scenarios=MATRIX_SCENARIOS, bys=DEFAULT_BY, *, name: st
                         for st in run.scenario.steps:
                             run.step(st.name)
                         res = verify(vm, by=b)
-                cell = Cell.of(v, s, res)
+                cell = Cell.of(v, s, res, arch=a.name)
                 cells.append(cell)
                 if on_cell:
                     on_cell(cell)
         finally:
             vm.down()
-        per_variant[v] = round(time.monotonic() - tv, 1)
+        per_variant[f"{a.name} {v}"] = round(time.monotonic() - tv, 1)
     return Matrix(cells, {"seconds": round(time.monotonic() - t0, 1),
-                          "seconds_per_variant": per_variant,
+                          "seconds_per_kernel": per_variant,
                           "date": time.strftime("%Y-%m-%d")})

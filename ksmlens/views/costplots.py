@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ksmlens.errors import KsmlensError
-from ksmlens.views.plots import NotebookFigure
+from ksmlens.views.figure import NotebookFigure
 
 __all__ = ["RULE_COLORS", "cost_vs_vmas", "page_cost"]
 

@@ -20,7 +20,6 @@ are the Axes' single image.
 
 from __future__ import annotations
 
-import io
 from collections import Counter, defaultdict
 
 import matplotlib
@@ -33,8 +32,16 @@ from matplotlib.patches import Patch, Rectangle
 
 from ksmlens.errors import KsmlensError
 from ksmlens.lens.model import Snapshot
+from ksmlens.views.figure import KIND_COLORS as _KIND_COLORS, SMART_FIELDS as _SMART_FIELDS
+from ksmlens.views.figure import NotebookFigure, new_axes as _axes, proc_label as _proc_label, \
+    page_segments as _segments
 
 from ksmlens.analysis.core import RULES, item_status, smartscan_visit, skip_age
+# the other figures, one module each, named here too (plots.address_axis ...)
+from ksmlens.views.axisplots import (AXIS_AGE_KINDS, AXIS_RULE_COLORS,  # noqa: F401
+                                     AXIS_VISIT_COLORS, address_axis, address_axis_timeline)
+from ksmlens.views.chainplots import chain_growth
+from ksmlens.views.unionplots import union_bytes
 
 __all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
            "smartscan_heatmap", "skip_schedule", "walk_replay", "verify_outcome",
@@ -49,35 +56,12 @@ STATE_MARKERS = {"stable": "o", "unstable": "^", "none": "x"}
 
 # ------------------------------------------------------------------ helpers
 
-class _NotebookFigure(Figure):
-    """A Figure made without pyplot (no global state, nothing to close)
-    that still shows as a PNG when it is a notebook cell's value."""
-
-    def _repr_png_(self):
-        buf = io.BytesIO()
-        self.savefig(buf, format="png", dpi=90)
-        return buf.getvalue()
-
-
-NotebookFigure = _NotebookFigure     # for the other views' modules (costplots)
-
-
-def _axes(ax, size):
-    """(fig, ax): ``ax`` as given, or a new Figure of ``size`` (no pyplot)."""
-    if ax is not None:
-        return ax.figure, ax
-    fig = _NotebookFigure(figsize=size, layout="constrained")
-    return fig, fig.add_subplot()
 
 
 def _get(obj, name):
     if isinstance(obj, dict):
         return obj[name]
     return getattr(obj, name)
-
-
-def _proc_label(pid, comm):
-    return f"pid {pid}" + (f" {comm}" if comm else "") if pid is not None else "exited mm"
 
 
 def _sharers_by_node(snap: Snapshot) -> dict:
@@ -100,34 +84,6 @@ def _sharers_by_node(snap: Snapshot) -> dict:
 
 
 # ------------------------------------------------------------------ address space
-
-def _segments(intervals, gap_frac=0.12):
-    """Compress a page-number axis: merge ``intervals`` ([lo, hi) in pages),
-    keep them to scale and replace each gap between them by a fixed width.
-    Returns (to_x, segments [(lo, hi, x0)]) with to_x(vpn) -> plot x."""
-    merged = []
-    for lo, hi in sorted(intervals):
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    total = sum(hi - lo for lo, hi in merged) or 1
-    gap = max(1.0, total * gap_frac)
-    segs, x = [], 0.0
-    for lo, hi in merged:
-        segs.append((lo, hi, x))
-        x += (hi - lo) + gap
-    starts = np.array([s[0] for s in segs], dtype=float)
-
-    def to_x(vpn):
-        v = np.asarray(vpn, dtype=float)
-        k = np.clip(np.searchsorted(starts, v, side="right") - 1, 0, len(segs) - 1)
-        lo = starts[k]
-        x0 = np.array([s[2] for s in segs])[k]
-        return x0 + (v - lo)
-
-    return to_x, segs
-
 
 def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> Figure:
     """Map of one process's address space as KSM sees it.
@@ -261,8 +217,6 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
 
 # ------------------------------------------------------------------ stable tree
 
-_KIND_COLORS = {"regular": "#1f77b4", "chain": "#ff7f0e", "dup": "#e7ba52",
-                "proc": "#2ca02c"}
 
 
 def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300, label_nodes: int = 40
@@ -432,7 +386,6 @@ def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300, label_nodes: int 
 
 # ------------------------------------------------------------------ SmartScan
 
-_SMART_FIELDS = ("age", "remaining_skips")
 
 
 def smartscan_heatmap(frames, ax=None, field: str = "age") -> Figure:
@@ -731,21 +684,24 @@ _MATRIX_COLORS = {"went": "#a1d99b", "stayed": "#fc9272", "mixed": "#fdd49e"}
 
 def matrix_figure(m, ax=None) -> Figure:
     """The reviewer's matrix (a :class:`ksmlens.experiments.matrix.Matrix`):
-    one row per kernel variant, one column per (scenario, proof); each cell
+    one row per kernel (variant; ``ARCH variant`` where the matrix has more
+    than one architecture), one column per (scenario, proof); each cell
     coloured by what the kernel did to the scenario's KSM pages (moved /
     reclaimed: green; pinned / stayed: red; mixed: orange), labelled with
     the pages that stayed and the walk rules the kernel behaved like; a
     cell whose prediction disagreed is hatched. Cells are Rectangles with
-    gid ``"cell:<variant>:<scenario>:<by>"``. Returns the Figure."""
-    rows = m.variants
+    gid ``"cell:<variant>:<scenario>:<by>"`` (``"cell:<arch>:<variant>:..."``
+    off x86-64). Returns the Figure."""
+    rows = m.kernels
     cols = [(s, b) for s in m.scenarios for b in m.bys      # hwpoison: mremap only
-            if any(m.cell(v, s, b) is not None for v in rows)]
+            if any(m.cell(v, s, b, a) is not None for a, v in rows)]
     if not cols or not rows:
         raise KsmlensError("the matrix has no cells", "run `ksmlens matrix` first")
     fig, ax = _axes(ax, (max(6.0, 1.9 * len(cols) + 2.5), 1.0 * len(rows) + 2.2))
-    for i, v in enumerate(rows):
+    for i, (a, v) in enumerate(rows):
+        gid = f"{v}" if a == "x86_64" else f"{a}:{v}"
         for j, (s, b) in enumerate(cols):
-            c = m.cell(v, s, b)
+            c = m.cell(v, s, b, a)
             if c is None:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#f0f0f0",
                                        edgecolor="white", lw=2))
@@ -754,7 +710,7 @@ def matrix_figure(m, ax=None) -> Figure:
                     "mixed" if c.outcome == "mixed" else "stayed")
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=_MATRIX_COLORS[kind],
                                    edgecolor="white", lw=2, hatch=None if c.agree else "xx",
-                                   gid=f"cell:{v}:{s}:{b}"))
+                                   gid=f"cell:{gid}:{s}:{b}"))
             like = ("madvise " + c.madvise if c.by == "hwpoison" else
                     "like no rule" if not c.matches else
                     f"like {c.matches[0]}" if len(c.matches) == 1 else
@@ -767,10 +723,10 @@ def matrix_figure(m, ax=None) -> Figure:
     ax.set_xlim(-0.5, len(cols) - 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xticks(range(len(cols)), [f"{s}\n{b}" for s, b in cols], fontsize=8)
-    ax.set_yticks(range(len(rows)), rows)
+    ax.set_yticks(range(len(rows)), [v if len(m.archs) == 1 else f"{a} {v}" for a, v in rows])
     ax.set_xlabel("scenario and the kernel's proof (move_pages / memory.reclaim / "
                   "MADV_HWPOISON)")
-    ax.set_ylabel("kernel variant")
+    ax.set_ylabel("kernel variant" if len(m.archs) == 1 else "kernel (architecture, variant)")
     ax.legend(handles=[Patch(facecolor=_MATRIX_COLORS["went"], label="every KSM page moved / freed / unmapped"),
                        Patch(facecolor=_MATRIX_COLORS["stayed"],
                              label="pinned / never freed / still mapped (a walk missed a "
@@ -783,643 +739,4 @@ def matrix_figure(m, ax=None) -> Figure:
     ax.set_title(f"What each kernel's rmap_walk_ksm() does: {len(m.cells)} verifications, "
                  f"{ok} agree with the prediction\n(text: outcome, KSM pages that stayed, "
                  "the walk rules the kernel behaved like)", fontsize=10)
-    return fig
-
-
-# ------------------------------------------------------------------ the address axis
-
-AXIS_RULE_COLORS = {"found": "#2ca02c", "missed": "#d62728", "not_stable": "#c7c7c7",
-                    "no_vma": "#252525", "n/a": "#f7f7f7"}
-AXIS_VISIT_COLORS = {"processed": "#2ca02c", "skipped": "#ff7f0e", "freed": "#252525"}
-# whose age / remaining_skips SmartScan reads at the item's next visit
-AXIS_AGE_KINDS = {"read": ("#1f77b4", "age read by SmartScan"),
-                  "pgoff": ("#d62728", "read from the stored pgoff's bytes (union)"),
-                  "ksm": ("#bdbdbd", "not read: the page is KSM"),
-                  "freed": ("#636363", "not read: ksmd frees the item")}
-
-
-def _age_kind(r) -> str:
-    if r["freed_why"] is not None and r["freed_why"] == r["freed_why"]:
-        return "freed"
-    if r["page_ksm"] or not r["smartscan_on"]:
-        return "ksm"
-    return "pgoff" if r["reads_pgoff"] else "read"
-
-
-def _axis_space(dfs, shift):
-    """(to_x, segs, vmas) for the rows of address_axis_frame(s) ``dfs``: the
-    VMAs' [vm_start, vm_end) and [vm_pgoff, +pages) and the VMA-less items,
-    in pages, gaps cut short (:func:`_segments`)."""
-    vmas, intervals = set(), []
-    for d in dfs:
-        v = d[d["vma_start"].notna()]
-        vmas |= set(zip(v["vma_start"].astype(int), v["vma_end"].astype(int),
-                        v["vm_pgoff"].astype(int)))
-        intervals += [(int(p), int(p) + 1) for p in d.loc[d["vma_start"].isna(), "vpn"]]
-    vmas = sorted(vmas)
-    for start, end, pgoff in vmas:
-        n = (end - start) >> shift
-        intervals += [(start >> shift, end >> shift), (pgoff, pgoff + n)]
-    to_x, segs = _segments(intervals)
-    return to_x, segs, vmas
-
-
-def _axis_ticks(axes, segs, label: str):
-    """Hex page-number ticks on the shared axis, a grey band over each cut
-    gap in every panel, the x label on the bottom panel."""
-    ticks, labels = [], []
-    width = segs[-1][2] + segs[-1][1] - segs[-1][0]
-    for lo, hi, x0 in segs:
-        ticks.append(x0)
-        labels.append(f"{lo:#x}")
-        if hi - lo >= 0.12 * width:
-            ticks.append(x0 + hi - lo)
-            labels.append(f"{hi:#x}")
-    for ax in axes:
-        for (lo, hi, x0), nxt in zip(segs, segs[1:]):
-            ax.axvspan(x0 + hi - lo + 0.2, nxt[2] - 0.2, color="#f0f0f0", zorder=0, lw=0)
-    for (lo, hi, x0), nxt in zip(segs, segs[1:]):
-        axes[-1].text((x0 + hi - lo + nxt[2]) / 2, 0.5, "//", transform=axes[-1].get_xaxis_transform(),
-                      ha="center", va="center", fontsize=10, color="gray")
-    axes[-1].set_xticks(ticks, labels, rotation=30, ha="right", fontsize=7)
-    axes[-1].set_xlim(-1, width + 1)
-    axes[-1].set_xlabel(label)
-
-
-def _marker_size(n_x: float, inches: float = 8.5) -> float:
-    """Scatter size (points^2) of one page's square on an axis ``n_x`` pages wide."""
-    per = inches * 72 / max(n_x, 1.0)
-    return float(min(49.0, max(2.0, (0.85 * per) ** 2)))
-
-
-def _draw_vmas(ax, vmas, to_x, shift, df):
-    """One row per VMA: the band [vm_start, vm_end) and, hatched, the pgoff
-    range [vm_pgoff, +pages) the anon_vma interval tree files it under."""
-    rows = {v: k for k, v in enumerate(vmas)}
-    for (start, end, pgoff), r in rows.items():
-        lo, hi = start >> shift, end >> shift
-        x0, px = float(to_x(lo)), float(to_x(pgoff))
-        moved = pgoff != lo
-        ax.add_patch(Rectangle((x0, r - 0.32), hi - lo, 0.36, facecolor="#c6dbef",
-                               edgecolor="#08519c", zorder=1, gid="vma"))
-        ax.add_patch(Rectangle((px, r + 0.08), hi - lo, 0.22, facecolor="none",
-                               edgecolor="#d62728" if moved else "#08519c",
-                               hatch="////", lw=0.8, zorder=1, gid="pgoff"))
-        if moved:
-            d = pgoff - lo
-            causes = Counter(c for c in df.loc[df["vma_start"] == start, "pgoff_cause"]
-                             if isinstance(c, str))
-            why = f", {causes.most_common(1)[0][0]}" if causes else ""
-            ax.annotate(f"filed at vm_pgoff {pgoff:#x}: {'+' if d > 0 else '-'}{abs(d)} "
-                        f"pages from vm_start>>{shift}{why}", (min(x0, px), r - 0.42),
-                        ha="left", va="bottom", fontsize=7, color="#d62728", zorder=4,
-                        gid="moved")
-    n_orphan = int(df["vma_start"].isna().sum())
-    labels = [f"VMA {s:#x}\n{(e - s) >> shift} pages" for s, e, _ in vmas]
-    if n_orphan:
-        orph = df[df["vma_start"].isna()]
-        ax.scatter(to_x(orph["vpn"].astype(float)) + 0.5, [len(vmas)] * len(orph), marker="x",
-                   c="#252525", s=12, gid="no_vma", zorder=3)
-        labels.append(f"no VMA\n({n_orphan} items)")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_ylim(len(labels) - 0.45, -0.6)
-    ax.set_ylabel("VMAs")
-    ax.legend(handles=[Patch(facecolor="#c6dbef", edgecolor="#08519c",
-                             label="VMA [vm_start, vm_end): where it is"),
-                       Patch(facecolor="none", edgecolor="#d62728", hatch="////",
-                             label="[vm_pgoff, +pages): where the tree files it")],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title="address space",
-              title_fontsize=7)
-
-
-def address_axis(snap, pid: int, visits: int = 8, *, rules=None, field: str = "age",
-                 fig=None) -> Figure:
-    """The central picture: one process's rmap_items on one shared address
-    axis (subplots with ``sharex``), from
-    :func:`ksmlens.analysis.core.address_axis_frame`:
-
-    1. the address-space map: each VMA's ``[vm_start, vm_end)`` and, hatched,
-       the ``[vm_pgoff, +pages)`` it is filed under (apart after ``mremap()``);
-    2. one row per rmap walk rule (``stock`` [0, ULONG_MAX], ``v3``
-       [address >> PAGE_SHIFT], ``stored`` [the stored index] where the
-       kernel has one; ``rules`` picks): each item found / missed / not stable;
-       the booted kernel's own rule is marked;
-    3. SmartScan: ``age`` and ``remaining_skips`` per item (grey where
-       ``should_skip_rmap_item()`` does not read them: a KSM page; red
-       where it reads them from the stored pgoff's bytes);
-    4. the next ``visits`` visits: processed / skipped / freed.
-
-    ``snap`` may also be a timeline (a list of snapshots or a
-    :class:`~ksmlens.experiments.watch.Timeline`): then this is
-    :func:`address_axis_timeline` (``field`` its colour). The x axis is
-    ``address >> PAGE_SHIFT`` with the gaps between ranges cut short.
-    Artists: scatter gids ``"rule:<rule>:<status>"``, ``"age:<kind>"``,
-    ``"skips:<kind>"``, ``"visit:<k>:<kind>"``; VMA Rectangles ``"vma"`` /
-    ``"pgoff"``. Returns the Figure (``fig``: draw into this empty one).
-    """
-    if not isinstance(snap, Snapshot):
-        return address_axis_timeline(snap, pid, field=field, visits=visits, rules=rules,
-                                     fig=fig)
-    from ksmlens.analysis.core import address_axis_frame
-    df = address_axis_frame(snap, pid, visits)
-    a = df.attrs
-    shift = a["page_shift"]
-    rules = list(rules or [r for r in RULES if r != "stored" or a["has_stored_pgoff"]])
-    to_x, segs, vmas = _axis_space([df], shift)
-    width = segs[-1][2] + segs[-1][1] - segs[-1][0]
-    nmap = len(vmas) + int(df["vma_start"].isna().any())
-    heights = [0.55 + 0.5 * nmap, 0.35 + 0.3 * len(rules), 1.9, 0.35 + 0.16 * visits]
-    if fig is None:
-        fig = _NotebookFigure(figsize=(12, 1.3 + sum(heights)), layout="constrained")
-    axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": heights})
-    xs = to_x(df["vpn"].astype(float).to_numpy()) + 0.5
-    s = _marker_size(width)
-    df = df.assign(smartscan_on=a["smartscan_on"])
-
-    _draw_vmas(axes[0], vmas, to_x, shift, df)
-
-    ax = axes[1]
-    for k, r in enumerate(rules):
-        col = df[f"rule_{r}"]
-        for status, color in AXIS_RULE_COLORS.items():
-            m = (col == status).to_numpy()
-            if m.any():
-                ax.scatter(xs[m], [k] * int(m.sum()), marker="s", s=s, c=color,
-                           edgecolors="#525252", linewidths=0.3, zorder=3,
-                           gid=f"rule:{r}:{status}")
-    counts = {r: Counter(df[f"rule_{r}"]) for r in rules}
-    ax.set_yticks(range(len(rules)), [
-        f"{r}{' (this kernel)' if r == a['walk_rule'] else ''}\n"
-        f"{counts[r].get('missed', 0)} missed" for r in rules], fontsize=7)
-    for k, r in enumerate(rules):
-        if r == a["walk_rule"]:
-            ax.get_yticklabels()[k].set_fontweight("bold")
-    ax.set_ylim(len(rules) - 0.5, -0.5)
-    ax.set_ylabel("walk rule")
-    tot = Counter(st for r in rules for st in df[f"rule_{r}"])
-    ax.legend(handles=[Patch(facecolor=c, edgecolor="#525252",
-                             label=f"{st.replace('_', ' ')} ({tot.get(st, 0)})")
-                       for st, c in AXIS_RULE_COLORS.items() if tot.get(st)],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
-              title="own mapping, per rule", title_fontsize=7)
-
-    ax = axes[2]
-    kinds = np.array([_age_kind(r) for r in df.to_dict("records")])
-    age = df["age"].to_numpy(dtype=float)
-    skips = df["remaining_skips"].to_numpy(dtype=float)
-    for kind, (color, _) in AXIS_AGE_KINDS.items():
-        m = kinds == kind
-        if m.any():
-            ax.scatter(xs[m], age[m], marker="o", s=max(6.0, s * 0.6), c=color,
-                       edgecolors="black", linewidths=0.2, zorder=3, gid=f"age:{kind}")
-            ax.scatter(xs[m], skips[m], marker="v", s=max(6.0, s * 0.6), c="white",
-                       edgecolors=color, linewidths=0.8, zorder=4, gid=f"skips:{kind}")
-    hi = max(3.0, float(np.nanmax(np.concatenate([age, skips]))) if len(age) else 3.0)
-    ax.axhline(2.5, color="#9ecae1", lw=0.6, ls="--", zorder=1)
-    ax.set_ylim(-0.8, hi * 1.12 + 0.5)
-    ax.set_ylabel("SmartScan\nage / skips", fontsize=8)
-    kc = Counter(kinds)
-    ax.legend(handles=[Line2D([], [], ls="", marker="o", color=AXIS_AGE_KINDS[k][0],
-                              label=f"age: {AXIS_AGE_KINDS[k][1]} ({kc[k]})")
-                       for k in AXIS_AGE_KINDS if kc.get(k)]
-              + [Line2D([], [], ls="", marker="v", mfc="white", color="black",
-                        label="remaining_skips"),
-                 Line2D([], [], ls="--", color="#9ecae1", label="age 3: skipping may start")],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title="SmartScan state",
-              title_fontsize=7)
-
-    ax = axes[3]
-    vc = Counter()
-    for k in range(visits):
-        col = df[f"visit_{k + 1}"]
-        for kind, color in AXIS_VISIT_COLORS.items():
-            m = (col == kind).to_numpy()
-            if m.any():
-                vc[kind] += int(m.sum())
-                ax.scatter(xs[m], [k + 1] * int(m.sum()), marker="s", s=s * 0.8, c=color,
-                           linewidths=0, zorder=3, gid=f"visit:{k + 1}:{kind}")
-    ax.set_ylim(visits + 0.6, 0.4)
-    ax.set_yticks(range(1, visits + 1), [str(k) for k in range(1, visits + 1)], fontsize=6)
-    ax.set_ylabel("next visits", fontsize=8)
-    ax.legend(handles=[Patch(facecolor=c, label=f"{kind} ({vc.get(kind, 0)})")
-                       for kind, c in AXIS_VISIT_COLORS.items()],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
-              title=f"ksmd's next {visits} visits", title_fontsize=7)
-
-    _axis_ticks(axes, segs, f"virtual page number (address >> {shift}); the hatched bars "
-                "are pgoffs on the same scale; gaps cut short")
-    kr = a["walk_rule"]
-    miss = counts.get(kr, Counter()).get("missed", 0) if kr in counts else None
-    moved = int((df["vma_shift"].fillna(0) != 0).sum())
-    nxt = Counter(df["next"])
-    axes[0].set_title(
-        f"{_proc_label(pid, a['comm'])}: {len(df)} rmap_items in {len(vmas)} VMA(s), "
-        f"{moved} in VMAs not at their vm_pgoff - kernel {a['variant'] or a['release']}"
-        + (f" (walks {kr}: {miss} missed)" if miss is not None else "")
-        + f"\nnext visit: {nxt.get('processed', 0)} processed, {nxt.get('skipped', 0)} "
-        f"skipped, {nxt.get('freed', 0)} freed (full_scans={a['full_scans']}"
-        + ("" if a["smartscan_on"] else ", SmartScan off") + ")", fontsize=10)
-    return fig
-
-
-def address_axis_timeline(frames, pid: int, field: str = "age", visits: int = 8, *,
-                          rules=None, fig=None) -> Figure:
-    """The address-axis picture along a timeline (``watch`` frames: a list of
-    snapshots or a :class:`~ksmlens.experiments.watch.Timeline`), from
-    :func:`ksmlens.analysis.core.address_axis_frames`: on one shared axis of
-    ``address >> PAGE_SHIFT``, the VMAs (of every frame), then one row per
-    frame for the booted kernel's walk rule (found / missed / not stable),
-    for SmartScan's ``field`` (``age`` or ``remaining_skips``, a colour;
-    grey: not read, the page is KSM) and for what ksmd's next visit does.
-    Scatter gids ``"tl-rule:<status>"``, ``"tl-<field>"``,
-    ``"tl-<field>:ksm"``, ``"tl-visit:<kind>"``. Returns the Figure."""
-    from ksmlens.analysis.core import address_axis_frames
-    if field not in _SMART_FIELDS:
-        raise KsmlensError(f"field {field!r} is not a SmartScan field",
-                           f"use one of {', '.join(_SMART_FIELDS)}")
-    df = address_axis_frames(frames, pid, visits)
-    a = df.attrs
-    shift, nf = a["page_shift"], a["frames"]
-    rule = (list(rules)[0] if rules else None) or a["walk_rule"] or "v3"
-    to_x, segs, vmas = _axis_space([df], shift)
-    width = segs[-1][2] + segs[-1][1] - segs[-1][0]
-    nmap = len(vmas) + int(df["vma_start"].isna().any())
-    h = 0.3 + 0.22 * nf
-    heights = [0.55 + 0.5 * nmap, h, h + 0.3, h]
-    if fig is None:
-        fig = _NotebookFigure(figsize=(12, 1.4 + sum(heights)), layout="constrained")
-    axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": heights})
-    xs = to_x(df["vpn"].astype(float).to_numpy()) + 0.5
-    ys = df["frame"].to_numpy()
-    s = _marker_size(width)
-    df = df.assign(smartscan_on=a["smartscan_on"])
-    _draw_vmas(axes[0], vmas, to_x, shift, df)
-    fl = {}
-    for f, fs in zip(df["frame"], df["full_scans"]):
-        fl[int(f)] = f"#{int(f)} scans {fs}"
-    ylabels = [fl.get(k, f"#{k} (none)") for k in range(nf)]
-
-    def rows(ax, label):
-        ax.set_yticks(range(nf), ylabels, fontsize=6)
-        ax.set_ylim(nf - 0.5, -0.5)
-        ax.set_ylabel(label, fontsize=8)
-
-    ax = axes[1]
-    col = df[f"rule_{rule}"]
-    for status, color in AXIS_RULE_COLORS.items():
-        m = (col == status).to_numpy()
-        if m.any():
-            ax.scatter(xs[m], ys[m], marker="s", s=s, c=color, edgecolors="#525252",
-                       linewidths=0.3, zorder=3, gid=f"tl-rule:{status}")
-    rows(ax, f"{rule} walk\n(frame)")
-    c = Counter(col)
-    ax.legend(handles=[Patch(facecolor=cl, edgecolor="#525252",
-                             label=f"{st.replace('_', ' ')} ({c.get(st, 0)})")
-                       for st, cl in AXIS_RULE_COLORS.items() if c.get(st)],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
-              title=f"rule {rule}" + (" (this kernel)" if rule == a["walk_rule"] else ""),
-              title_fontsize=7)
-
-    ax = axes[2]
-    kinds = np.array([_age_kind(r) for r in df.to_dict("records")])
-    val = df[field].to_numpy(dtype=float)
-    read = np.isin(kinds, ("read", "pgoff"))
-    vmax = max(1.0, float(val[read].max()) if read.any() else 1.0)
-    if read.any():
-        sc = ax.scatter(xs[read], ys[read], marker="s", s=s, c=val[read], cmap="viridis",
-                        vmin=0, vmax=vmax, linewidths=0, zorder=3, gid=f"tl-{field}")
-        cax = ax.inset_axes([1.012, 0.0, 0.012, 0.5])
-        fig.colorbar(sc, cax=cax, label=field)
-    if (~read).any():
-        ax.scatter(xs[~read], ys[~read], marker="s", s=s, c=AXIS_AGE_KINDS["ksm"][0],
-                   linewidths=0, zorder=3, gid=f"tl-{field}:ksm")
-    rows(ax, f"SmartScan {field}\n(frame)")
-    ax.legend(handles=[Patch(facecolor=AXIS_AGE_KINDS["ksm"][0],
-                             label=f"not read: KSM page / freed ({int((~read).sum())})"),
-                       Patch(facecolor=matplotlib.colormaps["viridis"](0.7),
-                             label=f"{field} SmartScan reads ({int(read.sum())})")],
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-
-    ax = axes[3]
-    vc = Counter(df["next"])
-    for kind, color in AXIS_VISIT_COLORS.items():
-        m = (df["next"] == kind).to_numpy()
-        if m.any():
-            ax.scatter(xs[m], ys[m], marker="s", s=s * 0.8, c=color, linewidths=0, zorder=3,
-                       gid=f"tl-visit:{kind}")
-    rows(ax, "next visit\n(frame)")
-    ax.legend(handles=[Patch(facecolor=cl, label=f"{k} ({vc.get(k, 0)})")
-                       for k, cl in AXIS_VISIT_COLORS.items()],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
-              title="ksmd's next visit", title_fontsize=7)
-    _axis_ticks(axes, segs, f"virtual page number (address >> {shift}); gaps cut short")
-    fs = [v for v in df["full_scans"] if v is not None]
-    axes[0].set_title(
-        f"{_proc_label(pid, a['comm'])} over {nf} snapshots (full_scans "
-        f"{min(fs) if fs else '?'}..{max(fs) if fs else '?'}): rmap walk rule {rule}, "
-        f"SmartScan {field}, next visit - kernel {a['variant'] or a['release']}", fontsize=10)
-    return fig
-
-
-# ------------------------------------------------------------------ chains over time
-
-_NEW_DUP_COLOR = "#8c564b"
-
-
-def chain_growth(frames, ax=None, regular: bool = True, max_labels: int = 16) -> Figure:
-    """Stable node chains and their dups growing, frame by frame (a timeline
-    of snapshots, e.g. :func:`ksmlens.experiments.watch.watch_batches` while
-    ksmd merges the ``chain`` scenario).
-
-    Top: per frame, one bar per KSM-page node (every dup, and with
-    ``regular`` every regular node), as high as its ``rmap_hlist_len`` (the
-    rmap_items on it), against the ``max_page_sharing`` line; a dup new in
-    that frame is drawn darker. Bars are Rectangles with gid
-    ``"node:<frame>:<kind>"`` (kind ``regular``, ``dup`` or ``newdup``).
-    Bottom: per frame the walk's counts of chains, dups, full dups and
-    regular nodes (Line2D gids ``"count:<column>"``), and where the frames
-    carry them, the kernel's ``stable_node_chains`` / ``stable_node_dups``
-    read just after each walk (gids ``"sysfs:<counter>"``).
-
-    Data: :func:`ksmlens.analysis.chains.chain_nodes_frame` and
-    :func:`~ksmlens.analysis.chains.chain_counts_frame` (live or saved
-    snapshots). Past a few dozen nodes a frame's bars lose their edges and
-    form one filled profile; at most ``max_labels`` frames are labelled.
-    ``ax``: a pair of Axes (top, bottom), or None for a new Figure.
-    Returns the Figure. :class:`KsmlensError` for no frames.
-    """
-    from ksmlens.analysis.chains import chain_counts_frame, chain_nodes_frame
-    frames = list(frames)
-    nodes = chain_nodes_frame(frames, regular=regular)
-    counts = chain_counts_frame(frames)
-    n = len(frames)
-    if ax is None:
-        fig = _NotebookFigure(figsize=(max(8.0, min(16.0, 4.0 + 0.55 * n)), 7.5),
-                              layout="constrained")
-        top, bot = fig.subplots(2, 1, height_ratios=[3, 2])
-    else:
-        try:
-            top, bot = ax
-        except (TypeError, ValueError):
-            raise KsmlensError("chain_growth draws two panels", "pass ax=(top, bottom) "
-                               "or ax=None") from None
-        fig = top.figure
-
-    per_frame = nodes.groupby("frame").size()
-    nmax = int(per_frame.max()) if len(per_frame) else 1
-    width = 0.84 / max(1, nmax)
-    edge = 0.3 if nmax <= 40 else 0.0
-    colors = {"regular": _KIND_COLORS["regular"], "dup": _KIND_COLORS["dup"],
-              "newdup": _NEW_DUP_COLOR}
-    for k, grp in nodes.sort_values(["frame", "order"]).groupby("frame"):
-        x0 = k - width * len(grp) / 2          # a frame's bars centred on its tick
-        for i, r in enumerate(grp.itertuples(index=False)):
-            kind = "newdup" if r.kind == "dup" and r.new and k > 0 else r.kind
-            top.add_patch(Rectangle((x0 + i * width, 0), width, r.rmap_hlist_len,
-                                    facecolor=colors[kind], edgecolor="black", lw=edge,
-                                    gid=f"node:{k}:{kind}"))
-    mps = counts["max_page_sharing"]
-    if mps.notna().any():
-        top.hlines(mps.fillna(0).to_numpy(dtype=float), np.arange(n) - 0.48,
-                   np.arange(n) + 0.48, colors="#d62728", linestyles="--", lw=1.2,
-                   gid="max_page_sharing")
-    hi = max([1] + nodes["rmap_hlist_len"].tolist() + mps.dropna().astype(int).tolist())
-    top.set_xlim(-0.6, n - 0.4)
-    top.set_ylim(0, hi * 1.18)
-    step = max(1, -(-n // max_labels))
-    ticks = list(range(0, n, step))
-
-    scanned = counts["pages_scanned"]
-
-    def ticklabels():
-        if scanned.isna().any():
-            return [f"{k}\nscan {frames[k].counters.get('full_scans', '?')}" for k in ticks]
-        return [f"{k}\n+{int(scanned[k] - scanned[0])}" for k in ticks]
-    from matplotlib.ticker import MaxNLocator
-    for a in (top, bot):
-        a.set_xticks(ticks, ticklabels(), fontsize=8)
-        a.set_xlabel("frame (below: " + ("full_scans" if scanned.isna().any() else
-                                         "pages ksmd scanned since frame 0") + ")")
-        a.yaxis.set_major_locator(MaxNLocator(integer=True))
-    top.set_ylabel("rmap_items per KSM page\n(rmap_hlist_len)")
-    last_mps = mps.dropna().iloc[-1] if mps.notna().any() else None
-    handles: list[Artist] = [Patch(facecolor=colors["dup"], edgecolor="black", label="dup of a chain"),
-               Patch(facecolor=colors["newdup"], edgecolor="black",
-                     label="dup new in this frame")]
-    if regular:
-        handles.insert(0, Patch(facecolor=colors["regular"], edgecolor="black",
-                                label="regular stable node"))
-    if last_mps is not None:
-        handles.append(Line2D([], [], color="#d62728", ls="--",
-                              label=f"max_page_sharing = {int(last_mps)}"))
-    top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    last = counts.iloc[-1]
-    k = frames[-1].kernel
-    shown = int(last_mps) if last_mps is not None else "?"
-    top.set_title(f"A chain growing: {int(last['chains'])} chain(s) with {int(last['dups'])} "
-                  f"dups after {n} frames (max_page_sharing={shown}) - kernel "
-                  f"{k.variant or k.release}", fontsize=10)
-
-    x = counts["frame"].to_numpy()
-    styles = [("chains", "stable node chains", _KIND_COLORS["chain"], "-"),
-              ("dups", "dups", "#b8860b", "-"),
-              ("full_dups", "dups at max_page_sharing", "#d62728", ":"),
-              ("regular", "regular nodes", _KIND_COLORS["regular"], "-")]
-    for col, label, color, ls in styles:
-        if col == "regular" and not regular:
-            continue
-        bot.step(x, counts[col].to_numpy(), where="mid", color=color, ls=ls, lw=1.6,
-                 label=f"{label} (walk)", gid=f"count:{col}")
-    for key, color, marker in (("stable_node_chains", _KIND_COLORS["chain"], "x"),
-                               ("stable_node_dups", "#b8860b", "+")):
-        col = f"sysfs_after_{key}"
-        if col in counts:
-            ok = counts[col].notna()
-            bot.plot(x[ok], counts.loc[ok, col].to_numpy(dtype=float), ls="", marker=marker,
-                     ms=9, color=color, label=f"sysfs {key}", gid=f"sysfs:{key}")
-    bot.set_xlim(-0.6, n - 0.4)
-    bot.set_ylim(bottom=0)
-    bot.set_ylabel("stable nodes")
-    bot.set_title("counts per frame: the walk (lines) and the kernel's sysfs (marks)",
-                  fontsize=9)
-    bot.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    return fig
-
-
-# ------------------------------------------------------------------ the union, drawn
-
-_UNION_COLORS = {"oldchecksum": "#9ecae1", "age": "#fdae6b", "remaining_skips": "#a1d99b",
-                 "other": "#e0e0e0"}
-_UNION_FIELDS = ("oldchecksum", "age", "remaining_skips")
-_STATE_WORDS = {"stable": "STABLE", "unstable": "UNSTABLE", "none": "in neither tree"}
-
-
-def _union_fields(layout: dict) -> list[str]:
-    """Per byte of the word (0..7): the SmartScan field it belongs to, or "other"."""
-    out = ["other"] * 8
-    for k in range(4):
-        out[layout["oldchecksum"] + k] = "oldchecksum"
-    out[layout["age"]] = "age"
-    out[layout["remaining_skips"]] = "remaining_skips"
-    return out
-
-
-def _union_cell(ax, row, others) -> None:
-    """One rmap_item's 8 union bytes at one moment, into ``ax``: the cells
-    with hex values, the index reading above, the SmartScan readings below."""
-    fields = _union_fields(row["layout"])
-    reads = bool(row["next_reads_smartscan"])
-    hazard = bool(row["next_reads_pgoff"])
-    holds_index = row["holds"] == "index"
-    tag = f"{row['panel']}:{row['moment']}"
-    for k, (b, f) in enumerate(zip(row["bytes"], fields)):
-        read_here = reads and f in ("age", "remaining_skips")
-        ax.add_patch(Rectangle((k, 1.5), 1, 1, facecolor=_UNION_COLORS[f],
-                               edgecolor="#d62728" if read_here else "white",
-                               lw=2.5 if read_here else 1.5,
-                               hatch="//" if read_here and hazard else None,
-                               gid=f"byte:{tag}:{k}"))
-        ax.text(k + 0.5, 2.0, f"{b:02x}", ha="center", va="center", fontsize=11,
-                family="monospace", gid=f"hex:{tag}:{k}")
-    # above: the whole word as the stored index
-    member = row["index_member"] or "stored index"
-    if row["index"] is None:
-        top = "no stored index on this kernel"
-    elif holds_index:
-        top = f"{member} = {row['index']:#x}  (STABLE: rmap_walk_ksm() searches it)"
-        if row["linear_page_index"] is not None and row["linear_page_index"] != row["index"]:
-            top += f"\n!= linear_page_index {row['linear_page_index']:#x}"
-    elif row["left_stable"] and row["index"] == row["oldchecksum"]:
-        top = (f"as {member}: {row['index']:#x} = oldchecksum alone: left the stable tree\n"
-               "with the index reset to 0, then ksmd stored the page's checksum")
-    else:
-        top = (f"as {member}: {row['index']:#x}  (not an index now: the item is "
-               f"{_STATE_WORDS.get(row['state'], row['state'])})")
-    ax.plot([0.05, 0.05, 7.95, 7.95], [2.65, 2.8, 2.8, 2.65], color="#6a3d9a",
-            lw=2.0 if holds_index else 1.0)
-    ax.text(4, 2.9, top, ha="center", va="bottom", fontsize=9,
-            color="#6a3d9a" if holds_index else "#777777",
-            weight="bold" if holds_index else "normal", gid=f"reading:{tag}:index")
-    # below: the same bytes through {oldchecksum, age, remaining_skips}
-    spans = {f: [k for k, g in enumerate(fields) if g == f] for f in _UNION_FIELDS}
-    vals = {"oldchecksum": f"{row['oldchecksum']:#x}", "age": str(row["age"]),
-            "remaining_skips": str(row["remaining_skips"])}
-    names = {"oldchecksum": "oldchecksum", "age": "age", "remaining_skips": "skips"}
-    live = not holds_index or reads
-    for f in _UNION_FIELDS:
-        lo, hi = min(spans[f]), max(spans[f]) + 1
-        ax.plot([lo + 0.08, lo + 0.08, hi - 0.08, hi - 0.08], [1.35, 1.2, 1.2, 1.35],
-                color="#444444", lw=1.0)
-        ax.text((lo + hi) / 2, 1.1, f"{names[f]}\n{vals[f]}", ha="center", va="top",
-                fontsize=9, color="#d62728" if reads and f != "oldchecksum" else
-                ("#222222" if live else "#999999"), gid=f"reading:{tag}:{f}")
-    if holds_index:
-        note = ("ksmd's next visit reads age/skips\nfrom the stored index's bytes" if hazard
-                else "SmartScan leaves this STABLE\nitem alone (not read)" if not reads
-                else "")
-    else:
-        note = "ksmd's next visit reads age/skips" if reads else "not read at the next visit"
-    ax.text(8.15, 2.0, note, ha="left", va="center", fontsize=8,
-            color="#d62728" if reads else "#555555", gid=f"note:{tag}")
-    if others:
-        ax.text(8.15, 0.45, others, ha="left", va="center", fontsize=7, color="#555555",
-                gid=f"others:{tag}")
-
-
-def union_bytes(data, *, address: int | None = None, fig=None) -> Figure:
-    """The union, drawn: the 8 bytes of one ``struct ksm_rmap_item`` that the
-    stored index shares with ``oldchecksum`` / ``age`` / ``remaining_skips``,
-    read both ways, at each moment (rows, e.g. before and after ksmd's
-    visit) on each kernel (columns, e.g. ``union`` beside ``v8``).
-
-    ``data``: a DataFrame of :func:`ksmlens.analysis.union.union_bytes_frame`
-    (several kernels: concatenated, or a list of frames). Per panel the
-    item at ``address`` is drawn (default: the first item of the first
-    moment, by pid and address); the other items of the frame are
-    summarised at the right (their age/skips). Each cell is one byte, in
-    memory order, labelled with its offset in the struct (from DWARF) and
-    its hex value; above, the word read as the stored index (bold when
-    the item is STABLE: the kernel's reading); below, read as
-    ``oldchecksum`` / ``age`` / ``remaining_skips``. A red edge marks the
-    bytes ksmd's next visit reads in ``should_skip_rmap_item()``, hatched
-    when they are the stored index's (xu.xin's objection). Artists: byte
-    Rectangles ``gid="byte:<panel>:<moment>:<k>"``, their Texts
-    ``"hex:..."``, readings ``"reading:<panel>:<moment>:<index|oldchecksum|
-    age|remaining_skips>"``. Raises :class:`KsmlensError` when there is
-    nothing to draw or ``address`` is not in a panel. Returns the Figure.
-    """
-    import pandas as pd
-    if isinstance(data, (list, tuple)):
-        data = pd.concat(list(data), ignore_index=True) if data else pd.DataFrame()
-    if data is None or len(data) == 0:
-        raise KsmlensError("union_bytes: no rmap_items to draw",
-                           "pass union_bytes_frame(...) of snapshots with STABLE items on "
-                           "COW-broken pages (the smartscan scenario's cow-break step)")
-    panels = list(dict.fromkeys(data["panel"]))
-    moments = list(dict.fromkeys(data.sort_values("moment_index", kind="stable")["moment"]))
-    if fig is None:
-        fig = _NotebookFigure(figsize=(7.4 * len(panels), 2.5 * len(moments) + 1.4),
-                              layout="constrained")
-    axes = fig.subplots(len(moments), len(panels), squeeze=False)
-    offsets = set()
-    for c, p in enumerate(panels):
-        d = data[data["panel"] == p]
-        first = d[d["moment_index"] == d["moment_index"].min()].sort_values(["pid", "address"])
-        if address is not None:
-            if not (d["address"] == address).any():
-                raise KsmlensError(f"union_bytes: no rmap_item at {address:#x} in panel {p!r}",
-                                   "pick an address of the frame (its 'address' column)")
-            key = d[d["address"] == address].iloc[0]
-        else:
-            key = first.iloc[0]
-        for r, m in enumerate(moments):
-            ax = axes[r][c]
-            dm = d[d["moment"] == m]
-            one = dm[(dm["mm"] == key["mm"]) & (dm["address"] == key["address"])]
-            ax.set_xlim(0, 8)
-            ax.set_ylim(0, 3.9)
-            ax.set_yticks([])
-            for s in ("top", "right", "left"):
-                ax.spines[s].set_visible(False)
-            if one.empty:
-                ax.text(4, 2, f"no rmap_item at {key['address']:#x} ({m})", ha="center",
-                        va="center", fontsize=10, color="#777777")
-                ax.set_xticks([])
-                ax.set_ylabel(m)
-                ax.set_xlabel("(no bytes)")
-                continue
-            row = one.iloc[0]
-            if len(dm) > 1:
-                cnt = Counter(zip(dm["age"], dm["remaining_skips"]))
-                others = (f"all {len(dm)} items here, age,skips: " + ", ".join(
-                    f"{a},{s} x{n}" for (a, s), n in sorted(cnt.items())[:4])
-                    + (" ..." if len(cnt) > 4 else ""))
-            else:
-                others = ""
-            _union_cell(ax, row, others)
-            off = row["offset"]
-            offsets.add(off)
-            ax.set_xticks([k + 0.5 for k in range(8)],
-                          [str(off + k) if off is not None else f"+{k}" for k in range(8)])
-            ax.set_xlabel("byte offset in struct ksm_rmap_item (memory order, little-endian)",
-                          fontsize=8)
-            vis = "" if r == 0 else f"\n{row['visits']} visit{'' if int(row['visits']) == 1 else 's'} later"
-            ax.set_ylabel(f"{m}\n{_STATE_WORDS.get(row['state'], row['state'])}\n"
-                          f"full_scans {row['full_scans']}"
-                          f"{vis}", fontsize=9)
-            ax.set_title(f"{p}: pid {row['pid']} address {row['address']:#x}", fontsize=10)
-    handles = [Patch(facecolor=_UNION_COLORS[f], label=f"{f} byte(s)") for f in _UNION_FIELDS]
-    handles += [Patch(facecolor=_UNION_COLORS["other"], label="the index's upper bytes only"),
-                Line2D([], [], color="#6a3d9a", lw=2,
-                       label="read as the stored index (bold: the item is STABLE)"),
-                Patch(facecolor="white", edgecolor="#d62728", lw=2,
-                      label="ksmd's next visit reads it (should_skip_rmap_item)"),
-                Patch(facecolor="white", edgecolor="#d62728", hatch="//", lw=2,
-                      label="... out of the stored index (xu.xin's objection)")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8)
-    span = (f"bytes {min(offsets)}..{min(offsets) + 7}" if len(offsets) == 1
-            and None not in offsets else "the union's 8 bytes")
-    fig.suptitle(f"struct ksm_rmap_item {span}: the stored index and SmartScan's "
-                 f"oldchecksum/age/remaining_skips share them ({' | '.join(panels)})",
-                 fontsize=11)
     return fig

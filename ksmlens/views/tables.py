@@ -246,34 +246,39 @@ def _outcome_words(c) -> str:
 
 def matrix_markdown(m) -> str:
     """A :class:`ksmlens.experiments.matrix.Matrix` as the README's table:
-    one row per variant, one column per scenario, each cell what the
-    kernel did by migration then by reclaim, and the rules it behaved like."""
-    head = "| | " + " | ".join(m.scenarios) + " |"
-    lines = [head, "|---" * (len(m.scenarios) + 1) + "|"]
-    for v in m.variants:
+    one row per kernel (architecture, variant), one column per scenario,
+    each cell what the kernel did by migration then by reclaim (then memory
+    failure), and the rules it behaved like. A variant whose row reads the
+    same on every architecture is one row, its arch column naming them all."""
+    head = "| arch | variant | " + " | ".join(m.scenarios) + " |"
+    lines = [head, "|---|---" + "|---" * len(m.scenarios) + "|"]
+    rows: dict[tuple, list[str]] = {}          # (variant, cells) -> archs, in run order
+    for arch, v in m.kernels:
         cells = []
         for s in m.scenarios:
-            cs = [c for b in m.bys if (c := m.cell(v, s, b)) is not None]
+            cs = [c for b in m.bys if (c := m.cell(v, s, b, arch)) is not None]
             like = _like(cs)
             cells.append("; ".join([_outcome_words(c) for c in cs] + ([like] if like else []))
                          if cs else "")
-        lines.append(f"| `{v}` | " + " | ".join(cells) + " |")
+        rows.setdefault((v, tuple(cells)), []).append(arch)
+    for (v, cells), archs in rows.items():
+        lines.append(f"| {', '.join(archs)} | `{v}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def matrix_table(m) -> str:
-    """``ksmlens matrix``: one line per cell (variant, scenario, proof): the
+    """``ksmlens matrix``: one line per cell (arch, variant, scenario, proof): the
     outcome, KSM pages that stayed, mappings unmapped / kept, the pages the
     kernel's rule predicted to stay, the rules it behaved like, agree; then
     one verdict line."""
     body = format_table(
-        ("variant", "scenario", "by", "outcome", "stayed", "unmapped/kept", "predicted stay",
-         "behaved like", "agree", "s"),
-        [(c.variant, c.scenario, c.by, c.outcome, f"{c.pages_stayed}/{c.pages}",
+        ("arch", "variant", "scenario", "by", "outcome", "stayed", "unmapped/kept",
+         "predicted stay", "behaved like", "agree", "s"),
+        [(c.arch, c.variant, c.scenario, c.by, c.outcome, f"{c.pages_stayed}/{c.pages}",
           f"{c.mappings_unmapped}/{c.mappings_kept}", c.predicted_stay,
           ",".join(c.matches) or ("none" if c.candidates else "-"),
           "yes" if c.agree else "NO", f"{c.seconds:.1f}")
-         for c in m.cells], align="<<<<>>><<>")
+         for c in m.cells], align="<<<<<>>><<>")
     bad = sum(not c.agree for c in m.cells)
     secs = m.meta.get("seconds")
     return body + "\n" + (f"matrix: {len(m.cells)} cells, "

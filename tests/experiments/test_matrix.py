@@ -3,9 +3,9 @@
 The non-vm tests hold the README's marked block to the rendering of the
 committed ``docs/matrix.json`` (a full run on real guests), and the JSON,
 table and picture code to a hand-made matrix. The vm test runs a small
-matrix (mremap on stock and v3, by migration and by reclaim) and its cells
-must repeat the committed run's: what the kernel did, not what ksmlens
-expects, is the reference.
+matrix (mremap on stock and v3, by migration and by reclaim) on x86-64 and
+on arm64, and its cells must repeat the committed run's: what the kernel
+did, not what ksmlens expects, is the reference.
 """
 
 import dataclasses
@@ -52,7 +52,9 @@ def test_readme_block_is_the_committed_matrix():
     assert marked_block(readme) == matrix_markdown(m)
     # the committed run is a full one: every built-in variant, every cell agrees
     assert set(m.variants) >= {"stock", "v3", "union", "v8"} and m.agree
-    assert len(m.cells) == len(m.variants) * sum(
+    assert m.archs == ["x86_64", "arm64"]
+    assert {(a, v) for a in m.archs for v in ("stock", "v3", "union", "v8")} <= set(m.kernels)
+    assert len(m.cells) == len(m.kernels) * sum(
         len(m.scenarios) if b != "hwpoison" else len(set(m.scenarios) & set(HWPOISON_SCENARIOS))
         for b in m.bys)
 
@@ -63,9 +65,10 @@ def test_matrix_round_trip_and_rendering(tmp_path):
     assert again.cells == m.cells and again.meta == m.meta
     assert json.loads((tmp_path / "m.json").read_text())["schema"] == SCHEMA
     md = matrix_markdown(m).splitlines()
-    assert md[0] == "| | mremap | fork |"
+    assert md[0] == "| arch | variant | mremap | fork |"
+    assert md[1] == "|---|---|---|---|"
     stock, v3 = md[2], md[3]
-    assert stock.startswith("| `stock` | migrates; swapped out; like stock |")
+    assert stock.startswith("| x86_64 | `stock` | migrates; swapped out; like stock |")
     assert "every rule alike here" in stock          # fork: stock and v3 both matched
     assert "**pinned**: 16 of 16 KSM pages stay, 64 mappings keep them" in v3
     assert "64 become swap entries (**prediction disagreed**); like v3" in v3
@@ -79,6 +82,46 @@ def test_matrix_round_trip_and_rendering(tmp_path):
     assert marked_block(new) == "| new |"
     with pytest.raises(KsmlensError, match="marked matrix block"):
         replace_marked_block("no markers", "x")
+
+
+def test_arch_rows_and_merge(tmp_path):
+    """The same variant on two architectures: two rows, each its own cells;
+    merged() replaces a cell of the same (arch, variant, scenario, proof)
+    and adds the rest; a file from before ksmlens ran arm64 is x86-64's."""
+    x86 = _small()
+    x86.meta = {"seconds": 9.0, "seconds_per_kernel": {"x86_64 stock": 5.0, "x86_64 v3": 4.0}}
+    arm = Matrix([dataclasses.replace(c, arch="arm64", seconds=2.0) for c in x86.cells[:2]]
+                 + [dataclasses.replace(x86.cells[2], outcome="moves", pages_stayed=0)],
+                 {"seconds_per_kernel": {"arm64 stock": 7.0}})
+    m = x86.merged(arm)
+    assert m.kernels == [("x86_64", "stock"), ("x86_64", "v3"), ("arm64", "stock")]
+    assert m.cell("v3", "mremap", "migration").outcome == "moves"         # replaced
+    assert m.cell("stock", "mremap", "migration", "arm64").seconds == 2.0
+    assert m.cell("v3", "mremap", "migration", "arm64") is None
+    assert len(m.cells) == len(x86.cells) + 2
+    assert m.meta["seconds_per_kernel"]["arm64 stock"] == 7.0 and m.meta["seconds"] == 16.0
+    md = matrix_markdown(m).splitlines()
+    assert [r.split(" | ")[:2] for r in md[2:]] == [["| x86_64", "`stock`"], ["| x86_64", "`v3`"],
+                                                    ["| arm64", "`stock`"]]
+    gids = {p.get_gid() for p in matrix_figure(m).axes[0].patches if p.get_gid()}
+    assert "cell:arm64:stock:mremap:migration" in gids and "cell:stock:mremap:migration" in gids
+    assert Matrix.load(m.save(tmp_path / "m.json")).cells == m.cells
+    # a variant that reads the same on both architectures is one row
+    same = Matrix(x86.cells + [dataclasses.replace(c, arch="arm64", seconds=3.0)
+                               for c in x86.cells if c.variant == "stock"])
+    md = matrix_markdown(same).splitlines()
+    assert len(md) == 4 and md[2].startswith("| x86_64, arm64 | `stock` | migrates")
+    assert md[3].startswith("| x86_64 | `v3` |")
+    # written before the arch field: every cell x86-64's, seconds per kernel
+    old = m.to_dict()
+    for c in old["cells"]:
+        c.pop("arch")
+    old["meta"] = {"seconds": 3.0, "seconds_per_variant": {"stock": 3.0}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = Matrix.load(tmp_path / "old.json")
+    assert back.archs == ["x86_64"] and back.meta["seconds_per_kernel"] == {"x86_64 stock": 3.0}
+    with pytest.raises(KsmlensError, match="arch"):
+        run_matrix(["stock"], ["mremap"], arch="sparc")
 
 
 def _hwpoison_result(kept: int, signals: dict, madvise: str):
@@ -159,6 +202,25 @@ def test_small_matrix_repeats_the_committed_cells(tmp_path):
     assert m.cell("v3", "mremap", "migration").matches == ["v3"]
     assert "stock" in m.cell("stock", "mremap", "reclaim").matches
     assert set(COMPARED_FIELDS) <= {f.name for f in dataclasses.fields(Cell)}
+
+
+@pytest.mark.vm
+def test_small_arm64_matrix_repeats_the_committed_cells():
+    """The same small matrix on arm64 guests (cross-built kernels, TCG):
+    each cell equals the committed full run's arm64 cell, and the kernel
+    does on arm64 what it does on x86-64."""
+    committed = Matrix.load(COMMITTED)
+    import os
+    name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-matrix-{os.getpid()}"
+    m = run_matrix(["stock", "v3"], ["mremap"], name=name, arch="arm64")
+    assert len(m.cells) == 4 and m.archs == ["arm64"]
+    for c in m.cells:
+        want = committed.cell(c.variant, c.scenario, c.by, "arm64")
+        assert want is not None
+        assert c.compared() == want.compared(), (c, want)
+        x86 = committed.cell(c.variant, c.scenario, c.by)
+        assert (c.outcome, c.matches, c.agree) == (x86.outcome, x86.matches, x86.agree)
+    assert m.cell("v3", "mremap", "migration", "arm64").outcome == "pinned"
 
 
 def test_rules_judged_on_one_observation():
