@@ -205,6 +205,7 @@ def test_small_matrix_repeats_the_committed_cells(tmp_path):
 
 
 @pytest.mark.vm
+@pytest.mark.arm64
 def test_small_arm64_matrix_repeats_the_committed_cells():
     """The same small matrix on arm64 guests (cross-built kernels, TCG):
     each cell equals the committed full run's arm64 cell, and the kernel

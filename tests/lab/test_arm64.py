@@ -24,7 +24,7 @@ from ksmlens.views.tables import verify_table
 
 from conftest import boot, check_matches, checked
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.arm64]
 
 
 @pytest.fixture(scope="module", params=["stock", "v3", "union", "v8"])
