@@ -67,16 +67,14 @@ COMMANDS.group("scenario", help="workloads that put KSM in a known state",
               help="build your own kernel tree DIR (a supported version: "
               f"{', '.join(kbuild.SOURCES)}) with ksmlens's config as variant --variant NAME; "
               "DIR is never written (built from a copy in the cache), cached by content "
-              "(git tree id of a clean checkout, else the files' bytes)"),
+              "(git tree id of a clean checkout, else the files' bytes); with --arch arm64 "
+              "cross-built for the arm64 lab"),
           arg("--patch", action="append", metavar="FILE", default=[],
               help="with --source: apply FILE first (repeatable, in order): a `git "
               "format-patch` file, a unified diff, or an mbox of several patches saved from "
               "the list (cover letter and replies skipped)")))
 def vm_build(a):
     if a.source or a.patch:
-        if a.arch != DEFAULT_ARCH:
-            raise KsmlensError(f"--source/--patch build for {DEFAULT_ARCH} only so far",
-                               f"build the lab's variants for {a.arch} (no --source)")
         return _vm_build_own(a)
     variants = list(kbuild.get_source(a.kernel).variants) if a.all else [_variant(a)]
     for v in variants:        # one line per kernel as soon as it is built
@@ -94,11 +92,13 @@ def _vm_build_own(a):
         raise KsmlensError("--source needs a name for the kernel: --variant NAME (not --all)",
                            "e.g. ksmlens vm build --source ~/linux --variant mine")
     t = {}
-    k = build_own(a.source, a.patch, a.variant, force=a.force, jobs=a.jobs, timings=t)
+    k = build_own(a.source, a.patch, a.variant, force=a.force, jobs=a.jobs, timings=t,
+                  arch=a.arch)
     print(f"{k.variant}\t{k.release}\t{k.bzimage}\t{k.vmlinux}")
-    print(f"ksmlens: {'found in the cache' if t.get('cache_hit') else 'built'} in "
+    flag = "" if k.arch == DEFAULT_ARCH else f" --arch {k.arch}"
+    print(f"ksmlens: {'found in the cache' if t.get('cache_hit') else 'built'} for {k.arch} in "
           f"{t.get('total')} s (content hash: {t.get('digest_kind')}, {t.get('digest')} s); "
-          f"boot it: ksmlens vm up --variant {k.variant}", file=sys.stderr)
+          f"boot it: ksmlens vm up --variant {k.variant}{flag}", file=sys.stderr)
     return 0
 
 

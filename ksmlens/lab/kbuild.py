@@ -49,7 +49,8 @@ from ksmlens.lab.paths import cache_root, variants_root, vm_data
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get_variant",
            "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
            "fragments", "merged_lines", "kconfig_symbols", "unset_lines",
-           "find_kernel", "build", "make", "configure", "Progress", "source_tarball", "source_version", "variant_of_release"]
+           "find_kernel", "build", "make", "configure", "Progress", "source_tarball", "source_version", "variant_of_release",
+           "read_record", "find_own_kernel", "own_build_key", "require_tools"]
 
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
 
@@ -325,20 +326,47 @@ def read_record(name: str) -> dict | None:
         return None
 
 
-def find_own_kernel(name: str) -> Kernel | None:
-    """The last build of own-tree variant ``name`` (its record's key), as a
-    :class:`Kernel`; None if it is not built (any more).
-    :class:`KsmlensError` for a name that is no variant at all."""
+def own_build_key(record: dict, arch: str | Arch | None = None) -> str | None:
+    """The key of an own tree's build for ``arch`` (None: x86-64) from its
+    record: ``keys[arch]``; a record written before arm64 had only ``key``
+    (x86-64's)."""
+    a = get_arch(arch)
+    keys = record.get("keys") or ({X86_64.name: record["key"]} if record.get("key") else {})
+    return keys.get(a.name)
+
+
+def find_own_kernel(name: str, arch: str | Arch | None = None) -> Kernel | None:
+    """The last build of own-tree variant ``name`` for ``arch`` (None:
+    x86-64; its record's key for that architecture), as a :class:`Kernel`;
+    None if it is not built (any more) for it. :class:`KsmlensError` for a
+    name that is no variant at all."""
     get_variant(name)
+    a = get_arch(arch)
     rec = read_record(name)
-    if not rec:
+    key = own_build_key(rec, a) if rec else None
+    if not key:
         return None
-    d = cache_root() / "kernels" / f"{name}-{rec['key']}"
+    d = cache_root() / "kernels" / f"{a.prefix}{name}-{key}"
     if not (d / "meta.json").exists():
         return None
     m = json.loads((d / "meta.json").read_text())
-    return Kernel(name, m["release"], d / "bzImage", d / "vmlinux", d / "config", rec["key"],
-                  rec.get("series", ""))
+    return Kernel(name, m["release"], d / a.image, d / "vmlinux", d / "config", key,
+                  rec.get("series", ""), a.name)
+
+
+def require_tools(arch: str | Arch | None = None, extra: tuple[str, ...] = ()) -> None:
+    """Refuse in one line, before any build starts, a missing build tool or
+    ``arch``'s cross compiler (what to ``apt-get install``)."""
+    a = get_arch(arch)
+    for tool in ("make", "gcc", "flex", "bison", "bc", "patch", *extra):
+        if not shutil.which(tool):
+            raise KsmlensError(f"{tool} not found (needed to build the kernel)",
+                               "run ./setup.sh, or apt-get install build-essential "
+                               "flex bison bc patch libelf-dev libssl-dev"
+                               + "".join(f" {t}" for t in extra))
+    if a.gcc != "gcc" and not shutil.which(a.gcc):
+        raise KsmlensError(f"{a.gcc} not found (the {a.name} cross compiler)",
+                           f"run `apt-get install {a.cross_package}` (./setup.sh does it)")
 
 
 def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = None,
@@ -348,7 +376,7 @@ def find_kernel(variant: str = DEFAULT_VARIANT, source: str | Source | None = No
     version, config and patches; None if it is not built.
     :class:`KsmlensError` for a variant that does not exist for that source."""
     if variant not in VARIANTS:      # an own tree (vm build --source): its record says
-        return find_own_kernel(variant)
+        return find_own_kernel(variant, arch)
     src = get_source(source)
     a = get_arch(arch)
     v = _variant_of(variant, src)
@@ -534,10 +562,13 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
     have, a missing package or cross compiler, a patch that does not apply or
     a failed build."""
     if variant not in VARIANTS:      # an own tree is built by owntree.build_own(DIR, ...)
-        k = find_kernel(variant)
+        k = find_kernel(variant, arch=arch)
         if k is None:
-            raise KsmlensError(f"own-tree variant {variant!r} is not built",
-                               f"run `ksmlens vm build --source DIR --variant {variant}`")
+            a = get_arch(arch)
+            flag = f" --arch {a.name}" if a is not X86_64 else ""
+            raise KsmlensError(f"own-tree variant {variant!r} is not built"
+                               + (f" for {a.name}" if flag else ""),
+                               f"run `ksmlens vm build --source DIR --variant {variant}{flag}`")
         return k
     src_rec = get_source(source)
     a = get_arch(arch)
@@ -551,14 +582,7 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
         if not quiet:
             print(f"ksmlens: {msg}", file=sys.stderr, flush=True)
 
-    for tool in ("make", "gcc", "flex", "bison", "bc", "patch"):
-        if not shutil.which(tool):
-            raise KsmlensError(f"{tool} not found (needed to build the kernel)",
-                               "run ./setup.sh, or apt-get install build-essential "
-                               "flex bison bc patch libelf-dev libssl-dev")
-    if a.gcc != "gcc" and not shutil.which(a.gcc):
-        raise KsmlensError(f"{a.gcc} not found (the {a.name} cross compiler)",
-                           f"run `apt-get install {a.cross_package}` (./setup.sh does it)")
+    require_tools(a)
     key = artifact_key(v, src_rec, a)
     root = cache_root()
     with BuildLock(root / "build.lock"):

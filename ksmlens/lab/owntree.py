@@ -24,6 +24,9 @@ make rebuilds only what changed), the ``make O=`` tree and the build live
 under ``<cache>/own/NAME/``; the artifacts in ``<cache>/kernels/NAME-KEY/``
 like the built-in variants'; the variant's record in
 ``<cache>/variants/NAME.json`` (:func:`ksmlens.kernel.variants.custom_variants`).
+``--arch arm64`` cross-builds the same tree: ``own/arm64-NAME/`` and
+``kernels/arm64-NAME-KEY/``, its key in the same record (one name is one tree
+and its patches, built for one architecture or both).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ksmlens.errors import KsmlensError
+from ksmlens.kernel.arch import X86_64, Arch, get_arch
 from ksmlens.kernel.variants import VARIANT_NAME, VARIANTS
 from ksmlens.lab import kbuild
 # finding an own tree's build is kbuild's (it finds every kernel); the names
@@ -330,19 +334,38 @@ def check_name(name: str) -> str:
     return name
 
 
-def own_dir(name: str) -> Path:
-    """``<cache>/own/NAME``: the copy (``src/``), the ``make O=`` tree
-    (``tree/``) and the stat cache of an own tree."""
-    return cache_root() / "own" / name
+def own_dir(name: str, arch: str | Arch | None = None) -> Path:
+    """``<cache>/own/NAME`` (``own/arm64-NAME`` for arm64): the copy
+    (``src/``), the ``make O=`` tree (``tree/``) and the stat cache of an
+    own tree built for ``arch`` (None: x86-64)."""
+    return cache_root() / "own" / f"{get_arch(arch).prefix}{name}"
 
 
-def write_record(name: str, record: dict) -> Path:
-    """Write ``<cache>/variants/NAME.json`` (atomically)."""
+# what makes two builds of one name the same tree: then the record keeps
+# each architecture's key; another tree or other patches start it anew
+_SAME_TREE = ("source_dir", "series", "version", "digest", "patches")
+
+
+def write_record(name: str, record: dict, arch: str | Arch | None = None) -> Path:
+    """Write ``<cache>/variants/NAME.json`` (atomically): the tree, its
+    patches and ``keys`` (architecture name -> the build's key, ``key`` is
+    x86-64's). A build of the same tree and patches for another
+    architecture adds its key; a different tree or patches replace the
+    record (the other architecture's build is then not this variant)."""
+    a = get_arch(arch)
     d = variants_root()
     d.mkdir(parents=True, exist_ok=True)
     p = d / f"{name}.json"
+    old = read_record(name) or {}
+    keys = {}
+    if all(old.get(k) == record.get(k) for k in _SAME_TREE):
+        keys = dict(old.get("keys") or ({X86_64.name: old["key"]} if old.get("key") else {}))
+    keys[a.name] = record["key"]
+    out = {"name": name, **{k: v for k, v in record.items() if k != "key"}, "keys": keys}
+    if X86_64.name in keys:
+        out["key"] = keys[X86_64.name]      # what a record before arm64 said
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"name": name, **record}, indent=2) + "\n")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(p)
     return p
 
@@ -352,12 +375,17 @@ def write_record(name: str, record: dict) -> Path:
 OWN_FORMAT = 1   # bump when the own-tree build changes what it produces
 
 
-def own_key(digest: dict, series: str, config: bytes, patches: list[Patch]) -> str:
+def own_key(digest: dict, series: str, config: bytes, patches: list[Patch],
+            arch: str | Arch | None = None) -> str:
     """The artifact key of an own tree: its content digest, its series, the
-    config fragments and every patch's diff (:attr:`Patch.diff`), in order."""
+    architecture (off x86-64, whose keys predate it), the config fragments
+    and every patch's diff (:attr:`Patch.diff`), in order."""
+    a = get_arch(arch)
     h = hashlib.sha256()
     h.update(f"own-format={OWN_FORMAT}\ntree={digest['kind']}:{digest['id']}\n"
              f"series={series}\n".encode())
+    if a is not X86_64:
+        h.update(f"arch={a.name}\n".encode())
     h.update(config)
     for p in patches:       # the diffs: one patch as a file or in an mbox is one key
         h.update(p.diff.encode() + b"\0")
@@ -365,16 +393,19 @@ def own_key(digest: dict, series: str, config: bytes, patches: list[Patch]) -> s
 
 
 def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = False,
-              jobs: int | None = None, quiet: bool = False, timings: dict | None = None):
+              jobs: int | None = None, quiet: bool = False, timings: dict | None = None,
+              arch: str | Arch | None = None):
     """Build the kernel tree ``source_dir`` with ``patch_files`` applied
     (:func:`read_patches`) and ksmlens's config, as variant ``name``
-    (``uname -r`` ends ``-ksmlens-NAME``), or find it in the cache by
-    content; returns its :class:`ksmlens.lab.kbuild.Kernel` and writes the
-    variant's record, so ``vm up --variant NAME`` boots it.
+    (``uname -r`` ends ``-ksmlens-NAME``) for ``arch`` (None: x86-64; arm64
+    cross-built with Debian's ``gcc-aarch64-linux-gnu`` and the arm64
+    fragment, like the lab's variants), or find it in the cache by content;
+    returns its :class:`ksmlens.lab.kbuild.Kernel` and writes the variant's
+    record, so ``vm up --variant NAME [--arch A]`` boots it.
 
     ``source_dir`` is never written: it is copied (``rsync -a --delete``,
-    ``.git`` left out) to ``<cache>/own/NAME/src``, patched there and built
-    out of tree in ``<cache>/own/NAME/tree``. ``timings`` (a dict) receives
+    ``.git`` left out) to :func:`own_dir` ``/src``, patched there and built
+    out of tree in :func:`own_dir` ``/tree``. ``timings`` (a dict) receives
     ``digest`` (s to hash the tree), ``digest_kind``, ``cache_hit``, ``copy``,
     ``build`` and ``total`` (s). Refused in one line: a version the config
     does not support, a tree built in place, a patch that does not apply, a
@@ -382,6 +413,7 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
     t0 = time.monotonic()
     timings = {} if timings is None else timings
     name = check_name(name)
+    a = get_arch(arch)
     src = Path(source_dir).resolve()
     series = check_version(src, list(kbuild.SOURCES))
     source = kbuild.get_source(series)
@@ -392,32 +424,28 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
                                f"give a clean tree (`make mrproper` in a copy of {src})")
     patches = read_patches(patch_files)
     config = b"".join(f.name.encode() + b"\0" + f.read_bytes()
-                      for f in kbuild.fragments(source))
-    work = own_dir(name)
+                      for f in kbuild.fragments(source, a))
+    work = own_dir(name, a)
     digest = tree_digest(src, stat_cache=work / "stat-cache.json")
     timings.update(digest=digest["seconds"], digest_kind=digest["kind"])
-    key = own_key(digest, series, config, patches)
+    key = own_key(digest, series, config, patches, a)
     record = {"source_dir": str(src), "series": series,
               "version": ".".join(map(str, tree_version(src))), "key": key,
               "digest": {k: digest[k] for k in ("kind", "id")},
               "patches": [{"name": p.name, "subject": p.subject, "sha": p.sha}
                           for p in patches]}
-    out = cache_root() / "kernels" / f"{name}-{key}"
+    out = cache_root() / "kernels" / f"{a.prefix}{name}-{key}"
 
     def log(msg):
         if not quiet:
             print(f"ksmlens: {msg}", file=sys.stderr, flush=True)
 
     if not force and (out / "meta.json").exists():
-        write_record(name, record)
+        write_record(name, record, a)
         timings.update(cache_hit=True, total=round(time.monotonic() - t0, 2))
-        return find_own_kernel(name)
+        return find_own_kernel(name, a)
     timings["cache_hit"] = False
-    for tool in ("make", "gcc", "flex", "bison", "bc", "patch", "rsync"):
-        if not shutil.which(tool):
-            raise KsmlensError(f"{tool} not found (needed to build the kernel)",
-                               "run ./setup.sh, or apt-get install build-essential "
-                               "flex bison bc patch rsync libelf-dev libssl-dev")
+    kbuild.require_tools(a, extra=("rsync",))
     with kbuild.BuildLock(cache_root() / "build.lock"):
         copy, tree = work / "src", work / "tree"
         copy.mkdir(parents=True, exist_ok=True)
@@ -437,32 +465,33 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
         tmp_out.mkdir(parents=True)
         tb = time.monotonic()
         with open(tmp_out / "build.log", "w", buffering=1) as logf:
-            kbuild.configure(copy, tree, source, logf, log)
-            prog = None if quiet else kbuild.Progress(name, None)
+            kbuild.configure(copy, tree, source, logf, log, a)
+            prog = None if quiet else kbuild.Progress(a.prefix + name, None)
             localversion = f"LOCALVERSION=-{name}"
             jobs = jobs or (os.cpu_count() or 1) + 1
-            log(f"building {name} ({src}) in {tree} (log: {out}/build.log)")
-            kbuild.make(copy, tree, [f"-j{jobs}", localversion, "bzImage"], logf, prog)
+            log(f"building {name} ({src}) for {a.name} in {tree} (log: {out}/build.log)")
+            kbuild.make(copy, tree, [f"-j{jobs}", localversion, a.image], logf, prog, a)
             if prog:
                 prog.show("done", end=True)
             release = subprocess.run(
-                ["make", "-s", f"O={tree}", "ARCH=x86_64", localversion, "kernelrelease"],
+                ["make", "-s", f"O={tree}", *a.make_args(), localversion, "kernelrelease"],
                 cwd=copy, capture_output=True, text=True, check=True).stdout.strip()
         timings["build"] = round(time.monotonic() - tb, 2)
-        for f, to in (("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"),
-                      (".config", "config")):
+        for f, to in ((a.image_path, a.image), ("vmlinux", "vmlinux"), (".config", "config")):
             shutil.copy2(tree / f, tmp_out / to)
-        meta = {"variant": name, "release": release, "key": key, "source": str(src),
+        meta = {"variant": name, "release": release, "key": key, "arch": a.name,
+                "source": str(src),
                 "source_name": series, "patches": record["patches"],
                 "digest": record["digest"], "build_seconds": timings["build"],
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp_out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp_out.rename(out)
-        for old in out.parent.glob(f"{name}-*"):      # superseded builds of this name
-            if old != out and not old.name.endswith(".tmp") and "-" not in old.name[len(name) + 1:]:
+        stem = f"{a.prefix}{name}-"
+        for old in out.parent.glob(f"{stem}*"):      # superseded builds of this name
+            if old != out and not old.name.endswith(".tmp") and "-" not in old.name[len(stem):]:
                 shutil.rmtree(old, ignore_errors=True)
-        write_record(name, record)
-        log(f"built {release} in {timings['build']} s: {out}")
+        write_record(name, record, a)
+        log(f"built {release} for {a.name} in {timings['build']} s: {out}")
     timings["total"] = round(time.monotonic() - t0, 2)
-    return find_own_kernel(name)
+    return find_own_kernel(name, a)

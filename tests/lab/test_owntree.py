@@ -205,3 +205,59 @@ def test_cli_build_source_arguments(tmp_path, monkeypatch, capsys):
     assert main(["vm", "build", "--source", str(old), "--variant", "mine"]) == 2
     err = capsys.readouterr().err
     assert "Linux 5.4.0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_tree_for_both_architectures(tmp_path, monkeypatch):
+    """One name is one tree and its patches: an arm64 build of the same tree
+    adds its key beside x86-64's, a different tree replaces the record."""
+    monkeypatch.setenv("KSMLENS_CACHE", str(tmp_path / "cache"))
+    rec = {"source_dir": "/src/linux", "series": "6.12", "version": "6.12.117",
+           "digest": {"kind": "git", "id": "t"}, "patches": []}
+    owntree.write_record("mine", dict(rec, key="aaa"))
+    assert kbuild.own_build_key(kbuild.read_record("mine"), "arm64") is None
+    owntree.write_record("mine", dict(rec, key="bbb"), "arm64")
+    r = kbuild.read_record("mine")
+    assert r["keys"] == {"x86_64": "aaa", "arm64": "bbb"} and r["key"] == "aaa"
+    for arch, key, image in (("x86_64", "aaa", "bzImage"), ("arm64", "bbb", "Image")):
+        prefix = "arm64-" if arch == "arm64" else ""
+        d = tmp_path / "cache" / "kernels" / f"{prefix}mine-{key}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"release": "6.12.117-ksmlens-mine"}))
+        k = kbuild.find_kernel("mine", arch=arch)
+        assert (k.arch, k.key, k.bzimage) == (arch, key, d / image)
+    # a record from before arm64 (one "key") is x86-64's
+    legacy = dict(rec, name="old", key="aaa")
+    (tmp_path / "cache" / "variants" / "old.json").write_text(json.dumps(legacy))
+    assert kbuild.own_build_key(kbuild.read_record("old")) == "aaa"
+    assert kbuild.own_build_key(kbuild.read_record("old"), "arm64") is None
+    # another tree under the same name: the arm64 build is not this variant
+    owntree.write_record("mine", dict(rec, source_dir="/src/other", key="ccc"))
+    r = kbuild.read_record("mine")
+    assert r["keys"] == {"x86_64": "ccc"}
+    assert kbuild.find_kernel("mine", arch="arm64") is None
+    with pytest.raises(KsmlensError, match=r"not built for arm64.*--variant mine --arch arm64"):
+        kbuild.build("mine", arch="arm64")
+
+
+def test_arm64_own_key_and_dirs_are_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("KSMLENS_CACHE", str(tmp_path / "cache"))
+    digest = {"kind": "git", "id": "t"}
+    x = owntree.own_key(digest, "6.12", b"cfg", [])
+    assert owntree.own_key(digest, "6.12", b"cfg", [], "x86_64") == x      # unchanged keys
+    assert owntree.own_key(digest, "6.12", b"cfg", [], "arm64") != x
+    assert owntree.own_dir("mine").name == "mine"
+    assert owntree.own_dir("mine", "arm64").name == "arm64-mine"
+
+
+def test_arm64_own_tree_without_cross_compiler_is_refused_before_any_copy(tmp_path, monkeypatch):
+    from ksmlens.cli import main
+    monkeypatch.setenv("KSMLENS_CACHE", str(tmp_path / "cache"))
+    real = shutil.which
+    monkeypatch.setattr(kbuild.shutil, "which",
+                        lambda t: None if t == "aarch64-linux-gnu-gcc" else real(t))
+    t = fake_tree(tmp_path / "t")
+    with pytest.raises(KsmlensError, match=r"aarch64-linux-gnu-gcc not found.*"
+                       r"apt-get install gcc-aarch64-linux-gnu"):
+        owntree.build_own(t, [], "mine", arch="arm64")
+    assert not (tmp_path / "cache" / "own" / "arm64-mine" / "src").exists()
+    assert not (tmp_path / "cache" / "kernels").exists()

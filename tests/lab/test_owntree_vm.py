@@ -139,3 +139,40 @@ def test_own_tree_boots_and_verify_names_rule_v3(built):
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         vm.down()
+
+
+@pytest.mark.arm64
+@pytest.mark.arm64_full
+def test_the_same_tree_cross_built_for_arm64_boots_and_verify_names_rule_v3(tree):
+    """The reviewer's tree and patch, ``vm build --source DIR --patch FILE
+    --arch arm64``: cross-built (a kernel of its own: in the full arm64 suite,
+    not CI), its key beside x86-64's in one record, booted on qemu-system-aarch64,
+    and found by experiment to unmap like v3, as on x86-64."""
+    from conftest import checked
+    top, patch, _ = tree
+    r = subprocess.run([sys.executable, "-m", "ksmlens", "vm", "build", "--source", str(top),
+                        "--patch", str(patch), "--variant", NAME, "--arch", "arm64"],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    k = kbuild.find_kernel(NAME, arch="arm64")
+    assert k is not None and k.arch == "arm64" and k.bzimage.name == "Image"
+    assert "built for arm64" in r.stderr or "found in the cache for arm64" in r.stderr
+    assert f"--variant {NAME} --arch arm64" in r.stderr and k.release in r.stdout
+    print(r.stderr.strip().splitlines()[-1])
+    assert variant_of_release(k.release) == NAME
+    name = f"{os.environ.get('KSMLENS_TEST_VM_PREFIX', 'test')}-own-arm64-{os.getpid()}"
+    vm = VM.up(name, NAME, numa=2, arch="arm64")
+    try:
+        assert vm.sh("uname -m; uname -r").split() == ["aarch64", k.release]
+        with ScenarioRun(vm, "mremap") as run:
+            for st in run.scenario.steps:
+                run.step(st.name)
+            rows, snap = checked(vm)
+            assert snap.kernel.arch == "arm64" and snap.kernel.variant == NAME
+            res = verify(vm)
+        print(verify_text(res))
+        assert res.rule is None and res.candidates == ["stock", "v3"]
+        assert {r["observed"] for r in res.rows} == {"stayed"}
+        assert res.matches == ["v3"] and res.agree
+    finally:
+        vm.down()

@@ -101,13 +101,15 @@ def test_explorer_on_saved_snapshots(tmp_path):
 
 
 @pytest.mark.vm
-def test_explorer_drives_a_real_lab(tmp_path):
+@pytest.mark.parametrize("arch", ["x86_64", pytest.param(
+    "arm64", marks=[pytest.mark.arm64, pytest.mark.arm64_full])])   # arm64: `pytest -m arm64`
+def test_explorer_drives_a_real_lab(tmp_path, arch):
     from conftest import boot
 
     import ksmlens.lab.ksmsys as ksmsys
     from ksmlens.lab.scenarios import ScenarioRun
 
-    vm = boot("union")
+    vm = boot("union", arch=None if arch == "x86_64" else arch)
     with ScenarioRun(vm, "mremap") as run:
         ex = Explorer(run)
         assert len(ex.frames) == 1 and ex.step_button.description == "step: merged"
