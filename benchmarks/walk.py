@@ -52,6 +52,16 @@ wait4()'s rusage (ru_maxrss of that child alone):
             resumed, otherwise). "speedup" = naive wall / the fastest of the
             json, columnar and vmcore walls (walk only: naive walk / its walk).
 
+  floor     this script's own ``--floor-child`` (issue 21): in one pause,
+            ksmlens's ``walk_paused()`` with every bulk read logged, then
+            the physical floor of the same state: the pages those reads
+            touched (slab pages of the rmap_items, stable nodes and mm
+            slots, page tables, struct pages) copied again alone,
+            consecutive pages in one read, and every rmap_item and stable
+            node decoded from that copy (one numpy gather per field);
+            floor = copy + decode. "near the floor" prints issue 21's
+            targets with each figure's ratio to it.
+
 Targets (issue 10), checked in the table's last column:
   1M:   end to end <= 15 s, guest paused <= 5 s, peak RSS <= 1 GB,
         file <= 100 MB; live and vmcore in the same range.
@@ -299,6 +309,104 @@ def naive_figure(target, vmlinux, *, limit=None, vm=None) -> dict:
     return fig
 
 
+# ---------------------------------------------------------------- the floor
+
+def floor_walk(target: str, vmlinux: str | None) -> dict:
+    """The physical floor of the same state (issue 21), in --floor-child: in
+    one pause (the guest stopped over QMP; a vmcore holds still), ksmlens's
+    paused walk (``walk_paused``, every read it makes through
+    ``ksmlens.lens.layout.Memory`` logged), then the floor:
+
+    * ``copy_all``: every 4 KiB page those reads touched (slab pages of
+      ``ksm_rmap_item``, ``ksm_stable_node`` and ``ksm_mm_slot``, page
+      tables, ``struct page``), read again into a fresh cache with nothing
+      else, consecutive pages in one read (up to 16 MB);
+    * ``copy_slab``: the slab pages of the rmap_items and stable nodes alone;
+    * ``decode``: from that copy, every rmap_item and stable node decoded
+      into arrays with one numpy gather per field (``Memory.gather``).
+
+    The floor is ``copy_all + decode``. Reads ksmlens makes through drgn
+    Objects (tasks, VMAs, anon_vma trees: a few per process or tree) are not
+    in it."""
+    import numpy as np
+
+    from ksmlens.lab.attach import attach
+    from ksmlens.lens import layout, snapshot
+
+    prog = attach(target, vmlinux=vmlinux)
+    vm = prog.cache.get("ksmlens_vm") if target.startswith("vm:") else None
+    q = vm.qmp(timeout=30) if vm is not None else None
+    reads: list[tuple[int, int]] = []
+    orig = layout.Memory.read
+
+    def logged(self, addr, size):
+        reads.append((addr, size))
+        return orig(self, addr, size)
+    page = np.uint64(4095)
+
+    def pages_of(addr, size):
+        first = addr & ~page
+        n = (((addr + size - np.uint64(1)) & ~page) - first) // np.uint64(4096) + np.uint64(1)
+        rep = np.repeat(first, n.astype(np.int64))
+        step = np.arange(rep.size, dtype=np.uint64) - np.repeat(
+            np.cumsum(n) - n, n.astype(np.int64)).astype(np.uint64)
+        return np.unique(rep + step * np.uint64(4096))
+
+    def copy(pages):
+        mem = layout.Memory(prog)
+        t = time.monotonic()
+        mem.prefetch(pages, max_run=4096)
+        return mem, time.monotonic() - t
+    try:
+        if q is not None:
+            q.stop()
+        layout.Memory.read = logged
+        t = time.monotonic()
+        raw = snapshot.walk_paused(prog)
+        walk = time.monotonic() - t
+        layout.Memory.read = orig
+        L = layout.Layout(prog)
+        ra = np.array([r[0] for r in reads], dtype=np.uint64)
+        rs = np.array([r[1] for r in reads], dtype=np.uint64)
+        every = pages_of(ra, rs)
+        objs = np.concatenate([raw.items["addr"], raw.nodes["addr"]]).astype(np.uint64)
+        sizes = np.concatenate([np.full(raw.items["addr"].size, L.item_size, np.uint64),
+                                np.full(raw.nodes["addr"].size, L.node_size, np.uint64)])
+        slab = pages_of(objs, sizes)
+        mem, slab_s = copy(slab)
+        del mem
+        mem, all_s = copy(every)
+        t = time.monotonic()
+        mem.gather(raw.items["addr"], L.item_size, L.item_dtype)
+        mem.gather(raw.nodes["addr"], L.node_size, L.node_dtype)
+        decode = time.monotonic() - t
+        copied = len(mem.arena)
+    finally:
+        layout.Memory.read = orig
+        if q is not None:
+            q.cont()
+            q.close()
+    return {"items": int(raw.items["addr"].size), "nodes": int(raw.nodes["addr"].size),
+            "walk_s": walk, "walk_reads": len(reads), "pages": int(every.size),
+            "copy_mb": copied / MB, "copy_all_s": all_s, "copy_reads": mem.reads,
+            "slab_pages": int(slab.size), "copy_slab_s": slab_s, "decode_s": decode,
+            "floor_s": all_s + decode}
+
+
+def floor_figure(target, vmlinux, vm=None) -> dict:
+    argv = [sys.executable, __file__, "--floor-child", target]
+    if vmlinux:
+        argv += ["--vmlinux", vmlinux]
+    r = run_child(argv, on_timeout=lambda: resume_guest(vm))
+    fig = {"wall_s": r["wall_s"], "rss_mb": r["rss_mb"]}
+    if r["timed_out"] or r["rc"]:
+        fig["error"] = "stopped (--figure-limit)" if r["timed_out"] else \
+            (last_line(r["stderr"]) or f"exit {r['rc']}")
+    else:
+        fig.update(json.loads(last_line(r["stdout"])))
+    return fig
+
+
 def cost_child(path) -> dict:
     """``walk_cost`` of a saved snapshot, each walk kind alone (what ``ksmlens
     cost --walk K`` computes), then every kind at once (runs in --cost-child)."""
@@ -447,11 +555,66 @@ def print_table(n: int | None, figs: dict) -> None:
         if js.get("walk_s"):
             row("speedup vs naive (walk only)", "speedup", nv["walk_s"] / js["walk_s"], None,
                 better="ge", unit="x")
-    w = [max(len(r[i]) for r in rows + [("figure", "measured", "target", "met?")])
-         for i in range(4)]
-    for r in [("figure", "measured", "target", "met?")] + rows:
+    fl = figs.get("floor")
+    if fl and not fl.get("error"):
+        row(f"floor: copy {fl['pages']} pages ({fl['copy_mb']:.0f} MB, {fl['copy_reads']} "
+            "reads)", "floor", fl["copy_all_s"], None, unit=" s")
+        row(f"floor: copy the {fl['slab_pages']} rmap_item + stable node slab pages alone",
+            "floor", fl["copy_slab_s"], None, unit=" s")
+        row("floor: decode every rmap_item and stable node", "floor", fl["decode_s"], None,
+            unit=" s")
+        row("floor: copy + decode", "floor", fl["floor_s"], None, unit=" s")
+        row(f"walk_paused() in the same pause ({fl['walk_reads']} reads)", "floor",
+            fl["walk_s"], None, unit=" s")
+    elif fl:
+        rows.append(("floor", fl["error"][:80], "", "NO"))
+    _print_rows(rows)
+    near_the_floor(n, figs)
+
+
+def _print_rows(rows, head=("figure", "measured", "target", "met?")) -> None:
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
         print("  " + "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i])
                                for i, c in enumerate(r)))
+
+
+# issue 21: close to the limit. (figure, attribute) -> target, per size
+TARGETS_21 = {
+    1_000_000: {("json", "paused_s"): 1.0, ("columnar", "wall_s"): 3.0,
+                ("columnar", "rss_mb"): 512.0, ("json", "wall_s"): 15.0,
+                ("json", "rss_mb"): 1024.0},
+    100_000: {("columnar", "wall_s"): 0.5, ("json", "wall_s"): 1.5},
+}
+_NAMES_21 = {("json", "paused_s"): "guest paused (snapshot -o X.json)",
+             ("columnar", "wall_s"): "end to end, snapshot -o X.arrow",
+             ("columnar", "rss_mb"): "peak RSS, snapshot -o X.arrow",
+             ("json", "wall_s"): "end to end, snapshot -o X.json",
+             ("json", "rss_mb"): "peak RSS, snapshot -o X.json",
+             ("live", "wall_s"): "end to end, snapshot --mode live",
+             ("vmcore", "wall_s"): "end to end, snapshot of the vmcore"}
+
+
+def near_the_floor(n: int | None, figs: dict) -> None:
+    """Issue 21's table: each figure, its target at this size, and its
+    ratio to the floor of the same state (copy + decode, ``floor_walk``)."""
+    fl = figs.get("floor")
+    floor = fl["floor_s"] if fl and not fl.get("error") else None
+    tg = TARGETS_21.get(n, {}) if n else {}
+    rows = []
+    for (key, attr), name in _NAMES_21.items():
+        f = figs.get(key)
+        if not f or f.get("error") or f.get(attr) is None:
+            continue
+        v, limit = f[attr], tg.get((key, attr))
+        unit = " MB" if attr == "rss_mb" else " s"
+        ratio = f"{v / floor:.1f}x" if floor and unit == " s" else "-"
+        rows.append((name, fmt(v, unit), "-" if limit is None else f"<= {limit:g}{unit}",
+                     "-" if limit is None else ("yes" if v <= limit else "NO"), ratio))
+    if not rows:
+        return
+    print(f"  near the floor (issue 21; floor = copy + decode = {fmt(floor, ' s')}):")
+    _print_rows(rows, ("figure", "measured", "target", "met?", "x floor"))
 
 
 def profile(args, out: Path) -> None:
@@ -498,6 +661,9 @@ def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=30
         print(f"  live: {figs['live']}", flush=True)
     target = target_args[target_args.index("--target") + 1] if "--target" in target_args \
         else f"vm:{vm.name}"
+    if "floor" not in skip:
+        figs["floor"] = floor_figure(target, vmlinux, vm=vm)
+        print(f"  floor: {figs['floor']}", flush=True)
     if "naive" in skip:
         pass
     elif n is None or n <= 100_000 or naive_est is None or naive_est < naive_limit:
@@ -580,7 +746,7 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile the json snapshot (sizes <= 200k)")
     ap.add_argument("--skip", default="", type=lambda s: set(filter(None, s.split(","))),
-                    help="figures to leave out: json,columnar,cost,live,vmcore,naive")
+                    help="figures to leave out: json,columnar,cost,live,vmcore,naive,floor")
     ap.add_argument("--mem-cap", type=int, default=LIMITS["mem_cap_mb"], metavar="MB",
                     help="address-space cap of each measured process (default 10240): a "
                          "figure over it reads 'MemoryError at the cap'")
@@ -588,12 +754,16 @@ def main():
                     help="stop a measured process after S seconds (default 900)")
     ap.add_argument("--naive-child", metavar="TARGET", help=argparse.SUPPRESS)
     ap.add_argument("--cost-child", metavar="FILE", help=argparse.SUPPRESS)
+    ap.add_argument("--floor-child", metavar="TARGET", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.naive_child:
         print(json.dumps(naive_walk(a.naive_child, a.vmlinux)))
         return
     if a.cost_child:
         print(json.dumps(cost_child(a.cost_child)))
+        return
+    if a.floor_child:
+        print(json.dumps(floor_walk(a.floor_child, a.vmlinux)))
         return
     LIMITS.update(mem_cap_mb=a.mem_cap, figure_s=a.figure_limit)
     KEEP_DIR.mkdir(parents=True, exist_ok=True)
