@@ -110,7 +110,7 @@ def _table(out: str, header: str) -> list[list[str]]:
 
 # the same views on the arm64 lab (its kernel read from this x86-64 host): in
 # the full arm64 suite, `pytest -m arm64`
-ARCHES = ["x86_64", pytest.param("arm64", marks=[pytest.mark.arm64, pytest.mark.arm64_full])]
+ARCHES = ["x86_64", pytest.param("arm64", marks=[pytest.mark.arm64, pytest.mark.full])]
 
 
 @pytest.fixture(scope="class", params=ARCHES)

@@ -102,7 +102,7 @@ def test_explorer_on_saved_snapshots(tmp_path):
 
 @pytest.mark.vm
 @pytest.mark.parametrize("arch", ["x86_64", pytest.param(
-    "arm64", marks=[pytest.mark.arm64, pytest.mark.arm64_full])])   # arm64: `pytest -m arm64`
+    "arm64", marks=[pytest.mark.arm64, pytest.mark.full])])   # arm64: `pytest -m arm64`
 def test_explorer_drives_a_real_lab(tmp_path, arch):
     from conftest import boot
 
