@@ -341,9 +341,10 @@ def own_dir(name: str, arch: str | Arch | None = None) -> Path:
     return cache_root() / "own" / f"{get_arch(arch).prefix}{name}"
 
 
-# what makes two builds of one name the same tree: then the record keeps
-# each architecture's key; another tree or other patches start it anew
-_SAME_TREE = ("source_dir", "series", "version", "digest", "patches")
+# what makes two builds of one name the same tree (its content, not its
+# path: the same tarball unpacked elsewhere is the same tree): then the
+# record keeps each architecture's key; other content or patches start it anew
+_SAME_TREE = ("series", "digest", "patches")
 
 
 def write_record(name: str, record: dict, arch: str | Arch | None = None) -> Path:

@@ -230,8 +230,11 @@ def test_one_tree_for_both_architectures(tmp_path, monkeypatch):
     (tmp_path / "cache" / "variants" / "old.json").write_text(json.dumps(legacy))
     assert kbuild.own_build_key(kbuild.read_record("old")) == "aaa"
     assert kbuild.own_build_key(kbuild.read_record("old"), "arm64") is None
+    # the same content elsewhere is the same tree: both keys stay
+    owntree.write_record("mine", dict(rec, source_dir="/tmp/unpacked", key="aaa"))
+    assert kbuild.read_record("mine")["keys"] == {"x86_64": "aaa", "arm64": "bbb"}
     # another tree under the same name: the arm64 build is not this variant
-    owntree.write_record("mine", dict(rec, source_dir="/src/other", key="ccc"))
+    owntree.write_record("mine", dict(rec, digest={"kind": "git", "id": "u"}, key="ccc"))
     r = kbuild.read_record("mine")
     assert r["keys"] == {"x86_64": "ccc"}
     assert kbuild.find_kernel("mine", arch="arm64") is None
