@@ -50,7 +50,8 @@ __all__ = ["VARIANTS", "DEFAULT_VARIANT", "Variant", "Kernel", "BuildLock", "get
            "Source", "SOURCES", "DEFAULT_SOURCE", "get_source", "default_variant", "patch_files",
            "fragments", "merged_lines", "kconfig_symbols", "unset_lines",
            "find_kernel", "build", "make", "configure", "Progress", "source_tarball", "source_version", "variant_of_release",
-           "read_record", "find_own_kernel", "own_build_key", "require_tools"]
+           "read_record", "find_own_kernel", "own_build_keys", "own_build_key", "own_kernel_dir",
+           "publish_build", "require_tools"]
 
 BUILD_FORMAT = 1  # bump when the build procedure changes what it produces
 
@@ -326,13 +327,32 @@ def read_record(name: str) -> dict | None:
         return None
 
 
-def own_build_key(record: dict, arch: str | Arch | None = None) -> str | None:
-    """The key of an own tree's build for ``arch`` (None: x86-64) from its
-    record: ``keys[arch]``; a record written before arm64 had only ``key``
-    (x86-64's)."""
-    a = get_arch(arch)
+def own_build_keys(record: dict) -> dict[str, str]:
+    """An own tree's builds from its record: architecture name -> key
+    (``keys``; a record written before arm64 had only ``key``, x86-64's)."""
     keys = record.get("keys") or ({X86_64.name: record["key"]} if record.get("key") else {})
-    return keys.get(a.name)
+    return dict(keys)
+
+
+def own_build_key(record: dict, arch: str | Arch | None = None) -> str | None:
+    """The key of an own tree's build for ``arch`` (None: x86-64), or None."""
+    return own_build_keys(record).get(get_arch(arch).name)
+
+
+def own_kernel_dir(name: str, key: str, arch: str | Arch | None = None) -> Path:
+    """``<cache>/kernels/[arm64-]NAME-KEY``: an own tree's build artifacts."""
+    return cache_root() / "kernels" / f"{get_arch(arch).prefix}{name}-{key}"
+
+
+def publish_build(tmp_out: Path, out: Path, stem: str) -> None:
+    """Move a finished build from ``tmp_out`` to ``out`` and remove the
+    builds it supersedes: ``out``'s siblings named ``STEM<key>`` (a key has
+    no '-', so another source's or variant's names never match)."""
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    for old in out.parent.glob(f"{stem}*"):
+        if old != out and not old.name.endswith(".tmp") and "-" not in old.name[len(stem):]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_own_kernel(name: str, arch: str | Arch | None = None) -> Kernel | None:
@@ -346,7 +366,7 @@ def find_own_kernel(name: str, arch: str | Arch | None = None) -> Kernel | None:
     key = own_build_key(rec, a) if rec else None
     if not key:
         return None
-    d = cache_root() / "kernels" / f"{a.prefix}{name}-{key}"
+    d = own_kernel_dir(name, key, a)
     if not (d / "meta.json").exists():
         return None
     m = json.loads((d / "meta.json").read_text())
@@ -621,15 +641,9 @@ def build(variant: str = DEFAULT_VARIANT, *, source: str | Source | None = None,
                 "build_seconds": round(time.monotonic() - t0, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp_out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp_out.rename(out)
         # superseded builds of this variant from this source (another source's
-        # names start with its own prefix, and a key has no '-')
-        stem = f"{a.prefix}{src_rec.prefix}{v.name}-"
-        for old in out.parent.glob(f"{stem}*"):
-            if old != out and not old.name.endswith(".tmp") \
-                    and "-" not in old.name[len(stem):]:
-                shutil.rmtree(old, ignore_errors=True)
+        # names start with its own prefix)
+        publish_build(tmp_out, out, f"{a.prefix}{src_rec.prefix}{v.name}-")
         log(f"built {release} in {meta['build_seconds']}s: {out}")
     k = find_kernel(variant, src_rec, a)
     assert k is not None

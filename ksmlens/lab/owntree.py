@@ -360,7 +360,7 @@ def write_record(name: str, record: dict, arch: str | Arch | None = None) -> Pat
     old = read_record(name) or {}
     keys = {}
     if all(old.get(k) == record.get(k) for k in _SAME_TREE):
-        keys = dict(old.get("keys") or ({X86_64.name: old["key"]} if old.get("key") else {}))
+        keys = kbuild.own_build_keys(old)
     keys[a.name] = record["key"]
     out = {"name": name, **{k: v for k, v in record.items() if k != "key"}, "keys": keys}
     if X86_64.name in keys:
@@ -435,7 +435,7 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
               "digest": {k: digest[k] for k in ("kind", "id")},
               "patches": [{"name": p.name, "subject": p.subject, "sha": p.sha}
                           for p in patches]}
-    out = cache_root() / "kernels" / f"{a.prefix}{name}-{key}"
+    out = kbuild.own_kernel_dir(name, key, a)
 
     def log(msg):
         if not quiet:
@@ -486,12 +486,7 @@ def build_own(source_dir, patch_files=(), name: str = "mine", *, force: bool = F
                 "digest": record["digest"], "build_seconds": timings["build"],
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp_out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp_out.rename(out)
-        stem = f"{a.prefix}{name}-"
-        for old in out.parent.glob(f"{stem}*"):      # superseded builds of this name
-            if old != out and not old.name.endswith(".tmp") and "-" not in old.name[len(stem):]:
-                shutil.rmtree(old, ignore_errors=True)
+        kbuild.publish_build(tmp_out, out, f"{a.prefix}{name}-")   # and drop superseded ones
         write_record(name, record, a)
         log(f"built {release} for {a.name} in {timings['build']} s: {out}")
     timings["total"] = round(time.monotonic() - t0, 2)

@@ -264,3 +264,15 @@ def test_arm64_own_tree_without_cross_compiler_is_refused_before_any_copy(tmp_pa
         owntree.build_own(t, [], "mine", arch="arm64")
     assert not (tmp_path / "cache" / "own" / "arm64-mine" / "src").exists()
     assert not (tmp_path / "cache" / "kernels").exists()
+
+
+def test_a_finished_build_replaces_only_what_it_supersedes(tmp_path):
+    k = tmp_path / "kernels"
+    for d in ("mine-old1", "mine-new.tmp", "mine-x-old", "arm64-mine-a", "mine2-b"):
+        (k / d).mkdir(parents=True)
+    (k / "mine-new.tmp" / "meta.json").write_text("{}")
+    kbuild.publish_build(k / "mine-new.tmp", k / "mine-new", "mine-")
+    # mine-old1 is superseded; another variant, architecture or name stays
+    assert sorted(p.name for p in k.iterdir()) == ["arm64-mine-a", "mine-new", "mine-x-old",
+                                                  "mine2-b"]
+    assert (k / "mine-new" / "meta.json").exists()
