@@ -96,8 +96,6 @@ sys.path.insert(0, str(ROOT))
 MB = 1 << 20
 LIMITS = {"mem_cap_mb": 10240, "figure_s": 900.0}   # set from --mem-cap / --figure-limit
 KEEP_DIR = Path(os.path.expanduser("~/.cache/ksmlens-bench"))
-MERGE_KNOBS = {"advisor_mode": "none", "pages_to_scan": 100000, "sleep_millisecs": 0, "run": 1}
-REST_KNOBS = {"pages_to_scan": 100, "sleep_millisecs": 20}   # mm/ksm.c's defaults
 
 # (figure, size) -> target; the unit is in the figure's name.
 TARGETS = {
@@ -441,48 +439,12 @@ def cost_figure(path: Path) -> dict:
 
 # ---------------------------------------------------------------- guest
 
-def guest_memory_mb(n: int) -> int:
-    return 8192 if n >= 1_000_000 else max(2048, n * 4096 * 2 // MB + 1024)
-
-
 def prepare_guest(vm, n: int) -> tuple[int, dict]:
     """Start the workload (2 x n/2 pairwise identical pages) and let ksmd
-    merge them; returns (workload handle, prep seconds)."""
-    from ksmlens.lab import ksmsys
-    from ksmlens.lab.scenarios import workload_binary
-    from ksmlens.errors import KsmlensError
-    half = n // 2
-    before = ksmsys.read_counters(vm)
-    if before["pages_shared"] or before["pages_sharing"]:
-        raise KsmlensError(f"the fresh guest already has KSM pages ({before['pages_shared']})",
-                           "boot a clean VM")
-    t = time.monotonic()
-    h = vm.spawn([vm.guest_path(workload_binary(arch=vm.arch)), "merge", "--procs", "2",
-                  "--pages", str(half),
-                  "--distinct", str(half)])["handle"]
-    first = vm.send(h, None, timeout=3600)
-    if not (first.get("line") or "").startswith("ready "):
-        err = (first.get("stderr") or "").strip().splitlines()
-        raise KsmlensError(f"workload did not start: {err[-1] if err else first}", "")
-    fill = time.monotonic() - t
-    print(f"  fill: 2 x {half} pages written in {fill:.0f} s", flush=True)
-    ksmsys.set_knobs(vm, **MERGE_KNOBS)
-    t = time.monotonic()
-    last = [t]
-
-    def merged(c):
-        if time.monotonic() - last[0] > 60:
-            last[0] = time.monotonic()
-            print(f"    {time.monotonic() - t:.0f} s: full_scans {c['full_scans']} "
-                  f"pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
-                  f"unshared {c['pages_unshared']}", flush=True)
-        return c["pages_shared"] == half and c["pages_sharing"] == half
-    c = ksmsys.wait_until(vm, merged, timeout=4 * 3600, what=f"{half} pairs merged", poll=2)
-    merge = time.monotonic() - t
-    ksmsys.set_knobs(vm, **REST_KNOBS)
-    print(f"  merge: pages_shared {c['pages_shared']} pages_sharing {c['pages_sharing']} "
-          f"after {merge:.0f} s ({c['full_scans']} full scans)", flush=True)
-    return h, {"fill_s": fill, "merge_s": merge}
+    merge them (:func:`ksmlens.lab.bigstate.merge_pairs`); returns
+    (workload handle, prep seconds)."""
+    from ksmlens.lab.bigstate import merge_pairs
+    return merge_pairs(vm, n, say=lambda text: print("  " + text, flush=True))
 
 
 # ---------------------------------------------------------------- table
@@ -680,8 +642,9 @@ def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=30
 
 
 def run_size(n, a, naive_rate) -> dict:
+    from ksmlens.lab import bigstate
     from ksmlens.lab.vm import VM
-    mem = guest_memory_mb(n)
+    mem = bigstate.guest_memory_mb(n)
     name = f"bench-walk-{n}" + ("" if a.arch == "x86_64" else f"-{a.arch}")
     print(f"N={n}: booting {a.variant} ({a.arch}) with {mem} MB, 2 vCPUs", flush=True)
     t = time.monotonic()

@@ -163,3 +163,27 @@ def fresh():
     finally:
         for vm in vms:
             vm.down(quiet=True)
+
+
+def walks_agree(vm, prog, both: bool = False):
+    """In one pause of ``vm``, the paused walk by pointers and by a copy of
+    the slabs (ksmlens.lens.slabscan) must read the same Raw; returns it
+    (the slab-scan one; ``both=True``: the pair, pointers first). Both take
+    every rmap_item and stable node the kernel links, so a list or tree
+    either walk got wrong shows here."""
+    import pickle
+    from ksmlens.lens.snapshot import walk_paused
+    with vm.paused():
+        a = walk_paused(prog, slab_scan=False)
+        b = walk_paused(prog, slab_scan=True)
+    assert not a.meta["slab_scan"] and b.meta["slab_scan"]
+    assert a.races == b.races     # a half-done update (a pause lands anywhere) alike
+    for part in ("items", "nodes", "cand"):
+        x, y = getattr(a, part), getattr(b, part)
+        assert x.keys() == y.keys(), part
+        for k in x:
+            assert pickle.dumps(x[k]) == pickle.dumps(y[k]), (part, k)
+    assert pickle.dumps(a.slots) == pickle.dumps(b.slots)
+    assert a.anon_vmas == b.anon_vmas and a.kernel == b.kernel
+    assert a.counters == b.counters and a.scan == b.scan
+    return (a, b) if both else b

@@ -44,7 +44,7 @@ from ksmlens.kernel.rules import RULES
 
 __all__ = ["column_values", "SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot",
            "ITEM_COLUMNS", "NODE_COLUMNS", "SLOT_COLUMNS", "MAPPING_COLUMNS",
-           "ORPHAN_COLUMNS"]
+           "ORPHAN_COLUMNS", "NODE_DERIVED", "mapping_dicts"]
 
 SCHEMA = "ksmlens-snapshot/4"  # 2: anon_vma trees, walk replay, walk_rule
                                # 3: page tables per item (pte, pfn, page_ksm,
@@ -252,7 +252,7 @@ ORPHAN_COLUMNS = {"node": _STR, "pid": "Int64", "comm": _STR, "mm": _STR, "addre
 
 # record fields that are not columns (derived, or nested in JSON)
 _ITEM_NESTED = ("walk",)
-_NODE_DERIVED = ("items", "dups", "mappings", "unmappable_under", "orphan_mappings")
+NODE_DERIVED = ("items", "dups", "mappings", "unmappable_under", "orphan_mappings")
 _SLOT_DERIVED = ("items",)
 
 
@@ -472,7 +472,7 @@ def _items_table(items: list[RmapItem]) -> pd.DataFrame:
 
 
 def _nodes_table(nodes: list[StableNode]) -> pd.DataFrame:
-    names = [f.name for f in fields(StableNode) if f.name not in _NODE_DERIVED]
+    names = [f.name for f in fields(StableNode) if f.name not in NODE_DERIVED]
     data = {n: [getattr(x, n) for x in nodes] for n in names}
     for r in RULES:
         data[f"unmappable_{r}"] = np.array([r in x.unmappable_under for x in nodes], dtype=bool)
@@ -514,7 +514,7 @@ def _item_records(df: pd.DataFrame) -> list[RmapItem]:
 
 def _node_records(snap: Snapshot, mappings: bool = True) -> list[StableNode]:
     df = snap.stable_nodes
-    names = [f.name for f in fields(StableNode) if f.name not in _NODE_DERIVED]
+    names = [f.name for f in fields(StableNode) if f.name not in NODE_DERIVED]
     cols = {n: column_values(df, n) for n in names}
     unm = {r: df[f"unmappable_{r}"].tolist() for r in RULES}
     # items per node, in hlist order
@@ -524,7 +524,10 @@ def _node_records(snap: Snapshot, mappings: bool = True) -> list[StableNode]:
     for i, k, c in zip(cols["id"], cols["kind"], cols["chain"]):
         if k == "dup" and c is not None:
             dups_of.setdefault(c, []).append(i)
-    maps_of = _rows_by(snap.mappings, "node", _mapping_dict) if mappings else {}
+    maps_of: dict = {}
+    if mappings:
+        for node, d in zip(column_values(snap.mappings, "node"), mapping_dicts(snap.mappings)):
+            maps_of.setdefault(node, []).append(d)
     orph_of = {} if not mappings else _rows_by(snap.orphans, "node",
                        lambda r: {"pid": r["pid"], "comm": r["comm"], "mm": r["mm"],
                                   "address": r["address"]})
@@ -563,10 +566,15 @@ def _ids_by(df: pd.DataFrame, key: str, order: str | None = None) -> dict:
     return {names[c[a]]: ids[a:b].tolist() for a, b in zip(starts, ends)}
 
 
-def _mapping_dict(r: dict) -> dict:
-    d = {k: r[k] for k in MAPPING_COLUMNS if k != "node" and not k.startswith("found_")}
-    d["found"] = {x: r[f"found_{x}"] for x in RULES}
-    return d
+def mapping_dicts(rows: pd.DataFrame) -> list[dict]:
+    """Each row of a ``mappings`` table as :attr:`StableNode.mappings` and the
+    JSON contract have it (``found`` nested: ``{rule: bool | None}``),
+    built column-wise."""
+    names = [k for k in MAPPING_COLUMNS if k != "node" and not k.startswith("found_")]
+    cols = [column_values(rows, c) for c in names]
+    found = [dict(zip(RULES, f)) for f in zip(*(column_values(rows, f"found_{r}")
+                                                for r in RULES))]
+    return [dict(zip(names + ["found"], row)) for row in zip(*cols, found)]
 
 
 def _rows_by(df: pd.DataFrame, key: str, make) -> dict:

@@ -305,7 +305,8 @@ def _arch_facts(prog: Program) -> tuple[str, int]:
     return a.name, 56 if l5 else 47
 
 
-def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw:
+def walk_paused(prog: Program, *, live: bool = False, pages: bool = True,
+                slab_scan: bool | None = None) -> Raw:
     """Read everything a snapshot needs, as arrays (run while the target
     holds still; :func:`finish` turns it into tables). Follows
     ``ksm_mm_head`` (every ``ksm_mm_slot`` and its ``rmap_list``), the
@@ -313,7 +314,14 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     ``migrate_nodes``, each KSM mm's VMAs and page tables, the ``struct
     page`` of every mapped and every KSM pfn, the anon_vma interval trees
     of stable rmap_items, and the pairs ``rmap_walk_ksm()`` would visit
-    with whether a PTE maps the page there."""
+    with whether a PTE maps the page there.
+
+    ``slab_scan``: find the lists' nodes by copying every slab of
+    ``rmap_item_cache`` and ``stable_node_cache`` first and ordering the
+    copy with array operations (:mod:`ksmlens.lens.slabscan`), True; chase
+    them pointer by pointer, False; None (the default) scans when the
+    memmap it reads is at most :data:`SCAN_RATIO` times the slabs' bytes
+    the counters predict. Both give the same Raw (tested)."""
     w = _Walker(prog, live)
     L, mem, shift = w.L, w.mem, w.shift
     kernel = _kernel_info(prog, L, shift)
@@ -333,9 +341,9 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
         from drgn.helpers.linux.mm import pfn_to_page
         vmemmap = pfn_to_page(prog, 0).value_()
 
-    # ---- mm slots: their fields, VMAs, and the addresses of their rmap_items
+    # ---- mm slots: their fields and VMAs, and the first rmap_item of each
     head = prog["ksm_mm_head"].address_ + L.s_mm_node
-    slots, item_addrs = [], []
+    slots, firsts = [], []
     for pos in w.follow(mem.u64(head) or 0, 0, stop=head):
         slot_addr = pos - L.s_mm_node
         b = mem.read(slot_addr, L.slot_size)
@@ -359,13 +367,18 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
                  "mm_ksm_zero_pages": None, "mm_users": None}
             pgd = 0
         alive = bool(f["mm_users"])     # ksm_test_exit(): VMAs and page tables are gone
-        addrs = w.follow(first, L.i["rmap_list"])
-        item_addrs.append(np.frombuffer(addrs, dtype=np.uint64) if len(addrs) else
-                          np.zeros(0, np.uint64))
+        firsts.append(first)
         slots.append(dict(f, id=slot_addr, mm=mm, pid=procs[0][0] if procs else None,
                           comm=procs[0][1] if procs else None, pids=[p for p, _ in procs],
-                          rmap_items=len(addrs), alive=alive, pgd=pgd if alive else 0,
+                          rmap_items=0, alive=alive, pgd=pgd if alive else 0,
                           vmas=w.vmas(mm) if mm and alive else np.zeros(0, _VMA_DTYPE)))
+
+    # ---- each slot's rmap_list: from a copy of the rmap_item slabs where the
+    # memmap is small beside them (slabscan), else pointer by pointer
+    slabs = _slab_scan(w, counters, slab_scan)
+    item_addrs = _rmap_lists(w, firsts, slabs)
+    for s, a in zip(slots, item_addrs):
+        s["rmap_items"] = a.size
 
     # ---- every rmap_item, decoded at once
     n_per = np.array([s["rmap_items"] for s in slots], dtype=np.int64)
@@ -389,7 +402,7 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
                 s["ksm_zero_pages"] = None
 
     # ---- the stable trees, chains, dups and migrate_nodes
-    nodes = _walk_stable_tree(w, kernel, vmemmap)
+    nodes = _walk_stable_tree(w, kernel, vmemmap, slabs)
     _link_hlists(w, items, nodes)
 
     # ---- anon_vma trees of the stable items, and the rmap_walk_ksm() pairs
@@ -406,10 +419,100 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True) -> Raw
     raw.meta["ksmd"] = _ksmd_state(prog)
     raw.meta["races"] = dict(w.races)
     raw.meta["reads"] = mem.reads
+    raw.meta["slab_scan"] = slabs is not None
     raw.races = dict(w.races)
     del w, mem, pt
     release_memory()
     return raw
+
+
+#: walk_paused(slab_scan=None) scans the memmap when it is at most this many
+#: times the bytes of the rmap_item and stable node slabs the counters
+#: predict: reading it costs about what chasing that many bytes' pointers does
+SCAN_RATIO = 16
+
+
+def _slab_scan(w: _Walker, counters: dict, want: bool | None) -> dict | None:
+    """The object addresses of every slab of ``rmap_item_cache`` and
+    ``stable_node_cache`` (``{"items": array, "nodes": array}``, each sorted
+    uint64), or None to chase pointers: ``want`` False, a kernel without
+    ``struct slab`` (before 5.17) or a virtual memmap (``vmemmap``), or
+    (``want`` None) a memmap larger than :data:`SCAN_RATIO` times the
+    slabs. ``meta["slab_scan"]`` says which the walk did."""
+    from ksmlens.lens import slabscan
+    if want is False:
+        return None
+    prog, L = w.prog, w.L
+    layout = slabscan.slab_layout(prog)
+    try:
+        caches = [prog["rmap_item_cache"], prog["stable_node_cache"]]
+        prog["vmemmap"]     # SPARSEMEM_VMEMMAP: the memmap is one array to read
+    except LookupError:
+        layout = None
+    if layout is None:
+        return None
+    if want is None:
+        nodes = (counters.get("pages_shared", 0) + counters.get("stable_node_chains", 0)
+                 + counters.get("stable_node_dups", 0))
+        slabs = counters.get("rmap_items", 0) * L.item_size + nodes * L.node_size
+        if slabscan.memmap_bytes(prog) > SCAN_RATIO * slabs:
+            return None
+    found = slabscan.slab_objects(prog, caches, w.mem.read, layout)
+    return {"items": found[caches[0].value_()], "nodes": found[caches[1].value_()]}
+
+
+def _prefetch_objects(mem: Memory, addrs: np.ndarray, size: int) -> None:
+    """Copy the pages under objects ``addrs`` into ``mem``'s cache, runs of
+    consecutive pages (up to 16 MiB) in one read each."""
+    mask = _U(0xFFF)
+    first = addrs & ~mask
+    last = (addrs + _U(size - 1)) & ~mask
+    mem.prefetch(np.concatenate([first, last[last != first]]), max_run=4096)
+
+
+def _rmap_lists(w: _Walker, firsts: list[int], slabs: dict | None) -> list[np.ndarray]:
+    """Each slot's rmap_item addresses along its ``rmap_list`` (uint64
+    arrays). With ``slabs``, ordered from a copy of the candidates
+    (:func:`ksmlens.lens.slabscan.list_order`); a list that leaves them
+    goes on by pointer, as does one that does not end among them (a cycle,
+    counted as a race by :meth:`_Walker.follow`)."""
+    from ksmlens.lens import slabscan
+    L, mem = w.L, w.mem
+    off = L.i["rmap_list"]
+    if slabs is None:
+        return [np.frombuffer(a, dtype=np.uint64) if len(a) else np.zeros(0, np.uint64)
+                for a in (w.follow(f, off) for f in firsts)]
+    cand = slabs["items"]
+    _prefetch_objects(mem, cand, L.item_size)
+    rec, _ = mem.gather(cand, L.item_size, L.item_dtype)
+    out = []
+    for (nodes, how, at) in slabscan.list_order(cand, rec["next"], firsts):
+        if how != slabscan.END:     # outside the candidates, or a cycle: by pointer
+            rest = w.follow(at, off)    # (which counts a list that does not end)
+            nodes = np.concatenate([nodes, np.frombuffer(rest, dtype=np.uint64)]) \
+                if len(rest) else nodes
+        out.append(nodes)
+    return out
+
+
+def _stable_rb(w: _Walker, slabs: dict):
+    """``root -> rb_node addresses in order`` from a copy of the stable node
+    candidates (:func:`ksmlens.lens.slabscan.rb_inorder`); a tree with a
+    pointer that leaves them (a race, or a node in no slab the scan found)
+    is walked again by pointer, whole."""
+    from ksmlens.lens import slabscan
+    L, mem = w.L, w.mem
+    cand = slabs["nodes"]
+    _prefetch_objects(mem, cand, L.node_size)
+    rec, _ = mem.gather(cand, L.node_size, L.node_rb)
+    rbs = cand + _U(L.n_rb)
+
+    def inorder(root: int) -> np.ndarray:
+        order, faults = slabscan.rb_inorder(rbs, rec["rb_left"], rec["rb_right"], root)
+        if faults:      # a race or an unknown slab: the whole tree by pointer
+            return np.frombuffer(w.rb_inorder(root), dtype=np.uint64)
+        return order
+    return inorder
 
 
 def _decode_items(w: _Walker, kernel: KernelInfo, rec, addrs, slot_of, slots, prog) -> dict:
@@ -566,14 +669,17 @@ def _read_ptes(w: _Walker, pt, it: dict, slots: list, zero_pfn: int, vmemmap: in
         rest &= ~cond
 
 
-def _walk_stable_tree(w: _Walker, kernel: KernelInfo, vmemmap: int | None) -> dict:
+def _walk_stable_tree(w: _Walker, kernel: KernelInfo, vmemmap: int | None,
+                      slabs: dict | None = None) -> dict:
     """Every stable node: tree nodes in order per nid root (chain heads
     followed by their dups), then ``migrate_nodes``."""
     L, mem, prog = w.L, w.mem, w.prog
     roots = prog["root_stable_tree"]
     parts, nids = [], []
+    rb_of = _stable_rb(w, slabs) if slabs is not None else None
     for nid in range(kernel.nr_node_ids):
-        rb = np.frombuffer(w.rb_inorder((roots + nid).rb_node.value_()), dtype=np.uint64)
+        root = (roots + nid).rb_node.value_()
+        rb = rb_of(root) if rb_of else np.frombuffer(w.rb_inorder(root), dtype=np.uint64)
         parts.append(rb - _U(L.n_rb))
         nids.append(np.full(rb.size, nid, np.int32))
     tree = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
@@ -765,7 +871,8 @@ def _pgd_of(w: _Walker, mm: int) -> int:
 # ------------------------------------------------------------------ the snapshot
 
 def take_snapshot(prog: Program, *, mode: str = "consistent", pause=None,
-                  pages: bool = True, retries: int = 8, vm=None) -> Snapshot:
+                  pages: bool = True, retries: int = 8, vm=None,
+                  slab_scan: bool | None = None) -> Snapshot:
     """Walk the KSM state of ``prog`` into a :class:`Snapshot`.
 
     ``mode="consistent"`` holds the target still during the walk with
@@ -773,7 +880,8 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", pause=None,
     ``attach()`` registered for ``prog``); a vmcore needs none.
     ``mode="live"`` never pauses and counts races in ``meta["races"]``.
     ``pages=False`` skips page tables and ``struct page`` reads (faster;
-    no PTE columns, no mapped/unreachable answers).
+    no PTE columns, no mapped/unreachable answers). ``slab_scan``: how the
+    walk finds rmap_items and stable nodes (see :func:`walk_paused`).
 
     A pause stops the guest at any instruction, so a paused walk can land in
     an update ksmd (or an exiting task) has half done: an rmap_item already
@@ -804,7 +912,8 @@ def take_snapshot(prog: Program, *, mode: str = "consistent", pause=None,
         busy = None
         with (pause() if hold else contextlib.nullcontext()) as held:
             t_paused = time.monotonic()
-            raw = walk_paused(prog, live=(mode == "live" and is_live_target), pages=pages)
+            raw = walk_paused(prog, live=(mode == "live" and is_live_target), pages=pages,
+                              slab_scan=slab_scan)
             if hold:        # who runs on each CPU in this pause, and its kernel stack
                 raw.meta["on_cpu"] = on_cpu(prog, _registers(held))
                 unwalked = _unwalked_ptes(prog, raw.meta["on_cpu"])

@@ -7,7 +7,8 @@ table (zstd) per DataFrame: ``rmap_items``, ``stable_nodes``, ``mm_slots``,
 ``mappings``, ``orphans``, ``avcs`` (the recorded anon_vma tree nodes).
 ``load(path)`` tells the two apart by their first bytes.
 
-JSON is written by a streaming encoder, a chunk of rows at a time, with
+JSON is written from the tables a chunk of rows at a time (orjson encodes
+each chunk; no Python object per row outlives its chunk), with
 the field names of schema 3 (``walk``, ``found`` and ``unmappable_under``
 nested; ``items``, ``dups`` and ``mappings`` inside each node), so scripts
 written against the JSON keep working.
@@ -26,7 +27,8 @@ import pandas as pd
 from ksmlens.errors import KsmlensError
 from ksmlens.kernel.rules import RULES
 from ksmlens.lens.model import (ITEM_COLUMNS, MAPPING_COLUMNS, NODE_COLUMNS, ORPHAN_COLUMNS,
-                                SCHEMA, SLOT_COLUMNS, KernelInfo, Snapshot, column_values, table)
+                                SCHEMA, SLOT_COLUMNS, KernelInfo, MmSlot, Snapshot,
+                                column_values, table)
 
 __all__ = ["save", "load", "to_dict", "from_dict", "FORMATS"]
 
@@ -68,16 +70,17 @@ def _rows(df: pd.DataFrame, start: int, stop: int) -> tuple[list, list]:
 
 def _item_dicts(df, start, stop):
     names, cols = _rows(df, start, stop)
-    wk = [names.index(f"walk_{r}") for r in RULES]
+    walks = [cols[names.index(f"walk_{r}")] for r in RULES]
     keep = [k for k, n in enumerate(names) if not n.startswith("walk_")]
-    keep_names = [names[k] for k in keep]
-    out = []
-    for row in zip(*cols):
-        d = dict(zip(keep_names, (row[k] for k in keep)))
-        w = tuple(row[k] for k in wk)
-        d["walk"] = None if w == (None, None, None) else dict(zip(RULES, w))
-        out.append(d)
-    return out
+    keep_names = [names[k] for k in keep] + ["walk"]
+    walk = [None if w == (None, None, None) else dict(zip(RULES, w)) for w in zip(*walks)]
+    return [dict(zip(keep_names, row)) for row in zip(*(cols[k] for k in keep), walk)]
+
+
+def _dumps(o) -> bytes:
+    import orjson
+    return orjson.dumps(o, default=_json_default,
+                        option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 def _write_list(f, key: str, chunks) -> None:
@@ -86,7 +89,7 @@ def _write_list(f, key: str, chunks) -> None:
     for chunk in chunks:
         if not chunk:
             continue
-        s = json.dumps(chunk, separators=(",", ":"), default=_json_default)[1:-1]
+        s = _dumps(chunk)[1:-1].decode()
         f.write(("" if first else ",\n") + s)
         first = False
     f.write("]")
@@ -102,24 +105,94 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+class _ByNode:
+    """Rows of ``df`` grouped by the stable node in ``key``, in the order of
+    the node table ``ids`` (then ``order``, then table order), so that the
+    rows of nodes ``[a, b)`` are one slice: :meth:`rows` (a chunk at a time,
+    no Python object per row outside it)."""
+
+    def __init__(self, df: pd.DataFrame, key: str, ids: pd.Index, order: str | None = None):
+        pos = ids.get_indexer(df[key].astype(object)) if len(df) else np.zeros(0, np.int64)
+        keep = np.flatnonzero(pos >= 0)
+        sub = [pos[keep]]
+        if order is not None:
+            sub.insert(0, df[order].to_numpy(dtype=np.int64, na_value=1 << 40)[keep])
+        o = keep[np.lexsort(sub)] if keep.size else keep
+        self.df, self.rows_at, self.pos = df, o, pos[o]
+
+    def rows(self, a: int, b: int):
+        """``(node position of each row, the rows as a DataFrame)`` for nodes
+        ``[a, b)``."""
+        i, j = np.searchsorted(self.pos, [a, b])
+        return self.pos[i:j], self.df.iloc[self.rows_at[i:j]]
+
+
+def _split(pos: np.ndarray, values: list, a: int, b: int) -> list[list]:
+    """``values`` (one per row, rows sorted by ``pos``) as a list per node
+    position ``a .. b - 1``."""
+    cut = np.searchsorted(pos, np.arange(a, b + 1)).tolist()
+    return [values[cut[k]:cut[k + 1]] for k in range(b - a)]
+
+
+def _node_chunks(snap: Snapshot):
+    """The ``stable_nodes`` of the JSON contract, :data:`_CHUNK` nodes at a
+    time, from the tables: what :meth:`Snapshot.nodes` gives (the fields of
+    :class:`~ksmlens.lens.model.StableNode` in order; ``items`` in hlist
+    order, a chain's its dups), built per chunk only."""
+    import dataclasses
+    from ksmlens.lens.model import NODE_DERIVED, StableNode, mapping_dicts
+    df = snap.stable_nodes
+    if not len(df):
+        return
+    fields = [x.name for x in dataclasses.fields(StableNode)]
+    base = [n for n in fields if n not in NODE_DERIVED]
+    ids = pd.Index(df["id"].astype(object))
+    items = _ByNode(snap.rmap_items, "stable_node", ids, order="hlist_pos")
+    dups = _ByNode(df[df["kind"] == "dup"], "chain", ids)
+    maps = _ByNode(snap.mappings, "node", ids)
+    orph = _ByNode(snap.orphans, "node", ids)
+    unm_cols = [f"unmappable_{r}" for r in RULES]
+    for a in range(0, len(df), _CHUNK):
+        b = min(len(df), a + _CHUNK)
+        part = df.iloc[a:b]
+        cols = {n: column_values(part, n) for n in base}
+        p, rows = items.rows(a, b)
+        it = _split(p, column_values(rows, "id"), a, b)
+        p, rows = dups.rows(a, b)
+        du = _split(p, column_values(rows, "id"), a, b)
+        p, rows = maps.rows(a, b)
+        mp = _split(p, mapping_dicts(rows), a, b)
+        p, rows = orph.rows(a, b)
+        oc = {c: column_values(rows, c) for c in ("pid", "comm", "mm", "address")}
+        op = _split(p, [{c: oc[c][k] for c in oc} for k in range(len(rows))], a, b)
+        unm = [part[c].to_numpy(dtype=bool).tolist() for c in unm_cols]
+        derived = {"dups": du, "mappings": mp, "orphan_mappings": op,
+                   "unmappable_under": [[r for r, u in zip(RULES, us) if u]
+                                        for us in zip(*unm)]}
+        kinds = cols["kind"]
+        derived["items"] = [list(du[k]) if kinds[k] == "chain" else it[k]
+                            for k in range(b - a)]
+        derived["dups"] = [du[k] if kinds[k] == "chain" else [] for k in range(b - a)]
+        srcs = [cols[n] if n in cols else derived[n] for n in fields]
+        yield [dict(zip(fields, row)) for row in zip(*srcs)]
+
+
 def write_json(snap: Snapshot, f) -> None:
-    """Stream the JSON contract of ``snap`` to the text file ``f``."""
+    """Stream the JSON contract of ``snap`` to the text file ``f``: from
+    the tables, a chunk of rows at a time (each chunk's dicts encoded by
+    orjson, then dropped)."""
+    import dataclasses
     head = _header(snap)
     f.write("{" + json.dumps(head, default=_json_default)[1:-1])
-    nodes = snap.nodes()   # per node: items, dups, mappings (one small list each)
-    import dataclasses
-    nf = [x.name for x in dataclasses.fields(nodes[0])] if nodes else []
-
-    def node_chunks():
-        for k in range(0, len(nodes), _CHUNK):
-            yield [{x: getattr(n, x) for x in nf} for n in nodes[k:k + _CHUNK]]
-    _write_list(f, "stable_nodes", node_chunks())
+    _write_list(f, "stable_nodes", _node_chunks(snap))
     df = snap.rmap_items
     _write_list(f, "rmap_items", (_item_dicts(df, k, k + _CHUNK)
                                   for k in range(0, len(df), _CHUNK)))
     slots = snap.slots()
-    _write_list(f, "mm_slots", [[dataclasses.asdict(s) for s in slots]])
-    f.write(',\n "anon_vmas": ' + json.dumps(snap.anon_vmas, default=_json_default) + "}\n")
+    # MmSlot holds plain values and lists of them: no deep copy (asdict) needed
+    names = [x.name for x in dataclasses.fields(MmSlot)]
+    _write_list(f, "mm_slots", [[{n: getattr(s, n) for n in names} for s in slots]])
+    f.write(',\n "anon_vmas": ' + _dumps(snap.anon_vmas).decode() + "}\n")
 
 
 def to_dict(snap: Snapshot) -> dict:
@@ -233,9 +306,10 @@ def load(path) -> Snapshot:
             return read_columnar(path)
         except (zipfile.BadZipFile, KeyError) as e:
             raise KsmlensError(f"{path} is not a ksmlens columnar snapshot ({e})", "") from None
+    import orjson
     try:
-        d = json.loads(path.read_text())
-    except ValueError as e:
+        d = orjson.loads(path.read_bytes())
+    except ValueError as e:     # orjson.JSONDecodeError is one
         raise KsmlensError(f"{path} is neither JSON nor a columnar snapshot ({e})", "") \
             from None
     return from_dict(d)

@@ -95,6 +95,7 @@ def test_vectorised_replay_is_the_tree_walk_and_files_round_trip(variant, scenar
             pd.testing.assert_frame_equal(a, b, check_dtype=not name.endswith(".json"),
                                           check_categorical=False, obj=f"{name} {t}")
         assert back.items() == snap.items() and back.slots() == snap.slots()
+        assert back.nodes() == snap.nodes()     # JSON: written from the tables
         assert back.anon_vmas == snap.anon_vmas and back.kernel == snap.kernel
     # replaying the loaded file's own tables gives the walk's answers again
     again = replay_walks(Snapshot.load(tmp_path / "s.ksm"))

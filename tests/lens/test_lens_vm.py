@@ -15,7 +15,7 @@ from ksmlens.lens.model import SCHEMA, Snapshot
 from ksmlens.lab.scenarios import SCENARIOS, ScenarioRun, workload_binary
 from ksmlens.lens.snapshot import take_snapshot
 
-from conftest import boot
+from conftest import boot, walks_agree
 
 pytestmark = pytest.mark.vm      # every test here boots a guest
 
@@ -37,6 +37,8 @@ def test_check_agrees_with_kernel_after_scenario(vm, name):
         prog = attach(f"vm:{vm.name}")
         rows, snap, info = check_vm(vm, prog)
         assert all(r.ok for r in rows), check_table(rows)
+        # the walk by a copy of the slabs reads what the pointer walk does
+        walks_agree(vm, prog)
         # Every row compares something real: the scenario's pids are there.
         for pid in run.pids():
             if run.pages_of(pid):
