@@ -437,6 +437,60 @@ def cost_figure(path: Path) -> dict:
     return fig
 
 
+#: issue 21's views: each drawn from the columnar file in a fresh process
+VIEWS = ("stable_tree", "walk_replay", "address_space", "address_axis", "page_cost",
+         "tables")
+
+
+def views_child(path, view) -> dict:
+    """Draw one view of a saved snapshot (runs in --views-child): load
+    the file, then time the view alone (Agg backend: the figure is drawn
+    to a PNG in memory, as a notebook would render it)."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    from ksmlens.lens.store import load
+    t = time.monotonic()
+    snap = load(path)
+    out = {"load_s": round(time.monotonic() - t, 2)}
+    pid = int(snap.mm_slots["pid"].dropna().iloc[0])
+    t = time.monotonic()
+    if view == "tables":        # what %ksm stable / procs / rmap / stale print
+        from ksmlens.views import report
+        for text in (report.summary(snap), report.stable_table(snap),
+                     report.process_table(snap), report.rmap_table(snap, pid, limit=50),
+                     report.stale_table(snap, pid)):
+            assert text
+    else:
+        from ksmlens.views import costplots, plots
+        if view == "page_cost":
+            from ksmlens.analysis.cost import walk_cost
+            fig = costplots.page_cost(walk_cost(snap, kinds=("full",)))
+        elif view in ("address_space", "address_axis"):
+            fig = getattr(plots, view)(snap, pid)
+        else:
+            fig = getattr(plots, view)(snap)
+        fig.savefig(io.BytesIO(), format="png")
+    out["view_s"] = round(time.monotonic() - t, 2)
+    return out
+
+
+def views_figure(path: Path, limit: float = 120.0) -> dict:
+    """Each of :data:`VIEWS` on the columnar snapshot ``path``, each in a
+    fresh process stopped after ``limit`` seconds (issue 21: < 2 s each at
+    1M, without per-item Python objects)."""
+    out = {}
+    for v in VIEWS:
+        r = run_child([sys.executable, __file__, "--views-child", str(path), v], timeout=limit)
+        if r["timed_out"]:
+            out[v] = {"error": f"over {limit:.0f} s"}
+        elif r["rc"]:
+            out[v] = {"error": last_line(r["stderr"]) or f"exit {r['rc']}"}
+        else:
+            out[v] = dict(json.loads(last_line(r["stdout"])), rss_mb=round(r["rss_mb"]))
+    return out
+
+
 # ---------------------------------------------------------------- guest
 
 def prepare_guest(vm, n: int) -> tuple[int, dict]:
@@ -615,6 +669,9 @@ def measure(n, target_args, work: Path, *, vm=None, vmlinux=None, naive_limit=30
             if "cost" not in skip and (work / f"{label}.arrow").exists():
                 figs["cost"] = cost_figure(work / f"{label}.arrow")
                 print(f"  cost: {figs['cost']}", flush=True)
+            if "views" not in skip and (work / f"{label}.arrow").exists():
+                figs["views"] = views_figure(work / f"{label}.arrow")
+                print(f"  views: {figs['views']}", flush=True)
     for f in work.iterdir():
         shutil.rmtree(f) if f.is_dir() else f.unlink()
     if vm is not None and "live" not in skip:
@@ -709,7 +766,7 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile the json snapshot (sizes <= 200k)")
     ap.add_argument("--skip", default="", type=lambda s: set(filter(None, s.split(","))),
-                    help="figures to leave out: json,columnar,cost,live,vmcore,naive,floor")
+                    help="figures to leave out: json,columnar,cost,views,live,vmcore,naive,floor")
     ap.add_argument("--mem-cap", type=int, default=LIMITS["mem_cap_mb"], metavar="MB",
                     help="address-space cap of each measured process (default 10240): a "
                          "figure over it reads 'MemoryError at the cap'")
@@ -718,12 +775,16 @@ def main():
     ap.add_argument("--naive-child", metavar="TARGET", help=argparse.SUPPRESS)
     ap.add_argument("--cost-child", metavar="FILE", help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", metavar="TARGET", help=argparse.SUPPRESS)
+    ap.add_argument("--views-child", nargs=2, metavar=("FILE", "VIEW"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.naive_child:
         print(json.dumps(naive_walk(a.naive_child, a.vmlinux)))
         return
     if a.cost_child:
         print(json.dumps(cost_child(a.cost_child)))
+        return
+    if a.views_child:
+        print(json.dumps(views_child(*a.views_child)))
         return
     if a.floor_child:
         print(json.dumps(floor_walk(a.floor_child, a.vmlinux)))

@@ -172,10 +172,13 @@ class Memory:
         o = self.page(addr - off)
         return None if o is None else _Q.unpack_from(self.arena, o + off)[0]
 
-    def prefetch(self, pages: np.ndarray, max_run: int = 256) -> None:
-        """Read the 4 KiB pages ``pages`` (addresses, any order) not yet
-        cached, runs of consecutive pages in one read each."""
-        want = np.unique(np.asarray(pages, dtype=np.uint64))
+    def prefetch(self, pages: np.ndarray, max_run: int = 256, unique: bool = False) -> None:
+        """Read the 4 KiB pages ``pages`` (addresses, any order; ``unique``:
+        already sorted and distinct) not yet cached, runs of consecutive
+        pages in one read each."""
+        want = np.asarray(pages, dtype=np.uint64)
+        if not unique:
+            want = np.unique(want)
         if self.slot:
             have = np.fromiter(self.slot.keys(), dtype=np.uint64, count=len(self.slot))
             want = want[~np.isin(want, have)]
@@ -210,28 +213,50 @@ class Memory:
         mask = np.uint64(_PAGE - 1)
         first = addrs & ~mask
         last = (addrs + np.uint64(size - 1)) & ~mask
-        self.prefetch(np.concatenate([first, last[last != first]]))
         slot = self.slot
-        pages = np.unique(np.concatenate([first, last]))
-        offs = np.fromiter((slot.get(p, -1) for p in pages.tolist()), dtype=np.int64,
-                           count=pages.size)
-        pi = np.searchsorted(pages, first)
-        li = np.searchsorted(pages, last)
+        pf, pl = first >> np.uint64(12), last >> np.uint64(12)
+        lo = int(pf.min())
+        span = int(pl.max()) - lo + 1
+        if span <= max(4 * n, 1 << 22):
+            # page numbers in a compact range (a slab's pages in the direct
+            # map, struct pages in the memmap): a table indexed by page
+            # number instead of sorting (np.unique, searchsorted)
+            fi, li = (pf - np.uint64(lo)).astype(np.int64), (pl - np.uint64(lo)).astype(np.int64)
+            mark = np.zeros(span, bool)
+            mark[fi] = True
+            mark[li] = True
+            pages = (np.flatnonzero(mark).astype(np.uint64) + np.uint64(lo)) << np.uint64(12)
+            del mark
+            self.prefetch(pages, unique=True)
+            table = np.full(span, -1, np.int64)
+            table[((pages >> np.uint64(12)) - np.uint64(lo)).astype(np.int64)] = np.fromiter(
+                (slot.get(p, -1) for p in pages.tolist()), dtype=np.int64, count=pages.size)
+            op, ol = table[fi], table[li]
+            del table, fi, li
+        else:
+            self.prefetch(np.concatenate([first, last[last != first]]))
+            pages = np.unique(np.concatenate([first, last]))
+            offs = np.fromiter((slot.get(p, -1) for p in pages.tolist()), dtype=np.int64,
+                               count=pages.size)
+            op = offs[np.searchsorted(pages, first)]
+            ol = offs[np.searchsorted(pages, last)]
         # an object across two pages needs them adjacent in the arena too
-        ok = (offs[pi] >= 0) & (offs[li] >= 0) & ((li == pi) | (offs[li] == offs[pi] + _PAGE))
-        base = np.where(ok, offs[pi] + (addrs & mask).astype(np.int64), 0)
+        ok = (op >= 0) & (ol >= 0) & ((pl == pf) | (ol == op + _PAGE))
+        base = np.where(ok, op + (addrs & mask).astype(np.int64), 0)
         out = {}
         arena = self.arena
-        aligned = not (base % 8).any() and len(arena) % 8 == 0
+        bad = None if ok.all() else ~ok
+        aligned = not (base & 7).any() and len(arena) % 8 == 0
         for name in dtype.names:
             ft, off = dtype.fields[name][:2]
             if aligned and off % ft.itemsize == 0:
-                v = np.frombuffer(arena, dtype=ft)[(base + off) // ft.itemsize]
+                v = np.frombuffer(arena, dtype=ft)[(base + off) >> (ft.itemsize.bit_length() - 1)]
             else:
                 u8 = np.frombuffer(arena, dtype=np.uint8)
                 v = u8[(base + off)[:, None] + np.arange(ft.itemsize)].copy().view(ft).reshape(n)
                 del u8
-            v[~ok] = 0
+            if bad is not None:
+                v[bad] = 0
             out[name] = v
         if drop:
             self.clear()

@@ -44,7 +44,7 @@ from ksmlens.kernel.rules import RULES
 
 __all__ = ["column_values", "SCHEMA", "KernelInfo", "RmapItem", "StableNode", "MmSlot", "Snapshot",
            "ITEM_COLUMNS", "NODE_COLUMNS", "SLOT_COLUMNS", "MAPPING_COLUMNS",
-           "ORPHAN_COLUMNS", "NODE_DERIVED", "mapping_dicts"]
+           "ORPHAN_COLUMNS", "NODE_DERIVED", "mapping_dicts", "positions"]
 
 SCHEMA = "ksmlens-snapshot/4"  # 2: anon_vma trees, walk replay, walk_rule
                                # 3: page tables per item (pte, pfn, page_ksm,
@@ -300,6 +300,19 @@ def column_values(df: pd.DataFrame, c: str) -> list:
     if isinstance(s.dtype, pd.CategoricalDtype):
         return s.astype(object).where(s.notna(), None).tolist()
     return s.to_numpy(dtype=object, na_value=None).tolist()
+
+
+def positions(values: pd.Series, ids: pd.Series) -> np.ndarray:
+    """Position of each of ``values`` among ``ids`` (distinct), -1 where
+    absent or missing: pyarrow's hash lookup (``index_in``) on the string
+    columns, without a Python string per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if not len(values):
+        return np.zeros(0, np.int64)
+    found = pc.index_in(pa.array(values, from_pandas=True),
+                        value_set=pa.array(ids, from_pandas=True))
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 class Snapshot:

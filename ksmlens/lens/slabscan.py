@@ -31,7 +31,7 @@ import numpy as np
 from drgn import FaultError, Object, Program
 
 __all__ = ["SlabLayout", "slab_layout", "memmap_bytes", "slab_objects", "list_order",
-           "rb_inorder", "read_or_none", "END", "OUTSIDE", "CYCLE"]
+           "rb_inorder", "read_or_none", "index_of", "END", "OUTSIDE", "CYCLE"]
 
 _U = np.uint64
 _PAGE_SHIFT = 12
@@ -149,7 +149,7 @@ def slab_objects(prog: Program, caches: list[Object], read, layout: SlabLayout
     return out
 
 
-def _index(sorted_addrs: np.ndarray, ptrs: np.ndarray) -> np.ndarray:
+def index_of(sorted_addrs: np.ndarray, ptrs: np.ndarray) -> np.ndarray:
     """Index of each of ``ptrs`` in ``sorted_addrs``, -1 where absent."""
     n = sorted_addrs.size
     if not n:
@@ -181,11 +181,11 @@ def list_order(addrs: np.ndarray, nexts: np.ndarray, heads: list[int]
     n = addrs.size
     out: list[tuple[np.ndarray, int, int]] = [(np.zeros(0, _U), OUTSIDE, h) if h else
                                               (np.zeros(0, _U), END, 0) for h in heads]
-    hidx = _index(addrs, np.asarray(heads, dtype=_U))
+    hidx = index_of(addrs, np.asarray(heads, dtype=_U))
     live = [k for k, h in enumerate(heads) if h and hidx[k] >= 0]
     if not live:
         return out
-    succ = _index(addrs, nexts)
+    succ = index_of(addrs, nexts)
     j0 = np.empty(n + 1, np.int32)              # index n: past the end
     j0[:n] = np.where(succ >= 0, succ, n)
     j0[n] = n
@@ -250,14 +250,15 @@ def rb_inorder(addrs: np.ndarray, left: np.ndarray, right: np.ndarray, root: int
     2 log2(n + 1) deep), then each node's in-order rank from the sizes of
     its children's subtrees."""
     n = addrs.size
-    li, ri = _index(addrs, left), _index(addrs, right)
+    li, ri = index_of(addrs, left), index_of(addrs, right)
     faults: list[int] = []
-    r = _index(addrs, np.array([root], dtype=_U))[0] if root else -1
+    r = index_of(addrs, np.array([root], dtype=_U))[0] if root else -1
     if r < 0:
         if root:
             faults.append(root)
         return np.zeros(0, _U), faults
     seen = np.zeros(n, bool)
+    stamp = np.zeros(n, np.int64)
     levels = []
     frontier = np.array([r], np.int64)
     seen[r] = True
@@ -279,11 +280,11 @@ def rb_inorder(addrs: np.ndarray, left: np.ndarray, right: np.ndarray, root: int
             faults += addrs[k[again]].tolist()
             k, par = k[~again], par[~again]
             # two parents in one level naming one child: keep the first
-            k, first = np.unique(k, return_index=True)
-            if first.size < par.size:
-                dup = np.setdiff1d(np.arange(par.size), first)
-                faults += [int(addrs[j]) for j in kids[par[dup]].tolist()]
-            par = par[first]
+            stamp[k[::-1]] = np.arange(k.size)[::-1]
+            first = stamp[k] == np.arange(k.size)
+            if not first.all():
+                faults += addrs[k[~first]].tolist()
+                k, par = k[first], par[first]
             seen[k] = True
             dst[par] = k
             nxt.append(k)

@@ -98,6 +98,7 @@ class _Walker:
         self.mem = Memory(prog, self.race)
         self.L = Layout(prog)
         self.shift = prog["PAGE_SHIFT"].value_()
+        self.cand_items: tuple | None = None    # the slab scan's rmap_item candidates
 
     def race(self, what: str):
         """A live walk raced with the kernel; a paused one saw an update half
@@ -383,7 +384,7 @@ def walk_paused(prog: Program, *, live: bool = False, pages: bool = True,
     # ---- every rmap_item, decoded at once
     n_per = np.array([s["rmap_items"] for s in slots], dtype=np.int64)
     item_ptrs = np.concatenate(item_addrs) if item_addrs else np.zeros(0, np.uint64)
-    rec, ok = mem.gather(item_ptrs, L.item_size, L.item_dtype, drop=True)
+    rec, ok = _item_records(w, item_ptrs)
     if not ok.all():
         w.race("rmap_item freed during walk")
     slot_of = np.repeat(np.arange(len(slots)), n_per)
@@ -484,7 +485,8 @@ def _rmap_lists(w: _Walker, firsts: list[int], slabs: dict | None) -> list[np.nd
                 for a in (w.follow(f, off) for f in firsts)]
     cand = slabs["items"]
     _prefetch_objects(mem, cand, L.item_size)
-    rec, _ = mem.gather(cand, L.item_size, L.item_dtype)
+    rec, ok = mem.gather(cand, L.item_size, L.item_dtype)
+    w.cand_items = (cand, rec, ok)       # _item_records() takes the walked ones from here
     out = []
     for (nodes, how, at) in slabscan.list_order(cand, rec["next"], firsts):
         if how != slabscan.END:     # outside the candidates, or a cycle: by pointer
@@ -493,6 +495,22 @@ def _rmap_lists(w: _Walker, firsts: list[int], slabs: dict | None) -> list[np.nd
                 if len(rest) else nodes
         out.append(nodes)
     return out
+
+
+def _item_records(w: _Walker, ptrs: np.ndarray) -> tuple[dict, np.ndarray]:
+    """``struct ksm_rmap_item`` fields of the rmap_items at ``ptrs`` (the
+    walked ones, in walk order) and which could be read; from the
+    candidates' records when the slabs were copied, else one gather. The
+    page cache is dropped after."""
+    from ksmlens.lens.slabscan import index_of
+    cand = getattr(w, "cand_items", None)
+    if cand is not None:
+        w.cand_items = None
+        idx = index_of(cand[0], ptrs)
+        if (idx >= 0).all():
+            w.mem.clear()
+            return {f: v[idx] for f, v in cand[1].items()}, cand[2][idx]
+    return w.mem.gather(ptrs, w.L.item_size, w.L.item_dtype, drop=True)
 
 
 def _stable_rb(w: _Walker, slabs: dict):

@@ -21,6 +21,7 @@ are the Axes' single image.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
@@ -31,7 +32,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from ksmlens.errors import KsmlensError
-from ksmlens.lens.model import Snapshot
+from ksmlens.lens.model import Snapshot, column_values, mapping_dicts, positions
 from ksmlens.views.figure import KIND_COLORS as _KIND_COLORS, SMART_FIELDS as _SMART_FIELDS
 from ksmlens.views.figure import NotebookFigure, new_axes as _axes, proc_label as _proc_label, \
     page_segments as _segments
@@ -41,6 +42,7 @@ from ksmlens.analysis.core import RULES, item_status, smartscan_visit, skip_age
 from ksmlens.views.axisplots import (AXIS_AGE_KINDS, AXIS_RULE_COLORS,  # noqa: F401
                                      AXIS_VISIT_COLORS, address_axis, address_axis_timeline)
 from ksmlens.views.chainplots import chain_growth
+from ksmlens.views.treeplots import stable_tree
 from ksmlens.views.unionplots import union_bytes
 
 __all__ = ["STATUS_COLORS", "STATE_MARKERS", "address_space", "stable_tree",
@@ -62,25 +64,6 @@ def _get(obj, name):
     if isinstance(obj, dict):
         return obj[name]
     return getattr(obj, name)
-
-
-def _sharers_by_node(snap: Snapshot) -> dict:
-    """node id -> sorted ((pid, comm), n_items) of its rmap_items (one
-    groupby over the rmap_items table)."""
-    it = snap.rmap_items
-    it = it[it["stable_node"].notna()]
-    if not len(it):
-        return {}
-    cnt = it.groupby(["stable_node", "pid", "comm"], dropna=False, sort=False,
-                     observed=True).size()
-    cnt = cnt[cnt > 0]
-    out: dict = {}
-    for (node, pid, comm), c in cnt.items():
-        pid = None if pid is None or pid != pid else int(pid)
-        comm = None if comm is None or comm != comm else comm
-        out.setdefault(node, []).append(((pid, comm), int(c)))
-    return {k: tuple(sorted(v, key=lambda kv: (kv[0][0] is None, kv[0][0] or 0)))
-            for k, v in out.items()}
 
 
 # ------------------------------------------------------------------ address space
@@ -212,175 +195,6 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                  f" - kernel {snap.kernel.variant or snap.kernel.release}, "
                  f"{st.get('moved', 0)} moved"
                  + (f", {len(zero)} KSM zero pages" if zero else ""), fontsize=10)
-    return fig
-
-
-# ------------------------------------------------------------------ stable tree
-
-
-
-def stable_tree(snap: Snapshot, ax=None, max_nodes: int = 300, label_nodes: int = 40
-                ) -> Figure:
-    """The stable tree as layers: tree roots (one per NUMA node id), chain
-    heads and regular nodes, the dups of each chain, and the sharers
-    (processes). An edge to a process is as thick as the number of that
-    process's rmap_items on the node(s) it comes from.
-
-    Up to ``label_nodes`` regular nodes and dups, each is a labelled row
-    (kpfn, rmap_items). Up to ``max_nodes``, nodes with the same sharers
-    (and, for dups, the same chain) form a block with one dot per node,
-    labelled "N nodes". Past ``max_nodes`` each such group is one dot
-    labelled "N nodes". Returns the Figure.
-    """
-    from matplotlib.collections import LineCollection
-
-    nodes = [n for n in snap.nodes(mappings=False) if not (n.migrate_list and n.kind == "dup")]
-    sharers = _sharers_by_node(snap)
-    leaves = [n for n in nodes if n.kind != "chain"]
-    chains = [n for n in nodes if n.kind == "chain"]
-    mode = "grouped" if len(leaves) > max_nodes else \
-        "rows" if len(leaves) <= label_nodes else "blocks"
-    by_id = {n.id for n in nodes}
-
-    boxes: dict = {}
-    for n in leaves:
-        sh = sharers.get(n.id, ())
-        parent = n.chain if n.kind == "dup" else ("root", n.nid)
-        key = (n.kind, parent, n.id) if mode == "rows" else \
-            (n.kind, parent, tuple(p for p, _ in sh))
-        b = boxes.setdefault(key, {"kind": n.kind, "parent": parent, "nodes": [],
-                                   "sharers": Counter()})
-        b["nodes"].append(n)
-        for p, c in sh:
-            b["sharers"][p] += c
-    procs = sorted({p for b in boxes.values() for p in b["sharers"]},
-                   key=lambda p: (p[0] is None, p[0] or 0))
-
-    def order(b):
-        return tuple(sorted((p[0] or 0) for p in b["sharers"])), b["nodes"][0].kpfn or 0
-    parents = [("root", nid) for nid in sorted({n.nid for n in leaves if n.kind != "dup"})]
-    parents += [c.id for c in chains]
-    ordered = []
-    for par in parents:
-        ordered += sorted((b for b in boxes.values() if b["parent"] == par), key=order)
-    ordered += [b for b in boxes.values() if b["parent"] not in parents]  # orphaned dups
-
-    # Vertical layout: a box takes one row, or (blocks) ceil(n / cols) rows.
-    cols = 20
-    y = 0.0
-    for b in ordered:
-        h = 1 if mode != "blocks" else -(-len(b["nodes"]) // cols)
-        b["y0"], b["h"] = y, h
-        b["y"] = y + (h - 1) / 2
-        y += h + (0.6 if mode == "blocks" else 0)
-    height = max(1.0, y)
-    fig, ax = _axes(ax, (11, min(40, max(4.5, 2.0 + 0.17 * height))))
-
-    X_ROOT, X_TOP, X_DUP, X_PROC = 0.0, 1.0, 2.0, 3.2
-    proc_y = dict(zip(procs, np.linspace(0, height - 1, len(procs)) if len(procs) > 1
-                      else [(height - 1) / 2] * len(procs)))
-    chain_y, root_y = {}, {}
-    for par in parents:
-        ys = [b["y"] for b in ordered if b["parent"] == par]
-        (chain_y if par in by_id else root_y)[par] = float(np.mean(ys)) if ys else 0.0
-    for c in chains:
-        root_y.setdefault(("root", c.nid), chain_y[c.id])
-
-    def right_x(b):
-        x = X_DUP if b["kind"] == "dup" else X_TOP
-        if mode == "blocks":
-            x += 0.04 * (min(len(b["nodes"]), cols) - 1)
-        return x
-
-    segs, widths = [], []
-    maxc = max((c for b in ordered for c in b["sharers"].values()), default=1)
-    for b in ordered:
-        for p, c in b["sharers"].items():
-            segs.append([(right_x(b), b["y"]), (X_PROC, proc_y[p])])
-            widths.append(0.4 + 3.0 * c / maxc)
-        x = X_DUP if b["kind"] == "dup" else X_TOP
-        if b["kind"] == "dup" and b["parent"] in chain_y:
-            segs.append([(X_TOP, chain_y[b["parent"]]), (x, b["y"])])
-            widths.append(0.6)
-        elif b["kind"] != "dup" and b["parent"] in root_y:
-            segs.append([(X_ROOT, root_y[b["parent"]]), (x, b["y"])])
-            widths.append(0.4)
-    for c in chains:
-        segs.append([(X_ROOT, root_y[("root", c.nid)]), (X_TOP, chain_y[c.id])])
-        widths.append(0.8)
-    ax.add_collection(LineCollection(segs, linewidths=widths, colors="#555555", alpha=0.35,
-                                     zorder=1, gid="edges"))
-
-    def dots(xs, ys, kind, gid, size):
-        if len(xs):
-            ax.scatter(xs, ys, s=size, c=_KIND_COLORS[kind], edgecolors="black",
-                       linewidths=0.4, zorder=3, gid=gid, marker="s" if kind == "proc" else "o")
-
-    fs = 8 if height <= 60 else 7
-    for kind in ("regular", "dup"):
-        xs, ys, ss = [], [], []
-        for b in (b for b in ordered if b["kind"] == kind):
-            x0 = X_DUP if kind == "dup" else X_TOP
-            if mode == "blocks":
-                for k, n in enumerate(b["nodes"]):
-                    xs.append(x0 + 0.04 * (k % cols))
-                    ys.append(b["y0"] + k // cols)
-                    ss.append(14 + 2 * min(len(n.items), 20))
-            else:
-                xs.append(x0)
-                ys.append(b["y"])
-                ss.append(30 + 6 * min(len(b["nodes"]), 40))
-            if len(b["nodes"]) > 1:
-                ax.text(right_x(b) + 0.05, b["y"], f"{len(b['nodes'])} nodes", fontsize=fs,
-                        va="center", gid="group", zorder=4,
-                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7,
-                              "pad": 0.5})
-            elif mode == "rows" or len(b["nodes"]) == 1:
-                k = b["nodes"][0]
-                ax.text(right_x(b) + 0.05, b["y"], f"kpfn {k.kpfn:#x} ({len(k.items)})"
-                        if k.kpfn is not None else k.id, fontsize=fs, va="center", zorder=4)
-        dots(xs, ys, kind, f"nodes:{kind}", ss)
-    dots([X_TOP] * len(chains), [chain_y[c.id] for c in chains], "chain", "nodes:chain", 90)
-    dots([X_PROC] * len(procs), [proc_y[p] for p in procs], "proc", "procs", 90)
-    ax.scatter([X_ROOT] * len(root_y), list(root_y.values()), s=120, c="white",
-               edgecolors="black", zorder=3, gid="roots", marker="D")
-    for par, yv in root_y.items():
-        ax.text(X_ROOT - 0.06, yv, f"root_stable_tree[{par[1]}]", ha="right", va="center",
-                fontsize=8)
-    for c in chains:
-        ax.text(X_TOP - 0.06, chain_y[c.id], f"chain {len(c.dups)} dups", ha="right",
-                va="center", fontsize=8, color="#a05000", zorder=4)
-    for p in procs:
-        n = sum(b["sharers"].get(p, 0) for b in ordered)
-        ax.text(X_PROC + 0.06, proc_y[p], f"{_proc_label(*p)}\n{n} rmap_items", fontsize=8,
-                va="center", zorder=4)
-    ax.set_xlim(-0.9, 4.1)
-    ax.set_ylim(height, -1.0)
-    ax.set_xticks([X_ROOT, X_TOP, X_DUP, X_PROC],
-                  ["tree roots", "chains / regular nodes", "dups", "sharers"])
-    ax.set_yticks([])
-    ax.set_xlabel("layer (edge width: rmap_items of that process on the node)")
-    how = {"rows": "one row each", "blocks": "a dot each, in blocks by sharers",
-           "grouped": "grouped by sharers"}[mode]
-    ax.set_ylabel(f"stable nodes ({how})")
-    kinds = Counter(n.kind for n in nodes)
-    handles = [Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["regular"], mec="black",
-                      label=f"regular node ({kinds.get('regular', 0)})"),
-               Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["chain"], mec="black",
-                      label=f"chain head ({kinds.get('chain', 0)})"),
-               Line2D([], [], ls="", marker="o", mfc=_KIND_COLORS["dup"], mec="black",
-                      label=f"dup ({kinds.get('dup', 0)})"),
-               Line2D([], [], ls="", marker="s", mfc=_KIND_COLORS["proc"], mec="black",
-                      label=f"process ({len(procs)})"),
-               Line2D([], [], color="#555555", alpha=0.6, lw=2,
-                      label="sharing (width: rmap_items)")]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    agg = f"\n{len(leaves)} nodes > max_nodes={max_nodes}: grouped by sharers" \
-        if mode == "grouped" else ""
-    ax.set_title(f"stable tree: {kinds.get('regular', 0)} regular nodes, "
-                 f"{kinds.get('chain', 0)} chains with {kinds.get('dup', 0)} dups, "
-                 f"{len(procs)} sharer processes - kernel "
-                 f"{snap.kernel.variant or snap.kernel.release}{agg}", fontsize=10)
     return fig
 
 
@@ -519,6 +333,49 @@ def _cell(m, rule):
     return _CELL["missed"] if m.get("mapped") else _CELL["not found, unmapped"]
 
 
+class _Shown(NamedTuple):
+    id: str
+    kpfn: int | None
+    unmappable_under: list
+    mappings: list
+
+
+def _replay_nodes(snap: Snapshot, nodes, max_nodes: int) -> tuple[list, dict, int]:
+    """The nodes :func:`walk_replay` draws, from the tables: every node with
+    mappings (only ``nodes``, if given) ranked by misses (a mapped mapping a
+    rule does not find), then rules that miss one, then kpfn; the first
+    ``max_nodes`` with their mappings (the only records built). Returns
+    ``(shown, {rule: misses over every candidate}, candidates)``."""
+    m, sn = snap.mappings, snap.stable_nodes
+    ns = len(sn)
+    pos = positions(m["node"], sn["id"])
+    mapped = m["mapped"].fillna(False).to_numpy(dtype=bool)
+    missed = {r: mapped & (m[f"found_{r}"] == False).fillna(False).to_numpy(dtype=bool)  # noqa: E712
+              for r in RULES}
+    on = pos >= 0
+    has = np.bincount(pos[on], minlength=ns) > 0
+    if nodes is not None:
+        has &= sn["id"].isin(list(nodes)).to_numpy(dtype=bool)
+    misses = np.zeros(ns, np.int64)
+    for r in RULES:
+        misses += np.bincount(pos[on & missed[r]], minlength=ns)
+    unm = sum(sn[f"unmappable_{r}"].to_numpy(dtype=bool).astype(np.int64) for r in RULES)
+    kpfn = sn["kpfn"].fillna(0).to_numpy(dtype=np.int64)
+    cand = np.flatnonzero(has)
+    order = cand[np.lexsort((kpfn[cand], -unm[cand], -misses[cand]))][:max_nodes]
+    in_cand = has[np.where(on, pos, 0)] & on
+    miss = {r: int((missed[r] & in_cand).sum()) for r in RULES}
+    rows = np.flatnonzero(np.isin(pos, order))
+    dicts = mapping_dicts(m.iloc[rows])
+    by: dict = {}
+    for p, d in zip(pos[rows].tolist(), dicts):
+        by.setdefault(p, []).append(d)
+    ids, kp = column_values(sn, "id"), column_values(sn, "kpfn")
+    shown = [_Shown(ids[k], kp[k], [r for r in RULES if sn[f"unmappable_{r}"].iat[k]],
+                    by.get(k, [])) for k in order.tolist()]
+    return shown, miss, int(cand.size)
+
+
 def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None,
                 max_rows: int = 160) -> Figure:
     """What each rmap walk rule finds, per stable node: one row per mapping
@@ -532,19 +389,12 @@ def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None,
     The column of the rule this kernel uses (``kernel.walk_rule``) is framed.
     ``nodes``: only these node ids. Returns the Figure.
     """
-    cand = [n for n in snap.nodes() if n.mappings]
-    if nodes is not None:
-        want = set(nodes)
-        cand = [n for n in cand if n.id in want]
-    if not cand:
+    cand, miss, n_cand = _replay_nodes(snap, nodes, max_nodes)
+    if not n_cand:
         raise KsmlensError("no stable node in this snapshot has walk-replay mappings",
                            "take the snapshot with a ksmlens that records "
                            "StableNode.mappings, after a scenario merged pages")
-
-    def misses(n):
-        return sum(_cell(m, r) == _CELL["missed"] for m in n.mappings for r in RULES)
-    cand.sort(key=lambda n: (-misses(n), -len(n.unmappable_under), n.kpfn or 0))
-    shown = cand[:max_nodes]
+    shown = cand
     compact = sum(len(n.mappings) for n in shown) > max_rows
 
     def mkey(m):
@@ -598,10 +448,8 @@ def walk_replay(snap: Snapshot, ax=None, max_nodes: int = 60, nodes=None,
                        for v in (1, 2, 3, 0)],
               loc="upper center", bbox_to_anchor=(0.5, -0.35 / max(1, len(rows)) ** 0.5 - 0.02),
               ncols=2, fontsize=8)
-    miss = {r: sum(_cell(m, r) == _CELL["missed"] for n in cand for m in n.mappings)
-            for r in RULES}
     ax.set_title(f"walk replay, kernel {snap.kernel.variant or snap.kernel.release}: "
-                 f"{len(shown)} of {len(cand)} stable nodes, "
+                 f"{len(shown)} of {n_cand} stable nodes, "
                  f"{sum(len(n.mappings) for n in shown)} mappings\nmapped mappings missed: "
                  + ", ".join(f"{r} {miss[r]}" for r in RULES), fontsize=10)
     return fig

@@ -124,3 +124,12 @@ def test_an_rbtree_pointer_out_of_the_candidates_is_a_fault():
     _, faults = slabscan.rb_inorder(addrs, np.array([128, 64, 0], dtype=U),
                                     np.zeros(3, dtype=U), 128)
     assert faults == [128]
+
+
+def test_two_parents_naming_one_child_keep_the_first_and_fault_the_other():
+    # 128 is the root; 64 and 192 its children both name 32 as their left
+    addrs = np.array([32, 64, 128, 192], dtype=U)
+    left = np.array([0, 32, 64, 32], dtype=U)
+    right = np.array([0, 0, 192, 0], dtype=U)
+    order, faults = slabscan.rb_inorder(addrs, left, right, 128)
+    assert order.tolist() == [32, 64, 128, 192] and faults == [32]

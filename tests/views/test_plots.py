@@ -183,6 +183,32 @@ def test_stable_tree_rows_blocks_then_groups(tmp_path):
     check_figure(fig, tmp_path, "tree-grouped")
 
 
+def test_grouped_boxes_from_the_tables_are_the_node_by_node_ones():
+    """Past max_nodes the boxes come from integer codes over the tables
+    (no record per node, the 1M path); they must be the boxes the node by
+    node path builds, in the same order: chains and dups, an exited
+    process (no pid), a dup on migrate_nodes (not drawn), a node no item
+    names."""
+    from ksmlens.views import treeplots
+    snap = tree_snapshot(40)
+    extra = [item(7, 0x50000000 + k * PAGE, vma=(0x50000000, 0x60000000, 0x50000))
+             for k in range(3)]
+    for i in extra:
+        i.pid, i.comm, i.stable_node = None, None, "n0"      # its process exited
+    lone = node("n-lone", kpfn=0x7777)
+    mig = node("d-mig", kind="dup", chain="c0", kpfn=0x8888)
+    mig.migrate_list = True
+    nodes = list(snap.nodes())
+    nodes[0].items += [i.id for i in extra]
+    snap = snapshot(list(snap.items()) + extra, nodes + [lone, mig])
+    tab = treeplots._leaf_table(snap)
+    got = treeplots._grouped_boxes(snap, tab)
+    want = treeplots._node_boxes(snap, "blocks")
+    for b in want:
+        b["node_items"] = []
+    assert got == want and len(got) >= 5
+
+
 # ------------------------------------------------------------------ unit: SmartScan
 
 def test_skip_schedule_is_the_kernels(tmp_path):
