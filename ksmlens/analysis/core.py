@@ -412,9 +412,15 @@ def stale_items(snap: Snapshot, rule: str | None = None) -> list[RmapItem]:
     whose stored index is not their mapping's (``stored_status`` stale /
     unset)."""
     rules = [rule] if rule else list(RULES)
-    return [i for i in snap.items()
-            if (i.walk and any(i.walk.get(r) is False for r in rules))
-            or i.stored_status in ("stale", "unset")]
+    df = snap.rmap_items
+    if not len(df):
+        return []
+    # the same test on the columns (walk_<rule> False: the walk misses it),
+    # then records for those rows only
+    bad = df["stored_status"].isin(["stale", "unset"]).fillna(False).to_numpy(dtype=bool)
+    for r in rules:
+        bad = bad | (df[f"walk_{r}"] == False).fillna(False).to_numpy(dtype=bool)  # noqa: E712
+    return snap.item_records(df[bad])
 
 
 # ------------------------------------------------------------------ the address axis

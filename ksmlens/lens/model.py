@@ -439,7 +439,20 @@ class Snapshot:
         return d
 
     def items_of(self, pid: int) -> list[RmapItem]:
-        return [i for i in self.items() if i.pid == pid]
+        """The rmap_items of ``pid`` (walk order), records built for those
+        rows only unless every record is already cached."""
+        if self._records.get("items") is not None:
+            return [i for i in self.items() if i.pid == pid]
+        df = self.rmap_items
+        return self.item_records(df[(df["pid"] == pid).fillna(False).to_numpy(dtype=bool)])
+
+    def item_records(self, rows: pd.DataFrame) -> list[RmapItem]:
+        """:class:`RmapItem` records of some rows of :attr:`rmap_items` (the
+        records :meth:`items` gives for them, built for these alone)."""
+        if self._given is not None:      # hand-made: the records it was built from
+            by_id = self._by_id("items")
+            return [by_id[i] for i in rows["id"].tolist()]
+        return _item_records(rows)
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict:

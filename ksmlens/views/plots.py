@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from matplotlib.artist import Artist
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -68,6 +69,30 @@ def _get(obj, name):
 
 # ------------------------------------------------------------------ address space
 
+def _zero_pages_of(snap: Snapshot, pid: int) -> list[int]:
+    """Addresses of the KSM zero pages in the mm slots ``pid`` uses (from
+    the mm_slots table: no record per rmap_item)."""
+    out: list[int] = []
+    sl = snap.mm_slots
+    for pids, p, z in zip(column_values(sl, "pids"), column_values(sl, "pid"),
+                          column_values(sl, "zero_pages")):
+        pids = [int(x) for x in pids] if pids is not None and len(pids) else [p]
+        if pid in pids and z is not None:
+            out += [int(a) for a in z]
+    return sorted(out)
+
+
+def _item_statuses(items) -> np.ndarray:
+    """:func:`ksmlens.analysis.core.item_status` of every row of an
+    rmap_items table, column-wise."""
+    stored = items["stored_status"].astype(object).to_numpy()
+    pg = items["pgoff_status"].astype(object).to_numpy()
+    out = np.where(pd.isna(pg) | (pg == ""), "ok", pg).astype(object)
+    bad = (stored == "stale") | (stored == "unset")
+    out[bad] = np.array(["stored_" + str(x) for x in stored[bad]], dtype=object)
+    return out
+
+
 def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> Figure:
     """Map of one process's address space as KSM sees it.
 
@@ -84,32 +109,45 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     ``vma``: only the VMA starting at this address. Returns the Figure.
     """
     shift = snap.kernel.page_shift
-    items = snap.items_of(pid)
-    zero = [] if vma is not None else sorted(
-        a for s in snap.slots() if pid in (s.pids or [s.pid]) for a in s.zero_pages)
-    if not items and not zero:
-        have = sorted({i.pid for i in snap.items() if i.pid is not None})
+    it = snap.rmap_items
+    items = it[(it["pid"] == pid).fillna(False).to_numpy(dtype=bool)]
+    zero = [] if vma is not None else _zero_pages_of(snap, pid)
+    if not len(items) and not zero:
+        have = sorted(int(p) for p in it["pid"].dropna().unique())
         raise KsmlensError(f"pid {pid} has no rmap_items in this snapshot",
                            f"pids with rmap_items: {have or 'none'}")
     if vma is not None:
-        items = [i for i in items if i.vma_start == vma]
-        if not items:
+        items = items[(items["vma_start"] == vma).fillna(False).to_numpy(dtype=bool)]
+        if not len(items):
             raise KsmlensError(f"pid {pid} has no rmap_items in a VMA at {vma:#x}",
                                "pick a vma_start of one of its rmap_items")
-    comm = next((i.comm for i in items if i.comm), None)
-    vmas = sorted({(i.vma_start, i.vma_end, i.vm_pgoff) for i in items
-                   if i.vma_start is not None})
-    orphans = [i for i in items if i.vma_start is None]
-    rows = {v: k for k, v in enumerate(vmas)}
-    if orphans:
+    comm = next(iter(items["comm"].dropna().tolist()[:1]), None)
+    has_vma = items["vma_start"].notna().to_numpy(dtype=bool)
+    vk = items.loc[has_vma, ["vma_start", "vma_end", "vm_pgoff"]].drop_duplicates()
+    vmas = sorted(tuple(int(x) for x in t) for t in vk.itertuples(index=False))
+    addr = items["address"].to_numpy(dtype=np.uint64)
+    orphans = addr[~has_vma]
+    rows: dict = {v: k for k, v in enumerate(vmas)}
+    if orphans.size:
         rows[None] = len(vmas)
     if zero:            # KSM zero pages: no rmap_item, no stable node, only a PTE
         rows["zero"] = len(rows)
+    # each item's row: its VMA's (vma_start, vma_end, vm_pgoff)
+    row_of = np.full(len(items), rows.get(None, -1), np.int64)
+    if vmas:
+        key = pd.DataFrame(vmas, columns=["vma_start", "vma_end", "vm_pgoff"], dtype="UInt64")
+        key["row"] = np.arange(len(vmas))
+        mine = items.loc[has_vma, ["vma_start", "vma_end", "vm_pgoff"]].astype("UInt64")
+        row_of[has_vma] = mine.merge(key, how="left")["row"].to_numpy(dtype=np.int64)
+    status = _item_statuses(items)
+    state = items["state"].astype(str).to_numpy(dtype=object)
+    cause = items["pgoff_cause"].astype(object).to_numpy()
+    file_ = items["vma_file"].fillna(False).to_numpy(dtype=bool)
     intervals = [(a >> shift, (a >> shift) + 1) for a in zero]
     for start, end, pgoff in vmas:
         npages = (end - start) >> shift
         intervals += [(start >> shift, end >> shift), (pgoff, pgoff + npages)]
-    intervals += [(i.address >> shift, (i.address >> shift) + 1) for i in orphans]
+    intervals += [(a >> shift, (a >> shift) + 1) for a in orphans.tolist()]
     to_x, segs = _segments(intervals)
 
     nrows = len(rows)
@@ -126,24 +164,23 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
                                hatch="////", lw=0.8, zorder=1, gid="pgoff"))
         if moved:
             d = pgoff - lo
-            causes = Counter(i.pgoff_cause for i in items if i.vma_start == start
-                             and i.pgoff_cause)
+            mine = cause[row_of == rows[(start, end, pgoff)]]
+            causes = Counter(c for c in mine.tolist() if c is not None and c == c and c)
             why = f"; cause: {causes.most_common(1)[0][0]}" if causes else ""
             ax.annotate(f"vm_pgoff {pgoff:#x} != vm_start>>{shift} {lo:#x} "
                         f"({'+' if d > 0 else '-'}{abs(d)} pages{why})",
                         (min(x0, px), r + 0.38), ha="left", va="center",
                         fontsize=8, color="#d62728", zorder=4)
-    groups = defaultdict(list)
-    for it in items:
-        groups[(item_status(it), it.state)].append(it)
-    for (status, state), its in sorted(groups.items()):
-        xs = to_x([i.address >> shift for i in its]) + 0.5
-        ys = [rows[(i.vma_start, i.vma_end, i.vm_pgoff)] if i.vma_start is not None
-              else rows[None] for i in its]
-        m = STATE_MARKERS.get(state, "s")
+    vpn = addr >> np.uint64(shift)
+    for (st_, sa) in sorted(set(zip(status.tolist(), state.tolist()))):
+        sel = (status == st_) & (state == sa)
+        xs = to_x(vpn[sel].astype(np.int64)) + 0.5
+        ys = row_of[sel]
+        status_, state_ = st_, sa
+        m = STATE_MARKERS.get(state_, "s")
         kw = {"edgecolors": "black", "linewidths": 0.3} if m != "x" else {"linewidths": 1.0}
-        ax.scatter(xs, np.asarray(ys) - 0.1, c=STATUS_COLORS.get(status, "black"),
-                   marker=m, s=22, zorder=3, gid=f"items:{status}:{state}", **kw)
+        ax.scatter(xs, np.asarray(ys) - 0.1, c=STATUS_COLORS.get(status_, "black"),
+                   marker=m, s=22, zorder=3, gid=f"items:{status_}:{state_}", **kw)
     if zero:
         ax.scatter(to_x([a >> shift for a in zero]) + 0.5, [rows["zero"] - 0.1] * len(zero),
                    c=ZERO_COLOR, marker="o", s=14, zorder=3, gid="zero_pages",
@@ -169,7 +206,7 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
             ylab.append("no VMA (item outlived its mapping)")
         else:
             start, end, pgoff = v
-            tag = " file" if any(i.vma_file for i in items if i.vma_start == start) else ""
+            tag = " file" if file_[row_of == r].any() else ""
             ylab.append(f"VMA {start:#x}\n{(end - start) >> shift} pages{tag}")
     ax.set_yticks(range(nrows), ylab, fontsize=8)
     last = segs[-1]
@@ -177,8 +214,8 @@ def address_space(snap: Snapshot, pid: int, ax=None, vma: int | None = None) -> 
     ax.set_ylim(nrows - 0.45, -0.6)
     ax.set_xlabel(f"virtual page number (address >> {shift}; gaps cut short)")
     ax.set_ylabel("VMAs holding rmap_items")
-    st = Counter(item_status(i) for i in items)
-    ss = Counter(i.state for i in items)
+    st = Counter(status.tolist())
+    ss = Counter(state.tolist())
     handles: list[Artist] = [Patch(facecolor="#c6dbef", edgecolor="#08519c", label="VMA [vm_start, vm_end)"),
                Patch(facecolor="none", edgecolor="#08519c", hatch="////",
                      label="[vm_pgoff, +pages): what the walk searches")]

@@ -7,7 +7,7 @@ from collections import Counter
 import pandas as pd
 
 from ksmlens.kernel import sysfs as ksm_sysfs
-from ksmlens.lens.model import Snapshot
+from ksmlens.lens.model import Snapshot, column_values
 from ksmlens.views.tables import format_table, keyvalue_table
 
 __all__ = ["stable_table", "process_table", "summary", "rmap_table", "stale_table",
@@ -133,18 +133,24 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     the page mapped is KSM: ``PageKsm()``), what ksmd's next pass does with
     the item (visit, or free it unread and why) and ``pgoff_status``."""
     from ksmlens.errors import KsmlensError
-    items = sorted(snap.items_of(pid), key=lambda i: i.address)
-    if not items and not any(pid in (s.pids or [s.pid]) for s in snap.slots()):
+    df = snap.rmap_items
+    mine = df[(df["pid"] == pid).fillna(False).to_numpy(dtype=bool)]
+    if not len(mine):       # a process sharing another's mm (CLONE_VM): its owner's items
+        sl = snap.mm_slots
+        mm = next((m for m, ps in zip(column_values(sl, "mm"), column_values(sl, "pids"))
+                   if ps is not None and pid in [int(x) for x in ps]), None)
+        mine = df[(df["mm"] == mm).fillna(False).to_numpy(dtype=bool)] if mm else mine
+    mine = mine.sort_values("address", kind="stable")
+    n_items = len(mine)
+    items = snap.item_records(mine.iloc[:limit] if limit is not None else mine)
+    if not n_items and not any(pid in (s.pids or [s.pid]) for s in snap.slots()):
         pids = ", ".join(str(p) for p in sorted(p for s in snap.slots()
                                                  for p in (s.pids or [s.pid])
                                                  if p is not None)) or "none"
         raise KsmlensError(f"pid {pid} has no KSM mm slot",
                            f"processes known to KSM: {pids}")
-    if not items:        # a process sharing another's mm (CLONE_VM): its owner's items
-        slot = next(s for s in snap.slots() if pid in (s.pids or []))
-        items = sorted((snap.item(i) for i in slot.items), key=lambda i: i.address)
     body = []
-    for i in items[:limit]:
+    for i in items:
         status = i.pgoff_status + (f" ({i.pgoff_cause})" if i.pgoff_cause else "")
         pte = i.pte + ("*" if i.page_ksm else "")
         body.append((f"{i.address:#x}", i.state, i.stable_node, _hex(i.addr_pgoff),
@@ -153,10 +159,10 @@ def rmap_table(snap: Snapshot, pid: int, limit: int | None = None) -> str:
     rows = [format_table(("address", "state", "stable_node", "addr_pgoff", "lin_pg_idx",
                           "stored", "stored_st", "S3I", "pte", "next", "pgoff_status"),
                          body, align="><<>>><<<<<")]
-    if limit is not None and len(items) > limit:
-        rows.append(f"... {len(items) - limit} more")
-    st = Counter(i.pgoff_status for i in items)
-    rows.append(f"pid {pid}: {len(items)} rmap_items, "
+    if limit is not None and n_items > limit:
+        rows.append(f"... {n_items - limit} more")
+    st = Counter(column_values(mine, "pgoff_status"))
+    rows.append(f"pid {pid}: {n_items} rmap_items, "
                 + ", ".join(f"{k} {v}" for k, v in sorted(st.items()))
                 + "; S3I: does the stock / v3 / stored walk find the mapping (+ yes, - no, "
                 ". not applicable); pte * = the page mapped there is KSM")
