@@ -9,7 +9,8 @@ Run (from the repository, the venv's python):
         --vmlinux ~/.cache/ksmlens/.../vmlinux         # offline: no guest is booted
 
 Guest (per size N, unless --vmcore): a TCG lab VM of the --variant kernel
-(default union) for --arch (default x86_64; arm64 for the arm64 lab), 8 GB for N >= 1M (else 2 x N pages + 1 GB, at least 2 GB),
+(default union) for --arch (default x86_64; arm64 for the arm64 lab), N pages + 2 GB for N >= 1M, at least 8 GB (else 2 x N pages + 1 GB, at least 2 GB;
+ksmlens.lab.bigstate.guest_memory_mb),
 2 vCPUs. The project's workload (vm/scenarios/ksmlens-workload.c, scenario
 ``merge``) runs 2 processes x N/2 pages with ``--distinct N/2``: page k of
 one process has the same content as page k of the other, and the N/2

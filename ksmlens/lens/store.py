@@ -53,7 +53,7 @@ def save(snap: Snapshot, path) -> str:
     Returns ``"json"`` or ``"columnar"``."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        with open(path, "w") as f:
+        with open(path, "wb") as f:
             write_json(snap, f)
         return "json"
     write_columnar(snap, path)
@@ -83,16 +83,17 @@ def _dumps(o) -> bytes:
                         option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
-def _write_list(f, key: str, chunks) -> None:
-    f.write(f',\n "{key}": [')
+def _write_list(w, key: str, chunks) -> None:
+    w(f',\n "{key}": ['.encode())
     first = True
     for chunk in chunks:
         if not chunk:
             continue
-        s = _dumps(chunk)[1:-1].decode()
-        f.write(("" if first else ",\n") + s)
+        if not first:
+            w(b",\n")
+        w(memoryview(_dumps(chunk))[1:-1])
         first = False
-    f.write("]")
+    w(b"]")
 
 
 def _json_default(o):
@@ -178,21 +179,26 @@ def _node_chunks(snap: Snapshot):
 
 
 def write_json(snap: Snapshot, f) -> None:
-    """Stream the JSON contract of ``snap`` to the text file ``f``: from
-    the tables, a chunk of rows at a time (each chunk's dicts encoded by
-    orjson, then dropped)."""
+    """Stream the JSON contract of ``snap`` to ``f`` (a binary file, or a
+    text one such as ``io.StringIO``): from the tables, a chunk of rows at a
+    time (each chunk's dicts encoded by orjson, then dropped)."""
     import dataclasses
+    if isinstance(f, io.TextIOBase):
+        def w(b):
+            f.write(bytes(b).decode())
+    else:
+        w = f.write
     head = _header(snap)
-    f.write("{" + json.dumps(head, default=_json_default)[1:-1])
-    _write_list(f, "stable_nodes", _node_chunks(snap))
+    w(("{" + json.dumps(head, default=_json_default)[1:-1]).encode())
+    _write_list(w, "stable_nodes", _node_chunks(snap))
     df = snap.rmap_items
-    _write_list(f, "rmap_items", (_item_dicts(df, k, k + _CHUNK)
+    _write_list(w, "rmap_items", (_item_dicts(df, k, k + _CHUNK)
                                   for k in range(0, len(df), _CHUNK)))
     slots = snap.slots()
     # MmSlot holds plain values and lists of them: no deep copy (asdict) needed
     names = [x.name for x in dataclasses.fields(MmSlot)]
-    _write_list(f, "mm_slots", [[{n: getattr(s, n) for n in names} for s in slots]])
-    f.write(',\n "anon_vmas": ' + _dumps(snap.anon_vmas).decode() + "}\n")
+    _write_list(w, "mm_slots", [[{n: getattr(s, n) for n in names} for s in slots]])
+    w(b',\n "anon_vmas": ' + _dumps(snap.anon_vmas) + b"}\n")
 
 
 def to_dict(snap: Snapshot) -> dict:
