@@ -149,17 +149,41 @@ def slab_objects(prog: Program, caches: list[Object], read, layout: SlabLayout
     return out
 
 
-def index_of(sorted_addrs: np.ndarray, ptrs: np.ndarray) -> np.ndarray:
-    """Index of each of ``ptrs`` in ``sorted_addrs``, -1 where absent."""
+def index_of(sorted_addrs: np.ndarray, ptrs: np.ndarray, stride: int | None = None
+             ) -> np.ndarray:
+    """Index of each of ``ptrs`` in ``sorted_addrs``, -1 where absent.
+
+    ``stride``: every object of a slab is ``stride`` bytes after the one
+    before (``s->size``; the candidates of :func:`slab_objects`), so the
+    candidates starting in one page are evenly spaced: a table of each
+    page's first candidate (indexed by page number) and one division find
+    each pointer's, checked, instead of a binary search per pointer."""
     n = sorted_addrs.size
     if not n:
         return np.full(ptrs.size, -1, np.int64)
+    if stride:
+        pg = sorted_addrs >> _U(_PAGE_SHIFT)
+        lo = int(pg[0])
+        span = int(pg[-1]) - lo + 2
+        if span <= 1 << 26:
+            first = np.full(span, -1, np.int64)
+            starts = np.flatnonzero(np.r_[True, pg[1:] != pg[:-1]])
+            first[(pg[starts] - _U(lo)).astype(np.int64)] = starts
+            q = ptrs >> _U(_PAGE_SHIFT)
+            inside = (q >= _U(lo)) & (q < _U(lo + span - 1))
+            f = np.where(inside, first[np.where(inside, q - _U(lo), _U(0)).astype(np.int64)],
+                         -1)
+            base = sorted_addrs[np.maximum(f, 0)]
+            k = np.where((f >= 0) & (ptrs >= base),
+                         f + ((ptrs - base) // _U(stride)).astype(np.int64), -1)
+            j = np.clip(k, 0, n - 1)
+            return np.where((k >= 0) & (k < n) & (sorted_addrs[j] == ptrs), k, -1)
     j = np.minimum(np.searchsorted(sorted_addrs, ptrs), n - 1)
     return np.where(sorted_addrs[j] == ptrs, j, -1)
 
 
-def list_order(addrs: np.ndarray, nexts: np.ndarray, heads: list[int]
-               ) -> list[tuple[np.ndarray, int, int]]:
+def list_order(addrs: np.ndarray, nexts: np.ndarray, heads: list[int],
+               stride: int | None = None) -> list[tuple[np.ndarray, int, int]]:
     """Singly linked lists among candidate nodes, in list order.
 
     ``addrs``: the candidates' addresses (sorted uint64); ``nexts``: each
@@ -185,7 +209,7 @@ def list_order(addrs: np.ndarray, nexts: np.ndarray, heads: list[int]
     live = [k for k, h in enumerate(heads) if h and hidx[k] >= 0]
     if not live:
         return out
-    succ = index_of(addrs, nexts)
+    succ = index_of(addrs, nexts, stride)
     j0 = np.empty(n + 1, np.int32)              # index n: past the end
     j0[:n] = np.where(succ >= 0, succ, n)
     j0[n] = n
@@ -238,7 +262,8 @@ def list_order(addrs: np.ndarray, nexts: np.ndarray, heads: list[int]
 
 
 def rb_inorder(addrs: np.ndarray, left: np.ndarray, right: np.ndarray, root: int,
-               max_depth: int = 256) -> tuple[np.ndarray, list[int]]:
+               max_depth: int = 256, stride: int | None = None
+               ) -> tuple[np.ndarray, list[int]]:
     """The nodes of the rbtree under ``root`` in order (an rbtree's
     in-order: ``rb_first()``, ``rb_next()``), among candidates ``addrs``
     (sorted uint64) whose child pointers are ``left``/``right`` (as node
@@ -250,7 +275,7 @@ def rb_inorder(addrs: np.ndarray, left: np.ndarray, right: np.ndarray, root: int
     2 log2(n + 1) deep), then each node's in-order rank from the sizes of
     its children's subtrees."""
     n = addrs.size
-    li, ri = index_of(addrs, left), index_of(addrs, right)
+    li, ri = index_of(addrs, left, stride), index_of(addrs, right, stride)
     faults: list[int] = []
     r = index_of(addrs, np.array([root], dtype=_U))[0] if root else -1
     if r < 0:

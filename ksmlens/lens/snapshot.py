@@ -459,7 +459,9 @@ def _slab_scan(w: _Walker, counters: dict, want: bool | None) -> dict | None:
         if slabscan.memmap_bytes(prog) > SCAN_RATIO * slabs:
             return None
     found = slabscan.slab_objects(prog, caches, w.mem.read, layout)
-    return {"items": found[caches[0].value_()], "nodes": found[caches[1].value_()]}
+    return {"items": found[caches[0].value_()], "nodes": found[caches[1].value_()],
+            # s->size: the distance between objects of one slab (slabscan.index_of)
+            "item_stride": caches[0].size.value_(), "node_stride": caches[1].size.value_()}
 
 
 def _prefetch_objects(mem: Memory, addrs: np.ndarray, size: int) -> None:
@@ -486,9 +488,10 @@ def _rmap_lists(w: _Walker, firsts: list[int], slabs: dict | None) -> list[np.nd
     cand = slabs["items"]
     _prefetch_objects(mem, cand, L.item_size)
     rec, ok = mem.gather(cand, L.item_size, L.item_dtype)
-    w.cand_items = (cand, rec, ok)       # _item_records() takes the walked ones from here
+    w.cand_items = (cand, rec, ok, slabs["item_stride"])   # for _item_records()
     out = []
-    for (nodes, how, at) in slabscan.list_order(cand, rec["next"], firsts):
+    for (nodes, how, at) in slabscan.list_order(cand, rec["next"], firsts,
+                                                stride=slabs["item_stride"]):
         if how != slabscan.END:     # outside the candidates, or a cycle: by pointer
             rest = w.follow(at, off)    # (which counts a list that does not end)
             nodes = np.concatenate([nodes, np.frombuffer(rest, dtype=np.uint64)]) \
@@ -506,7 +509,7 @@ def _item_records(w: _Walker, ptrs: np.ndarray) -> tuple[dict, np.ndarray]:
     cand = getattr(w, "cand_items", None)
     if cand is not None:
         w.cand_items = None
-        idx = index_of(cand[0], ptrs)
+        idx = index_of(cand[0], ptrs, cand[3])
         if (idx >= 0).all():
             w.mem.clear()
             return {f: v[idx] for f, v in cand[1].items()}, cand[2][idx]
@@ -523,13 +526,17 @@ def _stable_rb(w: _Walker, slabs: dict):
     cand = slabs["nodes"]
     _prefetch_objects(mem, cand, L.node_size)
     rec, _ = mem.gather(cand, L.node_size, L.node_rb)
-    rbs = cand + _U(L.n_rb)
+    off = _U(L.n_rb)
+    # rb_node pointers as the node addresses they sit in (0 stays 0): the
+    # candidates' own addresses keep one slab's objects evenly spaced in a page
+    left, right = (np.where(rec[k] != 0, rec[k] - off, _U(0)) for k in ("rb_left", "rb_right"))
 
     def inorder(root: int) -> np.ndarray:
-        order, faults = slabscan.rb_inorder(rbs, rec["rb_left"], rec["rb_right"], root)
+        order, faults = slabscan.rb_inorder(cand, left, right, root - int(off) if root else 0,
+                                            stride=slabs["node_stride"])
         if faults:      # a race or an unknown slab: the whole tree by pointer
             return np.frombuffer(w.rb_inorder(root), dtype=np.uint64)
-        return order
+        return order + off
     return inorder
 
 

@@ -78,10 +78,10 @@ def test_two_lists_sharing_a_tail_each_come_out_whole():
     assert a[0].tolist() == [64, 128, 320, 384] and b[0].tolist() == [256, 320, 384]
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_an_rbtree_comes_out_in_order_among_stale_links(seed):
+@pytest.mark.parametrize("seed,stride", [(0, None), (1, None), (2, 64), (3, 64)])
+def test_an_rbtree_comes_out_in_order_among_stale_links(seed, stride):
     rng = random.Random(seed)
-    addrs = _candidates(rng, 2000)
+    addrs = _candidates(rng, 2000) if stride is None else _slab_pages(rng, 32)
     pick = rng.sample(range(addrs.size), 1500)
     keys = list(range(1500))
     rng.shuffle(keys)
@@ -106,6 +106,9 @@ def test_an_rbtree_comes_out_in_order_among_stale_links(seed):
     want = [int(addrs[i]) for i in sorted(pick, key=lambda i: kof[i])]
     order, faults = slabscan.rb_inorder(addrs, left, right, int(addrs[root]))
     assert faults == [] and order.tolist() == want
+    if stride:          # whole slabs: the page-table lookup gives the same
+        order, faults = slabscan.rb_inorder(addrs, left, right, int(addrs[root]), stride=64)
+        assert faults == [] and order.tolist() == want
 
 
 def test_an_rbtree_pointer_out_of_the_candidates_is_a_fault():
@@ -133,3 +136,36 @@ def test_two_parents_naming_one_child_keep_the_first_and_fault_the_other():
     right = np.array([0, 0, 192, 0], dtype=U)
     order, faults = slabscan.rb_inorder(addrs, left, right, 128)
     assert order.tolist() == [32, 64, 128, 192] and faults == [32]
+
+
+def _slab_pages(rng, n_pages, size=64, base=0xFFFF888000100000):
+    """Every object of n_pages whole order-0 slabs (what slab_objects()
+    gives), the pages scattered."""
+    pages = np.sort(np.array(rng.sample(range(n_pages * 8), n_pages), dtype=U))
+    per = 4096 // size
+    return (U(base) + (pages * U(4096))[:, None] + np.arange(per, dtype=U) * U(size)).ravel()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_stride_lookup_gives_what_the_binary_search_does(seed):
+    rng = random.Random(seed)
+    addrs = _slab_pages(rng, 50)
+    nexts, heads, want = _lists(rng, addrs, [300, 1, 900])
+    plain = slabscan.list_order(addrs, nexts, heads)
+    strided = slabscan.list_order(addrs, nexts, heads, stride=64)
+    for (a, ha, xa), (b, hb, xb), w in zip(plain, strided, want):
+        assert a.tolist() == b.tolist() == w.tolist() and (ha, xa) == (hb, xb)
+    # pointers into the middle of an object, outside every page, or NULL
+    probe = np.concatenate([addrs[::7], addrs[::11] + U(8), U(0xFFFF888777000000) + addrs[:5],
+                            np.zeros(3, U)])
+    assert slabscan.index_of(addrs, probe, 64).tolist() == \
+        slabscan.index_of(addrs, probe).tolist()
+
+
+def test_the_stride_lookup_never_names_a_wrong_object_where_a_page_has_gaps():
+    rng = random.Random(3)
+    addrs = _candidates(rng, 2000)            # objects missing inside pages
+    probe = addrs[rng.sample(range(addrs.size), 500)]
+    got = slabscan.index_of(addrs, probe, 64)
+    ok = got >= 0
+    assert (addrs[got[ok]] == probe[ok]).all()
