@@ -62,6 +62,12 @@ wait4()'s rusage (ru_maxrss of that child alone):
             node decoded from that copy (one numpy gather per field);
             floor = copy + decode. "near the floor" prints issue 21's
             targets with each figure's ratio to it.
+  views     issue 21's views, each drawn from the columnar file in a fresh
+            process (``--views-child FILE VIEW``, stopped after 120 s):
+            plots.stable_tree, walk_replay, address_space, address_axis,
+            costplots.page_cost (with walk_cost --walk full) and the %ksm
+            tables (summary, stable, procs, rmap, stale); seconds after the
+            load, the figure rendered to PNG (Agg). Target < 2 s each at 1M.
 
 Targets (issue 10), checked in the table's last column:
   1M:   end to end <= 15 s, guest paused <= 5 s, peak RSS <= 1 GB,
