@@ -28,10 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from drgn import FaultError, Object, Program
+from drgn import Object, Program
 
-__all__ = ["SlabLayout", "slab_layout", "memmap_bytes", "slab_objects", "list_order",
-           "rb_inorder", "read_or_none", "index_of", "END", "OUTSIDE", "CYCLE"]
+__all__ = ["SlabLayout", "slab_layout", "page_ranges", "memmap_bytes", "slab_objects", "list_order",
+           "rb_inorder", "index_of", "END", "OUTSIDE", "CYCLE"]
 
 _U = np.uint64
 _PAGE_SHIFT = 12
@@ -72,30 +72,33 @@ def slab_layout(prog: Program) -> SlabLayout | None:
                       prog.type("struct page").size)
 
 
-def _page_ranges(prog: Program):
+def page_ranges(prog: Program) -> list[tuple[int, int, int]]:
+    """``(start_pfn, end_pfn, mem_map address)`` of every range of valid
+    pfns (:func:`drgn.helpers.linux.mm.for_each_valid_page_range`)."""
     from drgn.helpers.linux.mm import for_each_valid_page_range
-    for start, end, mem_map in for_each_valid_page_range(prog):
-        yield start, end, mem_map.value_()
+    return [(s, e, m.value_()) for s, e, m in for_each_valid_page_range(prog)]
 
 
-def memmap_bytes(prog: Program) -> int:
-    """Bytes of ``struct page`` a scan reads: every valid pfn's."""
+def memmap_bytes(prog: Program, ranges=None) -> int:
+    """Bytes of ``struct page`` a scan of ``ranges`` (default: every valid
+    pfn's, :func:`page_ranges`) reads."""
     sz = prog.type("struct page").size
-    return sum((e - s) * sz for s, e, _ in _page_ranges(prog))
+    return sum((e - s) * sz for s, e, _ in (ranges if ranges is not None else page_ranges(prog)))
 
 
 def _oo_objects(x: int) -> int:
     return x & 0xFFFF        # mm/slub.c oo_objects(): OO_SHIFT 16
 
 
-def slab_objects(prog: Program, caches: list[Object], read, layout: SlabLayout
-                 ) -> dict[int, np.ndarray]:
+def slab_objects(prog: Program, caches: list[Object], read, layout: SlabLayout,
+                 ranges=None) -> dict[int, np.ndarray]:
     """Every object address of every slab of each ``struct kmem_cache *``
     in ``caches``: ``{cache address: sorted uint64 array}``.
 
     Reads the memmap (:func:`drgn.helpers.linux.mm.for_each_valid_page_range`)
     ``_CHUNK_PAGES`` struct pages at a time with ``read(addr, size)``
-    (bytes, or None on a fault: that piece is skipped) and keeps each
+    (bytes, or None on a fault: that piece is skipped; ``ranges``: those of
+    :func:`page_ranges`, read once by the caller) and keeps each
     ``struct slab`` whose ``slab_cache`` is one of the caches and whose
     ``objects`` is that cache's per-slab count (``s->oo`` or, for a slab
     allocated at the fallback order, ``s->min``: mm/slub.c allocate_slab()).
@@ -114,7 +117,7 @@ def slab_objects(prog: Program, caches: list[Object], read, layout: SlabLayout
     found_pfn: list[np.ndarray] = []
     found_cache: list[np.ndarray] = []
     found_n: list[np.ndarray] = []
-    for start, end, mem_map in _page_ranges(prog):
+    for start, end, mem_map in (ranges if ranges is not None else page_ranges(prog)):
         for lo in range(start, end, _CHUNK_PAGES):
             hi = min(end, lo + _CHUNK_PAGES)
             b = read(mem_map + lo * sz, (hi - lo) * sz)
@@ -328,14 +331,3 @@ def rb_inorder(addrs: np.ndarray, left: np.ndarray, right: np.ndarray, root: int
             rank[k] = rank[par] + sign * (1 + size[other[k]])
     inside = np.concatenate(levels)
     return addrs[inside[np.argsort(rank[inside], kind="stable")]], faults
-
-
-def read_or_none(prog: Program):
-    """``read(addr, size)`` for :func:`slab_objects` on ``prog``: bytes, or
-    None on a fault."""
-    def read(addr: int, size: int):
-        try:
-            return prog.read(addr, size)
-        except FaultError:
-            return None
-    return read

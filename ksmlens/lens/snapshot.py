@@ -437,7 +437,8 @@ def _slab_scan(w: _Walker, counters: dict, want: bool | None) -> dict | None:
     """The object addresses of every slab of ``rmap_item_cache`` and
     ``stable_node_cache`` (``{"items": array, "nodes": array}``, each sorted
     uint64), or None to chase pointers: ``want`` False, a kernel without
-    ``struct slab`` (before 5.17) or a virtual memmap (``vmemmap``), or
+    ``struct slab`` (before 5.17), no virtual memmap (``vmemmap``) or a
+    direct map that is not linear over the slabs, or
     (``want`` None) a memmap larger than :data:`SCAN_RATIO` times the
     slabs. ``meta["slab_scan"]`` says which the walk did."""
     from ksmlens.lens import slabscan
@@ -452,13 +453,17 @@ def _slab_scan(w: _Walker, counters: dict, want: bool | None) -> dict | None:
         layout = None
     if layout is None:
         return None
+    ranges = slabscan.page_ranges(prog)
     if want is None:
         nodes = (counters.get("pages_shared", 0) + counters.get("stable_node_chains", 0)
                  + counters.get("stable_node_dups", 0))
         slabs = counters.get("rmap_items", 0) * L.item_size + nodes * L.node_size
-        if slabscan.memmap_bytes(prog) > SCAN_RATIO * slabs:
+        if slabscan.memmap_bytes(prog, ranges) > SCAN_RATIO * slabs:
             return None
-    found = slabscan.slab_objects(prog, caches, w.mem.read, layout)
+    try:
+        found = slabscan.slab_objects(prog, caches, w.mem.read, layout, ranges)
+    except ValueError:      # a direct map the scan cannot address: chase pointers
+        return None
     return {"items": found[caches[0].value_()], "nodes": found[caches[1].value_()],
             # s->size: the distance between objects of one slab (slabscan.index_of)
             "item_stride": caches[0].size.value_(), "node_stride": caches[1].size.value_()}
